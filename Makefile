@@ -1,0 +1,33 @@
+PYTHON ?= python3
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: help install demo test test-fast bench proto lint fmt
+
+help:
+	@echo "make demo      install what is missing, then run the disaggregated prefill/decode demo"
+	@echo "make test      install what is missing, then run the whole test suite"
+	@echo "make bench     run every benchmark (JSON on stdout)"
+	@echo "make proto     regenerate gRPC stubs from proto/"
+	@echo "make lint      ruff"
+
+install:
+	@bash scripts/bootstrap.sh
+
+demo: install
+	$(PYTHON) -m kvstore demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow and not e2e"
+
+bench: install
+	@for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+
+proto:
+	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/kvstore/v1/kvstore.proto
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check . || true

@@ -1,0 +1,114 @@
+"""The one interface every storage tier implements.
+
+Lifecycle: a backend is built from its config section, serves ``get``/``put``/
+``exists``/``delete``/``iter_keys`` from any thread, and is ``close``d once.
+Bytes in, bytes out: a backend never interprets a blob (the tiered store checks
+integrity), a miss is ``None`` (never an exception), and ``delete`` is idempotent.
+
+Failures of the medium itself (connection refused, timeout, disk I/O error) are
+raised as :class:`kvstore.errors.BackendUnavailable`; the tiered store turns them
+into misses and error metrics so a dead tier never takes the server down.
+
+Batch methods have defaults built on the single-key ones; tiers where a round
+trip is expensive (Redis pipelines, S3 packed chunk objects) override them.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, order=True)
+class BlobKey:
+    """Address of one stored blob: one layer of one chunk in one namespace."""
+
+    namespace: str
+    chunk: bytes
+    layer: int
+
+    def name(self) -> str:
+        """A flat, filesystem- and URL-safe name, stable across processes."""
+        return f"{self.namespace}/{self.chunk.hex()}/{self.layer}"
+
+
+@dataclass
+class BackendUsage:
+    bytes: int = 0
+    objects: int = 0
+    capacity_bytes: int = 0  # 0: unbounded
+
+
+@dataclass
+class BackendCounters:
+    """Counters the tiered store and the backend itself bump; read by Stats/metrics."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    errors: int = 0
+    integrity_failures: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+class Backend(ABC):
+    """A storage tier. Subclasses set the class attributes that describe them."""
+
+    #: Short tier name used in stats and metrics ("memory", "disk", "redis", "s3").
+    name: str = "backend"
+    #: Survives a restart of the server process.
+    persistent: bool = False
+    #: Evicts by itself to stay within a byte budget.
+    bounded: bool = False
+
+    def __init__(self) -> None:
+        self.counters = BackendCounters()
+
+    @abstractmethod
+    def get(self, key: BlobKey) -> bytes | None: ...
+
+    @abstractmethod
+    def put(self, key: BlobKey, blob: bytes) -> None:
+        """Store ``blob``; replaces an existing blob under the same key."""
+
+    @abstractmethod
+    def exists(self, key: BlobKey) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: BlobKey) -> bool:
+        """Remove ``key``; True if it was there. Deleting a missing key is fine."""
+
+    @abstractmethod
+    def iter_keys(self, namespace: str | None = None) -> Iterator[BlobKey]: ...
+
+    @abstractmethod
+    def usage(self) -> BackendUsage: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files; further calls are undefined."""
+
+    def healthy(self) -> bool:
+        """Cheap liveness probe used by Stats and the health service."""
+        return True
+
+    # Batch defaults built on the single-key methods.
+    def get_many(self, keys: Sequence[BlobKey]) -> list[bytes | None]:
+        return [self.get(k) for k in keys]
+
+    def put_many(self, items: Sequence[tuple[BlobKey, bytes]]) -> None:
+        """Store several blobs; callers pass all layers of a chunk together when they can."""
+        for key, blob in items:
+            self.put(key, blob)
+
+    def exists_many(self, keys: Sequence[BlobKey]) -> list[bool]:
+        return [self.exists(k) for k in keys]
+
+    def delete_many(self, keys: Sequence[BlobKey]) -> int:
+        return sum(1 for k in keys if self.delete(k))

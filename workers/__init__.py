@@ -1,0 +1,1 @@
+"""Ray prefill and decode workers around a real causal LM."""
