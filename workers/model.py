@@ -126,3 +126,10 @@ def layers_to_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config: Any
     for i, (k, v) in enumerate(layers):
         cache.update(k.unsqueeze(0), v.unsqueeze(0), i)
     return cache
+
+
+def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
+    """The tokenizer alone (a driver that builds prompts and prints text needs no weights)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(path) if path is not None else converted_checkpoint())

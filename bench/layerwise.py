@@ -1,0 +1,218 @@
+"""Time to first token with layer-wise streaming vs fetch-everything-then-compute.
+
+Setting: a prompt whose first ``--prefix-tokens`` tokens are already in the store
+(their KV was computed once and Put), followed by ``--suffix-tokens`` new ones.
+Producing the first token then costs "get the prefix KV" + "run the suffix".
+
+In the same run, against the same ``kvstore serve`` process (a separate process,
+as in a deployment, so client and server do not share a GIL) and the same data:
+
+* ``fetch_all``: Lookup, Get every layer, decode, build a DynamicCache, then run
+  the suffix forward and take the first token (the baseline);
+* ``layerwise``: Lookup, then run the suffix forward on a
+  :class:`transfer.layerwise.LayerwiseCache` that fills while the model runs;
+* ``fetch_one_layer``: Get + decode of layer 0 alone;
+* ``fetch_all_only``: Get + decode of every layer, no compute;
+* ``compute``: the suffix forward on a prefilled in-memory cache, no I/O.
+
+The goal the design sets is ``layerwise <= (fetch_one_layer + compute) * 1.10``:
+streaming should hide all but one layer of the transfer behind compute. Both
+paths must produce the same first token (and logits), which is checked.
+Variants run interleaved (A, B, A, B, ...) and the median of ``--repeats`` is
+reported. Prints one JSON document, then a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from kvstore.keys import model_fingerprint  # noqa: E402
+from transfer.client import KVClient  # noqa: E402
+from transfer.kvio import FetchedPrefix, decode_blobs, iter_layers, put_context  # noqa: E402
+from transfer.layerwise import CONSUMED, LayerwiseCache  # noqa: E402
+
+DATA = ROOT / "bench" / "data"
+
+
+def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``kvstore serve`` on a free port, RAM tier only; returns once its ready file exists."""
+    ready = workdir / "ready.json"
+    log = open(workdir / "serve.log", "wb")  # noqa: SIM115 - lives as long as the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--no-disk", "--memory-bytes", "4GiB",
+         "--ready-file", str(ready), "--grace", "0", "--log-level", "WARNING"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"kvstore serve did not start:\n{(workdir / 'serve.log').read_text()}")
+        time.sleep(0.02)
+    port = json.loads(ready.read_text())["port"]
+    return proc, f"127.0.0.1:{port}"
+
+
+def prompt_ids(tokenizer: Any, num_tokens: int) -> list[int]:
+    """Real text from bench/data, repeated if one file is too short."""
+    ids: list[int] = []
+    for path in sorted(DATA.glob("*.txt")):
+        ids += tokenizer(path.read_text()).input_ids
+        if len(ids) >= num_tokens:
+            break
+    while len(ids) < num_tokens:
+        ids += ids
+    return ids[:num_tokens]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prefix-tokens", type=int, default=2048)
+    p.add_argument("--suffix-tokens", type=int, default=16)
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--profile", default="lossless", help="codec profile of the stored prefix")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prefetch-depth", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="512-token prefix, 3 repeats (well under 60 s)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prefix_tokens, args.chunk_tokens, args.repeats = 512, 128, 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.prefix_tokens % args.chunk_tokens:
+        p.error("--prefix-tokens must be a multiple of --chunk-tokens")
+
+    from workers.model import cache_to_layers, kv_shape, layers_to_cache, load_model
+
+    model, tokenizer = load_model()
+    shape = kv_shape(model)
+    ns = f"bench/{model_fingerprint('llama', shape.num_layers, shape.num_kv_heads, shape.head_dim, 'f32')}/" \
+         f"{args.profile}"
+    ids = prompt_ids(tokenizer, args.prefix_tokens + args.suffix_tokens)
+    prefix, suffix = ids[: args.prefix_tokens], torch.tensor([ids[args.prefix_tokens:]])
+    num_layers = shape.num_layers
+
+    with torch.no_grad():
+        prefill_s, out = timed(lambda: model(torch.tensor([prefix]), use_cache=True))
+    layers = cache_to_layers(out.past_key_values)
+    del out
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-layerwise-"))
+    proc, target = start_server(workdir)
+    try:
+        with KVClient(target) as client:
+            client.wait_ready(30)
+            put_s, (keys, put_result) = timed(lambda: put_context(client, ns, prefix, layers, args.profile,
+                                                                  chunk_tokens=args.chunk_tokens))
+
+            def fetch_all() -> tuple[torch.Tensor, torch.Tensor]:
+                n = client.lookup(ns, keys, num_layers)
+                got = [(k, v) for _, k, v in iter_layers(client, ns, keys[:n], 0, num_layers)]
+                cache = FetchedPrefix(keys, n, n * args.chunk_tokens, got).to_cache()
+                with torch.no_grad():
+                    logits = model(suffix, cache=cache, use_cache=True).logits
+                return logits[0, -1].argmax(), logits
+
+            consumed_before_last: list[bool] = []
+
+            def layerwise() -> tuple[torch.Tensor, torch.Tensor]:
+                n = client.lookup(ns, keys, num_layers)
+                cache = LayerwiseCache.from_store(client, ns, keys[:n], num_layers,
+                                                  chunk_tokens=args.chunk_tokens,
+                                                  prefetch_depth=args.prefetch_depth)
+                with torch.no_grad():
+                    logits = model(suffix, cache=cache, use_cache=True).logits
+                consumed = cache.times(CONSUMED)
+                arrived = cache.times("arrived")
+                consumed_before_last.append(consumed[0] < arrived[num_layers - 1])
+                return logits[0, -1].argmax(), logits
+
+            def fetch_one() -> Any:
+                return [decode_blobs(b) for _, b in client.get_layers(ns, keys, 0, 1)]
+
+            def fetch_all_only() -> Any:
+                return [k for _, k, _ in iter_layers(client, ns, keys, 0, num_layers)]
+
+            decoded = [(k, v) for _, k, v in iter_layers(client, ns, keys, 0, num_layers)]
+
+            def make_compute() -> Callable[[], Any]:
+                cache = layers_to_cache(decoded)  # a fresh cache per run, built outside the timing
+                return lambda: model(suffix, cache=cache, use_cache=True)
+
+            samples: dict[str, list[float]] = {k: [] for k in
+                                               ("fetch_all", "layerwise", "fetch_one_layer", "fetch_all_only",
+                                                "compute")}
+            same_token = True
+            max_logit_diff = 0.0
+            fetch_all()  # warm-up: channel, allocator, kernels
+            layerwise()
+            for _ in range(args.repeats):
+                t, (tok_a, logits_a) = timed(fetch_all)
+                samples["fetch_all"].append(t)
+                t, (tok_b, logits_b) = timed(layerwise)
+                samples["layerwise"].append(t)
+                same_token &= bool(tok_a == tok_b)
+                max_logit_diff = max(max_logit_diff, float((logits_a - logits_b).abs().max()))
+                samples["fetch_one_layer"].append(timed(fetch_one)[0])
+                samples["fetch_all_only"].append(timed(fetch_all_only)[0])
+                run = make_compute()
+                with torch.no_grad():
+                    samples["compute"].append(timed(run)[0])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+    med = {k: round(statistics.median(v), 4) for k, v in samples.items()}
+    bound = (med["fetch_one_layer"] + med["compute"]) * 1.10
+    stored_bytes = put_result.bytes_stored
+    report = {
+        "bench": "layerwise",
+        "config": {"prefix_tokens": args.prefix_tokens, "suffix_tokens": args.suffix_tokens,
+                   "chunk_tokens": args.chunk_tokens, "profile": args.profile, "repeats": args.repeats,
+                   "prefetch_depth": args.prefetch_depth, "num_layers": num_layers,
+                   "torch_threads": torch.get_num_threads(), "server": "kvstore serve (RAM tier), loopback"},
+        "stored": {"blobs": put_result.num_stored, "bytes": stored_bytes, "put_s": round(put_s, 3),
+                   "prefill_s": round(prefill_s, 3)},
+        "median_s": med,
+        "samples_s": {k: [round(x, 4) for x in v] for k, v in samples.items()},
+        "ttft_speedup": round(med["fetch_all"] / med["layerwise"], 3) if med["layerwise"] else None,
+        "goal": {"bound_s": round(bound, 4), "layerwise_s": med["layerwise"],
+                 "met": med["layerwise"] <= bound},
+        "same_first_token": same_token,
+        "max_abs_logit_diff": max_logit_diff,
+        "layer0_consumed_before_last_arrived": all(consumed_before_last),
+    }
+    print(json.dumps(report, indent=2))
+    print(f"layerwise: TTFT {med['layerwise'] * 1e3:.0f} ms vs fetch-all {med['fetch_all'] * 1e3:.0f} ms "
+          f"({report['ttft_speedup']}x) for a {args.prefix_tokens}-token stored prefix; "
+          f"one layer {med['fetch_one_layer'] * 1e3:.0f} ms + compute {med['compute'] * 1e3:.0f} ms "
+          f"(+10% = {bound * 1e3:.0f} ms): goal {'met' if report['goal']['met'] else 'NOT met'}; "
+          f"same first token: {same_token}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""Put/Get throughput of a real kvstore server over loopback gRPC, next to raw TCP.
+
+What it answers: how close does the store come to what the loopback link itself
+can move? In the same run it measures
+
+* ``tcp``: raw loopback TCP (``sendall``/``recv_into`` between this process and a
+  child process), the ceiling for any protocol on this machine;
+* ``grpc``: Put and Get of 64 KiB, 1 MiB and 4 MiB blobs against ``kvstore serve``
+  running as a separate process (so client and server do not share a GIL), with
+  several parallel streams, for each tier asked for. For tiers behind RAM (disk,
+  redis, s3) the server's RAM tier is shrunk to 1 byte so every Get really reads
+  that tier;
+* ``direct`` (redis, s3 only): redis-py SET/GET and boto3 put/get of the same
+  blobs, the cost of the medium without kvstore in between.
+
+Prints one JSON document, then a one-line summary. ``--quick`` finishes in well
+under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from kvstore import integrity  # noqa: E402
+from kvstore.config import MiB, format_bytes  # noqa: E402
+from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc  # noqa: E402
+
+SIZES = {"64KiB": 64 * 1024, "1MiB": MiB, "4MiB": 4 * MiB}
+NUM_LAYERS = 8
+NAMESPACE = "bench/throughput/raw"
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 80 * MiB),
+    ("grpc.max_send_message_length", 80 * MiB),
+    ("grpc.http2.lookahead_bytes", 16 * MiB),
+    ("grpc.http2.bdp_probe", 1),
+]
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0
+
+
+def run_parallel(num: int, fn: Callable[[int], None]) -> float:
+    """Run fn(0..num-1) on threads; return the wall time of the slowest."""
+    errors: list[BaseException] = []
+
+    def body(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(num)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+# ---------------------------------------------------------------- raw TCP baseline
+
+_SINK = r"""
+import socket, sys, threading
+mode, total, streams = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(streams)
+print(srv.getsockname()[1], flush=True)
+def serve(conn):
+    share = total // streams
+    if mode == "in":
+        buf = bytearray(4 << 20); view = memoryview(buf); got = 0
+        while got < share:
+            n = conn.recv_into(view)
+            if not n: break
+            got += n
+        conn.sendall(b"k")
+    else:
+        blob = b"x" * (4 << 20); sent = 0
+        while sent < share:
+            n = min(len(blob), share - sent); conn.sendall(memoryview(blob)[:n]); sent += n
+    conn.close()
+threads = []
+for _ in range(streams):
+    c, _a = srv.accept(); t = threading.Thread(target=serve, args=(c,)); t.start(); threads.append(t)
+for t in threads: t.join()
+"""
+
+
+def tcp_baseline(total: int, streams: int) -> dict[str, float]:
+    """GB/s of raw loopback TCP, client -> child ('put') and child -> client ('get')."""
+    out: dict[str, float] = {}
+    for mode, label in (("in", "put_gbps"), ("out", "get_gbps")):
+        proc = subprocess.Popen([sys.executable, "-c", _SINK, mode, str(total), str(streams)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(proc.stdout.readline())  # type: ignore[union-attr]
+            socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+            share = total // streams
+            payload = memoryview(b"y" * (4 << 20))
+
+            def one(i: int, socks: list[socket.socket] = socks, mode: str = mode, share: int = share,
+                    blob: memoryview = payload) -> None:
+                s = socks[i]
+                if mode == "in":
+                    sent = 0
+                    while sent < share:
+                        n = min(len(blob), share - sent)
+                        s.sendall(blob[:n])
+                        sent += n
+                    s.recv(1)
+                else:
+                    buf = memoryview(bytearray(4 << 20))
+                    got = 0
+                    while got < share:
+                        n = s.recv_into(buf)
+                        if not n:
+                            break
+                        got += n
+                s.close()
+
+            out[label] = gbps(share * streams, run_parallel(streams, one))
+        finally:
+            proc.wait(timeout=30)
+    return out
+
+
+# ---------------------------------------------------------------- kvstore server
+
+@contextlib.contextmanager
+def kvstore_server(args: list[str], extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """``python -m kvstore serve ARGS`` on a free port; yields its target and pid."""
+    with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
+        ready = Path(tmp) / "ready.json"
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   **(extra_env or {}))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--log-level", "WARNING",
+             "--ready-file", str(ready), "--grace", "1", *args],
+            env=env, cwd=str(ROOT),
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not ready.exists():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"kvstore serve exited with {proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("kvstore serve did not become ready in 60 s")
+                time.sleep(0.05)
+            info = json.loads(ready.read_text())
+            yield info["target"], int(info["pid"])
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def grpc_row(target: str, pid: int, size: int, total: int, streams: int, reps: int) -> dict[str, float]:
+    """Put then Get ``total`` bytes of ``size``-byte blobs over ``streams`` parallel RPCs."""
+    blob = integrity.seal(os.urandom(size - integrity.TRAILER_BYTES))
+    num_blobs = max(streams * NUM_LAYERS, total // size)
+    num_chunks = max(streams, num_blobs // NUM_LAYERS)
+    keys = [os.urandom(32) for _ in range(num_chunks)]
+    per_stream = [keys[i::streams] for i in range(streams)]
+    # Each Put call carries about 32 MiB (a few chunks of all layers), like a prefill worker would.
+    chunks_per_put = max(1, (32 * MiB) // (size * NUM_LAYERS))
+    channels = [grpc.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(streams)]
+    stubs = [kvstore_pb2_grpc.KVStoreStub(c) for c in channels]
+    moved = num_chunks * NUM_LAYERS * size
+
+    def put(i: int) -> None:
+        mine = per_stream[i]
+        for start in range(0, len(mine), chunks_per_put):
+            batch = mine[start:start + chunks_per_put]
+            stubs[i].Put(iter([kvstore_pb2.PutRequest(namespace=NAMESPACE, key=k, layer=layer,
+                                                      num_layers=NUM_LAYERS, blob=blob)
+                               for k in batch for layer in range(NUM_LAYERS)]), timeout=300)
+
+    def get(i: int) -> None:
+        n = 0
+        for response in stubs[i].Get(kvstore_pb2.GetRequest(namespace=NAMESPACE, keys=per_stream[i],
+                                                            layer_start=0, layer_end=NUM_LAYERS), timeout=300):
+            n += len(response.blob)
+        if n != len(per_stream[i]) * NUM_LAYERS * size:
+            raise RuntimeError(f"Get returned {n} bytes, expected {len(per_stream[i]) * NUM_LAYERS * size}")
+
+    try:
+        cpu0, client0 = cpu_seconds(pid), time.process_time()
+        put_s = run_parallel(streams, put)
+        cpu1, client1 = cpu_seconds(pid), time.process_time()
+        get_times = []
+        for _ in range(reps):
+            get_times.append(run_parallel(streams, get))
+        cpu2, client2 = cpu_seconds(pid), time.process_time()
+        get_s = min(get_times)
+        stubs[0].Delete(kvstore_pb2.DeleteRequest(namespace=NAMESPACE, keys=keys[:4096]))
+    finally:
+        for c in channels:
+            c.close()
+    gb = moved / 1e9
+    # CPU seconds per GB moved: robust on a shared, loaded machine where wall-clock GB/s is not.
+    return {"put_gbps": gbps(moved, put_s), "get_gbps": gbps(moved, get_s), "bytes": moved,
+            "server_cpu_s_per_gb_put": round((cpu1 - cpu0) / gb, 3),
+            "server_cpu_s_per_gb_get": round((cpu2 - cpu1) / gb / reps, 3),
+            "client_cpu_s_per_gb_put": round((client1 - client0) / gb, 3),
+            "client_cpu_s_per_gb_get": round((client2 - client1) / gb / reps, 3)}
+
+
+def direct_redis_row(url: str, size: int, total: int, streams: int) -> dict[str, float]:
+    import redis
+
+    blob = os.urandom(size)
+    n = max(streams, total // size)
+    client = redis.Redis.from_url(url, max_connections=streams * 2)
+    names = [f"direct:{i}" for i in range(n)]
+    put_s = run_parallel(streams, lambda i: [client.set(k, blob) for k in names[i::streams]])
+    get_s = run_parallel(streams, lambda i: [client.get(k) for k in names[i::streams]])
+    client.delete(*names)
+    client.close()
+    return {"put_gbps": gbps(n * size, put_s), "get_gbps": gbps(n * size, get_s), "bytes": n * size}
+
+
+def direct_s3_row(endpoint: str, size: int, total: int, streams: int) -> dict[str, float]:
+    import boto3
+    from botocore.config import Config
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                      aws_secret_access_key="bench", config=Config(max_pool_connections=streams * 2))
+    bucket = "kvbench-direct"
+    with contextlib.suppress(Exception):
+        s3.create_bucket(Bucket=bucket)
+    blob = os.urandom(size)
+    n = max(streams, total // size)
+    names = [f"direct/{i}" for i in range(n)]
+    put_s = run_parallel(streams, lambda i: [s3.put_object(Bucket=bucket, Key=k, Body=blob)
+                                             for k in names[i::streams]])
+    get_s = run_parallel(streams, lambda i: [s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+                                             for k in names[i::streams]])
+    return {"put_gbps": gbps(n * size, put_s), "get_gbps": gbps(n * size, get_s), "bytes": n * size}
+
+
+def server_args(tier: str, tmp: str, services: dict[str, object]) -> list[str]:
+    if tier == "memory":
+        return ["--no-disk", "--memory-bytes", "4GiB"]
+    behind_ram = ["--memory-bytes", "1"]  # every Get must reach the tier under test
+    if tier == "disk":
+        return [*behind_ram, "--disk-path", str(Path(tmp) / "disk"), "--fsync", "never"]
+    if tier == "redis":
+        return [*behind_ram, "--no-disk", "--redis-url", services["redis"].url]  # type: ignore[attr-defined]
+    if tier == "s3":
+        return [*behind_ram, "--no-disk", "--s3-endpoint", services["s3"].endpoint_url,  # type: ignore[attr-defined]
+                "--s3-bucket", "kvbench"]
+    raise ValueError(f"unknown tier {tier!r} (memory, disk, redis, s3)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="reduced sizes; finishes in well under a minute")
+    parser.add_argument("--tiers", default="memory,disk", help="comma list of memory,disk,redis,s3")
+    parser.add_argument("--streams", type=int, default=4, help="parallel RPCs (and TCP connections)")
+    parser.add_argument("--total", default=None, help="bytes moved per size and tier (default 512MiB, quick 96MiB)")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma list of " + ",".join(SIZES))
+    args = parser.parse_args(argv)
+    from kvstore.config import parse_bytes
+
+    total = parse_bytes(args.total) if args.total else (96 * MiB if args.quick else 512 * MiB)
+    reps = 1 if args.quick else 3
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    sizes = {name: SIZES[name] for name in args.sizes.split(",")}
+    result: dict[str, object] = {
+        "benchmark": "store_throughput", "quick": args.quick, "streams": args.streams,
+        "bytes_per_row": total, "cpus": os.cpu_count(),
+        "tcp": tcp_baseline(total, args.streams), "grpc": {}, "direct": {},
+    }
+    with contextlib.ExitStack() as stack:
+        services: dict[str, object] = {}
+        if "redis" in tiers or "s3" in tiers:
+            from kvstore.testing.services import RedisProcess, S3Process
+
+            if "redis" in tiers:
+                services["redis"] = stack.enter_context(RedisProcess())
+            if "s3" in tiers:
+                services["s3"] = stack.enter_context(S3Process())
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kvbench-"))
+        for tier in tiers:
+            tier_total = total if tier in ("memory", "disk") else min(total, 64 * MiB)
+            # moto accepts any credentials; the server reads them from its config (here: env).
+            creds = {"KVSTORE_S3__ACCESS_KEY_ID": "bench", "KVSTORE_S3__SECRET_ACCESS_KEY": "bench"}
+            with kvstore_server(server_args(tier, tmp, services), creds if tier == "s3" else None) as (target, pid):
+                rows = {name: grpc_row(target, pid, size, tier_total, args.streams, reps) for name, size in sizes.items()}
+            result["grpc"][tier] = rows  # type: ignore[index]
+            if tier == "redis":
+                result["direct"]["redis"] = {n: direct_redis_row(services["redis"].url, s, tier_total,  # type: ignore
+                                                                 args.streams) for n, s in sizes.items()}
+            if tier == "s3":
+                result["direct"]["s3"] = {n: direct_s3_row(services["s3"].endpoint_url, s, tier_total,  # type: ignore
+                                                           args.streams) for n, s in sizes.items()}
+    print(json.dumps(result, indent=2))
+    tcp = result["tcp"]
+    parts = [f"tcp put {tcp['put_gbps']} / get {tcp['get_gbps']} GB/s"]  # type: ignore[index]
+    for tier, rows in result["grpc"].items():  # type: ignore[union-attr]
+        cells = ", ".join(f"{n} {r['put_gbps']}/{r['get_gbps']}" for n, r in rows.items())
+        parts.append(f"{tier} put/get GB/s: {cells}")
+        direct = result["direct"].get(tier)  # type: ignore[union-attr]
+        if direct:
+            parts.append(f"direct {tier}: " + ", ".join(f"{n} {r['put_gbps']}/{r['get_gbps']}"
+                                                        for n, r in direct.items()))
+    print(f"store_throughput ({args.streams} streams, {format_bytes(total)} per row): " + "; ".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,601 @@
+"""Disk tier: append-only segment files and an in-memory index.
+
+Built for contexts far larger than RAM (a million tokens of fp16 KV is tens of
+GB), so the write path is a few large sequential writes and the read path one
+``pread`` of exactly the bytes of one blob:
+
+* Blobs are appended as records to the *active* segment file
+  (``<path>/<id:010d>.seg``); once it reaches ``segment_bytes`` a new one is
+  started. Each record carries a header with a magic, the blob's name, its
+  length, a checksum of the payload and a checksum of the header itself (format
+  in docs/storage.md). A put writes header and blob with one ``pwritev``, so the
+  blob is never copied in user space.
+* The index ``BlobKey -> (segment, offset, length)`` lives in memory and is
+  rebuilt on open by walking the record headers of every segment. The newest
+  segment is the only one a crash can leave half-written (older ones were
+  fsynced when they were sealed), so its payloads are checksummed too, and the
+  first torn or garbled record ends it: the file is truncated there. Everything
+  before it -- everything acknowledged under ``fsync="always"`` -- is kept.
+* A delete appends a *tombstone* record so the key stays deleted after a restart.
+* The byte budget counts segment files. Eviction removes the *oldest* segment as
+  a whole (one ``unlink``, no compaction I/O) but first re-appends the blobs in
+  it that were read since they were written, up to ``reinsert_fraction`` of the
+  segment: a "second chance" (CLOCK) approximation of LRU at segment
+  granularity. A sealed segment whose blobs were all deleted or overwritten is
+  removed early; its tombstones still needed are carried to the active segment.
+
+Durability (``fsync``): ``"always"`` fsyncs before a put returns (acknowledged =
+durable); ``"batch"`` fsyncs when a segment is sealed, on close, and from a
+background thread at most ``fsync_interval_ms`` after a write; ``"never"``
+leaves it to the OS. The trade-off is documented in docs/storage.md.
+
+Thread safety: appends are serialised by a writer lock (they are sequential on
+the device anyway); the index is guarded by a short lock, and reads ``pread``
+outside it while holding a reference that keeps the segment's file descriptor
+open even if the segment is evicted meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import xxhash
+
+from kvstore.backends.base import Backend, BackendUsage, BlobKey
+from kvstore.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"KVS1"
+FORMAT_VERSION = 1
+KIND_PUT = 1
+KIND_TOMBSTONE = 2
+#: magic, format version, kind, name length, payload length, payload XXH3-64.
+_FIXED = struct.Struct("<4sBBHQQ")
+_SUM = struct.Struct("<Q")
+MAX_NAME_BYTES = 4096
+_SEGMENT_RE = re.compile(r"^(\d{10})\.seg$")
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+FSYNC_MODES = ("always", "batch", "never")
+
+
+def encode_header(kind: int, name: bytes, payload: bytes | memoryview) -> bytes:
+    """Record header: fixed fields, the key name, then XXH3-64 of both."""
+    psum = xxhash.xxh3_64_intdigest(payload) if len(payload) else 0
+    head = _FIXED.pack(MAGIC, FORMAT_VERSION, kind, len(name), len(payload), psum) + name
+    return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
+
+
+def _parse_name(name: str) -> BlobKey:
+    namespace, chunk_hex, layer = name.rsplit("/", 2)
+    return BlobKey(namespace, bytes.fromhex(chunk_hex), int(layer))
+
+
+def _pwritev_all(fd: int, bufs: list[Any], offset: int) -> None:
+    """Write every buffer at ``offset``, looping over short writes and IOV_MAX."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.pwritev(fd, batch, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += written
+        done = 0
+        while done < len(batch) and written >= len(batch[done]):
+            written -= len(batch[done])
+            done += 1
+        views = views[done:]
+        if written:
+            views[0] = views[0][written:]
+
+
+class _Segment:
+    __slots__ = ("id", "path", "fd", "size", "put_bytes", "live", "tombstones", "refs", "doomed", "dirty")
+
+    def __init__(self, seg_id: int, path: str, fd: int, size: int = 0) -> None:
+        self.id = seg_id
+        self.path = path
+        self.fd = fd
+        self.size = size
+        self.put_bytes = 0  # payload bytes of put records ever written here
+        self.live: set[BlobKey] = set()
+        self.tombstones: set[BlobKey] = set()
+        self.refs = 0
+        self.doomed = False
+        self.dirty = False
+
+
+class _Entry:
+    __slots__ = ("seg", "offset", "length", "hot")
+
+    def __init__(self, seg: _Segment, offset: int, length: int) -> None:
+        self.seg = seg
+        self.offset = offset  # of the payload
+        self.length = length  # of the payload
+        self.hot = False  # read since written: gets a second chance on eviction
+
+
+class DiskBackend(Backend):
+    """Blobs in append-only segment files under ``path``, bounded by ``max_bytes`` (0: unbounded)."""
+
+    name = "disk"
+    persistent = True
+    bounded = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int = 64 << 30,
+        fsync: str = "batch",
+        segment_bytes: int = 256 << 20,
+        fsync_interval_ms: int = 100,
+        reinsert_fraction: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"disk fsync must be one of {FSYNC_MODES}, got {fsync!r}")
+        if max_bytes < 0 or segment_bytes <= 0 or fsync_interval_ms <= 0:
+            raise ValueError("disk max_bytes must be >= 0, segment_bytes and fsync_interval_ms > 0")
+        if not 0.0 <= reinsert_fraction < 1.0:
+            raise ValueError(f"reinsert_fraction must be in [0, 1), got {reinsert_fraction}")
+        self.path = os.fspath(path)
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        # Eviction frees a segment at a time, so keep several segments within the budget.
+        self.segment_bytes = min(segment_bytes, max(max_bytes // 4, 1)) if max_bytes else segment_bytes
+        self.reinsert_fraction = reinsert_fraction
+        self._interval_s = fsync_interval_ms / 1000.0
+        self._lock = threading.Lock()  # index, segment table, counters of bytes
+        self._write_lock = threading.Lock()  # appends, rolls, evictions
+        self._index: dict[BlobKey, _Entry] = {}
+        self._segments: dict[int, _Segment] = {}  # insertion order = age
+        self._disk_bytes = 0
+        self._closed = False
+        self._lock_fd = -1
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            self._lock_fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._recover()
+            self._active = self._new_segment(max(self._segments, default=0) + 1)
+        except OSError as exc:
+            self._close_fds()
+            raise BackendUnavailable(f"disk tier at {self.path} cannot be opened: {exc}") from exc
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if fsync == "batch":
+            self._flusher = threading.Thread(target=self._flush_loop, name="kvstore-disk-fsync", daemon=True)
+            self._flusher.start()
+
+    @classmethod
+    def from_config(cls, section: Any) -> DiskBackend:
+        return cls(path=section.path, max_bytes=section.max_bytes, fsync=section.fsync,
+                   segment_bytes=section.segment_bytes)
+
+    # ------------------------------------------------------------------ reads
+    def get(self, key: BlobKey) -> bytes | None:
+        with self._lock:
+            self._check_open()
+            entry = self._index.get(key)
+            if entry is None:
+                return None
+            entry.hot = True
+            seg = entry.seg
+            seg.refs += 1
+            offset, length = entry.offset, entry.length
+        try:
+            # fstat before reading ``doomed``: our own eviction marks it before unlinking.
+            if os.fstat(seg.fd).st_nlink == 0 and not seg.doomed:
+                raise BackendUnavailable(f"disk tier: segment {seg.path} was removed behind the store")
+            data = os.pread(seg.fd, length, offset)
+        except OSError as exc:
+            raise BackendUnavailable(f"disk tier: reading {seg.path}: {exc}") from exc
+        finally:
+            self._release(seg)
+        if len(data) != length:
+            raise BackendUnavailable(f"disk tier: short read from {seg.path} ({len(data)} of {length} bytes)")
+        return data
+
+    def exists(self, key: BlobKey) -> bool:
+        with self._lock:
+            self._check_open()
+            return key in self._index
+
+    def exists_many(self, keys: Sequence[BlobKey]) -> list[bool]:
+        with self._lock:
+            self._check_open()
+            return [k in self._index for k in keys]
+
+    def iter_keys(self, namespace: str | None = None) -> Iterator[BlobKey]:
+        with self._lock:
+            self._check_open()
+            snapshot = list(self._index)
+        return iter([k for k in snapshot if namespace is None or k.namespace == namespace])
+
+    def usage(self) -> BackendUsage:
+        """``bytes`` is the size of the segment files (what the budget limits), headers and dead records included."""
+        with self._lock:
+            return BackendUsage(bytes=self._disk_bytes, objects=len(self._index), capacity_bytes=self.max_bytes)
+
+    def healthy(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            return os.path.isdir(self.path) and os.fstat(self._active.fd).st_nlink > 0
+        except OSError:
+            return False
+
+    def locate(self, key: BlobKey) -> tuple[str, int, int] | None:
+        """Raw hook for tests and tools: (segment file, offset, length) of the blob's bytes."""
+        with self._lock:
+            entry = self._index.get(key)
+            return None if entry is None else (entry.seg.path, entry.offset, entry.length)
+
+    # ----------------------------------------------------------------- writes
+    def put(self, key: BlobKey, blob: bytes) -> None:
+        self.put_many([(key, blob)])
+
+    def put_many(self, items: Sequence[tuple[BlobKey, bytes]]) -> None:
+        records = []
+        for key, blob in items:
+            name = key.name().encode()
+            if len(name) > MAX_NAME_BYTES:
+                raise ValueError(f"blob name longer than {MAX_NAME_BYTES} bytes: {name[:80]!r}...")
+            records.append((KIND_PUT, key, encode_header(KIND_PUT, name, blob), blob))
+        with self._write_lock:
+            self._check_open()
+            self._check_medium()
+            too_large = [r for r in records if self.max_bytes and len(r[2]) + len(r[3]) > self.max_bytes]
+            if too_large:
+                records = [r for r in records if not (self.max_bytes and len(r[2]) + len(r[3]) > self.max_bytes)]
+                self.counters.add(evictions=len(too_large))
+                self._delete_locked([r[1] for r in too_large])
+            for group in self._groups(records):
+                self._make_room(sum(len(r[2]) + len(r[3]) for r in group))
+                self._publish(group, self._append(group))
+            self._sync_if_always()
+            self._reclaim_dead()
+
+    def delete(self, key: BlobKey) -> bool:
+        return self.delete_many([key]) == 1
+
+    def delete_many(self, keys: Sequence[BlobKey]) -> int:
+        with self._write_lock:
+            self._check_open()
+            self._check_medium()
+            count = self._delete_locked(list(dict.fromkeys(keys)))
+            self._sync_if_always()
+            self._reclaim_dead()
+        return count
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._flusher is not None:
+            self._stop.set()
+            self._flusher.join()
+        with self._write_lock, self._lock:
+            self._closed = True
+        if self.fsync != "never":
+            for seg in list(self._segments.values()):
+                if seg.dirty:
+                    with contextlib.suppress(OSError):
+                        os.fsync(seg.fd)
+        self._close_fds()
+
+    @property
+    def disk_bytes(self) -> int:
+        return self._disk_bytes
+
+    # --------------------------------------------------------------- internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendUnavailable(f"disk tier at {self.path} is closed")
+
+    def _check_medium(self) -> None:
+        """Refuse writes once our files vanished (directory wiped, volume swapped): they would be lost."""
+        try:
+            gone = os.fstat(self._active.fd).st_nlink == 0
+        except OSError as exc:
+            raise BackendUnavailable(f"disk tier at {self.path}: {exc}") from exc
+        if gone:
+            raise BackendUnavailable(f"disk tier at {self.path}: segment files were removed behind the store")
+
+    def _groups(self, records: list[Any]) -> Iterator[list[Any]]:
+        """Split a batch so that one group never needs more room than a segment holds."""
+        group: list[Any] = []
+        size = 0
+        for rec in records:
+            n = len(rec[2]) + len(rec[3])
+            if group and size + n > self.segment_bytes:
+                yield group
+                group, size = [], 0
+            group.append(rec)
+            size += n
+        if group:
+            yield group
+
+    def _append(self, records: list[Any]) -> list[tuple[_Segment, int, int]]:
+        """Write records at the end of the active segment (rolling as needed); caller holds the writer lock.
+
+        Returns (segment, payload offset, payload length) per record. Nothing is
+        visible to readers until :meth:`_publish`.
+        """
+        placements: list[tuple[_Segment, int, int]] = []
+        seg = self._active
+        start = pos = seg.size
+        bufs: list[Any] = []
+        for _kind, _key, header, payload in records:
+            n = len(header) + len(payload)
+            if pos > 0 and pos + n > self.segment_bytes:
+                self._write_at(seg, bufs, start, pos)
+                self._roll()
+                seg = self._active
+                start = pos = seg.size
+                bufs = []
+            bufs.append(header)
+            bufs.append(payload)
+            placements.append((seg, pos + len(header), len(payload)))
+            pos += n
+        self._write_at(seg, bufs, start, pos)
+        return placements
+
+    def _write_at(self, seg: _Segment, bufs: list[Any], start: int, end: int) -> None:
+        if not bufs:
+            return
+        try:
+            _pwritev_all(seg.fd, bufs, start)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(seg.fd, start)  # drop the partial write so the tail stays parseable
+            raise BackendUnavailable(f"disk tier: writing {seg.path}: {exc}") from exc
+        with self._lock:
+            seg.size = end
+            seg.dirty = True
+            self._disk_bytes += end - start
+
+    def _publish(self, records: list[Any], placements: list[tuple[_Segment, int, int]]) -> None:
+        with self._lock:
+            for (kind, key, _h, _p), (seg, offset, length) in zip(records, placements, strict=True):
+                old = self._index.pop(key, None)
+                if old is not None:
+                    old.seg.live.discard(key)
+                if kind == KIND_PUT:
+                    self._index[key] = _Entry(seg, offset, length)
+                    seg.live.add(key)
+                    seg.put_bytes += length
+                else:
+                    seg.tombstones.add(key)
+
+    def _delete_locked(self, keys: list[BlobKey]) -> int:
+        with self._lock:
+            present = [k for k in keys if k in self._index]
+        if not present:
+            return 0
+        records = [(KIND_TOMBSTONE, k, encode_header(KIND_TOMBSTONE, k.name().encode(), b""), b"")
+                   for k in present]
+        self._make_room(sum(len(r[2]) for r in records))
+        self._publish(records, self._append(records))
+        return len(present)
+
+    def _new_segment(self, seg_id: int) -> _Segment:
+        path = os.path.join(self.path, f"{seg_id:010d}.seg")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        seg = _Segment(seg_id, path, fd)
+        with self._lock:
+            self._segments[seg_id] = seg
+        if self.fsync != "never":
+            self._sync_dir()
+        return seg
+
+    def _roll(self) -> None:
+        old = self._active
+        try:
+            if self.fsync != "never" and old.dirty:
+                os.fsync(old.fd)
+                old.dirty = False
+            self._active = self._new_segment(old.id + 1)
+        except OSError as exc:
+            raise BackendUnavailable(f"disk tier at {self.path}: starting a new segment: {exc}") from exc
+
+    def _make_room(self, needed: int) -> None:
+        """Evict oldest segments until ``needed`` more bytes fit in the budget."""
+        while self.max_bytes and self._disk_bytes + needed > self.max_bytes:
+            victim = next((s for s in self._segments.values() if s is not self._active), None)
+            if victim is None:
+                if self._active.size == 0:
+                    return
+                self._roll()
+                continue
+            self._evict(victim)
+
+    def _evict(self, victim: _Segment) -> None:
+        with self._lock:
+            live = sorted((self._index[k].offset, k) for k in victim.live)
+            hot = [(off, k) for off, k in live if self._index[k].hot]
+        budget = int(victim.size * self.reinsert_fraction)
+        kept = 0
+        for offset, key in hot:
+            entry = self._index[key]
+            if kept + entry.length > budget:
+                break
+            try:
+                data = os.pread(victim.fd, entry.length, offset)
+            except OSError:
+                break
+            if len(data) != entry.length:
+                break
+            rec = (KIND_PUT, key, encode_header(KIND_PUT, key.name().encode(), data), data)
+            self._publish([rec], self._append([rec]))  # hot flag starts clear again
+            kept += entry.length
+        with self._lock:
+            dropped = [k for k in victim.live if self._index.get(k) is not None and self._index[k].seg is victim]
+            for key in dropped:
+                del self._index[key]
+            victim.live.clear()
+        if dropped:
+            self.counters.add(evictions=len(dropped))
+        self._remove_segment(victim)
+
+    def _reclaim_dead(self) -> None:
+        """Remove sealed segments left with no live blob, once that frees mostly dead blobs.
+
+        A segment of little but tombstones is left for FIFO eviction: reclaiming
+        it would only copy the same tombstones forward again.
+        """
+        for seg in [s for s in self._segments.values() if s is not self._active and not s.live]:
+            if seg.id in self._segments and not seg.live and seg.put_bytes * 2 >= seg.size:
+                self._reclaim(seg)
+
+    def _reclaim(self, seg: _Segment) -> None:
+        oldest = next(iter(self._segments.values()))
+        if seg is not oldest:
+            # Its tombstones may shadow puts in older segments: carry forward those still meaning something.
+            with self._lock:
+                keep = [k for k in seg.tombstones if k not in self._index]
+            if keep:
+                recs = [(KIND_TOMBSTONE, k, encode_header(KIND_TOMBSTONE, k.name().encode(), b""), b"") for k in keep]
+                self._publish(recs, self._append(recs))
+        self._remove_segment(seg)
+
+    def _remove_segment(self, seg: _Segment) -> None:
+        with self._lock:
+            self._segments.pop(seg.id, None)
+            self._disk_bytes -= seg.size
+            seg.doomed = True
+            fd = seg.fd
+            close_now = seg.refs == 0
+            if close_now:
+                seg.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(seg.path)
+        if self.fsync != "never":
+            with contextlib.suppress(OSError):
+                self._sync_dir()
+        if close_now:
+            os.close(fd)
+
+    def _release(self, seg: _Segment) -> None:
+        with self._lock:
+            seg.refs -= 1
+            close_now = seg.doomed and seg.refs == 0 and seg.fd >= 0
+            fd = seg.fd
+            if close_now:
+                seg.fd = -1
+        if close_now:
+            os.close(fd)
+
+    def _sync_if_always(self) -> None:
+        if self.fsync == "always" and self._active.dirty:
+            try:
+                os.fsync(self._active.fd)
+            except OSError as exc:
+                raise BackendUnavailable(f"disk tier: fsync {self._active.path}: {exc}") from exc
+            self._active.dirty = False
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            with self._lock:
+                dirty = [s for s in self._segments.values() if s.dirty and not s.doomed]
+                for seg in dirty:
+                    seg.dirty = False
+                    seg.refs += 1
+            for seg in dirty:
+                try:
+                    os.fsync(seg.fd)
+                except OSError:
+                    self.counters.add(errors=1)
+                finally:
+                    self._release(seg)
+
+    def _close_fds(self) -> None:
+        for seg in self._segments.values():
+            if seg.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(seg.fd)
+                seg.fd = -1
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # ---------------------------------------------------------------- recovery
+    def _recover(self) -> None:
+        ids = sorted(int(m.group(1)) for f in os.listdir(self.path) if (m := _SEGMENT_RE.match(f)))
+        for position, seg_id in enumerate(ids):
+            path = os.path.join(self.path, f"{seg_id:010d}.seg")
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            size = os.fstat(fd).st_size
+            seg = _Segment(seg_id, path, fd)
+            newest = position == len(ids) - 1
+            end = self._scan(seg, size, verify_payloads=newest)
+            if end < size:
+                log.warning("disk tier: %s: discarding %d bytes of torn or garbled records at offset %d",
+                            path, size - end, end)
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+            if end == 0:
+                os.close(fd)
+                os.unlink(path)
+                continue
+            seg.size = end
+            self._segments[seg_id] = seg
+            self._disk_bytes += end
+
+    def _scan(self, seg: _Segment, size: int, verify_payloads: bool) -> int:
+        """Replay a segment's records into the index; return the offset where valid records end."""
+        fixed = _FIXED.size
+        offset = 0
+        while offset + fixed + _SUM.size <= size:
+            head = os.pread(seg.fd, 4096, offset)
+            if len(head) < fixed + _SUM.size:
+                break
+            magic, version, kind, name_len, length, psum = _FIXED.unpack_from(head)
+            if magic != MAGIC or version != FORMAT_VERSION or kind not in (KIND_PUT, KIND_TOMBSTONE):
+                break
+            header_len = fixed + name_len + _SUM.size
+            if len(head) < header_len:
+                head = os.pread(seg.fd, header_len, offset)
+                if len(head) < header_len:
+                    break
+            if xxhash.xxh3_64_intdigest(head[: fixed + name_len]) != _SUM.unpack_from(head, fixed + name_len)[0]:
+                break
+            payload_at = offset + header_len
+            if payload_at + length > size:
+                break
+            if verify_payloads and length:
+                data = os.pread(seg.fd, length, payload_at)
+                if len(data) != length or xxhash.xxh3_64_intdigest(data) != psum:
+                    break
+            try:
+                key = _parse_name(head[fixed : fixed + name_len].decode())
+            except ValueError:
+                break
+            old = self._index.pop(key, None)
+            if old is not None:
+                old.seg.live.discard(key)
+            if kind == KIND_PUT:
+                self._index[key] = _Entry(seg, payload_at, length)
+                seg.live.add(key)
+                seg.put_bytes += length
+            else:
+                seg.tombstones.add(key)
+            offset = payload_at + length
+        return offset

@@ -1,0 +1,325 @@
+"""Redis tier: blobs as plain string values, bookkeeping kept next to them in Redis.
+
+Layout under ``key_prefix`` (default ``kvstore:``):
+
+* ``<prefix><namespace>/<chunk hex>/<layer>``: the blob, byte for byte (so an
+  operator or a test can inspect or corrupt it with plain ``GET``/``SETRANGE``);
+* ``<prefix>#sizes`` (hash name → size) and ``<prefix>#meta`` (hash, field ``bytes``):
+  byte accounting, so :meth:`usage` is O(1) (``HGET`` + ``HLEN``) and shared by
+  every server that uses the same prefix;
+* ``<prefix>#lru`` (sorted set name → last access time): the eviction order when
+  ``max_bytes`` is set. Reads touch it with ``ZADD XX`` in the same pipeline.
+
+Writes and deletes run as Lua scripts so the blob and its accounting change
+atomically; eviction of the least recently used blobs happens inside the write
+script, so the budget holds even with many writers. Every batch method is one
+pipelined round trip. With ``ttl_seconds`` Redis expires blobs by itself; their
+accounting is reclaimed when a read misses them or eviction reaches them.
+
+Connection errors and timeouts are retried with backoff, then surface as
+:class:`~kvstore.errors.BackendUnavailable`; a circuit breaker makes a dead
+Redis cost microseconds per call instead of a socket timeout (see ``retry.py``).
+Redis Cluster is not supported (the scripts touch keys they do not declare).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import redis
+import redis.backoff
+import redis.exceptions
+import redis.retry
+
+from kvstore.backends.base import Backend, BackendUsage, BlobKey
+from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
+from kvstore.errors import BackendUnavailable
+
+_PUT = """
+local size = string.len(ARGV[1])
+local old = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
+if ARGV[3] ~= '0' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('HSET', KEYS[2], ARGV[2], size)
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+local total = redis.call('HINCRBY', KEYS[4], 'bytes', size - old)
+local limit = tonumber(ARGV[5])
+local evicted = 0
+local kept = nil
+while limit > 0 and total > limit do
+  local victim = redis.call('ZPOPMIN', KEYS[3])
+  if #victim == 0 then break end
+  if victim[1] == ARGV[2] then
+    kept = victim
+  else
+    local vsize = tonumber(redis.call('HGET', KEYS[2], victim[1]) or '0')
+    redis.call('HDEL', KEYS[2], victim[1])
+    redis.call('DEL', ARGV[6] .. victim[1])
+    total = redis.call('HINCRBY', KEYS[4], 'bytes', -vsize)
+    evicted = evicted + 1
+  end
+end
+if kept then redis.call('ZADD', KEYS[3], kept[2], kept[1]) end
+return evicted
+"""
+
+# KEYS: data, sizes, lru, meta; ARGV: name, only_if_gone ('1': reap accounting of an expired blob)
+_DELETE = """
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local existed = redis.call('DEL', KEYS[1])
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if old then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('HINCRBY', KEYS[4], 'bytes', -tonumber(old))
+end
+return existed
+"""
+
+T = TypeVar("T")
+
+_GLOB_SPECIAL = "\\*?[]^"
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
+
+
+def _parse_name(name: str) -> BlobKey | None:
+    """Inverse of BlobKey.name(); None for bookkeeping keys and foreign keys."""
+    parts = name.rsplit("/", 2)
+    if len(parts) != 3:
+        return None
+    namespace, chunk_hex, layer = parts
+    try:
+        return BlobKey(namespace, bytes.fromhex(chunk_hex), int(layer))
+    except ValueError:
+        return None
+
+
+def translate_redis_error(exc: BaseException) -> BackendUnavailable | None:
+    """Connection-level failures mean the tier is down; anything else is a bug to surface."""
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return BackendUnavailable(f"redis: {type(exc).__name__}: {exc}")
+    if isinstance(exc, (redis.exceptions.ReadOnlyError, OSError)):
+        return BackendUnavailable(f"redis: {type(exc).__name__}: {exc}")
+    return None
+
+
+class RedisBackend(Backend):
+    """A shared, optionally byte-bounded and expiring tier on one Redis server."""
+
+    name = "redis"
+    persistent = True
+    bounded = True
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        key_prefix: str = "kvstore:",
+        ttl_seconds: float = 0,
+        max_bytes: int = 0,
+        socket_timeout_s: float = 1.0,
+        pool_size: int = 32,
+        backoff: Backoff | None = None,
+        max_attempts: int = 3,
+        breaker_threshold: int = 3,
+        breaker_reset_s: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if ttl_seconds < 0 or max_bytes < 0:
+            raise ValueError("redis ttl_seconds and max_bytes must be >= 0")
+        if socket_timeout_s <= 0 or pool_size <= 0:
+            raise ValueError("redis socket_timeout_s and pool_size must be > 0")
+        self.url = url
+        self.key_prefix = key_prefix
+        self.ttl_ms = int(ttl_seconds * 1000)
+        self.max_bytes = max_bytes
+        # redis-py must not retry on its own: one policy, ours, with one budget.
+        self._pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=socket_timeout_s,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        )
+        self._client = redis.Redis(connection_pool=self._pool)
+        self._put_sha = hashlib.sha1(_PUT.encode()).hexdigest()
+        self._delete_sha = hashlib.sha1(_DELETE.encode()).hexdigest()
+        self._sizes = key_prefix + "#sizes"
+        self._lru = key_prefix + "#lru"
+        self._meta = key_prefix + "#meta"
+        retry = Retry(
+            backoff or ExponentialBackoff(base_s=0.02, cap_s=0.25),
+            max_attempts=max_attempts,
+            deadline_s=2 * socket_timeout_s,
+            retry_on=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
+        )
+        self.breaker = CircuitBreaker("redis", breaker_threshold, breaker_reset_s)
+        # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
+        self._guard = Guard(retry, self.breaker, translate_redis_error)
+
+    @classmethod
+    def from_config(cls, section: Any) -> RedisBackend:
+        return cls(
+            url=section.url,
+            key_prefix=section.key_prefix,
+            ttl_seconds=section.ttl_seconds,
+            max_bytes=section.max_bytes,
+            socket_timeout_s=section.socket_timeout_s,
+            pool_size=section.pool_size,
+        )
+
+    def _key(self, key: BlobKey) -> str:
+        return self.key_prefix + key.name()
+
+    def _with_scripts(self, run: Callable[[], T]) -> T:
+        """Run a pipeline of EVALSHAs, loading the scripts first if the server lost them.
+
+        Loading on demand (not on every pipeline, as redis-py's Script does) keeps a
+        batch at one round trip; a restarted Redis costs one extra load.
+        """
+        try:
+            return run()
+        except redis.exceptions.NoScriptError:
+            self._client.script_load(_PUT)
+            self._client.script_load(_DELETE)
+            return run()
+
+    # -- reads ---------------------------------------------------------------------
+    def get(self, key: BlobKey) -> bytes | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[BlobKey]) -> list[bytes | None]:
+        if not keys:
+            return []
+        now = time.time()
+
+        def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(self._key(key))
+                pipe.zadd(self._lru, {key.name(): now}, xx=True)
+            return pipe.execute()
+
+        replies = self._guard(run)
+        blobs: list[bytes | None] = replies[0::2]
+        if self.ttl_ms:
+            self._reap([k for k, b in zip(keys, blobs, strict=True) if b is None])
+        return blobs
+
+    def _reap(self, missing: Sequence[BlobKey]) -> None:
+        """Drop the accounting of blobs Redis expired (no-op for keys never stored)."""
+        if not missing:
+            return
+
+        def run() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for key in missing:
+                pipe.evalsha(self._delete_sha, 4, self._key(key), self._sizes, self._lru, self._meta, key.name(), "1")
+            pipe.execute()
+
+        with contextlib.suppress(BackendUnavailable):  # housekeeping; the read already succeeded
+            self._guard(lambda: self._with_scripts(run))
+
+    def exists(self, key: BlobKey) -> bool:
+        return self.exists_many([key])[0]
+
+    def exists_many(self, keys: Sequence[BlobKey]) -> list[bool]:
+        if not keys:
+            return []
+
+        def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self._key(key))
+            return pipe.execute()
+
+        return [bool(n) for n in self._guard(run)]
+
+    # -- writes --------------------------------------------------------------------
+    def put(self, key: BlobKey, blob: bytes) -> None:
+        self.put_many([(key, blob)])
+
+    def put_many(self, items: Sequence[tuple[BlobKey, bytes]]) -> None:
+        if not items:
+            return
+        fitting = [(k, b) for k, b in items if not self.max_bytes or len(b) <= self.max_bytes]
+        too_big = [k for k, b in items if self.max_bytes and len(b) > self.max_bytes]
+        now = time.time()
+
+        def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for i, (key, blob) in enumerate(fitting):
+                # Later items of one batch count as more recent, so a batch evicts its own head first.
+                pipe.evalsha(
+                    self._put_sha, 4, self._key(key), self._sizes, self._lru, self._meta,
+                    blob, key.name(), self.ttl_ms, now + i * 1e-6, self.max_bytes, self.key_prefix,
+                )  # fmt: skip
+            return pipe.execute()
+
+        evicted = sum(self._guard(lambda: self._with_scripts(run))) if fitting else 0
+        if too_big:
+            # Like the RAM tier: a blob over the whole budget is not cached (and an old copy goes).
+            self.delete_many(too_big)
+            evicted += len(too_big)
+        if evicted:
+            self.counters.add(evictions=evicted)
+
+    def delete(self, key: BlobKey) -> bool:
+        return self.delete_many([key]) == 1
+
+    def delete_many(self, keys: Sequence[BlobKey]) -> int:
+        if not keys:
+            return 0
+
+        def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.evalsha(self._delete_sha, 4, self._key(key), self._sizes, self._lru, self._meta, key.name(), "0")
+            return pipe.execute()
+
+        return sum(int(n) for n in self._guard(lambda: self._with_scripts(run)))
+
+    # -- listing and accounting ----------------------------------------------------
+    def iter_keys(self, namespace: str | None = None) -> Iterator[BlobKey]:
+        match = _glob_escape(self.key_prefix + (f"{namespace}/" if namespace else "")) + "*"
+        start = len(self.key_prefix)
+        cursor: int = 0
+        while True:
+            cursor, names = self._guard(
+                lambda c=cursor: self._client.scan(cursor=c, match=match, count=1000)
+            )
+            for raw in names:
+                key = _parse_name(raw.decode("utf-8", "replace")[start:])
+                if key is not None and (namespace is None or key.namespace == namespace):
+                    yield key
+            if cursor == 0:
+                return
+
+    def usage(self) -> BackendUsage:
+        def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hget(self._meta, "bytes")
+            pipe.hlen(self._sizes)
+            return pipe.execute()
+
+        total, count = self._guard(run)
+        return BackendUsage(bytes=int(total or 0), objects=int(count), capacity_bytes=self.max_bytes)
+
+    def healthy(self) -> bool:
+        try:
+            return bool(self._guard(self._client.ping))
+        except BackendUnavailable:
+            return False
+
+    def close(self) -> None:
+        self._pool.disconnect()

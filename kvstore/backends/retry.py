@@ -1,0 +1,226 @@
+"""Retry, backoff and circuit breaking as objects handed to backends.
+
+Remote tiers (Redis, S3) fail in two ways that call for different answers:
+
+* a *blip* (one dropped connection, one 503): retrying a moment later succeeds, so
+  :class:`Retry` re-runs the call with a :class:`Backoff` between attempts, bounded
+  by an attempt count *and* a deadline so a read never waits longer than the
+  caller can afford;
+* an *outage* (the server is gone): retrying every call would stall every request
+  for the whole retry budget and hammer the server when it comes back, so the
+  :class:`CircuitBreaker` opens after a run of failed calls and fails fast with
+  :class:`~kvstore.errors.BackendUnavailable` for a cool-down, then lets one probe
+  through; a successful probe closes it again, so a tier recovers by itself.
+
+:class:`Guard` composes the two with an error translator, so a backend's call
+sites read ``self._guard(lambda: client.get(name))`` and never loop themselves.
+The same shape as redis-py's ``redis/retry.py`` + ``redis/backoff.py``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TypeVar
+
+from kvstore.errors import BackendUnavailable
+
+T = TypeVar("T")
+
+
+class Backoff(ABC):
+    """How long to wait before attempt ``n`` (``n`` = 1 for the first retry)."""
+
+    @abstractmethod
+    def compute(self, failures: int) -> float: ...
+
+
+class NoBackoff(Backoff):
+    def compute(self, failures: int) -> float:
+        return 0.0
+
+
+class ExponentialBackoff(Backoff):
+    """``base * 2**(n-1)`` capped at ``cap``, with "equal jitter" (half fixed, half random).
+
+    Jitter spreads the retries of many clients so a recovering server is not hit
+    by all of them in the same millisecond.
+    """
+
+    def __init__(self, base_s: float = 0.01, cap_s: float = 0.5, jitter: bool = True) -> None:
+        if base_s < 0 or cap_s < 0:
+            raise ValueError("backoff base_s and cap_s must be >= 0")
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.jitter = jitter
+
+    def compute(self, failures: int) -> float:
+        delay = min(self.cap_s, self.base_s * (2 ** max(0, failures - 1)))
+        if self.jitter:
+            delay = delay / 2 + random.uniform(0, delay / 2)
+        return delay
+
+
+class Retry:
+    """Run a callable up to ``max_attempts`` times while it raises one of ``retry_on``.
+
+    ``retry_if`` narrows ``retry_on`` further (an S3 ``ClientError`` is worth a
+    retry for a 503, not for a 404). Stops early when the next wait would pass ``deadline_s`` (measured from the
+    first attempt), then re-raises the last error unchanged: translating it is the
+    caller's job (see :class:`Guard`), so this class knows nothing of any library.
+    """
+
+    def __init__(
+        self,
+        backoff: Backoff,
+        max_attempts: int = 3,
+        deadline_s: float | None = None,
+        retry_on: tuple[type[BaseException], ...] = (),
+        retry_if: Callable[[BaseException], bool] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.backoff = backoff
+        self.max_attempts = max_attempts
+        self.deadline_s = deadline_s
+        self.retry_on = retry_on
+        self.retry_if = retry_if
+        self._sleep = sleep
+        self._clock = clock
+
+    def __call__(self, fn: Callable[[], T], on_retry: Callable[[BaseException], None] | None = None) -> T:
+        start = self._clock()
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except self.retry_on as exc:
+                if self.retry_if is not None and not self.retry_if(exc):
+                    raise
+                failures += 1
+                if failures >= self.max_attempts:
+                    raise
+                delay = self.backoff.compute(failures)
+                if self.deadline_s is not None and self._clock() - start + delay > self.deadline_s:
+                    raise
+                if on_retry is not None:
+                    on_retry(exc)
+                self._sleep(delay)
+
+
+class CircuitBreaker:
+    """Closed → (``failure_threshold`` consecutive failures) → open → (``reset_timeout_s``) → half-open.
+
+    While open every call fails at once with :class:`BackendUnavailable`. Once the
+    cool-down has passed, exactly one caller is let through as a probe (the others
+    keep failing fast); its success closes the breaker, its failure re-opens it for
+    another cool-down.
+    """
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: int = 3,
+        reset_timeout_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if failure_threshold < 1:
+            raise ValueError("failure_threshold must be >= 1")
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.reset_timeout_s = reset_timeout_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = self.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        #: How many times the breaker opened (exported as a metric).
+        self.num_trips = 0
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            return self._state
+
+    def before_call(self) -> None:
+        """Raise :class:`BackendUnavailable` unless this call may go through."""
+        with self._lock:
+            if self._state == self.CLOSED:
+                return
+            if self._state == self.OPEN and self._clock() - self._opened_at >= self.reset_timeout_s:
+                self._state = self.HALF_OPEN
+                self._probing = False
+            if self._state == self.HALF_OPEN and not self._probing:
+                self._probing = True
+                return
+            raise BackendUnavailable(f"{self.name}: circuit open after repeated failures; retrying later")
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._state = self.CLOSED
+            self._failures = 0
+            self._probing = False
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._state == self.HALF_OPEN or self._failures >= self.failure_threshold:
+                if self._state != self.OPEN:
+                    self.num_trips += 1
+                self._state = self.OPEN
+                self._opened_at = self._clock()
+                self._probing = False
+
+
+class Guard:
+    """One remote call: breaker check, retries, then translation to BackendUnavailable.
+
+    ``translate(exc)`` returns a :class:`BackendUnavailable` for errors that mean
+    "the medium failed" and ``None`` for everything else (which propagates as is
+    and does not count against the breaker: a bug is not an outage).
+    """
+
+    def __init__(
+        self,
+        retry: Retry,
+        breaker: CircuitBreaker,
+        translate: Callable[[BaseException], BackendUnavailable | None],
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self.retry = retry
+        self.breaker = breaker
+        self.translate = translate
+        self.on_failure = on_failure
+
+    def __call__(self, fn: Callable[[], T]) -> T:
+        self.breaker.before_call()
+        try:
+            result = self.retry(fn)
+        except BackendUnavailable:
+            self._failed()
+            raise
+        except Exception as exc:
+            unavailable = self.translate(exc)
+            if unavailable is None:
+                # Not an outage: the server answered. Let the probe slot go.
+                self.breaker.record_success()
+                raise
+            self._failed()
+            raise unavailable from exc
+        self.breaker.record_success()
+        return result
+
+    def _failed(self) -> None:
+        self.breaker.record_failure()
+        if self.on_failure is not None:
+            self.on_failure()

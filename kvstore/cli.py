@@ -1,0 +1,308 @@
+"""The ``kvstore`` command: serve, stats, bench, demo.
+
+Configuration is resolved here and only here (file < environment < flags) and
+handed down as one frozen StoreConfig; nothing below reads the environment.
+Heavy imports (grpc server, Ray, torch) happen inside the subcommand that needs
+them, so ``kvstore --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvstore.config import format_bytes, parse_bytes
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+_SERVE_EPILOG = """\
+examples:
+  kvstore serve                                  RAM (2 GiB) + disk under ~/.cache/kvstore/disk on 127.0.0.1:50051
+  kvstore serve --port 6000 --memory-bytes 8GiB  a bigger RAM tier on another port
+  kvstore serve --no-disk                        RAM only: nothing survives a restart
+  kvstore serve --config kvstore.yaml            everything from a YAML/TOML file (see docs/operations.md)
+  kvstore serve --redis-url redis://cache:6379/0 --s3-endpoint http://minio:9000 --s3-bucket kv
+                                                 add Redis and S3 tiers (written through)
+  KVSTORE_SERVER__PORT=6000 kvstore serve        any config field as KVSTORE_<SECTION>__<FIELD>
+
+precedence: built-in defaults < --config file < KVSTORE_* environment variables < flags.
+byte sizes accept 1048576, 64MiB, 2GiB, 500MB. Stop with Ctrl-C or SIGTERM: in-flight RPCs
+are drained for --grace seconds.
+"""
+
+_STATS_EPILOG = """\
+examples:
+  kvstore stats                                  the server on 127.0.0.1:50051
+  kvstore stats --target 10.0.0.5:50051 --json   machine-readable, for scripts
+  kvstore stats --token "$KVSTORE_TOKEN"         when the server has auth.tokens configured
+"""
+
+_BENCH_EPILOG = """\
+examples:
+  kvstore bench store_throughput --quick         gRPC Put/Get GB/s vs raw loopback TCP, in under a minute
+  kvstore bench store_throughput --tiers memory,disk,redis,s3
+  kvstore bench NAME --help                      the options of one benchmark
+
+NAME is a file bench/NAME.py of the kvstore repository; every benchmark prints JSON
+followed by a one-line summary.
+"""
+
+_DEMO_EPILOG = """\
+examples:
+  kvstore demo                                   prefill on one Ray worker, decode on another, KV moved via kvstore
+  kvstore demo --help                            the demo's own options
+"""
+
+
+def _bytes_arg(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvstore",
+        description="Store and move LLM KV-cache blocks: a tiered (RAM, disk, Redis, S3), checksummed "
+                    "gRPC store.",
+        epilog="Run 'kvstore <command> --help' for the options and examples of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    serve = sub.add_parser("serve", help="run the store server", formatter_class=fmt, epilog=_SERVE_EPILOG,
+                           description="Run the kvstore gRPC server until Ctrl-C or SIGTERM.")
+    serve.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or TOML (.toml) config file")
+    g = serve.add_argument_group("server")
+    g.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    g.add_argument("--port", type=int, help="port to listen on (default 50051; 0 picks a free one)")
+    g.add_argument("--workers", type=int, help="threads serving RPCs (default 16)")
+    g.add_argument("--max-blob-bytes", type=_bytes_arg, metavar="SIZE", help="largest blob Put accepts (64MiB)")
+    g.add_argument("--max-message-bytes", type=_bytes_arg, metavar="SIZE",
+                   help="largest gRPC message either way (72MiB); must exceed --max-blob-bytes")
+    g = serve.add_argument_group("tiers")
+    g.add_argument("--memory-bytes", type=_bytes_arg, metavar="SIZE", help="RAM tier budget (default 2GiB)")
+    g.add_argument("--disk-path", metavar="DIR", help="disk tier directory (default ~/.cache/kvstore/disk)")
+    g.add_argument("--disk-bytes", type=_bytes_arg, metavar="SIZE", help="disk tier budget (default 64GiB)")
+    g.add_argument("--no-disk", action="store_true", help="run without the disk tier (RAM only)")
+    g.add_argument("--fsync", choices=["batch", "always", "never"], help="disk durability (default batch)")
+    g.add_argument("--redis-url", metavar="URL", help="enable the Redis tier at this URL")
+    g.add_argument("--s3-endpoint", metavar="URL", help="enable the S3 tier at this endpoint URL")
+    g.add_argument("--s3-bucket", metavar="NAME", help="S3 bucket (default kvstore)")
+    g = serve.add_argument_group("operations")
+    g.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
+    g.add_argument("--grace", type=float, default=10.0, help="seconds to drain RPCs on shutdown (10)")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--ready-file", metavar="FILE",
+                   help="once listening, write {\"port\": ..., \"pid\": ...} as JSON here (for scripts/tests)")
+    g.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
+    serve.set_defaults(func=cmd_serve)
+
+    stats = sub.add_parser("stats", help="show a running server's tiers and counters", formatter_class=fmt,
+                           epilog=_STATS_EPILOG, description="Ask a running server for its Stats.")
+    stats.add_argument("--target", default=None, help=f"HOST:PORT of the server (default $KVSTORE_TARGET or {DEFAULT_TARGET})")
+    stats.add_argument("--token", default=None, help="bearer token (default $KVSTORE_TOKEN)")
+    stats.add_argument("--tls-ca", metavar="FILE", help="CA certificate of a TLS server")
+    stats.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (5)")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(func=cmd_stats)
+
+    bench = sub.add_parser("bench", help="run a benchmark from bench/", formatter_class=fmt, epilog=_BENCH_EPILOG,
+                           description="Run bench/NAME.py with the given arguments.")
+    bench.add_argument("name", metavar="NAME", nargs="?", help="benchmark name, e.g. store_throughput")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    bench.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", help="run the prefill/decode demo over Ray and the real model",
+                          formatter_class=fmt, epilog=_DEMO_EPILOG, add_help=False,
+                          description="Run workers.demo with the given arguments (see 'kvstore demo --help').")
+    demo.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the demo")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    import kvstore
+
+    return kvstore.__version__
+
+
+# ---------------------------------------------------------------- serve
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags as dotted config overrides; unset flags (None) leave file/env values alone."""
+    overrides: dict[str, Any] = {
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.workers": args.workers,
+        "server.max_blob_bytes": args.max_blob_bytes,
+        "server.max_message_bytes": args.max_message_bytes,
+        "memory.max_bytes": args.memory_bytes,
+        "disk.path": args.disk_path,
+        "disk.max_bytes": args.disk_bytes,
+        "disk.fsync": args.fsync,
+        "metrics.port": args.metrics_port,
+    }
+    if args.no_disk:
+        overrides["disk.enabled"] = False
+    if args.redis_url:
+        overrides.update({"redis.enabled": True, "redis.url": args.redis_url})
+    if args.s3_endpoint:
+        overrides.update({"s3.enabled": True, "s3.endpoint_url": args.s3_endpoint})
+    if args.s3_bucket:
+        overrides["s3.bucket"] = args.s3_bucket
+    return overrides
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvstore.config import config_as_dict, load_config
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, os.environ, serve_overrides(args))
+    except ValueError as exc:
+        print(f"kvstore serve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(config_as_dict(config), indent=2))
+        return 0
+
+    from kvstore.server import run
+
+    def on_ready(handle: Any) -> None:
+        if args.ready_file:
+            tmp = Path(args.ready_file + ".tmp")
+            tmp.write_text(json.dumps({"port": handle.port, "pid": os.getpid(), "target": handle.target,
+                                       "metrics_port": handle.metrics.port}))
+            tmp.replace(args.ready_file)  # atomic: a poller never reads half a file
+
+    try:
+        run(config, grace=args.grace, on_ready=on_ready)
+    except OSError as exc:
+        print(f"kvstore serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- stats
+
+def fetch_stats(target: str, token: str | None = None, tls_ca: str | None = None, timeout: float = 5.0
+                ) -> dict[str, Any]:
+    """Stats of the server at ``target`` as a plain dict (what ``--json`` prints)."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from kvstore.auth import bearer_metadata, channel_credentials
+    from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+    channel = (grpc.secure_channel(target, channel_credentials(tls_ca)) if tls_ca
+               else grpc.insecure_channel(target))
+    with channel:
+        stub = kvstore_pb2_grpc.KVStoreStub(channel)
+        response = stub.Stats(kvstore_pb2.StatsRequest(), timeout=timeout,
+                              metadata=bearer_metadata(token) if token else None)
+    data = MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for tier in data.get("tiers", []):
+        for k, v in tier.items():
+            if isinstance(v, str) and v.isdigit():
+                tier[k] = int(v)
+    data["counters"] = {k: int(v) for k, v in sorted(data.get("counters", {}).items())}
+    data["target"] = target
+    return data
+
+
+def format_stats(data: dict[str, Any]) -> str:
+    """A table a person can read at a glance."""
+    lines = [f"kvstore {data.get('version', '?')} at {data['target']}", ""]
+    header = ("tier", "bytes", "capacity", "objects", "hits", "misses", "hit%", "evict", "errors", "corrupt", "ok")
+    rows = [header]
+    for t in data.get("tiers", []):
+        lookups = t["hits"] + t["misses"]
+        rows.append((
+            t["name"], format_bytes(t["bytes"]),
+            format_bytes(t["capacity_bytes"]) if t["capacity_bytes"] else "unbounded",
+            str(t["objects"]), str(t["hits"]), str(t["misses"]),
+            f"{100 * t['hits'] / lookups:.1f}" if lookups else "-",
+            str(t["evictions"]), str(t["errors"]), str(t["integrity_failures"]),
+            "yes" if t["healthy"] else "NO",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    if data.get("counters"):
+        lines += ["", "counters:"]
+        width = max(len(k) for k in data["counters"])
+        lines += [f"  {k.ljust(width)}  {v}" for k, v in data["counters"].items()]
+    return "\n".join(lines)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import grpc
+
+    target = args.target or os.environ.get("KVSTORE_TARGET") or DEFAULT_TARGET
+    token = args.token or os.environ.get("KVSTORE_TOKEN")
+    try:
+        data = fetch_stats(target, token, args.tls_ca, args.timeout)
+    except grpc.RpcError as exc:
+        print(f"kvstore stats: {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.json else format_stats(data))
+    return 0
+
+
+# ---------------------------------------------------------------- bench, demo
+
+def bench_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "bench"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    directory = bench_dir()
+    available = sorted(p.stem for p in directory.glob("*.py") if not p.stem.startswith("_"))
+    if not args.name:
+        print("available benchmarks: " + (", ".join(available) or f"none (no {directory})"))
+        return 0
+    script = directory / f"{args.name.removesuffix('.py')}.py"
+    if not script.is_file():
+        print(f"kvstore bench: no benchmark {args.name!r} in {directory}; available: {', '.join(available)}",
+              file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    root = str(directory.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.call([sys.executable, str(script), *args.args], env=env)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from workers.demo import main as demo_main
+    except ImportError as exc:
+        print(f"kvstore demo: cannot import workers.demo ({exc}); the demo needs the kvstore repository "
+              "checkout and the ML extras (pip install 'kvstore[ml]')", file=sys.stderr)
+        return 2
+    result = demo_main(list(args.args))
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "demo":
+        # Everything after 'demo' belongs to the demo, including --help (argparse's
+        # REMAINDER would not take a leading option).
+        return cmd_demo(argparse.Namespace(args=argv[1:]))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

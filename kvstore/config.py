@@ -1,0 +1,406 @@
+"""The one typed configuration of a kvstore server.
+
+Precedence, lowest first: built-in defaults, a YAML or TOML file, environment
+variables ``KVSTORE_<SECTION>__<FIELD>`` (e.g. ``KVSTORE_SERVER__PORT=6000``,
+``KVSTORE_REDIS__ENABLED=true``), then CLI flags. All of that is resolved once,
+at the entrypoint, by :func:`load_config`; everything below receives a frozen
+:class:`StoreConfig` and never reads the environment itself.
+
+Every check lives in :func:`validate` and raises ``ValueError`` naming the field,
+so a bad deployment fails at startup with a message an operator can act on,
+never later inside a request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+ENV_PREFIX = "KVSTORE_"
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache directory (XDG on Linux), where the disk tier lives by default."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvstore"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    #: Largest gRPC message either way; must hold one blob plus its envelope.
+    max_message_bytes: int = 72 * MiB
+    #: Largest single blob accepted by Put (RESOURCE_EXHAUSTED above it).
+    max_blob_bytes: int = 64 * MiB
+    max_layers: int = 1024
+    max_keys_per_request: int = 4096
+    #: Threads serving RPCs; each in-flight RPC holds one.
+    workers: int = 16
+    #: A Put stream is validated whole before anything is written (all-or-nothing);
+    #: it may buffer at most this many bytes, beyond that it fails RESOURCE_EXHAUSTED.
+    max_put_stream_bytes: int = 512 * MiB
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    max_bytes: int = 2 * GiB
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    enabled: bool = True
+    path: str = field(default_factory=lambda: str(default_cache_dir() / "disk"))
+    max_bytes: int = 64 * GiB
+    fsync: str = "batch"
+    segment_bytes: int = 256 * MiB
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    enabled: bool = False
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "kvstore:"
+    ttl_seconds: int = 0
+    max_bytes: int = 0
+    socket_timeout_s: float = 1.0
+    pool_size: int = 32
+
+
+@dataclass(frozen=True)
+class S3Config:
+    enabled: bool = False
+    endpoint_url: str = ""
+    bucket: str = "kvstore"
+    prefix: str = "kv/"
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    max_bytes: int = 0
+    timeout_s: float = 5.0
+    max_concurrency: int = 16
+    multipart_threshold_bytes: int = 64 * MiB
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    #: Bearer token -> tenant. Empty: authentication is off.
+    tokens: dict[str, str] = field(default_factory=dict)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: When set, clients must present a certificate signed by this CA (mutual TLS).
+    tls_client_ca: str | None = None
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    #: Bytes a tenant may store; 0 means unlimited.
+    default_max_bytes: int = 0
+    per_tenant: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    #: Port of the Prometheus endpoint; 0 turns it off.
+    port: int = 0
+    host: str = "0.0.0.0"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def replace(self, **sections: Any) -> StoreConfig:
+        """A copy with whole sections or ``section={field: value}`` dicts replaced."""
+        changes = {}
+        for name, value in sections.items():
+            current = getattr(self, name)
+            changes[name] = dataclasses.replace(current, **value) if isinstance(value, Mapping) else value
+        return dataclasses.replace(self, **changes)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(StoreConfig)}  # type: ignore[misc]
+
+FSYNC_MODES = ("batch", "always", "never")
+
+
+def validate(config: StoreConfig) -> None:
+    """Every cross-field and range check, in one place. Raises ValueError naming the field."""
+    s = config.server
+
+    def positive(name: str, value: float) -> None:
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+    def non_negative(name: str, value: float) -> None:
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+    def port(name: str, value: int) -> None:
+        if not 0 <= value <= 65535:
+            raise ValueError(f"{name} must be a TCP port in 0..65535 (0 = pick a free one), got {value}")
+
+    if not s.host:
+        raise ValueError("server.host must not be empty")
+    port("server.port", s.port)
+    for name in ("max_message_bytes", "max_blob_bytes", "max_layers", "max_keys_per_request", "workers",
+                 "max_put_stream_bytes"):
+        positive(f"server.{name}", getattr(s, name))
+    if s.max_blob_bytes + 64 * KiB > s.max_message_bytes:
+        raise ValueError(
+            f"server.max_message_bytes ({s.max_message_bytes}) must exceed server.max_blob_bytes "
+            f"({s.max_blob_bytes}) by at least 64 KiB so that one blob plus its envelope fits a message"
+        )
+    if s.max_put_stream_bytes < s.max_blob_bytes:
+        raise ValueError("server.max_put_stream_bytes must be >= server.max_blob_bytes")
+    non_negative("memory.max_bytes", config.memory.max_bytes)
+    d = config.disk
+    if d.enabled and not d.path:
+        raise ValueError("disk.path must be set when disk.enabled is true")
+    non_negative("disk.max_bytes", d.max_bytes)
+    positive("disk.segment_bytes", d.segment_bytes)
+    if d.fsync not in FSYNC_MODES:
+        raise ValueError(f"disk.fsync must be one of {', '.join(FSYNC_MODES)}, got {d.fsync!r}")
+    r = config.redis
+    if r.enabled and not re.match(r"^(redis|rediss|unix)://", r.url):
+        raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {r.url!r}")
+    for name in ("ttl_seconds", "max_bytes"):
+        non_negative(f"redis.{name}", getattr(r, name))
+    positive("redis.socket_timeout_s", r.socket_timeout_s)
+    positive("redis.pool_size", r.pool_size)
+    s3 = config.s3
+    if s3.enabled and not s3.bucket:
+        raise ValueError("s3.bucket must be set when s3.enabled is true")
+    if s3.endpoint_url and not re.match(r"^https?://", s3.endpoint_url):
+        raise ValueError(f"s3.endpoint_url must start with http:// or https://, got {s3.endpoint_url!r}")
+    if (s3.access_key_id is None) != (s3.secret_access_key is None):
+        raise ValueError("s3.access_key_id and s3.secret_access_key must be set together")
+    non_negative("s3.max_bytes", s3.max_bytes)
+    positive("s3.timeout_s", s3.timeout_s)
+    positive("s3.max_concurrency", s3.max_concurrency)
+    positive("s3.multipart_threshold_bytes", s3.multipart_threshold_bytes)
+    a = config.auth
+    for token, tenant in a.tokens.items():
+        if not token or not tenant:
+            raise ValueError("auth.tokens entries must map a non-empty token to a non-empty tenant")
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise ValueError("auth.tls_cert and auth.tls_key must be set together")
+    if a.tls_client_ca and not a.tls_cert:
+        raise ValueError("auth.tls_client_ca needs auth.tls_cert and auth.tls_key (mutual TLS is TLS first)")
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(a, name)
+        if path and not Path(path).is_file():
+            raise ValueError(f"auth.{name}: no such file {path!r}")
+    non_negative("quotas.default_max_bytes", config.quotas.default_max_bytes)
+    for tenant, limit in config.quotas.per_tenant.items():
+        non_negative(f"quotas.per_tenant[{tenant!r}]", limit)
+    port("metrics.port", config.metrics.port)
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"2GiB"`` -> 2147483648. Binary units (KiB, MiB, GiB, TiB; also bare K, M, G, T)
+    and decimal ones (KB, MB, GB, TB); a bare number is bytes."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a byte size: {text!r}")
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a byte size: {text!r} (examples: 1048576, 64MiB, 2GiB, 500MB)")
+    number, unit, binary, b = m.groups()
+    power = _SIZE_POWERS[unit.lower()]
+    base = 1000 if (unit and b and not binary) else 1024
+    value = float(number) * base**power
+    if value != int(value):
+        raise ValueError(f"byte size {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size, for tables and logs."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _parse_bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true/false)")
+
+
+def _parse_mapping(text: Any, value_type: type) -> dict:
+    """A mapping from a file (already a dict), JSON, or ``a=b,c=d`` text (env, flags)."""
+    if isinstance(text, Mapping):
+        raw = dict(text)
+    else:
+        text = str(text).strip()
+        if text.startswith("{"):
+            raw = json.loads(text)
+        else:
+            raw = {}
+            for item in filter(None, (p.strip() for p in text.split(","))):
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise ValueError(f"expected key=value, got {item!r}")
+                raw[key.strip()] = value.strip()
+    if value_type is int:
+        return {str(k): parse_bytes(v) for k, v in raw.items()}
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
+    """Turn a file/env/flag value into the field's type; byte sizes accept ``"2GiB"``."""
+    where = f"{section}.{name}"
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    try:
+        if origin in (types.UnionType, typing.Union):  # Optional[str]
+            if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+                return None
+            inner = next(a for a in args if a is not type(None))
+            return _coerce(section, name, inner, value)
+        if origin is dict:
+            return _parse_mapping(value, args[1])
+        if hint is bool:
+            return _parse_bool(value)
+        if hint is int:
+            if name.endswith("bytes"):
+                return parse_bytes(value)
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError("expected a string")
+            return str(value)
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where}: invalid value {value!r}: {exc}") from None
+    raise ValueError(f"{where}: unsupported type {hint!r}")  # pragma: no cover
+
+
+def _field_hints(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _apply(layers: dict[str, dict[str, Any]], section: str, name: str, value: Any, source: str) -> None:
+    if section not in SECTIONS:
+        raise ValueError(f"{source}: unknown config section {section!r} (known: {', '.join(SECTIONS)})")
+    hints = _field_hints(SECTIONS[section])
+    if name not in hints:
+        raise ValueError(
+            f"{source}: unknown field {section}.{name} (known: {', '.join(hints)})"
+        )
+    layers.setdefault(section, {})[name] = _coerce(section, name, hints[name], value)
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Parse a YAML (.yaml/.yml) or TOML (.toml) file into ``{section: {field: value}}``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file not found: {p}")
+    text = p.read_text()
+    if p.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif p.suffix in (".yaml", ".yml", ".json"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"config file {p}: use a .yaml, .yml or .toml file")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p}: expected a mapping of sections at the top level")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {p}: section {section!r} must be a mapping")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """``KVSTORE_SECTION__FIELD=value`` variables as ``{section: {field: value}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        section, _, name = key[len(ENV_PREFIX):].partition("__")
+        out.setdefault(section.lower(), {})[name.lower()] = value
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> StoreConfig:
+    """Defaults < file < environment < ``overrides`` (``{"server.port": 6000}``, from CLI flags).
+
+    ``environ=None`` reads ``os.environ``; pass ``{}`` to ignore the environment.
+    """
+    layers: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        for section, values in read_config_file(path).items():
+            for name, value in values.items():
+                _apply(layers, section, name, value, f"config file {path}")
+    env = os.environ if environ is None else environ
+    for section, values in env_overrides(env).items():
+        for name, value in values.items():
+            _apply(layers, section, name, value, f"environment variable {ENV_PREFIX}{section.upper()}__{name.upper()}")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, name = dotted.partition(".")
+        _apply(layers, section, name, value, f"override {dotted}")
+    sections = {name: cls(**layers.get(name, {})) for name, cls in SECTIONS.items()}
+    return StoreConfig(**sections)
+
+
+def config_as_dict(config: StoreConfig, redact: bool = True) -> dict[str, Any]:
+    """Plain dict of the effective config, with secrets redacted, for logs and ``--print-config``."""
+    data = dataclasses.asdict(config)
+    if redact:
+        data["auth"]["tokens"] = {f"***{i}": t for i, t in enumerate(data["auth"]["tokens"].values())}
+        if data["s3"]["secret_access_key"]:
+            data["s3"]["secret_access_key"] = "***"
+    return data

@@ -1,0 +1,239 @@
+"""What each RPC does, independent of gRPC.
+
+The servicer in kvstore/server.py turns wire messages into calls here and maps
+the :mod:`kvstore.errors` exceptions raised here to status codes in one place.
+Everything a caller can get wrong is checked here *before* the store is touched,
+with a message that names the offending field, index and limit.
+
+Put is all-or-nothing per stream: every item is validated (key, namespace, layer,
+size, integrity trailer) and buffered up to ``server.max_put_stream_bytes``; only
+when the whole stream is good are the blobs charged to the tenant's quota and
+written in one ``put_many``. A bad item therefore stores nothing from its stream.
+(A backend failing half-way through the write can still leave a prefix of the
+stream stored; that is reported as UNAVAILABLE and a retry overwrites it.)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore import integrity
+from kvstore.auth import Authenticator
+from kvstore.backends.base import BlobKey
+from kvstore.config import ServerConfig
+from kvstore.errors import BlobTooLarge, IntegrityError, InvalidRequest, NotFound
+from kvstore.keys import KEY_BYTES, Namespace
+from kvstore.quotas import QuotaLedger
+
+
+@dataclass(frozen=True)
+class PutItem:
+    """One validated layer blob of a Put stream."""
+
+    key: BlobKey
+    blob: bytes
+
+
+class ServerCounters:
+    """Server-wide counters reported by Stats (requests, blobs_put, ...)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: Counter[str] = Counter()
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            self._values.update(deltas)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+class StoreService:
+    """Validates requests, checks auth and quotas, and drives the tiered store."""
+
+    def __init__(self, store: Any, limits: ServerConfig, authenticator: Authenticator,
+                 quotas: QuotaLedger) -> None:
+        self.store = store
+        self.limits = limits
+        self.auth = authenticator
+        self.quotas = quotas
+        self.counters = ServerCounters()
+
+    # ------------------------------------------------------------ validation
+
+    def namespace(self, text: str, tenant: str | None) -> Namespace:
+        try:
+            ns = Namespace.parse(text)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        self.auth.authorize(tenant, ns)
+        return ns
+
+    def check_keys(self, keys: Sequence[bytes], what: str = "keys") -> None:
+        if len(keys) > self.limits.max_keys_per_request:
+            raise InvalidRequest(
+                f"too many keys: {len(keys)} > server.max_keys_per_request "
+                f"({self.limits.max_keys_per_request}); split the request"
+            )
+        for i, key in enumerate(keys):
+            if len(key) != KEY_BYTES:
+                raise InvalidRequest(
+                    f"{what}[{i}] is {len(key)} bytes; chunk keys must be exactly {KEY_BYTES} bytes "
+                    "(compute them with kvstore.keys.chunk_keys)"
+                )
+
+    def check_num_layers(self, num_layers: int) -> None:
+        if num_layers < 1:
+            raise InvalidRequest("num_layers must be >= 1 (the model's layer count)")
+        if num_layers > self.limits.max_layers:
+            raise InvalidRequest(
+                f"num_layers {num_layers} exceeds server.max_layers ({self.limits.max_layers})"
+            )
+
+    # ------------------------------------------------------------ RPCs
+
+    def lookup(self, tenant: str | None, namespace: str, keys: Sequence[bytes],
+               num_layers: int) -> tuple[int, list[str]]:
+        ns = self.namespace(namespace, tenant)
+        self.check_keys(keys)
+        self.check_num_layers(num_layers)
+        if not keys:
+            return 0, []
+        num_present, tiers = self.store.exists_chunks(str(ns), list(keys), num_layers)
+        self.counters.add(lookups=1, keys_looked_up=len(keys), keys_present=num_present)
+        return int(num_present), list(tiers)
+
+    def validate_put(self, tenant: str | None, items: Iterable[tuple[str, bytes, int, int, bytes]]
+                     ) -> list[PutItem]:
+        """Check a whole Put stream; raise on the first bad item, naming its index."""
+        namespaces: dict[str, Namespace] = {}
+        out: list[PutItem] = []
+        total = 0
+        for i, (namespace, key, layer, num_layers, blob) in enumerate(items):
+            where = f"put item {i}"
+            ns = namespaces.get(namespace)
+            if ns is None:
+                try:
+                    ns = self.namespace(namespace, tenant)
+                except InvalidRequest as exc:
+                    raise InvalidRequest(f"{where}: {exc}") from None
+                namespaces[namespace] = ns
+            if len(key) != KEY_BYTES:
+                raise InvalidRequest(f"{where}: key is {len(key)} bytes; chunk keys must be exactly {KEY_BYTES} bytes")
+            try:
+                self.check_num_layers(num_layers)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"{where}: {exc}") from None
+            if layer >= num_layers:
+                raise InvalidRequest(f"{where}: layer {layer} is out of range for num_layers {num_layers}")
+            if len(blob) > self.limits.max_blob_bytes:
+                raise BlobTooLarge(
+                    f"{where}: blob of {len(blob)} bytes exceeds server.max_blob_bytes "
+                    f"({self.limits.max_blob_bytes}); use a denser codec profile or smaller chunks"
+                )
+            if not integrity.is_intact(blob):
+                raise IntegrityError(
+                    f"checksum mismatch on put ({where}, layer {layer}, {len(blob)} bytes): the blob's "
+                    f"{integrity.TRAILER_BYTES}-byte XXH3 trailer does not match its payload; "
+                    "it was corrupted before reaching the server: re-encode and retry"
+                )
+            total += len(blob)
+            if total > self.limits.max_put_stream_bytes:
+                raise BlobTooLarge(
+                    f"{where}: the Put stream exceeds server.max_put_stream_bytes "
+                    f"({self.limits.max_put_stream_bytes}); send fewer blobs per Put call"
+                )
+            if len(out) >= self.limits.max_keys_per_request * self.limits.max_layers:
+                raise InvalidRequest(f"{where}: too many items in one Put stream")
+            out.append(PutItem(BlobKey(str(ns), bytes(key), int(layer)), blob))
+        if not out:
+            raise InvalidRequest("empty Put stream: send at least one PutRequest")
+        return out
+
+    def put(self, tenant: str | None, items: Sequence[PutItem]) -> tuple[int, int]:
+        """Charge quotas, then write the validated stream; returns (blobs, bytes)."""
+        per_tenant: Counter[str] = Counter()
+        for item in items:
+            per_tenant[item.key.namespace.split("/", 1)[0]] += len(item.blob)
+        charged: list[tuple[str, int]] = []
+        try:
+            if self.quotas.enabled:
+                for owner, nbytes in per_tenant.items():
+                    self.quotas.charge(owner, nbytes)
+                    charged.append((owner, nbytes))
+            self.store.put_many([(item.key, item.blob) for item in items])
+        except BaseException:
+            for owner, nbytes in charged:
+                self.quotas.release(owner, nbytes)
+            raise
+        nbytes = sum(per_tenant.values())
+        self.counters.add(puts=1, blobs_put=len(items), bytes_put=nbytes)
+        return len(items), nbytes
+
+    def check_get(self, tenant: str | None, namespace: str, keys: Sequence[bytes], layer_start: int,
+                  layer_end: int) -> Namespace:
+        ns = self.namespace(namespace, tenant)
+        self.check_keys(keys)
+        if not keys:
+            raise InvalidRequest("Get needs at least one key")
+        if layer_end <= layer_start:
+            raise InvalidRequest(
+                f"empty layer range [{layer_start}, {layer_end}): layer_end must be > layer_start"
+            )
+        if layer_end > self.limits.max_layers:
+            raise InvalidRequest(f"layer_end {layer_end} exceeds server.max_layers ({self.limits.max_layers})")
+        return ns
+
+    def get(self, ns: Namespace, keys: Sequence[bytes], layer_start: int, layer_end: int
+            ) -> Iterator[tuple[int, int, bytes]]:
+        """Yield (key_index, layer, blob) in layer order; raise NotFound at the first gap."""
+        namespace = str(ns)
+        chunks = [bytes(k) for k in keys]
+        for layer in range(layer_start, layer_end):
+            blobs = self.store.get_many([BlobKey(namespace, k, layer) for k in chunks])
+            for i, blob in enumerate(blobs):
+                if blob is None:
+                    self.counters.add(get_misses=1)
+                    raise NotFound(
+                        f"no blob for keys[{i}] layer {layer} in namespace {namespace!r}: "
+                        "Lookup first and fetch only the present prefix"
+                    )
+                self.counters.add(blobs_served=1, bytes_served=len(blob))
+                yield i, layer, blob
+
+    def delete(self, tenant: str | None, namespace: str, keys: Sequence[bytes]) -> int:
+        ns = self.namespace(namespace, tenant)
+        self.check_keys(keys)
+        if not keys:
+            return 0
+        chunks = [bytes(k) for k in keys]
+        freed = self._stored_bytes(str(ns), chunks) if self.quotas.enabled else 0
+        num_deleted = int(self.store.delete_chunks(str(ns), chunks))
+        if freed:
+            self.quotas.release(ns.tenant, freed)
+        self.counters.add(deletes=1, chunks_deleted=num_deleted)
+        return num_deleted
+
+    def _stored_bytes(self, namespace: str, chunks: Sequence[bytes]) -> int:
+        """Bytes the given chunks occupy (largest copy per blob), to release their quota on Delete.
+
+        Only called with quotas on: it lists the namespace in every tier, which is
+        the price of not keeping a size index next to the ledger.
+        """
+        wanted = set(chunks)
+        sizes: dict[BlobKey, int] = {}
+        for tier in getattr(self.store, "tiers", ()):
+            try:
+                found = [k for k in tier.iter_keys(namespace) if k.chunk in wanted]
+                for key, blob in zip(found, tier.get_many(found), strict=True):
+                    if blob is not None:
+                        sizes[key] = max(sizes.get(key, 0), len(blob))
+            except Exception:  # noqa: BLE001 - a dead tier just contributes nothing
+                continue
+        return sum(sizes.values())

@@ -1,0 +1,11 @@
+"""Helpers for tests and benchmarks: real servers on free loopback ports.
+
+Nothing here is imported by the server; it is shipped in the package so that the
+test suite, ``bench/`` and downstream projects start Redis and S3 the same way.
+"""
+
+from __future__ import annotations
+
+from kvstore.testing.services import RedisProcess, S3Process, ServiceError, free_port
+
+__all__ = ["RedisProcess", "S3Process", "ServiceError", "free_port"]

@@ -1,0 +1,228 @@
+"""The kvstore gRPC server over a real loopback socket: every RPC, health,
+reflection, metrics, and the ``kvstore serve`` / ``kvstore stats`` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from kvstore.keys import Namespace, chunk_keys
+from kvstore.server import SERVICE_NAME, ServerHandle, serve
+from kvstore.testing.services import free_port
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc
+from tests.fixtures.store import REPO_ROOT, make_blob, start_server_process, store_config
+
+NS = "acme/smollm2-L30/fp16"
+LAYERS = 4
+
+
+@pytest.fixture
+def stub(kvstore_server: ServerHandle) -> Iterator[kvstore_pb2_grpc.KVStoreStub]:
+    with grpc.insecure_channel(kvstore_server.target) as channel:
+        yield kvstore_pb2_grpc.KVStoreStub(channel)
+
+
+def put_chunks(stub: kvstore_pb2_grpc.KVStoreStub, keys: list[bytes], layers: range | list[int],
+               num_layers: int = LAYERS, size: int = 1000, ns: str = NS) -> dict[tuple[int, int], bytes]:
+    blobs = {(i, layer): make_blob(size + i * 10 + layer) for i in range(len(keys)) for layer in layers}
+    reply = stub.Put(iter([pb.PutRequest(namespace=ns, key=keys[i], layer=layer, num_layers=num_layers, blob=b)
+                           for (i, layer), b in blobs.items()]))
+    assert reply.num_stored == len(blobs)
+    assert reply.bytes_stored == sum(len(b) for b in blobs.values())
+    return blobs
+
+
+def keys_for(n: int, salt: int = 0) -> list[bytes]:
+    return chunk_keys(list(range(salt, salt + n * 256)), Namespace.parse(NS))
+
+
+def test_put_then_get_round_trips_bytes_exactly(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+    keys = keys_for(2)
+    blobs = put_chunks(stub, keys, range(LAYERS), size=300_000)
+    got = {(r.key_index, r.layer): r.blob
+           for r in stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS))}
+    assert got == blobs
+
+
+def test_get_streams_in_layer_order(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+    keys = keys_for(3)
+    put_chunks(stub, keys, range(LAYERS))
+    order = [(r.key_index, r.layer)
+             for r in stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=1, layer_end=LAYERS))]
+    assert order == [(k, layer) for layer in range(1, LAYERS) for k in range(3)]
+
+
+def test_lookup_counts_the_leading_chunks_with_all_layers(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+    keys = keys_for(4)
+    put_chunks(stub, keys[:2], range(LAYERS))
+    put_chunks(stub, [keys[2]], range(LAYERS - 1))  # chunk 2 lacks its last layer; chunk 3 absent
+
+    def lookup(ks: list[bytes], num_layers: int) -> pb.LookupResponse:
+        return stub.Lookup(pb.LookupRequest(namespace=NS, keys=ks, num_layers=num_layers))
+
+    full = lookup(keys, LAYERS)
+    assert full.num_present == 2
+    assert list(full.tiers) == [pb.TIER_MEMORY, pb.TIER_MEMORY]
+    assert lookup(keys, LAYERS - 1).num_present == 3  # fewer layers asked: chunk 2 counts
+    assert lookup(keys[1:], LAYERS).num_present == 1
+    assert lookup([keys[3], *keys[:2]], LAYERS).num_present == 0  # a prefix, not a set
+    assert lookup(keys, LAYERS).num_present == 2
+    assert stub.Lookup(pb.LookupRequest(namespace="acme/other-model/fp16", keys=keys,
+                                        num_layers=LAYERS)).num_present == 0
+    assert lookup([], LAYERS).num_present == 0
+
+
+def test_delete_removes_every_layer_and_only_those_keys(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+    keys = keys_for(2, salt=7)
+    blobs = put_chunks(stub, keys, range(LAYERS))
+    assert stub.Delete(pb.DeleteRequest(namespace=NS, keys=[keys[0]])).num_deleted == 1
+    assert stub.Lookup(pb.LookupRequest(namespace=NS, keys=keys, num_layers=LAYERS)).num_present == 0
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=1)))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    rest = [r.blob for r in stub.Get(pb.GetRequest(namespace=NS, keys=[keys[1]], layer_start=0, layer_end=LAYERS))]
+    assert rest == [blobs[(1, layer)] for layer in range(LAYERS)]
+    assert stub.Delete(pb.DeleteRequest(namespace=NS, keys=[keys[0]])).num_deleted == 0  # idempotent
+
+
+def test_reads_fall_back_to_disk_when_ram_forgets(kvstore_server: ServerHandle,
+                                                 stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+    keys = keys_for(1, salt=3)
+    blobs = put_chunks(stub, keys, range(LAYERS))
+    kvstore_server.store.tier("memory").close()  # drop everything held in RAM
+    got = [r.blob for r in stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS))]
+    assert got == [blobs[(0, layer)] for layer in range(LAYERS)]
+    reply = stub.Lookup(pb.LookupRequest(namespace=NS, keys=keys, num_layers=LAYERS))
+    assert reply.num_present == 1 and list(reply.tiers) == [pb.TIER_MEMORY]  # promoted on the read
+
+
+def test_stats_report_tiers_and_counters(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+    put_chunks(stub, keys_for(1), range(LAYERS))
+    stats = stub.Stats(pb.StatsRequest())
+    tiers = {t.name: t for t in stats.tiers}
+    assert list(tiers) == ["memory", "disk"]
+    assert tiers["memory"].objects == LAYERS and tiers["memory"].bytes > 0 and tiers["memory"].healthy
+    assert tiers["disk"].objects == LAYERS
+    assert stats.counters["blobs_put"] == LAYERS
+    assert stats.version
+
+
+def test_health_reports_serving(kvstore_server: ServerHandle) -> None:
+    with grpc.insecure_channel(kvstore_server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service(kvstore_server: ServerHandle) -> None:
+    with grpc.insecure_channel(kvstore_server.target) as channel:
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = list(refl.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+        ])))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+    assert replies[1].file_descriptor_response.file_descriptor_proto  # clients can discover the schema
+
+
+def test_metrics_count_requests_bytes_and_tiers(kvstore_server: ServerHandle,
+                                                stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+    keys = keys_for(1)
+    blobs = put_chunks(stub, keys, range(LAYERS))
+    list(stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS)))
+    with pytest.raises(grpc.RpcError):
+        stub.Lookup(pb.LookupRequest(namespace="bad", keys=keys, num_layers=1))
+    text = kvstore_server.metrics.render().decode()
+    total = sum(len(b) for b in blobs.values())
+    assert 'kvstore_requests_total{code="OK",method="Put"} 1.0' in text
+    assert 'kvstore_requests_total{code="INVALID_ARGUMENT",method="Lookup"} 1.0' in text
+    assert f'kvstore_blob_bytes_total{{direction="in"}} {float(total)}' in text
+    assert f'kvstore_blob_bytes_total{{direction="out"}} {float(total)}' in text
+    assert 'kvstore_request_duration_seconds_count{method="Get"} 1.0' in text
+    assert f'kvstore_tier_objects{{tier="memory"}} {float(LAYERS)}' in text
+    assert f'kvstore_tier_hits_total{{tier="memory"}} {float(LAYERS)}' in text
+    for name in ("kvstore_tier_misses_total", "kvstore_tier_bytes", "kvstore_tier_evictions_total",
+                 "kvstore_tier_errors_total", "kvstore_integrity_failures_total"):
+        assert f'{name}{{tier="disk"}}' in text
+
+
+def test_metrics_endpoint_serves_prometheus_text(tmp_path: Path) -> None:
+    handle = serve(store_config(tmp_path, **{"metrics.port": free_port(), "metrics.host": "127.0.0.1"}))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics.port}/metrics", timeout=10) as reply:
+            body = reply.read().decode()
+        assert 'kvstore_tier_bytes{tier="memory"}' in body
+    finally:
+        handle.stop(grace=0)
+
+
+def test_a_taken_port_is_an_error_not_a_shared_port(kvstore_server: ServerHandle, tmp_path: Path) -> None:
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{kvstore_server.port}"):
+        serve(store_config(tmp_path / "second", **{"server.port": kvstore_server.port}))
+    with grpc.insecure_channel(kvstore_server.target) as channel:  # the first one is unaffected
+        assert kvstore_pb2_grpc.KVStoreStub(channel).Stats(pb.StatsRequest()).version
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "kvstore", *args], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=REPO_ROOT)
+
+
+def test_serve_subprocess_stats_cli_and_graceful_restart(tmp_path: Path) -> None:
+    disk = str(tmp_path / "disk")
+    server = start_server_process(["--disk-path", disk, "--memory-bytes", "64MiB"], workdir=tmp_path)
+    try:
+        keys = keys_for(2)
+        with grpc.insecure_channel(server.target) as channel:
+            blobs = put_chunks(kvstore_pb2_grpc.KVStoreStub(channel), keys, range(LAYERS))
+        table = run_cli("stats", "--target", server.target)
+        assert table.returncode == 0, table.stderr
+        assert "memory" in table.stdout and "disk" in table.stdout and "blobs_put" in table.stdout
+        data = json.loads(run_cli("stats", "--target", server.target, "--json").stdout)
+        assert [t["name"] for t in data["tiers"]] == ["memory", "disk"]
+        assert data["tiers"][1]["objects"] == 2 * LAYERS and data["counters"]["blobs_put"] == 2 * LAYERS
+        port = server.port
+        assert server.stop() == 0  # SIGTERM drains and exits cleanly
+    finally:
+        server.kill()
+    # Same port and disk dir: the data written before the restart is served from disk.
+    again = start_server_process(["--disk-path", disk, "--port", str(port)], workdir=tmp_path)
+    try:
+        with grpc.insecure_channel(again.target) as channel:
+            got = {(r.key_index, r.layer): r.blob for r in kvstore_pb2_grpc.KVStoreStub(channel).Get(
+                pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS))}
+        assert got == blobs
+    finally:
+        again.kill()
+
+
+def test_stats_cli_reports_an_unreachable_server() -> None:
+    result = run_cli("stats", "--target", f"127.0.0.1:{free_port()}", "--timeout", "1")
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
+
+
+def test_serve_rejects_bad_config_with_the_field_name() -> None:
+    result = run_cli("serve", "--port", "99999")
+    assert result.returncode == 2
+    assert "server.port must be a TCP port" in result.stderr
+
+
+def test_help_has_examples() -> None:
+    for command in ("serve", "stats", "bench"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "examples:" in result.stdout, command

@@ -1,0 +1,128 @@
+"""The model runner on the real SmolLM2 model: split prefill, reuse of a restored cache, greedy decode.
+
+Also the driver's routing pool, which needs no Ray to test (it only counts).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.pipeline import WorkerPool
+from workers.runner import ModelRunner, chat_prompt_ids, reuse_boundary
+
+CHUNK = 16
+SYSTEM = "You are a concise assistant. Answer in one short sentence."
+DOC = ("The kvstore service keeps the attention key and value cache of a language model so that a "
+       "prompt prefix computed once can be reused by later requests on other machines.")
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return ModelRunner(num_threads=2)
+
+
+@pytest.fixture(scope="module")
+def prompt(runner: ModelRunner) -> list[int]:
+    return runner.chat_ids(SYSTEM, DOC, "\n\nQuestion: What does kvstore keep?")
+
+
+def clone_cache(runner: ModelRunner, cache: object, tokens: int) -> object:
+    """A fresh cache holding copies of the first ``tokens`` positions, as a store round trip would."""
+    layers = [(k[:, :tokens].clone(), v[:, :tokens].clone()) for k, v in runner.cache_layers(cache)]
+    return runner.cache_from_layers(layers)
+
+
+def test_reuse_boundary_leaves_a_tail() -> None:
+    assert reuse_boundary(1, 16) == 0
+    assert reuse_boundary(16, 16) == 0
+    assert reuse_boundary(17, 16) == 16
+    assert reuse_boundary(32, 16) == 16
+    assert reuse_boundary(33, 16) == 32
+    with pytest.raises(ValueError):
+        reuse_boundary(0, 16)
+    with pytest.raises(ValueError):
+        reuse_boundary(10, 0)
+
+
+@pytest.mark.slow
+def test_chat_prompts_share_their_prefix(runner: ModelRunner) -> None:
+    a = chat_prompt_ids(runner.tokenizer, SYSTEM, DOC, "\n\nQuestion: one?")
+    b = chat_prompt_ids(runner.tokenizer, SYSTEM, DOC, "\n\nQuestion: two, longer?")
+    shared = len(chat_prompt_ids(runner.tokenizer, SYSTEM, DOC)) - len(runner.encode(
+        "<|im_end|>\n<|im_start|>assistant\n"))
+    assert a[:shared] == b[:shared]
+    assert a != b
+    assert runner.decode_text(a).startswith("system\n" + SYSTEM)
+
+
+@pytest.mark.slow
+def test_prefill_on_restored_prefix_matches_full_prefill(runner: ModelRunner, prompt: list[int]) -> None:
+    boundary = reuse_boundary(len(prompt), CHUNK)
+    assert boundary >= 2 * CHUNK  # the prompt spans several chunks
+    full = runner.prefill(prompt, boundary=boundary)
+    assert full.num_computed == len(prompt)
+    restored = clone_cache(runner, full.cache, boundary)
+    resumed = runner.prefill(prompt, restored, past_tokens=boundary, boundary=boundary)
+    assert resumed.num_computed == len(prompt) - boundary
+    assert resumed.first_token == full.first_token
+    # Same forward passes on the same numbers: bit-identical logits.
+    assert torch.equal(resumed.logits, full.logits)
+    # Reusing only part of the prefix (an earlier chunk boundary) still lands on the same token.
+    partial = clone_cache(runner, full.cache, CHUNK)
+    mid = runner.prefill(prompt, partial, past_tokens=CHUNK, boundary=boundary)
+    assert mid.num_computed == len(prompt) - CHUNK
+    assert torch.equal(mid.logits, full.logits)
+
+
+@pytest.mark.slow
+def test_decode_from_restored_cache_equals_local_generate(runner: ModelRunner, prompt: list[int]) -> None:
+    local = runner.generate(prompt, 8, chunk_tokens=CHUNK)
+    assert 1 <= len(local) <= 8
+    boundary = reuse_boundary(len(prompt), CHUNK)
+    first = runner.prefill(prompt, boundary=boundary)
+    restored = clone_cache(runner, first.cache, boundary)
+    out = runner.prefill(prompt, restored, past_tokens=boundary, boundary=boundary)
+    assert list(runner.iter_decode(out.cache, out.first_token, 8)) == local
+    assert runner.teacher_forced_top1(prompt, local) == 1.0
+
+
+@pytest.mark.slow
+def test_decode_stops_at_limit_and_stop_token(runner: ModelRunner, prompt: list[int]) -> None:
+    out = runner.prefill(prompt)
+    tokens = list(runner.iter_decode(out.cache, out.first_token, 3, stop_ids=frozenset()))
+    assert len(tokens) == 3
+    out = runner.prefill(prompt)
+    assert list(runner.iter_decode(out.cache, out.first_token, 5, stop_ids=frozenset([out.first_token]))) == [
+        out.first_token]
+
+
+@pytest.mark.slow
+def test_teacher_forced_top1_catches_wrong_tokens(runner: ModelRunner, prompt: list[int]) -> None:
+    good = runner.generate(prompt, 4, chunk_tokens=CHUNK)
+    bad = [(t + 1) % runner.model.config.vocab_size for t in good]
+    assert runner.teacher_forced_top1(prompt, bad) < 1.0
+
+
+@pytest.mark.slow
+def test_prefill_rejects_inconsistent_inputs(runner: ModelRunner, prompt: list[int]) -> None:
+    with pytest.raises(ValueError):
+        runner.prefill(prompt, past_tokens=len(prompt))
+    with pytest.raises(ValueError):  # cache is empty but the caller claims a reused prefix
+        runner.prefill(prompt, runner.empty_cache(), past_tokens=CHUNK)
+    with pytest.raises(ValueError):
+        runner.forward([], runner.empty_cache())
+
+
+def test_pool_least_loaded_and_round_robin() -> None:
+    pool = WorkerPool(["a", "b", "c"])
+    first = [pool.acquire() for _ in range(3)]
+    assert sorted(first) == [0, 1, 2]  # idle pool: spread, not piled on one actor
+    pool.release(1)
+    assert pool.acquire() == 1  # the only one with nothing in flight
+    rr = WorkerPool(["a", "b"], routing="round_robin")
+    assert [rr.acquire() for _ in range(4)] == [0, 1, 0, 1]
+    with pytest.raises(ValueError):
+        WorkerPool([])
+    with pytest.raises(ValueError):
+        WorkerPool(["a"], routing="random")

@@ -1,0 +1,243 @@
+"""The tiered store on real RAM and disk tiers: integrity repair, promotion, write-through, dead tiers."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvstore.backends.base import BlobKey
+from kvstore.backends.disk import DiskBackend
+from kvstore.backends.memory import MemoryBackend
+from kvstore.backends.tiered import TieredStore
+from kvstore.errors import BackendUnavailable, IntegrityError
+from kvstore.integrity import is_intact, seal
+
+NS = "t/m/p"
+
+
+def key(i: int, layer: int = 0, namespace: str = NS) -> BlobKey:
+    return BlobKey(namespace, i.to_bytes(2, "big") * 16, layer)
+
+
+def blob(i: int, size: int = 4096) -> bytes:
+    return seal(i.to_bytes(4, "little") * ((size - 8) // 4))
+
+
+def flipped(data: bytes, at: int = 100) -> bytes:
+    out = bytearray(data)
+    out[at] ^= 0x40
+    return bytes(out)
+
+
+def flip_on_disk(disk: DiskBackend, k: BlobKey, at: int = 100) -> None:
+    path, offset, _ = disk.locate(k)
+    with open(path, "r+b") as f:
+        f.seek(offset + at)
+        byte = f.read(1)[0]
+        f.seek(offset + at)
+        f.write(bytes([byte ^ 0x01]))
+
+
+@pytest.fixture
+def tiers(tmp_path: Path) -> Iterator[tuple[MemoryBackend, DiskBackend, DiskBackend]]:
+    """RAM -> disk -> a second disk standing in for a slower persistent tier."""
+    mem = MemoryBackend(max_bytes=64 << 20)
+    disk = DiskBackend(tmp_path / "disk", max_bytes=0, fsync="never")
+    cold = DiskBackend(tmp_path / "cold", max_bytes=0, fsync="never")
+    cold.name = "cold"
+    yield mem, disk, cold
+    for t in (mem, disk, cold):
+        t.close()
+
+
+def test_corrupt_ram_copy_is_replaced_from_disk(tiers: tuple) -> None:
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk])
+    good = blob(1)
+    store.put(key(1), good)
+    mem.put(key(1), flipped(good))  # bit rot in RAM
+    assert store.get(key(1)) == good
+    assert mem.counters.integrity_failures == 1
+    assert disk.counters.hits == 1
+    assert mem.get(key(1)) == good  # re-promoted
+    assert store.get(key(1)) == good and mem.counters.hits == 1
+
+
+def test_corrupt_disk_file_is_never_served(tiers: tuple) -> None:
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk, cold])
+    good = blob(2, 200_000)
+    store.put(key(2), good)
+    mem.delete(key(2))
+    flip_on_disk(disk, key(2), at=150_000)
+    assert not is_intact(disk.get(key(2)))  # the medium really holds bad bytes now
+    assert store.get(key(2)) == good  # served from the next tier
+    assert disk.counters.integrity_failures == 1
+    assert cold.counters.hits == 1
+    assert disk.get(key(2)) == good and mem.get(key(2)) == good  # both faster tiers repaired
+
+
+def test_corrupt_everywhere_raises_integrity_error(tiers: tuple) -> None:
+    mem, disk, _ = tiers
+    store = TieredStore([mem, disk])
+    good = blob(3)
+    store.put(key(3), good)
+    mem.put(key(3), flipped(good, 10))
+    flip_on_disk(disk, key(3), at=20)
+    with pytest.raises(IntegrityError) as info:
+        store.get(key(3))
+    assert info.value.keys == [key(3)]
+    assert mem.counters.integrity_failures == 1 and disk.counters.integrity_failures == 1
+    assert not mem.exists(key(3)) and not disk.exists(key(3))  # bad copies evicted
+    assert store.get(key(3)) is None  # now a plain miss: the client recomputes
+
+
+def test_plain_miss_is_none_and_counts_misses(tiers: tuple) -> None:
+    mem, disk, _ = tiers
+    store = TieredStore([mem, disk])
+    assert store.get(key(4)) is None
+    assert mem.counters.misses == 1 and disk.counters.misses == 1
+
+
+def test_hit_in_lower_tier_is_promoted(tiers: tuple) -> None:
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk, cold])
+    cold.put(key(5), blob(5))
+    assert store.get(key(5)) == blob(5)
+    assert mem.get(key(5)) == blob(5) and disk.get(key(5)) == blob(5)
+    assert (mem.counters.misses, disk.counters.misses, cold.counters.hits) == (1, 1, 1)
+
+
+def test_write_through_names_the_tiers_written(tiers: tuple) -> None:
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk, cold], write_through=["cold"])
+    store.put(key(6), blob(6))
+    assert mem.exists(key(6)) and cold.exists(key(6)) and not disk.exists(key(6))
+    all_tiers = TieredStore([mem, disk, cold])
+    all_tiers.put(key(7), blob(7))
+    assert mem.exists(key(7)) and disk.exists(key(7)) and cold.exists(key(7))
+    with pytest.raises(ValueError):
+        TieredStore([mem, disk], write_through=["s3"])
+
+
+def test_corrupt_write_is_refused_everywhere(tiers: tuple) -> None:
+    mem, disk, _ = tiers
+    store = TieredStore([mem, disk])
+    with pytest.raises(IntegrityError):
+        store.put_many([(key(8), blob(8)), (key(9), flipped(blob(9)))])
+    assert not mem.exists(key(8)) and not disk.exists(key(8))
+
+
+def test_dead_disk_degrades_to_miss_and_error(tiers: tuple, tmp_path: Path) -> None:
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk, cold])
+    store.put(key(10), blob(10))
+    mem.delete(key(10))
+    shutil.rmtree(tmp_path / "disk")  # the disk tier's medium is gone
+    assert store.get(key(10)) == blob(10)  # from the cold tier
+    assert disk.counters.errors >= 1 and cold.counters.hits == 1
+    errors = disk.counters.errors
+    store.put(key(11), blob(11))  # memory and cold still take writes
+    assert disk.counters.errors == errors + 1
+    assert mem.exists(key(11)) and cold.exists(key(11))
+    assert [s.healthy for s in store.tier_stats()] == [True, False, True]
+
+
+def test_write_fails_only_when_no_tier_takes_it(tmp_path: Path) -> None:
+    disk = DiskBackend(tmp_path / "only", max_bytes=0)
+    try:
+        store = TieredStore([disk])
+        shutil.rmtree(tmp_path / "only")
+        with pytest.raises(BackendUnavailable):
+            store.put(key(12), blob(12))
+        assert disk.counters.errors == 1
+    finally:
+        disk.close()
+
+
+def test_get_many_batches_across_tiers(tiers: tuple) -> None:
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk, cold])
+    mem.put(key(20), blob(20))
+    disk.put(key(21), blob(21))
+    cold.put(key(22), blob(22))
+    cold.put(key(23), flipped(blob(23)))
+    disk.put(key(23), blob(23))
+    got = store.get_many([key(20), key(21), key(22), key(23), key(24)])
+    assert got == [blob(20), blob(21), blob(22), blob(23), None]
+    assert mem.exists(key(22)) and disk.exists(key(22)) and mem.exists(key(21))
+    assert cold.counters.integrity_failures == 0  # key 23 was found intact before reaching cold
+
+
+def test_exists_chunks_counts_leading_complete_chunks(tiers: tuple) -> None:
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk, cold])
+    chunks = [key(30 + c).chunk for c in range(5)]
+    layers = 4
+    for c in range(5):
+        for layer in range(layers):
+            if c == 3 and layer == 2:
+                continue  # chunk 3 is incomplete
+            target = {0: mem, 1: disk, 2: cold}.get(c, mem)
+            target.put(BlobKey(NS, chunks[c], layer), blob(c * 10 + layer))
+    cold.put(BlobKey(NS, chunks[2], 0), blob(99))
+    mem.put(BlobKey(NS, chunks[1], 3), blob(98))  # layers split over tiers still count
+    assert store.exists_chunks(NS, chunks, layers) == (3, ["memory", "disk", "cold"])
+    assert store.exists_chunks("other/m/p", chunks, layers) == (0, [])
+    assert store.exists_chunks(NS, chunks[4:], layers) == (1, ["memory"])
+
+
+def test_delete_chunks_removes_every_layer_everywhere(tiers: tuple) -> None:
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk, cold])
+    chunks = [key(40 + c).chunk for c in range(3)]
+    store.put_many([(BlobKey(NS, c, layer), blob(layer)) for c in chunks for layer in range(3)])
+    store.put(BlobKey("other/m/p", chunks[0], 0), blob(1))
+    assert store.delete_chunks(NS, chunks[:1], num_layers=3) == 1
+    assert store.delete_chunks(NS, chunks[1:] + [b"\0" * 32]) == 2  # found by listing
+    assert not any(t.exists(BlobKey(NS, c, 0)) for t in (mem, disk, cold) for c in chunks)
+    assert store.get(BlobKey("other/m/p", chunks[0], 0)) == blob(1)
+
+
+def test_tier_stats_report_usage_and_counters(tiers: tuple) -> None:
+    mem, disk, _ = tiers
+    store = TieredStore([mem, disk])
+    store.put(key(50), blob(50, 10_000))
+    store.get(key(50))
+    (m_name, m_usage, m_counters, m_ok), (d_name, d_usage, _, d_ok) = store.tier_stats()
+    assert (m_name, d_name) == ("memory", "disk") and m_ok and d_ok
+    assert m_usage.objects == 1 and m_usage.bytes == 10_000 and d_usage.bytes >= 10_000
+    assert m_counters.hits == 1
+
+
+def test_concurrent_use_never_returns_wrong_bytes(tmp_path: Path) -> None:
+    mem = MemoryBackend(max_bytes=200_000)  # small: constant eviction and promotion
+    disk = DiskBackend(tmp_path / "d", max_bytes=0, fsync="never")
+    store = TieredStore([mem, disk])
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(40):
+                n = t * 100 + i
+                store.put(key(n), blob(n, 20_000))
+                for back in range(min(i, 5)):
+                    if store.get(key(n - back)) != blob(n - back, 20_000):
+                        raise AssertionError(f"bad read for {n - back}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    try:
+        assert not errors, errors[0]
+        assert mem.counters.evictions > 0 and disk.counters.hits > 0
+    finally:
+        store.close()

@@ -1,0 +1,541 @@
+"""The transfer client: lookup, streaming put and layer-ordered get over gRPC.
+
+Lifecycle: a :class:`KVClient` opens one channel in its constructor and reuses
+it for every call until :meth:`KVClient.close` (or the ``with`` block ends).
+Every call carries a deadline and, when configured, the bearer token.
+
+What the client promises on top of the wire:
+
+* **Integrity end to end.** Blobs are checked against their trailer before a Put
+  (a bad blob is refused locally with :class:`InvalidArgument`) and again after
+  a Get (a blob damaged in transit raises :class:`BlobIntegrityError`, never
+  reaches the decoder).
+* **Bounded memory.** :meth:`put` pulls items from an iterator and sends them in
+  Put streams of at most ``put_batch_bytes``; only the current batch is kept
+  (so it can be replayed on a retry). :meth:`get_layers` yields each layer as
+  soon as all its blobs arrived, so a consumer holds one layer, not a context.
+* **Retries only where they are safe.** :class:`RetryPolicy` decides, by error
+  class, what is worth another attempt (by default only :class:`Unavailable`);
+  a Put batch is replayed whole (puts are idempotent), a Get resumes at the
+  first layer it has not yet yielded. ``INVALID_ARGUMENT`` and friends are
+  raised at once.
+* **Errors as exceptions.** gRPC status codes become the classes of
+  :mod:`transfer.errors`, with the server's message.
+
+:class:`transfer.aio_client.AsyncKVClient` is the asyncio twin; both share
+:class:`ClientCore` (request building, validation, error mapping, checks), so
+they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+
+from kvstore import integrity
+from kvstore.backends.retry import Backoff, ExponentialBackoff
+from kvstore.keys import KEY_BYTES, Namespace
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from transfer.errors import (
+    BlobIntegrityError,
+    InvalidArgument,
+    TransferError,
+    Unavailable,
+    from_rpc_error,
+)
+
+MiB = 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 72 * MiB  # matches the server's default
+DEFAULT_PUT_BATCH_BYTES = 64 * MiB  # well under the server's max_put_stream_bytes (512 MiB)
+DEFAULT_MAX_KEYS_PER_REQUEST = 4096  # the server's default limit
+MAX_LAYERS = 1 << 20
+
+
+class PutItem(NamedTuple):
+    """One (chunk key, layer) blob to store; plain 4-tuples are accepted too."""
+
+    key: bytes
+    layer: int
+    num_layers: int
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class PutResult:
+    num_stored: int
+    bytes_stored: int
+    #: Put streams used (one per ``put_batch_bytes``), retries not counted.
+    num_requests: int
+
+
+@dataclass(frozen=True)
+class TierStats:
+    name: str
+    bytes: int
+    objects: int
+    capacity_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    errors: int
+    integrity_failures: int
+    healthy: bool
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    tiers: list[TierStats]
+    counters: dict[str, int] = field(default_factory=dict)
+    version: str = ""
+
+
+class RetryPolicy:
+    """Which failures get another attempt, how many, and how long to wait between.
+
+    Only failures that leave nothing half-done on the server are worth a retry:
+    by default :class:`Unavailable` (no server, connection reset). A caller that
+    wants deadlines or transit corruption retried adds those classes to
+    ``retry_on``; ``INVALID_ARGUMENT``-like errors never succeed on a retry and
+    should not be listed.
+    """
+
+    def __init__(
+        self,
+        backoff: Backoff | None = None,
+        max_attempts: int = 4,
+        retry_on: tuple[type[TransferError], ...] = (Unavailable,),
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.backoff = backoff if backoff is not None else ExponentialBackoff(base_s=0.05, cap_s=1.0)
+        self.max_attempts = max_attempts
+        self.retry_on = retry_on
+
+    def should_retry(self, error: TransferError, failures: int) -> bool:
+        """True when attempt ``failures + 1`` may run after ``error``."""
+        return failures < self.max_attempts and isinstance(error, self.retry_on)
+
+    def delay(self, failures: int) -> float:
+        return self.backoff.compute(failures)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def _read_pem(value: bytes | str | Path | None) -> bytes | None:
+    """PEM bytes from bytes, or from a path given as str/Path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+class ClientCore:
+    """Everything of a client that does not depend on sync vs async I/O."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls_root_cert: bytes | str | Path | None = None,
+        tls_client_cert: bytes | str | Path | None = None,
+        tls_client_key: bytes | str | Path | None = None,
+        tls_server_name: str | None = None,
+        tls: bool | None = None,
+        timeout_s: float = 10.0,
+        stream_timeout_s: float = 300.0,
+        retry: RetryPolicy | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        put_batch_bytes: int = DEFAULT_PUT_BATCH_BYTES,
+        max_keys_per_request: int = DEFAULT_MAX_KEYS_PER_REQUEST,
+        interceptors: Sequence[Any] = (),
+    ) -> None:
+        if not target:
+            raise ValueError("target must be 'host:port'")
+        if timeout_s <= 0 or stream_timeout_s <= 0:
+            raise ValueError("timeout_s and stream_timeout_s must be > 0")
+        if max_message_bytes <= 0 or put_batch_bytes <= 0 or max_keys_per_request <= 0:
+            raise ValueError("max_message_bytes, put_batch_bytes and max_keys_per_request must be > 0")
+        if (tls_client_cert is None) != (tls_client_key is None):
+            raise ValueError("tls_client_cert and tls_client_key go together (mutual TLS)")
+        self.target = target
+        self.timeout_s = timeout_s
+        self.stream_timeout_s = stream_timeout_s
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.max_message_bytes = max_message_bytes
+        self.put_batch_bytes = put_batch_bytes
+        self.max_keys_per_request = max_keys_per_request
+        #: Client interceptors (tracing, tests that tamper with bytes in transit), outermost first.
+        self.interceptors = tuple(interceptors)
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        use_tls = tls if tls is not None else any(
+            x is not None for x in (tls_root_cert, tls_client_cert, tls_server_name))
+        self.credentials: grpc.ChannelCredentials | None = None
+        if use_tls:
+            self.credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read_pem(tls_root_cert),
+                private_key=_read_pem(tls_client_key),
+                certificate_chain=_read_pem(tls_client_cert),
+            )
+        self.options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # gRPC's own reconnect backoff starts at 1 s; while it runs every call fails
+            # fast, so a retry a few tens of ms later could never reach a server that just
+            # came back. Start it low and let RetryPolicy's backoff do the pacing.
+            ("grpc.initial_reconnect_backoff_ms", 50),
+            ("grpc.min_reconnect_backoff_ms", 50),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        if tls_server_name:
+            self.options.append(("grpc.ssl_target_name_override", tls_server_name))
+
+    # -- validation and request building ---------------------------------------------------------
+
+    @staticmethod
+    def namespace(namespace: Namespace | str) -> str:
+        text = str(namespace)
+        try:
+            Namespace.parse(text)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return text
+
+    @staticmethod
+    def check_keys(keys: Sequence[bytes]) -> list[bytes]:
+        out = []
+        for i, key in enumerate(keys):
+            if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
+                raise InvalidArgument(f"key {i} must be {KEY_BYTES} bytes, got {type(key).__name__} "
+                                      f"of length {len(key) if hasattr(key, '__len__') else '?'}")
+            out.append(bytes(key))
+        return out
+
+    @staticmethod
+    def check_layer_range(layer_start: int, layer_end: int) -> None:
+        if not 0 <= layer_start < layer_end <= MAX_LAYERS:
+            raise InvalidArgument(f"layer range [{layer_start}, {layer_end}) is empty or out of bounds")
+
+    def windows(self, keys: list[bytes]) -> list[tuple[int, list[bytes]]]:
+        """``keys`` cut into (offset, window) pieces the server accepts in one request."""
+        n = self.max_keys_per_request
+        return [(i, keys[i : i + n]) for i in range(0, len(keys), n)] or [(0, [])]
+
+    def put_request(self, namespace: str, item: PutItem | tuple) -> pb.PutRequest:
+        """Validated request for one item; checks the trailer so a bad blob never leaves."""
+        try:
+            key, layer, num_layers, blob = item
+        except (TypeError, ValueError):
+            raise InvalidArgument("put items must be (key, layer, num_layers, blob)") from None
+        if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
+            raise InvalidArgument(f"put key must be {KEY_BYTES} bytes")
+        if not (isinstance(layer, int) and isinstance(num_layers, int) and 0 <= layer < num_layers <= MAX_LAYERS):
+            raise InvalidArgument(f"put layer {layer} is not in [0, num_layers={num_layers})")
+        if not integrity.is_intact(blob):
+            raise InvalidArgument(
+                f"blob for key {bytes(key).hex()[:16]}… layer {layer} has no valid integrity trailer; "
+                "encode it with transfer.codec (or seal it with kvstore.integrity.seal)")
+        if len(blob) + 1024 > self.max_message_bytes:
+            raise InvalidArgument(f"blob of {len(blob)} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        return pb.PutRequest(namespace=namespace, key=bytes(key), layer=layer, num_layers=num_layers,
+                             blob=bytes(blob))
+
+    def check_blob(self, namespace: str, key: bytes, layer: int, blob: bytes) -> bytes:
+        if not integrity.is_intact(blob):
+            raise BlobIntegrityError(namespace, key, layer, len(blob))
+        return blob
+
+    @staticmethod
+    def stats_result(resp: pb.StatsResponse) -> StoreStats:
+        tiers = [TierStats(t.name, t.bytes, t.objects, t.capacity_bytes, t.hits, t.misses, t.evictions,
+                           t.errors, t.integrity_failures, t.healthy) for t in resp.tiers]
+        return StoreStats(tiers=tiers, counters=dict(resp.counters), version=resp.version)
+
+    def timeout(self, override: float | None, *, stream: bool = False) -> float:
+        if override is not None:
+            return override
+        return self.stream_timeout_s if stream else self.timeout_s
+
+    def error(self, err: grpc.RpcError, rpc: str) -> TransferError:
+        return from_rpc_error(err, rpc=rpc)
+
+
+class LayerAssembler:
+    """Groups a Get stream (all keys of layer L, then L+1, ...) into whole layers.
+
+    Verifies each blob's trailer and that the server keeps its promised order,
+    so a consumer sees complete, intact layers or an error, never a partial one.
+    """
+
+    def __init__(self, core: ClientCore, namespace: str, keys: list[bytes], layer_start: int,
+                 layer_end: int) -> None:
+        self._core = core
+        self._namespace = namespace
+        self._keys = keys
+        self.next_layer = layer_start
+        self._end = layer_end
+        self._slots: list[bytes | None] = [None] * len(keys)
+        self._filled = 0
+
+    def feed(self, resp: pb.GetResponse) -> tuple[int, list[bytes]] | None:
+        """Take one message; return ``(layer, blobs)`` when it completes a layer."""
+        if resp.layer != self.next_layer or resp.key_index >= len(self._keys):
+            raise TransferError(
+                f"Get: server sent layer {resp.layer} key {resp.key_index} while layer {self.next_layer} "
+                f"({self._filled}/{len(self._keys)} keys) was incomplete; the stream is out of order")
+        if self._slots[resp.key_index] is not None:
+            raise TransferError(f"Get: server sent key {resp.key_index} of layer {resp.layer} twice")
+        key = self._keys[resp.key_index]
+        self._slots[resp.key_index] = self._core.check_blob(self._namespace, key, resp.layer, resp.blob)
+        self._filled += 1
+        if self._filled < len(self._keys):
+            return None
+        done = (self.next_layer, self._slots)  # type: ignore[return-value]
+        self.next_layer += 1
+        self._slots = [None] * len(self._keys)
+        self._filled = 0
+        return done  # type: ignore[return-value]
+
+    def finish(self) -> None:
+        """The stream ended normally: every requested layer must have been seen."""
+        if self.next_layer != self._end:
+            raise TransferError(f"Get: stream ended at layer {self.next_layer} of [.., {self._end}) "
+                                "without an error status")
+
+
+class PutBatch:
+    """The requests of one Put stream, pulled lazily from the caller's iterator.
+
+    Requests are kept until the stream succeeds so a retry can replay them; the
+    batch closes once ``max_bytes`` of blobs are in it or the source runs dry.
+    Several attempts may iterate concurrently (gRPC consumes request iterators
+    on its own thread and an aborted attempt's thread may still be pulling):
+    they share one list under a lock, so no item is lost or sent twice per
+    attempt.
+    """
+
+    def __init__(self, core: ClientCore, namespace: str, source: Iterator[Any]) -> None:
+        self._core = core
+        self._namespace = namespace
+        self._source = source
+        self._sent: list[pb.PutRequest] = []
+        self._bytes = 0
+        self._closed = False
+        self.exhausted = False
+        #: An exception raised by the caller's iterator or by validation; it is
+        #: what the caller sees, not the CANCELLED status gRPC turns it into.
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def step(self, index: int) -> pb.PutRequest | None:
+        """Request ``index`` of the batch (pulling it if new), or ``None`` at its end."""
+        with self._lock:
+            if index < len(self._sent):
+                return self._sent[index]
+            if self._closed:
+                return None
+            try:
+                item = next(self._source)
+            except StopIteration:
+                self.exhausted = self._closed = True
+                return None
+            except BaseException as exc:
+                self.error = exc
+                self._closed = True
+                raise
+            return self._add(item)
+
+    def _add(self, item: Any) -> pb.PutRequest:
+        try:
+            req = self._core.put_request(self._namespace, item)
+        except BaseException as exc:
+            self.error = exc
+            self._closed = True
+            raise
+        self._sent.append(req)
+        self._bytes += len(req.blob)
+        if self._bytes >= self._core.put_batch_bytes:
+            self._closed = True
+        return req
+
+    def attempt(self) -> Iterator[pb.PutRequest]:
+        index = 0
+        while (req := self.step(index)) is not None:
+            yield req
+            index += 1
+
+
+class KVClient:
+    """Blocking client of a kvstore server; see the module docstring for its promises."""
+
+    def __init__(self, target: str, **options: Any) -> None:
+        self._core = ClientCore(target, **options)
+        core = self._core
+        if core.credentials is not None:
+            self._channel = grpc.secure_channel(target, core.credentials, options=core.options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=core.options)
+        self._raw_channel = self._channel
+        if core.interceptors:
+            self._channel = grpc.intercept_channel(self._channel, *core.interceptors)
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._sleep = time.sleep
+
+    @property
+    def core(self) -> ClientCore:
+        return self._core
+
+    def __enter__(self) -> KVClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._raw_channel.close()
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        """Block until the channel is connected, or raise :class:`Unavailable` at the deadline."""
+        try:
+            grpc.channel_ready_future(self._raw_channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(f"{self._core.target} not reachable within {timeout_s} s") from None
+
+    def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> Any:
+        method = getattr(self._stub, rpc)
+        failures = 0
+        while True:
+            try:
+                return method(request, timeout=self._core.timeout(timeout_s), metadata=self._core.metadata)
+            except grpc.RpcError as exc:
+                err = self._core.error(exc, rpc)
+                failures += 1
+                if not self._core.retry.should_retry(err, failures):
+                    raise err from None
+                self._sleep(self._core.retry.delay(failures))
+
+    def lookup(self, namespace: Namespace | str, keys: Sequence[bytes], num_layers: int, *,
+               timeout_s: float | None = None) -> int:
+        """Number of leading ``keys`` whose layers ``[0, num_layers)`` are all stored."""
+        ns = self._core.namespace(namespace)
+        keys = self._core.check_keys(keys)
+        if num_layers < 1:
+            raise InvalidArgument(f"num_layers must be >= 1, got {num_layers}")
+        total = 0
+        for _, window in self._core.windows(keys):
+            if not window:
+                break
+            resp = self._unary("Lookup", pb.LookupRequest(namespace=ns, keys=window, num_layers=num_layers),
+                               timeout_s)
+            total += resp.num_present
+            if resp.num_present < len(window):
+                break
+        return total
+
+    def put(self, namespace: Namespace | str, items: Iterable[PutItem | tuple], *,
+            timeout_s: float | None = None) -> PutResult:
+        """Store every item, pulling them lazily; one Put stream per ``put_batch_bytes``."""
+        ns = self._core.namespace(namespace)
+        source = iter(items)
+        stored = nbytes = requests = 0
+        while True:
+            batch = PutBatch(self._core, ns, source)
+            if batch.step(0) is None:
+                break
+            resp = self._put_batch(batch, timeout_s)
+            stored += resp.num_stored
+            nbytes += resp.bytes_stored
+            requests += 1
+            if batch.exhausted:
+                break
+        return PutResult(stored, nbytes, requests)
+
+    def _put_batch(self, batch: PutBatch, timeout_s: float | None) -> pb.PutResponse:
+        failures = 0
+        while True:
+            try:
+                return self._stub.Put(batch.attempt(), timeout=self._core.timeout(timeout_s, stream=True),
+                                      metadata=self._core.metadata)
+            except grpc.RpcError as exc:
+                if batch.error is not None:
+                    raise batch.error from None
+                err = self._core.error(exc, "Put")
+                failures += 1
+                if not self._core.retry.should_retry(err, failures):
+                    raise err from None
+                self._sleep(self._core.retry.delay(failures))
+
+    def get_layers(self, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int, layer_end: int,
+                   *, timeout_s: float | None = None) -> Iterator[tuple[int, list[bytes]]]:
+        """Yield ``(layer, [blob per key])`` for each layer in order, as soon as it is complete.
+
+        Arguments are validated at once; every blob's trailer is verified on
+        receipt. Stopping the iteration early cancels the stream.
+        """
+        ns = self._core.namespace(namespace)
+        keys = self._core.check_keys(keys)
+        self._core.check_layer_range(layer_start, layer_end)
+        if not keys:
+            return iter(())
+        if len(keys) <= self._core.max_keys_per_request:
+            return self._get_range(ns, keys, layer_start, layer_end, timeout_s)
+        return self._get_windowed(ns, keys, layer_start, layer_end, timeout_s)
+
+    def _get_windowed(self, ns: str, keys: list[bytes], start: int, end: int,
+                      timeout_s: float | None) -> Iterator[tuple[int, list[bytes]]]:
+        # More keys than one request may carry: one Get per (layer, window), still in layer order.
+        for layer in range(start, end):
+            blobs: list[bytes] = []
+            for _, window in self._core.windows(keys):
+                for _, part in self._get_range(ns, window, layer, layer + 1, timeout_s):
+                    blobs.extend(part)
+            yield layer, blobs
+
+    def _get_range(self, ns: str, keys: list[bytes], start: int, end: int,
+                   timeout_s: float | None) -> Iterator[tuple[int, list[bytes]]]:
+        failures = 0
+        next_layer = start
+        while next_layer < end:
+            assembler = LayerAssembler(self._core, ns, keys, next_layer, end)
+            call = self._stub.Get(pb.GetRequest(namespace=ns, keys=keys, layer_start=next_layer, layer_end=end),
+                                  timeout=self._core.timeout(timeout_s, stream=True), metadata=self._core.metadata)
+            try:
+                for resp in call:
+                    done = assembler.feed(resp)
+                    if done is not None:
+                        next_layer = done[0] + 1
+                        failures = 0  # progress: the retry budget is per stall, not per stream
+                        yield done
+                assembler.finish()
+                return
+            except grpc.RpcError as exc:
+                err = self._core.error(exc, "Get")
+                failures += 1
+                if not self._core.retry.should_retry(err, failures):
+                    raise err from None
+                self._sleep(self._core.retry.delay(failures))
+            finally:
+                call.cancel()
+
+    def delete(self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None) -> int:
+        """Delete every layer of each key from every tier; returns the server's count."""
+        ns = self._core.namespace(namespace)
+        keys = self._core.check_keys(keys)
+        total = 0
+        for _, window in self._core.windows(keys):
+            if window:
+                total += self._unary("Delete", pb.DeleteRequest(namespace=ns, keys=window), timeout_s).num_deleted
+        return total
+
+    def stats(self, *, timeout_s: float | None = None) -> StoreStats:
+        return self._core.stats_result(self._unary("Stats", pb.StatsRequest(), timeout_s))

@@ -1,0 +1,237 @@
+"""A transformers cache whose layers arrive from the store while the model runs.
+
+Fetching a stored prefix and then running the model serialises two costs:
+``fetch(all layers) + compute``. But layer ``i`` of the forward pass needs only
+layer ``i`` of the cache, and the store streams layers in order, so the two can
+overlap: the model computes layer ``i`` while layers ``i+1..`` are still on the
+wire, and the critical path shrinks to about ``fetch(one layer) + compute``
+when the network keeps up.
+
+:class:`LayerwiseCache` is a :class:`transformers.DynamicCache` whose slots are
+filled by a background thread. The thread consumes ``(layer, blobs)`` pairs
+(normally :meth:`transfer.client.KVClient.get_layers`), decodes each layer and
+publishes it behind a per-layer ``threading.Event``. When attention in layer
+``i`` calls ``update()``, the cache waits for layer ``i`` only, installs it,
+and continues exactly like a DynamicCache (so the logits are the same as with a
+DynamicCache holding the same tensors, and generation continues normally).
+
+Before a layer arrives the cache already reports the prefix length, because
+the model asks for it (positions, masks) before running layer 0.
+
+``prefetch_depth`` bounds how many decoded layers may wait ahead of compute:
+the loader stops pulling from the stream once that many are pending, so a slow
+model back-pressures the store instead of filling memory.
+
+Every step is recorded in :attr:`LayerwiseCache.events` with a monotonic
+timestamp (``arrived``, ``decoded``, ``wait``, ``consumed``), which is how tests
+and benchmarks show that layer 0 was consumed before the last layer arrived.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from kvstore.keys import DEFAULT_CHUNK_TOKENS, Namespace
+from transfer.errors import DeadlineExceeded, TransferError
+
+Decoder = Callable[[Sequence[bytes]], tuple[torch.Tensor, torch.Tensor]]
+
+ARRIVED = "arrived"
+DECODED = "decoded"
+WAIT = "wait"
+CONSUMED = "consumed"
+
+
+@dataclass(frozen=True)
+class LayerEvent:
+    kind: str
+    layer: int
+    t: float
+
+
+class _StreamedLayer(DynamicLayer):
+    """A DynamicLayer whose stored prefix is installed from the loader on first use."""
+
+    def __init__(self, owner: LayerwiseCache, index: int, prefix_tokens: int) -> None:
+        super().__init__()
+        self._owner = owner
+        self._index = index
+        self._prefix_tokens = prefix_tokens
+        self._installed = False
+
+    def _ensure(self, like: torch.Tensor | None = None) -> None:
+        if self._installed:
+            return
+        k, v = self._owner._take(self._index)
+        if like is not None and (k.dtype != like.dtype or k.device != like.device):
+            k, v = k.to(like.device, like.dtype), v.to(like.device, like.dtype)
+        self.keys, self.values = k, v
+        self.device = k.device
+        self.is_initialized = True
+        self._installed = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self._ensure(key_states)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() if self._installed else self._prefix_tokens
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._ensure()
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._ensure()
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._ensure()
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._ensure()
+        super().batch_select_indices(indices)
+
+
+class LayerwiseCache(DynamicCache):
+    """DynamicCache for a batch-1 model with full attention, filled layer by layer from a stream.
+
+    ``source`` yields ``(layer, blobs)`` for layers ``0..num_layers-1`` in
+    order; ``decode(blobs)`` turns one layer's blobs into ``(k, v)`` of shape
+    ``[kv_heads, prefix_tokens, head_dim]``. The loader thread starts at once.
+    """
+
+    def __init__(self, source: Iterable[tuple[int, Sequence[bytes]]], num_layers: int, prefix_tokens: int, *,
+                 decode: Decoder, prefetch_depth: int = 2, wait_timeout_s: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if num_layers < 1 or prefix_tokens < 0:
+            raise ValueError("num_layers must be >= 1 and prefix_tokens >= 0")
+        if prefetch_depth < 1:
+            raise ValueError("prefetch_depth must be >= 1")
+        Cache.__init__(self, layers=[_StreamedLayer(self, i, prefix_tokens) for i in range(num_layers)])
+        self.num_layers = num_layers
+        self.prefix_tokens = prefix_tokens
+        self.prefetch_depth = prefetch_depth
+        self.wait_timeout_s = wait_timeout_s
+        self._decode = decode
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._ready = [threading.Event() for _ in range(num_layers)]
+        self._consumed = [threading.Event() for _ in range(num_layers)]
+        self._slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self._num_published = 0
+        self._num_consumed = 0
+        self._stopped = False
+        self._error: BaseException | None = None
+        self.events: list[LayerEvent] = []
+        self._thread = threading.Thread(target=self._load, args=(iter(source),), name="layerwise-loader",
+                                        daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_store(cls, client: Any, namespace: Namespace | str, keys: Sequence[bytes], num_layers: int, *,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None, prefetch_depth: int = 2,
+                   wait_timeout_s: float = 120.0) -> LayerwiseCache:
+        """Start streaming every layer of ``keys`` (a stored prefix) from a :class:`KVClient`."""
+        from transfer.kvio import decode_blobs
+
+        source = client.get_layers(namespace, keys, 0, num_layers)
+        return cls(source, num_layers, len(keys) * chunk_tokens,
+                   decode=lambda blobs: decode_blobs(blobs, device=device, dtype=dtype),
+                   prefetch_depth=prefetch_depth, wait_timeout_s=wait_timeout_s)
+
+    # -- loader thread ----------------------------------------------------------------------------
+
+    def _record(self, kind: str, layer: int) -> None:
+        self.events.append(LayerEvent(kind, layer, self._clock()))  # list.append is atomic
+
+    def _may_pull(self) -> bool:
+        return self._stopped or self._num_published - self._num_consumed < self.prefetch_depth
+
+    def _load(self, source: Any) -> None:
+        try:
+            expected = 0
+            while expected < self.num_layers:
+                with self._cond:
+                    self._cond.wait_for(self._may_pull)
+                    if self._stopped:
+                        return
+                item = next(source, None)
+                if item is None:
+                    raise TransferError(f"layer stream ended after {expected} of {self.num_layers} layers")
+                layer, blobs = item
+                self._record(ARRIVED, layer)
+                if layer != expected:
+                    raise TransferError(f"layer stream out of order: got layer {layer}, expected {expected}")
+                k, v = self._decode(blobs)
+                if k.dim() != 3 or k.shape[1] != self.prefix_tokens or k.shape != v.shape:
+                    raise TransferError(f"layer {layer} decoded to K {tuple(k.shape)} / V {tuple(v.shape)}; "
+                                        f"expected [kv_heads, {self.prefix_tokens}, head_dim]")
+                self._record(DECODED, layer)
+                with self._cond:
+                    self._slots[layer] = (k.unsqueeze(0), v.unsqueeze(0))
+                    self._num_published += 1
+                self._ready[layer].set()
+                expected += 1
+        except BaseException as exc:  # handed to the consumer, which raises it in the model's thread
+            self._error = exc
+            for event in self._ready:
+                event.set()
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # cancels the gRPC stream when we stop early
+
+    # -- consumer side (the model's thread) -------------------------------------------------------
+
+    def _take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._record(WAIT, layer)
+        if not self._ready[layer].wait(self.wait_timeout_s):
+            raise DeadlineExceeded(f"layer {layer} did not arrive within {self.wait_timeout_s} s")
+        with self._cond:
+            kv = self._slots[layer]
+            self._slots[layer] = None
+            if kv is None:
+                error = self._error
+                if isinstance(error, TransferError):
+                    raise error
+                raise TransferError(f"layer {layer} could not be loaded: {error!r}") from error
+            self._num_consumed += 1
+            self._record(CONSUMED, layer)  # under the lock: the log never shows more than depth pending
+            self._cond.notify_all()
+        self._consumed[layer].set()
+        return kv
+
+    def consumed_event(self, layer: int) -> threading.Event:
+        """Set once the model has taken layer ``layer`` (tests gate a stream on it)."""
+        return self._consumed[layer]
+
+    def wait_loaded(self, timeout_s: float | None = None) -> bool:
+        """Join the loader; True when it has finished (all layers delivered, or failed, or closed)."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the loader after the layer it is receiving; the stream is cancelled."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def times(self, kind: str) -> dict[int, float]:
+        """``{layer: timestamp}`` of the first event of ``kind`` per layer."""
+        out: dict[int, float] = {}
+        for event in list(self.events):
+            if event.kind == kind and event.layer not in out:
+                out[event.layer] = event.t
+        return out

@@ -1,0 +1,104 @@
+"""The decode worker: pick a prefilled request up from the store and generate greedily.
+
+Given a :class:`workers.prefill.PrefillHandle` the worker looks up the stored
+prefix of the prompt (normally every reusable chunk prefill just stored),
+streams it layer by layer into a :class:`transfer.layerwise.LayerwiseCache`,
+recomputes the short tail (the tokens after the last full chunk, which are never
+stored) while later layers are still arriving, and then decodes one token at a
+time. If chunks went missing (evicted between prefill and decode) it recomputes
+from the last stored one: slower, never wrong.
+
+The first generated token is the one prefill already produced (and a client may
+already have shown); decode continues from it. Whether decode's own recompute
+of the tail agrees with it is reported (``first_token_match``), which is how a
+lossy codec profile shows up at the handoff.
+
+:meth:`DecodeWorker.stream` yields :class:`TokenEvent` per token and ends with
+one :class:`DecodeSummary`; :mod:`workers.pipeline` turns it into a Ray
+streaming generator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from transfer.client import KVClient
+from workers.prefill import PrefillHandle, WorkerConfig, close_cache, open_prefix_cache
+from workers.runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    index: int
+    token: int
+    t: float  # seconds since decode started on the worker
+
+
+@dataclass(frozen=True)
+class DecodeSummary:
+    request_id: str
+    tokens: tuple[int, ...]
+    num_fetched_tokens: int  # prompt KV read from the store
+    num_recomputed_tokens: int  # prompt tokens decode ran through the model
+    first_token_match: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        steps = max(len(self.tokens) - 1, 0)
+        return steps / self.timings["generate_s"] if self.timings.get("generate_s") else 0.0
+
+
+class DecodeWorker:
+    """Greedy decoding from a stored prompt cache (see the module docstring)."""
+
+    def __init__(self, config: WorkerConfig, *, runner: ModelRunner | None = None,
+                 client: KVClient | None = None) -> None:
+        self.config = config
+        self.runner = runner if runner is not None else ModelRunner(config.model_path,
+                                                                    num_threads=config.num_threads)
+        self.client = client if client is not None else KVClient(config.store_target, token=config.token)
+
+    def ready(self) -> str:
+        return self.runner.fingerprint
+
+    def stream(self, handle: PrefillHandle, max_new_tokens: int) -> Iterator[TokenEvent | DecodeSummary]:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        start = time.perf_counter()
+        runner, c = self.runner, handle.chunk_tokens
+        keys = handle.prefix_keys
+        present = self.client.lookup(handle.namespace, keys, runner.shape.num_layers) if keys else 0
+        cache = open_prefix_cache(self.client, runner, handle.namespace, keys[:present], c,
+                                  layerwise=self.config.layerwise)
+        try:
+            out = runner.prefill(handle.token_ids, cache, past_tokens=present * c, boundary=handle.boundary)
+        finally:
+            close_cache(cache)
+        t_ready = time.perf_counter()
+        tokens: list[int] = []
+        for i, token in enumerate(runner.iter_decode(out.cache, handle.first_token, max_new_tokens)):
+            tokens.append(token)
+            yield TokenEvent(handle.request_id, i, token, time.perf_counter() - start)
+        t_end = time.perf_counter()
+        yield DecodeSummary(
+            request_id=handle.request_id, tokens=tuple(tokens), num_fetched_tokens=present * c,
+            num_recomputed_tokens=out.num_computed, first_token_match=out.first_token == handle.first_token,
+            timings={"restore_s": t_ready - start, "generate_s": t_end - t_ready, "total_s": t_end - start},
+        )
+
+    def decode(self, handle: PrefillHandle, max_new_tokens: int) -> DecodeSummary:
+        """The whole generation at once (no streaming)."""
+        summary = None
+        for item in self.stream(handle, max_new_tokens):
+            if isinstance(item, DecodeSummary):
+                summary = item
+        if summary is None:  # stream() always ends with a summary; this guards a broken generator
+            raise RuntimeError(f"decode of {handle.request_id!r} produced no summary")
+        return summary
+
+    def close(self) -> None:
+        self.client.close()
