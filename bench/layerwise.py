@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with torch.no_grad():
         prefill_s, out = timed(lambda: model(torch.tensor([prefix]), use_cache=True))
-    layers = cache_to_layers(out.past_key_values)
+    layers = cache_to_layers(out.cache)
     del out
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-layerwise-"))

@@ -145,6 +145,8 @@ class LayerwiseCache(DynamicCache):
         """Start streaming every layer of ``keys`` (a stored prefix) from a :class:`KVClient`."""
         from transfer.kvio import decode_blobs
 
+        if not keys:
+            raise ValueError("no stored chunks to stream; use a plain DynamicCache")
         source = client.get_layers(namespace, keys, 0, num_layers)
         return cls(source, num_layers, len(keys) * chunk_tokens,
                    decode=lambda blobs: decode_blobs(blobs, device=device, dtype=dtype),
@@ -163,7 +165,9 @@ class LayerwiseCache(DynamicCache):
             expected = 0
             while expected < self.num_layers:
                 with self._cond:
-                    self._cond.wait_for(self._may_pull)
+                    if not self._cond.wait_for(self._may_pull, timeout=self.wait_timeout_s):
+                        raise DeadlineExceeded(f"layer {expected - self.prefetch_depth} was not consumed "
+                                               f"within {self.wait_timeout_s} s; cache abandoned?")
                     if self._stopped:
                         return
                 item = next(source, None)

@@ -187,12 +187,14 @@ class Pipeline:
         return next(iter(self.run([request], max_new_tokens, on_token)))
 
     def run(self, requests: Sequence[PrefillRequest], max_new_tokens: int,
-            on_token: Callable[[TokenEvent], None] | None = None) -> Iterator[RequestResult]:
+            on_token: Callable[[TokenEvent], None] | None = None,
+            on_handle: Callable[[PrefillHandle], None] | None = None) -> Iterator[RequestResult]:
         """Run a batch in order, overlapping the prefill of later requests with decode of earlier ones.
 
         Every prefill is submitted at once; one prefill actor runs them in
         submission order, so a request sees the chunks its predecessors stored.
-        Results come back in request order.
+        Results come back in request order; ``on_handle`` sees each prefill
+        handle before its tokens stream.
         """
         start = {r.request_id: time.perf_counter() for r in requests}
         pending = [(r, *self.submit_prefill(r)) for r in requests]
@@ -200,6 +202,8 @@ class Pipeline:
             while pending:
                 request, index, ref = pending.pop(0)
                 handle = self.finish_prefill(index, ref)
+                if on_handle is not None:
+                    on_handle(handle)
                 summary = None
                 decode_index = self.decode_pool.acquire()
                 for item in self._stream(decode_index, handle, max_new_tokens):

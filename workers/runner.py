@@ -178,6 +178,8 @@ class ModelRunner:
 
         Stops after ``max_new_tokens`` tokens or right after yielding a stop token.
         """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         stop = self.stop_ids if stop_ids is None else stop_ids
         token = first_token
         for produced in range(1, max_new_tokens + 1):

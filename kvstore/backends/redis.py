@@ -10,8 +10,9 @@ Layout under ``key_prefix`` (default ``kvstore:``):
 * ``<prefix>#lru`` (sorted set name → last access time): the eviction order when
   ``max_bytes`` is set. Reads touch it with ``ZADD XX`` in the same pipeline.
 
-Writes and deletes run as Lua scripts so the blob and its accounting change
-atomically; eviction of the least recently used blobs happens inside the write
+A write is ``SET`` plus a small accounting script in one ``MULTI/EXEC`` (the blob
+never passes through Lua), a delete one script, so a blob and its accounting
+change atomically; eviction of the least recently used blobs happens inside the write
 script, so the budget holds even with many writers. Every batch method is one
 pipelined round trip. With ``ttl_seconds`` Redis expires blobs by itself; their
 accounting is reclaimed when a read misses them or eviction reaches them.
@@ -39,34 +40,32 @@ from kvstore.backends.base import Backend, BackendUsage, BlobKey
 from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
 from kvstore.errors import BackendUnavailable
 
-_PUT = """
-local size = string.len(ARGV[1])
-local old = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
-if ARGV[3] ~= '0' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('HSET', KEYS[2], ARGV[2], size)
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
-local total = redis.call('HINCRBY', KEYS[4], 'bytes', size - old)
-local limit = tonumber(ARGV[5])
+# Runs right after the blob's own SET in the same MULTI/EXEC, so the blob never passes
+# through Lua (a copy per byte would cost more than the network on large blobs).
+# KEYS: sizes, lru, meta; ARGV: name, size, now, max_bytes, key_prefix
+_ACCOUNT = """
+local size = tonumber(ARGV[2])
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+redis.call('HSET', KEYS[1], ARGV[1], size)
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local total = redis.call('HINCRBY', KEYS[3], 'bytes', size - old)
+local limit = tonumber(ARGV[4])
 local evicted = 0
 local kept = nil
 while limit > 0 and total > limit do
-  local victim = redis.call('ZPOPMIN', KEYS[3])
+  local victim = redis.call('ZPOPMIN', KEYS[2])
   if #victim == 0 then break end
-  if victim[1] == ARGV[2] then
+  if victim[1] == ARGV[1] then
     kept = victim
   else
-    local vsize = tonumber(redis.call('HGET', KEYS[2], victim[1]) or '0')
-    redis.call('HDEL', KEYS[2], victim[1])
-    redis.call('DEL', ARGV[6] .. victim[1])
-    total = redis.call('HINCRBY', KEYS[4], 'bytes', -vsize)
+    local vsize = tonumber(redis.call('HGET', KEYS[1], victim[1]) or '0')
+    redis.call('HDEL', KEYS[1], victim[1])
+    redis.call('DEL', ARGV[5] .. victim[1])
+    total = redis.call('HINCRBY', KEYS[3], 'bytes', -vsize)
     evicted = evicted + 1
   end
 end
-if kept then redis.call('ZADD', KEYS[3], kept[2], kept[1]) end
+if kept then redis.call('ZADD', KEYS[2], kept[2], kept[1]) end
 return evicted
 """
 
@@ -152,7 +151,7 @@ class RedisBackend(Backend):
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         )
         self._client = redis.Redis(connection_pool=self._pool)
-        self._put_sha = hashlib.sha1(_PUT.encode()).hexdigest()
+        self._account_sha = hashlib.sha1(_ACCOUNT.encode()).hexdigest()
         self._delete_sha = hashlib.sha1(_DELETE.encode()).hexdigest()
         self._sizes = key_prefix + "#sizes"
         self._lru = key_prefix + "#lru"
@@ -190,7 +189,7 @@ class RedisBackend(Backend):
         try:
             return run()
         except redis.exceptions.NoScriptError:
-            self._client.script_load(_PUT)
+            self._client.script_load(_ACCOUNT)
             self._client.script_load(_DELETE)
             return run()
 
@@ -257,14 +256,16 @@ class RedisBackend(Backend):
         now = time.time()
 
         def run() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
+            # One MULTI/EXEC: each blob and its accounting change together, in one round trip.
+            pipe = self._client.pipeline(transaction=True)
             for i, (key, blob) in enumerate(fitting):
+                pipe.set(self._key(key), blob, px=self.ttl_ms or None)
                 # Later items of one batch count as more recent, so a batch evicts its own head first.
                 pipe.evalsha(
-                    self._put_sha, 4, self._key(key), self._sizes, self._lru, self._meta,
-                    blob, key.name(), self.ttl_ms, now + i * 1e-6, self.max_bytes, self.key_prefix,
+                    self._account_sha, 3, self._sizes, self._lru, self._meta,
+                    key.name(), len(blob), now + i * 1e-6, self.max_bytes, self.key_prefix,
                 )  # fmt: skip
-            return pipe.execute()
+            return pipe.execute()[1::2]
 
         evicted = sum(self._guard(lambda: self._with_scripts(run))) if fitting else 0
         if too_big:

@@ -196,16 +196,21 @@ class _Catalog:
     """Objects under the prefix known to this process: LRU order and blob bytes, for budgets."""
 
     def __init__(self) -> None:
-        self.entries: OrderedDict[str, tuple[int, int]] = OrderedDict()  # object -> (bytes, layers)
+        # object -> (blob bytes, layers, etag); insertion order = least recently used first
+        self.entries: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
         self.loaded_at: float | None = None
         self.total_bytes = 0
         self.total_layers = 0
         self.lock = threading.Lock()
 
-    def set(self, obj: str, payload_bytes: int, layers: int) -> None:
+    def get(self, obj: str) -> tuple[int, int, str] | None:
+        with self.lock:
+            return self.entries.get(obj)
+
+    def set(self, obj: str, payload_bytes: int, layers: int, etag: str) -> None:
         with self.lock:
             self._drop(obj)
-            self.entries[obj] = (payload_bytes, layers)
+            self.entries[obj] = (payload_bytes, layers, etag)
             self.total_bytes += payload_bytes
             self.total_layers += layers
 
@@ -229,7 +234,7 @@ class _Catalog:
         with self.lock:
             excess = self.total_bytes - budget
             out: list[tuple[str, int]] = []
-            for obj, (size, layers) in self.entries.items():
+            for obj, (size, layers, _) in self.entries.items():
                 if excess <= 0:
                     break
                 if obj not in keep:
@@ -591,6 +596,8 @@ class S3Backend(Backend):
         self.put_many([(key, blob)])
 
     def put_many(self, items: Sequence[tuple[BlobKey, bytes]]) -> None:
+        if not items:
+            return
         too_big = [key for key, blob in items if self.max_bytes and len(blob) > self.max_bytes]
         batches: dict[str, dict[int, bytes]] = {}
         for key, blob in items:
@@ -666,7 +673,7 @@ class S3Backend(Backend):
             self._forget(obj)
             return False
         index = self._remember(obj, new_etag, entries, header_size(len(entries)))
-        self._catalog.set(obj, index.payload_bytes, len(entries))
+        self._catalog.set(obj, index.payload_bytes, len(entries), new_etag)
         return True
 
     def _multipart(self, obj: str, body: bytes, conditions: dict[str, str]) -> str:
@@ -782,16 +789,32 @@ class S3Backend(Backend):
                     yield BlobKey(parsed[0], parsed[1], layer)
 
     def _ensure_catalog(self) -> None:
-        loaded = self._catalog.loaded_at
-        if loaded is not None and time.monotonic() - loaded < self.catalog_refresh_s:
+        """(Re)build the catalog from a listing, at most every ``catalog_refresh_s``.
+
+        A refresh costs one list request per 1,000 objects: objects whose ETag is
+        unchanged keep what this process knew (sizes and LRU position); only objects
+        new to it have their index read. Objects other writers added count as the
+        least recently used.
+        """
+        old = self._catalog
+        if old.loaded_at is not None and time.monotonic() - old.loaded_at < self.catalog_refresh_s:
             return
-        listed = sorted(self._list_objects(self.prefix), key=lambda o: o["LastModified"])
-        objs = [o["Key"] for o in listed]
-        indexes = self._map(self._index, objs)
+        listed = {o["Key"]: o for o in self._list_objects(self.prefix)}
+        unknown = sorted(
+            (o for key, o in listed.items() if (old.get(key) or (0, 0, ""))[2] != o["ETag"]),
+            key=lambda o: o["LastModified"],
+        )
+        indexes = self._map(self._index, [o["Key"] for o in unknown])
         catalog = _Catalog()
-        for obj, index in zip(objs, indexes, strict=True):
+        for o, index in zip(unknown, indexes, strict=True):
             if index is not None:
-                catalog.set(obj, index.payload_bytes, len(index.entries))
+                catalog.set(o["Key"], index.payload_bytes, len(index.entries), index.etag)
+        with old.lock:
+            known = [(obj, entry) for obj, entry in old.entries.items() if obj in listed]
+        changed = {o["Key"] for o in unknown}
+        for obj, entry in known:
+            if obj not in changed:
+                catalog.set(obj, *entry)
         catalog.loaded_at = time.monotonic()
         self._catalog = catalog
 

@@ -6,8 +6,9 @@ cannot model. Each server is a child process that
 
 * binds 127.0.0.1 on a port found free at start (never 6379, never a fixed one),
 * is polled for readiness with a deadline instead of a blind sleep,
-* dies with its parent on Linux (``PR_SET_PDEATHSIG``) so a crashed test run
-  leaves nothing behind,
+* dies with the thread that started it on Linux (``PR_SET_PDEATHSIG`` through
+  ``setpriv``; start servers from a long-lived thread) and at interpreter exit, so
+  a crashed test run leaves nothing behind,
 * offers ``stop()`` (graceful), ``kill()`` (SIGKILL, as in a crash) and
   ``restart()`` (same port, so clients built with the old URL reconnect).
 
@@ -17,8 +18,10 @@ state in memory. That is what a fault test wants (nothing stale can be served).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.client
+import importlib.util
 import shutil
 import signal
 import socket
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
@@ -47,13 +51,26 @@ def free_port() -> int:
             return port
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Ask Linux to SIGKILL the child when the parent dies (no orphans after a crash)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _with_parent_death_signal(command: list[str]) -> list[str]:
+    """Have Linux SIGKILL the server when the thread that started it dies (no orphans after a crash).
 
+    ``setpriv`` (util-linux) sets ``PR_SET_PDEATHSIG`` and then execs the server, so the
+    server keeps its own pid; where it is missing, the atexit hook below still cleans up.
+    """
+    setpriv = shutil.which("setpriv")
+    if sys.platform.startswith("linux") and setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--", *command]
+    return command
+
+
+_LIVE: weakref.WeakSet[_ServerProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for server in list(_LIVE):
         with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            server.kill()
 
 
 class _ServerProcess(ABC):
@@ -111,13 +128,13 @@ class _ServerProcess(ABC):
         log_path = self._dir / f"{self.kind}.log"
         self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self._proc = subprocess.Popen(
-            self._command(),
+            _with_parent_death_signal(self._command()),
             cwd=self._dir,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
         )
+        _LIVE.add(self)
         deadline = time.monotonic() + self.start_timeout_s
         delay = 0.01
         while time.monotonic() < deadline:
@@ -238,6 +255,9 @@ class S3Process(_ServerProcess):
     kind = "s3"
 
     def __init__(self, port: int | None = None, start_timeout_s: float = 60.0) -> None:
+        missing = [m for m in ("moto.server", "flask", "flask_cors") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ServiceError(f"moto server mode needs {missing}; install 'moto[server]' (scripts/bootstrap.sh)")
         super().__init__(port, start_timeout_s)
 
     @property

@@ -128,6 +128,28 @@ def test_invalid_arguments_are_refused_on_both_sides_and_never_retried(client: K
     assert client.core.retry.backoff.calls == 0
 
 
+def test_failing_producer_mid_batch_stores_nothing_of_that_batch(client: KVClient) -> None:
+    keys = _keys(4, salt=350)
+
+    def items() -> Iterator[tuple[bytes, int, int, bytes]]:
+        good = list(_items(keys, 1))
+        yield good[0]
+        yield good[1]
+        yield keys[2], 0, 1, b"unsealed bytes"  # pulled by gRPC's sender thread, not ours
+
+    with pytest.raises(errors.InvalidArgument, match="integrity trailer"):
+        client.put(NS, items())
+    assert client.lookup(NS, keys, 1) == 0  # the server's Put is all-or-nothing per stream
+
+    def broken() -> Iterator[tuple[bytes, int, int, bytes]]:
+        yield from list(_items(keys, 1))[:2]
+        raise RuntimeError("encoder crashed")
+
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        client.put(NS, broken())
+    assert client.lookup(NS, keys, 1) == 0
+
+
 def test_corrupt_blob_in_every_tier_is_data_loss(kvstore_server: Any, client: KVClient) -> None:
     keys = _keys(1, salt=400)
     client.put(NS, _items(keys, 1))
@@ -183,6 +205,81 @@ def test_blob_damaged_in_transit_is_caught_by_the_client(kvstore_server: Any) ->
     assert received == [0]  # layer 0 was good; nothing of layer 1 was handed out
     assert info.value.layer == 1 and info.value.key == keys[0]
     assert isinstance(info.value, errors.DataLoss) and info.value.code is grpc.StatusCode.DATA_LOSS
+
+
+class _Unavailable(grpc.RpcError):
+    """What a dropped connection looks like to the client."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection reset (injected)"
+
+
+class _DropGetAfterFirstLayer(grpc.UnaryStreamClientInterceptor):
+    """The first Get stream breaks with UNAVAILABLE once layer 0 was delivered."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        self.requests.append(request)
+        call = continuation(details, request)
+        return _BreakAt(call, layer=1) if len(self.requests) == 1 else call
+
+
+class _BreakAt(_Tampered):
+    def __next__(self) -> Any:
+        msg = next(self._call)
+        if msg.layer == self._layer:
+            self._call.cancel()
+            raise _Unavailable()
+        return msg
+
+
+def test_get_resumes_at_the_first_missing_layer_after_unavailable(kvstore_server: Any) -> None:
+    keys = _keys(3, salt=520)
+    dropper = _DropGetAfterFirstLayer()
+    with KVClient(kvstore_server.target, interceptors=[dropper],
+                  retry=RetryPolicy(backoff=CountingBackoff(), max_attempts=2)) as c:
+        c.put(NS, _items(keys, 4))
+        got = list(c.get_layers(NS, keys, 0, 4))
+    assert [layer for layer, _ in got] == [0, 1, 2, 3]
+    assert [b[:2] for b in got[2][1]] == [bytes([i, 2]) for i in range(3)]
+    assert [(r.layer_start, r.layer_end) for r in dropper.requests] == [(0, 4), (1, 4)]
+
+
+class _DropFirstPut(grpc.StreamUnaryClientInterceptor):
+    """The first Put stream dies with UNAVAILABLE after two requests left the client."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        self.attempts += 1
+        if self.attempts == 1:
+            next(request_iterator), next(request_iterator)
+            raise _Unavailable()
+        return continuation(details, request_iterator)
+
+
+def test_put_batch_is_replayed_whole_after_unavailable(kvstore_server: Any) -> None:
+    keys = _keys(3, salt=540)
+    pulled = []
+
+    def items() -> Iterator[tuple[bytes, int, int, bytes]]:
+        for item in _items(keys, 2):
+            pulled.append(item[:2])
+            yield item
+
+    dropper = _DropFirstPut()
+    with KVClient(kvstore_server.target, interceptors=[dropper],
+                  retry=RetryPolicy(backoff=CountingBackoff(), max_attempts=2)) as c:
+        result = c.put(NS, items())
+        assert c.lookup(NS, keys, 2) == 3
+    assert dropper.attempts == 2 and result.num_stored == 6
+    assert len(pulled) == 6  # replayed from the batch, not pulled twice from the source
 
 
 def _free_port() -> int:
@@ -281,7 +378,7 @@ def test_smollm2_kv_round_trips_bit_exact(kvstore_server: Any, smollm2: Any) -> 
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :600]
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    layers = cache_to_layers(out.past_key_values)
+    layers = cache_to_layers(out.cache)
     token_ids = ids[0].tolist()
     with KVClient(kvstore_server.target) as c:
         keys, result = put_context(c, ns, token_ids, layers, "lossless", chunk_tokens=256)

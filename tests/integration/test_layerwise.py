@@ -48,7 +48,7 @@ def prompt(smollm2: Any) -> dict[str, Any]:
     ids = tokenizer(text, return_tensors="pt").input_ids[:, : PREFIX_CHUNKS * CHUNK + SUFFIX]
     prefix = ids[:, : PREFIX_CHUNKS * CHUNK]
     with torch.no_grad():
-        layers = cache_to_layers(model(prefix, use_cache=True).past_key_values)
+        layers = cache_to_layers(model(prefix, use_cache=True).cache)
     fp = model_fingerprint("llama", shape.num_layers, shape.num_kv_heads, shape.head_dim, "f32")
     ns = f"tenant-a/{fp}/lossless"
     return {"ids": ids, "prefix": prefix[0].tolist(), "suffix": ids[:, PREFIX_CHUNKS * CHUNK:],

@@ -8,6 +8,7 @@ requests per chunk (counted with a botocore event hook, not assumed).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,5 +309,42 @@ def test_s3_multipart_upload_for_large_chunks(tiers: Tiers, s3_server: S3Process
         assert any("UploadPart" in n for n in names) and any("CompleteMultipartUpload" in n for n in names)
         assert backend.get_many([k for k, _ in items]) == [b for _, b in items]
         assert backend.get(items[3][0]) == items[3][1]
+    finally:
+        backend.close()
+
+
+# -- tier-specific behaviour the contract suite does not pin down ----------------------------
+
+
+def test_redis_eviction_is_least_recently_used(redis_server: RedisProcess, unique_name: str) -> None:
+    size = 1000
+    backend = RedisBackend(url=redis_server.url, key_prefix=f"{unique_name}:", max_bytes=3 * size)
+    try:
+        a, b, c, d = (BlobKey(NS, chunk(300 + i), 0) for i in range(4))
+        for k in (a, b, c):
+            backend.put(k, b"x" * size)
+        assert backend.get(a) is not None  # a is now the most recently used
+        backend.put(d, b"y" * size)
+        assert backend.exists_many([a, b, c, d]) == [True, False, True, True]
+        assert backend.usage().bytes == 3 * size and backend.usage().objects == 3
+        assert backend.counters.evictions == 1
+        backend.put(BlobKey(NS, chunk(399), 0), b"z" * (4 * size))  # over the whole budget: not kept
+        assert backend.usage().bytes == 3 * size
+    finally:
+        backend.close()
+
+
+def test_redis_ttl_expires_blobs_and_their_accounting(redis_server: RedisProcess, unique_name: str) -> None:
+    backend = RedisBackend(url=redis_server.url, key_prefix=f"{unique_name}:", ttl_seconds=0.2)
+    try:
+        key, value = layers_of(310, num_layers=1)[0]
+        backend.put(key, value)
+        assert backend.get(key) == value
+        deadline = time.monotonic() + 10
+        while backend.get(key) is not None:  # Redis expires it on its own
+            if time.monotonic() > deadline:
+                raise AssertionError("blob did not expire")
+            time.sleep(0.05)
+        assert backend.usage().objects == 0 and backend.usage().bytes == 0  # reaped on the miss
     finally:
         backend.close()

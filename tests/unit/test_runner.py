@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from workers.pipeline import WorkerPool
-from workers.runner import ModelRunner, chat_prompt_ids, reuse_boundary
+from workers.runner import ModelRunner, PrefillOutput, chat_prompt_ids, reuse_boundary
 
 CHUNK = 16
+NEW = 6
 SYSTEM = "You are a concise assistant. Answer in one short sentence."
 DOC = ("The kvstore service keeps the attention key and value cache of a language model so that a "
        "prompt prefix computed once can be reused by later requests on other machines.")
@@ -19,12 +20,20 @@ DOC = ("The kvstore service keeps the attention key and value cache of a languag
 
 @pytest.fixture(scope="module")
 def runner() -> ModelRunner:
-    return ModelRunner(num_threads=2)
+    return ModelRunner(num_threads=1)
 
 
 @pytest.fixture(scope="module")
 def prompt(runner: ModelRunner) -> list[int]:
     return runner.chat_ids(SYSTEM, DOC, "\n\nQuestion: What does kvstore keep?")
+
+
+@pytest.fixture(scope="module")
+def reference(runner: ModelRunner, prompt: list[int]) -> tuple[PrefillOutput, list[int]]:
+    """One full prefill (split at the reuse boundary) and the local greedy continuation from it."""
+    full = runner.prefill(prompt, boundary=reuse_boundary(len(prompt), CHUNK))
+    tokens = list(runner.iter_decode(clone_cache(runner, full.cache, len(prompt)), full.first_token, NEW))
+    return full, tokens
 
 
 def clone_cache(runner: ModelRunner, cache: object, tokens: int) -> object:
@@ -49,59 +58,64 @@ def test_reuse_boundary_leaves_a_tail() -> None:
 def test_chat_prompts_share_their_prefix(runner: ModelRunner) -> None:
     a = chat_prompt_ids(runner.tokenizer, SYSTEM, DOC, "\n\nQuestion: one?")
     b = chat_prompt_ids(runner.tokenizer, SYSTEM, DOC, "\n\nQuestion: two, longer?")
-    shared = len(chat_prompt_ids(runner.tokenizer, SYSTEM, DOC)) - len(runner.encode(
-        "<|im_end|>\n<|im_start|>assistant\n"))
-    assert a[:shared] == b[:shared]
+    head = chat_prompt_ids(runner.tokenizer, SYSTEM, DOC)
+    shared = len(head) - len(runner.encode("<|im_end|>\n<|im_start|>assistant\n"))
+    assert a[:shared] == b[:shared] == head[:shared]
     assert a != b
     assert runner.decode_text(a).startswith("system\n" + SYSTEM)
 
 
 @pytest.mark.slow
-def test_prefill_on_restored_prefix_matches_full_prefill(runner: ModelRunner, prompt: list[int]) -> None:
+def test_prefill_on_restored_prefix_matches_full_prefill(runner: ModelRunner, prompt: list[int],
+                                                         reference: tuple[PrefillOutput, list[int]]) -> None:
+    full, _ = reference
     boundary = reuse_boundary(len(prompt), CHUNK)
     assert boundary >= 2 * CHUNK  # the prompt spans several chunks
-    full = runner.prefill(prompt, boundary=boundary)
     assert full.num_computed == len(prompt)
-    restored = clone_cache(runner, full.cache, boundary)
-    resumed = runner.prefill(prompt, restored, past_tokens=boundary, boundary=boundary)
+    resumed = runner.prefill(prompt, clone_cache(runner, full.cache, boundary), past_tokens=boundary,
+                             boundary=boundary)
     assert resumed.num_computed == len(prompt) - boundary
     assert resumed.first_token == full.first_token
     # Same forward passes on the same numbers: bit-identical logits.
     assert torch.equal(resumed.logits, full.logits)
-    # Reusing only part of the prefix (an earlier chunk boundary) still lands on the same token.
-    partial = clone_cache(runner, full.cache, CHUNK)
-    mid = runner.prefill(prompt, partial, past_tokens=CHUNK, boundary=boundary)
+    # Reusing only part of the prefix (an earlier chunk boundary) runs the rest, same result.
+    mid = runner.prefill(prompt, clone_cache(runner, full.cache, CHUNK), past_tokens=CHUNK, boundary=boundary)
     assert mid.num_computed == len(prompt) - CHUNK
     assert torch.equal(mid.logits, full.logits)
 
 
 @pytest.mark.slow
-def test_decode_from_restored_cache_equals_local_generate(runner: ModelRunner, prompt: list[int]) -> None:
-    local = runner.generate(prompt, 8, chunk_tokens=CHUNK)
-    assert 1 <= len(local) <= 8
+def test_decode_from_restored_cache_equals_local_generate(runner: ModelRunner, prompt: list[int],
+                                                          reference: tuple[PrefillOutput, list[int]]) -> None:
+    full, local = reference
+    assert 1 <= len(local) <= NEW
     boundary = reuse_boundary(len(prompt), CHUNK)
-    first = runner.prefill(prompt, boundary=boundary)
-    restored = clone_cache(runner, first.cache, boundary)
-    out = runner.prefill(prompt, restored, past_tokens=boundary, boundary=boundary)
-    assert list(runner.iter_decode(out.cache, out.first_token, 8)) == local
+    out = runner.prefill(prompt, clone_cache(runner, full.cache, boundary), past_tokens=boundary,
+                         boundary=boundary)
+    assert list(runner.iter_decode(out.cache, out.first_token, NEW)) == local
+    assert runner.generate(prompt, 2, chunk_tokens=CHUNK) == local[:2]
+
+
+@pytest.mark.slow
+def test_decode_stops_at_limit_and_stop_token(runner: ModelRunner, prompt: list[int],
+                                              reference: tuple[PrefillOutput, list[int]]) -> None:
+    full, local = reference
+    cache = clone_cache(runner, full.cache, len(prompt))
+    assert list(runner.iter_decode(cache, full.first_token, 1, stop_ids=frozenset())) == [full.first_token]
+    assert list(runner.iter_decode(cache, full.first_token, 5, stop_ids=frozenset([full.first_token]))) == [
+        full.first_token]
+    with pytest.raises(ValueError):
+        list(runner.iter_decode(cache, full.first_token, 0))
+
+
+@pytest.mark.slow
+def test_teacher_forced_top1(runner: ModelRunner, prompt: list[int],
+                             reference: tuple[PrefillOutput, list[int]]) -> None:
+    _, local = reference
+    assert len(local) >= 2
     assert runner.teacher_forced_top1(prompt, local) == 1.0
-
-
-@pytest.mark.slow
-def test_decode_stops_at_limit_and_stop_token(runner: ModelRunner, prompt: list[int]) -> None:
-    out = runner.prefill(prompt)
-    tokens = list(runner.iter_decode(out.cache, out.first_token, 3, stop_ids=frozenset()))
-    assert len(tokens) == 3
-    out = runner.prefill(prompt)
-    assert list(runner.iter_decode(out.cache, out.first_token, 5, stop_ids=frozenset([out.first_token]))) == [
-        out.first_token]
-
-
-@pytest.mark.slow
-def test_teacher_forced_top1_catches_wrong_tokens(runner: ModelRunner, prompt: list[int]) -> None:
-    good = runner.generate(prompt, 4, chunk_tokens=CHUNK)
-    bad = [(t + 1) % runner.model.config.vocab_size for t in good]
-    assert runner.teacher_forced_top1(prompt, bad) < 1.0
+    bad = local[:1] + [(t + 1) % runner.model.config.vocab_size for t in local[1:]]
+    assert runner.teacher_forced_top1(prompt, bad) == pytest.approx(1 / len(local))
 
 
 @pytest.mark.slow

@@ -1,0 +1,355 @@
+"""A million-token context offloaded to disk through the store and read back layer by layer.
+
+What it answers: can a context far bigger than one message (1,000,000 tokens of
+SmolLM2-135M KV: 30 layers x 3 KV heads x head_dim 64, ~23 GB in fp16) go to
+the store's disk tier and come back layer by layer with client and server both
+in bounded memory, and how close is that to what this machine's disk can do?
+
+In one run it measures
+
+* ``disk_baseline``: the raw device: a file written in 8 MiB blocks and
+  fsynced, then read back with ``O_DIRECT`` (or, where that is refused, after
+  ``POSIX_FADV_DONTNEED``), so neither number is the page cache;
+* ``codec``: per profile, the codec alone: encode and decode GB/s
+  (fp16-equivalent) and the ratio, on the distinct real chunks;
+* ``store``: per profile, ``kvstore serve`` as a subprocess (RAM tier 16 MiB, so
+  everything lands on disk; disk tier in a temp dir, ``fsync=batch``), the
+  context written chunk by chunk with :func:`transfer.longctx.offload_frames`
+  and read back with :func:`transfer.longctx.stream_layers` (every chunk of
+  layer 0, then layer 1, ...), every blob compared byte for byte with what was
+  written. Before the read the segment files are fsynced and dropped from the
+  page cache, so the read is a cold one. Reported: GB/s fp16-equivalent and on
+  the wire each way, bytes on disk, peak RSS (``VmHWM``) of client and server
+  per phase.
+
+The KV is real: the model runs once on ``--distinct-tokens`` tokens of text from
+bench/data, and those chunks are tiled (under distinct, chained chunk keys) to
+the requested length. Encoding 117k frames would take the codec far longer than
+the store needs to move them on a 2-core machine, so each distinct (chunk,
+layer) is encoded once and its frame reused for every tile: the store numbers
+are transport + disk, the codec's own speed is reported next to them.
+
+Prints one JSON document, then a one-line summary. ``--quick`` runs 32k tokens
+(under a minute on an idle 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from kvstore import integrity  # noqa: E402
+from kvstore.keys import DEFAULT_CHUNK_TOKENS, chunk_keys  # noqa: E402
+from transfer import longctx  # noqa: E402
+from transfer.client import KVClient  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+NUM_LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
+TENANT, MODEL = "bench", "smollm2-135m-offload"
+BLOCK = 8 * MiB
+
+
+def gbps(nbytes: float, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- KV source
+
+
+def real_kv(num_tokens: int) -> tuple[list[int], list[list[tuple[Any, Any]]]]:
+    """Token ids and per-chunk, per-layer fp16 (k, v) of the model run on ``num_tokens`` tokens of text."""
+    import torch
+
+    from workers.model import cache_to_layers, load_model
+
+    model, tokenizer = load_model()
+    text = "\n\n".join(p.read_text(errors="replace") for p in sorted((ROOT / "bench" / "data").glob("prose_*.txt")))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens]
+    if ids.shape[1] < num_tokens:
+        raise SystemExit(f"bench/data holds only {ids.shape[1]} tokens of prose, asked for {num_tokens}")
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    layers = [(k.to(torch.float16).contiguous(), v.to(torch.float16).contiguous())
+              for k, v in cache_to_layers(out.past_key_values)]
+    del model, out
+    gc.collect()
+    n = DEFAULT_CHUNK_TOKENS
+    chunks = [[(k[:, c * n:(c + 1) * n].clone(), v[:, c * n:(c + 1) * n].clone()) for k, v in layers]
+              for c in range(num_tokens // n)]
+    return ids[0].tolist(), chunks
+
+
+def raw_frames(chunks: list[list[tuple[Any, Any]]]) -> list[list[bytes]]:
+    """The store-only yardstick: fp16 K||V sealed with the integrity trailer, no codec."""
+    return [[integrity.seal(k.numpy().tobytes() + v.numpy().tobytes()) for k, v in chunk] for chunk in chunks]
+
+
+def codec_frames(chunks: list[list[tuple[Any, Any]]], profile: str) -> tuple[list[list[bytes]], dict[str, Any]]:
+    """Encode every distinct (chunk, layer) once; time encode and decode; measure the error."""
+    import torch
+
+    from transfer.codec import decode_layer, encode_layer
+
+    n = DEFAULT_CHUNK_TOKENS
+    started = time.perf_counter()
+    frames = [[encode_layer(k, v, profile, token_offset=c * n) for k, v in chunk] for c, chunk in enumerate(chunks)]
+    encode_s = time.perf_counter() - started
+    max_err = 0.0
+    decode_s = 0.0
+    for chunk, chunk_frames in zip(chunks, frames, strict=True):
+        for (k, v), frame in zip(chunk, chunk_frames, strict=True):
+            t0 = time.perf_counter()
+            dk, dv = decode_layer(frame)
+            decode_s += time.perf_counter() - t0
+            err = max((dk.float() - k.float()).abs().max().item(), (dv.float() - v.float()).abs().max().item())
+            max_err = max(max_err, err)
+    fp16 = len(chunks) * longctx.fp16_bytes(n, NUM_LAYERS, KV_HEADS, HEAD_DIM)
+    stored = sum(len(f) for fr in frames for f in fr)
+    del torch
+    return frames, {"encode_gbps": gbps(fp16, encode_s), "decode_gbps": gbps(fp16, decode_s),
+                    "ratio_vs_fp16": round(fp16 / stored, 3), "max_abs_error": max_err,
+                    "frames_encoded": sum(len(fr) for fr in frames)}
+
+
+# ----------------------------------------------------------------------------- raw disk
+
+
+def disk_baseline(directory: str, nbytes: int) -> dict[str, Any]:
+    """Sequential write+fsync and cold read of ``nbytes`` in 8 MiB blocks, in ``directory``."""
+    path = os.path.join(directory, "baseline.bin")
+    block = os.urandom(BLOCK)
+    blocks = max(1, nbytes // BLOCK)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        started = time.perf_counter()
+        try:
+            for _ in range(blocks):
+                os.write(fd, block)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        write_s = time.perf_counter() - started
+        total = blocks * BLOCK
+        mode = "O_DIRECT"
+        buf = mmap.mmap(-1, BLOCK)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            mode = "fadvise_dontneed"
+            longctx.page_cache_drop(path)
+            fd = os.open(path, os.O_RDONLY)
+        started = time.perf_counter()
+        try:
+            read = 0
+            while (n := os.readv(fd, [buf])) > 0:
+                read += n
+        finally:
+            os.close(fd)
+            buf.close()
+        read_s = time.perf_counter() - started
+        return {"bytes": total, "write_fsync_gbps": gbps(total, write_s), "read_gbps": gbps(read, read_s),
+                "read_mode": mode}
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+@contextlib.contextmanager
+def server_process(disk_dir: str, disk_bytes: int, run_dir: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``kvstore serve`` with a 16 MiB RAM tier and the disk tier in ``disk_dir``; yields (target, proc)."""
+    ready = Path(run_dir) / f"ready-{time.monotonic_ns()}.json"
+    log_path = Path(run_dir) / "serve.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--ready-file", str(ready), "--grace", "1",
+             "--memory-bytes", str(16 * MiB), "--disk-path", disk_dir, "--disk-bytes", str(disk_bytes),
+             "--fsync", "batch", "--workers", "8", "--log-level", "WARNING"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"kvstore serve did not start:\n{log_path.read_text(errors='replace')}")
+            time.sleep(0.02)
+        yield f"127.0.0.1:{json.loads(ready.read_text())['port']}", proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def drop_segments(disk_dir: str) -> int:
+    """fsync every segment file and drop it from the page cache; returns their total size."""
+    total = 0
+    for seg in sorted(Path(disk_dir).glob("*.seg")):
+        fd = os.open(seg, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+def store_run(profile: str, frames: list[list[bytes]], token_ids: list[int], num_chunks: int, work: str,
+              args: argparse.Namespace) -> dict[str, Any]:
+    """Write ``num_chunks`` tiles of ``frames`` through a fresh server, read them back cold, layer by layer."""
+    namespace = f"{TENANT}/{MODEL}/{profile}"
+    ids = (token_ids * math.ceil(num_chunks * DEFAULT_CHUNK_TOKENS / len(token_ids)))
+    keys = chunk_keys(ids[: num_chunks * DEFAULT_CHUNK_TOKENS], namespace)
+    distinct = len(frames)
+    fp16 = longctx.fp16_bytes(num_chunks * DEFAULT_CHUNK_TOKENS, NUM_LAYERS, KV_HEADS, HEAD_DIM)
+    wire = sum(sum(len(f) for f in frames[c % distinct]) for c in range(num_chunks))
+    disk_dir = tempfile.mkdtemp(prefix=f"disk-{profile}-", dir=work)
+    out: dict[str, Any] = {"profile": profile, "chunks": num_chunks, "blobs": num_chunks * NUM_LAYERS,
+                           "fp16_bytes": fp16, "wire_bytes": wire}
+    try:
+        with server_process(disk_dir, max(2 * wire, 1 * GiB), work) as (target, proc), \
+                KVClient(target, timeout_s=60, stream_timeout_s=3600) as client:
+            client.wait_ready(30)
+            longctx.reset_peak_rss()
+            longctx.reset_peak_rss(proc.pid)
+            c0, s0 = cpu_seconds(os.getpid()), cpu_seconds(proc.pid)
+            started = time.perf_counter()
+            result = longctx.offload_frames(client, namespace, keys, (frames[c % distinct] for c in range(num_chunks)),
+                                            batch_bytes=args.batch_mib * MiB, parallel=args.parallel)
+            write_s = time.perf_counter() - started
+            out["write"] = {"seconds": round(write_s, 2), "gbps_fp16": gbps(fp16, write_s),
+                            "gbps_wire": gbps(result.bytes_stored, write_s), "put_streams": result.num_requests,
+                            "client_cpu_s": round(cpu_seconds(os.getpid()) - c0, 1),
+                            "server_cpu_s": round(cpu_seconds(proc.pid) - s0, 1),
+                            "client_peak_rss": longctx.peak_rss_bytes(),
+                            "server_peak_rss": longctx.peak_rss_bytes(proc.pid)}
+            if result.num_blobs != num_chunks * NUM_LAYERS:
+                raise RuntimeError(f"stored {result.num_blobs} blobs, expected {num_chunks * NUM_LAYERS}")
+            stats = client.stats()
+            out["disk_tier_bytes"] = next((t.bytes for t in stats.tiers if t.name == "disk"), 0)
+            out["bytes_on_disk"] = drop_segments(disk_dir)
+            out["segments"] = len(list(Path(disk_dir).glob("*.seg")))
+            longctx.reset_peak_rss()
+            longctx.reset_peak_rss(proc.pid)
+            c0, s0 = cpu_seconds(os.getpid()), cpu_seconds(proc.pid)
+            mismatches = read = 0
+            started = time.perf_counter()
+            for window in longctx.stream_layers(client, namespace, keys, 0, NUM_LAYERS,
+                                                window_keys=args.window_keys, prefetch=args.prefetch):
+                for j, blob in enumerate(window.blobs):
+                    read += len(blob)
+                    if blob != frames[(window.first_chunk + j) % distinct][window.layer]:
+                        mismatches += 1
+            read_s = time.perf_counter() - started
+            out["read"] = {"seconds": round(read_s, 2), "gbps_fp16": gbps(fp16, read_s), "gbps_wire": gbps(read, read_s),
+                           "cold": True, "mismatched_blobs": mismatches,
+                           "client_cpu_s": round(cpu_seconds(os.getpid()) - c0, 1),
+                           "server_cpu_s": round(cpu_seconds(proc.pid) - s0, 1),
+                           "client_peak_rss": longctx.peak_rss_bytes(),
+                           "server_peak_rss": longctx.peak_rss_bytes(proc.pid)}
+            if read != wire:
+                raise RuntimeError(f"read back {read} bytes, wrote {wire}")
+    finally:
+        shutil.rmtree(disk_dir, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="context length (rounded up to full chunks)")
+    parser.add_argument("--quick", action="store_true", help="32k tokens, small baseline (under a minute)")
+    parser.add_argument("--profiles", default="lossless,balanced",
+                        help="codec profiles, comma-separated; 'raw' = sealed fp16 without the codec")
+    parser.add_argument("--distinct-tokens", type=int, default=2048, help="tokens the model actually runs on")
+    parser.add_argument("--baseline-bytes", type=int, default=4 * GiB, help="size of the raw disk baseline file")
+    parser.add_argument("--batch-mib", type=int, default=32, help="bytes per Put stream (MiB)")
+    parser.add_argument("--parallel", type=int, default=2, help="Put streams in flight")
+    parser.add_argument("--window-keys", type=int, default=128, help="chunks per Get window")
+    parser.add_argument("--prefetch", type=int, default=2, help="Get windows in flight ahead of the reader")
+    parser.add_argument("--workdir", default=None, help="where the disk tier goes (default: a temp dir in /tmp)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.distinct_tokens = min(args.tokens, 32768), min(args.distinct_tokens, 1024)
+        args.baseline_bytes = min(args.baseline_bytes, 512 * MiB)
+    num_chunks = math.ceil(args.tokens / DEFAULT_CHUNK_TOKENS)
+    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    fp16 = longctx.fp16_bytes(num_chunks * DEFAULT_CHUNK_TOKENS, NUM_LAYERS, KV_HEADS, HEAD_DIM)
+
+    work = tempfile.mkdtemp(prefix="kvstore-offload-", dir=args.workdir)
+    try:
+        free = shutil.disk_usage(work).free
+        if free < fp16 * 1.1 + args.baseline_bytes:
+            raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, the run needs up to {fp16 * 1.1 / 1e9:.1f} GB")
+        started = time.perf_counter()
+        token_ids, chunks = real_kv(args.distinct_tokens)
+        report: dict[str, Any] = {
+            "tokens": num_chunks * DEFAULT_CHUNK_TOKENS, "chunks": num_chunks,
+            "shape": {"layers": NUM_LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM},
+            "fp16_bytes": fp16, "distinct_chunks": len(chunks), "cpus": os.cpu_count(),
+            "load_avg_at_start": os.getloadavg()[0], "workdir": work,
+            "settings": {k: getattr(args, k) for k in ("batch_mib", "parallel", "window_keys", "prefetch")},
+            "disk_baseline": disk_baseline(work, min(args.baseline_bytes, fp16)),
+            "codec": {}, "store": {},
+        }
+        for profile in profiles:
+            if profile == "raw":
+                frames = raw_frames(chunks)
+            else:
+                frames, report["codec"][profile] = codec_frames(chunks, profile)
+            report["store"][profile] = store_run(profile, frames, token_ids, num_chunks, work, args)
+            del frames
+            gc.collect()
+        report["client_peak_rss_whole_run"] = longctx.peak_rss_bytes()
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        report["load_avg_at_end"] = os.getloadavg()[0]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(json.dumps(report, indent=2))
+    base = report["disk_baseline"]
+    parts = [f"offload {report['tokens']:,} tokens ({fp16 / 1e9:.1f} GB fp16)"]
+    for profile, s in report["store"].items():
+        parts.append(f"{profile}: write {s['write']['gbps_fp16']} / read {s['read']['gbps_fp16']} GB/s fp16-eq "
+                     f"({s['bytes_on_disk'] / 1e9:.2f} GB on disk, peak RSS client "
+                     f"{max(s['write']['client_peak_rss'], s['read']['client_peak_rss']) >> 20} MiB / server "
+                     f"{max(s['write']['server_peak_rss'], s['read']['server_peak_rss']) >> 20} MiB)")
+    parts.append(f"raw disk: write+fsync {base['write_fsync_gbps']} / read {base['read_gbps']} GB/s")
+    print("; ".join(parts))
+    bad = [p for p, s in report["store"].items() if s["read"]["mismatched_blobs"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

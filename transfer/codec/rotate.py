@@ -1,0 +1,57 @@
+"""Orthogonal rotation along head_dim: a normalized Hadamard matrix with seeded signs.
+
+Rotating a vector by ``R = diag(s) H / sqrt(d)`` spreads an outlier channel over
+every channel, so a per-token scale no longer has to cover one huge coordinate,
+and the rotated coordinates are close to Gaussian, which a uniform quantizer
+followed by an entropy coder handles well. ``R`` is orthogonal, so the decoder
+undoes it with ``R^T`` and quantization error keeps its norm. The signs come
+from a seed written in the frame, so any decoder rebuilds the same ``R``.
+
+Same bytes on every device: the matrix entries are +-1, products of float32
+inputs with +-1 are exact, and their sums are taken in float64 (exact for any
+realistic spread of magnitudes), so CPU and CUDA agree on the rotated values
+regardless of how their matmul kernels order the additions. The 1/sqrt(d)
+normalization is one correctly rounded multiply afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+def can_rotate(dim: int) -> bool:
+    """Only power-of-two head dims have a Sylvester Hadamard matrix; others are stored unrotated."""
+    return dim > 0 and dim & (dim - 1) == 0
+
+
+@functools.lru_cache(maxsize=32)
+def _signed_hadamard(dim: int, seed: int) -> torch.Tensor:
+    if not can_rotate(dim):
+        raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {dim}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
+    return signs[:, None] * h  # entries are exactly +-1
+
+
+def _matrix(dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    return _signed_hadamard(dim, seed).to(device)
+
+
+def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """``x @ R`` along the last dim, as float32."""
+    dim = x.shape[-1]
+    y = x.to(torch.float64) @ _matrix(dim, seed, x.device)
+    return (y * (1.0 / math.sqrt(dim))).to(torch.float32)
+
+
+def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
+    """``y @ R^T`` along the last dim, as float32: the inverse of :func:`rotate`."""
+    dim = y.shape[-1]
+    x = y.to(torch.float64) @ _matrix(dim, seed, y.device).T
+    return (x * (1.0 / math.sqrt(dim))).to(torch.float32)

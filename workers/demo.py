@@ -1,0 +1,321 @@
+"""``kvstore demo``: disaggregated prefill and decode over Ray, KV moved through a local kvstore.
+
+What it does, end to end, on one machine:
+
+1. starts a kvstore server in this process (RAM + disk tiers, a free port,
+   a temporary directory unless ``--store-dir``);
+2. starts a local Ray with one prefill and one decode actor (each loads the model);
+3. builds a batch of chat prompts that share long prefixes: one system prompt,
+   a few documents, several questions per document (``workers/data``);
+4. measures the no-reuse baseline: every prompt prefilled from scratch, nothing stored;
+5. for each codec profile, runs the batch through the pipeline: prefill reuses
+   whatever prefix is stored and stores the new chunks, decode picks the
+   request up from the store and streams the answer;
+6. prints a table per profile: chunk hit rate, tokens reused, TTFT with and
+   without reuse, bytes stored against raw fp16, decode speed.
+
+Sizes are chosen to finish in a few minutes on two CPU cores; see ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SIZES = {"tiny": (1, 2), "small": (2, 2), "medium": (3, 3), "large": (4, 3)}
+DOCUMENTS = ("doc_apache.txt", "doc_bsd.txt", "doc_python_with.txt", "doc_mpl.txt")
+
+
+@dataclass(frozen=True)
+class DemoPrompt:
+    request_id: str
+    document: str
+    question: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass
+class ProfileReport:
+    """What one pass of the batch under one codec profile measured."""
+
+    profile: str
+    num_requests: int = 0
+    reusable_chunks: int = 0
+    reused_chunks: int = 0
+    tokens_reused: int = 0
+    tokens_prefilled: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    ttft_hit_s: list[float] = field(default_factory=list)
+    stored_bytes: int = 0
+    fp16_bytes: int = 0
+    decode_tokens_per_s: list[float] = field(default_factory=list)
+    first_token_agree: int = 0
+
+    def as_dict(self, baseline_ttft_s: float | None) -> dict[str, Any]:
+        mean = statistics.fmean(self.ttft_s) if self.ttft_s else 0.0
+        hit = statistics.fmean(self.ttft_hit_s) if self.ttft_hit_s else None
+        return {
+            "profile": self.profile,
+            "requests": self.num_requests,
+            "chunk_hit_rate": self.reused_chunks / self.reusable_chunks if self.reusable_chunks else 0.0,
+            "tokens_reused": self.tokens_reused,
+            "tokens_prefilled": self.tokens_prefilled,
+            "ttft_no_reuse_s": baseline_ttft_s,
+            "ttft_with_reuse_s": mean,
+            "ttft_hit_requests_s": hit,
+            "stored_bytes": self.stored_bytes,
+            "fp16_bytes": self.fp16_bytes,
+            "stored_vs_fp16": self.stored_bytes / self.fp16_bytes if self.fp16_bytes else None,
+            "decode_tokens_per_s": statistics.fmean(self.decode_tokens_per_s) if self.decode_tokens_per_s else 0.0,
+            "first_token_agreement": self.first_token_agree / self.num_requests if self.num_requests else 0.0,
+        }
+
+
+def read_data(name: str) -> str:
+    return resources.files("workers").joinpath("data", name).read_text(encoding="utf-8").strip()
+
+
+def load_questions() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in read_data("questions.txt").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        doc, _, question = line.partition("\t")
+        out.setdefault(doc.strip(), []).append(question.strip())
+    return out
+
+
+def build_prompts(tokenizer: Any, num_docs: int, num_questions: int) -> list[DemoPrompt]:
+    """Requests grouped by document, so each document's later questions reuse its prefix."""
+    from workers.runner import chat_prompt_ids
+
+    system = read_data("system.txt")
+    questions = load_questions()
+    prompts = []
+    for doc in DOCUMENTS[:num_docs]:
+        text = read_data(doc)
+        for q in questions[doc][:num_questions]:
+            ids = chat_prompt_ids(tokenizer, system, text, f"\n\nQuestion: {q}")
+            prompts.append(DemoPrompt(f"{doc.removesuffix('.txt')}#{len(prompts)}", doc, q, tuple(ids)))
+    return prompts
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvstore demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="small",
+                   help="documents x questions: " + ", ".join(f"{k}={d}x{q}" for k, (d, q) in SIZES.items()))
+    p.add_argument("--docs", type=int, help="number of documents (overrides --size)")
+    p.add_argument("--questions", type=int, help="questions per document (overrides --size)")
+    p.add_argument("--profiles", default="lossless,balanced",
+                   help="comma-separated codec profiles, one pass each (lossless, int8, balanced, dense)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--chunk-tokens", type=int, default=128, help="tokens per stored chunk")
+    p.add_argument("--model", help="local HF model directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--routing", choices=("least_loaded", "round_robin"), default="least_loaded")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
+    p.add_argument("--no-baseline", action="store_true", help="skip the no-reuse TTFT baseline pass")
+    p.add_argument("--no-layerwise", action="store_true", help="fetch whole prefixes before computing")
+    p.add_argument("--store-dir", help="disk tier directory (default: a temporary one, removed at exit)")
+    p.add_argument("--memory-bytes", default="512MiB", help="RAM tier budget")
+    p.add_argument("--quiet", action="store_true", help="do not stream generated text")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    args = p.parse_args(argv)
+    docs, questions = SIZES[args.size]
+    args.docs = args.docs or docs
+    args.questions = args.questions or questions
+    args.profiles = [x.strip() for x in args.profiles.split(",") if x.strip()]
+    if not 1 <= args.docs <= len(DOCUMENTS) or not 1 <= args.questions <= 3:
+        p.error(f"--docs must be 1..{len(DOCUMENTS)} and --questions 1..3")
+    if not args.profiles or args.max_new_tokens < 1 or args.chunk_tokens < 1:
+        p.error("need at least one profile, --max-new-tokens >= 1 and --chunk-tokens >= 1")
+    return args
+
+
+def start_store(store_dir: Path, memory_bytes: str) -> Any:
+    from kvstore.config import load_config
+    from kvstore.server import serve
+
+    config = load_config(None, environ={}, overrides={
+        "server.port": 0, "memory.max_bytes": memory_bytes, "disk.path": str(store_dir / "disk"),
+        "disk.fsync": "never"})
+    return serve(config)
+
+
+def run_baseline(pipeline: Any, prompts: Sequence[DemoPrompt], tqdm: Any) -> dict[str, float]:
+    """TTFT of each prompt prefilled from scratch (no lookup used, nothing stored)."""
+    from workers.prefill import PrefillRequest
+
+    out = {}
+    for p in tqdm(prompts, desc="baseline: prefill without reuse", unit="req", leave=False):
+        handle = pipeline.prefill(PrefillRequest(f"baseline/{p.request_id}", p.token_ids, reuse=False,
+                                                 store=False))
+        out[p.request_id] = handle.timings["ttft_s"]
+    return out
+
+
+def run_profile(pipeline: Any, prompts: Sequence[DemoPrompt], profile: str, args: argparse.Namespace,
+                tokenizer: Any, baseline: dict[str, float], tqdm: Any) -> ProfileReport:
+    from workers.prefill import PrefillRequest
+
+    report = ProfileReport(profile)
+    requests = [PrefillRequest(f"{profile}/{p.request_id}", p.token_ids, profile=profile) for p in prompts]
+    bar = tqdm(total=len(requests), desc=f"{profile}: prefill + decode", unit="req")
+    streamed: list[int] = []
+
+    def on_token(event: Any) -> None:
+        if args.quiet:
+            return
+        before = tokenizer.decode(streamed, skip_special_tokens=True)
+        streamed.append(event.token)
+        piece = tokenizer.decode(streamed, skip_special_tokens=True)[len(before):]
+        with bar.external_write_mode():
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    by_id = {f"{profile}/{p.request_id}": p for p in prompts}
+
+    def on_handle(h: Any) -> None:
+        p = by_id[h.request_id]
+        base = baseline.get(p.request_id)
+        with bar.external_write_mode():
+            print(f"[{profile}] {p.document} ({h.num_tokens} tokens): reused {h.num_cached_tokens}, prefilled "
+                  f"{h.num_prefilled_tokens}, TTFT {h.timings['ttft_s']:.2f}s"
+                  + (f" (no reuse {base:.2f}s)" if base is not None else ""))
+            if not args.quiet:
+                sys.stdout.write(f"  Q: {p.question}\n  A: ")
+                sys.stdout.flush()
+
+    for result in pipeline.run(requests, args.max_new_tokens, on_token, on_handle):
+        h, s = result.handle, result.summary
+        streamed.clear()
+        c = h.chunk_tokens
+        report.num_requests += 1
+        report.reusable_chunks += h.boundary // c
+        report.reused_chunks += h.num_cached_tokens // c
+        report.tokens_reused += h.num_cached_tokens
+        report.tokens_prefilled += h.num_prefilled_tokens
+        report.ttft_s.append(h.timings["ttft_s"])
+        if h.num_cached_tokens:
+            report.ttft_hit_s.append(h.timings["ttft_s"])
+        report.stored_bytes += h.stored_bytes
+        report.fp16_bytes += h.fp16_bytes
+        report.decode_tokens_per_s.append(s.tokens_per_s)
+        report.first_token_agree += int(s.first_token_match)
+        if not args.quiet:
+            with bar.external_write_mode():
+                print(f"\n    ({len(s.tokens)} tokens, {s.tokens_per_s:.1f} tok/s, decode fetched "
+                      f"{s.num_fetched_tokens} prompt tokens from the store)\n")
+        bar.update(1)
+    bar.close()
+    return report
+
+
+def print_table(rows: list[dict[str, Any]], fp16_note: str) -> None:
+    def fmt_s(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}s"
+
+    def fmt_b(n: int) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if n < 1024 or unit == "GiB":
+                return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+            n /= 1024
+        return str(n)
+
+    header = ["profile", "reqs", "hit rate", "reused", "prefilled", "TTFT no reuse", "TTFT reuse",
+              "TTFT hits", "stored", "fp16", "vs fp16", "decode", "1st tok"]
+    lines = [header]
+    for r in rows:
+        lines.append([
+            r["profile"], str(r["requests"]), f"{100 * r['chunk_hit_rate']:.0f}%", str(r["tokens_reused"]),
+            str(r["tokens_prefilled"]), fmt_s(r["ttft_no_reuse_s"]), fmt_s(r["ttft_with_reuse_s"]),
+            fmt_s(r["ttft_hit_requests_s"]), fmt_b(r["stored_bytes"]), fmt_b(r["fp16_bytes"]),
+            "-" if r["stored_vs_fp16"] is None else f"{r['stored_vs_fp16']:.2f}x",
+            f"{r['decode_tokens_per_s']:.1f} t/s", f"{100 * r['first_token_agreement']:.0f}%",
+        ])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    for i, row in enumerate(lines):
+        print("  ".join(cell.rjust(w) if j else cell.ljust(w) for j, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(fp16_note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from tqdm.auto import tqdm
+
+    from workers.model import load_tokenizer
+    from workers.pipeline import Pipeline, init_ray, shutdown_ray
+    from workers.prefill import WorkerConfig
+
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(args.model)
+    prompts = build_prompts(tokenizer, args.docs, args.questions)
+    store_dir = Path(args.store_dir) if args.store_dir else Path(tempfile.mkdtemp(prefix="kvstore-demo-"))
+    steps = tqdm(total=3, desc="starting", unit="step", leave=False)
+    store = start_store(store_dir, args.memory_bytes)
+    steps.set_description(f"store on {store.target}; starting Ray")
+    steps.update(1)
+    pipeline = None
+    try:
+        init_ray(num_cpus=args.num_cpus)
+        steps.set_description("loading the model in each worker")
+        steps.update(1)
+        config = WorkerConfig(store_target=store.target, model_path=args.model, profile=args.profiles[0],
+                              tenant="demo", chunk_tokens=args.chunk_tokens, layerwise=not args.no_layerwise)
+        pipeline = Pipeline(config, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
+                            routing=args.routing)
+        fingerprint = pipeline.wait_ready()
+        steps.update(1)
+        steps.close()
+        lengths = [len(p.token_ids) for p in prompts]
+        print(f"kvstore demo: {len(prompts)} requests ({args.docs} documents x {args.questions} questions, "
+              f"{min(lengths)}-{max(lengths)} prompt tokens, chunks of {args.chunk_tokens}), model {fingerprint}, "
+              f"store {store.target}, {args.prefill_workers} prefill + {args.decode_workers} decode workers")
+        baseline = {} if args.no_baseline else run_baseline(pipeline, prompts, tqdm)
+        base_mean = statistics.fmean(baseline.values()) if baseline else None
+        rows = []
+        for profile in args.profiles:
+            report = run_profile(pipeline, prompts, profile, args, tokenizer, baseline, tqdm)
+            rows.append(report.as_dict(base_mean))
+        print()
+        print_table(rows, "TTFT is measured on the prefill worker (lookup + fetch + compute); 'TTFT hits' "
+                          "averages the requests that reused a prefix. 'vs fp16' is stored bytes over raw fp16 "
+                          "K+V of the same chunks.")
+        stats = _store_summary(store.target)
+        print(f"store: {stats}; total {time.perf_counter() - t0:.0f}s")
+        if args.json:
+            print(json.dumps({"profiles": rows, "baseline_ttft_s": baseline, "store": stats}, indent=2))
+        return 0
+    finally:
+        if pipeline is not None:
+            pipeline.shutdown()
+        shutdown_ray()
+        store.stop(grace=0)
+        if not args.store_dir:
+            shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def _store_summary(target: str) -> str:
+    from transfer.client import KVClient
+
+    with KVClient(target) as client:
+        stats = client.stats()
+    return ", ".join(f"{t.name} {t.objects} objects / {t.bytes} B" for t in stats.tiers)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
