@@ -216,7 +216,7 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             started = time.perf_counter()
             try:
                 tenant = self.service.auth.tenant_of(context.invocation_metadata())
-                response = fn(self, tenant, request, context)
+                response = fn(self, tenant, _well_formed(request), context)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 self.service.counters.add(rejected=1)
                 _fail(context, method, exc, self.metrics, started)
@@ -237,7 +237,7 @@ def _rpc_stream(method: str) -> Callable[[Callable[..., Iterator[Any]]], Callabl
             started = time.perf_counter()
             try:
                 tenant = self.service.auth.tenant_of(context.invocation_metadata())
-                yield from fn(self, tenant, request, context)
+                yield from fn(self, tenant, _well_formed(request), context)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 self.service.counters.add(rejected=1)
                 _fail(context, method, exc, self.metrics, started)
@@ -265,7 +265,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     def Put(self, tenant: str | None, request_iterator: Iterator[PutRequestView], context: Any
             ) -> kvstore_pb2.PutResponse:
         items = self.service.validate_put(
-            tenant, ((r.namespace, r.key, r.layer, r.num_layers, r.blob) for r in request_iterator)
+            tenant, ((r.namespace, r.key, r.layer, r.num_layers, r.blob)
+                     for r in map(_well_formed, request_iterator))
         )
         num_stored, nbytes = self.service.put(tenant, items)
         self.metrics.add_bytes("in", nbytes)
@@ -297,25 +298,55 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         return kvstore_pb2.StatsResponse(tiers=tiers, counters=counters, version=kvstore.__version__)
 
 
+class _Malformed:
+    """Stands in for a request message that did not parse.
+
+    grpc answers a deserializer exception with INTERNAL, which blames the server for
+    the caller's bytes; passing this marker on lets the handler say INVALID_ARGUMENT.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(parse: Callable[[bytes], Any], message: str) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's
+            return _Malformed(f"malformed {message} ({len(data)} bytes): {type(exc).__name__}: {exc}; "
+                              f"send a serialized kvstore.v1.{message}")
+
+    return deserialize
+
+
+def _well_formed(request: Any) -> Any:
+    if isinstance(request, _Malformed):
+        raise InvalidRequest(request.reason)
+    return request
+
+
 def add_servicer(servicer: KVStoreServicer, server: grpc.Server) -> None:
     """Register the servicer like the generated ``add_KVStoreServicer_to_server``, but with
     the blob fast path for Put requests and Get responses."""
     pb = kvstore_pb2
     handlers = {
         "Lookup": grpc.unary_unary_rpc_method_handler(
-            servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
+            servicer.Lookup, request_deserializer=_tolerant(pb.LookupRequest.FromString, "LookupRequest"),
             response_serializer=pb.LookupResponse.SerializeToString),
         "Put": grpc.stream_unary_rpc_method_handler(
-            servicer.Put, request_deserializer=parse_put_request,
+            servicer.Put, request_deserializer=_tolerant(parse_put_request, "PutRequest"),
             response_serializer=pb.PutResponse.SerializeToString),
         "Get": grpc.unary_stream_rpc_method_handler(
-            servicer.Get, request_deserializer=pb.GetRequest.FromString,
+            servicer.Get, request_deserializer=_tolerant(pb.GetRequest.FromString, "GetRequest"),
             response_serializer=encode_get_response),
         "Delete": grpc.unary_unary_rpc_method_handler(
-            servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
+            servicer.Delete, request_deserializer=_tolerant(pb.DeleteRequest.FromString, "DeleteRequest"),
             response_serializer=pb.DeleteResponse.SerializeToString),
         "Stats": grpc.unary_unary_rpc_method_handler(
-            servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
+            servicer.Stats, request_deserializer=_tolerant(pb.StatsRequest.FromString, "StatsRequest"),
             response_serializer=pb.StatsResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

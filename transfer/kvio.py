@@ -41,23 +41,27 @@ def profile_of(namespace: Namespace | str) -> str:
 
 
 def encode_chunk(chunk_kv: Sequence[LayerKV], key: bytes, *, profile: str, token_offset: int,
-                 num_layers: int | None = None) -> Iterator[PutItem]:
+                 num_layers: int | None = None, context_end: int | None = None) -> Iterator[PutItem]:
     """PutItems for one chunk, layer 0 first; each layer is encoded only when pulled."""
     total = num_layers if num_layers is not None else len(chunk_kv)
     if len(chunk_kv) != total:
         raise ValueError(f"chunk has {len(chunk_kv)} layers, expected {total}")
     for layer, (k, v) in enumerate(chunk_kv):
-        yield PutItem(key, layer, total, encode_layer(k, v, profile, token_offset=token_offset))
+        yield PutItem(key, layer, total, encode_layer(k, v, profile, token_offset=token_offset,
+                                                      context_end=context_end))
 
 
 def context_items(namespace: Namespace | str, keys: Sequence[bytes], layers_kv: Sequence[LayerKV], *,
                   profile: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                  start_chunk: int = 0, saliency: torch.Tensor | None = None) -> Iterator[PutItem]:
+                  start_chunk: int = 0, saliency: torch.Tensor | None = None,
+                  context_end: int | None = None) -> Iterator[PutItem]:
     """Lazily encoded PutItems for chunks ``start_chunk..len(keys)`` of an in-memory context.
 
     ``layers_kv[l]`` holds the KV of tokens ``0..`` of the context (at least
     ``len(keys) * chunk_tokens`` of them); ``saliency``, when given, is indexed
-    by token on its last dimension and handed to the codec chunk by chunk.
+    by token on its last dimension and handed to the codec chunk by chunk;
+    ``context_end`` (the context's length) lets lossy profiles keep its most
+    recent tokens at high precision.
     """
     profile = profile or profile_of(namespace)
     num_layers = len(layers_kv)
@@ -70,7 +74,8 @@ def context_items(namespace: Namespace | str, keys: Sequence[bytes], layers_kv: 
         a, b = chunk * chunk_tokens, (chunk + 1) * chunk_tokens
         sal = saliency[..., a:b] if saliency is not None else None
         for layer, (k, v) in enumerate(layers_kv):
-            blob = encode_layer(k[:, a:b], v[:, a:b], profile, saliency=sal, token_offset=a)
+            blob = encode_layer(k[:, a:b], v[:, a:b], profile, saliency=sal, token_offset=a,
+                                context_end=context_end)
             yield PutItem(keys[chunk], layer, num_layers, blob)
 
 
@@ -85,18 +90,19 @@ def put_context(client: KVClient, namespace: Namespace | str, token_ids: Sequenc
     """
     keys = chunk_keys(token_ids, namespace, chunk_tokens)
     items = context_items(namespace, keys, layers_kv, profile=profile, chunk_tokens=chunk_tokens,
-                          start_chunk=start_chunk, saliency=saliency)
+                          start_chunk=start_chunk, saliency=saliency, context_end=len(token_ids))
     return keys, client.put(namespace, items)
 
 
 def put_chunks(client: KVClient, namespace: Namespace | str, keys: Sequence[bytes],
                chunks: Iterable[Sequence[LayerKV]], *, profile: str | None = None, start_chunk: int = 0,
-               chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PutResult:
+               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, context_end: int | None = None) -> PutResult:
     """Store a context produced chunk by chunk, holding one chunk (plus one Put batch) at a time.
 
     ``chunks`` yields, for chunks ``start_chunk, start_chunk + 1, ...``, the
     per-layer ``(k, v)`` of that chunk only (``[kv_heads, chunk_tokens,
     head_dim]``); it is zipped with ``keys[start_chunk:]`` and may stop early.
+    ``context_end`` is the context's total length when known (see :func:`context_items`).
     """
     profile = profile or profile_of(namespace)
 
@@ -109,7 +115,8 @@ def put_chunks(client: KVClient, namespace: Namespace | str, keys: Sequence[byte
                 if k.shape[1] != chunk_tokens:
                     raise ValueError(f"chunk {index} layer {layer} has {k.shape[1]} tokens, "
                                      f"expected {chunk_tokens}")
-            yield from encode_chunk(chunk_kv, keys[index], profile=profile, token_offset=index * chunk_tokens)
+            yield from encode_chunk(chunk_kv, keys[index], profile=profile, token_offset=index * chunk_tokens,
+                                    context_end=context_end)
 
     return client.put(namespace, items())
 

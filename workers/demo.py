@@ -265,15 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model)
     prompts = build_prompts(tokenizer, args.docs, args.questions)
     store_dir = Path(args.store_dir) if args.store_dir else Path(tempfile.mkdtemp(prefix="kvstore-demo-"))
-    steps = tqdm(total=3, desc="starting", unit="step", leave=False)
-    store = start_store(store_dir, args.memory_bytes)
-    steps.set_description(f"store on {store.target}; starting Ray")
-    steps.update(1)
-    pipeline = None
+    steps = tqdm(total=3, desc="starting Ray", unit="step", leave=False)
+    store = pipeline = None
     try:
+        # Ray first: it forks daemons, which must not happen while this process runs a gRPC server.
         init_ray(num_cpus=args.num_cpus)
-        steps.set_description("loading the model in each worker")
         steps.update(1)
+        steps.set_description("starting the store")
+        store = start_store(store_dir, args.memory_bytes)
+        steps.update(1)
+        steps.set_description(f"store on {store.target}; loading the model in each worker")
         config = WorkerConfig(store_target=store.target, model_path=args.model, profile=args.profiles[0],
                               tenant="demo", chunk_tokens=args.chunk_tokens, layerwise=not args.no_layerwise)
         pipeline = Pipeline(config, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         if pipeline is not None:
             pipeline.shutdown()
         shutdown_ray()
-        store.stop(grace=0)
+        if store is not None:
+            store.stop(grace=0)
         if not args.store_dir:
             shutil.rmtree(store_dir, ignore_errors=True)
 

@@ -84,6 +84,8 @@ return existed
 
 T = TypeVar("T")
 
+_UNAVAILABLE_REPLIES = ("OOM ", "BUSY ", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
+
 _GLOB_SPECIAL = "\\*?[]^"
 
 
@@ -109,11 +111,20 @@ def translate_redis_error(exc: BaseException) -> BackendUnavailable | None:
         return BackendUnavailable(f"redis: {type(exc).__name__}: {exc}")
     if isinstance(exc, (redis.exceptions.ReadOnlyError, OSError)):
         return BackendUnavailable(f"redis: {type(exc).__name__}: {exc}")
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or (
+        isinstance(exc, redis.exceptions.ResponseError) and any(r in str(exc) for r in _UNAVAILABLE_REPLIES)
+    ):
+        # The server is up but refuses work (out of memory, busy script, failover): an outage too.
+        return BackendUnavailable(f"redis: {exc}")
     return None
 
 
 class RedisBackend(Backend):
-    """A shared, optionally byte-bounded and expiring tier on one Redis server."""
+    """A shared, optionally byte-bounded and expiring tier on one Redis server.
+
+    ``backoff``, ``max_attempts`` and ``breaker_*`` tune the default :class:`Retry`
+    and :class:`CircuitBreaker`; ``retry=`` / ``breaker=`` replace them outright.
+    """
 
     name = "redis"
     persistent = True
@@ -131,6 +142,8 @@ class RedisBackend(Backend):
         max_attempts: int = 3,
         breaker_threshold: int = 3,
         breaker_reset_s: float = 1.0,
+        retry: Retry | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         super().__init__()
         if ttl_seconds < 0 or max_bytes < 0:
@@ -156,13 +169,13 @@ class RedisBackend(Backend):
         self._sizes = key_prefix + "#sizes"
         self._lru = key_prefix + "#lru"
         self._meta = key_prefix + "#meta"
-        retry = Retry(
+        retry = retry or Retry(
             backoff or ExponentialBackoff(base_s=0.02, cap_s=0.25),
             max_attempts=max_attempts,
             deadline_s=2 * socket_timeout_s,
             retry_on=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
         )
-        self.breaker = CircuitBreaker("redis", breaker_threshold, breaker_reset_s)
+        self.breaker = breaker or CircuitBreaker("redis", breaker_threshold, breaker_reset_s)
         # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
         self._guard = Guard(retry, self.breaker, translate_redis_error)
 

@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 
 class Backoff(ABC):
-    """How long to wait before attempt ``n`` (``n`` = 1 for the first retry)."""
+    """How long to wait after the ``failures``-th failed attempt (1 for the first retry)."""
 
     @abstractmethod
     def compute(self, failures: int) -> float: ...
@@ -68,9 +68,10 @@ class Retry:
     """Run a callable up to ``max_attempts`` times while it raises one of ``retry_on``.
 
     ``retry_if`` narrows ``retry_on`` further (an S3 ``ClientError`` is worth a
-    retry for a 503, not for a 404). Stops early when the next wait would pass ``deadline_s`` (measured from the
-    first attempt), then re-raises the last error unchanged: translating it is the
-    caller's job (see :class:`Guard`), so this class knows nothing of any library.
+    retry for a 503, not for a 404). Stops early when the next wait would pass
+    ``deadline_s`` (measured from the first attempt), then re-raises the last error
+    unchanged: translating it is the caller's job (see :class:`Guard`), so this
+    class knows nothing of any library.
     """
 
     def __init__(
@@ -217,6 +218,10 @@ class Guard:
                 raise
             self._failed()
             raise unavailable from exc
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, SystemExit): never leave a probe slot taken.
+            self.breaker.record_failure()
+            raise
         self.breaker.record_success()
         return result
 

@@ -244,7 +244,14 @@ class _Catalog:
 
 
 class S3Backend(Backend):
-    """A shared, durable tier on any S3-compatible object store."""
+    """A shared, durable tier on any S3-compatible object store.
+
+    ``backoff``, ``max_attempts`` and ``breaker_*`` tune the default :class:`Retry`
+    (which retries only transport errors, throttling and 5xx) and
+    :class:`CircuitBreaker`; ``retry=`` / ``breaker=`` replace them outright.
+    ``index_cache_size``/``index_ttl_s`` bound the chunk index cache and
+    ``catalog_refresh_s`` how often the budget catalog is re-listed.
+    """
 
     name = "s3"
     persistent = True
@@ -266,6 +273,8 @@ class S3Backend(Backend):
         max_attempts: int = 3,
         breaker_threshold: int = 3,
         breaker_reset_s: float = 1.0,
+        retry: Retry | None = None,
+        breaker: CircuitBreaker | None = None,
         index_cache_size: int = 65536,
         index_ttl_s: float = 30.0,
         catalog_refresh_s: float = 300.0,
@@ -305,14 +314,14 @@ class S3Backend(Backend):
         self._bucket_ready = False
         self._race_backoff = ExponentialBackoff(base_s=0.005, cap_s=0.2)
         self._object_locks = [threading.Lock() for _ in range(256)]
-        retry = Retry(
+        retry = retry or Retry(
             backoff or ExponentialBackoff(base_s=0.05, cap_s=1.0),
             max_attempts=max_attempts,
             deadline_s=2 * timeout_s,
             retry_on=(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError),
             retry_if=_is_transient,
         )
-        self.breaker = CircuitBreaker("s3", breaker_threshold, breaker_reset_s)
+        self.breaker = breaker or CircuitBreaker("s3", breaker_threshold, breaker_reset_s)
         # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
         self._guard = Guard(retry, self.breaker, translate_s3_error)
         # S3 down at start-up: the server still starts; the bucket is made on first use.

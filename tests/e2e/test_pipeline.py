@@ -37,7 +37,16 @@ QUESTIONS = ("What must redistributions of source code retain?",
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def ray_local() -> Iterator[None]:
+    # Ray forks its daemons at init; doing that before this process runs a gRPC server keeps
+    # gRPC's fork handlers out of the way (otherwise Ray's dashboard process aborts).
+    init_ray(num_cpus=2)
+    yield
+    shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def server(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from kvstore.server import serve
 
     handle = serve(store_config(tmp_path_factory.mktemp("e2e-store")))
@@ -46,21 +55,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(server: object) -> Iterator[Pipeline]:
-    init_ray(num_cpus=2)
+def stack(server: object) -> Iterator[tuple[Pipeline, ModelRunner]]:
+    """The pipeline's actors load the model while this process loads its own reference copy."""
     config = WorkerConfig(store_target=server.target, profile="lossless", tenant="e2e", chunk_tokens=CHUNK)
     pipe = Pipeline(config, num_prefill=1, num_decode=1)
     try:
+        local = ModelRunner(num_threads=1)
         pipe.wait_ready(timeout_s=600)
-        yield pipe
+        yield pipe, local
     finally:
         pipe.shutdown()
-        shutdown_ray()
 
 
 @pytest.fixture(scope="module")
-def local() -> ModelRunner:
-    return ModelRunner(num_threads=1)
+def pipeline(stack: tuple[Pipeline, ModelRunner]) -> Pipeline:
+    return stack[0]
+
+
+@pytest.fixture(scope="module")
+def local(stack: tuple[Pipeline, ModelRunner]) -> ModelRunner:
+    return stack[1]
 
 
 def prompt(runner: ModelRunner, question: str) -> tuple[int, ...]:

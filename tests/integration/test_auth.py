@@ -196,7 +196,7 @@ def _tls_server(tmp_path: Path, pki: TestPKI, mtls: bool) -> ServerHandle:
     return serve(store_config(tmp_path, **overrides))
 
 
-def _health_code(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
+def _stats_code(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
     channel = (grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", "localhost")])
                if credentials else grpc.insecure_channel(target))
     with channel:
@@ -209,9 +209,9 @@ def test_tls_server_serves_tls_clients_only(tmp_path: Path, pki: TestPKI) -> Non
     handle = _tls_server(tmp_path, pki, mtls=False)
     try:
         wait_serving(handle.target, credentials=channel_credentials(pki.ca_cert))
-        assert _health_code(handle.target, channel_credentials(pki.ca_cert)) is C.OK
-        assert _health_code(handle.target, None) is C.UNAVAILABLE  # plaintext cannot talk to it
-        assert _health_code(handle.target, channel_credentials(pki.rogue_ca_cert)) is C.UNAVAILABLE  # wrong CA
+        assert _stats_code(handle.target, channel_credentials(pki.ca_cert)) is C.OK
+        assert _stats_code(handle.target, None) is C.UNAVAILABLE  # plaintext cannot talk to it
+        assert _stats_code(handle.target, channel_credentials(pki.rogue_ca_cert)) is C.UNAVAILABLE  # wrong CA
         with KVClient(handle.target, token="token-alice", tls_root_cert=pki.ca_cert,
                       tls_server_name="localhost") as client:
             key, blob = os.urandom(32), integrity.seal(b"over tls")
@@ -226,10 +226,10 @@ def test_mtls_requires_a_client_certificate_from_the_ca(tmp_path: Path, pki: Tes
     try:
         good = channel_credentials(pki.ca_cert, pki.client_cert, pki.client_key)
         wait_serving(handle.target, credentials=good)
-        assert _health_code(handle.target, good) is C.OK
-        assert _health_code(handle.target, channel_credentials(pki.ca_cert)) is C.UNAVAILABLE  # no cert
+        assert _stats_code(handle.target, good) is C.OK
+        assert _stats_code(handle.target, channel_credentials(pki.ca_cert)) is C.UNAVAILABLE  # no cert
         rogue = channel_credentials(pki.ca_cert, pki.rogue_client_cert, pki.rogue_client_key)
-        assert _health_code(handle.target, rogue) is C.UNAVAILABLE  # cert from another CA
+        assert _stats_code(handle.target, rogue) is C.UNAVAILABLE  # cert from another CA
         with KVClient(handle.target, token="token-alice", tls_root_cert=pki.ca_cert,
                       tls_client_cert=pki.client_cert, tls_client_key=pki.client_key,
                       tls_server_name="localhost") as client:

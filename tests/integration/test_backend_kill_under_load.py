@@ -38,7 +38,7 @@ def fragile_server(tmp_path: Path, fresh_redis_server: RedisProcess, fresh_s3_se
 def test_redis_and_s3_killed_and_restarted_under_load(fragile_server: ServerHandle, fresh_redis_server: RedisProcess,
                                                       fresh_s3_server: S3Process) -> None:
     report = run_backend_kill(fragile_server.target, fragile_server.store, fresh_redis_server, fresh_s3_server,
-                              seconds=6.0, clients=4, seed=9)
+                              seconds=5.0, clients=4, seed=9)
     assert [e for _, e in report["events"]] == ["redis killed", "redis restarted", "s3 killed", "s3 restarted"]
     assert report["violations"] == 0, report
     answers = report["answers"]

@@ -330,6 +330,29 @@ def test_bearer_token_and_tenant_are_enforced(tmp_path: Any) -> None:
         handle.stop(grace=0)
 
 
+def test_mutual_tls_with_bearer_token(tmp_path: Any) -> None:
+    from kvstore.testing.certs import generate_test_pki
+
+    pki = generate_test_pki(tmp_path / "pki")
+    handle = serve(store_config(tmp_path, **{
+        "auth.tls_cert": pki.server_cert, "auth.tls_key": pki.server_key, "auth.tls_client_ca": pki.ca_cert,
+        "auth.tokens": {"secret-a": "tenant-a"}}))
+    target = f"localhost:{handle.port}"
+    keys = _keys(2, salt=750)
+    try:
+        with KVClient(target, token="secret-a", tls_root_cert=pki.ca_cert, tls_client_cert=pki.client_cert,
+                      tls_client_key=pki.client_key) as c:
+            assert c.put(NS, _items(keys, 2)).num_stored == 4
+            assert [layer for layer, _ in c.get_layers(NS, keys, 0, 2)] == [0, 1]
+        rogue = KVClient(target, token="secret-a", tls_root_cert=pki.ca_cert, timeout_s=3,
+                         tls_client_cert=pki.rogue_client_cert, tls_client_key=pki.rogue_client_key,
+                         retry=RetryPolicy(max_attempts=1))
+        with rogue as c, pytest.raises(errors.Unavailable):  # handshake refused: no RPC ever ran
+            c.lookup(NS, keys, 2)
+    finally:
+        handle.stop(grace=0)
+
+
 def test_async_client_matches_the_sync_client(kvstore_server: Any) -> None:
     keys = _keys(4, salt=800)
 
@@ -374,17 +397,17 @@ def test_smollm2_kv_round_trips_bit_exact(kvstore_server: Any, smollm2: Any) -> 
     model, tokenizer = smollm2
     shape = kv_shape(model)
     ns = f"tenant-a/{model_fingerprint('llama', shape.num_layers, shape.num_kv_heads, shape.head_dim, 'f32')}/lossless"
-    text = "The quick brown fox jumps over the lazy dog. " * 80
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :600]
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :150]
     with torch.no_grad():
         out = model(ids, use_cache=True)
     layers = cache_to_layers(out.cache)
     token_ids = ids[0].tolist()
     with KVClient(kvstore_server.target) as c:
-        keys, result = put_context(c, ns, token_ids, layers, "lossless", chunk_tokens=256)
+        keys, result = put_context(c, ns, token_ids, layers, "lossless", chunk_tokens=64)
         assert len(keys) == 2 and result.num_stored == 2 * shape.num_layers
         assert c.lookup(ns, keys, shape.num_layers) == 2
-        prefix = fetch_prefix(c, ns, token_ids, shape.num_layers, chunk_tokens=256)
-    assert prefix.num_chunks == 2 and prefix.num_tokens == 512 and len(prefix.layers) == shape.num_layers
+        prefix = fetch_prefix(c, ns, token_ids, shape.num_layers, chunk_tokens=64)
+    assert prefix.num_chunks == 2 and prefix.num_tokens == 128 and len(prefix.layers) == shape.num_layers
     for (k, v), (k2, v2) in zip(layers, prefix.layers, strict=True):
-        assert k2.dtype == k.dtype and torch.equal(k2, k[:, :512]) and torch.equal(v2, v[:, :512])
+        assert k2.dtype == k.dtype and torch.equal(k2, k[:, :128]) and torch.equal(v2, v[:, :128])

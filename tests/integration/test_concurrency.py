@@ -8,7 +8,10 @@ runs 64 clients for 60 s against ``kvstore serve`` and reports throughput and p9
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bench.reliability import run_concurrency
+from kvstore.config import StoreConfig
 from kvstore.server import ServerHandle
 
 
@@ -21,7 +24,7 @@ def test_sixteen_concurrent_clients_see_no_errors(kvstore_server: ServerHandle) 
     assert counters.get("rejected", 0) == 0, counters
 
 
-def test_concurrent_clients_with_auth_stay_in_their_tenant(kvstore_config_factory) -> None:
+def test_concurrent_clients_with_auth_stay_in_their_tenant(kvstore_config_factory: Callable[..., StoreConfig]) -> None:
     """Clients of two tenants at once: each only ever sees its own bytes, none is refused."""
     import threading
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from kvstore.backends.base import BlobKey
 from kvstore.backends.disk import DiskBackend
@@ -212,6 +213,29 @@ def test_both_remote_tiers_down_store_still_reads_and_writes(
     assert st.redis.get_many(keys(33)) == blobs(33)
     assert st.s3.get_many(keys(33)) == blobs(33)
 
+
+
+def test_full_redis_refuses_writes_store_keeps_writing_elsewhere(
+    fresh_redis_server: RedisProcess, s3_server: S3Process, make_stack: Callable[..., Stack]
+) -> None:
+    st = make_stack(fresh_redis_server, s3_server)
+    raw = redis.Redis.from_url(fresh_redis_server.url)
+    try:
+        used = int(raw.info("memory")["used_memory"])
+        raw.config_set("maxmemory-policy", "noeviction")
+        raw.config_set("maxmemory", str(used + 4096))  # full: the OOM reply, not a dead socket
+        st.store.put_many(items(41))
+        for live in (st.memory, st.disk, st.s3):
+            assert live.get_many(keys(41)) == blobs(41), live.name
+        assert st.redis.counters.errors >= 1
+        assert raw.dbsize() == 0  # nothing half-written into Redis
+
+        raw.config_set("maxmemory", "0")  # room again
+        wait_until(st.redis.healthy)
+        st.store.put_many(items(42))
+        assert st.redis.get_many(keys(42)) == blobs(42)
+    finally:
+        raw.close()
 
 # -- the retry objects themselves, on a fake clock (no servers, no sleeping) -------------
 

@@ -252,3 +252,27 @@ def test_a_put_abandoned_midway_stores_nothing(limited: tuple[ServerHandle, Stub
         time.sleep(0.02)
     assert stub.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY], num_layers=1)).num_present == 0
     assert_still_serving(stub, canary)
+
+
+@pytest.mark.parametrize("method,kind", [
+    ("Lookup", "unary_unary"), ("Delete", "unary_unary"), ("Stats", "unary_unary"),
+    ("Get", "unary_stream"), ("Put", "stream_unary"),
+])
+def test_bytes_that_are_no_message_are_invalid_argument(
+        limited: tuple[ServerHandle, Stub, dict[int, bytes]], method: str, kind: str) -> None:
+    """A request that does not even parse is the caller's fault, not INTERNAL."""
+    handle, stub, canary = limited
+    garbage = b"\x0a\xff\xff\xff\xff\x0f" + b"junk"  # field 1, length far past the end
+    with grpc.insecure_channel(handle.target) as channel:
+        path = f"/kvstore.v1.KVStore/{method}"
+        call = getattr(channel, kind)(path, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            if kind == "unary_unary":
+                call(garbage, timeout=5)
+            elif kind == "unary_stream":
+                list(call(garbage, timeout=5))
+            else:
+                call(iter([garbage]), timeout=5)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert f"malformed {method}Request" in (err.value.details() or "")
+    assert_still_serving(stub, canary)

@@ -8,6 +8,7 @@ requests per chunk (counted with a botocore event hook, not assumed).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -348,3 +349,40 @@ def test_redis_ttl_expires_blobs_and_their_accounting(redis_server: RedisProcess
         assert backend.usage().objects == 0 and backend.usage().bytes == 0  # reaped on the miss
     finally:
         backend.close()
+
+
+def test_s3_writers_in_two_processes_never_lose_each_others_layers(
+    s3_server: S3Process, unique_name: str
+) -> None:
+    """Two backends (as two servers would) add different layers of the same chunks at once.
+
+    They share no locks, so only the conditional writes (If-None-Match / If-Match) keep
+    one writer's read-modify-write from dropping the other's layers.
+    """
+    kwargs = {"endpoint_url": s3_server.endpoint_url, "bucket": unique_name, "access_key_id": "test",
+              "secret_access_key": "test"}
+    a, b, reader = S3Backend(**kwargs), S3Backend(**kwargs), S3Backend(**kwargs)
+    chunks = [400 + i for i in range(4)]
+    errors: list[BaseException] = []
+
+    def write(backend: S3Backend, layers: range) -> None:
+        try:
+            for c in chunks:
+                backend.put_many([(BlobKey(NS, chunk(c), n), blob(c, n, 512)) for n in layers])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=write, args=(a, range(0, 6))),
+                   threading.Thread(target=write, args=(b, range(6, 12)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors[0]
+        for c in chunks:
+            keys = [BlobKey(NS, chunk(c), n) for n in range(12)]
+            assert reader.get_many(keys) == [blob(c, n, 512) for n in range(12)], c
+    finally:
+        for backend in (a, b, reader):
+            backend.close()

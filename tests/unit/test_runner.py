@@ -128,6 +128,27 @@ def test_prefill_rejects_inconsistent_inputs(runner: ModelRunner, prompt: list[i
         runner.forward([], runner.empty_cache())
 
 
+@pytest.mark.slow
+def test_demo_prompts_share_long_prefixes(runner: ModelRunner) -> None:
+    from workers.demo import build_prompts, parse_args
+
+    args = parse_args(["--size", "small", "--profiles", "lossless, balanced"])
+    assert (args.docs, args.questions, args.profiles) == (2, 2, ["lossless", "balanced"])
+    prompts = build_prompts(runner.tokenizer, args.docs, args.questions)
+    assert [p.document for p in prompts] == ["doc_apache.txt"] * 2 + ["doc_bsd.txt"] * 2
+    same_doc = common_prefix(prompts[0].token_ids, prompts[1].token_ids)
+    other_doc = common_prefix(prompts[1].token_ids, prompts[2].token_ids)
+    assert same_doc > 0.8 * len(prompts[1].token_ids)  # system prompt + document
+    assert 128 <= other_doc < same_doc  # the system prompt alone fills a 128-token chunk
+
+
+def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def test_pool_least_loaded_and_round_robin() -> None:
     pool = WorkerPool(["a", "b", "c"])
     first = [pool.acquire() for _ in range(3)]

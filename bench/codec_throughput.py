@@ -1,0 +1,104 @@
+"""Codec speed: GB/s of fp16-equivalent input for encode and decode, per profile, on CPU.
+
+Input is a realistic layer shape (SmolLM2: 3 KV heads, head_dim 64) cut into
+256-token chunks, one frame per chunk as the store keeps them. The baseline in
+the same run is the cheapest possible "codec": sealing the raw fp16 bytes
+(kvstore.integrity.seal) and reading them back, i.e. the copy + checksum floor.
+Throughput counts K and V in fp16 (2 bytes per element) whatever the profile.
+
+    python bench/codec_throughput.py [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvstore.integrity import is_intact, payload_of, seal  # noqa: E402
+from transfer.codec import PROFILES, decode_layer, encode_layer  # noqa: E402
+
+
+def _frames(chunks: int, heads: int, tokens: int, dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(chunks):
+        k = (torch.randn(heads, tokens, dim, generator=gen) * 2 + torch.randn(heads, 1, dim, generator=gen) * 3)
+        v = torch.randn(heads, tokens, dim, generator=gen)
+        out.append((k.half(), v.half()))
+    return out
+
+
+def _time(fn, min_seconds: float) -> float:
+    fn()  # warm up (caches, lazy imports)
+    runs, start = 0, time.perf_counter()
+    while True:
+        fn()
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return elapsed / runs
+
+
+def measure(profile: str | None, frames, min_seconds: float) -> dict[str, float]:
+    nbytes = sum(2 * k.numel() * 2 for k, _ in frames)
+    if profile is None:  # baseline: raw fp16 bytes, sealed and verified
+        def enc():
+            return [seal(k.numpy().tobytes() + v.numpy().tobytes()) for k, v in frames]
+
+        blobs = enc()
+
+        def dec():
+            for b in blobs:
+                if not is_intact(b):
+                    raise RuntimeError("baseline blob corrupted")
+                torch.frombuffer(bytearray(payload_of(b)), dtype=torch.float16)
+    else:
+        def enc():
+            return [encode_layer(k, v, profile, token_offset=i * k.shape[1]) for i, (k, v) in enumerate(frames)]
+
+        blobs = enc()
+
+        def dec():
+            for b in blobs:
+                decode_layer(b)
+    t_enc, t_dec = _time(enc, min_seconds), _time(dec, min_seconds)
+    return {
+        "encode_gbps": round(nbytes / t_enc / 1e9, 3),
+        "decode_gbps": round(nbytes / t_dec / 1e9, 3),
+        "ratio_vs_fp16": round(nbytes / sum(len(b) for b in blobs), 3),
+        "encode_ms_per_frame": round(1e3 * t_enc / len(frames), 3),
+        "decode_ms_per_frame": round(1e3 * t_dec / len(frames), 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--chunks", type=int, default=32, help="256-token chunk-layers per pass")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave default)")
+    ap.add_argument("--profiles", default=",".join(PROFILES))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    frames = _frames(8 if args.quick else args.chunks, 3, 256, 64)
+    min_s = 0.5 if args.quick else 3.0
+    results = {"raw-fp16+seal (baseline)": measure(None, frames, min_s)}
+    for p in args.profiles.split(","):
+        results[p] = measure(p, frames, min_s)
+    report = {"device": "cpu", "torch_threads": torch.get_num_threads(), "frame_shape": [3, 256, 64],
+              "frames": len(frames), "results": results}
+    print(json.dumps(report, indent=2))
+    print("summary: " + "; ".join(f"{n} enc {r['encode_gbps']} GB/s dec {r['decode_gbps']} GB/s"
+                                  for n, r in results.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

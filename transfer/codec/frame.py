@@ -1,0 +1,248 @@
+"""encode_layer / decode_layer: one (chunk, layer) of K and V to one sealed frame and back.
+
+The pipeline is a row of small stages (see the sibling modules): choose the
+precision map (saliency), center and rotate (rotate), quantize (quantize),
+bit-pack (pack), lay out and entropy-code (format, zstd), seal (kvstore.integrity).
+All tensor work stays in torch on the input's device; the only host step is
+turning the final uint8 tensor into bytes, so CUDA input never detours via numpy.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import zstandard
+
+from kvstore.integrity import TRAILER_BYTES, is_intact, seal
+from transfer.codec import quantize as qz
+from transfer.codec.errors import CorruptFrame, ShapeMismatch, TruncatedFrame
+from transfer.codec.format import (
+    DTYPE_CODES,
+    FLAG_CENTER_K,
+    FLAG_CENTER_V,
+    FLAG_LOSSLESS,
+    FLAG_ROTATED,
+    FLAG_ZSTD,
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    FrameHeader,
+    parse_header,
+)
+from transfer.codec.pack import pack_bits, packed_size, unpack_bits
+from transfer.codec.profiles import Profile, get_profile
+from transfer.codec.rotate import can_rotate, rotate, unrotate
+from transfer.codec.saliency import precision_map
+
+ROTATION_SEED = 0x4B5643  # fixed per format version; written in every frame anyway
+_MIN_ZSTD_GAIN = 0.97  # keep the compressed body only when it saves at least 3%
+_local = threading.local()  # zstd contexts are not thread-safe; one per thread
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = _local.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=False)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.decompressor
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _check_inputs(k: torch.Tensor, v: torch.Tensor) -> None:
+    if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+        raise ShapeMismatch("k and v must be torch tensors")
+    if k.dim() != 3 or k.shape != v.shape:
+        raise ShapeMismatch(f"k and v must both be [kv_heads, tokens, head_dim]; got {tuple(k.shape)} "
+                            f"and {tuple(v.shape)}")
+    if k.dtype != v.dtype or k.dtype not in DTYPE_CODES:
+        raise ShapeMismatch(f"k and v must share a dtype among fp16/bf16/fp32; got {k.dtype} and {v.dtype}")
+    if k.device != v.device:
+        raise ShapeMismatch(f"k and v are on different devices ({k.device}, {v.device})")
+    h, t, d = k.shape
+    if h >= 1 << 16 or d >= 1 << 16 or t >= 1 << 32 or 0 in (h, d):
+        raise ShapeMismatch(f"shape {tuple(k.shape)} does not fit a frame")
+
+
+def encode_layer(k: torch.Tensor, v: torch.Tensor, profile: str | Profile = "balanced", *,
+                 saliency: torch.Tensor | None = None, token_offset: int = 0,
+                 context_end: int | None = None) -> bytes:
+    """Encode one chunk-layer of K and V ([kv_heads, tokens, head_dim]) into a sealed frame.
+
+    ``token_offset`` is the position of the chunk's first token in the context
+    (the first ``sink_tokens`` positions are kept at high precision), and
+    ``context_end``, when this chunk ends the context, is the position after
+    its last token (the ``recent_tokens`` before it are kept at high precision).
+    ``saliency`` ([tokens] or [heads, tokens], higher = more important) ranks
+    the other tokens; without it the key norm is the proxy.
+    """
+    _check_inputs(k, v)
+    prof = get_profile(profile)
+    h, t, d = k.shape
+    if prof.lossless:
+        flags, k_base, v_base = FLAG_LOSSLESS, 0, 0
+        body = _shuffle(torch.cat([_u8(k), _u8(v)]), k.element_size())
+    else:
+        flags, k_base, v_base, body = _encode_quantized(k, v, prof, saliency, token_offset, context_end)
+    raw = body.cpu().numpy().tobytes()
+    stored = raw
+    if prof.zstd_level is not None and raw:
+        packed = _compressor(prof.zstd_level).compress(raw)
+        if len(packed) < _MIN_ZSTD_GAIN * len(raw):
+            stored, flags = packed, flags | FLAG_ZSTD
+    header = FrameHeader(FORMAT_VERSION, prof.profile_id, k.dtype, flags, h, t, d, ROTATION_SEED,
+                         k_base, v_base, len(raw), len(stored))
+    return seal(header.pack() + stored)
+
+
+def _shuffle(data: torch.Tensor, width: int) -> torch.Tensor:
+    """Byte-shuffle: all first bytes, then all second bytes... (exponents group together for zstd)."""
+    return data.view(-1, width).t().contiguous().reshape(-1)
+
+
+def _unshuffle(data: torch.Tensor, width: int) -> torch.Tensor:
+    return data.view(width, -1).t().contiguous().reshape(-1)
+
+
+def _encode_quantized(k, v, prof, saliency, token_offset, context_end):
+    tiers = precision_map(k, prof, saliency, token_offset, context_end)
+    table = torch.tensor(prof.tiers, dtype=torch.int64, device=k.device)  # [n_tiers, 2]
+    rotated = prof.rotate and can_rotate(k.shape[-1])
+    flags = (FLAG_ROTATED if rotated else 0) | (FLAG_CENTER_K if prof.center_k else 0) \
+        | (FLAG_CENTER_V if prof.center_v else 0)
+    parts = [torch.tensor([len(prof.tiers)], dtype=torch.uint8, device=k.device),
+             table.to(torch.uint8).reshape(-1), pack_bits(tiers, 4)]
+    bases = []
+    order = [torch.nonzero(tiers == i).reshape(-1) for i in range(len(prof.tiers))]
+    for x, col, center in ((k, 0, prof.center_k), (v, 1, prof.center_v)):
+        x = x.to(torch.float32)
+        if center:
+            mean = x.to(torch.float64).mean(dim=1, keepdim=True).to(torch.float16)
+            parts.append(_u8(mean))
+            x = x - mean.to(torch.float32)
+        if rotated:
+            x = rotate(x, ROTATION_SEED)
+        bits = table[tiers.to(torch.int64), col]
+        codes, u, base = qz.quantize(x, bits, prof.clip)
+        bases.append(base)
+        parts.append(u.reshape(-1))
+        for i, idx in enumerate(order):
+            if idx.numel():
+                parts.append(pack_bits(codes[:, idx, :], int(prof.tiers[i][col])))
+    return flags, bases[0], bases[1], torch.cat(parts)
+
+
+def read_header(blob: bytes | memoryview) -> FrameHeader:
+    """Shape, dtype, profile and version of a frame without decoding (or verifying) it."""
+    return parse_header(memoryview(blob)[:-TRAILER_BYTES] if len(blob) >= HEADER_BYTES + TRAILER_BYTES
+                        else memoryview(blob))
+
+
+def _verified_header(blob: bytes | memoryview) -> FrameHeader:
+    size = len(blob)
+    if size < HEADER_BYTES + TRAILER_BYTES:
+        raise TruncatedFrame(f"frame of {size} bytes is shorter than header and trailer "
+                             f"({HEADER_BYTES + TRAILER_BYTES} bytes)")
+    if not is_intact(blob):
+        try:
+            header = parse_header(memoryview(blob))
+        except Exception:
+            header = None
+        if header is not None and HEADER_BYTES + header.stored_len + TRAILER_BYTES > size:
+            raise TruncatedFrame(f"frame of {size} bytes is shorter than the "
+                                 f"{HEADER_BYTES + header.stored_len + TRAILER_BYTES} bytes its header declares")
+        raise CorruptFrame("frame checksum mismatch (XXH3-64 trailer does not match its content)")
+    header = parse_header(memoryview(blob)[:-TRAILER_BYTES])
+    if HEADER_BYTES + header.stored_len + TRAILER_BYTES != size:
+        raise CorruptFrame(f"frame is {size} bytes but its header declares "
+                           f"{HEADER_BYTES + header.stored_len + TRAILER_BYTES}")
+    return header
+
+
+def decode_layer(blob: bytes | memoryview, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify and decode a frame into (K, V) on ``device``, in ``dtype`` (default: the source dtype)."""
+    header = _verified_header(blob)
+    stored = memoryview(blob)[HEADER_BYTES:HEADER_BYTES + header.stored_len]
+    if header.flags & FLAG_ZSTD:
+        try:
+            raw = _decompressor().decompress(stored, max_output_size=header.raw_len)
+        except zstandard.ZstdError as exc:
+            raise CorruptFrame(f"zstd body does not decompress: {exc}") from exc
+    else:
+        raw = bytes(stored)
+    if len(raw) != header.raw_len:
+        raise CorruptFrame(f"body is {len(raw)} bytes, header declares {header.raw_len}")
+    body = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    body = body.to(device)
+    out_dtype = dtype or header.dtype
+    if header.flags & FLAG_LOSSLESS:
+        k, v = _decode_lossless(body, header)
+    else:
+        k, v = _decode_quantized(body, header)
+    return k.to(out_dtype), v.to(out_dtype)
+
+
+def _decode_lossless(body: torch.Tensor, header: FrameHeader) -> tuple[torch.Tensor, torch.Tensor]:
+    width = torch.empty(0, dtype=header.dtype).element_size()
+    n = header.heads * header.tokens * header.head_dim
+    if body.numel() != 2 * n * width:
+        raise CorruptFrame(f"lossless body is {body.numel()} bytes, expected {2 * n * width}")
+    data = _unshuffle(body, width).view(header.dtype)
+    return data[:n].view(header.shape), data[n:].view(header.shape)
+
+
+class _Reader:
+    """Cursor over the body that turns every overrun into CorruptFrame."""
+
+    def __init__(self, body: torch.Tensor) -> None:
+        self.body, self.pos = body, 0
+
+    def take(self, count: int) -> torch.Tensor:
+        if self.pos + count > self.body.numel():
+            raise CorruptFrame(f"body ends at {self.body.numel()} bytes, needed {self.pos + count}")
+        out = self.body[self.pos:self.pos + count]
+        self.pos += count
+        return out
+
+
+def _decode_quantized(body: torch.Tensor, header: FrameHeader) -> tuple[torch.Tensor, torch.Tensor]:
+    h, t, d = header.shape
+    r = _Reader(body)
+    n_tiers = int(r.take(1).item())
+    table = r.take(2 * n_tiers).to(torch.int64).view(n_tiers, 2)
+    table_list = table.tolist()
+    if n_tiers == 0 or any(not 1 <= b <= 8 for row in table_list for b in row):
+        raise CorruptFrame(f"bad tier table {table_list}")
+    tiers = unpack_bits(r.take(packed_size(t, 4)), 4, t)
+    if t and int(tiers.max().item()) >= n_tiers:
+        raise CorruptFrame("precision map names a tier the table does not have")
+    order = [torch.nonzero(tiers == i).reshape(-1) for i in range(n_tiers)]
+    out = []
+    for col, center_flag, base in ((0, FLAG_CENTER_K, header.k_base), (1, FLAG_CENTER_V, header.v_base)):
+        mean = None
+        if header.flags & center_flag:
+            mean = r.take(h * d * 2).clone().view(torch.float16).view(h, 1, d).to(torch.float32)
+        u = r.take(h * t).view(h, t)
+        codes = torch.empty((h, t, d), dtype=torch.int64, device=body.device)
+        for i, idx in enumerate(order):
+            if idx.numel():
+                bits = table_list[i][col]
+                count = h * idx.numel() * d
+                codes[:, idx, :] = unpack_bits(r.take(packed_size(count, bits)), bits, count).view(h, -1, d)
+        x = qz.dequantize(codes, u, base, table[tiers, col])
+        if header.flags & FLAG_ROTATED:
+            x = unrotate(x, header.seed)
+        if mean is not None:
+            x = x + mean
+        out.append(x)
+    if r.pos != body.numel():
+        raise CorruptFrame(f"body has {body.numel() - r.pos} trailing bytes")
+    return out[0], out[1]
