@@ -40,7 +40,7 @@ class Namespace:
     profile: str
 
     def __post_init__(self) -> None:
-        if not NAMESPACE_RE.match(str(self)):
+        if not NAMESPACE_RE.fullmatch(str(self)):
             raise ValueError(
                 f"invalid namespace {str(self)!r}: each of tenant/model/profile must be 1-64 "
                 "(model: 1-128) characters of [A-Za-z0-9._:-]"
@@ -51,7 +51,7 @@ class Namespace:
 
     @classmethod
     def parse(cls, text: str) -> Namespace:
-        m = NAMESPACE_RE.match(text)
+        m = NAMESPACE_RE.fullmatch(text)
         if not m:
             raise ValueError(
                 f"invalid namespace {text!r}: expected '<tenant>/<model>/<profile>' "

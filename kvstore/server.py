@@ -140,6 +140,8 @@ def _parse_put_request(data: bytes) -> PutRequestView:
     while pos < end:
         tag, pos = _read_varint(data, pos)
         number, wire_type = tag >> 3, tag & 7
+        if not 0 < number < 1 << 29:
+            raise ValueError(f"invalid field number {number}")  # protobuf rejects these too
         if wire_type == 0:
             value, pos = _read_varint(data, pos)
             if number in (3, 4):

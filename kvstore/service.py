@@ -64,6 +64,10 @@ class StoreService:
         self.auth = authenticator
         self.quotas = quotas
         self.counters = ServerCounters()
+        # Bytes charged per stored blob, kept only with quotas on (about 100 bytes a blob),
+        # so overwrites charge the difference and Delete releases exactly what was charged.
+        self._charged: dict[BlobKey, int] = {}
+        self._quota_lock = threading.Lock()
 
     # ------------------------------------------------------------ validation
 
@@ -157,24 +161,60 @@ class StoreService:
         return out
 
     def put(self, tenant: str | None, items: Sequence[PutItem]) -> tuple[int, int]:
-        """Charge quotas, then write the validated stream; returns (blobs, bytes)."""
-        per_tenant: Counter[str] = Counter()
-        for item in items:
-            per_tenant[item.key.namespace.split("/", 1)[0]] += len(item.blob)
-        charged: list[tuple[str, int]] = []
+        """Charge quotas, then write the validated stream; returns (blobs, bytes).
+
+        Quotas charge what a blob adds: rewriting a block already held (a client
+        retrying a whole batch) charges only the size difference.
+        """
+        nbytes = sum(len(item.blob) for item in items)
+        undo = self._charge(items) if self.quotas.enabled else None
         try:
-            if self.quotas.enabled:
-                for owner, nbytes in per_tenant.items():
-                    self.quotas.charge(owner, nbytes)
-                    charged.append((owner, nbytes))
             self.store.put_many([(item.key, item.blob) for item in items])
         except BaseException:
-            for owner, nbytes in charged:
-                self.quotas.release(owner, nbytes)
+            if undo is not None:
+                undo()
             raise
-        nbytes = sum(per_tenant.values())
         self.counters.add(puts=1, blobs_put=len(items), bytes_put=nbytes)
         return len(items), nbytes
+
+    def _charge(self, items: Sequence[PutItem]) -> Any:
+        """Charge each owner the growth its blobs cause; return a callable that undoes it."""
+        with self._quota_lock:
+            sizes = {item.key: len(item.blob) for item in items}  # last write of a key wins
+            previous = {key: self._charged.get(key, 0) for key in sizes}
+            growth: Counter[str] = Counter()
+            for key, size in sizes.items():
+                growth[key.namespace.split("/", 1)[0]] += size - previous[key]
+            done: list[tuple[str, int]] = []
+            try:
+                for owner, delta in growth.items():
+                    if delta >= 0:
+                        self.quotas.charge(owner, delta)
+                    else:
+                        self.quotas.release(owner, -delta)
+                    done.append((owner, delta))
+            except BaseException:
+                self._uncharge(done)
+                raise
+            self._charged.update(sizes)
+
+        def undo() -> None:
+            with self._quota_lock:
+                self._uncharge(done)
+                for key, size in previous.items():
+                    if size:
+                        self._charged[key] = size
+                    else:
+                        self._charged.pop(key, None)
+
+        return undo
+
+    def _uncharge(self, done: list[tuple[str, int]]) -> None:
+        for owner, delta in done:
+            if delta >= 0:
+                self.quotas.release(owner, delta)
+            else:
+                self.quotas.set_usage(owner, self.quotas.usage(owner) - delta)  # re-take a shrink
 
     def check_get(self, tenant: str | None, namespace: str, keys: Sequence[bytes], layer_start: int,
                   layer_end: int) -> Namespace:
@@ -213,27 +253,16 @@ class StoreService:
         if not keys:
             return 0
         chunks = [bytes(k) for k in keys]
-        freed = self._stored_bytes(str(ns), chunks) if self.quotas.enabled else 0
+        freed = self._forget(str(ns), chunks) if self.quotas.enabled else 0
         num_deleted = int(self.store.delete_chunks(str(ns), chunks))
         if freed:
             self.quotas.release(ns.tenant, freed)
         self.counters.add(deletes=1, chunks_deleted=num_deleted)
         return num_deleted
 
-    def _stored_bytes(self, namespace: str, chunks: Sequence[bytes]) -> int:
-        """Bytes the given chunks occupy (largest copy per blob), to release their quota on Delete.
-
-        Only called with quotas on: it lists the namespace in every tier, which is
-        the price of not keeping a size index next to the ledger.
-        """
+    def _forget(self, namespace: str, chunks: Sequence[bytes]) -> int:
+        """Drop the charged sizes of every layer of ``chunks``; return the bytes freed."""
         wanted = set(chunks)
-        sizes: dict[BlobKey, int] = {}
-        for tier in getattr(self.store, "tiers", ()):
-            try:
-                found = [k for k in tier.iter_keys(namespace) if k.chunk in wanted]
-                for key, blob in zip(found, tier.get_many(found), strict=True):
-                    if blob is not None:
-                        sizes[key] = max(sizes.get(key, 0), len(blob))
-            except Exception:  # noqa: BLE001 - a dead tier just contributes nothing
-                continue
-        return sum(sizes.values())
+        with self._quota_lock:
+            gone = [k for k in self._charged if k.namespace == namespace and k.chunk in wanted]
+            return sum(self._charged.pop(k) for k in gone)

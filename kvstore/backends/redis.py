@@ -10,9 +10,10 @@ Layout under ``key_prefix`` (default ``kvstore:``):
 * ``<prefix>#lru`` (sorted set name → last access time): the eviction order when
   ``max_bytes`` is set. Reads touch it with ``ZADD XX`` in the same pipeline.
 
-A write is ``SET`` plus a small accounting script in one ``MULTI/EXEC`` (the blob
-never passes through Lua), a delete one script, so a blob and its accounting
-change atomically; eviction of the least recently used blobs happens inside the write
+A write is ``SET`` followed, in the same pipeline, by a small accounting script that
+reads the blob's size and existence from Redis itself (the blob never passes through
+Lua); a delete is one script. Accounting therefore converges to the stored data even
+when writes, deletes and evictions of one key interleave; eviction of the least recently used blobs happens inside the write
 script, so the budget holds even with many writers. Every batch method is one
 pipelined round trip. With ``ttl_seconds`` Redis expires blobs by itself; their
 accounting is reclaimed when a read misses them or eviction reaches them.
@@ -40,16 +41,19 @@ from kvstore.backends.base import Backend, BackendUsage, BlobKey
 from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
 from kvstore.errors import BackendUnavailable
 
-# Runs right after the blob's own SET in the same MULTI/EXEC, so the blob never passes
-# through Lua (a copy per byte would cost more than the network on large blobs).
-# KEYS: sizes, lru, meta; ARGV: name, size, now, max_bytes, key_prefix
+# Runs right after the blob's own SET, pipelined on the same connection, so the blob
+# never passes through Lua (a copy per byte would cost more than the network on large
+# blobs) and no MULTI has to queue it. Size and existence are read from the key itself,
+# so a delete, eviction or expiry that slips in between leaves the accounting exact.
+# KEYS: sizes, lru, meta, data; ARGV: name, now, max_bytes, key_prefix
 _ACCOUNT = """
-local size = tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
+local size = redis.call('STRLEN', KEYS[4])
 local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 redis.call('HSET', KEYS[1], ARGV[1], size)
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 local total = redis.call('HINCRBY', KEYS[3], 'bytes', size - old)
-local limit = tonumber(ARGV[4])
+local limit = tonumber(ARGV[3])
 local evicted = 0
 local kept = nil
 while limit > 0 and total > limit do
@@ -60,7 +64,7 @@ while limit > 0 and total > limit do
   else
     local vsize = tonumber(redis.call('HGET', KEYS[1], victim[1]) or '0')
     redis.call('HDEL', KEYS[1], victim[1])
-    redis.call('DEL', ARGV[5] .. victim[1])
+    redis.call('DEL', ARGV[4] .. victim[1])
     total = redis.call('HINCRBY', KEYS[3], 'bytes', -vsize)
     evicted = evicted + 1
   end
@@ -269,14 +273,14 @@ class RedisBackend(Backend):
         now = time.time()
 
         def run() -> list[Any]:
-            # One MULTI/EXEC: each blob and its accounting change together, in one round trip.
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self._client.pipeline(transaction=False)
             for i, (key, blob) in enumerate(fitting):
-                pipe.set(self._key(key), blob, px=self.ttl_ms or None)
+                name = self._key(key)
+                pipe.set(name, blob, px=self.ttl_ms or None)
                 # Later items of one batch count as more recent, so a batch evicts its own head first.
                 pipe.evalsha(
-                    self._account_sha, 3, self._sizes, self._lru, self._meta,
-                    key.name(), len(blob), now + i * 1e-6, self.max_bytes, self.key_prefix,
+                    self._account_sha, 4, self._sizes, self._lru, self._meta, name,
+                    key.name(), now + i * 1e-6, self.max_bytes, self.key_prefix,
                 )  # fmt: skip
             return pipe.execute()[1::2]
 
