@@ -175,13 +175,26 @@ def methods(profiles: list[str]) -> dict[str, Method]:
     return out
 
 
-def run(texts: int, profiles: list[str], only: list[str] | None = None) -> dict:
+def load_cases(model, tokenizer, texts: int, cache: Path | None = None) -> list[Case]:
+    """Build (or reuse from ``cache``, a torch.save file) the cases for the first ``texts`` texts."""
+    files = text_files(texts)
+    if cache is not None and cache.is_file():
+        saved = {c.name: c for c in torch.load(cache, weights_only=False)}
+        if all(f.stem in saved for f in files):
+            return [saved[f.stem] for f in files]
+    cases = [build_case(model, tokenizer, f) for f in files]
+    if cache is not None:
+        torch.save(cases, cache)
+    return cases
+
+
+def run(texts: int, profiles: list[str], only: list[str] | None = None, cache: Path | None = None) -> dict:
     from workers.model import load_model
 
     torch.set_grad_enabled(False)
     model, tokenizer = load_model()
     t0 = time.perf_counter()
-    cases = [build_case(model, tokenizer, f) for f in text_files(texts)]
+    cases = load_cases(model, tokenizer, texts, cache)
     prefill_s = time.perf_counter() - t0
     results = {}
     for name, method in methods(profiles).items():
@@ -209,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profiles", default="lossless,int8,balanced,dense")
     ap.add_argument("--only", default="", help="comma-separated method names to run (default all)")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
+    ap.add_argument("--cache", type=Path, help="reuse prefix caches saved here (torch.save) across runs")
     args = ap.parse_args(argv)
     report = run(2 if args.quick else args.texts, args.profiles.split(","),
-                 [m for m in args.only.split(",") if m] or None)
+                 [m for m in args.only.split(",") if m] or None, args.cache)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -138,11 +138,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             consumed_before_last: list[bool] = []
 
-            def layerwise() -> tuple[torch.Tensor, torch.Tensor]:
+            def layerwise(decode_in_loader: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
                 n = client.lookup(ns, keys, num_layers)
                 cache = LayerwiseCache.from_store(client, ns, keys[:n], num_layers,
                                                   chunk_tokens=args.chunk_tokens,
-                                                  prefetch_depth=args.prefetch_depth)
+                                                  prefetch_depth=args.prefetch_depth,
+                                                  decode_in_loader=decode_in_loader)
                 with torch.no_grad():
                     logits = model(suffix, cache=cache, use_cache=True).logits
                 consumed = cache.times(CONSUMED)
@@ -163,8 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return lambda: model(suffix, cache=cache, use_cache=True)
 
             samples: dict[str, list[float]] = {k: [] for k in
-                                               ("fetch_all", "layerwise", "fetch_one_layer", "fetch_all_only",
-                                                "compute")}
+                                               ("fetch_all", "layerwise", "layerwise_decode_in_model_thread",
+                                                "fetch_one_layer", "fetch_all_only", "compute")}
             same_token = True
             max_logit_diff = 0.0
             fetch_all()  # warm-up: channel, allocator, kernels
@@ -174,8 +175,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 samples["fetch_all"].append(t)
                 t, (tok_b, logits_b) = timed(layerwise)
                 samples["layerwise"].append(t)
-                same_token &= bool(tok_a == tok_b)
-                max_logit_diff = max(max_logit_diff, float((logits_a - logits_b).abs().max()))
+                t, (tok_c, logits_c) = timed(lambda: layerwise(decode_in_loader=False))
+                samples["layerwise_decode_in_model_thread"].append(t)
+                same_token &= bool(tok_a == tok_b == tok_c)
+                max_logit_diff = max(max_logit_diff, float((logits_a - logits_b).abs().max()),
+                                     float((logits_a - logits_c).abs().max()))
                 samples["fetch_one_layer"].append(timed(fetch_one)[0])
                 samples["fetch_all_only"].append(timed(fetch_all_only)[0])
                 run = make_compute()
@@ -187,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     med = {k: round(statistics.median(v), 4) for k, v in samples.items()}
     bound = (med["fetch_one_layer"] + med["compute"]) * 1.10
+    best = min(med["layerwise"], med["layerwise_decode_in_model_thread"])
     stored_bytes = put_result.bytes_stored
     report = {
         "bench": "layerwise",
@@ -198,15 +203,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "prefill_s": round(prefill_s, 3)},
         "median_s": med,
         "samples_s": {k: [round(x, 4) for x in v] for k, v in samples.items()},
-        "ttft_speedup": round(med["fetch_all"] / med["layerwise"], 3) if med["layerwise"] else None,
+        "ttft_speedup": round(med["fetch_all"] / med["layerwise"], 3),
+        "ttft_speedup_decode_in_model_thread": round(med["fetch_all"] / med["layerwise_decode_in_model_thread"], 3),
         "goal": {"bound_s": round(bound, 4), "layerwise_s": med["layerwise"],
-                 "met": med["layerwise"] <= bound},
+                 "layerwise_decode_in_model_thread_s": med["layerwise_decode_in_model_thread"],
+                 "met": best <= bound},
         "same_first_token": same_token,
         "max_abs_logit_diff": max_logit_diff,
         "layer0_consumed_before_last_arrived": all(consumed_before_last),
     }
     print(json.dumps(report, indent=2))
-    print(f"layerwise: TTFT {med['layerwise'] * 1e3:.0f} ms vs fetch-all {med['fetch_all'] * 1e3:.0f} ms "
+    print(f"layerwise: TTFT {med['layerwise'] * 1e3:.0f} ms (decode in model thread "
+          f"{med['layerwise_decode_in_model_thread'] * 1e3:.0f} ms) vs fetch-all {med['fetch_all'] * 1e3:.0f} ms "
           f"({report['ttft_speedup']}x) for a {args.prefix_tokens}-token stored prefix; "
           f"one layer {med['fetch_one_layer'] * 1e3:.0f} ms + compute {med['compute'] * 1e3:.0f} ms "
           f"(+10% = {bound * 1e3:.0f} ms): goal {'met' if report['goal']['met'] else 'NOT met'}; "

@@ -108,11 +108,16 @@ class LayerwiseCache(DynamicCache):
     ``source`` yields ``(layer, blobs)`` for layers ``0..num_layers-1`` in
     order; ``decode(blobs)`` turns one layer's blobs into ``(k, v)`` of shape
     ``[kv_heads, prefix_tokens, head_dim]``. The loader thread starts at once.
+
+    ``decode_in_loader=False`` moves decoding to the model's thread, at the
+    moment a layer is needed: only the transfer overlaps compute then, but the
+    two threads no longer compete for the GIL, which wins when decoding is
+    Python-heavy and cores are scarce (``bench/layerwise.py`` measures both).
     """
 
     def __init__(self, source: Iterable[tuple[int, Sequence[bytes]]], num_layers: int, prefix_tokens: int, *,
                  decode: Decoder, prefetch_depth: int = 2, wait_timeout_s: float = 120.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 decode_in_loader: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         if num_layers < 1 or prefix_tokens < 0:
             raise ValueError("num_layers must be >= 1 and prefix_tokens >= 0")
         if prefetch_depth < 1:
@@ -123,6 +128,7 @@ class LayerwiseCache(DynamicCache):
         self.prefetch_depth = prefetch_depth
         self.wait_timeout_s = wait_timeout_s
         self._decode = decode
+        self.decode_in_loader = decode_in_loader
         self._clock = clock
         self._cond = threading.Condition()
         self._ready = [threading.Event() for _ in range(num_layers)]
@@ -141,7 +147,7 @@ class LayerwiseCache(DynamicCache):
     def from_store(cls, client: Any, namespace: Namespace | str, keys: Sequence[bytes], num_layers: int, *,
                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, prefetch_depth: int = 2,
-                   wait_timeout_s: float = 120.0) -> LayerwiseCache:
+                   wait_timeout_s: float = 120.0, decode_in_loader: bool = True) -> LayerwiseCache:
         """Start streaming every layer of ``keys`` (a stored prefix) from a :class:`KVClient`."""
         from transfer.kvio import decode_blobs
 
@@ -150,7 +156,8 @@ class LayerwiseCache(DynamicCache):
         source = client.get_layers(namespace, keys, 0, num_layers)
         return cls(source, num_layers, len(keys) * chunk_tokens,
                    decode=lambda blobs: decode_blobs(blobs, device=device, dtype=dtype),
-                   prefetch_depth=prefetch_depth, wait_timeout_s=wait_timeout_s)
+                   prefetch_depth=prefetch_depth, wait_timeout_s=wait_timeout_s,
+                   decode_in_loader=decode_in_loader)
 
     # -- loader thread ----------------------------------------------------------------------------
 
@@ -177,13 +184,13 @@ class LayerwiseCache(DynamicCache):
                 self._record(ARRIVED, layer)
                 if layer != expected:
                     raise TransferError(f"layer stream out of order: got layer {layer}, expected {expected}")
-                k, v = self._decode(blobs)
-                if k.dim() != 3 or k.shape[1] != self.prefix_tokens or k.shape != v.shape:
-                    raise TransferError(f"layer {layer} decoded to K {tuple(k.shape)} / V {tuple(v.shape)}; "
-                                        f"expected [kv_heads, {self.prefix_tokens}, head_dim]")
-                self._record(DECODED, layer)
+                if self.decode_in_loader:
+                    slot: Any = self._decoded(layer, blobs)
+                    self._record(DECODED, layer)
+                else:
+                    slot = blobs
                 with self._cond:
-                    self._slots[layer] = (k.unsqueeze(0), v.unsqueeze(0))
+                    self._slots[layer] = slot
                     self._num_published += 1
                 self._ready[layer].set()
                 expected += 1
@@ -195,6 +202,13 @@ class LayerwiseCache(DynamicCache):
             close = getattr(source, "close", None)
             if close is not None:
                 close()  # cancels the gRPC stream when we stop early
+
+    def _decoded(self, layer: int, blobs: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._decode(blobs)
+        if k.dim() != 3 or k.shape[1] != self.prefix_tokens or k.shape != v.shape:
+            raise TransferError(f"layer {layer} decoded to K {tuple(k.shape)} / V {tuple(v.shape)}; "
+                                f"expected [kv_heads, {self.prefix_tokens}, head_dim]")
+        return k.unsqueeze(0), v.unsqueeze(0)
 
     # -- consumer side (the model's thread) -------------------------------------------------------
 
@@ -211,8 +225,13 @@ class LayerwiseCache(DynamicCache):
                     raise error
                 raise TransferError(f"layer {layer} could not be loaded: {error!r}") from error
             self._num_consumed += 1
-            self._record(CONSUMED, layer)  # under the lock: the log never shows more than depth pending
+            if self.decode_in_loader:
+                self._record(CONSUMED, layer)  # under the lock: the log never shows more than depth pending
             self._cond.notify_all()
+        if not self.decode_in_loader:
+            kv = self._decoded(layer, kv)
+            self._record(DECODED, layer)
+            self._record(CONSUMED, layer)
         self._consumed[layer].set()
         return kv
 

@@ -21,12 +21,13 @@ streaming generator.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from transfer.client import KVClient
 from workers.prefill import PrefillHandle, WorkerConfig, close_cache, open_prefix_cache
-from workers.runner import ModelRunner
+from workers.runner import LayerKV, ModelRunner
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,18 @@ class DecodeSummary:
         return steps / self.timings["generate_s"] if self.timings.get("generate_s") else 0.0
 
 
+def handed_over_cache(prefix: Iterable[LayerKV], num_layers: int, num_tokens: int) -> Any:
+    """A layer-wise cache fed by per-layer KV that is already decoded (a direct handoff).
+
+    Same overlap as the store path: layer ``i`` is computed while later layers
+    are still being pulled from ``prefix``.
+    """
+    from transfer.layerwise import LayerwiseCache
+
+    source = enumerate(prefix)
+    return LayerwiseCache(source, num_layers, num_tokens, decode=lambda kv: kv)
+
+
 class DecodeWorker:
     """Greedy decoding from a stored prompt cache (see the module docstring)."""
 
@@ -65,17 +78,24 @@ class DecodeWorker:
     def ready(self) -> str:
         return self.runner.fingerprint
 
-    def stream(self, handle: PrefillHandle, max_new_tokens: int) -> Iterator[TokenEvent | DecodeSummary]:
+    def stream(self, handle: PrefillHandle, max_new_tokens: int, *,
+               prefix: Iterable[LayerKV] | None = None) -> Iterator[TokenEvent | DecodeSummary]:
+        """Generate for ``handle``; ``prefix`` (per-layer KV of ``[0, boundary)``, pulled lazily in
+        layer order) replaces the store when prefill handed its KV over directly."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         start = time.perf_counter()
         runner, c = self.runner, handle.chunk_tokens
-        keys = handle.prefix_keys
-        present = self.client.lookup(handle.namespace, keys, runner.shape.num_layers) if keys else 0
-        cache = open_prefix_cache(self.client, runner, handle.namespace, keys[:present], c,
-                                  layerwise=self.config.layerwise)
+        if prefix is not None and handle.boundary:
+            cache, past = handed_over_cache(prefix, runner.shape.num_layers, handle.boundary), handle.boundary
+        else:
+            keys = handle.prefix_keys
+            present = self.client.lookup(handle.namespace, keys, runner.shape.num_layers) if keys else 0
+            cache = open_prefix_cache(self.client, runner, handle.namespace, keys[:present], c,
+                                      layerwise=self.config.layerwise)
+            past = present * c
         try:
-            out = runner.prefill(handle.token_ids, cache, past_tokens=present * c, boundary=handle.boundary)
+            out = runner.prefill(handle.token_ids, cache, past_tokens=past, boundary=handle.boundary)
         finally:
             close_cache(cache)
         t_ready = time.perf_counter()
@@ -85,7 +105,7 @@ class DecodeWorker:
             yield TokenEvent(handle.request_id, i, token, time.perf_counter() - start)
         t_end = time.perf_counter()
         yield DecodeSummary(
-            request_id=handle.request_id, tokens=tuple(tokens), num_fetched_tokens=present * c,
+            request_id=handle.request_id, tokens=tuple(tokens), num_fetched_tokens=past,
             num_recomputed_tokens=out.num_computed, first_token_match=out.first_token == handle.first_token,
             timings={"restore_s": t_ready - start, "generate_s": t_end - t_ready, "total_s": t_end - start},
         )

@@ -60,6 +60,28 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
+class RayPrefillWorker(PrefillWorker):
+    """PrefillWorker as an actor, plus the direct handoff: per-layer KV as Ray object refs."""
+
+    def prefill_refs(self, request: PrefillRequest) -> tuple[PrefillHandle, list[Any]]:
+        import ray
+
+        handle, layers = self.prefill_with_kv(request)
+        return handle, [ray.put(kv) for kv in layers]
+
+
+class RayDecodeWorker(DecodeWorker):
+    """DecodeWorker as an actor; ``stream_refs`` pulls the prefix from object refs, layer by layer."""
+
+    def stream_refs(self, handle: PrefillHandle, refs: list[Any],
+                    max_new_tokens: int) -> Iterator[TokenEvent | DecodeSummary]:
+        import ray
+
+        # ``refs`` arrive unresolved (nested in a list), so each layer is fetched only when the
+        # layer-wise loader asks for it, while the model already runs on earlier layers.
+        yield from self.stream(handle, max_new_tokens, prefix=(ray.get(ref) for ref in refs))
+
+
 class WorkerPool:
     """Actors of one kind and the requests in flight on each; picks where the next one goes.
 
@@ -130,8 +152,8 @@ class Pipeline:
         from dataclasses import replace
 
         self.config = replace(config, num_threads=threads)
-        prefill_cls = ray.remote(num_cpus=num_cpus_per_actor)(PrefillWorker)
-        decode_cls = ray.remote(num_cpus=num_cpus_per_actor)(DecodeWorker)
+        prefill_cls = ray.remote(num_cpus=num_cpus_per_actor)(RayPrefillWorker)
+        decode_cls = ray.remote(num_cpus=num_cpus_per_actor)(RayDecodeWorker)
         self.prefill_pool = WorkerPool([prefill_cls.remote(self.config) for _ in range(num_prefill)], routing)
         self.decode_pool = WorkerPool([decode_cls.remote(self.config) for _ in range(num_decode)], routing)
 
@@ -147,10 +169,12 @@ class Pipeline:
 
     # -- prefill -------------------------------------------------------------------------------------
 
-    def submit_prefill(self, request: PrefillRequest) -> tuple[int, Any]:
-        """Route ``request`` to a prefill actor; (actor index, ObjectRef of its handle)."""
+    def submit_prefill(self, request: PrefillRequest, *, handoff: bool = False) -> tuple[int, Any]:
+        """Route ``request`` to a prefill actor; (actor index, ObjectRef of its handle, or of
+        ``(handle, per-layer KV refs)`` with ``handoff``)."""
         index = self.prefill_pool.acquire()
-        return index, self.prefill_pool.actors[index].prefill.remote(request)
+        actor = self.prefill_pool.actors[index]
+        return index, (actor.prefill_refs if handoff else actor.prefill).remote(request)
 
     def finish_prefill(self, index: int, ref: Any, timeout_s: float | None = None) -> PrefillHandle:
         import ray
@@ -169,44 +193,65 @@ class Pipeline:
         """Tokens of ``handle`` as a decode actor produces them, then the summary."""
         return self._stream(self.decode_pool.acquire(), handle, max_new_tokens)
 
-    def _stream(self, index: int, handle: PrefillHandle,
-                max_new_tokens: int) -> Iterator[TokenEvent | DecodeSummary]:
+    def _stream(self, index: int, handle: PrefillHandle, max_new_tokens: int,
+                refs: list[Any] | None = None) -> Iterator[TokenEvent | DecodeSummary]:
         import ray
 
+        actor = self.decode_pool.actors[index]
         try:
-            gen = self.decode_pool.actors[index].stream.options(num_returns="streaming").remote(
-                handle, max_new_tokens)
+            if refs is None:
+                gen = actor.stream.options(num_returns="streaming").remote(handle, max_new_tokens)
+            else:
+                gen = actor.stream_refs.options(num_returns="streaming").remote(handle, refs, max_new_tokens)
             for ref in gen:
                 yield ray.get(ref)
         finally:
             self.decode_pool.release(index)
 
     def generate(self, request: PrefillRequest, max_new_tokens: int,
-                 on_token: Callable[[TokenEvent], None] | None = None) -> RequestResult:
+                 on_token: Callable[[TokenEvent], None] | None = None, *, handoff: bool = False) -> RequestResult:
         """Prefill then decode one request, calling ``on_token`` for each streamed token."""
-        return next(iter(self.run([request], max_new_tokens, on_token)))
+        return next(iter(self.run([request], max_new_tokens, on_token, handoff=handoff)))
 
     def run(self, requests: Sequence[PrefillRequest], max_new_tokens: int,
             on_token: Callable[[TokenEvent], None] | None = None,
-            on_handle: Callable[[PrefillHandle], None] | None = None) -> Iterator[RequestResult]:
-        """Run a batch in order, overlapping the prefill of later requests with decode of earlier ones.
+            on_handle: Callable[[PrefillHandle], None] | None = None, *,
+            overlap: bool = True, handoff: bool = False) -> Iterator[RequestResult]:
+        """Run a batch in order; results come back in request order.
 
-        Every prefill is submitted at once; one prefill actor runs them in
-        submission order, so a request sees the chunks its predecessors stored.
-        Results come back in request order; ``on_handle`` sees each prefill
-        handle before its tokens stream.
+        With ``overlap`` every prefill is submitted at once, so prefill of later
+        requests runs while earlier ones decode (one prefill actor still runs
+        them in submission order, so a request sees the chunks its predecessors
+        stored). Without it, a request's prefill starts only after the previous
+        request finished decoding, so prefill timings are not disturbed by a
+        concurrent decode (what a TTFT comparison needs on a small machine).
+        ``on_handle`` sees each prefill handle before its tokens stream.
+
+        ``handoff`` sends the prompt's KV from the prefill actor to the decode
+        actor as per-layer Ray object refs instead of through the store (the
+        chunks are still stored for later reuse when the request says so).
         """
-        start = {r.request_id: time.perf_counter() for r in requests}
-        pending = [(r, *self.submit_prefill(r)) for r in requests]
+        queue = list(requests)
+        start: dict[str, float] = {}
+        pending: list[tuple[PrefillRequest, int, Any]] = []
+
+        def submit(request: PrefillRequest) -> None:
+            start[request.request_id] = time.perf_counter()
+            pending.append((request, *self.submit_prefill(request, handoff=handoff)))
+
         try:
-            while pending:
+            while queue or pending:
+                while queue and (overlap or not pending):
+                    submit(queue.pop(0))
                 request, index, ref = pending.pop(0)
-                handle = self.finish_prefill(index, ref)
+                handle, refs = self.finish_prefill(index, ref), None
+                if handoff:
+                    handle, refs = handle
                 if on_handle is not None:
                     on_handle(handle)
                 summary = None
                 decode_index = self.decode_pool.acquire()
-                for item in self._stream(decode_index, handle, max_new_tokens):
+                for item in self._stream(decode_index, handle, max_new_tokens, refs):
                     if isinstance(item, DecodeSummary):
                         summary = item
                     elif on_token is not None:

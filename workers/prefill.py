@@ -25,7 +25,7 @@ from typing import Any
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, ChunkKey, Namespace, chunk_keys
 from transfer.client import KVClient, PutItem
-from workers.runner import ModelRunner, reuse_boundary
+from workers.runner import LayerKV, ModelRunner, reuse_boundary
 
 FP16_BYTES = 2
 
@@ -151,6 +151,19 @@ class PrefillWorker:
         return self.runner.fingerprint
 
     def prefill(self, request: PrefillRequest) -> PrefillHandle:
+        return self._prefill(request)[0]
+
+    def prefill_with_kv(self, request: PrefillRequest) -> tuple[PrefillHandle, list[LayerKV]]:
+        """The handle plus the prompt's KV over ``[0, boundary)``, one ``(k, v)`` per layer.
+
+        For a direct handoff to decode (object refs instead of the store); the
+        chunks are stored as usual when ``request.store``.
+        """
+        handle, cache = self._prefill(request)
+        b = handle.boundary
+        return handle, [(k[:, :b].contiguous(), v[:, :b].contiguous()) for k, v in self.runner.cache_layers(cache)]
+
+    def _prefill(self, request: PrefillRequest) -> tuple[PrefillHandle, Any]:
         start = time.perf_counter()
         cfg, runner = self.config, self.runner
         c = cfg.chunk_tokens
@@ -185,7 +198,7 @@ class PrefillWorker:
 
         shape = runner.shape
         fp16 = stored_chunks * num_layers * 2 * shape.num_kv_heads * c * shape.head_dim * FP16_BYTES
-        return PrefillHandle(
+        handle = PrefillHandle(
             request_id=request.request_id, namespace=ns, keys=tuple(keys), token_ids=ids, chunk_tokens=c,
             boundary=boundary, num_cached_tokens=cached * c, num_prefilled_tokens=out.num_computed,
             first_token=out.first_token, num_stored_chunks=stored_chunks, stored_bytes=stored_bytes,
@@ -193,6 +206,7 @@ class PrefillWorker:
             timings={"lookup_s": t_lookup - start, "compute_s": t_first - t_lookup, "ttft_s": t_first - start,
                      "store_s": t_end - t_first, "total_s": t_end - start},
         )
+        return handle, out.cache
 
     def close(self) -> None:
         self.client.close()

@@ -8,14 +8,14 @@ Layout under ``key_prefix`` (default ``kvstore:``):
   byte accounting, so :meth:`usage` is O(1) (``HGET`` + ``HLEN``) and shared by
   every server that uses the same prefix;
 * ``<prefix>#lru`` (sorted set name → last access time): the eviction order when
-  ``max_bytes`` is set. Reads touch it with ``ZADD XX`` in the same pipeline.
+  ``max_bytes`` is set; then reads touch it with one ``ZADD XX`` in their pipeline.
 
-A write is ``SET`` followed, in the same pipeline, by a small accounting script that
-reads the blob's size and existence from Redis itself (the blob never passes through
-Lua); a delete is one script. Accounting therefore converges to the stored data even
-when writes, deletes and evictions of one key interleave; eviction of the least recently used blobs happens inside the write
-script, so the budget holds even with many writers. Every batch method is one
-pipelined round trip. With ``ttl_seconds`` Redis expires blobs by itself; their
+A batch write is its ``SET`` commands followed, in the same pipeline, by one accounting
+script that reads each blob's size and existence from Redis itself (blobs never pass
+through Lua); a delete is one script per key. Accounting therefore stays exact even
+when writes, deletes and evictions of one key interleave. Eviction of the least
+recently used blobs happens inside the accounting script, so the budget holds with
+many writers. Reads are one ``MGET``. Every batch method is one pipelined round trip. With ``ttl_seconds`` Redis expires blobs by itself; their
 accounting is reclaimed when a read misses them or eviction reaches them.
 
 Connection errors and timeouts are retried with backoff, then surface as
@@ -41,30 +41,39 @@ from kvstore.backends.base import Backend, BackendUsage, BlobKey
 from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
 from kvstore.errors import BackendUnavailable
 
-# Runs right after the blob's own SET, pipelined on the same connection, so the blob
-# never passes through Lua (a copy per byte would cost more than the network on large
-# blobs) and no MULTI has to queue it. Size and existence are read from the key itself,
-# so a delete, eviction or expiry that slips in between leaves the accounting exact.
-# KEYS: sizes, lru, meta, data; ARGV: name, now, max_bytes, key_prefix
+# Runs right after a batch's SETs, pipelined on the same connection, so blobs never pass
+# through Lua (a copy per byte would cost more than the network on large blobs) and no
+# MULTI has to queue them. Size and existence are read from each key itself, so a delete,
+# eviction or expiry that slips in between leaves the accounting exact. One call per batch.
+# KEYS: sizes, lru, meta, data_1..data_n; ARGV: now, max_bytes, key_prefix, name_1..name_n
 _ACCOUNT = """
-if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
-local size = redis.call('STRLEN', KEYS[4])
-local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-redis.call('HSET', KEYS[1], ARGV[1], size)
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-local total = redis.call('HINCRBY', KEYS[3], 'bytes', size - old)
-local limit = tonumber(ARGV[3])
+local n = #KEYS - 3
+local now = tonumber(ARGV[1])
+for i = 1, n do
+  local name = ARGV[3 + i]
+  if redis.call('EXISTS', KEYS[3 + i]) == 1 then
+    local size = redis.call('STRLEN', KEYS[3 + i])
+    local old = tonumber(redis.call('HGET', KEYS[1], name) or '0')
+    redis.call('HSET', KEYS[1], name, size)
+    -- later items of a batch count as more recent, so a batch evicts its own head first
+    redis.call('ZADD', KEYS[2], now + i * 1e-6, name)
+    redis.call('HINCRBY', KEYS[3], 'bytes', size - old)
+  end
+end
+local total = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
+local limit = tonumber(ARGV[2])
+local newest = ARGV[3 + n]
 local evicted = 0
 local kept = nil
 while limit > 0 and total > limit do
   local victim = redis.call('ZPOPMIN', KEYS[2])
   if #victim == 0 then break end
-  if victim[1] == ARGV[1] then
+  if victim[1] == newest then
     kept = victim
   else
     local vsize = tonumber(redis.call('HGET', KEYS[1], victim[1]) or '0')
     redis.call('HDEL', KEYS[1], victim[1])
-    redis.call('DEL', ARGV[4] .. victim[1])
+    redis.call('DEL', ARGV[3] .. victim[1])
     total = redis.call('HINCRBY', KEYS[3], 'bytes', -vsize)
     evicted = evicted + 1
   end
@@ -217,17 +226,22 @@ class RedisBackend(Backend):
     def get_many(self, keys: Sequence[BlobKey]) -> list[bytes | None]:
         if not keys:
             return []
-        now = time.time()
+        names = [self._key(key) for key in keys]
+        if self.max_bytes:
+            # Reads refresh the LRU order (one ZADD XX for the whole batch); without a
+            # budget there is nothing to evict, so a read is a bare MGET.
+            now = time.time()
+            touch = {key.name(): now for key in keys}
 
-        def run() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.get(self._key(key))
-                pipe.zadd(self._lru, {key.name(): now}, xx=True)
-            return pipe.execute()
+            def run() -> list[Any]:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.mget(names)
+                pipe.zadd(self._lru, touch, xx=True)
+                return pipe.execute()[0]
 
-        replies = self._guard(run)
-        blobs: list[bytes | None] = replies[0::2]
+            blobs: list[bytes | None] = self._guard(run)
+        else:
+            blobs = self._guard(lambda: self._client.mget(names))
         if self.ttl_ms:
             self._reap([k for k, b in zip(keys, blobs, strict=True) if b is None])
         return blobs
@@ -274,15 +288,14 @@ class RedisBackend(Backend):
 
         def run() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
-            for i, (key, blob) in enumerate(fitting):
-                name = self._key(key)
+            names = [self._key(key) for key, _ in fitting]
+            for name, (_, blob) in zip(names, fitting, strict=True):
                 pipe.set(name, blob, px=self.ttl_ms or None)
-                # Later items of one batch count as more recent, so a batch evicts its own head first.
-                pipe.evalsha(
-                    self._account_sha, 4, self._sizes, self._lru, self._meta, name,
-                    key.name(), now + i * 1e-6, self.max_bytes, self.key_prefix,
-                )  # fmt: skip
-            return pipe.execute()[1::2]
+            pipe.evalsha(
+                self._account_sha, 3 + len(names), self._sizes, self._lru, self._meta, *names,
+                now, self.max_bytes, self.key_prefix, *(key.name() for key, _ in fitting),
+            )  # fmt: skip
+            return pipe.execute()[-1:]
 
         evicted = sum(self._guard(lambda: self._with_scripts(run))) if fitting else 0
         if too_big:

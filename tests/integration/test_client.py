@@ -372,6 +372,14 @@ def test_async_client_matches_the_sync_client(kvstore_server: Any) -> None:
                     pass
             with pytest.raises(errors.InvalidArgument, match="max_layers"):
                 await c.lookup(NS, keys, 100_000)
+
+            async def bad() -> Any:
+                yield keys[0], 9, 10, make_blob(10)
+                yield keys[0], 8, 10, b"unsealed"
+
+            with pytest.raises(errors.InvalidArgument, match="integrity trailer"):
+                await c.put(NS, bad())
+            assert await c.lookup(NS, keys, 10) == 0
             out["deleted"] = await c.delete(NS, keys[2:])
             out["after"] = await c.lookup(NS, keys, 3)
             return out

@@ -181,3 +181,22 @@ def test_prefetch_depth_bounds_how_far_the_loader_runs_ahead() -> None:
         assert k.shape == (1, 1, 5, 2) and k[0, 0, 0, 0].item() == layer
     assert max(lead) <= depth
     assert cache.wait_loaded(10)
+
+
+@pytest.mark.parametrize("decode_in_loader", [True, False])
+def test_decoding_runs_in_the_thread_asked_for(decode_in_loader: bool) -> None:
+    threads: list[str] = []
+
+    def decode(blobs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        threads.append(threading.current_thread().name)
+        t = torch.full((2, 3, 4), float(blobs[0][0]))
+        return t, -t
+
+    source = ((layer, [bytes([layer])]) for layer in range(4))
+    cache = LayerwiseCache(source, 4, 3, decode=decode, decode_in_loader=decode_in_loader)
+    for layer in range(4):
+        k, v = cache.layers[layer].update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+        assert k.shape == (1, 2, 4, 4) and k[0, 0, 0, 0].item() == layer and v[0, 0, 0, 0].item() == -layer
+    assert cache.wait_loaded(10)
+    expected = "layerwise-loader" if decode_in_loader else threading.current_thread().name
+    assert threads == [expected] * 4

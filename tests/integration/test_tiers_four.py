@@ -68,7 +68,7 @@ def _build(tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process, nam
         redis=RedisBackend(url=redis_server.url, key_prefix=f"{name}:", max_bytes=budgets.get("redis", 0),
                            socket_timeout_s=1.0),
         s3=S3Backend(endpoint_url=s3_server.endpoint_url, bucket=name, access_key_id="test",
-                     secret_access_key="test", region="us-east-1", max_bytes=budgets.get("s3", 0), timeout_s=2.0),
+                     secret_access_key="test", region="us-east-1", max_bytes=budgets.get("s3", 0), timeout_s=10.0),
         redis_raw=redis.Redis.from_url(redis_server.url),
         s3_raw=boto3.client("s3", endpoint_url=s3_server.endpoint_url, aws_access_key_id="test",
                             aws_secret_access_key="test", region_name="us-east-1"),

@@ -2,27 +2,29 @@
 
 ::
 
-    header (30 bytes)
+    header (28 bytes)
       magic      4s   b"KVCF"
       version    u8   FORMAT_VERSION
       profile    u8   profile id (informational: the frame describes itself)
       dtype      u8   source dtype: 0 fp16, 1 bf16, 2 fp32
-      flags      u8   ZSTD | ROTATED | CENTER_K | CENTER_V | LOSSLESS
+      flags      u8   ZSTD | ROTATE_K | ROTATE_V | CENTER_K | CENTER_V | LOSSLESS
       heads      u16
       tokens     u32
       head_dim   u16
       seed       u32  rotation seed
-      k_base     i8   scale base exponent of K (quantized profiles)
-      v_base     i8   scale base exponent of V
       raw_len    u32  length of the body before zstd
       stored_len u32  length of the body as stored (after zstd, if any)
     body (zstd-compressed when the ZSTD flag is set)
       lossless:   the K then V bytes, byte-shuffled (all first bytes, then all second bytes, ...)
-      quantized:  n_tiers u8, (k_bits u8, v_bits u8) per tier,
+      quantized:  n_tiers u8, then per tier (k_scheme, k_bits, v_scheme, v_bits) u8 each,
+                  group u8 (tokens per channel group),
                   precision map (tier index per token, 4-bit packed),
                   then for K and for V: [channel means fp16 [heads, head_dim] if centered],
-                  scale bytes u8 [heads, tokens], then the codes of each tier, tokens in order,
-                  bit-packed at that tier's width
+                  then per non-empty tier, on that tier's tokens in order:
+                    token scheme:   base i8, scale bytes u8 [heads, n], codes
+                    channel scheme: channel max fp16 [heads, dim], low and high i8
+                                    [heads, groups, dim] each, codes
+                  codes bit-packed at the tier's width, [heads, n, dim] order
     trailer: XXH3-64 of everything before it (kvstore.integrity.seal)
 
 Every section's size follows from the header and the tier table, so a decoder
@@ -40,15 +42,16 @@ from transfer.codec.errors import CorruptFrame, TruncatedFrame, UnknownProfile, 
 
 MAGIC = b"KVCF"
 FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sBBBBHIHIbbII")
+_HEADER = struct.Struct("<4sBBBBHIHIII")
 HEADER_BYTES = _HEADER.size
 
 FLAG_ZSTD = 1
-FLAG_ROTATED = 2
-FLAG_CENTER_K = 4
-FLAG_CENTER_V = 8
-FLAG_LOSSLESS = 16
-_KNOWN_FLAGS = FLAG_ZSTD | FLAG_ROTATED | FLAG_CENTER_K | FLAG_CENTER_V | FLAG_LOSSLESS
+FLAG_ROTATE_K = 2
+FLAG_ROTATE_V = 4
+FLAG_CENTER_K = 8
+FLAG_CENTER_V = 16
+FLAG_LOSSLESS = 32
+_KNOWN_FLAGS = FLAG_ZSTD | FLAG_ROTATE_K | FLAG_ROTATE_V | FLAG_CENTER_K | FLAG_CENTER_V | FLAG_LOSSLESS
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 DTYPES_BY_CODE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
@@ -66,8 +69,6 @@ class FrameHeader:
     tokens: int
     head_dim: int
     seed: int
-    k_base: int
-    v_base: int
     raw_len: int
     stored_len: int
 
@@ -84,7 +85,7 @@ class FrameHeader:
 
     def pack(self) -> bytes:
         return _HEADER.pack(MAGIC, self.version, self.profile_id, DTYPE_CODES[self.dtype], self.flags,
-                            self.heads, self.tokens, self.head_dim, self.seed, self.k_base, self.v_base,
+                            self.heads, self.tokens, self.head_dim, self.seed,
                             self.raw_len, self.stored_len)
 
 
@@ -92,7 +93,7 @@ def parse_header(payload: bytes | memoryview) -> FrameHeader:
     """Parse and sanity-check the header of a payload (trailer already stripped)."""
     if len(payload) < HEADER_BYTES:
         raise TruncatedFrame(f"frame of {len(payload)} bytes is shorter than its {HEADER_BYTES}-byte header")
-    (magic, version, profile_id, dtype_code, flags, heads, tokens, head_dim, seed, k_base, v_base,
+    (magic, version, profile_id, dtype_code, flags, heads, tokens, head_dim, seed,
      raw_len, stored_len) = _HEADER.unpack_from(payload, 0)
     if magic != MAGIC:
         raise CorruptFrame(f"bad magic {bytes(magic)!r}: not a kvstore codec frame")
@@ -107,4 +108,4 @@ def parse_header(payload: bytes | memoryview) -> FrameHeader:
     if flags & ~_KNOWN_FLAGS:
         raise CorruptFrame(f"unknown flag bits {flags & ~_KNOWN_FLAGS:#x}")
     return FrameHeader(version, profile_id, DTYPES_BY_CODE[dtype_code], flags, heads, tokens, head_dim,
-                       seed, k_base, v_base, raw_len, stored_len)
+                       seed, raw_len, stored_len)

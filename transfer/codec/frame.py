@@ -22,7 +22,8 @@ from transfer.codec.format import (
     FLAG_CENTER_K,
     FLAG_CENTER_V,
     FLAG_LOSSLESS,
-    FLAG_ROTATED,
+    FLAG_ROTATE_K,
+    FLAG_ROTATE_V,
     FLAG_ZSTD,
     FORMAT_VERSION,
     HEADER_BYTES,
@@ -30,7 +31,7 @@ from transfer.codec.format import (
     parse_header,
 )
 from transfer.codec.pack import pack_bits, packed_size, unpack_bits
-from transfer.codec.profiles import Profile, get_profile
+from transfer.codec.profiles import CHANNEL, TOKEN, Profile, get_profile
 from transfer.codec.rotate import can_rotate, rotate, unrotate
 from transfer.codec.saliency import precision_map
 
@@ -87,10 +88,10 @@ def encode_layer(k: torch.Tensor, v: torch.Tensor, profile: str | Profile = "bal
     prof = get_profile(profile)
     h, t, d = k.shape
     if prof.lossless:
-        flags, k_base, v_base = FLAG_LOSSLESS, 0, 0
+        flags = FLAG_LOSSLESS
         body = _shuffle(torch.cat([_u8(k), _u8(v)]), k.element_size())
     else:
-        flags, k_base, v_base, body = _encode_quantized(k, v, prof, saliency, token_offset, context_end)
+        flags, body = _encode_quantized(k, v, prof, saliency, token_offset, context_end)
     raw = body.cpu().numpy().tobytes()
     stored = raw
     if prof.zstd_level is not None and raw:
@@ -98,7 +99,7 @@ def encode_layer(k: torch.Tensor, v: torch.Tensor, profile: str | Profile = "bal
         if len(packed) < _MIN_ZSTD_GAIN * len(raw):
             stored, flags = packed, flags | FLAG_ZSTD
     header = FrameHeader(FORMAT_VERSION, prof.profile_id, k.dtype, flags, h, t, d, ROTATION_SEED,
-                         k_base, v_base, len(raw), len(stored))
+                         len(raw), len(stored))
     return seal(header.pack() + stored)
 
 
@@ -113,30 +114,42 @@ def _unshuffle(data: torch.Tensor, width: int) -> torch.Tensor:
 
 def _encode_quantized(k, v, prof, saliency, token_offset, context_end):
     tiers = precision_map(k, prof, saliency, token_offset, context_end)
-    table = torch.tensor(prof.tiers, dtype=torch.int64, device=k.device)  # [n_tiers, 2]
-    rotated = prof.rotate and can_rotate(k.shape[-1])
-    flags = (FLAG_ROTATED if rotated else 0) | (FLAG_CENTER_K if prof.center_k else 0) \
-        | (FLAG_CENTER_V if prof.center_v else 0)
-    parts = [torch.tensor([len(prof.tiers)], dtype=torch.uint8, device=k.device),
-             table.to(torch.uint8).reshape(-1), pack_bits(tiers, 4)]
-    bases = []
-    order = [torch.nonzero(tiers == i).reshape(-1) for i in range(len(prof.tiers))]
-    for x, col, center in ((k, 0, prof.center_k), (v, 1, prof.center_v)):
+    dim = k.shape[-1]
+    rot_k, rot_v = prof.rotate_k and can_rotate(dim), prof.rotate_v and can_rotate(dim)
+    flags = ((FLAG_ROTATE_K if rot_k else 0) | (FLAG_ROTATE_V if rot_v else 0)
+             | (FLAG_CENTER_K if prof.center_k else 0) | (FLAG_CENTER_V if prof.center_v else 0))
+    table = [(t.k_scheme, t.k_bits, t.v_scheme, t.v_bits) for t in prof.tiers]
+    parts = [_bytes_of([len(table), *[b for row in table for b in row], prof.group], k.device),
+             pack_bits(tiers, 4)]
+    order = [torch.nonzero(tiers == i).reshape(-1) for i in range(len(table))]
+    for x, col, center, rot in ((k, 0, prof.center_k, rot_k), (v, 2, prof.center_v, rot_v)):
         x = x.to(torch.float32)
         if center:
             mean = x.to(torch.float64).mean(dim=1, keepdim=True).to(torch.float16)
             parts.append(_u8(mean))
             x = x - mean.to(torch.float32)
-        if rotated:
+        if rot:
             x = rotate(x, ROTATION_SEED)
-        bits = table[tiers.to(torch.int64), col]
-        codes, u, base = qz.quantize(x, bits, prof.clip)
-        bases.append(base)
-        parts.append(u.reshape(-1))
-        for i, idx in enumerate(order):
+        for row, idx in zip(table, order):
             if idx.numel():
-                parts.append(pack_bits(codes[:, idx, :], int(prof.tiers[i][col])))
-    return flags, bases[0], bases[1], torch.cat(parts)
+                parts.extend(_encode_tier(x[:, idx], row[col], row[col + 1], prof))
+    return flags, torch.cat(parts)
+
+
+def _bytes_of(values: list[int], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8, device=device)
+
+
+def _encode_tier(x: torch.Tensor, scheme: int, bits: int, prof: Profile) -> list[torch.Tensor]:
+    if scheme == TOKEN:
+        bits_t = torch.full((x.shape[1],), bits, dtype=torch.int64, device=x.device)
+        codes, u, base = qz.quantize(x, bits_t, prof.clip)
+        return [_u8(torch.tensor([base], dtype=torch.int8, device=x.device)), u.reshape(-1),
+                pack_bits(codes, bits)]
+    if scheme == CHANNEL:
+        codes, cmax, lo, hi = qz.quantize_channels(x, bits, prof.group)
+        return [_u8(cmax), _u8(lo), _u8(hi), pack_bits(codes, bits)]
+    raise ValueError(f"unknown quantization scheme {scheme}")
 
 
 def read_header(blob: bytes | memoryview) -> FrameHeader:
@@ -217,28 +230,25 @@ def _decode_quantized(body: torch.Tensor, header: FrameHeader) -> tuple[torch.Te
     h, t, d = header.shape
     r = _Reader(body)
     n_tiers = int(r.take(1).item())
-    table = r.take(2 * n_tiers).to(torch.int64).view(n_tiers, 2)
-    table_list = table.tolist()
-    if n_tiers == 0 or any(not 1 <= b <= 8 for row in table_list for b in row):
-        raise CorruptFrame(f"bad tier table {table_list}")
+    table = r.take(4 * n_tiers).view(n_tiers, 4).tolist()
+    group = int(r.take(1).item())
+    if n_tiers == 0 or group == 0 or any(row[0] not in (TOKEN, CHANNEL) or row[2] not in (TOKEN, CHANNEL)
+                                         or not 1 <= row[1] <= 8 or not 1 <= row[3] <= 8 for row in table):
+        raise CorruptFrame(f"bad tier table {table} (group {group})")
     tiers = unpack_bits(r.take(packed_size(t, 4)), 4, t)
     if t and int(tiers.max().item()) >= n_tiers:
         raise CorruptFrame("precision map names a tier the table does not have")
     order = [torch.nonzero(tiers == i).reshape(-1) for i in range(n_tiers)]
     out = []
-    for col, center_flag, base in ((0, FLAG_CENTER_K, header.k_base), (1, FLAG_CENTER_V, header.v_base)):
+    for col, center_flag, rot_flag in ((0, FLAG_CENTER_K, FLAG_ROTATE_K), (2, FLAG_CENTER_V, FLAG_ROTATE_V)):
         mean = None
         if header.flags & center_flag:
             mean = r.take(h * d * 2).clone().view(torch.float16).view(h, 1, d).to(torch.float32)
-        u = r.take(h * t).view(h, t)
-        codes = torch.empty((h, t, d), dtype=torch.int64, device=body.device)
-        for i, idx in enumerate(order):
+        x = torch.empty((h, t, d), dtype=torch.float32, device=body.device)
+        for row, idx in zip(table, order):
             if idx.numel():
-                bits = table_list[i][col]
-                count = h * idx.numel() * d
-                codes[:, idx, :] = unpack_bits(r.take(packed_size(count, bits)), bits, count).view(h, -1, d)
-        x = qz.dequantize(codes, u, base, table[tiers, col])
-        if header.flags & FLAG_ROTATED:
+                x[:, idx] = _decode_tier(r, row[col], row[col + 1], h, idx.numel(), d, group)
+        if header.flags & rot_flag:
             x = unrotate(x, header.seed)
         if mean is not None:
             x = x + mean
@@ -246,3 +256,19 @@ def _decode_quantized(body: torch.Tensor, header: FrameHeader) -> tuple[torch.Te
     if r.pos != body.numel():
         raise CorruptFrame(f"body has {body.numel() - r.pos} trailing bytes")
     return out[0], out[1]
+
+
+def _decode_tier(r: _Reader, scheme: int, bits: int, h: int, n: int, d: int, group: int) -> torch.Tensor:
+    count = h * n * d
+    if scheme == TOKEN:
+        base = int(r.take(1).clone().view(torch.int8).item())
+        u = r.take(h * n).view(h, n)
+        codes = unpack_bits(r.take(packed_size(count, bits)), bits, count).view(h, n, d)
+        bits_t = torch.full((n,), bits, dtype=torch.int64, device=u.device)
+        return qz.dequantize(codes, u, base, bits_t)
+    groups = (n + group - 1) // group
+    cmax = r.take(h * d * 2).clone().view(torch.float16).view(h, d)
+    lo = r.take(h * groups * d).clone().view(torch.int8).view(h, groups, d)
+    hi = r.take(h * groups * d).clone().view(torch.int8).view(h, groups, d)
+    codes = unpack_bits(r.take(packed_size(count, bits)), bits, count).view(h, n, d)
+    return qz.dequantize_channels(codes, cmax, lo, hi, bits, group)

@@ -15,38 +15,55 @@ from dataclasses import dataclass
 from transfer.codec.errors import UnknownProfile
 
 SINK_TOKENS = 4  # the first tokens of a context absorb attention mass ("attention sinks")
+TOKEN, CHANNEL = 0, 1  # quantization schemes (see quantize.py), as written in the frame
+
+
+@dataclass(frozen=True)
+class Tier:
+    """Scheme and bit width for K and for V of the tokens in one precision tier."""
+
+    k_scheme: int
+    k_bits: int
+    v_scheme: int
+    v_bits: int
 
 
 @dataclass(frozen=True)
 class Profile:
     """How one profile encodes a layer.
 
-    ``tiers`` lists (k_bits, v_bits) from most to least precise; tier 0 holds
-    sinks and recent tokens, tier 1 the salient fraction ``salient_fraction`` of
-    the rest, and the last tier the bulk. ``lossless`` profiles ignore all of it.
+    ``tiers`` go from most to least precise; tier 0 holds sinks and recent
+    tokens, tier 1 (when there are three) the ``salient_fraction`` of the rest
+    with the highest saliency, and the last tier the bulk. ``group`` is the
+    number of tokens that share a range in the CHANNEL scheme. ``lossless``
+    profiles ignore all of it.
     """
 
     name: str
     profile_id: int
     lossless: bool = False
-    tiers: tuple[tuple[int, int], ...] = ()
+    tiers: tuple[Tier, ...] = ()
+    group: int = 32
     salient_fraction: float = 0.0
     recent_tokens: int = 0
     sink_tokens: int = SINK_TOKENS
-    rotate: bool = True
-    center_k: bool = True
+    rotate_k: bool = False
+    rotate_v: bool = True
+    center_k: bool = False
     center_v: bool = False
     clip: float = 1.0
-    zstd_level: int = 1
+    zstd_level: int | None = 1
 
 
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
         Profile("lossless", 0, lossless=True, zstd_level=1),
-        Profile("int8", 1, tiers=((8, 8),), center_v=True),
-        Profile("balanced", 2, tiers=((8, 8), (5, 4), (4, 3)), salient_fraction=0.1, recent_tokens=32),
-        Profile("dense", 3, tiers=((8, 8), (4, 3), (3, 2)), salient_fraction=0.1, recent_tokens=32),
+        Profile("int8", 1, tiers=(Tier(TOKEN, 8, TOKEN, 8),), rotate_k=True),
+        Profile("balanced", 2, tiers=(Tier(TOKEN, 8, TOKEN, 8), Tier(CHANNEL, 4, TOKEN, 3)),
+                recent_tokens=32),
+        Profile("dense", 3, tiers=(Tier(TOKEN, 8, TOKEN, 8), Tier(CHANNEL, 3, TOKEN, 2)),
+                recent_tokens=32),
     )
 }
 PROFILE_BY_ID: dict[int, Profile] = {p.profile_id: p for p in PROFILES.values()}

@@ -69,3 +69,55 @@ def dequantize(codes: torch.Tensor, u: torch.Tensor, base: int, bits: torch.Tens
     half = torch.pow(2.0, bits.to(torch.float32) - 1).view(1, -1, 1)
     s = decode_scales(u, base).unsqueeze(-1)
     return (codes.to(torch.float32) - half + 0.5) * s
+
+
+def quantize_channels(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, ...]:
+    """KIVI-style keys: asymmetric per-channel quantization over groups of ``group`` tokens.
+
+    Post-RoPE keys have channels whose values sit far from zero but move slowly
+    from token to token; a range per (channel, group of nearby tokens) is much
+    tighter than a range per token. To keep the range cheap (two bytes per group
+    instead of two fp16), each channel's low and high ends are stored as int8
+    fractions of that channel's absolute maximum in the frame (one fp16 per
+    channel), rounded outwards so nothing clips.
+
+    ``x`` is [heads, tokens, dim]; the last group may be shorter. Returns codes
+    (int64 [heads, tokens, dim]), the channel maxima (fp16 [heads, dim]) and the
+    int8 lows and highs ([heads, groups, dim] each).
+    """
+    h, t, d = x.shape
+    groups = (t + group - 1) // group
+    pad = groups * group - t
+    xp = torch.cat([x, x[:, -1:].expand(h, pad, d)], 1) if pad else x
+    xg = xp.view(h, groups, group, d)
+    cmax = x.abs().amax(dim=1).to(torch.float16)  # [h, d]
+    unit = (cmax.to(torch.float32) / 127).clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(1)
+    lo_q = torch.floor(xg.amin(dim=2) / unit).clamp_(-127, 127)
+    hi_q = torch.ceil(xg.amax(dim=2) / unit).clamp_(-127, 127)
+    codes = _channel_codes(xg, lo_q, hi_q, unit, bits)
+    return (codes.reshape(h, groups * group, d)[:, :t], cmax, lo_q.to(torch.int8), hi_q.to(torch.int8))
+
+
+def _channel_grid(lo_q, hi_q, unit, bits):
+    levels = 2**bits - 1
+    lo = (lo_q * unit).unsqueeze(2)
+    step = ((hi_q - lo_q) * unit / levels).clamp_min(1e-30).unsqueeze(2)
+    return lo, step, levels
+
+
+def _channel_codes(xg, lo_q, hi_q, unit, bits):
+    lo, step, levels = _channel_grid(lo_q, hi_q, unit, bits)
+    return torch.round((xg - lo) / step).clamp_(0, levels).to(torch.int64)
+
+
+def dequantize_channels(codes: torch.Tensor, cmax: torch.Tensor, lo_q: torch.Tensor, hi_q: torch.Tensor,
+                        bits: int, group: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_channels` up to quantization error, as float32."""
+    h, t, d = codes.shape
+    groups = lo_q.shape[1]
+    pad = groups * group - t
+    cp = torch.cat([codes, codes.new_zeros(h, pad, d)], 1) if pad else codes
+    unit = (cmax.to(torch.float32) / 127).clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(1)
+    lo, step, _ = _channel_grid(lo_q.to(torch.float32), hi_q.to(torch.float32), unit, bits)
+    x = cp.view(h, groups, group, d).to(torch.float32) * step + lo
+    return x.reshape(h, groups * group, d)[:, :t]
