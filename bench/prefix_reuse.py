@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     p.add_argument("--model", help="local HF model directory (default: bundled SmolLM2)")
     p.add_argument("--quick", action="store_true", help="512-token prompt, 448-token prefix, chunks of 64, once")
+    p.add_argument("--handoff", action="store_true",
+                   help="also compare decode picking the prompt up from the store vs from per-layer Ray object "
+                        "refs handed over by prefill (starts a local Ray with one prefill and one decode actor)")
     args = p.parse_args(argv)
     if args.quick:
         args.prompt_tokens, args.prefix_tokens, args.chunk_tokens, args.repeats = 512, 448, 64, 1
@@ -140,14 +143,52 @@ def run_profile(args: argparse.Namespace, target: str, runner: ModelRunner, prof
     return out
 
 
+def run_handoff(args: argparse.Namespace, target: str, runner: ModelRunner) -> dict[str, Any]:
+    """Decode's restore (prefix in, tail recomputed, first step ready): store path vs object refs.
+
+    Both paths start from the same stored prompt; ``store_s`` is what the
+    decode actor spends on Lookup + layer-wise Get + decode + tail compute,
+    ``handoff_s`` the same with per-layer ``ray.get`` of refs the prefill actor
+    put. ``request_s`` is the driver's view of the whole request (1 new token).
+    """
+    from workers.pipeline import Pipeline, init_ray, shutdown_ray
+
+    init_ray(num_cpus=2)
+    pipe = Pipeline(WorkerConfig(store_target=target, profile=args.profiles[0], tenant="bench-handoff",
+                                 chunk_tokens=args.chunk_tokens, num_threads=args.threads))
+    try:
+        pipe.wait_ready()
+        prompt = tuple(text_ids(runner, args.prompt_tokens))
+        pipe.prefill(PrefillRequest("seed", prompt))
+        runs: dict[str, list[tuple[float, float]]] = {"store": [], "handoff": []}
+        tokens: dict[str, set[tuple[int, ...]]] = {"store": set(), "handoff": set()}
+        for i in range(args.repeats):
+            for name in runs:
+                r = pipe.generate(PrefillRequest(f"{name}-{i}", prompt, store=False), 2,
+                                  handoff=name == "handoff")
+                runs[name].append((r.summary.timings["restore_s"], r.latency_s))
+                tokens[name].add(tuple(r.summary.tokens))
+    finally:
+        pipe.shutdown()
+        shutdown_ray()
+    out: dict[str, Any] = {name: {"restore_s": statistics.median(x for x, _ in v),
+                                  "request_s": statistics.median(y for _, y in v)} for name, v in runs.items()}
+    out["handoff_over_store_restore"] = out["handoff"]["restore_s"] / out["store"]["restore_s"]
+    out["same_tokens"] = tokens["store"] == tokens["handoff"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
     proc, target = start_server(workdir)
+    handoff = None
     try:
         runner = ModelRunner(args.model, num_threads=args.threads)
         runner.forward(runner.encode("warm up the kernels"), runner.empty_cache())
         results = {p: run_profile(args, target, runner, p) for p in args.profiles}
+        if args.handoff:
+            handoff = run_handoff(args, target, runner)
     finally:
         proc.kill()
         proc.wait()
@@ -160,11 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         "goal": f"hit TTFT <= {GOAL} x recompute",
         "profiles": results,
     }
+    if handoff is not None:
+        report["handoff"] = handoff
     print(json.dumps(report, indent=2))
     parts = [f"{p}: hit {r['hit']['ttft_s']:.2f}s vs recompute {r['recompute']['ttft_s']:.2f}s = "
              f"{r['hit_over_recompute']:.3f}x (fetch-all {r['hit_fetch_all_over_recompute']:.3f}x), "
              f"first token {'same' if r['first_token_equal'] else 'DIFFERS'}, goal {'met' if r['goal_met'] else 'MISSED'}"
              for p, r in results.items()]
+    if handoff is not None:
+        parts.append(f"decode restore via object refs {handoff['handoff']['restore_s']:.2f}s vs store "
+                     f"{handoff['store']['restore_s']:.2f}s = {handoff['handoff_over_store_restore']:.2f}x")
     print(f"prefix_reuse {args.prompt_tokens} tokens ({args.prefix_tokens} shared): " + "; ".join(parts))
     return 0
 

@@ -144,3 +144,12 @@ def test_balanced_profile_top1_agreement(pipeline: Pipeline, local: ModelRunner)
     rate = agree / total
     print(f"balanced: top-1 agreement {agree}/{total} = {rate:.3f}")
     assert rate >= 0.97
+
+
+def test_direct_handoff_of_object_refs_matches_store_path(pipeline: Pipeline, local: ModelRunner) -> None:
+    ids = prompt(local, QUESTIONS[2])
+    result = pipeline.generate(PrefillRequest("handoff-0", ids, store=False), MAX_NEW, handoff=True)
+    s = result.summary
+    assert s.num_fetched_tokens == reuse_boundary(len(ids), CHUNK)  # the prefix came over the refs
+    assert s.first_token_match
+    assert list(s.tokens) == local.generate(ids, MAX_NEW, chunk_tokens=CHUNK)
