@@ -29,6 +29,9 @@ from kvstore.errors import BlobTooLarge, IntegrityError, InvalidRequest, NotFoun
 from kvstore.keys import KEY_BYTES, Namespace
 from kvstore.quotas import QuotaLedger
 
+#: Blobs read from the tiers per batch while streaming a Get (bounds server memory per call).
+GET_WINDOW_KEYS = 64
+
 
 @dataclass(frozen=True)
 class PutItem:
@@ -235,17 +238,21 @@ class StoreService:
         """Yield (key_index, layer, blob) in layer order; raise NotFound at the first gap."""
         namespace = str(ns)
         chunks = [bytes(k) for k in keys]
+        window = GET_WINDOW_KEYS
         for layer in range(layer_start, layer_end):
-            blobs = self.store.get_many([BlobKey(namespace, k, layer) for k in chunks])
-            for i, blob in enumerate(blobs):
-                if blob is None:
-                    self.counters.add(get_misses=1)
-                    raise NotFound(
-                        f"no blob for keys[{i}] layer {layer} in namespace {namespace!r}: "
-                        "Lookup first and fetch only the present prefix"
-                    )
-                self.counters.add(blobs_served=1, bytes_served=len(blob))
-                yield i, layer, blob
+            for first in range(0, len(chunks), window):
+                # A bounded window at a time: one Get of a million-token layer
+                # (~4k blobs) must not hold the whole layer in server memory.
+                batch = [BlobKey(namespace, k, layer) for k in chunks[first:first + window]]
+                for i, blob in enumerate(self.store.get_many(batch), start=first):
+                    if blob is None:
+                        self.counters.add(get_misses=1)
+                        raise NotFound(
+                            f"no blob for keys[{i}] layer {layer} in namespace {namespace!r}: "
+                            "Lookup first and fetch only the present prefix"
+                        )
+                    self.counters.add(blobs_served=1, bytes_served=len(blob))
+                    yield i, layer, blob
 
     def delete(self, tenant: str | None, namespace: str, keys: Sequence[bytes]) -> int:
         ns = self.namespace(namespace, tenant)

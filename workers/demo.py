@@ -135,6 +135,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--overlap", action="store_true",
                    help="prefill the next request while the previous one decodes (faster; TTFTs then "
                         "include contention with decode, so they no longer compare with the baseline)")
+    p.add_argument("--handoff", action="store_true",
+                   help="decode gets the prompt's KV as Ray object refs from prefill instead of from the store")
     p.add_argument("--store-dir", help="disk tier directory (default: a temporary one, removed at exit)")
     p.add_argument("--memory-bytes", default="512MiB", help="RAM tier budget")
     p.add_argument("--quiet", action="store_true", help="do not stream generated text")
@@ -204,7 +206,8 @@ def run_profile(pipeline: Any, prompts: Sequence[DemoPrompt], profile: str, args
         sys.stdout.write(f"  Q: {p.question}\n  A: ")
         sys.stdout.flush()
 
-    for result in pipeline.run(requests, args.max_new_tokens, on_token, on_handle, overlap=args.overlap):
+    for result in pipeline.run(requests, args.max_new_tokens, on_token, on_handle, overlap=args.overlap,
+                                handoff=args.handoff):
         h, s = result.handle, result.summary
         streamed.clear()
         c = h.chunk_tokens

@@ -6,9 +6,12 @@ pools, and a :class:`Pipeline` routes each request to a prefill actor, then
 hands the returned :class:`~workers.prefill.PrefillHandle` to a decode actor
 whose tokens stream back as they are produced. Only the handle (keys, a few
 hundred token ids, counts) crosses Ray; the KV itself moves through the kvstore
-server, which is the point: any decode worker can pick up any request.
+server, which is the point: any decode worker can pick up any request. The
+optional direct handoff (``handoff=True``) instead passes the prompt's KV as
+per-layer Ray object refs from the prefill actor to the decode actor.
 
-Lifecycle: :func:`init_ray` once per process (local Ray, no dashboard), then
+Lifecycle: :func:`init_ray` once per process (local Ray, no dashboard), before
+this process starts any gRPC server (Ray forks daemons at init); then
 ``Pipeline(config, ...)``; :meth:`Pipeline.wait_ready` blocks until every
 actor has loaded its model; :meth:`Pipeline.shutdown` kills the actors.
 """

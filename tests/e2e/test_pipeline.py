@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 CHUNK = 32
 MAX_NEW = 12
+MAX_NEW_LOSSY = 24  # a bigger sample: at 97% one disagreement in ~33 tokens decides pass or fail
 SYSTEM = ("You are a careful assistant that answers questions about the document the user gives you. "
           "Answer in one short sentence using only facts from the document.")
 DOC = ("Redistribution and use in source and binary forms, with or without modification, are permitted "
@@ -88,9 +89,9 @@ def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return n
 
 
-def run(pipe: Pipeline, request: PrefillRequest) -> tuple[RequestResult, list[TokenEvent]]:
+def run(pipe: Pipeline, request: PrefillRequest, max_new: int = MAX_NEW) -> tuple[RequestResult, list[TokenEvent]]:
     events: list[TokenEvent] = []
-    result = pipe.generate(request, MAX_NEW, on_token=events.append)
+    result = pipe.generate(request, max_new, on_token=events.append)
     return result, events
 
 
@@ -130,11 +131,13 @@ def test_shared_prefix_is_reused_and_output_unchanged(pipeline: Pipeline, local:
 
 
 def test_balanced_profile_top1_agreement(pipeline: Pipeline, local: ModelRunner) -> None:
+    """Teacher-forced: each token the disaggregated run produced on lossy KV is checked against the
+    exact local model's argmax after the same history, so one disagreement does not cascade."""
     agree = total = 0
     cached = []
     for i, question in enumerate(QUESTIONS):
         ids = prompt(local, question)
-        result, _ = run(pipeline, PrefillRequest(f"balanced-{i}", ids, profile="balanced"))
+        result, _ = run(pipeline, PrefillRequest(f"balanced-{i}", ids, profile="balanced"), MAX_NEW_LOSSY)
         assert result.handle.namespace.endswith("/balanced")
         cached.append(result.handle.num_cached_tokens)
         tokens = list(result.summary.tokens)

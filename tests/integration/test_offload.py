@@ -11,6 +11,7 @@ flipped in one blob on disk costs exactly that blob, detected by its checksum.
 
 from __future__ import annotations
 
+import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,13 @@ def _config(tmp_path: Path) -> Path:
 
 def _start(tmp_path: Path) -> ServerProcess:
     return start_server_process(_config(tmp_path), workdir=tmp_path / "run")
+
+
+@pytest.fixture(autouse=True)
+def _drop_disk_dir(tmp_path: Path) -> Iterator[None]:
+    """Segment files are hundreds of MB: don't leave them in pytest's kept tmp dirs."""
+    yield
+    shutil.rmtree(tmp_path / "disk", ignore_errors=True)
 
 
 def _client(server: ServerProcess) -> KVClient:
@@ -198,3 +206,20 @@ def test_corrupt_blob_on_disk_costs_only_that_blob(tmp_path: Path) -> None:
                                                                                          victim_layer + 1)]
     finally:
         server.kill()
+
+
+def test_arguments_are_checked_before_anything_is_sent(tmp_path: Path) -> None:
+    client = KVClient("127.0.0.1:1", timeout_s=1, retry=RetryPolicy(max_attempts=1))  # never contacted
+    try:
+        keys = chunk_keys(list(range(2 * CHUNK)), NAMESPACE)
+        with pytest.raises(ValueError, match="more chunks than keys"):
+            longctx.offload_frames(client, NAMESPACE, keys, _tagged_frames(0, 3))
+        with pytest.raises(ValueError, match="window_keys"):
+            longctx.stream_layers(client, NAMESPACE, keys, 0, NUM_LAYERS, window_keys=0)
+        with pytest.raises(ValueError, match="empty layer range"):
+            longctx.stream_layers(client, NAMESPACE, keys, 3, 3)
+        with pytest.raises(ValueError, match="parallel"):
+            longctx.offload_frames(client, NAMESPACE, keys, [], parallel=0)
+    finally:
+        client.close()
+    assert longctx.fp16_bytes(1_000_192, NUM_LAYERS, KV_HEADS, HEAD_DIM) == 3907 * NUM_LAYERS * LAYER_BYTES

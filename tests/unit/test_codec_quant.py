@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from transfer.codec import PROFILES, decode_layer, encode_layer
 from transfer.codec.pack import pack_bits, packed_size, unpack_bits
-from transfer.codec.profiles import get_profile
+from transfer.codec.profiles import CHANNEL, TOKEN, Tier, get_profile
 from transfer.codec.quantize import decode_scales, encode_scales, scale_base
 from transfer.codec.rotate import rotate, unrotate
 from transfer.codec.saliency import precision_map
@@ -48,7 +50,9 @@ def test_scales_never_clip_and_are_tight() -> None:
 
 
 def test_precision_map_tiers() -> None:
-    prof = get_profile("balanced")
+    base = get_profile("balanced")
+    prof = dataclasses.replace(base, tiers=(base.tiers[0], Tier(CHANNEL, 5, TOKEN, 4), base.tiers[-1]),
+                               salient_fraction=0.1)
     k = torch.randn(3, 256, 64)
     first = precision_map(k, prof, None, token_offset=0, context_end=None)
     assert first[: prof.sink_tokens].eq(0).all() and first[prof.sink_tokens:].ne(0).all()
@@ -61,6 +65,9 @@ def test_precision_map_tiers() -> None:
     chosen = precision_map(k, prof, saliency, token_offset=256, context_end=None)
     assert chosen[100:110].eq(1).all()
     assert int(chosen.eq(1).sum()) == round(prof.salient_fraction * 256)
+    assert int(chosen.eq(2).sum()) == 256 - round(prof.salient_fraction * 256)
+    k2, v2 = decode_layer(encode_layer(k, k.clone(), prof, saliency=saliency, token_offset=256))
+    assert k2.shape == k.shape  # a three-tier frame round-trips
 
 
 def _rel_err(profile: str, k: torch.Tensor, v: torch.Tensor) -> tuple[float, int]:

@@ -15,7 +15,9 @@ _SHIFTS = torch.arange(8, dtype=torch.int64)
 
 
 def packed_size(count: int, bits: int) -> int:
-    """Bytes taken by ``count`` codes of ``bits`` bits (padded to a group of eight)."""
+    """Bytes taken by ``count`` codes of ``bits`` bits (padded to a group of eight; 8-bit codes are bytes)."""
+    if bits == 8:
+        return count
     return (count + 7) // 8 * bits
 
 

@@ -35,6 +35,8 @@ def precision_map(
 ) -> torch.Tensor:
     """Tier index per token (uint8 [tokens]) for a [heads, tokens, dim] key tensor."""
     tokens = k.shape[1]
+    if saliency is not None:
+        saliency = _checked(k, saliency)
     last = len(profile.tiers) - 1
     tiers = torch.full((tokens,), last, dtype=torch.uint8, device=k.device)
     if last == 0 or tokens == 0:
@@ -56,8 +58,12 @@ def precision_map(
 
 
 def _score(k: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
-    if saliency is None:
-        return key_norm_saliency(k)
+    return key_norm_saliency(k) if saliency is None else saliency
+
+
+def _checked(k: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    if not isinstance(saliency, torch.Tensor):
+        raise ShapeMismatch(f"saliency must be a tensor, got {type(saliency).__name__}")
     s = saliency.to(device=k.device, dtype=torch.float64)
     if s.dim() == 2 and s.shape == k.shape[:2]:
         s = s.sum(dim=0)
