@@ -54,7 +54,7 @@ def text_files(count: int) -> list[Path]:
     files = sorted(DATA.glob("*.txt"))
     prose = [f for f in files if f.name.startswith("prose_")]
     code = [f for f in files if f.name.startswith("code_")]
-    mixed = [f for pair in zip(prose, code) for f in pair]
+    mixed = [f for pair in zip(prose, code, strict=False) for f in pair]
     return mixed[:count]
 
 

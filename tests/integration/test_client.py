@@ -56,13 +56,6 @@ def _items(keys: list[bytes], num_layers: int, size: int = 2000) -> Iterator[tup
             yield key, layer, num_layers, make_blob(bytes([i, layer]) + bytes(size))
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> Any:
-    from workers.model import load_model
-
-    return load_model()
-
-
 @pytest.fixture
 def client(kvstore_server: Any) -> Iterator[KVClient]:
     with KVClient(kvstore_server.target, retry=RetryPolicy(backoff=CountingBackoff(), max_attempts=2)) as c:

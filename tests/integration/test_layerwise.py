@@ -31,13 +31,6 @@ SUFFIX = 8
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> Any:
-    from workers.model import load_model
-
-    return load_model()
-
-
-@pytest.fixture(scope="module")
 def prompt(smollm2: Any) -> dict[str, Any]:
     """A prompt, its prefix KV and the namespace it is stored under."""
     from workers.model import cache_to_layers, kv_shape

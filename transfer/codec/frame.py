@@ -130,7 +130,7 @@ def _encode_quantized(k, v, prof, saliency, token_offset, context_end):
             x = x - mean.to(torch.float32)
         if rot:
             x = rotate(x, ROTATION_SEED)
-        for row, idx in zip(table, order):
+        for row, idx in zip(table, order, strict=True):
             if idx.numel():
                 parts.extend(_encode_tier(x[:, idx], row[col], row[col + 1], prof))
     return flags, torch.cat(parts)
@@ -245,7 +245,7 @@ def _decode_quantized(body: torch.Tensor, header: FrameHeader) -> tuple[torch.Te
         if header.flags & center_flag:
             mean = r.take(h * d * 2).clone().view(torch.float16).view(h, 1, d).to(torch.float32)
         x = torch.empty((h, t, d), dtype=torch.float32, device=body.device)
-        for row, idx in zip(table, order):
+        for row, idx in zip(table, order, strict=True):
             if idx.numel():
                 x[:, idx] = _decode_tier(r, row[col], row[col + 1], h, idx.numel(), d, group)
         if header.flags & rot_flag:

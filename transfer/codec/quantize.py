@@ -20,7 +20,7 @@ import torch
 
 SCALE_STEPS_PER_OCTAVE = 16
 _SCALE_TABLE = torch.pow(2.0, torch.arange(256, dtype=torch.float64) / SCALE_STEPS_PER_OCTAVE).to(torch.float32)
-_MIN_BASE, _MAX_BASE = -127, 127
+_MIN_BASE, _MAX_BASE = -100, 100  # 2**base stays a normal float32
 
 
 def _table(device: torch.device) -> torch.Tensor:
@@ -30,8 +30,8 @@ def _table(device: torch.device) -> torch.Tensor:
 def scale_base(scales: torch.Tensor) -> int:
     """The frame's base exponent: the floor of log2 of the smallest positive needed scale."""
     positive = scales[scales > 0]
-    if positive.numel() == 0:
-        return 0
+    if positive.numel() == 0:  # all-zero rows: the tiniest scale, so they decode to ~0
+        return _MIN_BASE
     _, exponent = torch.frexp(positive.min())
     return int(min(max(int(exponent.item()) - 1, _MIN_BASE), _MAX_BASE))
 
