@@ -62,7 +62,7 @@ def _suffix_logprobs(model, ids: torch.Tensor, layers) -> torch.Tensor:
     from workers.model import layers_to_cache
 
     cache = layers_to_cache(layers, model.config)
-    out = model(ids[:, PREFIX:PREFIX + SUFFIX], past_key_values=cache, use_cache=True)
+    out = model(ids[:, PREFIX:PREFIX + SUFFIX], cache=cache, use_cache=True)
     return out.logits[0].float().log_softmax(-1)
 
 
@@ -222,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profiles", default="lossless,int8,balanced,dense")
     ap.add_argument("--only", default="", help="comma-separated method names to run (default all)")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core box more threads spin and run 20x slower)")
     ap.add_argument("--cache", type=Path, help="reuse prefix caches saved here (torch.save) across runs")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = run(2 if args.quick else args.texts, args.profiles.split(","),
                  [m for m in args.only.split(",") if m] or None, args.cache)
     text = json.dumps(report, indent=2)

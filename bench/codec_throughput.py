@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--chunks", type=int, default=32, help="256-token chunk-layers per pass")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0 = torch default; 1 avoids spinning threads on a shared box)")
     ap.add_argument("--profiles", default=",".join(PROFILES))
     args = ap.parse_args(argv)
     if args.threads:

@@ -8,8 +8,10 @@ the store, splitting the prompt at the same boundary (like with like).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import torch
 
 from tests.fixtures.store import store_config
 from transfer.client import KVClient
@@ -56,16 +58,18 @@ def server(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def stack(server: object) -> Iterator[tuple[Pipeline, ModelRunner]]:
-    """The pipeline's actors load the model while this process loads its own reference copy."""
+def stack(server: object, smollm2: tuple[Any, Any]) -> Iterator[tuple[Pipeline, ModelRunner]]:
+    """The pipeline's actors load the model while this process wraps the session's copy."""
     config = WorkerConfig(store_target=server.target, profile="lossless", tenant="e2e", chunk_tokens=CHUNK)
     pipe = Pipeline(config, num_prefill=1, num_decode=1)
+    threads = torch.get_num_threads()
     try:
-        local = ModelRunner(num_threads=1)
+        local = ModelRunner(num_threads=1, model=smollm2[0], tokenizer=smollm2[1])
         pipe.wait_ready(timeout_s=600)
         yield pipe, local
     finally:
         pipe.shutdown()
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

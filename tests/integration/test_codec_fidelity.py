@@ -8,6 +8,7 @@ the same thing: a 1,024-token prefix cache cut into 256-token chunk frames,
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ _BENCH = Path(__file__).resolve().parents[2] / "bench" / "codec_fidelity.py"
 def _bench_module():
     spec = importlib.util.spec_from_file_location("codec_fidelity_bench", _BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -28,6 +30,8 @@ def fidelity():
     from workers.model import load_model
 
     bench = _bench_module()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy 2-core runner, 2 spinning threads are ~20x slower than 1
     torch.set_grad_enabled(False)
     model, tokenizer = load_model()
     cases = [bench.build_case(model, tokenizer, f) for f in bench.text_files(2)]  # one prose, one code
@@ -40,6 +44,7 @@ def fidelity():
 
     yield bench, measure
     torch.set_grad_enabled(True)
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

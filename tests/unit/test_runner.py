@@ -5,6 +5,9 @@ Also the driver's routing pool, which needs no Ray to test (it only counts).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
 
@@ -19,8 +22,10 @@ DOC = ("The kvstore service keeps the attention key and value cache of a languag
 
 
 @pytest.fixture(scope="module")
-def runner() -> ModelRunner:
-    return ModelRunner(num_threads=1)
+def runner(smollm2: tuple[Any, Any]) -> Iterator[ModelRunner]:
+    threads = torch.get_num_threads()
+    yield ModelRunner(num_threads=1, model=smollm2[0], tokenizer=smollm2[1])
+    torch.set_num_threads(threads)  # the runner pins threads process-wide; give later tests theirs back
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,9 @@ class Profile:
     """How one profile encodes a layer.
 
     ``tiers`` go from most to least precise; tier 0 holds sinks and recent
-    tokens, tier 1 (when there are three) the ``salient_fraction`` of the rest
-    with the highest saliency, and the last tier the bulk. ``group`` is the
+    tokens, tier 1 (when there are three) the ``warm_tokens`` before the context
+    end that are not recent plus the ``salient_fraction`` of the rest with the
+    highest saliency, and the last tier the bulk. ``group`` is the
     number of tokens that share a range in the CHANNEL scheme. ``lossless``
     profiles ignore all of it.
     """
@@ -46,6 +47,7 @@ class Profile:
     group: int = 32
     salient_fraction: float = 0.0
     recent_tokens: int = 0
+    warm_tokens: int = 0
     sink_tokens: int = SINK_TOKENS
     rotate_k: bool = False
     rotate_v: bool = True
@@ -55,15 +57,32 @@ class Profile:
     zstd_level: int | None = 1
 
 
+    def __post_init__(self) -> None:
+        if not self.lossless:
+            if not 1 <= len(self.tiers) <= 15:
+                raise ValueError(f"profile {self.name}: 1..15 tiers, got {len(self.tiers)}")
+            if any(s not in (TOKEN, CHANNEL) or not 1 <= b <= 8 for t in self.tiers
+                   for s, b in ((t.k_scheme, t.k_bits), (t.v_scheme, t.v_bits))):
+                raise ValueError(f"profile {self.name}: bad tier table {self.tiers}")
+        if not 1 <= self.group <= 255:
+            raise ValueError(f"profile {self.name}: group must be 1..255 tokens, got {self.group}")
+        if not 0 <= self.profile_id <= 255:
+            raise ValueError(f"profile {self.name}: id must fit a byte")
+
+
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
         Profile("lossless", 0, lossless=True, zstd_level=1),
         Profile("int8", 1, tiers=(Tier(TOKEN, 8, TOKEN, 8),), rotate_k=True),
-        Profile("balanced", 2, tiers=(Tier(TOKEN, 8, TOKEN, 8), Tier(CHANNEL, 4, TOKEN, 3)),
-                recent_tokens=32),
-        Profile("dense", 3, tiers=(Tier(TOKEN, 8, TOKEN, 8), Tier(CHANNEL, 3, TOKEN, 2)),
-                recent_tokens=32),
+        # sinks + 32 recent at 8 bits, the 224 tokens before them at K4/V4, the bulk at K4 (per channel,
+        # groups of 64 tokens) / V3 (rotated, per token)
+        Profile("balanced", 2, tiers=(Tier(TOKEN, 8, TOKEN, 8), Tier(CHANNEL, 4, TOKEN, 4),
+                                      Tier(CHANNEL, 4, TOKEN, 3)),
+                recent_tokens=32, warm_tokens=224, group=64),
+        # sinks + 32 recent at K8/V4, the bulk at K3 (per channel, groups of 128 tokens) / V2
+        Profile("dense", 3, tiers=(Tier(TOKEN, 8, TOKEN, 4), Tier(CHANNEL, 3, TOKEN, 2)),
+                recent_tokens=32, group=128),
     )
 }
 PROFILE_BY_ID: dict[int, Profile] = {p.profile_id: p for p in PROFILES.values()}

@@ -2,9 +2,11 @@
 
 Tier 0 (the most precise) holds the attention sinks (the first few tokens of
 the *context*, so only the chunk at ``token_offset == 0`` has them) and the
-most recent tokens (only when the caller says where the context ends). Of the
-rest, the ``salient_fraction`` with the highest saliency go to tier 1 and the
-bulk to the last tier.
+most recent tokens (only when the caller says where the context ends). With
+three tiers, tier 1 holds the ``warm_tokens`` before those and the
+``salient_fraction`` of the rest with the highest saliency; the bulk goes to
+the last tier. Recency is the strongest signal we measured: the next queries
+attend most to the tail of the context.
 
 Saliency is whatever the caller measured (e.g. attention received from a few
 probe queries, summed over heads); without it we use the negated key norm:
@@ -45,6 +47,8 @@ def precision_map(
     top = pos < profile.sink_tokens
     if context_end is not None and profile.recent_tokens > 0:
         top |= pos >= context_end - profile.recent_tokens
+    if last >= 2 and context_end is not None and profile.warm_tokens > 0:
+        tiers[pos >= context_end - profile.recent_tokens - profile.warm_tokens] = 1
     if last >= 2 and profile.salient_fraction > 0:
         score = _score(k, saliency)
         score = score.masked_fill(top, float("-inf"))
