@@ -1,10 +1,16 @@
-"""``kvstore demo``: disaggregated prefill and decode over Ray, KV moved through a local kvstore.
+"""``kvstore demo``: disaggregated prefill and decode over Ray, KV moved through a kvstore server.
 
-What it does, end to end, on one machine:
+What it does, end to end:
 
-1. starts a kvstore server in this process (RAM + disk tiers, a free port,
-   a temporary directory unless ``--store-dir``);
-2. starts a local Ray with one prefill and one decode actor (each loads the model);
+1. starts a local Ray with one prefill and one decode actor (each loads the
+   model), or joins an existing Ray cluster (``--ray-address``, default
+   ``$RAY_ADDRESS``, which ``ray job submit`` sets for its drivers);
+   ``--pin-roles`` puts the actors on the nodes advertising the ``prefill`` /
+   ``decode`` custom resources (the KubeRay worker groups);
+2. starts a kvstore server in this process (RAM + disk tiers, a free port,
+   a temporary directory unless ``--store-dir``), or uses an existing one
+   (``--store-target``, default ``$KVSTORE_TARGET``; bearer token ``--token``,
+   default ``$KVSTORE_TOKEN``);
 3. builds a batch of chat prompts that share long prefixes: one system prompt,
    a few documents, several questions per document (``workers/data``);
 4. measures the no-reuse baseline: every prompt prefilled from scratch, nothing stored;
@@ -14,19 +20,22 @@ What it does, end to end, on one machine:
 6. prints a table per profile: chunk hit rate, tokens reused, TTFT with and
    without reuse, bytes stored against raw fp16, decode speed.
 
-Sizes are chosen to finish in a few minutes on two CPU cores; see ``--help``.
+Configuration is resolved once, in :func:`parse_args`: flags, then the
+environment, then defaults. Sizes are chosen to finish in a few minutes on two
+CPU cores; see ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -114,7 +123,10 @@ def build_prompts(tokenizer: Any, num_docs: int, num_questions: int) -> list[Dem
     return prompts
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The demo's whole configuration: flags win over the environment (``environ``, default
+    ``os.environ``), which wins over defaults. Nothing after this reads the environment."""
+    env = os.environ if environ is None else environ
     p = argparse.ArgumentParser(prog="kvstore demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small",
@@ -129,7 +141,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--routing", choices=("least_loaded", "round_robin"), default="least_loaded")
-    p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
+    p.add_argument("--ray-address",
+                   help="join this Ray cluster ('auto', 'host:port' or 'ray://host:port'); "
+                        "default $RAY_ADDRESS; unset: start a local Ray")
+    p.add_argument("--num-cpus", type=int,
+                   help="CPUs given to the local Ray (default 2; not with --ray-address)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="CPUs Ray reserves per worker actor (also its torch threads)")
+    p.add_argument("--pin-roles", action="store_true",
+                   help="require the Ray custom resources {'prefill': 1} / {'decode': 1} per actor, as the "
+                        "KubeRay worker groups advertise them (a local Ray gets them added)")
+    p.add_argument("--store-target",
+                   help="HOST:PORT of an existing kvstore server; default $KVSTORE_TARGET; unset: start one "
+                        "in this process")
+    p.add_argument("--token", help="bearer token for the store (default $KVSTORE_TOKEN)")
+    p.add_argument("--tenant", default="demo", help="namespace tenant (with auth: the token's tenant)")
     p.add_argument("--no-baseline", action="store_true", help="skip the no-reuse TTFT baseline pass")
     p.add_argument("--no-layerwise", action="store_true", help="fetch whole prefixes before computing")
     p.add_argument("--overlap", action="store_true",
@@ -137,8 +163,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "include contention with decode, so they no longer compare with the baseline)")
     p.add_argument("--handoff", action="store_true",
                    help="decode gets the prompt's KV as Ray object refs from prefill instead of from the store")
-    p.add_argument("--store-dir", help="disk tier directory (default: a temporary one, removed at exit)")
-    p.add_argument("--memory-bytes", default="512MiB", help="RAM tier budget")
+    p.add_argument("--store-dir", help="disk tier directory of the in-process store (default: a temporary "
+                                       "one, removed at exit)")
+    p.add_argument("--memory-bytes", default="512MiB", help="RAM tier budget of the in-process store")
     p.add_argument("--quiet", action="store_true", help="do not stream generated text")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = p.parse_args(argv)
@@ -150,7 +177,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--docs must be 1..{len(DOCUMENTS)} and --questions 1..3")
     if not args.profiles or args.max_new_tokens < 1 or args.chunk_tokens < 1:
         p.error("need at least one profile, --max-new-tokens >= 1 and --chunk-tokens >= 1")
+    # An empty variable counts as unset, as it does for Ray and the kvstore CLI.
+    args.ray_address = args.ray_address or env.get("RAY_ADDRESS") or None
+    args.store_target = args.store_target or env.get("KVSTORE_TARGET") or None
+    args.token = args.token or env.get("KVSTORE_TOKEN") or None
+    if args.ray_address and args.num_cpus is not None:
+        p.error("--num-cpus sizes a local Ray; it cannot be used when joining a cluster (--ray-address "
+                "or $RAY_ADDRESS)")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        p.error("--num-cpus must be >= 1")
+    if args.cpus_per_actor <= 0:
+        p.error("--cpus-per-actor must be positive")
+    if args.store_target and args.store_dir:
+        p.error("--store-dir configures the in-process store; it cannot be used with --store-target "
+                "(or $KVSTORE_TARGET)")
     return args
+
+
+def ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``init_ray`` arguments for the parsed flags: a local Ray also advertises the role resources when
+    ``--pin-roles`` asks for them, so pinned actors can be placed on one machine."""
+    if args.ray_address:
+        return {"address": args.ray_address}
+    options: dict[str, Any] = {"num_cpus": args.num_cpus}
+    if args.pin_roles:
+        options["resources"] = {"prefill": float(args.prefill_workers), "decode": float(args.decode_workers)}
+    return options
+
+
+def pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``Pipeline`` keyword arguments for the parsed flags."""
+    from workers.pipeline import ROLE_RESOURCES
+
+    options: dict[str, Any] = {"num_prefill": args.prefill_workers, "num_decode": args.decode_workers,
+                               "routing": args.routing, "num_cpus_per_actor": args.cpus_per_actor}
+    if args.pin_roles:
+        options["prefill_resources"] = ROLE_RESOURCES["prefill"]
+        options["decode_resources"] = ROLE_RESOURCES["decode"]
+    return options
 
 
 def start_store(store_dir: Path, memory_bytes: str) -> Any:
@@ -276,28 +340,38 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(args.model)
     prompts = build_prompts(tokenizer, args.docs, args.questions)
-    store_dir = Path(args.store_dir) if args.store_dir else Path(tempfile.mkdtemp(prefix="kvstore-demo-"))
-    steps = tqdm(total=3, desc="starting Ray", unit="step", leave=False)
+    own_store = args.store_target is None
+    store_dir = None
+    if own_store:
+        store_dir = Path(args.store_dir) if args.store_dir else Path(tempfile.mkdtemp(prefix="kvstore-demo-"))
+    ray_where = f"joining Ray at {args.ray_address}" if args.ray_address else "starting Ray"
+    steps = tqdm(total=3, desc=ray_where, unit="step", leave=False)
     store = pipeline = None
     try:
         # Ray first: it forks daemons, which must not happen while this process runs a gRPC server.
-        init_ray(num_cpus=args.num_cpus)
+        init_ray(**ray_options(args))
         steps.update(1)
-        steps.set_description("starting the store")
-        store = start_store(store_dir, args.memory_bytes)
+        if own_store:
+            steps.set_description("starting the store")
+            store = start_store(store_dir, args.memory_bytes)
+            target = store.target
+        else:
+            target = args.store_target
         steps.update(1)
-        steps.set_description(f"store on {store.target}; loading the model in each worker")
-        config = WorkerConfig(store_target=store.target, model_path=args.model, profile=args.profiles[0],
-                              tenant="demo", chunk_tokens=args.chunk_tokens, layerwise=not args.no_layerwise)
-        pipeline = Pipeline(config, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
-                            routing=args.routing)
+        steps.set_description(f"store on {target}; loading the model in each worker")
+        config = WorkerConfig(store_target=target, token=args.token, model_path=args.model,
+                              profile=args.profiles[0], tenant=args.tenant, chunk_tokens=args.chunk_tokens,
+                              layerwise=not args.no_layerwise)
+        pipeline = Pipeline(config, **pipeline_options(args))
         fingerprint = pipeline.wait_ready()
         steps.update(1)
         steps.close()
         lengths = [len(p.token_ids) for p in prompts]
         print(f"kvstore demo: {len(prompts)} requests ({args.docs} documents x {args.questions} questions, "
               f"{min(lengths)}-{max(lengths)} prompt tokens, chunks of {args.chunk_tokens}), model {fingerprint}, "
-              f"store {store.target}, {args.prefill_workers} prefill + {args.decode_workers} decode workers")
+              f"store {target}{'' if own_store else ' (external)'}, Ray "
+              f"{args.ray_address or 'local'}, {args.prefill_workers} prefill + {args.decode_workers} decode "
+              f"workers{' pinned to their roles' if args.pin_roles else ''}")
         baseline = {} if args.no_baseline else run_baseline(pipeline, prompts, tqdm)
         base_mean = statistics.fmean(baseline.values()) if baseline else None
         rows = []
@@ -309,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                           "the requests that reused a prefix, their TTFT with reuse and in the no-reuse baseline. "
                           "'vs fp16': stored bytes over raw fp16 K+V of the same chunks (the model is fp32, so "
                           "lossless is ~1.8x). '1st tok': decode's recompute of the tail agreed with prefill.")
-        stats = _store_summary(store.target)
+        stats = _store_summary(target, args.token)
         print(f"store: {stats}; total {time.perf_counter() - t0:.0f}s")
         if args.json:
             print(json.dumps({"profiles": rows, "baseline_ttft_s": baseline, "store": stats}, indent=2))
@@ -317,17 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if pipeline is not None:
             pipeline.shutdown()
-        shutdown_ray()
+        shutdown_ray()  # on a cluster this only disconnects the driver
         if store is not None:
             store.stop(grace=0)
-        if not args.store_dir:
+        if store_dir is not None and not args.store_dir:
             shutil.rmtree(store_dir, ignore_errors=True)
 
 
-def _store_summary(target: str) -> str:
+def _store_summary(target: str, token: str | None = None) -> str:
     from transfer.client import KVClient
 
-    with KVClient(target) as client:
+    with KVClient(target, token=token) as client:
         stats = client.stats()
     return ", ".join(f"{t.name} {t.objects} objects / {t.bytes} B" for t in stats.tiers)
 

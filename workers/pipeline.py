@@ -10,10 +10,15 @@ server, which is the point: any decode worker can pick up any request. The
 optional direct handoff (``handoff=True``) instead passes the prompt's KV as
 per-layer Ray object refs from the prefill actor to the decode actor.
 
-Lifecycle: :func:`init_ray` once per process (local Ray, no dashboard), before
-this process starts any gRPC server (Ray forks daemons at init); then
-``Pipeline(config, ...)``; :meth:`Pipeline.wait_ready` blocks until every
-actor has loaded its model; :meth:`Pipeline.shutdown` kills the actors.
+Lifecycle: :func:`init_ray` once per process, either starting a local Ray (no
+dashboard; before this process starts any gRPC server, since Ray forks daemons
+at init) or joining an existing cluster (``address="auto"``, ``"host:port"`` or
+``"ray://host:port"``); then ``Pipeline(config, ...)``, optionally pinning each
+role to the nodes that advertise its custom resource (``prefill_resources``,
+``decode_resources``; see :data:`ROLE_RESOURCES`); :meth:`Pipeline.wait_ready`
+blocks until every actor has loaded its model; :meth:`Pipeline.shutdown` kills
+the actors. Nothing here reads the environment: the entrypoint decides the
+address and resources and passes them in.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,26 +39,52 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUTING = ("least_loaded", "round_robin")
 
 
-def init_ray(num_cpus: int = 2, **options: Any) -> None:
-    """Start (or join the already started) local Ray with small, quiet defaults.
+# What the KubeRay worker groups advertise (deploy/kuberay/raycluster.yaml): one unit per pod.
+ROLE_RESOURCES: dict[str, dict[str, float]] = {"prefill": {"prefill": 1.0}, "decode": {"decode": 1.0}}
+DEFAULT_LOCAL_CPUS = 2
 
-    Actors import ``workers``/``transfer``/``kvstore`` from this checkout, so
-    the repository root is put on their ``PYTHONPATH``.
+
+def ray_init_kwargs(num_cpus: int | None = None, *, address: str | None = None,
+                    **options: Any) -> dict[str, Any]:
+    """The ``ray.init`` arguments :func:`init_ray` uses; a pure function, so it can be checked without Ray.
+
+    ``address=None`` starts a new local Ray (``address="local"``, so a stray
+    ``RAY_ADDRESS`` or a ``ray start`` on this machine is not joined by
+    accident) with ``num_cpus`` (default 2) and the repository root on the
+    actors' ``PYTHONPATH``. Any other address joins an existing cluster, where
+    Ray refuses ``num_cpus`` (the nodes already declared theirs) and the
+    driver's checkout path means nothing to the nodes (they run the worker image,
+    which has the packages installed). ``options`` override or extend the result.
+    """
+    joining = address is not None and address != "local"
+    if joining and num_cpus is not None:
+        raise ValueError(f"num_cpus applies only to a local Ray; the cluster at {address!r} has its own CPUs")
+    if not joining and num_cpus is not None and num_cpus < 1:
+        raise ValueError(f"num_cpus must be >= 1, got {num_cpus}")
+    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    if joining:
+        kwargs["address"] = address
+    else:
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env_vars["PYTHONPATH"] = pythonpath
+        kwargs.update(address="local", num_cpus=DEFAULT_LOCAL_CPUS if num_cpus is None else num_cpus,
+                      include_dashboard=False)
+    kwargs["runtime_env"] = {"env_vars": env_vars}
+    kwargs.update(options)
+    return kwargs
+
+
+def init_ray(num_cpus: int | None = None, *, address: str | None = None, **options: Any) -> None:
+    """Start a local Ray, or join the cluster at ``address``; a no-op if this process is already connected.
+
+    See :func:`ray_init_kwargs` for what each mode passes to ``ray.init``.
     """
     import ray
 
     if ray.is_initialized():
         return
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    kwargs: dict[str, Any] = {
-        "num_cpus": num_cpus,
-        "include_dashboard": False,
-        "log_to_driver": False,
-        "configure_logging": False,
-        "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false"}},
-    }
-    kwargs.update(options)
-    ray.init(**kwargs)
+    ray.init(**ray_init_kwargs(num_cpus, address=address, **options))
 
 
 def shutdown_ray() -> None:
@@ -138,15 +169,42 @@ class RequestResult:
         return list(self.summary.tokens)
 
 
+def actor_options(num_cpus: float = 1.0, resources: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The ``ray.remote`` options of one role's actors: CPUs reserved, plus the custom resources that pin
+    the role to its nodes (e.g. ``{"prefill": 1}`` on the KubeRay prefill group).
+
+    Ray takes CPUs and GPUs only through ``num_cpus``/``num_gpus``, so those names are refused here
+    instead of failing later inside Ray.
+    """
+    if num_cpus <= 0:
+        raise ValueError(f"num_cpus per actor must be positive, got {num_cpus}")
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if resources:
+        for name, amount in resources.items():
+            if not name or name in ("CPU", "GPU"):
+                raise ValueError(f"custom resource name {name!r} is not allowed (use num_cpus / num_gpus)")
+            if amount <= 0:
+                raise ValueError(f"custom resource {name!r} needs a positive amount, got {amount}")
+        options["resources"] = {name: float(amount) for name, amount in resources.items()}
+    return options
+
+
 class Pipeline:
     """Pools of prefill and decode actors behind one driver.
 
     ``num_cpus_per_actor`` is what Ray reserves per actor; each actor's torch
     uses that many threads unless ``config.num_threads`` says otherwise.
+    ``prefill_resources`` / ``decode_resources`` are Ray custom resources each
+    actor of that role requires, so the roles land on the nodes that advertise
+    them (``ROLE_RESOURCES`` matches the KubeRay worker groups). Without them
+    actors go wherever CPUs are free. An actor whose resources no node offers
+    stays pending, and :meth:`wait_ready` times out.
     """
 
     def __init__(self, config: WorkerConfig, *, num_prefill: int = 1, num_decode: int = 1,
-                 routing: str = "least_loaded", num_cpus_per_actor: float = 1.0) -> None:
+                 routing: str = "least_loaded", num_cpus_per_actor: float = 1.0,
+                 prefill_resources: Mapping[str, float] | None = None,
+                 decode_resources: Mapping[str, float] | None = None) -> None:
         import ray
 
         if num_prefill < 1 or num_decode < 1:
@@ -155,8 +213,10 @@ class Pipeline:
         from dataclasses import replace
 
         self.config = replace(config, num_threads=threads)
-        prefill_cls = ray.remote(num_cpus=num_cpus_per_actor)(RayPrefillWorker)
-        decode_cls = ray.remote(num_cpus=num_cpus_per_actor)(RayDecodeWorker)
+        self.prefill_options = actor_options(num_cpus_per_actor, prefill_resources)
+        self.decode_options = actor_options(num_cpus_per_actor, decode_resources)
+        prefill_cls = ray.remote(**self.prefill_options)(RayPrefillWorker)
+        decode_cls = ray.remote(**self.decode_options)(RayDecodeWorker)
         self.prefill_pool = WorkerPool([prefill_cls.remote(self.config) for _ in range(num_prefill)], routing)
         self.decode_pool = WorkerPool([decode_cls.remote(self.config) for _ in range(num_decode)], routing)
 

@@ -16,6 +16,8 @@ by ``frexp``; both are exact, so CPU and CUDA pick the same bytes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SCALE_STEPS_PER_OCTAVE = 16
@@ -23,7 +25,8 @@ _SCALE_TABLE = torch.pow(2.0, torch.arange(256, dtype=torch.float64) / SCALE_STE
 _MIN_BASE, _MAX_BASE = -100, 100  # 2**base stays a normal float32
 
 
-def _table(device: torch.device) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _table(device: torch.device) -> torch.Tensor:  # one copy per device
     return _SCALE_TABLE.to(device)
 
 

@@ -39,7 +39,8 @@ def _signed_hadamard(dim: int, seed: int) -> torch.Tensor:
     return signs[:, None] * h  # entries are exactly +-1
 
 
-def _matrix(dim: int, seed: int, device: torch.device) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _matrix(dim: int, seed: int, device: torch.device) -> torch.Tensor:  # one copy per device
     return _signed_hadamard(dim, seed).to(device)
 
 
