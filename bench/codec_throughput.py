@@ -1,7 +1,8 @@
 """Codec speed: GB/s of fp16-equivalent input for encode and decode, per profile, on CPU.
 
-Input is a realistic layer shape (SmolLM2: 3 KV heads, head_dim 64) cut into
-256-token chunks, one frame per chunk as the store keeps them. The baseline in
+Input is a realistic layer shape (SmolLM2: 3 KV heads, head_dim 64), 256-token
+frames as the store keeps them, encoded one call per frame (``encode_layer``) and
+as the layers of one chunk in one call (``encode_layers``, same bytes). The baseline in
 the same run is the cheapest possible "codec": sealing the raw fp16 bytes
 (kvstore.integrity.seal) and reading them back, i.e. the copy + checksum floor.
 Throughput counts K and V in fp16 (2 bytes per element) whatever the profile.
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvstore.integrity import is_intact, payload_of, seal  # noqa: E402
-from transfer.codec import PROFILES, decode_layer, encode_layer  # noqa: E402
+from transfer.codec import PROFILES, decode_layer, encode_layer, encode_layers  # noqa: E402
 
 
 def _frames(chunks: int, heads: int, tokens: int, dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -46,7 +47,7 @@ def _time(fn, min_seconds: float) -> float:
             return elapsed / runs
 
 
-def measure(profile: str | None, frames, min_seconds: float) -> dict[str, float]:
+def measure(profile: str | None, frames, min_seconds: float, batched: bool = False) -> dict[str, float]:
     nbytes = sum(2 * k.numel() * 2 for k, _ in frames)
     if profile is None:  # baseline: raw fp16 bytes, sealed and verified
         def enc():
@@ -59,9 +60,18 @@ def measure(profile: str | None, frames, min_seconds: float) -> dict[str, float]
                 if not is_intact(b):
                     raise RuntimeError("baseline blob corrupted")
                 torch.frombuffer(bytearray(payload_of(b)), dtype=torch.float16)
+    elif batched:  # all frames as the layers of one chunk, encoded in one pass
+        def enc():
+            return encode_layers(frames, profile, token_offset=frames[0][0].shape[1])
+
+        blobs = enc()
+
+        def dec():
+            for b in blobs:
+                decode_layer(b)
     else:
         def enc():
-            return [encode_layer(k, v, profile, token_offset=i * k.shape[1]) for i, (k, v) in enumerate(frames)]
+            return [encode_layer(k, v, profile, token_offset=frames[0][0].shape[1]) for k, v in frames]
 
         blobs = enc()
 
@@ -93,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"raw-fp16+seal (baseline)": measure(None, frames, min_s)}
     for p in args.profiles.split(","):
         results[p] = measure(p, frames, min_s)
+        results[f"{p} (encode_layers)"] = measure(p, frames, min_s, batched=True)
     report = {"device": "cpu", "torch_threads": torch.get_num_threads(), "frame_shape": [3, 256, 64],
               "frames": len(frames), "results": results}
     print(json.dumps(report, indent=2))

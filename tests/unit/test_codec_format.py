@@ -19,6 +19,7 @@ from transfer.codec import (
     UnknownVersion,
     decode_layer,
     encode_layer,
+    encode_layers,
     read_header,
 )
 from transfer.codec.format import HEADER_BYTES
@@ -164,3 +165,20 @@ def test_bad_saliency_is_shape_mismatch() -> None:
     k, v = _kv()
     with pytest.raises(ShapeMismatch, match="saliency"):
         encode_layer(k, v, "balanced", saliency=torch.ones(7))
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+@pytest.mark.parametrize("shape", [(3, 256, 64), (1, 7, 12), (2, 40, 32)])
+def test_encode_layers_gives_the_same_frames_as_encode_layer(profile: str, shape: tuple[int, int, int]) -> None:
+    layers = [_kv(torch.float16, *shape, seed=i) for i in range(4)]
+    layers[2] = (torch.zeros_like(layers[2][0]), layers[2][1])  # a layer with all-zero keys
+    for offset, end in [(0, None), (256, 300)]:
+        batched = encode_layers(layers, profile, token_offset=offset, context_end=end)
+        single = [encode_layer(k, v, profile, token_offset=offset, context_end=end) for k, v in layers]
+        assert batched == single
+
+
+def test_encode_layers_rejects_mixed_layers() -> None:
+    with pytest.raises(ShapeMismatch):
+        encode_layers([_kv(), _kv(tokens=8)], "balanced")
+    assert encode_layers([], "balanced") == []

@@ -3,6 +3,7 @@
 Public API::
 
     blob = encode_layer(k, v, profile="balanced", saliency=None, token_offset=0, context_end=None)
+    blobs = encode_layers([(k0, v0), (k1, v1), ...], profile, ...)   # one chunk, all layers, same bytes
     k, v = decode_layer(blob, device="cpu", dtype=None)
     header = read_header(blob)
 
@@ -21,7 +22,7 @@ from transfer.codec.errors import (
     UnknownVersion,
 )
 from transfer.codec.format import FORMAT_VERSION, FrameHeader
-from transfer.codec.frame import decode_layer, encode_layer, read_header
+from transfer.codec.frame import decode_layer, encode_layer, encode_layers, read_header
 from transfer.codec.profiles import PROFILES, Profile
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "UnknownVersion",
     "decode_layer",
     "encode_layer",
+    "encode_layers",
     "read_header",
 ]

@@ -30,44 +30,71 @@ def _table(device: torch.device) -> torch.Tensor:  # one copy per device
     return _SCALE_TABLE.to(device)
 
 
+def pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """Exact ``2.0**exponent`` (float32) for integer exponents in [-126, 127], built from the bits."""
+    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def scale_bases(scales: torch.Tensor, layers: int = 1) -> torch.Tensor:
+    """Per layer (rows are layer-major), the floor of log2 of the smallest positive needed scale."""
+    flat = scales.reshape(layers, -1).to(torch.float32)
+    if flat.shape[1] == 0:
+        return torch.full((layers,), _MIN_BASE, dtype=torch.int64, device=scales.device)
+    low = torch.where(flat > 0, flat, torch.full_like(flat, float("inf"))).amin(dim=1)
+    finite = torch.isfinite(low)
+    _, exponent = torch.frexp(torch.where(finite, low, torch.ones_like(low)))
+    base = (exponent.to(torch.int64) - 1).clamp(_MIN_BASE, _MAX_BASE)
+    # all-zero layers: the tiniest scale, so they decode to ~0
+    return torch.where(finite, base, torch.full_like(base, _MIN_BASE))
+
+
 def scale_base(scales: torch.Tensor) -> int:
-    """The frame's base exponent: the floor of log2 of the smallest positive needed scale."""
-    positive = scales[scales > 0]
-    if positive.numel() == 0:  # all-zero rows: the tiniest scale, so they decode to ~0
-        return _MIN_BASE
-    _, exponent = torch.frexp(positive.min())
-    return int(min(max(int(exponent.item()) - 1, _MIN_BASE), _MAX_BASE))
+    """The base exponent of one frame's scales."""
+    return int(scale_bases(scales, 1).item())
 
 
-def encode_scales(scales: torch.Tensor, base: int) -> torch.Tensor:
-    """Smallest table entry >= each needed scale (so nothing clips), as uint8."""
-    ratio = scales.to(torch.float32) * (2.0 ** -base)
+def _row_factor(base: torch.Tensor | int, rows: int, device: torch.device) -> torch.Tensor:
+    b = torch.as_tensor(base, dtype=torch.int64, device=device).reshape(-1)
+    return pow2(b).repeat_interleave(rows // b.numel()).view(rows, 1)
+
+
+def encode_scales(scales: torch.Tensor, base: torch.Tensor | int) -> torch.Tensor:
+    """Smallest table entry >= each needed scale [rows, n] (so nothing clips), as uint8."""
+    rows = scales.shape[0]
+    neg = -torch.as_tensor(base, dtype=torch.int64, device=scales.device)
+    ratio = scales.to(torch.float32).reshape(rows, -1) * _row_factor(neg, rows, scales.device)
     u = torch.searchsorted(_table(scales.device), ratio.contiguous().reshape(-1)).clamp_(0, 255)
     return u.to(torch.uint8).reshape(scales.shape)
 
 
-def decode_scales(u: torch.Tensor, base: int) -> torch.Tensor:
-    return _table(u.device)[u.to(torch.int64)] * (2.0 ** base)
+def decode_scales(u: torch.Tensor, base: torch.Tensor | int) -> torch.Tensor:
+    rows = u.shape[0]
+    return (_table(u.device)[u.to(torch.int64)].reshape(rows, -1)
+            * _row_factor(base, rows, u.device)).reshape(u.shape)
 
 
-def quantize(x: torch.Tensor, bits: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Quantize ``x`` [heads, tokens, dim] with ``bits`` [tokens] per token.
+def quantize(x: torch.Tensor, bits: torch.Tensor, clip: float = 1.0,
+             layers: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` [rows, tokens, dim] with ``bits`` [tokens] per token.
 
-    Returns unsigned codes (int64, in ``[0, 2**bits)``), the uint8 scale codes
-    [heads, tokens] and the frame's scale base exponent. ``clip`` < 1 trades
-    clipping of the largest value in a row for a finer step everywhere else.
+    Rows are heads, or ``layers`` stacks of heads (layer-major) when several
+    frames are encoded at once; each layer gets its own base, so the bytes do
+    not depend on the batching. Returns unsigned codes (int64, in
+    ``[0, 2**bits)``), the uint8 scale codes [rows, tokens] and the base
+    exponents [layers]. ``clip`` < 1 trades clipping of the largest value in a
+    row for a finer step everywhere else.
     """
     half = torch.pow(2.0, bits.to(torch.float32) - 1).view(1, -1, 1)
     amax = x.abs().amax(dim=-1, keepdim=True)
     needed = amax * clip / half
-    base = scale_base(needed)
+    base = scale_bases(needed, layers)
     u = encode_scales(needed.squeeze(-1), base)
     s = decode_scales(u, base).unsqueeze(-1)
     q = torch.floor(x / s).clamp_(-half, half - 1) + half
     return q.to(torch.int64), u, base
 
 
-def dequantize(codes: torch.Tensor, u: torch.Tensor, base: int, bits: torch.Tensor) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, u: torch.Tensor, base: torch.Tensor | int, bits: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize` up to quantization error, as float32."""
     half = torch.pow(2.0, bits.to(torch.float32) - 1).view(1, -1, 1)
     s = decode_scales(u, base).unsqueeze(-1)
