@@ -174,7 +174,8 @@ def _encode_quantized(k, v, prof, tiers, layers):
             x = rotate(x, ROTATION_SEED)
         for row, idx in zip(table, order, strict=True):
             if idx.numel():
-                parts.extend(_encode_tier(x[:, idx], row[col], row[col + 1], prof, layers))
+                xt = x if idx.numel() == x.shape[1] else x[:, idx]  # one tier: no gather copy
+                parts.extend(_encode_tier(xt, row[col], row[col + 1], prof, layers))
     return flags, torch.cat(parts, dim=1)
 
 
@@ -293,14 +294,22 @@ def _decode_quantized(body: torch.Tensor, header: FrameHeader) -> tuple[torch.Te
         mean = None
         if header.flags & center_flag:
             mean = r.take(h * d * 2).clone().view(torch.float16).view(h, 1, d).to(torch.float32)
-        x = torch.empty((h, t, d), dtype=torch.float32, device=body.device)
+        x = None
         for row, idx in zip(table, order, strict=True):
-            if idx.numel():
+            if not idx.numel():
+                continue
+            if idx.numel() == t:  # one tier holds every token: no scatter
+                x = _decode_tier(r, row[col], row[col + 1], h, t, d, group)
+            else:
+                if x is None:
+                    x = torch.empty((h, t, d), dtype=torch.float32, device=body.device)
                 x[:, idx] = _decode_tier(r, row[col], row[col + 1], h, idx.numel(), d, group)
+        if x is None:
+            x = torch.empty((h, t, d), dtype=torch.float32, device=body.device)
         if header.flags & rot_flag:
             x = unrotate(x, header.seed)
         if mean is not None:
-            x = x + mean
+            x = x.add_(mean)
         out.append(x)
     if r.pos != body.numel():
         raise CorruptFrame(f"body has {body.numel() - r.pos} trailing bytes")
@@ -312,12 +321,12 @@ def _decode_tier(r: _Reader, scheme: int, bits: int, h: int, n: int, d: int, gro
     if scheme == TOKEN:
         base = int(r.take(1).clone().view(torch.int8).item())
         u = r.take(h * n).view(h, n)
-        codes = unpack_bits(r.take(packed_size(count, bits)), bits, count).view(h, n, d)
+        codes = unpack_bits(r.take(packed_size(count, bits)), bits, count, torch.uint8).view(h, n, d)
         bits_t = torch.full((n,), bits, dtype=torch.int64, device=u.device)
         return qz.dequantize(codes, u, base, bits_t)
     groups = (n + group - 1) // group
     cmax = r.take(h * d * 2).clone().view(torch.float16).view(h, d)
     lo = r.take(h * groups * d).clone().view(torch.int8).view(h, groups, d)
     hi = r.take(h * groups * d).clone().view(torch.int8).view(h, groups, d)
-    codes = unpack_bits(r.take(packed_size(count, bits)), bits, count).view(h, n, d)
+    codes = unpack_bits(r.take(packed_size(count, bits)), bits, count, torch.uint8).view(h, n, d)
     return qz.dequantize_channels(codes, cmax, lo, hi, bits, group)

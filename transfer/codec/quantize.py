@@ -79,26 +79,26 @@ def quantize(x: torch.Tensor, bits: torch.Tensor, clip: float = 1.0,
 
     Rows are heads, or ``layers`` stacks of heads (layer-major) when several
     frames are encoded at once; each layer gets its own base, so the bytes do
-    not depend on the batching. Returns unsigned codes (int64, in
+    not depend on the batching. Returns unsigned codes (uint8, in
     ``[0, 2**bits)``), the uint8 scale codes [rows, tokens] and the base
     exponents [layers]. ``clip`` < 1 trades clipping of the largest value in a
     row for a finer step everywhere else.
     """
     half = torch.pow(2.0, bits.to(torch.float32) - 1).view(1, -1, 1)
     amax = x.abs().amax(dim=-1, keepdim=True)
-    needed = amax * clip / half
+    needed = (amax * clip if clip != 1.0 else amax) / half  # x * 1.0 == x exactly
     base = scale_bases(needed, layers)
     u = encode_scales(needed.squeeze(-1), base)
     s = decode_scales(u, base).unsqueeze(-1)
-    q = torch.floor(x / s).clamp_(-half, half - 1) + half
-    return q.to(torch.int64), u, base
+    q = torch.div(x, s).floor_().clamp_(-half, half - 1).add_(half)
+    return q.to(torch.uint8), u, base
 
 
 def dequantize(codes: torch.Tensor, u: torch.Tensor, base: torch.Tensor | int, bits: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize` up to quantization error, as float32."""
     half = torch.pow(2.0, bits.to(torch.float32) - 1).view(1, -1, 1)
     s = decode_scales(u, base).unsqueeze(-1)
-    return (codes.to(torch.float32) - half + 0.5) * s
+    return codes.to(torch.float32).sub_(half).add_(0.5).mul_(s)
 
 
 def quantize_channels(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, ...]:
@@ -112,7 +112,7 @@ def quantize_channels(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Ten
     channel), rounded outwards so nothing clips.
 
     ``x`` is [heads, tokens, dim]; the last group may be shorter. Returns codes
-    (int64 [heads, tokens, dim]), the channel maxima (fp16 [heads, dim]) and the
+    (uint8 [heads, tokens, dim]), the channel maxima (fp16 [heads, dim]) and the
     int8 lows and highs ([heads, groups, dim] each).
     """
     h, t, d = x.shape
@@ -137,7 +137,7 @@ def _channel_grid(lo_q, hi_q, unit, bits):
 
 def _channel_codes(xg, lo_q, hi_q, unit, bits):
     lo, step, levels = _channel_grid(lo_q, hi_q, unit, bits)
-    return torch.round((xg - lo) / step).clamp_(0, levels).to(torch.int64)
+    return torch.sub(xg, lo).div_(step).round_().clamp_(0, levels).to(torch.uint8)
 
 
 def dequantize_channels(codes: torch.Tensor, cmax: torch.Tensor, lo_q: torch.Tensor, hi_q: torch.Tensor,
@@ -149,5 +149,5 @@ def dequantize_channels(codes: torch.Tensor, cmax: torch.Tensor, lo_q: torch.Ten
     cp = torch.cat([codes, codes.new_zeros(h, pad, d)], 1) if pad else codes
     unit = (cmax.to(torch.float32) / 127).clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(1)
     lo, step, _ = _channel_grid(lo_q.to(torch.float32), hi_q.to(torch.float32), unit, bits)
-    x = cp.view(h, groups, group, d).to(torch.float32) * step + lo
+    x = cp.view(h, groups, group, d).to(torch.float32).mul_(step).add_(lo)
     return x.reshape(h, groups * group, d)[:, :t]

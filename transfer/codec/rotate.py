@@ -48,11 +48,11 @@ def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
     """``x @ R`` along the last dim, as float32."""
     dim = x.shape[-1]
     y = x.to(torch.float64) @ _matrix(dim, seed, x.device)
-    return (y * (1.0 / math.sqrt(dim))).to(torch.float32)
+    return y.mul_(1.0 / math.sqrt(dim)).to(torch.float32)
 
 
 def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
     """``y @ R^T`` along the last dim, as float32: the inverse of :func:`rotate`."""
     dim = y.shape[-1]
     x = y.to(torch.float64) @ _matrix(dim, seed, y.device).T
-    return (x * (1.0 / math.sqrt(dim))).to(torch.float32)
+    return x.mul_(1.0 / math.sqrt(dim)).to(torch.float32)
