@@ -172,7 +172,7 @@ class StoreService:
         nbytes = sum(len(item.blob) for item in items)
         undo = self._charge(items) if self.quotas.enabled else None
         try:
-            self.store.put_many([(item.key, item.blob) for item in items])
+            self.store.put_many([(item.key, item.blob) for item in items], verified=True)  # validate_put checked
         except BaseException:
             if undo is not None:
                 undo()

@@ -9,6 +9,7 @@ turning the final uint8 tensor into bytes, so CUDA input never detours via numpy
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 
@@ -91,8 +92,8 @@ def encode_layer(k: torch.Tensor, v: torch.Tensor, profile: str | Profile = "bal
     if prof.lossless:
         body = _shuffle(torch.cat([_u8(k), _u8(v)]), k.element_size())
         return _seal_frames(body.view(1, -1), prof, k, FLAG_LOSSLESS)[0]
-    tiers = precision_map(k, prof, saliency, token_offset, context_end)
-    flags, body = _encode_quantized(k, v, prof, tiers, 1)
+    layout = _layout_for(k, prof, saliency, token_offset, context_end)
+    flags, body = _encode_quantized(k, v, prof, layout, 1)
     return _seal_frames(body, prof, k, flags)[0]
 
 
@@ -121,8 +122,8 @@ def encode_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], profile: 
     n = len(layers)
     ks = torch.stack([k for k, _ in layers]).reshape(n * h, t, d)
     vs = torch.stack([v for _, v in layers]).reshape(n * h, t, d)
-    tiers = precision_map(k0, prof, saliency, token_offset, context_end)
-    flags, body = _encode_quantized(ks, vs, prof, tiers, n)
+    layout = _layout_for(k0, prof, saliency, token_offset, context_end)
+    flags, body = _encode_quantized(ks, vs, prof, layout, n)
     return _seal_frames(body, prof, k0, flags)
 
 
@@ -145,27 +146,53 @@ def _seal_frames(body: torch.Tensor, prof: Profile, k: torch.Tensor, flags: int)
 
 
 def _shuffle(data: torch.Tensor, width: int) -> torch.Tensor:
-    """Byte-shuffle: all first bytes, then all second bytes... (exponents group together for zstd)."""
-    return data.view(-1, width).t().contiguous().reshape(-1)
+    """Byte-shuffle: all first bytes, then all second bytes... (exponents group together for zstd).
+
+    Written as a stack of byte columns: the same bytes as ``.t().contiguous()``,
+    but torch's generic transpose copy of a [n, 2] uint8 tensor is ~8x slower.
+    """
+    return torch.stack(list(data.view(-1, width).unbind(1))).reshape(-1)
 
 
 def _unshuffle(data: torch.Tensor, width: int) -> torch.Tensor:
-    return data.view(width, -1).t().contiguous().reshape(-1)
+    return torch.stack(list(data.view(width, -1).unbind(0)), dim=1).reshape(-1)
 
 
-def _encode_quantized(k, v, prof, tiers, layers):
+def _layout(prof: Profile, tiers: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The body's head (tier table, group, packed precision map) and the token indices of each tier."""
+    table = [(t.k_scheme, t.k_bits, t.v_scheme, t.v_bits) for t in prof.tiers]
+    head = torch.cat([_bytes_of([len(table), *[b for row in table for b in row], prof.group], tiers.device),
+                      pack_bits(tiers, 4)])
+    return head, [torch.nonzero(tiers == i).reshape(-1) for i in range(len(table))]
+
+
+@functools.lru_cache(maxsize=256)
+def _position_layout(prof: Profile, tokens: int, token_offset: int, context_end: int | None,
+                     device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Layouts that depend only on positions, computed once: every chunk-layer of a context reuses them."""
+    probe = torch.empty((1, tokens, 0), device=device)  # precision_map reads only the shape and device
+    return _layout(prof, precision_map(probe, prof, None, token_offset, context_end))
+
+
+def _layout_for(k: torch.Tensor, prof: Profile, saliency: torch.Tensor | None, token_offset: int,
+                context_end: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    if saliency is None and not (len(prof.tiers) > 2 and prof.salient_fraction > 0):
+        return _position_layout(prof, k.shape[1], token_offset, context_end, k.device)
+    return _layout(prof, precision_map(k, prof, saliency, token_offset, context_end))
+
+
+def _encode_quantized(k, v, prof, layout, layers):
     """Body rows [layers, bytes] for K and V of ``layers`` frames stacked as [layers*heads, tokens, dim]."""
     dim = k.shape[-1]
     rot_k, rot_v = prof.rotate_k and can_rotate(dim), prof.rotate_v and can_rotate(dim)
     flags = ((FLAG_ROTATE_K if rot_k else 0) | (FLAG_ROTATE_V if rot_v else 0)
              | (FLAG_CENTER_K if prof.center_k else 0) | (FLAG_CENTER_V if prof.center_v else 0))
     table = [(t.k_scheme, t.k_bits, t.v_scheme, t.v_bits) for t in prof.tiers]
-    head = torch.cat([_bytes_of([len(table), *[b for row in table for b in row], prof.group], k.device),
-                      pack_bits(tiers, 4)])
+    head, order = layout
     parts = [head.view(1, -1).expand(layers, -1)]
-    order = [torch.nonzero(tiers == i).reshape(-1) for i in range(len(table))]
     for x, col, center, rot in ((k, 0, prof.center_k, rot_k), (v, 2, prof.center_v, rot_v)):
-        x = x.to(torch.float32)
+        if center or not rot:  # rotate() reads any float dtype exactly: no float32 copy first
+            x = x.to(torch.float32)
         if center:
             mean = x.to(torch.float64).mean(dim=1, keepdim=True).to(torch.float16)
             parts.append(_u8(mean).view(layers, -1))
@@ -192,8 +219,7 @@ def _pack_rows(codes: torch.Tensor, bits: int, layers: int) -> torch.Tensor:
 
 def _encode_tier(x: torch.Tensor, scheme: int, bits: int, prof: Profile, layers: int) -> list[torch.Tensor]:
     if scheme == TOKEN:
-        bits_t = torch.full((x.shape[1],), bits, dtype=torch.int64, device=x.device)
-        codes, u, base = qz.quantize(x, bits_t, prof.clip, layers)
+        codes, u, base = qz.quantize(x, bits, prof.clip, layers)
         return [_u8(base.to(torch.int8)).view(layers, 1), u.reshape(layers, -1), _pack_rows(codes, bits, layers)]
     if scheme == CHANNEL:
         codes, cmax, lo, hi = qz.quantize_channels(x, bits, prof.group)
@@ -322,8 +348,7 @@ def _decode_tier(r: _Reader, scheme: int, bits: int, h: int, n: int, d: int, gro
         base = int(r.take(1).clone().view(torch.int8).item())
         u = r.take(h * n).view(h, n)
         codes = unpack_bits(r.take(packed_size(count, bits)), bits, count, torch.uint8).view(h, n, d)
-        bits_t = torch.full((n,), bits, dtype=torch.int64, device=u.device)
-        return qz.dequantize(codes, u, base, bits_t)
+        return qz.dequantize(codes, u, base, bits)
     groups = (n + group - 1) // group
     cmax = r.take(h * d * 2).clone().view(torch.float16).view(h, d)
     lo = r.take(h * groups * d).clone().view(torch.int8).view(h, groups, d)

@@ -6,10 +6,12 @@ little-endian within each group: code ``i`` of a group occupies bits
 One rule for every width keeps the format simple (3-bit codes need no special
 case) and the layout identical on CPU and CUDA.
 
-Speed: widths that divide 8 (1, 2, 4) never cross a byte, so they are packed
-with a few uint8 shifts and ORs; the others (3, 5, 6, 7) build each group's word
-in the narrowest integer type that holds it (int32 for 3 bits) and take its
-low bytes through a byte view of the words (every torch device is little-endian).
+Speed: a group of eight uint8 codes *is* a little-endian 64-bit word with code
+``i`` at bit ``8*i``, so packing is three SWAR steps on that word (merge pairs,
+then quads, then the two halves, each one shift, OR and mask) and unpacking
+the same steps backwards: nine int64 ops on one word per eight codes instead
+of shifts and sums over every code. Every torch device (x86, ARM, CUDA) is
+little-endian; a big-endian host falls back to the plain shift-and-sum form.
 """
 
 from __future__ import annotations
@@ -20,16 +22,7 @@ import sys
 import torch
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
-
-
-@functools.lru_cache(maxsize=64)
-def _shifts(bits: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[0, bits, 2*bits, ...]`` (n entries), one copy per (dtype, device)."""
-    return (torch.arange(n, dtype=torch.int64) * bits).to(dtype=dtype, device=device)
-
-
-def _word_dtype(bits: int) -> tuple[torch.dtype, int]:
-    return (torch.int32, 4) if bits * 8 <= 32 else (torch.int64, 8)
+_SHIFTS = torch.arange(8, dtype=torch.int64)
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -37,6 +30,17 @@ def packed_size(count: int, bits: int) -> int:
     if bits == 8:
         return count
     return (count + 7) // 8 * bits
+
+
+@functools.lru_cache(maxsize=8)
+def _levels(bits: int) -> tuple[tuple[int, int, int], ...]:
+    """(half, width, mask) per merge level: lanes of 16, 32, 64 bits whose two halves (``half`` bits
+    apart) each hold ``width`` bits of codes; ``mask`` selects the low ``width`` bits of every lane."""
+    out = []
+    for lane, codes in ((16, 1), (32, 2), (64, 4)):
+        width = bits * codes
+        out.append((lane // 2, width, sum(((1 << width) - 1) << off for off in range(0, 64, lane))))
+    return tuple(out)
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -49,43 +53,50 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    if 8 % bits == 0:  # whole codes per byte
-        per = 8 // bits
-        g = flat.to(torch.uint8).view(-1, per)
-        out = g[:, 0].clone()
-        for i in range(1, per):
-            out |= g[:, i] << (bits * i)
-        return out
-    wdtype, wbytes = _word_dtype(bits)
-    words = (flat.to(wdtype).view(-1, 8) << _shifts(bits, 8, wdtype, flat.device)).sum(dim=1, dtype=wdtype)
-    if _LITTLE_ENDIAN:
-        return words.view(torch.uint8).view(-1, wbytes)[:, :bits].reshape(-1)
-    out = (words.unsqueeze(1) >> _shifts(8, bits, wdtype, flat.device)) & 0xFF
-    return out.to(torch.uint8).reshape(-1)
+    if not _LITTLE_ENDIAN:
+        return _pack_reference(flat, bits)
+    flat = flat.to(torch.uint8)
+    if flat.storage_offset() % 8:
+        flat = flat.clone()
+    words = flat.view(torch.int64)  # code i of a group at bit 8*i; codes < 128, so words are >= 0
+    for half, width, mask in _levels(bits):  # the high half moves down to sit right above the low half
+        words = (words & mask) | ((words >> (half - width)) & (mask << width))
+    if 8 % bits == 0:  # 1, 2 or 4 bytes per word: one strided copy of a wider type
+        wide = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[bits]
+        low = words.view(wide).view(-1, 8 // bits)[:, 0]
+        return torch.empty(low.shape, dtype=wide, device=low.device).copy_(low).view(torch.uint8)
+    return words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)
 
 
 def unpack_bits(data: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``count`` codes (as many bytes as packed_size), as ``dtype``.
 
-    Decoders ask for uint8 so no int64 temporary is made; the default keeps the
-    int64 result of the original API.
+    Decoders ask for uint8 so no int64 temporary per code is made; the default
+    keeps the int64 result of the original API.
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if bits == 8:
         return data[:count].to(dtype)
-    mask = (1 << bits) - 1
-    if 8 % bits == 0:
-        per = 8 // bits
-        codes = (data.unsqueeze(1) >> _shifts(bits, per, torch.uint8, data.device)) & mask
-        return codes.reshape(-1)[:count].to(dtype)
-    wdtype, wbytes = _word_dtype(bits)
     groups = data.view(-1, bits)
-    if _LITTLE_ENDIAN:
-        buf = torch.zeros((groups.shape[0], wbytes), dtype=torch.uint8, device=data.device)
-        buf[:, :bits] = groups
-        words = buf.view(wdtype).reshape(-1)
-    else:
-        words = (groups.to(wdtype) << _shifts(8, bits, wdtype, data.device)).sum(dim=1, dtype=wdtype)
-    codes = (words.unsqueeze(1) >> _shifts(bits, 8, wdtype, data.device)) & mask
-    return codes.reshape(-1)[:count].to(dtype)
+    if not _LITTLE_ENDIAN:
+        return _unpack_reference(groups, bits)[:count].to(dtype)
+    buf = torch.zeros((groups.shape[0], 8), dtype=torch.uint8, device=data.device)
+    buf[:, :bits] = groups
+    words = buf.view(torch.int64).reshape(-1)  # bits*8 <= 56 bits used: never negative
+    for half, width, mask in reversed(_levels(bits)):  # and back up, last merge first
+        words = (words & mask) | ((words << (half - width)) & (mask << half))
+    return words.view(torch.uint8)[:count].to(dtype)
+
+
+def _pack_reference(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    shifts = _SHIFTS.to(flat.device)
+    words = (flat.to(torch.int64).view(-1, 8) << (shifts * bits)).sum(dim=1)
+    out = (words.unsqueeze(1) >> (shifts[:bits] * 8)) & 0xFF
+    return out.to(torch.uint8).reshape(-1)
+
+
+def _unpack_reference(groups: torch.Tensor, bits: int) -> torch.Tensor:
+    shifts = _SHIFTS.to(groups.device)
+    words = (groups.to(torch.int64) << (shifts[:bits] * 8)).sum(dim=1)
+    return ((words.unsqueeze(1) >> (shifts * bits)) & ((1 << bits) - 1)).reshape(-1)

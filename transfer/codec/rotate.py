@@ -44,15 +44,37 @@ def _matrix(dim: int, seed: int, device: torch.device) -> torch.Tensor:  # one c
     return _signed_hadamard(dim, seed).to(device)
 
 
-def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """``x @ R`` along the last dim, as float32."""
+@functools.lru_cache(maxsize=64)
+def _scaled(dim: int, seed: int, device: torch.device, transpose: bool) -> tuple[torch.Tensor, float]:
+    """The matrix to multiply by and the factor still to apply afterwards.
+
+    When ``1/sqrt(dim)`` is a power of two (dim = 4, 16, 64, 256...), it is
+    folded into the +-1 entries: scaling every product by a power of two
+    scales every partial sum exactly, so ``x @ (c*R)`` is bit-identical to
+    ``(x @ R) * c`` and saves a pass over the output.
+    """
+    m = _signed_hadamard(dim, seed)
+    m = m.T if transpose else m
+    scale = 1.0 / math.sqrt(dim)
+    if math.frexp(scale)[0] == 0.5:
+        return (m * scale).contiguous().to(device), 1.0
+    return m.contiguous().to(device), scale
+
+
+def _apply(x: torch.Tensor, seed: int, transpose: bool) -> torch.Tensor:
     dim = x.shape[-1]
-    y = x.to(torch.float64) @ _matrix(dim, seed, x.device)
-    return y.mul_(1.0 / math.sqrt(dim)).to(torch.float32)
+    m, scale = _scaled(dim, seed, x.device, transpose)
+    y = x.to(torch.float64) @ m  # any float input: the float64 copy is exact
+    if scale != 1.0:
+        y.mul_(scale)
+    return y.to(torch.float32)
+
+
+def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """``x @ R`` along the last dim, as float32 (``x`` may be any float dtype)."""
+    return _apply(x, seed, False)
 
 
 def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
     """``y @ R^T`` along the last dim, as float32: the inverse of :func:`rotate`."""
-    dim = y.shape[-1]
-    x = y.to(torch.float64) @ _matrix(dim, seed, y.device).T
-    return x.mul_(1.0 / math.sqrt(dim)).to(torch.float32)
+    return _apply(y, seed, True)
