@@ -60,7 +60,10 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         flat = flat.clone()
     words = flat.view(torch.int64)  # code i of a group at bit 8*i; codes < 128, so words are >= 0
     for half, width, mask in _levels(bits):  # the high half moves down to sit right above the low half
-        words = (words & mask) | ((words >> (half - width)) & (mask << width))
+        if half >= 2 * width:  # the shifted copy of the low half falls below bit 0: one mask suffices
+            words = (words | (words >> (half - width))) & (mask | (mask << width))
+        else:
+            words = (words & mask) | ((words >> (half - width)) & (mask << width))
     if 8 % bits == 0:  # 1, 2 or 4 bytes per word: one strided copy of a wider type
         wide = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[bits]
         low = words.view(wide).view(-1, 8 // bits)[:, 0]
@@ -85,7 +88,10 @@ def unpack_bits(data: torch.Tensor, bits: int, count: int, dtype: torch.dtype = 
     buf[:, :bits] = groups
     words = buf.view(torch.int64).reshape(-1)  # bits*8 <= 56 bits used: never negative
     for half, width, mask in reversed(_levels(bits)):  # and back up, last merge first
-        words = (words & mask) | ((words << (half - width)) & (mask << half))
+        if half >= 2 * width:  # the shifted copy of the low half lands outside both masks
+            words = (words | (words << (half - width))) & (mask | (mask << half))
+        else:
+            words = (words & mask) | ((words << (half - width)) & (mask << half))
     return words.view(torch.uint8)[:count].to(dtype)
 
 

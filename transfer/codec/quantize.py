@@ -84,12 +84,6 @@ def _half(bits: torch.Tensor | int) -> torch.Tensor | float:
     return torch.pow(2.0, bits.to(torch.float32) - 1).view(1, -1, 1)
 
 
-def _abs_max(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x.abs().amax(dim, keepdim=True)`` in one read of ``x`` (the same value; .abs_ turns -0.0 into 0.0)."""
-    lo, hi = torch.aminmax(x, dim=dim, keepdim=True)
-    return torch.maximum(hi, lo.neg_()).abs_()
-
-
 def quantize(x: torch.Tensor, bits: torch.Tensor | int, clip: float = 1.0,
              layers: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` [rows, tokens, dim] with ``bits`` [tokens] per token (or one int for all).
@@ -102,7 +96,7 @@ def quantize(x: torch.Tensor, bits: torch.Tensor | int, clip: float = 1.0,
     row for a finer step everywhere else.
     """
     half = _half(bits)
-    amax = _abs_max(x, -1)
+    amax = x.abs().amax(dim=-1, keepdim=True)
     needed = (amax * clip if clip != 1.0 else amax) / half  # x * 1.0 == x exactly
     base = scale_bases(needed, layers)
     u = encode_scales(needed.squeeze(-1), base)
@@ -137,7 +131,7 @@ def quantize_channels(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Ten
     pad = groups * group - t
     xp = torch.cat([x, x[:, -1:].expand(h, pad, d)], 1) if pad else x
     xg = xp.view(h, groups, group, d)
-    gmin, gmax = torch.aminmax(xg, dim=2)  # one pass for both ends of every group
+    gmin, gmax = xg.amin(dim=2), xg.amax(dim=2)  # (torch.aminmax is ~3x slower on CPU)
     # |x| max per channel from the group ends (padding repeats a real token, so changes nothing)
     cmax = torch.maximum(gmax.amax(dim=1), gmin.amin(dim=1).neg_()).abs_().to(torch.float16)  # [h, d]
     unit = (cmax.to(torch.float32) / 127).clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(1)
