@@ -23,7 +23,15 @@ import grpc.aio
 from kvstore.keys import Namespace
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from transfer.client import ClientCore, LayerAssembler, PutBatch, PutItem, PutResult, StoreStats
+from transfer.client import (
+    ABORT_REQUEST,
+    ClientCore,
+    LayerAssembler,
+    PutBatch,
+    PutItem,
+    PutResult,
+    StoreStats,
+)
 from transfer.errors import InvalidArgument, Unavailable
 
 _END = object()
@@ -61,7 +69,14 @@ class _AsyncPutBatch(PutBatch):
 
     async def aattempt(self) -> AsyncIterator[pb.PutRequest]:
         index = 0
-        while (req := await self.astep(index)) is not None:
+        while True:
+            try:
+                req = await self.astep(index)
+            except BaseException:  # recorded in self.error; put() raises it
+                yield ABORT_REQUEST
+                return
+            if req is None:
+                return
             yield req
             index += 1
 

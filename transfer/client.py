@@ -310,6 +310,15 @@ class LayerAssembler:
                                 "without an error status")
 
 
+#: Ends a Put stream whose source failed half-way. Raising inside the request
+#: iterator makes gRPC cancel the call, and a cancel can race the server into
+#: seeing a clean end of stream and committing what was sent so far. A request
+#: the server is bound to reject (its namespace is invalid) makes the server's
+#: all-or-nothing Put store nothing, deterministically; put() then raises the
+#: source's own exception, not the server's INVALID_ARGUMENT.
+ABORT_REQUEST = pb.PutRequest(namespace="!abort: client source failed")
+
+
 class PutBatch:
     """The requests of one Put stream, pulled lazily from the caller's iterator.
 
@@ -370,7 +379,14 @@ class PutBatch:
 
     def attempt(self) -> Iterator[pb.PutRequest]:
         index = 0
-        while (req := self.step(index)) is not None:
+        while True:
+            try:
+                req = self.step(index)
+            except BaseException:  # recorded in self.error; put() raises it
+                yield ABORT_REQUEST
+                return
+            if req is None:
+                return
             yield req
             index += 1
 
