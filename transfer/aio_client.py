@@ -24,7 +24,6 @@ from kvstore.keys import Namespace
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from transfer.client import (
-    ABORT_REQUEST,
     ClientCore,
     LayerAssembler,
     PutBatch,
@@ -59,9 +58,7 @@ class _AsyncPutBatch(PutBatch):
             try:
                 item = await self._pull()
             except BaseException as exc:
-                self.error = exc
-                self._closed = True
-                raise
+                return self._abort(exc)
             if item is _END:
                 self.exhausted = self._closed = True
                 return None
@@ -69,14 +66,7 @@ class _AsyncPutBatch(PutBatch):
 
     async def aattempt(self) -> AsyncIterator[pb.PutRequest]:
         index = 0
-        while True:
-            try:
-                req = await self.astep(index)
-            except BaseException:  # recorded in self.error; put() raises it
-                yield ABORT_REQUEST
-                return
-            if req is None:
-                return
+        while (req := await self.astep(index)) is not None:
             yield req
             index += 1
 
@@ -154,6 +144,8 @@ class AsyncKVClient:
             batch = _AsyncPutBatch(self._core, ns, source)
             if await batch.astep(0) is None:
                 break
+            if batch.error is not None:  # the very first item failed: nothing to send
+                raise batch.error
             resp = await self._put_batch(batch, timeout_s)
             stored += resp.num_stored
             nbytes += resp.bytes_stored

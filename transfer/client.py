@@ -359,18 +359,20 @@ class PutBatch:
                 self.exhausted = self._closed = True
                 return None
             except BaseException as exc:
-                self.error = exc
-                self._closed = True
-                raise
+                return self._abort(exc)
             return self._add(item)
+
+    def _abort(self, exc: BaseException) -> pb.PutRequest:
+        """Record the source's failure and end the stream with ABORT_REQUEST."""
+        self.error = exc
+        self._closed = True
+        return ABORT_REQUEST
 
     def _add(self, item: Any) -> pb.PutRequest:
         try:
             req = self._core.put_request(self._namespace, item)
         except BaseException as exc:
-            self.error = exc
-            self._closed = True
-            raise
+            return self._abort(exc)
         self._sent.append(req)
         self._bytes += len(req.blob)
         if self._bytes >= self._core.put_batch_bytes:
@@ -379,14 +381,7 @@ class PutBatch:
 
     def attempt(self) -> Iterator[pb.PutRequest]:
         index = 0
-        while True:
-            try:
-                req = self.step(index)
-            except BaseException:  # recorded in self.error; put() raises it
-                yield ABORT_REQUEST
-                return
-            if req is None:
-                return
+        while (req := self.step(index)) is not None:
             yield req
             index += 1
 
@@ -468,6 +463,8 @@ class KVClient:
             batch = PutBatch(self._core, ns, source)
             if batch.step(0) is None:
                 break
+            if batch.error is not None:  # the very first item failed: nothing to send
+                raise batch.error
             resp = self._put_batch(batch, timeout_s)
             stored += resp.num_stored
             nbytes += resp.bytes_stored

@@ -142,6 +142,31 @@ def test_failing_producer_mid_batch_stores_nothing_of_that_batch(client: KVClien
         client.put(NS, broken())
     assert client.lookup(NS, keys, 1) == 0
 
+    def broken_at_once() -> Iterator[tuple[bytes, int, int, bytes]]:
+        raise RuntimeError("no first item")
+        yield  # pragma: no cover - makes this a generator
+
+    with pytest.raises(RuntimeError, match="no first item"):
+        client.put(NS, broken_at_once())
+
+
+def test_async_failing_producer_stores_nothing(kvstore_server: Any) -> None:
+    keys = _keys(4, salt=360)
+
+    async def broken() -> Any:
+        for item in list(_items(keys, 1))[:3]:
+            yield item
+        raise RuntimeError("async encoder crashed")
+
+    async def run() -> int:
+        async with AsyncKVClient(kvstore_server.target) as c:
+            with pytest.raises(RuntimeError, match="async encoder crashed"):
+                await c.put(NS, broken())
+            return await c.lookup(NS, keys, 1)
+
+    for _ in range(5):  # the abort is deterministic, not a race with gRPC's cancel
+        assert asyncio.run(run()) == 0
+
 
 def test_corrupt_blob_in_every_tier_is_data_loss(kvstore_server: Any, client: KVClient) -> None:
     keys = _keys(1, salt=400)
