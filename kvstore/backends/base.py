@@ -15,10 +15,13 @@ trip is expensive (Redis pipelines, S3 packed chunk objects) override them.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, order=True)
@@ -70,6 +73,19 @@ class Backend(ABC):
 
     def __init__(self) -> None:
         self.counters = BackendCounters()
+
+    @classmethod
+    def from_config(cls, section: Any) -> Backend:
+        """Build the tier from its config section (a dataclass in kvstore/config.py).
+
+        Every section field that names a constructor parameter is passed; fields the
+        constructor does not take (``enabled``) are the store's business, and
+        parameters the config does not expose keep their defaults. One rule for
+        every tier, so a new config field reaches its backend without glue code.
+        """
+        accepted = inspect.signature(cls.__init__).parameters
+        fields = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in accepted}
+        return cls(**fields)
 
     @abstractmethod
     def get(self, key: BlobKey) -> bytes | None: ...

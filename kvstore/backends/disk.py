@@ -176,11 +176,6 @@ class DiskBackend(Backend):
             self._flusher = threading.Thread(target=self._flush_loop, name="kvstore-disk-fsync", daemon=True)
             self._flusher.start()
 
-    @classmethod
-    def from_config(cls, section: Any) -> DiskBackend:
-        return cls(path=section.path, max_bytes=section.max_bytes, fsync=section.fsync,
-                   segment_bytes=section.segment_bytes)
-
     # ------------------------------------------------------------------ reads
     def get(self, key: BlobKey) -> bytes | None:
         with self._lock:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
 
@@ -37,10 +36,6 @@ class MemoryBackend(Backend):
         self._blobs: OrderedDict[BlobKey, bytes] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-
-    @classmethod
-    def from_config(cls, section: Any) -> MemoryBackend:
-        return cls(max_bytes=section.max_bytes)
 
     def get(self, key: BlobKey) -> bytes | None:
         with self._lock:

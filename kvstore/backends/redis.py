@@ -192,17 +192,6 @@ class RedisBackend(Backend):
         # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
         self._guard = Guard(retry, self.breaker, translate_redis_error)
 
-    @classmethod
-    def from_config(cls, section: Any) -> RedisBackend:
-        return cls(
-            url=section.url,
-            key_prefix=section.key_prefix,
-            ttl_seconds=section.ttl_seconds,
-            max_bytes=section.max_bytes,
-            socket_timeout_s=section.socket_timeout_s,
-            pool_size=section.pool_size,
-        )
-
     def _key(self, key: BlobKey) -> str:
         return self.key_prefix + key.name()
 

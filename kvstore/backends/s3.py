@@ -328,21 +328,6 @@ class S3Backend(Backend):
         with contextlib.suppress(BackendUnavailable):
             self._ensure_bucket()
 
-    @classmethod
-    def from_config(cls, section: Any) -> S3Backend:
-        return cls(
-            endpoint_url=section.endpoint_url,
-            bucket=section.bucket,
-            prefix=section.prefix,
-            region=section.region,
-            access_key_id=section.access_key_id,
-            secret_access_key=section.secret_access_key,
-            max_bytes=section.max_bytes,
-            timeout_s=section.timeout_s,
-            max_concurrency=section.max_concurrency,
-            multipart_threshold_bytes=section.multipart_threshold_bytes,
-        )
-
     # -- plumbing --------------------------------------------------------------------
     def _ensure_bucket(self) -> None:
         def run() -> None:

@@ -120,3 +120,21 @@ def test_secrets_are_redacted() -> None:
     assert config.auth.tokens == {"tok1": "acme", "tok2": "beta"}
     text = str(config_as_dict(config))
     assert "tok1" not in text and "acme" in text and "beta" in text
+
+
+def test_backends_are_built_from_their_config_sections(tmp_path: Path) -> None:
+    """Backend.from_config passes every section field the constructor takes, and only those."""
+    from kvstore.backends.disk import DiskBackend
+    from kvstore.backends.memory import MemoryBackend
+
+    config = load_config(None, environ={}, overrides={
+        "memory.max_bytes": "3MiB", "disk.path": str(tmp_path / "d"), "disk.max_bytes": "1GiB",
+        "disk.fsync": "always", "disk.segment_bytes": "8MiB",
+    })
+    assert MemoryBackend.from_config(config.memory).max_bytes == 3 * MiB
+    disk = DiskBackend.from_config(config.disk)  # `enabled` is not a constructor parameter
+    try:
+        assert (disk.path, disk.max_bytes, disk.fsync, disk.segment_bytes) == (
+            str(tmp_path / "d"), GiB, "always", 8 * MiB)
+    finally:
+        disk.close()
