@@ -30,7 +30,7 @@ import torch
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, ChunkKey, Namespace, chunk_keys
 from transfer.client import KVClient, PutItem, PutResult
-from transfer.codec import decode_layer, encode_layer
+from transfer.codec import decode_many, encode_layer, imap_ordered
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,9 +46,10 @@ def encode_chunk(chunk_kv: Sequence[LayerKV], key: bytes, *, profile: str, token
     total = num_layers if num_layers is not None else len(chunk_kv)
     if len(chunk_kv) != total:
         raise ValueError(f"chunk has {len(chunk_kv)} layers, expected {total}")
-    for layer, (k, v) in enumerate(chunk_kv):
-        yield PutItem(key, layer, total, encode_layer(k, v, profile, token_offset=token_offset,
-                                                      context_end=context_end))
+    blobs = imap_ordered(lambda kv: encode_layer(kv[0], kv[1], profile, token_offset=token_offset,
+                                                 context_end=context_end), chunk_kv)
+    for layer, blob in enumerate(blobs):  # layers encode side by side on the codec threads, in order
+        yield PutItem(key, layer, total, blob)
 
 
 def context_items(namespace: Namespace | str, keys: Sequence[bytes], layers_kv: Sequence[LayerKV], *,
@@ -70,13 +71,16 @@ def context_items(namespace: Namespace | str, keys: Sequence[bytes], layers_kv: 
         if k.shape != v.shape or k.dim() != 3 or k.shape[1] < needed:
             raise ValueError(f"layer {layer}: K {tuple(k.shape)} / V {tuple(v.shape)} must be "
                              f"[kv_heads, >= {needed} tokens, head_dim] and equal")
-    for chunk in range(start_chunk, len(keys)):
+    def encode(job: tuple[int, int]) -> PutItem:
+        chunk, layer = job
         a, b = chunk * chunk_tokens, (chunk + 1) * chunk_tokens
+        k, v = layers_kv[layer]
         sal = saliency[..., a:b] if saliency is not None else None
-        for layer, (k, v) in enumerate(layers_kv):
-            blob = encode_layer(k[:, a:b], v[:, a:b], profile, saliency=sal, token_offset=a,
-                                context_end=context_end)
-            yield PutItem(keys[chunk], layer, num_layers, blob)
+        blob = encode_layer(k[:, a:b], v[:, a:b], profile, saliency=sal, token_offset=a, context_end=context_end)
+        return PutItem(keys[chunk], layer, num_layers, blob)
+
+    # (chunk, layer) frames encode side by side on the codec threads, yielded in order
+    yield from imap_ordered(encode, ((c, layer) for c in range(start_chunk, len(keys)) for layer in range(num_layers)))
 
 
 def put_context(client: KVClient, namespace: Namespace | str, token_ids: Sequence[int],
@@ -124,7 +128,7 @@ def put_chunks(client: KVClient, namespace: Namespace | str, keys: Sequence[byte
 def decode_blobs(blobs: Sequence[bytes], *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> LayerKV:
     """One layer's blobs (one per chunk, in order) as ``(k, v)`` over all their tokens."""
-    parts = [decode_layer(blob, device=device, dtype=dtype) for blob in blobs]
+    parts = decode_many(blobs, device=device, dtype=dtype)
     if len(parts) == 1:
         return parts[0]
     return torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)

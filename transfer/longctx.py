@@ -122,17 +122,17 @@ def offload_frames(client: KVClient, namespace: Namespace | str, keys: Sequence[
 def encode_chunks(chunks: Iterable[Sequence[tuple[Any, Any]]], *, profile: str, start_chunk: int = 0,
                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[list[bytes]]:
     """Encode a stream of chunks (per layer ``(k, v)`` of ``[kv_heads, chunk_tokens, head_dim]``) lazily."""
-    from transfer.codec import encode_layer
+    from transfer.codec import encode_layer, imap_ordered
 
     for i, chunk_kv in enumerate(chunks):
         offset = (start_chunk + i) * chunk_tokens
-        frames = []
-        for layer, (k, v) in enumerate(chunk_kv):
+        for layer, (k, _) in enumerate(chunk_kv):
             if k.shape[1] != chunk_tokens:
                 raise ValueError(f"chunk {start_chunk + i} layer {layer} has {k.shape[1]} tokens, "
                                  f"expected {chunk_tokens}")
-            frames.append(encode_layer(k, v, profile, token_offset=offset))
-        yield frames
+        # the layers of a chunk encode side by side on the codec threads
+        yield list(imap_ordered(lambda kv, offset=offset: encode_layer(kv[0], kv[1], profile, token_offset=offset),
+                                chunk_kv))
 
 
 def offload_context(client: KVClient, namespace: Namespace | str, keys: Sequence[bytes],
@@ -218,7 +218,7 @@ def read_layers(client: KVClient, namespace: Namespace | str, keys: Sequence[byt
     """
     import torch
 
-    from transfer.codec import decode_layer
+    from transfer.codec import decode_many
 
     total = num_tokens if num_tokens is not None else len(keys) * chunk_tokens
     k_out = v_out = None
@@ -231,8 +231,7 @@ def read_layers(client: KVClient, namespace: Namespace | str, keys: Sequence[byt
                 yield current, k_out, v_out
             k_out = v_out = None
             current, filled = window.layer, 0
-        for blob in window.blobs:
-            k, v = decode_layer(blob, dtype=dtype)
+        for k, v in decode_many(window.blobs, dtype=dtype):  # a window's blobs decode side by side
             if k_out is None:
                 shape = (k.shape[0], total, k.shape[2])
                 k_out = torch.empty(shape, dtype=k.dtype)

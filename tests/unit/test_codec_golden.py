@@ -15,9 +15,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from transfer.codec import PROFILES, decode_layer, encode_layer, encode_layers
+from transfer.codec import PROFILES, cpu_kernels, decode_layer, encode_layer, encode_layers
 
 GOLDEN = Path(__file__).parent / "data" / "codec_golden.json"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -84,9 +85,18 @@ def compute() -> dict[str, list[str]]:
     return results
 
 
-def test_codec_output_matches_golden_digests() -> None:
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "torch"])
+def test_codec_output_matches_golden_digests(kernels: bool) -> None:
+    """Both CPU paths: the compiled kernels and the torch stages (the CUDA path) write the pinned bytes."""
+    if kernels and not cpu_kernels.AVAILABLE:
+        pytest.fail("numba is not installed: `make test` installs it (pyproject dependency)")
     expected = json.loads(GOLDEN.read_text())
-    actual = compute()
+    was = cpu_kernels.enabled()
+    cpu_kernels.set_enabled(kernels)
+    try:
+        actual = compute()
+    finally:
+        cpu_kernels.set_enabled(was)
     assert actual.keys() == expected.keys()
     changed = [name for name in expected if actual[name] != expected[name]]
     assert not changed, f"{len(changed)} cases changed, e.g. {changed[:5]}"

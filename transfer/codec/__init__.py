@@ -23,6 +23,7 @@ from transfer.codec.errors import (
 )
 from transfer.codec.format import FORMAT_VERSION, FrameHeader
 from transfer.codec.frame import decode_layer, encode_layer, encode_layers, read_header
+from transfer.codec.parallel import codec_threads, decode_many, imap_ordered
 from transfer.codec.profiles import PROFILES, Profile
 
 __all__ = [
@@ -36,8 +37,11 @@ __all__ = [
     "TruncatedFrame",
     "UnknownProfile",
     "UnknownVersion",
+    "codec_threads",
     "decode_layer",
+    "decode_many",
     "encode_layer",
     "encode_layers",
+    "imap_ordered",
     "read_header",
 ]

@@ -13,10 +13,12 @@ import functools
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import zstandard
 
 from kvstore.integrity import TRAILER_BYTES, is_intact, seal
+from transfer.codec import cpu_decode, cpu_encode, cpu_kernels
 from transfer.codec import quantize as qz
 from transfer.codec.errors import CorruptFrame, ShapeMismatch, TruncatedFrame
 from transfer.codec.format import (
@@ -130,7 +132,7 @@ def encode_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], profile: 
 def _seal_frames(body: torch.Tensor, prof: Profile, k: torch.Tensor, flags: int) -> list[bytes]:
     """Rows of ``body`` (one per frame) -> sealed frames; the only host step."""
     h, t, d = k.shape
-    rows = body.cpu().numpy()
+    rows = body if isinstance(body, np.ndarray) else body.cpu().numpy()
     out = []
     for row in rows:
         raw = row.tobytes()
@@ -189,6 +191,8 @@ def _encode_quantized(k, v, prof, layout, layers):
              | (FLAG_CENTER_K if prof.center_k else 0) | (FLAG_CENTER_V if prof.center_v else 0))
     table = [(t.k_scheme, t.k_bits, t.v_scheme, t.v_bits) for t in prof.tiers]
     head, order = layout
+    if cpu_encode.handles(prof, k):
+        return flags, cpu_encode.encode_body(k, v, prof, head, order, (rot_k, rot_v), layers, ROTATION_SEED)
     parts = [head.view(1, -1).expand(layers, -1)]
     for x, col, center, rot in ((k, 0, prof.center_k, rot_k), (v, 2, prof.center_v, rot_v)):
         x = x.to(torch.float32)  # (then float64 in rotate: faster than fp16 -> float64 in one cast)
@@ -265,12 +269,17 @@ def decode_layer(blob: bytes | memoryview, device: str | torch.device = "cpu",
         except zstandard.ZstdError as exc:
             raise CorruptFrame(f"zstd body does not decompress: {exc}") from exc
     else:
-        raw = bytes(stored)
+        raw = stored
     if len(raw) != header.raw_len:
         raise CorruptFrame(f"body is {len(raw)} bytes, header declares {header.raw_len}")
+    out_dtype = dtype or header.dtype
+    if not header.flags & FLAG_LOSSLESS and cpu_kernels.enabled():
+        # CPU kernels decode the body in place (no copy), then the tensors move to ``device``
+        k, v = cpu_decode.decode_quantized(np.frombuffer(raw, dtype=np.uint8), header)
+        return k.to(device=device, dtype=out_dtype), v.to(device=device, dtype=out_dtype)
+    raw = bytes(raw)
     body = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
     body = body.to(device)
-    out_dtype = dtype or header.dtype
     if header.flags & FLAG_LOSSLESS:
         k, v = _decode_lossless(body, header)
     else:

@@ -128,17 +128,29 @@ def quantize_channels(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Ten
     """
     h, t, d = x.shape
     groups = (t + group - 1) // group
-    pad = groups * group - t
-    xp = torch.cat([x, x[:, -1:].expand(h, pad, d)], 1) if pad else x
-    xg = xp.view(h, groups, group, d)
-    gmin, gmax = xg.amin(dim=2), xg.amax(dim=2)  # (torch.aminmax is ~3x slower on CPU)
-    # |x| max per channel from the group ends (padding repeats a real token, so changes nothing)
-    cmax = torch.maximum(gmax.amax(dim=1), gmin.amin(dim=1).neg_()).abs_().to(torch.float16)  # [h, d]
+    xg, gmin, gmax, cmax = channel_ranges(x, group)
     unit = (cmax.to(torch.float32) / 127).clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(1)
     lo_q = torch.floor(gmin / unit).clamp_(-127, 127)
     hi_q = torch.ceil(gmax / unit).clamp_(-127, 127)
     codes = _channel_codes(xg, lo_q, hi_q, unit, bits)
     return (codes.reshape(h, groups * group, d)[:, :t], cmax, lo_q.to(torch.int8), hi_q.to(torch.int8))
+
+
+def channel_ranges(x: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
+    """``x`` padded and grouped [h, groups, group, d], its group lows and highs, and the fp16 channel maxima.
+
+    The last group is padded with copies of the last token, which changes no
+    low or high. (Shared with the CPU encoder, which takes the ranges from here.)
+    """
+    h, t, d = x.shape
+    groups = (t + group - 1) // group
+    pad = groups * group - t
+    xp = torch.cat([x, x[:, -1:].expand(h, pad, d)], 1) if pad else x
+    xg = xp.view(h, groups, group, d)
+    gmin, gmax = xg.amin(dim=2), xg.amax(dim=2)  # (torch.aminmax is ~3x slower on CPU)
+    # |x| max per channel from the group ends
+    cmax = torch.maximum(gmax.amax(dim=1), gmin.amin(dim=1).neg_()).abs_().to(torch.float16)  # [h, d]
+    return xg, gmin, gmax, cmax
 
 
 def _channel_grid(lo_q, hi_q, unit, bits):

@@ -28,15 +28,19 @@ def can_rotate(dim: int) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _signed_hadamard(dim: int, seed: int) -> torch.Tensor:
+def _signs(dim: int, seed: int) -> torch.Tensor:
     if not can_rotate(dim):
         raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {dim}")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (dim,), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
+
+
+@functools.lru_cache(maxsize=32)
+def _signed_hadamard(dim: int, seed: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < dim:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    gen = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
-    return signs[:, None] * h  # entries are exactly +-1
+    return _signs(dim, seed)[:, None] * h  # entries are exactly +-1
 
 
 @functools.lru_cache(maxsize=64)
@@ -78,3 +82,4 @@ def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
 def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
     """``y @ R^T`` along the last dim, as float32: the inverse of :func:`rotate`."""
     return _apply(y, seed, True)
+

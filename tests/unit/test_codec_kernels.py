@@ -1,0 +1,211 @@
+"""The compiled CPU kernels against the torch stages: same frames, same tensors, same refusals.
+
+The torch stages are the reference (they are also the CUDA path); the kernels
+are only a faster way to compute the same bytes. The golden test pins a fixed
+grid; this module adds random shapes and bit widths the grid does not reach
+(head_dim not a multiple of 8 or not a power of two, 1..8 bits, short groups)
+and malformed bodies, which both decoders must refuse the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstore.integrity import TRAILER_BYTES, seal
+from transfer.codec import (
+    PROFILES,
+    CodecError,
+    Profile,
+    codec_threads,
+    cpu_kernels,
+    decode_layer,
+    decode_many,
+    encode_layer,
+    encode_layers,
+    imap_ordered,
+)
+from transfer.codec.format import HEADER_BYTES, parse_header
+from transfer.codec.profiles import CHANNEL, TOKEN, Tier
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _need_numba() -> None:
+    if not cpu_kernels.AVAILABLE:
+        pytest.fail("numba is not installed: `make test` installs it (pyproject dependency)")
+
+
+def _both(fn):
+    """``fn()`` with the kernels, then with the torch stages; exceptions are returned, not raised."""
+    out = []
+    was = cpu_kernels.enabled()
+    for on in (True, False):
+        cpu_kernels.set_enabled(on)
+        try:
+            out.append(fn())
+        except CodecError as exc:
+            out.append(exc)
+        finally:
+            cpu_kernels.set_enabled(was)
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, Exception) or isinstance(b, Exception):
+        return type(a) is type(b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):  # bitwise, so -0.0 vs 0.0 and NaN payloads count
+        return a.dtype == b.dtype and a.shape == b.shape and bytes(a.contiguous().view(torch.uint8).numpy()) == \
+            bytes(b.contiguous().view(torch.uint8).numpy())
+    return a == b
+
+
+def _kv(shape, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h, t, d = shape
+    k = torch.randn(h, t, d, generator=gen) * 2 + torch.randn(h, 1, d, generator=gen) * 4
+    v = torch.randn(h, t, d, generator=gen) * torch.rand(h, t, 1, generator=gen) * 3
+    return k.to(dtype), v.to(dtype)
+
+
+def _profiles() -> Iterator[Profile]:
+    yield from (p for p in PROFILES.values() if not p.lossless)
+    base = PROFILES["balanced"]
+    for kb, vb in ((1, 8), (2, 5), (5, 1), (6, 7), (7, 2), (8, 6)):
+        yield replace(base, name=f"k{kb}v{vb}", profile_id=200 + kb,
+                      tiers=(Tier(TOKEN, 8, TOKEN, 8), Tier(CHANNEL, kb, TOKEN, vb)), group=7 + kb)
+    yield replace(base, name="k-token-v-channel", profile_id=210,
+                  tiers=(Tier(CHANNEL, 8, CHANNEL, 6), Tier(TOKEN, 3, CHANNEL, 3)), rotate_v=False)
+    yield replace(PROFILES["int8"], name="int3-rot", profile_id=211, tiers=(Tier(TOKEN, 3, TOKEN, 3),))
+
+
+SHAPES = [(3, 256, 64), (2, 37, 64), (1, 5, 12), (4, 9, 40), (2, 64, 128), (1, 1, 8), (2, 300, 6)]
+
+
+@pytest.mark.parametrize("profile", list(_profiles()), ids=lambda p: p.name)
+def test_kernels_write_and_read_what_torch_does(profile: Profile) -> None:
+    for i, shape in enumerate(SHAPES):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            k, v = _kv(shape, dtype, 17 * i + 3)
+            for offset, end in ((0, shape[1]), (512, None), (2, 40)):
+                fast, ref = _both(lambda k=k, v=v, o=offset, e=end: encode_layer(k, v, profile, token_offset=o,
+                                                                                   context_end=e))
+                assert _same(fast, ref), (profile.name, shape, dtype, offset, end)
+                dec = _both(lambda r=ref: decode_layer(r))
+                assert _same(*dec), (profile.name, shape, dtype, offset, end)
+                dec32 = _both(lambda r=ref: decode_layer(r, dtype=torch.float32))
+                assert _same(*dec32)
+
+
+@pytest.mark.parametrize("profile", ["balanced", "dense", "int8"])
+def test_batched_layers_match_torch(profile: str) -> None:
+    layers = [_kv((3, 100, 64), torch.float16, 40 + i) for i in range(5)]
+    assert _same(*_both(lambda: encode_layers(layers, profile, token_offset=256, context_end=400)))
+
+
+def test_zero_heads_and_outliers_match_torch() -> None:
+    k, v = _kv((3, 256, 64), torch.float16, 5)
+    k[:, :, 3] *= 300
+    v[1] = 0
+    k[:, 10] = 0
+    v[:, :, 9] = -0.0
+    for profile in ("balanced", "dense", "int8"):
+        blobs = _both(lambda p=profile: encode_layer(k, v, p, token_offset=0, context_end=256))
+        assert _same(*blobs)
+        assert _same(*_both(lambda b=blobs[1]: decode_layer(b)))
+
+
+def _body_mutations(blob: bytes) -> Iterator[bytes]:
+    """Frames whose checksum is valid but whose body lies: every decoder must refuse or agree."""
+    header = parse_header(memoryview(blob)[:-TRAILER_BYTES])
+    payload = bytearray(blob[:-TRAILER_BYTES])
+    if header.flags & 1:  # work on the raw body so every byte means something
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().decompress(bytes(payload[HEADER_BYTES:]), max_output_size=header.raw_len)
+        payload = bytearray(payload[:HEADER_BYTES]) + bytearray(raw)
+        struct.pack_into("<B", payload, 7, header.flags & ~1)  # flags byte: no zstd
+        struct.pack_into("<I", payload, HEADER_BYTES - 4, len(raw))  # stored length
+    body_at = HEADER_BYTES
+    for pos, value in ((0, 0), (0, 16), (1, 9), (2, 0), (3, 2), (17, 0x77), (30, 0xFF)):
+        mutated = bytearray(payload)
+        mutated[body_at + pos] = value
+        yield seal(bytes(mutated))
+    yield seal(bytes(payload[:-5]))  # body shorter than its header says
+    shorter = bytearray(payload[:-7])
+    struct.pack_into("<I", shorter, HEADER_BYTES - 8, len(shorter) - HEADER_BYTES)  # raw length agrees
+    struct.pack_into("<I", shorter, HEADER_BYTES - 4, len(shorter) - HEADER_BYTES)
+    yield seal(bytes(shorter))
+    longer = bytearray(payload) + b"\\0" * 9
+    struct.pack_into("<I", longer, HEADER_BYTES - 8, len(longer) - HEADER_BYTES)
+    struct.pack_into("<I", longer, HEADER_BYTES - 4, len(longer) - HEADER_BYTES)
+    yield seal(bytes(longer))
+
+
+@pytest.mark.parametrize("profile", ["balanced", "dense", "int8"])
+def test_lying_bodies_are_refused_alike(profile: str) -> None:
+    k, v = _kv((2, 40, 64), torch.float16, 9)
+    blob = encode_layer(k, v, profile, token_offset=0, context_end=40)
+    refused = 0
+    for bad in _body_mutations(blob):
+        fast, ref = _both(lambda b=bad: decode_layer(b))
+        assert _same(fast, ref), (fast, ref)
+        refused += isinstance(ref, Exception)
+    assert refused >= 4  # the length and tier-table lies at least
+
+
+def test_imap_ordered_keeps_order_and_raises_in_place() -> None:
+    assert list(imap_ordered(lambda x: x * x, iter(range(50)), ahead=3)) == [x * x for x in range(50)]
+
+    def boom(x: int) -> int:
+        if x == 7:
+            raise ValueError("seven")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="seven"):
+        for x in imap_ordered(boom, range(20)):
+            got.append(x)
+    assert got == list(range(7))
+    with pytest.raises(ValueError):
+        list(imap_ordered(boom, range(3), ahead=0))
+
+
+def test_decode_many_equals_one_by_one() -> None:
+    blobs = [encode_layer(*_kv((3, 64, 64), torch.float16, s), "balanced", token_offset=64) for s in range(6)]
+    many = decode_many(blobs, dtype=torch.float32)
+    assert _same(many, [decode_layer(b, dtype=torch.float32) for b in blobs])
+
+
+def test_codec_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVSTORE_CODEC_THREADS", "3")
+    assert codec_threads() == 3
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("KVSTORE_CODEC_THREADS", bad)
+        with pytest.raises(ValueError, match="KVSTORE_CODEC_THREADS"):
+            codec_threads()
+    monkeypatch.delenv("KVSTORE_CODEC_THREADS")
+    assert codec_threads() >= 1
+
+
+def test_torch_switch_in_a_fresh_process() -> None:
+    """KVSTORE_CODEC_KERNELS=torch turns the kernels off at import (how an operator would)."""
+    code = textwrap.dedent("""
+        from transfer.codec import cpu_kernels
+        print(cpu_kernels.enabled())
+    """)
+    env = {**os.environ, "KVSTORE_CODEC_KERNELS": "torch", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
