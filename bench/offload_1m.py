@@ -59,6 +59,7 @@ from kvstore import integrity  # noqa: E402
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, chunk_keys  # noqa: E402
 from transfer import longctx  # noqa: E402
 from transfer.client import KVClient  # noqa: E402
+from transfer.codec import codec_threads  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -85,7 +86,7 @@ def kv_cache_path(num_tokens: int) -> Path:
     return cache_root() / "bench" / f"offload-kv-{num_tokens}.pt"
 
 
-def real_kv(num_tokens: int) -> tuple[list[int], list[list[tuple[Any, Any]]], str]:
+def real_kv(num_tokens: int, n: int = DEFAULT_CHUNK_TOKENS) -> tuple[list[int], list[list[tuple[Any, Any]]], str]:
     """Token ids and per-chunk, per-layer fp16 (k, v) of the model run on ``num_tokens`` tokens of text.
 
     The model's output is kept in the user cache (~23 MB per 1k tokens), so
@@ -123,7 +124,6 @@ def real_kv(num_tokens: int) -> tuple[list[int], list[list[tuple[Any, Any]]], st
         torch.save({"ids": ids, "layers": layers}, tmp)
         os.replace(tmp, path)
         source = "model output (SmolLM2-135M, computed this run)"
-    n = DEFAULT_CHUNK_TOKENS
     chunks = [[(k[:, c * n:(c + 1) * n].clone(), v[:, c * n:(c + 1) * n].clone()) for k, v in layers]
               for c in range(num_tokens // n)]
     return list(ids), chunks, source
@@ -134,13 +134,14 @@ def raw_frames(chunks: list[list[tuple[Any, Any]]]) -> list[list[bytes]]:
     return [[integrity.seal(k.numpy().tobytes() + v.numpy().tobytes()) for k, v in chunk] for chunk in chunks]
 
 
-def codec_frames(chunks: list[list[tuple[Any, Any]]], profile: str,
+def codec_frames(chunks: list[list[tuple[Any, Any]]], profile: str, n: int = DEFAULT_CHUNK_TOKENS,
                  decode_sample: int = NUM_LAYERS) -> tuple[list[list[bytes]], dict[str, Any]]:
     """Encode every distinct (chunk, layer) once (timed); time decoding a sample and measure its error."""
     from transfer.codec import decode_layer, encode_layer
 
-    n = DEFAULT_CHUNK_TOKENS
     layer_fp16 = longctx.fp16_bytes(n, 1, KV_HEADS, HEAD_DIM)
+    k0, v0 = chunks[0][0]
+    decode_layer(encode_layer(k0, v0, profile))  # warm up: the kernels load from numba's cache on first use
     started = time.perf_counter()
     frames = [[encode_layer(k, v, profile, token_offset=c * n) for k, v in chunk] for c, chunk in enumerate(chunks)]
     encode_s = time.perf_counter() - started
@@ -252,10 +253,11 @@ def store_run(profile: str, frames: list[list[bytes]], token_ids: list[int], num
               args: argparse.Namespace) -> dict[str, Any]:
     """Write ``num_chunks`` tiles of ``frames`` through a fresh server, read them back cold, layer by layer."""
     namespace = f"{TENANT}/{MODEL}/{profile}"
-    ids = (token_ids * math.ceil(num_chunks * DEFAULT_CHUNK_TOKENS / len(token_ids)))
-    keys = chunk_keys(ids[: num_chunks * DEFAULT_CHUNK_TOKENS], namespace)
+    n = args.chunk_tokens
+    ids = (token_ids * math.ceil(num_chunks * n / len(token_ids)))
+    keys = chunk_keys(ids[: num_chunks * n], namespace, n)
     distinct = len(frames)
-    fp16 = longctx.fp16_bytes(num_chunks * DEFAULT_CHUNK_TOKENS, NUM_LAYERS, KV_HEADS, HEAD_DIM)
+    fp16 = longctx.fp16_bytes(num_chunks * n, NUM_LAYERS, KV_HEADS, HEAD_DIM)
     wire = sum(sum(len(f) for f in frames[c % distinct]) for c in range(num_chunks))
     disk_dir = tempfile.mkdtemp(prefix=f"disk-{profile}-", dir=work)
     out: dict[str, Any] = {"profile": profile, "chunks": num_chunks, "blobs": num_chunks * NUM_LAYERS,
@@ -308,6 +310,78 @@ def store_run(profile: str, frames: list[list[bytes]], token_ids: list[int], num
     return out
 
 
+def end_to_end_run(profile: str, chunks: list[list[tuple[Any, Any]]], frames: list[list[bytes]],
+                   token_ids: list[int], num_chunks: int, work: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The product path: every tile encoded on the way in (codec threads), every blob decoded on the way out.
+
+    Writes with :func:`longctx.offload_context` and reads with
+    :func:`longctx.read_layers` (one whole layer of the context in memory at a
+    time, fp16); each layer is checked against the decoded distinct frames.
+    """
+    import torch
+
+    from transfer.codec import decode_layer, encode_layer
+
+    n = args.chunk_tokens
+    namespace = f"{TENANT}/{MODEL}/{profile}"
+    ids = (token_ids * math.ceil(num_chunks * n / len(token_ids)))
+    keys = chunk_keys(ids[: num_chunks * n], namespace, n)
+    distinct = len(chunks)
+    fp16 = longctx.fp16_bytes(num_chunks * n, NUM_LAYERS, KV_HEADS, HEAD_DIM)
+    wire = sum(sum(len(f) for f in frames[c % distinct]) for c in range(num_chunks))
+    disk_dir = tempfile.mkdtemp(prefix=f"e2e-{profile}-", dir=work)
+    out: dict[str, Any] = {"profile": profile, "chunks": num_chunks, "fp16_bytes": fp16}
+    try:
+        with server_process(disk_dir, max(2 * wire, 1 * GiB), work) as (target, proc), \
+                KVClient(target, timeout_s=60, stream_timeout_s=3600) as client:
+            client.wait_ready(30)
+            longctx.reset_peak_rss()
+            longctx.reset_peak_rss(proc.pid)
+            c0, s0 = cpu_seconds(os.getpid()), cpu_seconds(proc.pid)
+            started = time.perf_counter()
+            result = longctx.offload_context(client, namespace, keys, (chunks[c % distinct] for c in range(num_chunks)),
+                                             profile=profile, chunk_tokens=n, batch_bytes=args.batch_mib * MiB,
+                                             parallel=args.parallel)
+            write_s = time.perf_counter() - started
+            out["write"] = {"seconds": round(write_s, 2), "gbps_fp16": gbps(fp16, write_s),
+                            "client_cpu_s": round(cpu_seconds(os.getpid()) - c0, 1),
+                            "server_cpu_s": round(cpu_seconds(proc.pid) - s0, 1),
+                            "client_peak_rss": longctx.peak_rss_bytes(),
+                            "server_peak_rss": longctx.peak_rss_bytes(proc.pid)}
+            if result.num_blobs != num_chunks * NUM_LAYERS:
+                raise RuntimeError(f"stored {result.num_blobs} blobs, expected {num_chunks * NUM_LAYERS}")
+            drop_segments(disk_dir)
+            # what each tile must decode to: the writer encoded tile c at token offset c * n, so only the
+            # context's first chunk has attention sinks; every later tile encodes like the offset-n one
+            first = [decode_layer(f) for f in frames[0]]
+            later = [[decode_layer(encode_layer(k, v, profile, token_offset=n)) for k, v in chunk] for chunk in chunks]
+
+            def expected_at(c: int, layer: int) -> tuple[Any, Any]:
+                return first[layer] if c == 0 else later[c % distinct][layer]
+            longctx.reset_peak_rss()
+            longctx.reset_peak_rss(proc.pid)
+            c0, s0 = cpu_seconds(os.getpid()), cpu_seconds(proc.pid)
+            bad = 0
+            started = time.perf_counter()
+            for layer, k, v in longctx.read_layers(client, namespace, keys, 0, NUM_LAYERS, chunk_tokens=n,
+                                                   window_keys=args.window_keys, prefetch=args.prefetch):
+                for c in range(0, num_chunks, max(1, num_chunks // 64)):  # 64 spot checks per layer
+                    ek, ev = expected_at(c, layer)
+                    if not (torch.equal(k[:, c * n:(c + 1) * n], ek) and torch.equal(v[:, c * n:(c + 1) * n], ev)):
+                        bad += 1
+                        break
+                del k, v
+            read_s = time.perf_counter() - started
+            out["read"] = {"seconds": round(read_s, 2), "gbps_fp16": gbps(fp16, read_s), "mismatched_layers": bad,
+                           "cold": True, "client_cpu_s": round(cpu_seconds(os.getpid()) - c0, 1),
+                           "server_cpu_s": round(cpu_seconds(proc.pid) - s0, 1),
+                           "client_peak_rss": longctx.peak_rss_bytes(),
+                           "server_peak_rss": longctx.peak_rss_bytes(proc.pid)}
+    finally:
+        shutil.rmtree(disk_dir, ignore_errors=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -323,14 +397,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="Put streams in flight")
     parser.add_argument("--window-keys", type=int, default=128, help="chunks per Get window")
     parser.add_argument("--prefetch", type=int, default=2, help="Get windows in flight ahead of the reader")
+    parser.add_argument("--chunk-tokens", type=int, default=1024,
+                        help="tokens per stored chunk (one blob per chunk and layer); the store's prefix-reuse "
+                             f"default is {DEFAULT_CHUNK_TOKENS}, a parked long context does better with fewer, "
+                             "larger blobs")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also time the product path: encode on the way in, decode on the way out")
     parser.add_argument("--workdir", default=None, help="where the disk tier goes (default: a temp dir in /tmp)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tokens, args.distinct_tokens = min(args.tokens, 32768), min(args.distinct_tokens, 256)
+        args.tokens = min(args.tokens, 32768)
+        args.distinct_tokens = min(args.distinct_tokens, max(256, args.chunk_tokens))
         args.baseline_bytes = min(args.baseline_bytes, 512 * MiB)
-    num_chunks = math.ceil(args.tokens / DEFAULT_CHUNK_TOKENS)
+    if args.chunk_tokens < 1 or args.distinct_tokens % args.chunk_tokens:
+        raise SystemExit(f"--distinct-tokens ({args.distinct_tokens}) must be a multiple of --chunk-tokens")
+    num_chunks = math.ceil(args.tokens / args.chunk_tokens)
     profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
-    fp16 = longctx.fp16_bytes(num_chunks * DEFAULT_CHUNK_TOKENS, NUM_LAYERS, KV_HEADS, HEAD_DIM)
+    fp16 = longctx.fp16_bytes(num_chunks * args.chunk_tokens, NUM_LAYERS, KV_HEADS, HEAD_DIM)
 
     work = tempfile.mkdtemp(prefix="kvstore-offload-", dir=args.workdir)
     try:
@@ -338,15 +421,16 @@ def main(argv: list[str] | None = None) -> int:
         if free < fp16 * 1.1 + args.baseline_bytes:
             raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, the run needs up to {fp16 * 1.1 / 1e9:.1f} GB")
         started = time.perf_counter()
-        token_ids, chunks, kv_source = real_kv(args.distinct_tokens)
+        token_ids, chunks, kv_source = real_kv(args.distinct_tokens, args.chunk_tokens)
         prepared = time.perf_counter()
         report: dict[str, Any] = {
-            "tokens": num_chunks * DEFAULT_CHUNK_TOKENS, "chunks": num_chunks,
+            "tokens": num_chunks * args.chunk_tokens, "chunks": num_chunks, "chunk_tokens": args.chunk_tokens,
             "shape": {"layers": NUM_LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM},
             "fp16_bytes": fp16, "distinct_chunks": len(chunks), "kv_source": kv_source,
             "frames_reused": True, "cpus": os.cpu_count(),
             "load_avg_at_start": os.getloadavg()[0], "workdir": work,
             "settings": {k: getattr(args, k) for k in ("batch_mib", "parallel", "window_keys", "prefetch")},
+            "codec_threads": codec_threads(),
             "disk_baseline": disk_baseline(work, min(args.baseline_bytes, fp16)),
             "codec": {}, "store": {},
             "client_peak_rss_before_store": longctx.peak_rss_bytes(),  # model load + forward, codec imports
@@ -355,8 +439,11 @@ def main(argv: list[str] | None = None) -> int:
             if profile == "raw":
                 frames = raw_frames(chunks)
             else:
-                frames, report["codec"][profile] = codec_frames(chunks, profile)
+                frames, report["codec"][profile] = codec_frames(chunks, profile, args.chunk_tokens)
             report["store"][profile] = store_run(profile, frames, token_ids, num_chunks, work, args)
+            if args.end_to_end and profile != "raw":
+                report.setdefault("end_to_end", {})[profile] = end_to_end_run(profile, chunks, frames, token_ids,
+                                                                             num_chunks, work, args)
             del frames
             gc.collect()
         base = report["disk_baseline"]
@@ -383,7 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     parts.append(f"raw disk: write+fsync {base['write_fsync_gbps']} / read {base['read_gbps']} GB/s "
                  f"({base['read_mode']})")
     print("; ".join(parts))
+    for profile, e in report.get("end_to_end", {}).items():
+        print(f"end-to-end {profile} (encode + store + decode): write {e['write']['gbps_fp16']} / read "
+              f"{e['read']['gbps_fp16']} GB/s fp16-eq, peak RSS client "
+              f"{max(e['write']['client_peak_rss'], e['read']['client_peak_rss']) >> 20} MiB / server "
+              f"{max(e['write']['server_peak_rss'], e['read']['server_peak_rss']) >> 20} MiB")
     bad = [p for p, s in report["store"].items() if s["read"]["mismatched_blobs"]]
+    bad += [p for p, e in report.get("end_to_end", {}).items() if e["read"]["mismatched_layers"]]
     return 1 if bad else 0
 
 

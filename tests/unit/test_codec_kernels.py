@@ -209,3 +209,58 @@ def test_torch_switch_in_a_fresh_process() -> None:
     env = {**os.environ, "KVSTORE_CODEC_KERNELS": "torch", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_fp16_conversions_match_torch() -> None:
+    """The kernels' own float32 <-> fp16 conversions (channel maxima, means) round as torch does."""
+    import numpy as np
+
+    gen = np.random.default_rng(1)
+    bits = np.concatenate([
+        gen.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32),
+        np.arange(0x33000000 - 3000, 0x33000000 + 3000, dtype=np.uint32),  # around fp16's smallest subnormal
+        np.arange(0x387FC000 - 3000, 0x38800000 + 3000, dtype=np.uint32),  # subnormal -> normal boundary
+        np.arange(0x477FE000 - 3000, 0x477FF000 + 3000, dtype=np.uint32),  # around fp16 max -> inf
+    ])
+    bits = np.concatenate([bits, bits | np.uint32(0x80000000)])
+    values = bits.view(np.float32)
+    values = values[~np.isnan(values)]
+    expected = torch.from_numpy(values).to(torch.float16).view(torch.int16).numpy().astype(np.uint16)
+    got = np.array([cpu_kernels.float_to_half_bits(np.float32(x)) for x in values[:2000]], np.int64)
+    assert np.array_equal(got, expected[:2000].astype(np.int64))
+    got_all = _vector_half_bits(values)
+    assert np.array_equal(got_all, expected.astype(np.int64))
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    widened = torch.from_numpy(halves.view(np.float16).copy()).to(torch.float32).numpy()
+    back = _vector_half_to_float(halves.astype(np.int64))
+    finite = ~np.isnan(widened)
+    assert np.array_equal(back[finite].view(np.uint32), widened[finite].view(np.uint32))
+    assert np.isnan(back[~finite]).all()
+
+
+def _vector_half_bits(values):
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def run(x, out):
+        for i in range(x.size):
+            out[i] = cpu_kernels.float_to_half_bits(x[i])
+
+    out = np.empty(values.size, np.int64)
+    run(values, out)
+    return out
+
+
+def _vector_half_to_float(bits):
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def run(b, out):
+        for i in range(b.size):
+            out[i] = cpu_kernels.half_to_float(b[i])
+
+    out = np.empty(bits.size, np.float32)
+    run(bits, out)
+    return out

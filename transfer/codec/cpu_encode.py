@@ -4,8 +4,8 @@ Why: the torch encoder (frame._encode_quantized) runs ~200 small torch ops per
 call; at 256-token frames that overhead is most of the time. Here Python only
 lays out the body (every offset follows from the shapes and the tier table)
 and each tier of each tensor is one kernel that quantizes, packs and writes
-its bytes in place. The per-channel group ranges come from the torch code
-(quantize.channel_ranges: two vectorized reductions, faster than a loop here). Profiles that center a tensor (none of the
+its bytes in place (ranges, fp16 channel maxima and scale bytes included), so
+no torch op runs between the cast to float32 and the sealed bytes. Profiles that center a tensor (none of the
 defaults) or clip scales keep the torch encoder.
 """
 
@@ -19,7 +19,7 @@ import torch
 from transfer.codec import cpu_kernels
 from transfer.codec.pack import packed_size
 from transfer.codec.profiles import TOKEN, Profile
-from transfer.codec.quantize import _SCALE_TABLE, channel_ranges
+from transfer.codec.quantize import _SCALE_TABLE
 from transfer.codec.rotate import _signs
 
 _TABLE = _SCALE_TABLE.numpy()
@@ -72,10 +72,4 @@ def encode_body(k: torch.Tensor, v: torch.Tensor, prof: Profile, head: torch.Ten
 
 
 def _channel(xs: np.ndarray, h: int, idx: np.ndarray, bits: int, group: int, body: np.ndarray, off: int) -> None:
-    rows, t, d = xs.shape
-    layers = rows // h
-    x = torch.from_numpy(xs)
-    _, gmin, gmax, cmax = channel_ranges(x if idx.size == t else x[:, torch.from_numpy(idx)], group)
-    body[:, off:off + 2 * h * d] = cmax.numpy().reshape(layers, -1).view(np.uint8)
-    cpu_kernels.channel_encode(xs, h, idx, bits, group, gmin.numpy(), gmax.numpy(),
-                               cmax.to(torch.float32).numpy(), body, off + 2 * h * d)
+    cpu_kernels.channel_tier_encode(xs, xs.view(np.int32), h, idx, bits, group, body, off)

@@ -1,11 +1,13 @@
-"""Compiled CPU kernels for the codec's per-element stages (numba), bit-identical to the torch stages.
+"""Compiled CPU kernels for the codec (numba), bit-identical to the torch stages.
 
 Why: on CPU the torch pipeline makes a dozen passes over every element
 (casts, float64 matmul for the rotation, divide, floor, clamp, add, cast, SWAR
-packing), each allocating a temporary; at 256-token frames that costs ~10 ns
-per element. Here each stage is one loop that reads its input once and writes
-its output once, releases the GIL (``nogil``) so frames can run on all cores,
-and is compiled once per machine (``cache=True``).
+packing), each allocating a temporary, and ~200-300 small ops per 256-token
+frame that hold the GIL between them. Here a frame is decoded in one call
+(:func:`decode_frame`) and encoded in one call per tier and tensor
+(:func:`token_encode`, :func:`channel_tier_encode`); every loop reads its input
+once, runs without the GIL (``nogil``) so frames run on all cores, and is
+compiled once per machine into numba's cache (``cache=True``).
 
 Same bytes as the torch stages, by construction:
 - every float operation is the one torch performs, in the same precision and
@@ -13,14 +15,20 @@ Same bytes as the torch stages, by construction:
   without fast-math, so LLVM may not contract ``a * b + c``);
 - the rotation is a fast Walsh-Hadamard transform in float64 instead of a
   float64 matmul; both compute sums of +-x that are exact in float64 for
-  fp16/bf16-range inputs, so the order of additions cannot change the result.
+  fp16/bf16-range inputs, so the order of additions cannot change the result;
+- maxima and minima are taken on float bits mapped to integers that sort like
+  the floats (integer min/max vectorizes, float min/max does not without
+  fast-math); round-half-even and fp16 rounding are written out and tested
+  against torch.
+NaN and inf inputs are the exception: there the two paths may write
+different (equally meaningless) codes.
 ``tests/unit/test_codec_golden.py`` pins frames and decoded tensors and runs
 with and without these kernels; ``tests/unit/test_codec_kernels.py`` compares
-them stage by stage with torch on random data.
+the paths on random shapes, bit widths and malformed bodies.
 
 CUDA tensors never come here: they keep the torch stages, which produce the
 same frames. Set ``KVSTORE_CODEC_KERNELS=torch`` to force the torch stages on
-CPU too (the tests do, to compare).
+CPU too (the tests switch per test, to compare).
 """
 
 from __future__ import annotations
@@ -404,3 +412,266 @@ def channel_encode(x, h, idx, bits, group, gmin, gmax, cmax, body, off):  # prag
                         q = levels if q > levels else q
                         codes[c0 + j] = np.uint8(np.int32(q))
         _emit(codes, bits, out[hi_pos + h * groups * d:])
+
+
+# ---------------------------------------------------------------- one call per frame (decode)
+# decode_frame's status codes; cpu_decode turns them into CorruptFrame messages
+OK, ERR_SHORT, ERR_TABLE, ERR_MAP, ERR_TRAILING, ERR_ROTATION = 0, 1, 2, 3, 4, 5
+
+
+@_jit
+def half_to_float(bits):  # pragma: no cover - compiled
+    """An fp16 bit pattern (as an integer) widened to float32, exactly (NaN payloads kept)."""
+    sign = (bits >> 15) & 1
+    exp = (bits >> 10) & 0x1F
+    man = bits & 0x3FF
+    if exp == 31:
+        scratch = np.empty(1, np.uint32)
+        scratch[0] = np.uint32((sign << 31) | 0x7F800000 | (man << 13))
+        return scratch.view(np.float32)[0]
+    if exp == 0:
+        val = np.float32(man) * np.float32(5.960464477539063e-08)  # man * 2**-24, exact
+    else:
+        val = np.float32(1024 + man) * np.float32(math.ldexp(1.0, exp - 25))
+    return -val if sign else val
+
+
+@_jit
+def _half_at(body, pos):  # pragma: no cover - compiled
+    return half_to_float(np.int64(body[pos]) | (np.int64(body[pos + 1]) << 8))
+
+
+@_jit
+def _packed(count, bits):  # pragma: no cover - compiled
+    return count if bits == 8 else (count + 7) // 8 * bits
+
+
+@_jit
+def _decode_tiers(body, pos, size, col, table, n_tiers, group, counts, order, starts, h, d,
+                  scales, out, err):  # pragma: no cover - compiled
+    """The tiers of K (col 0) or V (col 2) into ``out``; returns the new position, or -1 with ``err`` set."""
+    for tier in range(n_tiers):
+        n = counts[tier]
+        if n == 0:
+            continue
+        scheme = table[tier, col]
+        bits = table[tier, col + 1]
+        idx = order[starts[tier]:starts[tier] + n]
+        count = h * n * d
+        if scheme == 0:  # TOKEN: base, scale bytes, codes
+            need = pos + 1 + h * n + _packed(count, bits)
+            if pos + 1 > size:
+                err[0], err[1] = ERR_SHORT, pos + 1
+                return -1
+            if need > size:
+                err[0], err[1] = ERR_SHORT, need
+                return -1
+            base = np.int64(np.int8(body[pos]))
+            factor = np.float32(math.ldexp(1.0, base)) if -126 <= base <= 127 else _bits_pow2(base)
+            pos = token_tier(body, pos + 1, bits, h, n, d, factor, scales, idx, out)
+        else:  # CHANNEL: fp16 maxima, int8 lows and highs, codes
+            groups = (n + group - 1) // group
+            if pos + h * d * 2 > size:
+                err[0], err[1] = ERR_SHORT, pos + h * d * 2
+                return -1
+            need = pos + h * d * 2 + 2 * h * groups * d + _packed(count, bits)
+            if need > size:
+                err[0], err[1] = ERR_SHORT, need
+                return -1
+            cmax = np.empty((h, d), np.float32)
+            for a in range(h):
+                for j in range(d):
+                    cmax[a, j] = _half_at(body, pos + 2 * (a * d + j))
+            pos = channel_tier(body, pos + h * d * 2, bits, h, n, d, group, cmax, idx, out)
+    return pos
+
+
+@_jit
+def _bits_pow2(exponent):  # pragma: no cover - compiled
+    """quantize.pow2's bit construction for exponents outside the normal range (only corrupt frames)."""
+    scratch = np.empty(1, np.int32)
+    scratch[0] = np.int32((exponent + 127) << 23)
+    return scratch.view(np.float32)[0]
+
+
+@_jit
+def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, err):  # pragma: no cover - compiled
+    """A whole quantized frame body into float32 ``out_k``/``out_v`` [h, t, d] in one call.
+
+    Parses the tier table and precision map, decodes every tier of K and V,
+    undoes the rotation and adds the means, exactly as frame._decode_quantized
+    does. On a malformed body returns a status (ERR_*) with ``err[1]`` the
+    byte count it needed, and writes nothing the caller will use.
+    ``signs`` is the rotation's +-1 vector (empty when head_dim is not a power
+    of two), ``scales`` the scale-byte table.
+    """
+    size = body.size
+    if size < 1:
+        err[0], err[1] = ERR_SHORT, 1
+        return ERR_SHORT
+    n_tiers = np.int64(body[0])
+    if 1 + 4 * n_tiers + 1 > size:
+        err[0], err[1] = ERR_SHORT, 1 + 4 * n_tiers + 1
+        return ERR_SHORT
+    table = np.empty((max(n_tiers, 1), 4), np.int64)
+    for r in range(n_tiers):
+        for c in range(4):
+            table[r, c] = body[1 + 4 * r + c]
+    group = np.int64(body[1 + 4 * n_tiers])
+    bad = n_tiers == 0 or group == 0
+    for r in range(n_tiers):
+        for c in (0, 2):
+            if table[r, c] > 1 or table[r, c + 1] < 1 or table[r, c + 1] > 8:
+                bad = True
+    if bad:
+        err[0] = ERR_TABLE
+        return ERR_TABLE
+    pos = 2 + 4 * n_tiers
+    map_bytes = (t + 7) // 8 * 4
+    if pos + map_bytes > size:
+        err[0], err[1] = ERR_SHORT, pos + map_bytes
+        return ERR_SHORT
+    tiers = np.empty(t, np.uint8)
+    if t:
+        unpack(body[pos:pos + map_bytes], 4, t, tiers)
+    pos += map_bytes
+    counts = np.zeros(16, np.int64)
+    for i in range(t):
+        if tiers[i] >= n_tiers:
+            err[0] = ERR_MAP
+            return ERR_MAP
+        counts[tiers[i]] += 1
+    starts = np.zeros(16, np.int64)
+    for r in range(1, 16):
+        starts[r] = starts[r - 1] + counts[r - 1]
+    fill = starts.copy()
+    order = np.empty(t, np.int64)
+    for i in range(t):
+        order[fill[tiers[i]]] = i
+        fill[tiers[i]] += 1
+    for col, out, center_flag, rotate_flag in ((0, out_k, 8, 2), (2, out_v, 16, 4)):
+        mean_pos = -1
+        if flags & center_flag:  # the tensor's fp16 means come first, are added last
+            if pos + h * d * 2 > size:
+                err[0], err[1] = ERR_SHORT, pos + h * d * 2
+                return ERR_SHORT
+            mean_pos = pos
+            pos += h * d * 2
+        pos = _decode_tiers(body, pos, size, col, table, n_tiers, group, counts, order, starts, h, d,
+                            scales, out, err)
+        if pos < 0:
+            return err[0]
+        if flags & rotate_flag:
+            if signs.size != d:
+                err[0] = ERR_ROTATION
+                return ERR_ROTATION
+            flat = out.reshape(h * t, d)
+            hadamard_rows(flat, signs, scale, False, flat)  # in place: each block is read before it is written
+        if mean_pos >= 0:
+            for a in range(h):
+                for j in range(d):
+                    m = _half_at(body, mean_pos + 2 * (a * d + j))
+                    for i in range(t):
+                        out[a, i, j] += m
+    if pos != size:
+        err[0], err[1] = ERR_TRAILING, size - pos
+        return ERR_TRAILING
+    return OK
+
+
+# ---------------------------------------------------------------- channel tier encoding in one call
+@_jit
+def float_to_half_bits(f):  # pragma: no cover - compiled
+    """float32 -> fp16 bit pattern, rounded to nearest even (what torch's ``.to(float16)`` does)."""
+    scratch = np.empty(1, np.float32)
+    scratch[0] = f
+    b = np.int64(scratch.view(np.uint32)[0])
+    sign = (b >> 16) & 0x8000
+    e = (b >> 23) & 0xFF
+    m = b & 0x7FFFFF
+    if e == 255:  # inf, or NaN (quiet, top payload bits kept)
+        return sign | 0x7C00 | ((0x200 | (m >> 13)) if m else 0)
+    exp = e - 112  # the fp16 exponent field this value would have
+    if exp >= 31:
+        return sign | 0x7C00
+    if exp <= 0:  # fp16 subnormal (or zero)
+        if exp < -10:
+            return sign
+        full = m | 0x800000
+        shift = 14 - exp
+        hm = full >> shift
+        rem = full & ((1 << shift) - 1)
+        half = 1 << (shift - 1)
+        if rem > half or (rem == half and (hm & 1)):
+            hm += 1
+        return sign | hm
+    hm = m >> 13
+    rem = m & 0x1FFF
+    res = (exp << 10) + hm
+    if rem > 0x1000 or (rem == 0x1000 and (hm & 1)):
+        res += 1  # a carry into the exponent is right, up to inf
+    return sign | res
+
+
+@_jit
+def channel_tier_encode(x, xbits, h, idx, bits, group, body, off):  # pragma: no cover - compiled
+    """A CHANNEL tier of every layer: ranges, fp16 channel maxima, lows, highs and codes, in one call.
+
+    The group lows and highs are taken on the float bits mapped to integers that
+    sort like the floats (integer min/max vectorizes, float min/max does not
+    without fast-math); the channel maximum is
+    ``abs(max(max over groups of highs, -(min over groups of lows)))`` rounded
+    to fp16, as quantize.channel_ranges computes it. ``xbits`` is ``x`` viewed
+    as int32.
+    """
+    rows, t, d = x.shape
+    n = idx.size
+    groups = (n + group - 1) // group
+    layers = rows // h
+    kmin = np.empty((rows, groups, d), np.int32)
+    kmax = np.empty((rows, groups, d), np.int32)
+    for r in range(rows):
+        for g in range(groups):
+            lo = kmin[r, g]
+            hi = kmax[r, g]
+            first = xbits[r, idx[g * group]]
+            for j in range(d):
+                b = first[j]
+                k = b ^ ((b >> 31) & 0x7FFFFFFF)
+                lo[j] = k
+                hi[j] = k
+            for i in range(g * group + 1, min(g * group + group, n)):
+                row = xbits[r, idx[i]]
+                for j in range(d):
+                    b = row[j]
+                    k = b ^ ((b >> 31) & 0x7FFFFFFF)
+                    lo[j] = min(lo[j], k)
+                    hi[j] = max(hi[j], k)
+    gmin = np.empty((rows, groups, d), np.int32)
+    gmax = np.empty((rows, groups, d), np.int32)
+    for r in range(rows):
+        for g in range(groups):
+            for j in range(d):
+                k = kmin[r, g, j]
+                gmin[r, g, j] = k ^ ((k >> 31) & 0x7FFFFFFF)  # the same map is its own inverse
+                k = kmax[r, g, j]
+                gmax[r, g, j] = k ^ ((k >> 31) & 0x7FFFFFFF)
+    fmin = gmin.view(np.float32)
+    fmax = gmax.view(np.float32)
+    cmax = np.empty((rows, d), np.float32)
+    for layer in range(layers):
+        out = body[layer]
+        for a in range(h):
+            r = layer * h + a
+            for j in range(d):
+                top = fmax[r, 0, j]
+                bottom = fmin[r, 0, j]
+                for g in range(1, groups):
+                    top = max(top, fmax[r, g, j])
+                    bottom = min(bottom, fmin[r, g, j])
+                c = abs(max(top, -bottom))
+                hb = float_to_half_bits(c)
+                out[off + 2 * (a * d + j)] = np.uint8(hb & 0xFF)
+                out[off + 2 * (a * d + j) + 1] = np.uint8((hb >> 8) & 0xFF)
+                cmax[r, j] = half_to_float(hb)
+    channel_encode(x, h, idx, bits, group, fmin, fmax, cmax, body, off + 2 * h * d)

@@ -341,6 +341,8 @@ def _decode_quantized(body: torch.Tensor, header: FrameHeader) -> tuple[torch.Te
         if x is None:
             x = torch.empty((h, t, d), dtype=torch.float32, device=body.device)
         if header.flags & rot_flag:
+            if not can_rotate(d):
+                raise CorruptFrame("frame says rotated but its head_dim is not a power of two")
             x = unrotate(x, header.seed)
         if mean is not None:
             x = x.add_(mean)

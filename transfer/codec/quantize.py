@@ -140,7 +140,7 @@ def channel_ranges(x: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
     """``x`` padded and grouped [h, groups, group, d], its group lows and highs, and the fp16 channel maxima.
 
     The last group is padded with copies of the last token, which changes no
-    low or high. (Shared with the CPU encoder, which takes the ranges from here.)
+    low or high. (cpu_kernels.channel_tier_encode computes the same on CPU.)
     """
     h, t, d = x.shape
     groups = (t + group - 1) // group
