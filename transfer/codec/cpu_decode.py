@@ -39,17 +39,30 @@ def _rotation(d: int, seed: int) -> tuple[np.ndarray, float]:
     return _signs(d, seed).numpy(), 1.0 / math.sqrt(d)
 
 
-def decode_quantized(body: np.ndarray, header: FrameHeader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, V) as float32 [heads, tokens, head_dim] from a quantized frame body (uint8 array)."""
+_NO_HALF = np.empty((0, 0, 0), np.uint16)
+
+
+def decode_quantized(body: np.ndarray, header: FrameHeader,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) [heads, tokens, head_dim] from a quantized frame body (uint8 array).
+
+    fp16 is produced inside the kernel (no separate cast); other dtypes are
+    float32 here, for the caller to cast.
+    """
     h, t, d = header.shape
-    k = torch.empty((h, t, d), dtype=torch.float32)
-    v = torch.empty((h, t, d), dtype=torch.float32)
+    k = np.empty((h, t, d), np.float32)
+    v = np.empty((h, t, d), np.float32)
+    half = dtype == torch.float16
+    hk = np.empty((h, t, d), np.uint16) if half else _NO_HALF
+    hv = np.empty((h, t, d), np.uint16) if half else _NO_HALF
     signs, scale = _rotation(d, header.seed)
     err = np.zeros(2, np.int64)
-    status = cpu_kernels.decode_frame(body, h, t, d, header.flags, signs, scale, _TABLE, k.numpy(), v.numpy(), err)
+    status = cpu_kernels.decode_frame(body, h, t, d, header.flags, signs, scale, _TABLE, k, v, hk, hv, err)
     if status != cpu_kernels.OK:
         raise CorruptFrame(_message(status, int(err[1]), body))
-    return k, v
+    if half:
+        return torch.from_numpy(hk).view(torch.float16), torch.from_numpy(hv).view(torch.float16)
+    return torch.from_numpy(k), torch.from_numpy(v)
 
 
 def _message(status: int, value: int, body: np.ndarray) -> str:

@@ -58,6 +58,26 @@ def set_enabled(on: bool) -> None:
     _WANTED = bool(on)
 
 
+if numba is not None:
+    from llvmlite import ir as _ir
+    from numba import types as _types
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _half_bits(typingctx, x):  # pragma: no cover - compiled
+        """float32 -> fp16 bits by LLVM's ``fptrunc`` (round to nearest even; F16C ``vcvtps2ph`` on x86)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
+        return _types.uint16(_types.float32), codegen
+
+    @_intrinsic
+    def _half_value(typingctx, b):  # pragma: no cover - compiled
+        """fp16 bits -> float32 by LLVM's ``fpext`` (exact)."""
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
+        return _types.float32(_types.uint16), codegen
+
+
 def _jit(fn):
     if numba is None:  # pragma: no cover
         return fn
@@ -495,8 +515,12 @@ def _bits_pow2(exponent):  # pragma: no cover - compiled
 
 
 @_jit
-def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, err):  # pragma: no cover - compiled
+def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_k, half_v,
+                 err):  # pragma: no cover - compiled
     """A whole quantized frame body into float32 ``out_k``/``out_v`` [h, t, d] in one call.
+
+    When ``half_k``/``half_v`` are not empty, the result is also written there as
+    fp16 bits (the frame's usual output dtype), in the same call.
 
     Parses the tier table and precision map, decodes every tier of K and V,
     undoes the rotation and adds the means, exactly as frame._decode_quantized
@@ -576,7 +600,24 @@ def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, err):
     if pos != size:
         err[0], err[1] = ERR_TRAILING, size - pos
         return ERR_TRAILING
+    if half_k.size:
+        to_half(out_k.reshape(-1), half_k.reshape(-1))
+        to_half(out_v.reshape(-1), half_v.reshape(-1))
     return OK
+
+
+@_jit
+def to_half(src, dst):  # pragma: no cover - compiled
+    """float32 -> fp16 bits, elementwise (vectorized ``vcvtps2ph``)."""
+    for i in range(src.size):
+        dst[i] = _half_bits(src[i])
+
+
+@_jit
+def from_half(src, dst):  # pragma: no cover - compiled
+    """fp16 bits -> float32, elementwise."""
+    for i in range(src.size):
+        dst[i] = _half_value(src[i])
 
 
 # ---------------------------------------------------------------- channel tier encoding in one call

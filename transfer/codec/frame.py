@@ -275,7 +275,7 @@ def decode_layer(blob: bytes | memoryview, device: str | torch.device = "cpu",
     out_dtype = dtype or header.dtype
     if not header.flags & FLAG_LOSSLESS and cpu_kernels.enabled():
         # CPU kernels decode the body in place (no copy), then the tensors move to ``device``
-        k, v = cpu_decode.decode_quantized(np.frombuffer(raw, dtype=np.uint8), header)
+        k, v = cpu_decode.decode_quantized(np.frombuffer(raw, dtype=np.uint8), header, out_dtype)
         return k.to(device=device, dtype=out_dtype), v.to(device=device, dtype=out_dtype)
     raw = bytes(raw)
     body = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
