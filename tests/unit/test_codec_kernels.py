@@ -183,10 +183,26 @@ def test_imap_ordered_keeps_order_and_raises_in_place() -> None:
         list(imap_ordered(boom, range(3), ahead=0))
 
 
-def test_decode_many_equals_one_by_one() -> None:
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
+def test_decode_many_equals_one_by_one(dtype) -> None:
+    blobs = [encode_layer(*_kv((3, 64, 64), torch.float16, s), "balanced", token_offset=64 * s) for s in range(7)]
+    blobs += [encode_layer(*_kv((3, 64, 64), torch.bfloat16, 9), "dense", token_offset=64)]  # another dtype
+    blobs += [encode_layer(*_kv((2, 30, 64), torch.float16, 8), "lossless")]  # another shape, lossless
+    blobs += [encode_layer(*_kv((3, 64, 64), torch.float16, 10), "int8", token_offset=0, context_end=64)]
+    many = decode_many(blobs, dtype=dtype)
+    assert _same(many, [decode_layer(b, dtype=dtype) for b in blobs])
+    same_shape = blobs[:7]  # one kernel call per part
+    assert _same(decode_many(same_shape, dtype=dtype), [decode_layer(b, dtype=dtype) for b in same_shape])
+
+
+def test_decode_many_refuses_a_bad_frame_among_good_ones() -> None:
     blobs = [encode_layer(*_kv((3, 64, 64), torch.float16, s), "balanced", token_offset=64) for s in range(6)]
-    many = decode_many(blobs, dtype=torch.float32)
-    assert _same(many, [decode_layer(b, dtype=torch.float32) for b in blobs])
+    for bad in (seal(blobs[4][:-TRAILER_BYTES][:-3]), blobs[4][:-1] + bytes([blobs[4][-1] ^ 1])):
+        with pytest.raises(CodecError):
+            decode_many(blobs[:4] + [bad] + blobs[5:])
+    body_lie = next(iter(_body_mutations(blobs[2])))
+    with pytest.raises(CodecError):
+        decode_many(blobs[:2] + [body_lie] + blobs[3:])
 
 
 def test_codec_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:

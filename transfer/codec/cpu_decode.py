@@ -79,3 +79,39 @@ def _message(status: int, value: int, body: np.ndarray) -> str:
     if status == cpu_kernels.ERR_ROTATION:
         return "frame says rotated but its head_dim is not a power of two"
     return f"undecodable body (status {status})"
+
+
+def decode_batch(opened: list[tuple[FrameHeader, bytes | memoryview]],
+                 dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Frames of one shape and seed (quantized, already opened) decoded in a single kernel call.
+
+    Why: each compiled call releases and retakes the GIL, and on a busy
+    2-core box every retake can wait on the other thread; one call per batch
+    lets two batches decode side by side at nearly twice the speed of one.
+    """
+    header = opened[0][0]
+    h, t, d = header.shape
+    n = len(opened)
+    sizes = np.fromiter((len(raw) for _, raw in opened), np.int64, n)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    bodies = np.empty(int(offsets[-1]), np.uint8)
+    for i, (_, raw) in enumerate(opened):
+        bodies[offsets[i]:offsets[i + 1]] = np.frombuffer(raw, np.uint8)
+    flags = np.fromiter((hd.flags for hd, _ in opened), np.int64, n)
+    half = dtype == torch.float16
+    shape, unused = (n, h, t, d), (1, 0, 0, 0)
+    k = np.empty(unused if half else shape, np.float32)
+    v = np.empty(unused if half else shape, np.float32)
+    hk = np.empty(shape if half else unused, np.uint16)
+    hv = np.empty(shape if half else unused, np.uint16)
+    signs, scale = _rotation(d, header.seed)
+    err = np.zeros(2, np.int64)
+    bad = cpu_kernels.decode_frames(bodies, offsets, h, t, d, flags, signs, scale, _TABLE, k, v, half, hk, hv, err)
+    if bad >= 0:
+        raise CorruptFrame(_message(int(err[0]), int(err[1]), bodies[offsets[bad]:offsets[bad + 1]]))
+    if half:
+        tk, tv = torch.from_numpy(hk).view(torch.float16), torch.from_numpy(hv).view(torch.float16)
+    else:
+        tk, tv = torch.from_numpy(k), torch.from_numpy(v)
+    return [(tk[i], tv[i]) for i in range(n)]

@@ -607,6 +607,33 @@ def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_
 
 
 @_jit
+def decode_frames(bodies, offsets, h, t, d, flags, signs, scale, scales, out_k, out_v, want_half, half_k, half_v,
+                  err):  # pragma: no cover - compiled
+    """:func:`decode_frame` for ``n`` same-shaped frames in one call (one GIL release for all of them).
+
+    ``bodies`` holds the raw bodies back to back, frame ``i`` at
+    ``offsets[i]:offsets[i+1]``; outputs are [n, h, t, d] (``half_k``/``half_v``
+    when ``want_half``, else ``out_k``/``out_v``; the other pair is not
+    touched and may be empty). Stops at the first
+    malformed body and returns its index (``err`` holds its status), else -1.
+    """
+    none = np.empty((0, 0, 0), np.uint16)
+    scratch_k = np.empty((h, t, d), np.float32)  # fp16 output: float32 only as per-frame scratch, reused
+    scratch_v = np.empty((h, t, d), np.float32)
+    for i in range(offsets.size - 1):
+        body = bodies[offsets[i]:offsets[i + 1]]
+        if want_half:
+            status = decode_frame(body, h, t, d, flags[i], signs, scale, scales, scratch_k, scratch_v,
+                                  half_k[i], half_v[i], err)
+        else:
+            status = decode_frame(body, h, t, d, flags[i], signs, scale, scales, out_k[i], out_v[i], none, none,
+                                  err)
+        if status != OK:
+            return i
+    return -1
+
+
+@_jit
 def to_half(src, dst):  # pragma: no cover - compiled
     """float32 -> fp16 bits, elementwise (vectorized ``vcvtps2ph``)."""
     for i in range(src.size):

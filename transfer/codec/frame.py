@@ -258,9 +258,8 @@ def _verified_header(blob: bytes | memoryview) -> FrameHeader:
     return header
 
 
-def decode_layer(blob: bytes | memoryview, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verify and decode a frame into (K, V) on ``device``, in ``dtype`` (default: the source dtype)."""
+def open_frame(blob: bytes | memoryview) -> tuple[FrameHeader, bytes | memoryview]:
+    """Verify a frame's checksum and lengths and return its header and raw (decompressed) body."""
     header = _verified_header(blob)
     stored = memoryview(blob)[HEADER_BYTES:HEADER_BYTES + header.stored_len]
     if header.flags & FLAG_ZSTD:
@@ -272,6 +271,13 @@ def decode_layer(blob: bytes | memoryview, device: str | torch.device = "cpu",
         raw = stored
     if len(raw) != header.raw_len:
         raise CorruptFrame(f"body is {len(raw)} bytes, header declares {header.raw_len}")
+    return header, raw
+
+
+def decode_layer(blob: bytes | memoryview, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify and decode a frame into (K, V) on ``device``, in ``dtype`` (default: the source dtype)."""
+    header, raw = open_frame(blob)
     out_dtype = dtype or header.dtype
     if not header.flags & FLAG_LOSSLESS and cpu_kernels.enabled():
         # CPU kernels decode the body in place (no copy), then the tensors move to ``device``

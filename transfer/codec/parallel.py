@@ -19,7 +19,9 @@ from typing import TypeVar
 
 import torch
 
-from transfer.codec.frame import decode_layer
+from transfer.codec import cpu_decode, cpu_kernels
+from transfer.codec.format import FLAG_LOSSLESS
+from transfer.codec.frame import decode_layer, open_frame
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -95,7 +97,39 @@ def imap_ordered(fn: Callable[[T], R], items: Iterable[T], *, ahead: int | None 
 
 def decode_many(blobs: Sequence[bytes | memoryview], *, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`decode_layer` of every blob, in order, using every codec thread."""
-    if len(blobs) < 2 or codec_threads() == 1:
+    """:func:`decode_layer` of every blob, in order, using every codec thread.
+
+    On CPU the blobs are cut into one contiguous part per thread and each part
+    is decoded by one kernel call (cpu_decode.decode_batch) when its frames
+    share a shape; the tensors of a part are views of one allocation.
+    """
+    workers = codec_threads()
+    if len(blobs) < 2:
         return [decode_layer(b, device=device, dtype=dtype) for b in blobs]
-    return list(imap_ordered(lambda b: decode_layer(b, device=device, dtype=dtype), blobs))
+    if not (cpu_kernels.enabled() and torch.device(device).type == "cpu"):
+        if workers == 1:
+            return [decode_layer(b, device=device, dtype=dtype) for b in blobs]
+        return list(imap_ordered(lambda b: decode_layer(b, device=device, dtype=dtype), blobs))
+    parts = min(workers, len(blobs))
+    bounds = [len(blobs) * i // parts for i in range(parts + 1)]
+    pieces = [blobs[bounds[i]:bounds[i + 1]] for i in range(parts)]
+    if parts == 1:
+        return _decode_part(pieces[0], dtype)
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for part in imap_ordered(lambda piece: _decode_part(piece, dtype), pieces):
+        out.extend(part)
+    return out
+
+
+def _decode_part(blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    opened = [open_frame(b) for b in blobs]
+    first = opened[0][0]
+    same = all(not hd.flags & FLAG_LOSSLESS and hd.shape == first.shape and hd.seed == first.seed
+               and hd.dtype == first.dtype for hd, _ in opened)
+    if not same:
+        return [decode_layer(b, dtype=dtype) for b in blobs]
+    out_dtype = dtype or first.dtype
+    pairs = cpu_decode.decode_batch(opened, out_dtype)
+    if pairs and pairs[0][0].dtype != out_dtype:
+        pairs = [(k.to(out_dtype), v.to(out_dtype)) for k, v in pairs]
+    return pairs
