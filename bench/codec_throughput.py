@@ -32,9 +32,9 @@ from transfer.codec import (  # noqa: E402
     cpu_kernels,
     decode_layer,
     decode_many,
+    encode_chunk,
     encode_layer,
     encode_layers,
-    imap_ordered,
 )
 
 
@@ -74,10 +74,9 @@ def measure(profile: str | None, frames, min_seconds: float, batched: bool = Fal
                 if not is_intact(b):
                     raise RuntimeError("baseline blob corrupted")
                 torch.frombuffer(bytearray(payload_of(b)), dtype=torch.float16)
-    elif threaded:  # every frame on its own, spread over the codec threads (all cores)
+    elif threaded:  # the frames as layers of a chunk, one part per codec thread (all cores)
         def enc():
-            off = frames[0][0].shape[1]
-            return list(imap_ordered(lambda kv: encode_layer(kv[0], kv[1], profile, token_offset=off), frames))
+            return encode_chunk(frames, profile, token_offset=frames[0][0].shape[1])
 
         blobs = enc()
 

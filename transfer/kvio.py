@@ -6,8 +6,9 @@ layer), encodes it, and puts it back together on the way out:
 
 * :func:`put_context` stores the full chunks of a context whose KV is already
   in memory (a prefill's cache), from ``start_chunk`` on (the chunks before it
-  are already stored). Encoding is lazy: each blob is made just before it is
-  sent, so only one Put batch of encoded bytes exists at a time.
+  are already stored). Encoding is lazy: a chunk's blobs are made (its
+  layers side by side on the codec threads) just before they are sent, so
+  only one Put batch of encoded bytes exists at a time.
 * :func:`put_chunks` is the streaming variant: it takes an iterator of per-chunk
   KV, so a context too big for memory (a million tokens) is written chunk by
   chunk as it is produced.
@@ -30,7 +31,8 @@ import torch
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, ChunkKey, Namespace, chunk_keys
 from transfer.client import KVClient, PutItem, PutResult
-from transfer.codec import decode_many, encode_layer, imap_ordered
+from transfer.codec import decode_many
+from transfer.codec import encode_chunk as encode_chunk_layers
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,9 +48,9 @@ def encode_chunk(chunk_kv: Sequence[LayerKV], key: bytes, *, profile: str, token
     total = num_layers if num_layers is not None else len(chunk_kv)
     if len(chunk_kv) != total:
         raise ValueError(f"chunk has {len(chunk_kv)} layers, expected {total}")
-    blobs = imap_ordered(lambda kv: encode_layer(kv[0], kv[1], profile, token_offset=token_offset,
-                                                 context_end=context_end), chunk_kv)
-    for layer, blob in enumerate(blobs):  # layers encode side by side on the codec threads, in order
+    # the chunk's layers encode side by side on the codec threads
+    for layer, blob in enumerate(encode_chunk_layers(list(chunk_kv), profile, token_offset=token_offset,
+                                                     context_end=context_end)):
         yield PutItem(key, layer, total, blob)
 
 
@@ -71,16 +73,14 @@ def context_items(namespace: Namespace | str, keys: Sequence[bytes], layers_kv: 
         if k.shape != v.shape or k.dim() != 3 or k.shape[1] < needed:
             raise ValueError(f"layer {layer}: K {tuple(k.shape)} / V {tuple(v.shape)} must be "
                              f"[kv_heads, >= {needed} tokens, head_dim] and equal")
-    def encode(job: tuple[int, int]) -> PutItem:
-        chunk, layer = job
+    for chunk in range(start_chunk, len(keys)):
         a, b = chunk * chunk_tokens, (chunk + 1) * chunk_tokens
-        k, v = layers_kv[layer]
         sal = saliency[..., a:b] if saliency is not None else None
-        blob = encode_layer(k[:, a:b], v[:, a:b], profile, saliency=sal, token_offset=a, context_end=context_end)
-        return PutItem(keys[chunk], layer, num_layers, blob)
-
-    # (chunk, layer) frames encode side by side on the codec threads, yielded in order
-    yield from imap_ordered(encode, ((c, layer) for c in range(start_chunk, len(keys)) for layer in range(num_layers)))
+        # the chunk's layers encode side by side on the codec threads (one chunk of frames at a time)
+        blobs = encode_chunk_layers([(k[:, a:b], v[:, a:b]) for k, v in layers_kv], profile, saliency=sal,
+                                    token_offset=a, context_end=context_end)
+        for layer, blob in enumerate(blobs):
+            yield PutItem(keys[chunk], layer, num_layers, blob)
 
 
 def put_context(client: KVClient, namespace: Namespace | str, token_ids: Sequence[int],

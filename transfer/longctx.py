@@ -122,7 +122,7 @@ def offload_frames(client: KVClient, namespace: Namespace | str, keys: Sequence[
 def encode_chunks(chunks: Iterable[Sequence[tuple[Any, Any]]], *, profile: str, start_chunk: int = 0,
                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[list[bytes]]:
     """Encode a stream of chunks (per layer ``(k, v)`` of ``[kv_heads, chunk_tokens, head_dim]``) lazily."""
-    from transfer.codec import encode_layer, imap_ordered
+    from transfer.codec import encode_chunk
 
     for i, chunk_kv in enumerate(chunks):
         offset = (start_chunk + i) * chunk_tokens
@@ -130,9 +130,7 @@ def encode_chunks(chunks: Iterable[Sequence[tuple[Any, Any]]], *, profile: str, 
             if k.shape[1] != chunk_tokens:
                 raise ValueError(f"chunk {start_chunk + i} layer {layer} has {k.shape[1]} tokens, "
                                  f"expected {chunk_tokens}")
-        # the layers of a chunk encode side by side on the codec threads
-        yield list(imap_ordered(lambda kv, offset=offset: encode_layer(kv[0], kv[1], profile, token_offset=offset),
-                                chunk_kv))
+        yield encode_chunk(list(chunk_kv), profile, token_offset=offset)  # layers side by side on the codec threads
 
 
 def offload_context(client: KVClient, namespace: Namespace | str, keys: Sequence[bytes],

@@ -30,6 +30,7 @@ from transfer.codec import (
     cpu_kernels,
     decode_layer,
     decode_many,
+    encode_chunk,
     encode_layer,
     encode_layers,
     imap_ordered,
@@ -280,3 +281,14 @@ def _vector_half_to_float(bits):
     out = np.empty(bits.size, np.float32)
     run(bits, out)
     return out
+
+
+@pytest.mark.parametrize("profile", ["balanced", "dense", "int8", "lossless"])
+def test_encode_chunk_gives_each_layers_frame(profile: str) -> None:
+    layers = [_kv((3, 64, 64), torch.float16, 60 + i) for i in range(7)]
+    expected = [encode_layer(k, v, profile, token_offset=0, context_end=64) for k, v in layers]
+    assert encode_chunk(layers, profile, token_offset=0, context_end=64) == expected
+    sal = torch.linspace(0, 1, 64)
+    expected = [encode_layer(k, v, profile, saliency=sal, token_offset=128) for k, v in layers]
+    assert encode_chunk(layers, profile, saliency=sal, token_offset=128) == expected
+    assert encode_chunk([], profile) == []

@@ -21,7 +21,7 @@ import torch
 
 from transfer.codec import cpu_decode, cpu_kernels
 from transfer.codec.format import FLAG_LOSSLESS
-from transfer.codec.frame import decode_layer, open_frame
+from transfer.codec.frame import decode_layer, encode_layers, open_frame
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -133,3 +133,23 @@ def _decode_part(blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None)
     if pairs and pairs[0][0].dtype != out_dtype:
         pairs = [(k.to(out_dtype), v.to(out_dtype)) for k, v in pairs]
     return pairs
+
+
+def encode_chunk(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], profile: str, *, token_offset: int = 0,
+                 context_end: int | None = None, saliency: torch.Tensor | None = None) -> list[bytes]:
+    """The frames of one chunk's layers (what ``encode_layer`` gives for each), using every codec thread.
+
+    The layers are cut into one contiguous part per thread and each part goes
+    through :func:`encode_layers` (one kernel call per tier for all its layers),
+    so a thread takes and releases the GIL a few times per part, not per frame.
+    """
+    if not layers:
+        return []
+    parts = min(codec_threads(), len(layers))
+    kwargs = {"token_offset": token_offset, "context_end": context_end, "saliency": saliency}
+    if parts == 1:
+        return encode_layers(layers, profile, **kwargs)
+    bounds = [len(layers) * i // parts for i in range(parts + 1)]
+    pieces = [layers[bounds[i]:bounds[i + 1]] for i in range(parts)]
+    return [blob for part in imap_ordered(lambda piece: encode_layers(piece, profile, **kwargs), pieces)
+            for blob in part]
