@@ -292,3 +292,14 @@ def test_encode_chunk_gives_each_layers_frame(profile: str) -> None:
     expected = [encode_layer(k, v, profile, saliency=sal, token_offset=128) for k, v in layers]
     assert encode_chunk(layers, profile, saliency=sal, token_offset=128) == expected
     assert encode_chunk([], profile) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_lossless_byte_planes_match_torch(dtype: torch.dtype) -> None:
+    for shape in ((3, 256, 64), (1, 3, 5), (2, 0, 8)):
+        k, v = _kv(shape, dtype, 77)
+        if k.numel():
+            k.view(-1)[:3] = torch.tensor([float("nan"), -0.0, float("inf")]).to(dtype)
+        fast, ref = _both(lambda k=k, v=v: encode_layer(k, v, "lossless"))
+        assert _same(fast, ref)
+        assert _same(*_both(lambda r=ref: decode_layer(r)))

@@ -743,3 +743,39 @@ def channel_tier_encode(x, xbits, h, idx, bits, group, body, off):  # pragma: no
                 out[off + 2 * (a * d + j) + 1] = np.uint8((hb >> 8) & 0xFF)
                 cmax[r, j] = half_to_float(hb)
     channel_encode(x, h, idx, bits, group, fmin, fmax, cmax, body, off + 2 * h * d)
+
+
+# ---------------------------------------------------------------- lossless byte planes
+@_jit
+def shuffle2(src, dst):  # pragma: no cover - compiled
+    """uint16 words -> all low bytes, then all high bytes (the lossless profile's byte planes)."""
+    n = src.size
+    for i in range(n):
+        w = src[i]
+        dst[i] = np.uint8(w & 0xFF)
+        dst[n + i] = np.uint8(w >> 8)
+
+
+@_jit
+def unshuffle2(src, dst):  # pragma: no cover - compiled
+    """Inverse of :func:`shuffle2`: byte planes back into uint16 words."""
+    n = dst.size
+    for i in range(n):
+        dst[i] = np.uint16(src[i]) | (np.uint16(src[n + i]) << np.uint16(8))
+
+
+@_jit
+def shuffle_bytes(src, width, dst):  # pragma: no cover - compiled
+    """Any element width: byte ``b`` of element ``i`` goes to ``dst[b * n + i]``."""
+    n = src.size // width
+    for i in range(n):
+        for b in range(width):
+            dst[b * n + i] = src[i * width + b]
+
+
+@_jit
+def unshuffle_bytes(src, width, dst):  # pragma: no cover - compiled
+    n = src.size // width
+    for b in range(width):
+        for i in range(n):
+            dst[i * width + b] = src[b * n + i]

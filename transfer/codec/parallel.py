@@ -21,7 +21,7 @@ import torch
 
 from transfer.codec import cpu_decode, cpu_kernels
 from transfer.codec.format import FLAG_LOSSLESS
-from transfer.codec.frame import decode_layer, encode_layers, open_frame
+from transfer.codec.frame import decode_layer, decode_opened, encode_layers, open_frame
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -127,7 +127,7 @@ def _decode_part(blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None)
     same = all(not hd.flags & FLAG_LOSSLESS and hd.shape == first.shape and hd.seed == first.seed
                and hd.dtype == first.dtype for hd, _ in opened)
     if not same:
-        return [decode_layer(b, dtype=dtype) for b in blobs]
+        return [decode_opened(hd, raw, dtype=dtype) for hd, raw in opened]
     out_dtype = dtype or first.dtype
     pairs = cpu_decode.decode_batch(opened, out_dtype)
     if pairs and pairs[0][0].dtype != out_dtype:
