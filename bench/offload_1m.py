@@ -249,6 +249,25 @@ def drop_segments(disk_dir: str) -> int:
     return total
 
 
+class Phase:
+    """Wall time, CPU seconds and peak RSS of this process (client) and the server over one phase."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        longctx.reset_peak_rss()
+        longctx.reset_peak_rss(server_pid)
+        self.c0, self.s0 = cpu_seconds(os.getpid()), cpu_seconds(server_pid)
+        self.started = time.perf_counter()
+
+    def done(self, fp16: int, **extra: Any) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.started
+        return {"seconds": round(seconds, 2), "gbps_fp16": gbps(fp16, seconds), **extra,
+                "client_cpu_s": round(cpu_seconds(os.getpid()) - self.c0, 1),
+                "server_cpu_s": round(cpu_seconds(self.server_pid) - self.s0, 1),
+                "client_peak_rss": longctx.peak_rss_bytes(),
+                "server_peak_rss": longctx.peak_rss_bytes(self.server_pid)}
+
+
 def store_run(profile: str, frames: list[list[bytes]], token_ids: list[int], num_chunks: int, work: str,
               args: argparse.Namespace) -> dict[str, Any]:
     """Write ``num_chunks`` tiles of ``frames`` through a fresh server, read them back cold, layer by layer."""
@@ -266,43 +285,27 @@ def store_run(profile: str, frames: list[list[bytes]], token_ids: list[int], num
         with server_process(disk_dir, max(2 * wire, 1 * GiB), work) as (target, proc), \
                 KVClient(target, timeout_s=60, stream_timeout_s=3600) as client:
             client.wait_ready(30)
-            longctx.reset_peak_rss()
-            longctx.reset_peak_rss(proc.pid)
-            c0, s0 = cpu_seconds(os.getpid()), cpu_seconds(proc.pid)
-            started = time.perf_counter()
+            phase = Phase(proc.pid)
             result = longctx.offload_frames(client, namespace, keys, (frames[c % distinct] for c in range(num_chunks)),
                                             batch_bytes=args.batch_mib * MiB, parallel=args.parallel)
-            write_s = time.perf_counter() - started
-            out["write"] = {"seconds": round(write_s, 2), "gbps_fp16": gbps(fp16, write_s),
-                            "gbps_wire": gbps(result.bytes_stored, write_s), "put_streams": result.num_requests,
-                            "client_cpu_s": round(cpu_seconds(os.getpid()) - c0, 1),
-                            "server_cpu_s": round(cpu_seconds(proc.pid) - s0, 1),
-                            "client_peak_rss": longctx.peak_rss_bytes(),
-                            "server_peak_rss": longctx.peak_rss_bytes(proc.pid)}
+            out["write"] = phase.done(fp16, put_streams=result.num_requests)
+            out["write"]["gbps_wire"] = gbps(result.bytes_stored, out["write"]["seconds"])
             if result.num_blobs != num_chunks * NUM_LAYERS:
                 raise RuntimeError(f"stored {result.num_blobs} blobs, expected {num_chunks * NUM_LAYERS}")
             stats = client.stats()
             out["disk_tier_bytes"] = next((t.bytes for t in stats.tiers if t.name == "disk"), 0)
             out["bytes_on_disk"] = drop_segments(disk_dir)
             out["segments"] = len(list(Path(disk_dir).glob("*.seg")))
-            longctx.reset_peak_rss()
-            longctx.reset_peak_rss(proc.pid)
-            c0, s0 = cpu_seconds(os.getpid()), cpu_seconds(proc.pid)
+            phase = Phase(proc.pid)
             mismatches = read = 0
-            started = time.perf_counter()
             for window in longctx.stream_layers(client, namespace, keys, 0, NUM_LAYERS,
                                                 window_keys=args.window_keys, prefetch=args.prefetch):
                 for j, blob in enumerate(window.blobs):
                     read += len(blob)
                     if blob != frames[(window.first_chunk + j) % distinct][window.layer]:
                         mismatches += 1
-            read_s = time.perf_counter() - started
-            out["read"] = {"seconds": round(read_s, 2), "gbps_fp16": gbps(fp16, read_s), "gbps_wire": gbps(read, read_s),
-                           "cold": True, "mismatched_blobs": mismatches,
-                           "client_cpu_s": round(cpu_seconds(os.getpid()) - c0, 1),
-                           "server_cpu_s": round(cpu_seconds(proc.pid) - s0, 1),
-                           "client_peak_rss": longctx.peak_rss_bytes(),
-                           "server_peak_rss": longctx.peak_rss_bytes(proc.pid)}
+            out["read"] = phase.done(fp16, cold=True, mismatched_blobs=mismatches)
+            out["read"]["gbps_wire"] = gbps(read, out["read"]["seconds"])
             if read != wire:
                 raise RuntimeError(f"read back {read} bytes, wrote {wire}")
     finally:
@@ -335,19 +338,11 @@ def end_to_end_run(profile: str, chunks: list[list[tuple[Any, Any]]], frames: li
         with server_process(disk_dir, max(2 * wire, 1 * GiB), work) as (target, proc), \
                 KVClient(target, timeout_s=60, stream_timeout_s=3600) as client:
             client.wait_ready(30)
-            longctx.reset_peak_rss()
-            longctx.reset_peak_rss(proc.pid)
-            c0, s0 = cpu_seconds(os.getpid()), cpu_seconds(proc.pid)
-            started = time.perf_counter()
+            phase = Phase(proc.pid)
             result = longctx.offload_context(client, namespace, keys, (chunks[c % distinct] for c in range(num_chunks)),
                                              profile=profile, chunk_tokens=n, batch_bytes=args.batch_mib * MiB,
                                              parallel=args.parallel)
-            write_s = time.perf_counter() - started
-            out["write"] = {"seconds": round(write_s, 2), "gbps_fp16": gbps(fp16, write_s),
-                            "client_cpu_s": round(cpu_seconds(os.getpid()) - c0, 1),
-                            "server_cpu_s": round(cpu_seconds(proc.pid) - s0, 1),
-                            "client_peak_rss": longctx.peak_rss_bytes(),
-                            "server_peak_rss": longctx.peak_rss_bytes(proc.pid)}
+            out["write"] = phase.done(fp16)
             if result.num_blobs != num_chunks * NUM_LAYERS:
                 raise RuntimeError(f"stored {result.num_blobs} blobs, expected {num_chunks * NUM_LAYERS}")
             drop_segments(disk_dir)
@@ -358,11 +353,9 @@ def end_to_end_run(profile: str, chunks: list[list[tuple[Any, Any]]], frames: li
 
             def expected_at(c: int, layer: int) -> tuple[Any, Any]:
                 return first[layer] if c == 0 else later[c % distinct][layer]
-            longctx.reset_peak_rss()
-            longctx.reset_peak_rss(proc.pid)
-            c0, s0 = cpu_seconds(os.getpid()), cpu_seconds(proc.pid)
+
+            phase = Phase(proc.pid)
             bad = 0
-            started = time.perf_counter()
             for layer, k, v in longctx.read_layers(client, namespace, keys, 0, NUM_LAYERS, chunk_tokens=n,
                                                    window_keys=args.window_keys, prefetch=args.prefetch):
                 for c in range(0, num_chunks, max(1, num_chunks // 64)):  # 64 spot checks per layer
@@ -371,12 +364,7 @@ def end_to_end_run(profile: str, chunks: list[list[tuple[Any, Any]]], frames: li
                         bad += 1
                         break
                 del k, v
-            read_s = time.perf_counter() - started
-            out["read"] = {"seconds": round(read_s, 2), "gbps_fp16": gbps(fp16, read_s), "mismatched_layers": bad,
-                           "cold": True, "client_cpu_s": round(cpu_seconds(os.getpid()) - c0, 1),
-                           "server_cpu_s": round(cpu_seconds(proc.pid) - s0, 1),
-                           "client_peak_rss": longctx.peak_rss_bytes(),
-                           "server_peak_rss": longctx.peak_rss_bytes(proc.pid)}
+            out["read"] = phase.done(fp16, mismatched_layers=bad, cold=True)
     finally:
         shutil.rmtree(disk_dir, ignore_errors=True)
     return out
