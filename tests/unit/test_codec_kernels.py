@@ -245,41 +245,28 @@ def test_fp16_conversions_match_torch() -> None:
     expected = torch.from_numpy(values).to(torch.float16).view(torch.int16).numpy().astype(np.uint16)
     got = np.array([cpu_kernels.float_to_half_bits(np.float32(x)) for x in values[:2000]], np.int64)
     assert np.array_equal(got, expected[:2000].astype(np.int64))
-    got_all = _vector_half_bits(values)
+    got_all = _elementwise(cpu_kernels.float_to_half_bits, values, np.int64)
     assert np.array_equal(got_all, expected.astype(np.int64))
     halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     widened = torch.from_numpy(halves.view(np.float16).copy()).to(torch.float32).numpy()
-    back = _vector_half_to_float(halves.astype(np.int64))
+    back = _elementwise(cpu_kernels.half_to_float, halves.astype(np.int64), np.float32)
     finite = ~np.isnan(widened)
     assert np.array_equal(back[finite].view(np.uint32), widened[finite].view(np.uint32))
     assert np.isnan(back[~finite]).all()
 
 
-def _vector_half_bits(values):
+def _elementwise(kernel, values, out_dtype):
+    """A scalar compiled function applied to every element, itself compiled (as the kernels call it)."""
     import numba
     import numpy as np
 
     @numba.njit
     def run(x, out):
         for i in range(x.size):
-            out[i] = cpu_kernels.float_to_half_bits(x[i])
+            out[i] = kernel(x[i])
 
-    out = np.empty(values.size, np.int64)
+    out = np.empty(values.size, out_dtype)
     run(values, out)
-    return out
-
-
-def _vector_half_to_float(bits):
-    import numba
-    import numpy as np
-
-    @numba.njit
-    def run(b, out):
-        for i in range(b.size):
-            out[i] = cpu_kernels.half_to_float(b[i])
-
-    out = np.empty(bits.size, np.float32)
-    run(bits, out)
     return out
 
 
