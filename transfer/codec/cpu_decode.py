@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 import torch
@@ -40,6 +41,16 @@ def _rotation(d: int, seed: int) -> tuple[np.ndarray, float]:
 
 
 _NO_HALF = np.empty((0, 0, 0), np.uint16)
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, int, int], slot: int) -> np.ndarray:
+    cache = _local.__dict__.setdefault("buffers", {})
+    size = shape[0] * shape[1] * shape[2]
+    buf = cache.get(slot)
+    if buf is None or buf.size < size:
+        buf = cache[slot] = np.empty(max(size, 1), np.float32)
+    return buf[:size].reshape(shape)
 
 
 def decode_quantized(body: np.ndarray, header: FrameHeader,
@@ -50,9 +61,11 @@ def decode_quantized(body: np.ndarray, header: FrameHeader,
     float32 here, for the caller to cast.
     """
     h, t, d = header.shape
-    k = np.empty((h, t, d), np.float32)
-    v = np.empty((h, t, d), np.float32)
     half = dtype == torch.float16
+    if half:  # float32 is only scratch then: reuse this thread's (fresh pages cost more than the decode)
+        k, v = _scratch((h, t, d), 0), _scratch((h, t, d), 1)
+    else:
+        k, v = np.empty((h, t, d), np.float32), np.empty((h, t, d), np.float32)
     hk = np.empty((h, t, d), np.uint16) if half else _NO_HALF
     hv = np.empty((h, t, d), np.uint16) if half else _NO_HALF
     signs, scale = _rotation(d, header.seed)
