@@ -13,10 +13,6 @@ is refused with the same error type before any read past its end.
 
 from __future__ import annotations
 
-import functools
-import math
-import threading
-
 import numpy as np
 import torch
 
@@ -24,33 +20,12 @@ from transfer.codec import cpu_kernels
 from transfer.codec.errors import CorruptFrame
 from transfer.codec.format import FrameHeader
 from transfer.codec.quantize import _SCALE_TABLE
-from transfer.codec.rotate import _signs, can_rotate
+from transfer.codec.rotate import fwht_params
 
 _TABLE = _SCALE_TABLE.numpy()
 
 
-_NO_SIGNS = np.empty(0, np.float64)
-
-
-@functools.lru_cache(maxsize=64)
-def _rotation(d: int, seed: int) -> tuple[np.ndarray, float]:
-    """The +-1 signs and 1/sqrt(d) of the rotation (no signs when head_dim is not a power of two)."""
-    if not can_rotate(d):
-        return _NO_SIGNS, 1.0
-    return _signs(d, seed).numpy(), 1.0 / math.sqrt(d)
-
-
 _NO_HALF = np.empty((0, 0, 0), np.uint16)
-_local = threading.local()
-
-
-def _scratch(shape: tuple[int, int, int], slot: int) -> np.ndarray:
-    cache = _local.__dict__.setdefault("buffers", {})
-    size = shape[0] * shape[1] * shape[2]
-    buf = cache.get(slot)
-    if buf is None or buf.size < size:
-        buf = cache[slot] = np.empty(max(size, 1), np.float32)
-    return buf[:size].reshape(shape)
 
 
 def decode_quantized(body: np.ndarray, header: FrameHeader,
@@ -63,12 +38,12 @@ def decode_quantized(body: np.ndarray, header: FrameHeader,
     h, t, d = header.shape
     half = dtype == torch.float16
     if half:  # float32 is only scratch then: reuse this thread's (fresh pages cost more than the decode)
-        k, v = _scratch((h, t, d), 0), _scratch((h, t, d), 1)
+        k, v = cpu_kernels.scratch((h, t, d), "decode-k"), cpu_kernels.scratch((h, t, d), "decode-v")
     else:
         k, v = np.empty((h, t, d), np.float32), np.empty((h, t, d), np.float32)
     hk = np.empty((h, t, d), np.uint16) if half else _NO_HALF
     hv = np.empty((h, t, d), np.uint16) if half else _NO_HALF
-    signs, scale = _rotation(d, header.seed)
+    signs, scale = fwht_params(d, header.seed)
     err = np.zeros(2, np.int64)
     status = cpu_kernels.decode_frame(body, h, t, d, header.flags, signs, scale, _TABLE, k, v, hk, hv, err)
     if status != cpu_kernels.OK:
@@ -118,7 +93,7 @@ def decode_batch(opened: list[tuple[FrameHeader, bytes | memoryview]],
     v = np.empty(unused if half else shape, np.float32)
     hk = np.empty(shape if half else unused, np.uint16)
     hv = np.empty(shape if half else unused, np.uint16)
-    signs, scale = _rotation(d, header.seed)
+    signs, scale = fwht_params(d, header.seed)
     err = np.zeros(2, np.int64)
     bad = cpu_kernels.decode_frames(bodies, offsets, h, t, d, flags, signs, scale, _TABLE, k, v, half, hk, hv, err)
     if bad >= 0:

@@ -11,9 +11,6 @@ defaults) or clip scales keep the torch encoder.
 
 from __future__ import annotations
 
-import math
-import threading
-
 import numpy as np
 import torch
 
@@ -21,7 +18,7 @@ from transfer.codec import cpu_kernels
 from transfer.codec.pack import packed_size
 from transfer.codec.profiles import TOKEN, Profile
 from transfer.codec.quantize import _SCALE_TABLE
-from transfer.codec.rotate import _signs
+from transfer.codec.rotate import fwht_params
 
 _TABLE = _SCALE_TABLE.numpy()
 
@@ -56,7 +53,8 @@ def encode_body(k: torch.Tensor, v: torch.Tensor, prof: Profile, head: torch.Ten
         xs = _as_float32(x, slot)
         if rot and xs.size:
             flat = xs.reshape(-1, d)
-            cpu_kernels.hadamard_rows(flat, _signs(d, seed).numpy(), 1.0 / math.sqrt(d), True, flat)  # in place
+            signs, scale = fwht_params(d, seed)
+            cpu_kernels.hadamard_rows(flat, signs, scale, True, flat)  # in place
         for row, i in zip(table, idx, strict=True):
             if not i.size:
                 continue
@@ -64,37 +62,20 @@ def encode_body(k: torch.Tensor, v: torch.Tensor, prof: Profile, head: torch.Ten
             if scheme == TOKEN:
                 cpu_kernels.token_encode(xs, xs.view(np.uint32), h, i, bits, _TABLE, body, off)
             else:
-                _channel(xs, h, i, bits, prof.group, body, off)
+                cpu_kernels.channel_tier_encode(xs, xs.view(np.int32), h, i, bits, prof.group, body, off)
             off += _tier_size(scheme, bits, h, i.size, d, prof.group)
     return body
-
-
-def _channel(xs: np.ndarray, h: int, idx: np.ndarray, bits: int, group: int, body: np.ndarray, off: int) -> None:
-    cpu_kernels.channel_tier_encode(xs, xs.view(np.int32), h, idx, bits, group, body, off)
 
 
 def _as_float32(x: torch.Tensor, slot: int) -> np.ndarray:
     """``x`` widened to float32 in this thread's scratch buffer ``slot`` (the rotation works in place on it).
 
-    Why scratch: a fresh multi-MB array per call is fresh pages, and on this VM
-    first-touch page faults cost more than the conversion itself (~2-3 ns per
-    element, a fifth of an encode). fp16 is widened by a kernel (``fpext``).
+    fp16 is widened by a kernel (``fpext``); torch's cast into a fresh array
+    measured ~3 ns per element here, mostly page faults (see cpu_kernels.scratch).
     """
-    out = _scratch(tuple(x.shape), slot)
+    out = cpu_kernels.scratch(tuple(x.shape), f"encode-{slot}")
     if x.dtype == torch.float16:
         cpu_kernels.from_half(x.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1), out.reshape(-1))
     else:
         np.copyto(out, x.contiguous().to(torch.float32).numpy())
     return out
-
-
-_local = threading.local()
-
-
-def _scratch(shape: tuple[int, ...], slot: int) -> np.ndarray:
-    cache = _local.__dict__.setdefault("buffers", {})
-    buf = cache.get(slot)
-    size = math.prod(shape)
-    if buf is None or buf.size < size:
-        buf = cache[slot] = np.empty(max(size, 1), np.float32)
-    return buf[:size].reshape(shape)

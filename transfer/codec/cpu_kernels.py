@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -76,6 +77,24 @@ if numba is not None:
         def codegen(context, builder, signature, args):
             return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
         return _types.float32(_types.uint16), codegen
+
+
+_local = threading.local()
+
+
+def scratch(shape: tuple[int, ...], key: str) -> np.ndarray:
+    """This thread's reusable float32 buffer ``key``, viewed as ``shape``.
+
+    Why: a fresh multi-MB array per frame is fresh pages, and on a VM the
+    first-touch page faults cost more than the conversion that fills them.
+    Only for buffers that never leave the call that took them.
+    """
+    cache = _local.__dict__.setdefault("buffers", {})
+    size = math.prod(shape)
+    buf = cache.get(key)
+    if buf is None or buf.size < size:
+        buf = cache[key] = np.empty(max(size, 1), np.float32)
+    return buf[:size].reshape(shape)
 
 
 def _jit(fn):

@@ -83,3 +83,14 @@ def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
     """``y @ R^T`` along the last dim, as float32: the inverse of :func:`rotate`."""
     return _apply(y, seed, True)
 
+
+
+@functools.lru_cache(maxsize=64)
+def fwht_params(dim: int, seed: int):
+    """The CPU kernels' view of the rotation: +-1 signs as a float64 numpy array and 1/sqrt(dim).
+
+    Empty signs when ``dim`` is not a power of two (such frames are never rotated).
+    """
+    if not can_rotate(dim):
+        return torch.empty(0, dtype=torch.float64).numpy(), 1.0
+    return _signs(dim, seed).numpy(), 1.0 / math.sqrt(dim)
