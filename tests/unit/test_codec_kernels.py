@@ -196,6 +196,15 @@ def test_decode_many_equals_one_by_one(dtype) -> None:
     assert _same(decode_many(same_shape, dtype=dtype), [decode_layer(b, dtype=dtype) for b in same_shape])
 
 
+def test_codec_calls_nest_without_deadlock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A codec-pool task that itself decodes many frames runs them inline instead of waiting on the pool."""
+    monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
+    blobs = [encode_layer(*_kv((3, 32, 64), torch.float16, s), "balanced", token_offset=32) for s in range(4)]
+    expected = [decode_layer(b) for b in blobs]
+    nested = list(imap_ordered(lambda _: decode_many(blobs), range(6)))  # more tasks than threads
+    assert all(_same(got, expected) for got in nested)
+
+
 def test_decode_many_refuses_a_bad_frame_among_good_ones() -> None:
     blobs = [encode_layer(*_kv((3, 64, 64), torch.float16, s), "balanced", token_offset=64) for s in range(6)]
     for bad in (seal(blobs[4][:-TRAILER_BYTES][:-3]), blobs[4][:-1] + bytes([blobs[4][-1] ^ 1])):

@@ -26,6 +26,7 @@ from transfer.codec.frame import decode_layer, decode_opened, encode_layers, ope
 T = TypeVar("T")
 R = TypeVar("R")
 
+_THREAD_PREFIX = "kvstore-codec"
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
@@ -51,7 +52,7 @@ def _shared_pool() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=codec_threads(), thread_name_prefix="kvstore-codec",
+            _pool = ThreadPoolExecutor(max_workers=codec_threads(), thread_name_prefix=_THREAD_PREFIX,
                                        initializer=_one_torch_thread)
         return _pool
 
@@ -72,10 +73,12 @@ def imap_ordered(fn: Callable[[T], R], items: Iterable[T], *, ahead: int | None 
 
     Items are pulled lazily (a million-token context is never listed), and an
     exception from ``fn`` is raised at its position after the earlier results.
-    Closing the iterator early cancels what has not started.
+    Closing the iterator early cancels what has not started. Called from a
+    codec thread itself it runs inline: waiting there on the same pool could
+    leave every thread waiting.
     """
     workers = codec_threads()
-    if workers == 1:
+    if workers == 1 or threading.current_thread().name.startswith(_THREAD_PREFIX):
         yield from map(fn, items)
         return
     limit = ahead if ahead is not None else 2 * workers
