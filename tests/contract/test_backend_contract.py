@@ -9,7 +9,6 @@ other's data.
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Iterator
 
@@ -17,6 +16,7 @@ import pytest
 
 from kvstore.backends import Backend, BlobKey, backend_class
 from kvstore.integrity import seal
+from tests.threads import run_threads
 
 NS = "tenant-a/model-x/fp16"
 OTHER_NS = "tenant-b/model-x/fp16"
@@ -127,29 +127,20 @@ class TestBackendContract:
         assert backend.get(a) is None and backend.get(b) == blob(2)
 
     def test_concurrent_puts_and_gets(self, backend: Backend) -> None:
-        errors: list[BaseException] = []
         shared = key(99)
         shared_versions = {blob(v, 8192) for v in range(THREADS)}
 
         def worker(t: int) -> None:
-            try:
-                for i in range(ROUNDS):
-                    k, b = key(1000 + t * 100 + i, layer=t), blob(t * 100 + i, 16_384)
-                    backend.put(k, b)
-                    backend.put(shared, blob(t, 8192))
-                    got = backend.get(k)
-                    if got != b:
-                        raise AssertionError(f"thread {t} read back a different blob for {k.name()}")
-                    s = backend.get(shared)
-                    if s is not None and s not in shared_versions:
-                        raise AssertionError("shared key returned a torn or foreign blob")
-            except BaseException as exc:  # surfaced in the main thread below
-                errors.append(exc)
+            for i in range(ROUNDS):
+                k, b = key(1000 + t * 100 + i, layer=t), blob(t * 100 + i, 16_384)
+                backend.put(k, b)
+                backend.put(shared, blob(t, 8192))
+                got = backend.get(k)
+                if got != b:
+                    raise AssertionError(f"thread {t} read back a different blob for {k.name()}")
+                s = backend.get(shared)
+                if s is not None and s not in shared_versions:
+                    raise AssertionError("shared key returned a torn or foreign blob")
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=60)
-        assert not errors, errors[0]
+        run_threads(worker, THREADS)
         assert backend.usage().objects >= THREADS * ROUNDS + 1

@@ -15,6 +15,7 @@ from kvstore.backends.disk import DiskBackend
 from kvstore.backends.memory import MemoryBackend
 from kvstore.errors import BackendUnavailable
 from kvstore.integrity import seal
+from tests.threads import run_threads
 
 NS = "t/m/p"
 KIB = 1024
@@ -186,27 +187,18 @@ def test_disk_deletes_survive_restart_after_segments_are_reclaimed(tmp_path: Pat
 
 def test_disk_concurrent_readers_and_writers_under_eviction(tmp_path: Path) -> None:
     disk = DiskBackend(tmp_path, max_bytes=512 * KIB, fsync="never")
-    errors: list[BaseException] = []
 
     def worker(t: int) -> None:
-        try:
-            for i in range(60):
-                n = t * 1000 + i
-                disk.put(key(n), blob(n, 8 * KIB))
-                for back in range(0, min(i, 10)):
-                    got = disk.get(key(n - back))
-                    if got is not None and got != blob(n - back, 8 * KIB):
-                        raise AssertionError(f"wrong bytes for {n - back}")
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(60):
+            n = t * 1000 + i
+            disk.put(key(n), blob(n, 8 * KIB))
+            for back in range(0, min(i, 10)):
+                got = disk.get(key(n - back))
+                if got is not None and got != blob(n - back, 8 * KIB):
+                    raise AssertionError(f"wrong bytes for {n - back}")
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
     try:
-        assert not errors, errors[0]
+        run_threads(worker, 4)
         assert disk.usage().bytes <= 512 * KIB
         assert disk.counters.evictions > 0
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from kvstore.backends.memory import MemoryBackend
 from kvstore.backends.tiered import TieredStore
 from kvstore.errors import BackendUnavailable, IntegrityError
 from kvstore.integrity import is_intact, seal
+from tests.threads import run_threads
 
 NS = "t/m/p"
 
@@ -218,26 +218,17 @@ def test_concurrent_use_never_returns_wrong_bytes(tmp_path: Path) -> None:
     mem = MemoryBackend(max_bytes=200_000)  # small: constant eviction and promotion
     disk = DiskBackend(tmp_path / "d", max_bytes=0, fsync="never")
     store = TieredStore([mem, disk])
-    errors: list[BaseException] = []
 
     def worker(t: int) -> None:
-        try:
-            for i in range(40):
-                n = t * 100 + i
-                store.put(key(n), blob(n, 20_000))
-                for back in range(min(i, 5)):
-                    if store.get(key(n - back)) != blob(n - back, 20_000):
-                        raise AssertionError(f"bad read for {n - back}")
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(40):
+            n = t * 100 + i
+            store.put(key(n), blob(n, 20_000))
+            for back in range(min(i, 5)):
+                if store.get(key(n - back)) != blob(n - back, 20_000):
+                    raise AssertionError(f"bad read for {n - back}")
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
     try:
-        assert not errors, errors[0]
+        run_threads(worker, 4)
         assert mem.counters.evictions > 0 and disk.counters.hits > 0
     finally:
         store.close()
