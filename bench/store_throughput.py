@@ -32,25 +32,17 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kvstore import integrity  # noqa: E402
 from kvstore.config import MiB, format_bytes  # noqa: E402
-from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc  # noqa: E402
+from transfer.client import KVClient  # noqa: E402
 
 SIZES = {"64KiB": 64 * 1024, "1MiB": MiB, "4MiB": 4 * MiB}
 NUM_LAYERS = 8
 NAMESPACE = "bench/throughput/raw"
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 80 * MiB),
-    ("grpc.max_send_message_length", 80 * MiB),
-    ("grpc.http2.lookahead_bytes", 16 * MiB),
-    ("grpc.http2.bdp_probe", 1),
-]
 
 
 def gbps(nbytes: int, seconds: float) -> float:
@@ -191,25 +183,17 @@ def grpc_row(target: str, pid: int, size: int, total: int, streams: int, reps: i
     num_chunks = max(streams, num_blobs // NUM_LAYERS)
     keys = [os.urandom(32) for _ in range(num_chunks)]
     per_stream = [keys[i::streams] for i in range(streams)]
-    # Each Put call carries about 32 MiB (a few chunks of all layers), like a prefill worker would.
-    chunks_per_put = max(1, (32 * MiB) // (size * NUM_LAYERS))
-    channels = [grpc.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(streams)]
-    stubs = [kvstore_pb2_grpc.KVStoreStub(c) for c in channels]
+    clients = [KVClient(target, max_message_bytes=80 * MiB) for _ in range(streams)]
     moved = num_chunks * NUM_LAYERS * size
 
     def put(i: int) -> None:
-        mine = per_stream[i]
-        for start in range(0, len(mine), chunks_per_put):
-            batch = mine[start:start + chunks_per_put]
-            stubs[i].Put(iter([kvstore_pb2.PutRequest(namespace=NAMESPACE, key=k, layer=layer,
-                                                      num_layers=NUM_LAYERS, blob=blob)
-                               for k in batch for layer in range(NUM_LAYERS)]), timeout=300)
+        # The real client: trailers checked, Put streams of put_batch_bytes, blobs by kvstore.wire.
+        clients[i].put(NAMESPACE, ((k, layer, NUM_LAYERS, blob) for k in per_stream[i] for layer in range(NUM_LAYERS)))
 
     def get(i: int) -> None:
         n = 0
-        for response in stubs[i].Get(kvstore_pb2.GetRequest(namespace=NAMESPACE, keys=per_stream[i],
-                                                            layer_start=0, layer_end=NUM_LAYERS), timeout=300):
-            n += len(response.blob)
+        for _layer, blobs in clients[i].get_layers(NAMESPACE, per_stream[i], 0, NUM_LAYERS):
+            n += sum(len(b) for b in blobs)
         if n != len(per_stream[i]) * NUM_LAYERS * size:
             raise RuntimeError(f"Get returned {n} bytes, expected {len(per_stream[i]) * NUM_LAYERS * size}")
 
@@ -222,9 +206,9 @@ def grpc_row(target: str, pid: int, size: int, total: int, streams: int, reps: i
             get_times.append(run_parallel(streams, get))
         cpu2, client2 = cpu_seconds(pid), time.process_time()
         get_s = min(get_times)
-        stubs[0].Delete(kvstore_pb2.DeleteRequest(namespace=NAMESPACE, keys=keys[:4096]))
+        clients[0].delete(NAMESPACE, keys)
     finally:
-        for c in channels:
+        for c in clients:
             c.close()
     gb = moved / 1e9
     # CPU seconds per GB moved: robust on a shared, loaded machine where wall-clock GB/s is not.

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -50,6 +50,7 @@ from kvstore.metrics import ServerMetrics, tier_fields
 from kvstore.quotas import QuotaLedger
 from kvstore.service import StoreService
 from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
+from kvstore.wire import PutRequestView, encode_get_response, parse_put_request
 
 log = logging.getLogger("kvstore.server")
 
@@ -80,116 +81,6 @@ def _tier_enum(name: str) -> int:
         return kvstore_pb2.Tier.Value(f"TIER_{name.upper()}")
     except ValueError:
         return kvstore_pb2.TIER_UNSPECIFIED
-
-
-# ---------------------------------------------------------------- blob fast path
-#
-# Put requests and Get responses are almost entirely blob bytes. Going through
-# protobuf costs two extra copies of every blob each way (parse into the arena,
-# then materialise the field; build the message, then serialise it), so these two
-# messages are (de)serialised by hand. The wire format is exactly the proto's:
-# anything this parser does not expect is handed to protobuf itself, and tests
-# check both paths agree byte for byte.
-
-
-class PutRequestView(NamedTuple):
-    """A parsed PutRequest whose blob was copied exactly once out of the gRPC buffer."""
-
-    namespace: str
-    key: bytes
-    layer: int
-    num_layers: int
-    blob: bytes
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def parse_put_request(data: bytes) -> PutRequestView:
-    """Deserialise a ``kvstore.v1.PutRequest`` copying the blob once (protobuf: three times)."""
-    try:
-        return _parse_put_request(data)
-    except (IndexError, ValueError):  # unusual encodings: let protobuf decide (and explain)
-        m = kvstore_pb2.PutRequest.FromString(data)
-        return PutRequestView(m.namespace, m.key, m.layer, m.num_layers, m.blob)
-
-
-def _parse_put_request(data: bytes) -> PutRequestView:
-    view = memoryview(data)
-    fields: dict[int, Any] = {}
-    pos, end = 0, len(data)
-    while pos < end:
-        tag, pos = _read_varint(data, pos)
-        number, wire_type = tag >> 3, tag & 7
-        if not 0 < number < 1 << 29:
-            raise ValueError(f"invalid field number {number}")  # protobuf rejects these too
-        if wire_type == 0:
-            value, pos = _read_varint(data, pos)
-            if number in (3, 4):
-                fields[number] = value & 0xFFFFFFFF  # uint32, as protobuf truncates
-            elif number in (1, 2, 5):
-                raise ValueError("wire type mismatch")
-        elif wire_type == 2:
-            length, pos = _read_varint(data, pos)
-            stop = pos + length
-            if stop > end:
-                raise ValueError("truncated field")
-            if number in (1, 2, 5):
-                fields[number] = view[pos:stop]
-            elif number in (3, 4):
-                raise ValueError("wire type mismatch")  # e.g. packed: rare, protobuf handles it
-            pos = stop
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-    if pos != end:
-        raise ValueError("truncated message")
-    return PutRequestView(
-        namespace=bytes(fields.get(1, b"")).decode("utf-8"),
-        key=bytes(fields.get(2, b"")),
-        layer=fields.get(3, 0),
-        num_layers=fields.get(4, 0),
-        blob=bytes(fields.get(5, b"")),
-    )
-
-
-def encode_get_response(item: tuple[int, int, bytes]) -> bytes:
-    """Serialise ``(key_index, layer, blob)`` as a ``kvstore.v1.GetResponse`` with one copy of the blob.
-
-    Byte-identical to ``GetResponse(...).SerializeToString()`` (fields in number
-    order, proto3 zero values omitted).
-    """
-    key_index, layer, blob = item
-    head = bytearray()
-    if key_index:
-        head += b"\x08" + _encode_varint(key_index)
-    if layer:
-        head += b"\x10" + _encode_varint(layer)
-    if len(blob):
-        head += b"\x1a" + _encode_varint(len(blob))
-    return b"".join((head, blob))
 
 
 def _fail(context: grpc.ServicerContext, method: str, exc: BaseException, metrics: ServerMetrics,

@@ -23,6 +23,7 @@ import grpc.aio
 from kvstore.keys import Namespace
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire import Blob, PutRequestView
 from transfer.client import (
     ClientCore,
     LayerAssembler,
@@ -49,7 +50,7 @@ class _AsyncPutBatch(PutBatch):
             return await anext(self._asource, _END)
         return next(self._asource, _END)
 
-    async def astep(self, index: int) -> pb.PutRequest | None:
+    async def astep(self, index: int) -> PutRequestView | None:
         async with self._alock:
             if index < len(self._sent):
                 return self._sent[index]
@@ -64,7 +65,7 @@ class _AsyncPutBatch(PutBatch):
                 return None
             return self._add(item)
 
-    async def aattempt(self) -> AsyncIterator[pb.PutRequest]:
+    async def aattempt(self) -> AsyncIterator[PutRequestView]:
         index = 0
         while (req := await self.astep(index)) is not None:
             yield req
@@ -84,6 +85,7 @@ class AsyncKVClient:
             self._channel = grpc.aio.insecure_channel(target, options=core.options,
                                                       interceptors=core.interceptors or None)
         self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._put, self._get = core.bulk_methods(self._channel)
         self._sleep = asyncio.sleep
 
     @property
@@ -158,7 +160,7 @@ class AsyncKVClient:
         failures = 0
         while True:
             try:
-                return await self._stub.Put(batch.aattempt(), timeout=self._core.timeout(timeout_s, stream=True),
+                return await self._put(batch.aattempt(), timeout=self._core.timeout(timeout_s, stream=True),
                                             metadata=self._core.metadata)
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
                 # A failing request iterator cancels the call; report the iterator's error instead.
@@ -173,7 +175,7 @@ class AsyncKVClient:
                 await self._sleep(self._core.retry.delay(failures))
 
     def get_layers(self, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int, layer_end: int,
-                   *, timeout_s: float | None = None) -> AsyncIterator[tuple[int, list[bytes]]]:
+                   *, timeout_s: float | None = None) -> AsyncIterator[tuple[int, list[Blob]]]:
         """Async iterator of ``(layer, [blob per key])`` in layer order; see :meth:`KVClient.get_layers`."""
         ns = self._core.namespace(namespace)
         keys = self._core.check_keys(keys)
@@ -183,23 +185,23 @@ class AsyncKVClient:
         return self._get_windowed(ns, keys, layer_start, layer_end, timeout_s)
 
     async def _get_windowed(self, ns: str, keys: list[bytes], start: int, end: int,
-                            timeout_s: float | None) -> AsyncIterator[tuple[int, list[bytes]]]:
+                            timeout_s: float | None) -> AsyncIterator[tuple[int, list[Blob]]]:
         for layer in range(start, end):
-            blobs: list[bytes] = []
+            blobs: list[Blob] = []
             for _, window in self._core.windows(keys):
                 async for _, part in self._get_range(ns, window, layer, layer + 1, timeout_s):
                     blobs.extend(part)
             yield layer, blobs
 
     async def _get_range(self, ns: str, keys: list[bytes], start: int, end: int,
-                         timeout_s: float | None) -> AsyncIterator[tuple[int, list[bytes]]]:
+                         timeout_s: float | None) -> AsyncIterator[tuple[int, list[Blob]]]:
         if not keys:
             return
         failures = 0
         next_layer = start
         while next_layer < end:
             assembler = LayerAssembler(self._core, ns, keys, next_layer, end)
-            call = self._stub.Get(pb.GetRequest(namespace=ns, keys=keys, layer_start=next_layer, layer_end=end),
+            call = self._get(pb.GetRequest(namespace=ns, keys=keys, layer_start=next_layer, layer_end=end),
                                   timeout=self._core.timeout(timeout_s, stream=True), metadata=self._core.metadata)
             try:
                 async for resp in call:

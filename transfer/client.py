@@ -43,6 +43,7 @@ from kvstore.backends.retry import Backoff, ExponentialBackoff
 from kvstore.keys import KEY_BYTES, Namespace
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire import Blob, GetResponseView, PutRequestView, encode_put_request, parse_get_response
 from transfer.errors import (
     BlobIntegrityError,
     InvalidArgument,
@@ -56,6 +57,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 72 * MiB  # matches the server's default
 DEFAULT_PUT_BATCH_BYTES = 64 * MiB  # well under the server's max_put_stream_bytes (512 MiB)
 DEFAULT_MAX_KEYS_PER_REQUEST = 4096  # the server's default limit
 MAX_LAYERS = 1 << 20
+PUT_METHOD = "/kvstore.v1.KVStore/Put"
+GET_METHOD = "/kvstore.v1.KVStore/Get"
 
 
 class PutItem(NamedTuple):
@@ -228,7 +231,7 @@ class ClientCore:
         n = self.max_keys_per_request
         return [(i, keys[i : i + n]) for i in range(0, len(keys), n)] or [(0, [])]
 
-    def put_request(self, namespace: str, item: PutItem | tuple) -> pb.PutRequest:
+    def put_request(self, namespace: str, item: PutItem | tuple) -> PutRequestView:
         """Validated request for one item; checks the trailer so a bad blob never leaves."""
         try:
             key, layer, num_layers, blob = item
@@ -244,10 +247,21 @@ class ClientCore:
                 "encode it with transfer.codec (or seal it with kvstore.integrity.seal)")
         if len(blob) + 1024 > self.max_message_bytes:
             raise InvalidArgument(f"blob of {len(blob)} bytes exceeds max_message_bytes={self.max_message_bytes}")
-        return pb.PutRequest(namespace=namespace, key=bytes(key), layer=layer, num_layers=num_layers,
-                             blob=bytes(blob))
+        # bytes are immutable and kept as they are; anything else is copied, since the batch
+        # may be replayed after the caller reused its buffer.
+        return PutRequestView(namespace, bytes(key), layer, num_layers,
+                              blob if type(blob) is bytes else bytes(blob))
 
-    def check_blob(self, namespace: str, key: bytes, layer: int, blob: bytes) -> bytes:
+    def bulk_methods(self, channel: Any) -> tuple[Any, Any]:
+        """Put and Get callables on ``channel`` (sync or asyncio) that move blobs with
+        :mod:`kvstore.wire` instead of protobuf: same bytes on the wire, two fewer copies."""
+        put = channel.stream_unary(PUT_METHOD, request_serializer=encode_put_request,
+                                   response_deserializer=pb.PutResponse.FromString)
+        get = channel.unary_stream(GET_METHOD, request_serializer=pb.GetRequest.SerializeToString,
+                                   response_deserializer=parse_get_response)
+        return put, get
+
+    def check_blob(self, namespace: str, key: bytes, layer: int, blob: Blob) -> Blob:
         if not integrity.is_intact(blob):
             raise BlobIntegrityError(namespace, key, layer, len(blob))
         return blob
@@ -281,10 +295,10 @@ class LayerAssembler:
         self._keys = keys
         self.next_layer = layer_start
         self._end = layer_end
-        self._slots: list[bytes | None] = [None] * len(keys)
+        self._slots: list[Blob | None] = [None] * len(keys)
         self._filled = 0
 
-    def feed(self, resp: pb.GetResponse) -> tuple[int, list[bytes]] | None:
+    def feed(self, resp: GetResponseView) -> tuple[int, list[Blob]] | None:
         """Take one message; return ``(layer, blobs)`` when it completes a layer."""
         if resp.layer != self.next_layer or resp.key_index >= len(self._keys):
             raise TransferError(
@@ -316,7 +330,7 @@ class LayerAssembler:
 #: the server is bound to reject (its namespace is invalid) makes the server's
 #: all-or-nothing Put store nothing, deterministically; put() then raises the
 #: source's own exception, not the server's INVALID_ARGUMENT.
-ABORT_REQUEST = pb.PutRequest(namespace="!abort: client source failed")
+ABORT_REQUEST = PutRequestView("!abort: client source failed", b"", 0, 0, b"")
 
 
 class PutBatch:
@@ -334,7 +348,7 @@ class PutBatch:
         self._core = core
         self._namespace = namespace
         self._source = source
-        self._sent: list[pb.PutRequest] = []
+        self._sent: list[PutRequestView] = []
         self._bytes = 0
         self._closed = False
         self.exhausted = False
@@ -346,7 +360,7 @@ class PutBatch:
     def __len__(self) -> int:
         return len(self._sent)
 
-    def step(self, index: int) -> pb.PutRequest | None:
+    def step(self, index: int) -> PutRequestView | None:
         """Request ``index`` of the batch (pulling it if new), or ``None`` at its end."""
         with self._lock:
             if index < len(self._sent):
@@ -362,13 +376,13 @@ class PutBatch:
                 return self._abort(exc)
             return self._add(item)
 
-    def _abort(self, exc: BaseException) -> pb.PutRequest:
+    def _abort(self, exc: BaseException) -> PutRequestView:
         """Record the source's failure and end the stream with ABORT_REQUEST."""
         self.error = exc
         self._closed = True
         return ABORT_REQUEST
 
-    def _add(self, item: Any) -> pb.PutRequest:
+    def _add(self, item: Any) -> PutRequestView:
         try:
             req = self._core.put_request(self._namespace, item)
         except BaseException as exc:
@@ -379,7 +393,7 @@ class PutBatch:
             self._closed = True
         return req
 
-    def attempt(self) -> Iterator[pb.PutRequest]:
+    def attempt(self) -> Iterator[PutRequestView]:
         index = 0
         while (req := self.step(index)) is not None:
             yield req
@@ -400,6 +414,7 @@ class KVClient:
         if core.interceptors:
             self._channel = grpc.intercept_channel(self._channel, *core.interceptors)
         self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._put, self._get = core.bulk_methods(self._channel)
         self._sleep = time.sleep
 
     @property
@@ -477,7 +492,7 @@ class KVClient:
         failures = 0
         while True:
             try:
-                return self._stub.Put(batch.attempt(), timeout=self._core.timeout(timeout_s, stream=True),
+                return self._put(batch.attempt(), timeout=self._core.timeout(timeout_s, stream=True),
                                       metadata=self._core.metadata)
             except grpc.RpcError as exc:
                 if batch.error is not None:
@@ -489,7 +504,7 @@ class KVClient:
                 self._sleep(self._core.retry.delay(failures))
 
     def get_layers(self, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int, layer_end: int,
-                   *, timeout_s: float | None = None) -> Iterator[tuple[int, list[bytes]]]:
+                   *, timeout_s: float | None = None) -> Iterator[tuple[int, list[Blob]]]:
         """Yield ``(layer, [blob per key])`` for each layer in order, as soon as it is complete.
 
         Arguments are validated at once; every blob's trailer is verified on
@@ -505,22 +520,22 @@ class KVClient:
         return self._get_windowed(ns, keys, layer_start, layer_end, timeout_s)
 
     def _get_windowed(self, ns: str, keys: list[bytes], start: int, end: int,
-                      timeout_s: float | None) -> Iterator[tuple[int, list[bytes]]]:
+                      timeout_s: float | None) -> Iterator[tuple[int, list[Blob]]]:
         # More keys than one request may carry: one Get per (layer, window), still in layer order.
         for layer in range(start, end):
-            blobs: list[bytes] = []
+            blobs: list[Blob] = []
             for _, window in self._core.windows(keys):
                 for _, part in self._get_range(ns, window, layer, layer + 1, timeout_s):
                     blobs.extend(part)
             yield layer, blobs
 
     def _get_range(self, ns: str, keys: list[bytes], start: int, end: int,
-                   timeout_s: float | None) -> Iterator[tuple[int, list[bytes]]]:
+                   timeout_s: float | None) -> Iterator[tuple[int, list[Blob]]]:
         failures = 0
         next_layer = start
         while next_layer < end:
             assembler = LayerAssembler(self._core, ns, keys, next_layer, end)
-            call = self._stub.Get(pb.GetRequest(namespace=ns, keys=keys, layer_start=next_layer, layer_end=end),
+            call = self._get(pb.GetRequest(namespace=ns, keys=keys, layer_start=next_layer, layer_end=end),
                                   timeout=self._core.timeout(timeout_s, stream=True), metadata=self._core.metadata)
             try:
                 for resp in call:

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvstore.keys import Namespace, chunk_keys
-from kvstore.server import SERVICE_NAME, ServerHandle, encode_get_response, parse_put_request, serve
+from kvstore.server import SERVICE_NAME, ServerHandle, serve
 from kvstore.testing.services import free_port
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc
@@ -227,32 +226,6 @@ def test_help_has_examples() -> None:
     for command in ("serve", "stats", "bench"):
         result = run_cli(command, "--help")
         assert result.returncode == 0 and "examples:" in result.stdout, command
-
-
-@pytest.mark.parametrize("key_index", [0, 1, 127, 128, 4095, 2**32 - 1])
-@pytest.mark.parametrize("layer", [0, 1, 300])
-@pytest.mark.parametrize("size", [0, 1, 200, 70_000])
-def test_blob_fast_path_is_byte_identical_to_protobuf(key_index: int, layer: int, size: int) -> None:
-    blob = os.urandom(size)
-    assert encode_get_response((key_index, layer, blob)) == pb.GetResponse(
-        key_index=key_index, layer=layer, blob=blob).SerializeToString()
-    message = pb.PutRequest(namespace=NS, key=os.urandom(32), layer=layer, num_layers=key_index, blob=blob)
-    view = parse_put_request(message.SerializeToString())
-    assert (view.namespace, view.key, view.layer, view.num_layers, view.blob) == (
-        message.namespace, message.key, message.layer, message.num_layers, message.blob)
-
-
-def test_put_parser_handles_unusual_encodings_like_protobuf() -> None:
-    a = pb.PutRequest(namespace=NS, key=b"k" * 32, layer=1, num_layers=2, blob=b"first").SerializeToString()
-    b = pb.PutRequest(layer=3, blob=b"second").SerializeToString()
-    unknown = b"\x30\x05" + b"\x3a\x03abc" + b"\x41" + bytes(8) + b"\x4d" + bytes(4)  # fields 6..9
-    for data in (a + b, unknown + a, b"\x18\x80\x80\x80\x80\x10" + a):  # concatenation, unknown fields, big varint
-        expected = pb.PutRequest.FromString(data)
-        view = parse_put_request(data)
-        assert (view.namespace, view.key, view.layer, view.num_layers, view.blob) == (
-            expected.namespace, expected.key, expected.layer, expected.num_layers, expected.blob)
-    with pytest.raises(DecodeError):
-        parse_put_request(a[:-2])  # truncated: protobuf's own error
 
 
 def test_a_malformed_put_message_fails_the_rpc_and_nothing_else(kvstore_server: ServerHandle,

@@ -1,0 +1,84 @@
+"""kvstore.wire against protobuf itself: the hand-written (de)serialisers of the
+two blob-carrying messages must produce and accept exactly the proto's bytes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from google.protobuf.message import DecodeError
+
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire import (
+    GetResponseView,
+    PutRequestView,
+    encode_get_response,
+    encode_put_request,
+    parse_get_response,
+    parse_put_request,
+)
+
+NS = "acme/smollm2-L30/fp16"
+# Fields 6..9 with every wire type the proto does not use: unknown to both messages.
+UNKNOWN = b"\x30\x05" + b"\x3a\x03abc" + b"\x41" + bytes(8) + b"\x4d" + bytes(4)
+
+
+def _put_fields(m: pb.PutRequest | PutRequestView) -> tuple:
+    return (m.namespace, bytes(m.key), m.layer, m.num_layers, bytes(m.blob))
+
+
+def _get_fields(m: pb.GetResponse | GetResponseView) -> tuple:
+    return (m.key_index, m.layer, bytes(m.blob))
+
+
+@pytest.mark.parametrize("number", [0, 1, 127, 128, 4095, 2**32 - 1])
+@pytest.mark.parametrize("size", [0, 1, 200, 70_000])
+def test_both_messages_are_byte_identical_to_protobuf_both_ways(number: int, size: int) -> None:
+    blob = os.urandom(size)
+    key = os.urandom(32) if size else b""
+    for layer in (0, 1, 300):
+        put = pb.PutRequest(namespace=NS if size else "", key=key, layer=layer, num_layers=number, blob=blob)
+        view = PutRequestView(put.namespace, key, layer, number, blob)
+        assert encode_put_request(view) == put.SerializeToString()
+        assert _put_fields(parse_put_request(put.SerializeToString())) == _put_fields(put)
+
+        get = pb.GetResponse(key_index=number, layer=layer, blob=blob)
+        assert encode_get_response((number, layer, blob)) == get.SerializeToString()
+        assert encode_get_response((number, layer, memoryview(blob))) == get.SerializeToString()
+        assert _get_fields(parse_get_response(get.SerializeToString())) == _get_fields(get)
+
+
+def test_put_encoder_takes_any_bytes_like_blob() -> None:
+    blob = os.urandom(1000)
+    expected = pb.PutRequest(namespace=NS, key=b"k" * 32, layer=2, num_layers=4, blob=blob).SerializeToString()
+    for like in (bytearray(blob), memoryview(blob)):
+        assert encode_put_request(PutRequestView(NS, b"k" * 32, 2, 4, like)) == expected
+
+
+def test_parsers_handle_unusual_encodings_like_protobuf() -> None:
+    a = pb.PutRequest(namespace=NS, key=b"k" * 32, layer=1, num_layers=2, blob=b"first").SerializeToString()
+    b = pb.PutRequest(layer=3, blob=b"second").SerializeToString()
+    big_varint = b"\x18\x80\x80\x80\x80\x10"  # layer = 2**32, truncated to uint32 like protobuf
+    for data in (a + b, UNKNOWN + a, big_varint + a, a + big_varint):
+        assert _put_fields(parse_put_request(data)) == _put_fields(pb.PutRequest.FromString(data))
+    g = pb.GetResponse(key_index=7, layer=3, blob=b"payload").SerializeToString()
+    packed_layer = b"\x12\x01\x05"  # field 2 as a packed (length-delimited) scalar: protobuf's path
+    for data in (g + g, UNKNOWN + g, g + UNKNOWN, packed_layer + g, g + packed_layer):
+        assert _get_fields(parse_get_response(data)) == _get_fields(pb.GetResponse.FromString(data))
+
+
+@pytest.mark.parametrize("parse", [parse_put_request, parse_get_response])
+def test_truncated_or_garbage_messages_raise_protobufs_error(parse) -> None:
+    a = pb.PutRequest(namespace=NS, key=b"k" * 32, layer=1, num_layers=2, blob=b"x" * 100).SerializeToString()
+    for data in (a[:-2], a[:3], b"\x07", b"\xff" * 11):
+        with pytest.raises(DecodeError):
+            parse(data)
+
+
+def test_get_blob_is_a_view_into_the_received_message_not_a_copy() -> None:
+    data = pb.GetResponse(key_index=1, layer=2, blob=os.urandom(4096)).SerializeToString()
+    view = parse_get_response(data)
+    assert isinstance(view.blob, memoryview) and view.blob.readonly
+    assert view.blob.obj is data  # zero copy: the client hands the decoder gRPC's own buffer
+    put = parse_put_request(pb.PutRequest(namespace=NS, key=b"k" * 32, blob=b"b" * 64).SerializeToString())
+    assert type(put.blob) is bytes  # the server keeps blobs: its own bytes, not a view pinning the message
