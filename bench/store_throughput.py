@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kvstore import integrity  # noqa: E402
+from kvstore.allocator import tune_allocator  # noqa: E402
 from kvstore.config import MiB, format_bytes  # noqa: E402
 from transfer.client import KVClient  # noqa: E402
 
@@ -276,13 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from kvstore.config import parse_bytes
 
+    # The server tunes its allocator at start-up; this process (store client and direct baselines
+    # alike) gets the same settings, as a worker would (kvstore/allocator.py).
+    tuned = tune_allocator()
+
     total = parse_bytes(args.total) if args.total else (96 * MiB if args.quick else 512 * MiB)
     reps = 1 if args.quick else 3
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     sizes = {name: SIZES[name] for name in args.sizes.split(",")}
     result: dict[str, object] = {
         "benchmark": "store_throughput", "quick": args.quick, "streams": args.streams,
-        "bytes_per_row": total, "cpus": os.cpu_count(),
+        "bytes_per_row": total, "cpus": os.cpu_count(), "client_allocator_tuned": tuned,
         "tcp": tcp_baseline(total, args.streams), "grpc": {}, "direct": {},
     }
     with contextlib.ExitStack() as stack:

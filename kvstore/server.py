@@ -33,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import kvstore
+from kvstore.allocator import tune_allocator
 from kvstore.auth import Authenticator, server_credentials
 from kvstore.config import StoreConfig
 from kvstore.errors import (
@@ -404,33 +405,6 @@ def serve(config: StoreConfig, store: Any | None = None) -> ServerHandle:
         raise
     return ServerHandle(server=server, port=port, host=host, config=config, service=service,
                         metrics=metrics, health=health_servicer)
-
-
-def tune_allocator() -> bool:
-    """Keep freed multi-MiB buffers in the heap instead of returning them to the kernel.
-
-    Every blob passes through a few short-lived buffers of its size; with glibc's
-    defaults each is a fresh mmap, so every byte also costs a page fault and a
-    page clear (measured: half the server's CPU on Get). Raising the mmap and trim
-    thresholds lets them be reused. Process-wide, so only the ``kvstore serve``
-    entrypoint calls it; returns False where it does not apply (non-glibc).
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = bool(mallopt(m_mmap_threshold, 32 * 1024 * 1024))  # glibc's maximum on 64-bit
-    ok &= bool(mallopt(m_trim_threshold, 1024 * 1024 * 1024))
-    ok &= bool(mallopt(m_top_pad, 64 * 1024 * 1024))
-    return ok
 
 
 def run(config: StoreConfig, grace: float = 10.0, on_ready: Callable[[ServerHandle], None] | None = None) -> None:

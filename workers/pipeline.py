@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvstore.allocator import ALLOCATOR_ENV
 from workers.decode import DecodeSummary, DecodeWorker, TokenEvent
 from workers.prefill import PrefillHandle, PrefillRequest, PrefillWorker, WorkerConfig
 
@@ -61,7 +62,7 @@ def ray_init_kwargs(num_cpus: int | None = None, *, address: str | None = None,
         raise ValueError(f"num_cpus applies only to a local Ray; the cluster at {address!r} has its own CPUs")
     if not joining and num_cpus is not None and num_cpus < 1:
         raise ValueError(f"num_cpus must be >= 1, got {num_cpus}")
-    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", **ALLOCATOR_ENV}
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     if joining:
         kwargs["address"] = address
