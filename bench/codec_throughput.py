@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kvstore.allocator import tune_allocator  # noqa: E402
 from kvstore.integrity import is_intact, payload_of, seal  # noqa: E402
 from transfer.codec import (  # noqa: E402
     PROFILES,
@@ -119,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profiles", default=",".join(PROFILES))
     ap.add_argument("--compare-torch", action="store_true",
                     help="also time the torch stages (the CUDA path run on CPU) in the same run")
+    ap.add_argument("--glibc-malloc-defaults", action="store_true",
+                    help="skip kvstore.allocator's settings (which the server and the Ray workers run with)")
     args = ap.parse_args(argv)
+    allocator_tuned = False if args.glibc_malloc_defaults else tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     frames = _frames(8 if args.quick else args.chunks, 3, 256, 64)
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_kernels.set_enabled(False)
             results[f"{p} (torch stages, before the kernels)"] = measure(p, frames, min_s)
             cpu_kernels.set_enabled(True)
-    report = {"device": "cpu", "torch_threads": torch.get_num_threads(), "codec_threads": threads,
+    report = {"device": "cpu", "allocator_tuned": allocator_tuned, "torch_threads": torch.get_num_threads(), "codec_threads": threads,
               "cpu_kernels": cpu_kernels.enabled(), "frame_shape": [3, 256, 64],
               "frames": len(frames), "results": results}
     print(json.dumps(report, indent=2))

@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from kvstore.allocator import tune_allocator  # noqa: E402
 from kvstore.keys import model_fingerprint  # noqa: E402
 from transfer.client import KVClient  # noqa: E402
 from transfer.kvio import FetchedPrefix, decode_blobs, iter_layers, put_context  # noqa: E402
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prefetch-depth", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="512-token prefix, 3 repeats (well under 60 s)")
+    p.add_argument("--glibc-malloc-defaults", action="store_true",
+                    help="skip kvstore.allocator's settings (which the server and the Ray workers run with)")
     args = p.parse_args(argv)
+    allocator_tuned = False if args.glibc_malloc_defaults else tune_allocator()
     if args.quick:
         args.prefix_tokens, args.chunk_tokens, args.repeats = 512, 128, 3
     if args.threads:
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {"prefix_tokens": args.prefix_tokens, "suffix_tokens": args.suffix_tokens,
                    "chunk_tokens": args.chunk_tokens, "profile": args.profile, "repeats": args.repeats,
                    "prefetch_depth": args.prefetch_depth, "num_layers": num_layers,
-                   "torch_threads": torch.get_num_threads(), "server": "kvstore serve (RAM tier), loopback"},
+                   "allocator_tuned": allocator_tuned, "torch_threads": torch.get_num_threads(),
+                   "server": "kvstore serve (RAM tier), loopback"},
         "stored": {"blobs": put_result.num_stored, "bytes": stored_bytes, "put_s": round(put_s, 3),
                    "prefill_s": round(prefill_s, 3)},
         "median_s": med,

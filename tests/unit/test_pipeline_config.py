@@ -9,6 +9,7 @@ import os
 import pytest
 import ray
 
+from kvstore.allocator import ALLOCATOR_ENV
 from workers.demo import parse_args, pipeline_options, ray_options
 from workers.pipeline import (
     REPO_ROOT,
@@ -43,7 +44,7 @@ def test_joining_a_cluster_passes_only_what_ray_accepts_there(address: str) -> N
     assert kwargs["address"] == address
     assert not LOCAL_ONLY & kwargs.keys()
     # The nodes run the worker image; the driver's checkout path means nothing there.
-    assert kwargs["runtime_env"] == {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    assert kwargs["runtime_env"] == {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **ALLOCATOR_ENV}}
     inspect.signature(ray.init).bind(**kwargs)
     with pytest.raises(ValueError, match="local Ray"):
         ray_init_kwargs(2, address=address)

@@ -130,17 +130,36 @@ def hadamard_rows(x, signs, scale, pre_signs, out):  # pragma: no cover - compil
             for j in range(d):
                 buf[j, i] = np.float64(x[r0 + i, j]) * pre[j]
         h = 1
-        while h < d:
-            for i0 in range(0, d, 2 * h):
+        while 4 * h <= d:  # stages h and 2h fused (radix 4): half the passes over buf, same sums
+            for i0 in range(0, d, 4 * h):
                 for j in range(i0, i0 + h):
-                    top = buf[j]
-                    bot = buf[j + h]
+                    r0_ = buf[j]
+                    r1_ = buf[j + h]
+                    r2_ = buf[j + 2 * h]
+                    r3_ = buf[j + 3 * h]
                     for c in range(nb):
-                        a = top[c]
-                        b = bot[c]
-                        top[c] = a + b
-                        bot[c] = a - b
-            h *= 2
+                        a = r0_[c]
+                        b = r1_[c]
+                        e = r2_[c]
+                        f = r3_[c]
+                        s0 = a + b
+                        s1 = a - b
+                        s2 = e + f
+                        s3 = e - f
+                        r0_[c] = s0 + s2
+                        r1_[c] = s1 + s3
+                        r2_[c] = s0 - s2
+                        r3_[c] = s1 - s3
+            h *= 4
+        if h < d:  # odd number of stages: one radix-2 stage left
+            for j in range(h):
+                top = buf[j]
+                bot = buf[j + h]
+                for c in range(nb):
+                    a = top[c]
+                    b = bot[c]
+                    top[c] = a + b
+                    bot[c] = a - b
         for i in range(nb):
             for j in range(d):
                 y = buf[j, i] * post[j]
