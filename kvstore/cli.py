@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest gRPC message either way (72MiB); must exceed --max-blob-bytes")
     g = serve.add_argument_group("tiers")
     g.add_argument("--memory-bytes", type=_bytes_arg, metavar="SIZE", help="RAM tier budget (default 2GiB)")
+    g.add_argument("--memory-prefault", action="store_true",
+                   help="map the RAM tier's whole budget at start-up (faster Puts; RSS starts at the budget)")
     g.add_argument("--disk-path", metavar="DIR", help="disk tier directory (default ~/.cache/kvstore/disk)")
     g.add_argument("--disk-bytes", type=_bytes_arg, metavar="SIZE", help="disk tier budget (default 64GiB)")
     g.add_argument("--no-disk", action="store_true", help="run without the disk tier (RAM only)")
@@ -152,6 +154,8 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "disk.fsync": args.fsync,
         "metrics.port": args.metrics_port,
     }
+    if args.memory_prefault:
+        overrides["memory.prefault"] = True
     if args.no_disk:
         overrides["disk.enabled"] = False
     if args.redis_url:

@@ -58,6 +58,9 @@ class ServerConfig:
 @dataclass(frozen=True)
 class MemoryConfig:
     max_bytes: int = 2 * GiB
+    #: Map the whole budget at start-up (kvstore.allocator.prefault_heap), so stored blobs land in
+    #: pages that already exist instead of faulting in fresh ones: RSS starts at the budget.
+    prefault: bool = False
 
 
 @dataclass(frozen=True)

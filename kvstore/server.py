@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import kvstore
-from kvstore.allocator import tune_allocator
+from kvstore.allocator import prefault_heap, tune_allocator
 from kvstore.auth import Authenticator, server_credentials
 from kvstore.config import StoreConfig
 from kvstore.errors import (
@@ -410,6 +410,10 @@ def serve(config: StoreConfig, store: Any | None = None) -> ServerHandle:
 def run(config: StoreConfig, grace: float = 10.0, on_ready: Callable[[ServerHandle], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop taking RPCs and drain for ``grace`` seconds."""
     tune_allocator()
+    if config.memory.prefault:
+        started = time.monotonic()
+        done = prefault_heap(config.memory.max_bytes)
+        log.info("prefaulted %d MiB of heap for the RAM tier in %.1f s", done >> 20, time.monotonic() - started)
     handle = serve(config)
     stop = threading.Event()
 

@@ -24,6 +24,7 @@ from kvstore.v1 import kvstore_pb2_grpc
 from tests.fixtures.store import REPO_ROOT, make_blob, start_server_process, store_config
 
 NS = "acme/smollm2-L30/fp16"
+MiB = 1 << 20
 LAYERS = 4
 
 
@@ -208,6 +209,32 @@ def test_serve_subprocess_stats_cli_and_graceful_restart(tmp_path: Path) -> None
         assert got == blobs
     finally:
         again.kill()
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_prefault_maps_the_budget_before_serving(tmp_path: Path) -> None:
+    plain = start_server_process(["--no-disk", "--memory-bytes", "256MiB"], workdir=tmp_path)
+    prefaulted = start_server_process(["--no-disk", "--memory-bytes", "256MiB", "--memory-prefault"],
+                                      workdir=tmp_path)
+    try:
+        # Ready means prefaulted: the whole budget is resident before the first RPC (a plain server is not).
+        assert _rss_bytes(prefaulted.proc.pid) - _rss_bytes(plain.proc.pid) >= 200 * MiB
+        keys = keys_for(2)
+        with grpc.insecure_channel(prefaulted.target) as channel:
+            stub = kvstore_pb2_grpc.KVStoreStub(channel)
+            blobs = put_chunks(stub, keys, range(LAYERS), size=MiB)
+            got = {(r.key_index, r.layer): r.blob for r in stub.Get(
+                pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS))}
+        assert got == blobs
+    finally:
+        plain.kill()
+        prefaulted.kill()
 
 
 def test_stats_cli_reports_an_unreachable_server() -> None:

@@ -38,9 +38,12 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
     assert from_env.server.port == 6000 and from_env.redis.enabled
     assert from_env.server.workers == 4  # untouched by env: still from the file
 
-    args = build_parser().parse_args(["serve", "--port", "5000", "--memory-bytes", "512MiB", "--no-disk"])
+    assert not from_env.memory.prefault and load_config(path, environ={"KVSTORE_MEMORY__PREFAULT": "true"}).memory.prefault
+
+    args = build_parser().parse_args(["serve", "--port", "5000", "--memory-bytes", "512MiB", "--no-disk",
+                                      "--memory-prefault"])
     final = load_config(path, environ=env, overrides=serve_overrides(args))
-    assert final.server.port == 5000 and final.memory.max_bytes == 512 * MiB
+    assert final.server.port == 5000 and final.memory.max_bytes == 512 * MiB and final.memory.prefault
     assert not final.disk.enabled and final.redis.enabled and final.server.workers == 4
 
 
