@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return logits[0, -1].argmax(), logits
 
             consumed_before_last: list[bool] = []
+            model_waits: list[float] = []
 
             def layerwise(decode_in_loader: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
                 n = client.lookup(ns, keys, num_layers)
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 consumed = cache.times(CONSUMED)
                 arrived = cache.times("arrived")
                 consumed_before_last.append(consumed[0] < arrived[num_layers - 1])
+                if decode_in_loader:  # how long the model's thread sat waiting for layers, in total
+                    waited = cache.times("wait")
+                    model_waits.append(sum(consumed[i] - waited[i] for i in range(num_layers)))
                 return logits[0, -1].argmax(), logits
 
             def fetch_one() -> Any:
@@ -213,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "goal": {"bound_s": round(bound, 4), "layerwise_s": med["layerwise"],
                  "layerwise_decode_in_model_thread_s": med["layerwise_decode_in_model_thread"],
                  "met": best <= bound},
+        # Time the model thread spent blocked on layers not yet decoded (median over runs): what is
+        # left of layerwise - compute beyond it is contention (the loader's CPU and GIL next to compute).
+        "layerwise_model_wait_s": round(statistics.median(model_waits[1:] or model_waits), 4),
         "same_first_token": same_token,
         "max_abs_logit_diff": max_logit_diff,
         "layer0_consumed_before_last_arrived": all(consumed_before_last),

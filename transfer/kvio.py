@@ -126,9 +126,12 @@ def put_chunks(client: KVClient, namespace: Namespace | str, keys: Sequence[byte
 
 
 def decode_blobs(blobs: Sequence[bytes], *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> LayerKV:
-    """One layer's blobs (one per chunk, in order) as ``(k, v)`` over all their tokens."""
-    parts = decode_many(blobs, device=device, dtype=dtype)
+                 dtype: torch.dtype | None = None, threads: int | None = None) -> LayerKV:
+    """One layer's blobs (one per chunk, in order) as ``(k, v)`` over all their tokens.
+
+    ``threads``: codec threads to use (default all; see :func:`transfer.codec.decode_many`).
+    """
+    parts = decode_many(blobs, device=device, dtype=dtype, threads=threads)
     if len(parts) == 1:
         return parts[0]
     return torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)

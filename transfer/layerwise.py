@@ -147,15 +147,23 @@ class LayerwiseCache(DynamicCache):
     def from_store(cls, client: Any, namespace: Namespace | str, keys: Sequence[bytes], num_layers: int, *,
                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, prefetch_depth: int = 2,
-                   wait_timeout_s: float = 120.0, decode_in_loader: bool = True) -> LayerwiseCache:
-        """Start streaming every layer of ``keys`` (a stored prefix) from a :class:`KVClient`."""
+                   wait_timeout_s: float = 120.0, decode_in_loader: bool = True,
+                   decode_threads: int = 1) -> LayerwiseCache:
+        """Start streaming every layer of ``keys`` (a stored prefix) from a :class:`KVClient`.
+
+        ``decode_threads``: codec threads the loader decodes with. One by default: the
+        loader runs next to the model's forward pass, and a decode spread over every
+        core takes them from compute (measured on 2 cores: TTFT 178 -> 169 ms with one).
+        Raise it when compute runs elsewhere (a GPU) and the CPU has cores to spare.
+        """
         from transfer.kvio import decode_blobs
 
         if not keys:
             raise ValueError("no stored chunks to stream; use a plain DynamicCache")
         source = client.get_layers(namespace, keys, 0, num_layers)
         return cls(source, num_layers, len(keys) * chunk_tokens,
-                   decode=lambda blobs: decode_blobs(blobs, device=device, dtype=dtype),
+                   decode=lambda blobs: decode_blobs(blobs, device=device, dtype=dtype,
+                                                     threads=decode_threads),
                    prefetch_depth=prefetch_depth, wait_timeout_s=wait_timeout_s,
                    decode_in_loader=decode_in_loader)
 

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from transfer.codec import (
     encode_layer,
     encode_layers,
     imap_ordered,
+    parallel,
 )
 from transfer.codec.format import HEADER_BYTES, parse_header
 from transfer.codec.profiles import CHANNEL, TOKEN, Tier
@@ -194,6 +196,27 @@ def test_decode_many_equals_one_by_one(dtype) -> None:
     assert _same(many, [decode_layer(b, dtype=dtype) for b in blobs])
     same_shape = blobs[:7]  # one kernel call per part
     assert _same(decode_many(same_shape, dtype=dtype), [decode_layer(b, dtype=dtype) for b in same_shape])
+    assert _same(decode_many(blobs, dtype=dtype, threads=1), many)  # the caller's thread alone: same tensors
+
+
+def test_decode_many_with_one_thread_stays_in_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
+    blobs = [encode_layer(*_kv((3, 32, 64), torch.float16, s), "balanced", token_offset=32) for s in range(4)]
+    seen: set[str] = set()
+    real = parallel._decode_part
+
+    def spy(*args, **kwargs):
+        seen.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(parallel, "_decode_part", spy)
+    decode_many(blobs, threads=1)
+    assert seen == {threading.current_thread().name}
+    seen.clear()
+    decode_many(blobs)
+    assert seen and all(name.startswith("kvstore-codec") for name in seen)  # the default: pool threads
+    with pytest.raises(ValueError, match="threads"):
+        decode_many(blobs, threads=0)
 
 
 def test_codec_calls_nest_without_deadlock(monkeypatch: pytest.MonkeyPatch) -> None:

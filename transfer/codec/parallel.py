@@ -99,14 +99,19 @@ def imap_ordered(fn: Callable[[T], R], items: Iterable[T], *, ahead: int | None 
 
 
 def decode_many(blobs: Sequence[bytes | memoryview], *, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`decode_layer` of every blob, in order, using every codec thread.
+                dtype: torch.dtype | None = None, threads: int | None = None
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`decode_layer` of every blob, in order, using every codec thread (or ``threads`` of them).
 
     On CPU the blobs are cut into one contiguous part per thread and each part
     is decoded by one kernel call (cpu_decode.decode_batch) when its frames
     share a shape; the tensors of a part are views of one allocation.
+    ``threads=1`` decodes in the calling thread only: for a caller that runs
+    next to model compute and should not take its cores.
     """
-    workers = codec_threads()
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    workers = codec_threads() if threads is None else min(threads, codec_threads())
     if len(blobs) < 2:
         return [decode_layer(b, device=device, dtype=dtype) for b in blobs]
     if not (cpu_kernels.enabled() and torch.device(device).type == "cpu"):
