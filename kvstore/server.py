@@ -49,7 +49,7 @@ from kvstore.errors import (
 )
 from kvstore.metrics import ServerMetrics, tier_fields
 from kvstore.quotas import QuotaLedger
-from kvstore.service import StoreService
+from kvstore.service import StoreService, pack_blobs
 from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 from kvstore.wire import PutRequestView, encode_get_response, parse_put_request
 
@@ -172,12 +172,17 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @_rpc_stream("Get")
     def Get(self, tenant: str | None, request: kvstore_pb2.GetRequest, context: Any
-            ) -> Iterator[tuple[int, int, bytes]]:
+            ) -> Iterator[tuple[int, int, bytes | list[bytes]]]:
         ns = self.service.check_get(tenant, request.namespace, request.keys, request.layer_start,
                                     request.layer_end)
         add_bytes = self.metrics.add_bytes
-        for key_index, layer, blob in self.service.get(ns, request.keys, request.layer_start,
-                                                       request.layer_end):
+        items = self.service.get(ns, request.keys, request.layer_start, request.layer_end)
+        if request.pack_bytes:
+            for first, layer, blobs in pack_blobs(items, self.service.pack_limit(request.pack_bytes)):
+                add_bytes("out", sum(len(b) for b in blobs))
+                yield first, layer, blobs  # a packed GetResponse (encode_get_response)
+            return
+        for key_index, layer, blob in items:
             add_bytes("out", len(blob))
             yield key_index, layer, blob  # serialised by encode_get_response
 

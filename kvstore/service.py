@@ -254,6 +254,10 @@ class StoreService:
                     self.counters.add(blobs_served=1, bytes_served=len(blob))
                     yield i, layer, blob
 
+    def pack_limit(self, requested: int) -> int:
+        """Bytes per packed Get message: what the caller asked for, within the message size limit."""
+        return max(1, min(requested, self.limits.max_message_bytes - PACK_HEADROOM))
+
     def delete(self, tenant: str | None, namespace: str, keys: Sequence[bytes]) -> int:
         ns = self.namespace(namespace, tenant)
         self.check_keys(keys)
@@ -273,3 +277,31 @@ class StoreService:
         with self._quota_lock:
             gone = [k for k in self._charged if k.namespace == namespace and k.chunk in wanted]
             return sum(self._charged.pop(k) for k in gone)
+
+
+#: Room left in a packed Get message for its fields and per-blob tags.
+PACK_HEADROOM = 64 * 1024
+
+
+def pack_blobs(items: Iterable[tuple[int, int, bytes]], limit: int) -> Iterator[tuple[int, int, list[bytes]]]:
+    """Group a Get stream into ``(first key_index, layer, [blobs])`` of consecutive keys of one layer.
+
+    A group closes before the blob that would take it over ``limit`` bytes (a
+    group always has one blob, whatever its size) and at every layer boundary,
+    so a client still sees layer ``L`` complete before anything of ``L + 1``.
+    An error from ``items`` propagates as it is: the group being filled is not
+    sent, which costs nothing, as clients hand out whole layers only.
+    """
+    first = layer = -1
+    group: list[bytes] = []
+    size = 0
+    for key_index, item_layer, blob in items:
+        if group and (item_layer != layer or key_index != first + len(group) or size + len(blob) > limit):
+            yield first, layer, group
+            group, size = [], 0
+        if not group:
+            first, layer = key_index, item_layer
+        group.append(blob)
+        size += len(blob)
+    if group:
+        yield first, layer, group

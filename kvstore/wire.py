@@ -25,8 +25,9 @@ from kvstore.v1 import kvstore_pb2 as pb
 #: A blob as the clients hand it out: ``bytes``, or a read-only view into a received message.
 Blob: TypeAlias = bytes | memoryview
 
-#: Field kinds the scanner understands: a uint32 varint or a length-delimited byte string.
-_UINT32, _BYTES = 0, 2
+#: Field kinds the scanner understands: a uint32 varint, a length-delimited byte string, and a
+#: repeated one (a list). The first two are the wire types, which the scanner checks.
+_UINT32, _BYTES, _REPEATED_BYTES = 0, 2, -2
 
 
 class PutRequestView(NamedTuple):
@@ -40,20 +41,24 @@ class PutRequestView(NamedTuple):
 
 
 class GetResponseView:
-    """A parsed ``kvstore.v1.GetResponse``; ``blob`` is a read-only view into the received message.
+    """A parsed ``kvstore.v1.GetResponse``; blobs are read-only views into the received message.
 
-    Mutable like a protobuf message (client interceptors may rewrite fields).
+    ``blob`` is set for a one-blob message, ``blobs`` (keys ``key_index``,
+    ``key_index + 1``, ...) for a packed one. Mutable like a protobuf message
+    (client interceptors may rewrite fields).
     """
 
-    __slots__ = ("key_index", "layer", "blob")
+    __slots__ = ("key_index", "layer", "blob", "blobs")
 
-    def __init__(self, key_index: int, layer: int, blob: Blob) -> None:
+    def __init__(self, key_index: int, layer: int, blob: Blob, blobs: list[Blob] | None = None) -> None:
         self.key_index = key_index
         self.layer = layer
         self.blob = blob
+        self.blobs = blobs if blobs is not None else []
 
     def __repr__(self) -> str:
-        return f"GetResponseView(key_index={self.key_index}, layer={self.layer}, blob=<{len(self.blob)} bytes>)"
+        return (f"GetResponseView(key_index={self.key_index}, layer={self.layer}, blob=<{len(self.blob)} bytes>, "
+                f"blobs=<{len(self.blobs)}>)")
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -94,7 +99,7 @@ def _scan(data: bytes, kinds: dict[int, int]) -> dict[int, Any]:
         if not 0 < number < 1 << 29:
             raise ValueError(f"invalid field number {number}")  # protobuf rejects these too
         kind = kinds.get(number)
-        if kind is not None and kind != wire_type:
+        if kind is not None and abs(kind) != wire_type:
             raise ValueError("wire type mismatch")  # e.g. a packed scalar: protobuf decides
         if wire_type == 0:
             value, pos = _read_varint(data, pos)
@@ -105,7 +110,9 @@ def _scan(data: bytes, kinds: dict[int, int]) -> dict[int, Any]:
             stop = pos + length
             if stop > end:
                 raise ValueError("truncated field")
-            if kind is not None:
+            if kind == _REPEATED_BYTES:
+                fields.setdefault(number, []).append(view[pos:stop])
+            elif kind is not None:
                 fields[number] = view[pos:stop]
             pos = stop
         elif wire_type == 1:
@@ -120,7 +127,7 @@ def _scan(data: bytes, kinds: dict[int, int]) -> dict[int, Any]:
 
 
 _PUT_KINDS = {1: _BYTES, 2: _BYTES, 3: _UINT32, 4: _UINT32, 5: _BYTES}
-_GET_KINDS = {1: _UINT32, 2: _UINT32, 3: _BYTES}
+_GET_KINDS = {1: _UINT32, 2: _UINT32, 3: _BYTES, 4: _REPEATED_BYTES}
 
 
 def parse_put_request(data: bytes) -> PutRequestView:
@@ -151,14 +158,24 @@ def encode_put_request(request: PutRequestView) -> bytes:
     return b"".join((head, request.blob))
 
 
-def encode_get_response(item: tuple[int, int, bytes | memoryview]) -> bytes:
-    """Server side: ``(key_index, layer, blob)`` as a GetResponse, one copy of the blob."""
+def encode_get_response(item: tuple[int, int, Blob | list[Blob]]) -> bytes:
+    """Server side: ``(key_index, layer, blob)`` as a GetResponse, one copy of the blob.
+
+    A list in place of the blob is a packed response: the blobs go to the
+    repeated ``blobs`` field (keys ``key_index``, ``key_index + 1``, ...).
+    """
     key_index, layer, blob = item
     head = bytearray()
     if key_index:
         head += b"\x08" + _encode_varint(key_index)
     if layer:
         head += b"\x10" + _encode_varint(layer)
+    if isinstance(blob, list):
+        pieces: list[Blob] = [head]
+        for one in blob:
+            pieces.append(b"\x22" + _encode_varint(len(one)))
+            pieces.append(one)
+        return b"".join(pieces)
     if len(blob):
         head += b"\x1a" + _encode_varint(len(blob))
     return b"".join((head, blob))
@@ -170,5 +187,5 @@ def parse_get_response(data: bytes) -> GetResponseView:
         f = _scan(data, _GET_KINDS)
     except (IndexError, ValueError):
         m = pb.GetResponse.FromString(data)
-        return GetResponseView(m.key_index, m.layer, m.blob)
-    return GetResponseView(f.get(1, 0), f.get(2, 0), f.get(3, b""))
+        return GetResponseView(m.key_index, m.layer, m.blob, list(m.blobs))
+    return GetResponseView(f.get(1, 0), f.get(2, 0), f.get(3, b""), f.get(4))

@@ -201,7 +201,7 @@ class AsyncKVClient:
         next_layer = start
         while next_layer < end:
             assembler = LayerAssembler(self._core, ns, keys, next_layer, end)
-            call = self._get(pb.GetRequest(namespace=ns, keys=keys, layer_start=next_layer, layer_end=end),
+            call = self._get(self._core.get_request(ns, keys, next_layer, end),
                                   timeout=self._core.timeout(timeout_s, stream=True), metadata=self._core.metadata)
             try:
                 async for resp in call:

@@ -56,6 +56,8 @@ MiB = 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 72 * MiB  # matches the server's default
 DEFAULT_PUT_BATCH_BYTES = 64 * MiB  # well under the server's max_put_stream_bytes (512 MiB)
 DEFAULT_MAX_KEYS_PER_REQUEST = 4096  # the server's default limit
+DEFAULT_GET_PACK_BYTES = 1 * MiB  # blobs of one layer per Get message (GetRequest.pack_bytes)
+PACK_HEADROOM = 64 * 1024  # room for a packed message's fields, as the server keeps
 MAX_LAYERS = 1 << 20
 PUT_METHOD = "/kvstore.v1.KVStore/Put"
 GET_METHOD = "/kvstore.v1.KVStore/Get"
@@ -158,6 +160,7 @@ class ClientCore:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         put_batch_bytes: int = DEFAULT_PUT_BATCH_BYTES,
         max_keys_per_request: int = DEFAULT_MAX_KEYS_PER_REQUEST,
+        get_pack_bytes: int = DEFAULT_GET_PACK_BYTES,
         interceptors: Sequence[Any] = (),
     ) -> None:
         if not target:
@@ -166,6 +169,8 @@ class ClientCore:
             raise ValueError("timeout_s and stream_timeout_s must be > 0")
         if max_message_bytes <= 0 or put_batch_bytes <= 0 or max_keys_per_request <= 0:
             raise ValueError("max_message_bytes, put_batch_bytes and max_keys_per_request must be > 0")
+        if get_pack_bytes < 0:
+            raise ValueError("get_pack_bytes must be >= 0 (0: one blob per Get message)")
         if (tls_client_cert is None) != (tls_client_key is None):
             raise ValueError("tls_client_cert and tls_client_key go together (mutual TLS)")
         self.target = target
@@ -175,6 +180,8 @@ class ClientCore:
         self.max_message_bytes = max_message_bytes
         self.put_batch_bytes = put_batch_bytes
         self.max_keys_per_request = max_keys_per_request
+        #: Asked of the server for each Get; never more than this client accepts in one message.
+        self.get_pack_bytes = min(get_pack_bytes, max(0, max_message_bytes - PACK_HEADROOM))
         #: Client interceptors (tracing, tests that tamper with bytes in transit), outermost first.
         self.interceptors = tuple(interceptors)
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
@@ -225,6 +232,10 @@ class ClientCore:
     def check_layer_range(layer_start: int, layer_end: int) -> None:
         if not 0 <= layer_start < layer_end <= MAX_LAYERS:
             raise InvalidArgument(f"layer range [{layer_start}, {layer_end}) is empty or out of bounds")
+
+    def get_request(self, namespace: str, keys: list[bytes], layer_start: int, layer_end: int) -> pb.GetRequest:
+        return pb.GetRequest(namespace=namespace, keys=keys, layer_start=layer_start, layer_end=layer_end,
+                             pack_bytes=self.get_pack_bytes)
 
     def windows(self, keys: list[bytes]) -> list[tuple[int, list[bytes]]]:
         """``keys`` cut into (offset, window) pieces the server accepts in one request."""
@@ -299,16 +310,19 @@ class LayerAssembler:
         self._filled = 0
 
     def feed(self, resp: GetResponseView) -> tuple[int, list[Blob]] | None:
-        """Take one message; return ``(layer, blobs)`` when it completes a layer."""
-        if resp.layer != self.next_layer or resp.key_index >= len(self._keys):
+        """Take one message (one blob, or a packed run of them); return ``(layer, blobs)`` when it
+        completes a layer. A packed message never spans layers (the server closes packs there)."""
+        blobs = resp.blobs or [resp.blob]
+        last = resp.key_index + len(blobs) - 1
+        if resp.layer != self.next_layer or last >= len(self._keys):
             raise TransferError(
-                f"Get: server sent layer {resp.layer} key {resp.key_index} while layer {self.next_layer} "
-                f"({self._filled}/{len(self._keys)} keys) was incomplete; the stream is out of order")
-        if self._slots[resp.key_index] is not None:
-            raise TransferError(f"Get: server sent key {resp.key_index} of layer {resp.layer} twice")
-        key = self._keys[resp.key_index]
-        self._slots[resp.key_index] = self._core.check_blob(self._namespace, key, resp.layer, resp.blob)
-        self._filled += 1
+                f"Get: server sent layer {resp.layer} keys {resp.key_index}..{last} while layer "
+                f"{self.next_layer} ({self._filled}/{len(self._keys)} keys) was incomplete; the stream is out of order")
+        for index, blob in enumerate(blobs, start=resp.key_index):
+            if self._slots[index] is not None:
+                raise TransferError(f"Get: server sent key {index} of layer {resp.layer} twice")
+            self._slots[index] = self._core.check_blob(self._namespace, self._keys[index], resp.layer, blob)
+            self._filled += 1
         if self._filled < len(self._keys):
             return None
         done = (self.next_layer, self._slots)  # type: ignore[return-value]
@@ -535,7 +549,7 @@ class KVClient:
         next_layer = start
         while next_layer < end:
             assembler = LayerAssembler(self._core, ns, keys, next_layer, end)
-            call = self._get(pb.GetRequest(namespace=ns, keys=keys, layer_start=next_layer, layer_end=end),
+            call = self._get(self._core.get_request(ns, keys, next_layer, end),
                                   timeout=self._core.timeout(timeout_s, stream=True), metadata=self._core.metadata)
             try:
                 for resp in call:

@@ -61,26 +61,30 @@ class PutResponse(_message.Message):
     def __init__(self, num_stored: _Optional[int] = ..., bytes_stored: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "keys", "layer_start", "layer_end")
+    __slots__ = ("namespace", "keys", "layer_start", "layer_end", "pack_bytes")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    PACK_BYTES_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     layer_start: int
     layer_end: int
-    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+    pack_bytes: int
+    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., pack_bytes: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("key_index", "layer", "blob")
+    __slots__ = ("key_index", "layer", "blob", "blobs")
     KEY_INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BLOB_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
     key_index: int
     layer: int
     blob: bytes
-    def __init__(self, key_index: _Optional[int] = ..., layer: _Optional[int] = ..., blob: _Optional[bytes] = ...) -> None: ...
+    blobs: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_index: _Optional[int] = ..., layer: _Optional[int] = ..., blob: _Optional[bytes] = ..., blobs: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("namespace", "keys")

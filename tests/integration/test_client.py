@@ -84,6 +84,22 @@ def test_put_is_lazy_and_batched_get_is_layer_ordered(kvstore_server: Any) -> No
         assert [integrity.payload_of(b)[:2].tobytes() for b in blobs] == [bytes([i, layer]) for i in range(5)]
 
 
+def test_packed_and_one_blob_gets_hand_out_the_same_layers(kvstore_server: Any) -> None:
+    keys = _keys(6, salt=150)
+    with KVClient(kvstore_server.target) as c:
+        c.put(NS, _items(keys, 3))
+        packed = [(layer, [bytes(b) for b in blobs]) for layer, blobs in c.get_layers(NS, keys, 0, 3)]
+    for pack_bytes in (0, 5000):  # one blob per message; two (of ~2 KB) per message
+        with KVClient(kvstore_server.target, get_pack_bytes=pack_bytes) as c:
+            assert [(layer, [bytes(b) for b in blobs]) for layer, blobs in c.get_layers(NS, keys, 0, 3)] == packed
+    assert [len(blobs) for _, blobs in packed] == [6, 6, 6]
+    with pytest.raises(ValueError, match="get_pack_bytes"):
+        KVClient(kvstore_server.target, get_pack_bytes=-1)
+    small = KVClient(kvstore_server.target, max_message_bytes=1 << 20, get_pack_bytes=64 << 20)
+    assert small.core.get_pack_bytes == (1 << 20) - (64 << 10)  # never more than it accepts itself
+    small.close()
+
+
 def test_many_keys_are_split_into_windows(kvstore_server: Any) -> None:
     keys = _keys(7, salt=100)
     with KVClient(kvstore_server.target, max_keys_per_request=3) as c:
@@ -202,21 +218,25 @@ class _Tampered:
     def __next__(self) -> Any:
         msg = next(self._call)
         if msg.layer == self._layer:
-            blob = bytearray(msg.blob)
+            blob = bytearray(msg.blobs[0] if msg.blobs else msg.blob)  # a packed message: its first blob
             blob[len(blob) // 2] ^= 0x01
-            msg.blob = bytes(blob)
+            if msg.blobs:
+                msg.blobs[0] = bytes(blob)
+            else:
+                msg.blob = bytes(blob)
         return msg
 
     def cancel(self) -> bool:
         return self._call.cancel()
 
 
-def test_blob_damaged_in_transit_is_caught_by_the_client(kvstore_server: Any) -> None:
-    keys = _keys(2, salt=500)
+@pytest.mark.parametrize("pack_bytes", [0, 1 << 20], ids=["one-blob-messages", "packed"])
+def test_blob_damaged_in_transit_is_caught_by_the_client(kvstore_server: Any, pack_bytes: int) -> None:
+    keys = _keys(2, salt=500 + pack_bytes % 7)
     with KVClient(kvstore_server.target) as c:
         c.put(NS, _items(keys, 3))
     received = []
-    tampering = KVClient(kvstore_server.target, interceptors=[_FlipByte(layer=1)])
+    tampering = KVClient(kvstore_server.target, interceptors=[_FlipByte(layer=1)], get_pack_bytes=pack_bytes)
     with tampering as c, pytest.raises(errors.BlobIntegrityError) as info:
         for layer, _ in c.get_layers(NS, keys, 0, 3):
             received.append(layer)

@@ -11,8 +11,12 @@ flipped in one blob on disk costs exactly that blob, detected by its checksum.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +26,7 @@ import yaml
 
 from kvstore import integrity
 from kvstore.keys import chunk_keys
-from tests.fixtures.store import ServerProcess, start_server_process
+from tests.fixtures.store import REPO_ROOT, ServerProcess, start_server_process
 from transfer import longctx
 from transfer.client import KVClient, RetryPolicy
 from transfer.codec import decode_layer, encode_layer
@@ -105,60 +109,87 @@ def _tagged_frames(start: int, stop: int) -> Iterator[list[bytes]]:
         yield [_tagged_blob(chunk, layer) for layer in range(NUM_LAYERS)]
 
 
-def test_offload_streams_in_bounded_memory_and_survives_restart(tmp_path: Path) -> None:
-    num_chunks, codec_chunks = 64, 2  # 16,384 tokens: 1,920 blobs, ~377 MB
-    keys = chunk_keys(list(range(num_chunks * CHUNK)), NAMESPACE)
-    real = _real_chunks(codec_chunks)
-    data_bytes = num_chunks * NUM_LAYERS * LAYER_BYTES
-    # One-time costs (numba loading or compiling the codec kernels, ~100 MiB) are not what is measured:
-    # run the codec once first, so the test does not depend on whether an earlier test already did.
+OFFLOAD_CHUNKS, CODEC_CHUNKS = 64, 2  # 16,384 tokens: 1,920 blobs, ~377 MB
+
+
+def _offload_and_read(target: str, disk_dir: str) -> dict[str, int]:
+    """The client's side of the bounded-memory test; run in a fresh process by the test.
+
+    Peak RSS is a property of the whole process: measured inside pytest it also
+    counts what earlier tests left in the heap (a loaded model, Ray, a dozen malloc
+    arenas), which is not what this test is about.
+    """
+    keys = chunk_keys(list(range(OFFLOAD_CHUNKS * CHUNK)), NAMESPACE)
+    real = _real_chunks(CODEC_CHUNKS)
+    data_bytes = OFFLOAD_CHUNKS * NUM_LAYERS * LAYER_BYTES
+    # One-time costs (numba loading or compiling the codec kernels, ~100 MiB) are not what is measured.
     decode_layer(encode_layer(*real[0][0], "lossless"))
+    with KVClient(target, timeout_s=30, stream_timeout_s=120, retry=RetryPolicy(max_attempts=1)) as client:
+        client_start_rss = longctx.rss_bytes()
+        if not longctx.reset_peak_rss():
+            raise AssertionError("cannot reset VmHWM via /proc/self/clear_refs on this kernel")
+        # The first chunks go through the codec (lossless), the rest as pre-encoded frames.
+        head = longctx.offload_context(client, NAMESPACE, keys, (c for c in real), profile="lossless",
+                                       batch_bytes=4 * MiB, parallel=2)
+        tail = longctx.offload_frames(client, NAMESPACE, keys, _tagged_frames(CODEC_CHUNKS, OFFLOAD_CHUNKS),
+                                      start_chunk=CODEC_CHUNKS, batch_bytes=4 * MiB, parallel=2)
+        assert (head.num_chunks, tail.num_chunks) == (CODEC_CHUNKS, OFFLOAD_CHUNKS - CODEC_CHUNKS)
+        assert head.num_blobs + tail.num_blobs == OFFLOAD_CHUNKS * NUM_LAYERS
+        assert tail.num_requests > 10, "a 4 MiB batch limit must split the context into many Put streams"
+        assert client.lookup(NAMESPACE, keys, NUM_LAYERS) == OFFLOAD_CHUNKS
+
+        stats = {t.name: t for t in client.stats().tiers}
+        assert stats["memory"].bytes <= 4 * MiB
+        assert stats["disk"].objects == OFFLOAD_CHUNKS * NUM_LAYERS
+        assert stats["disk"].bytes >= data_bytes * 0.9
+        assert len(list(Path(disk_dir).glob("*.seg"))) >= 8, "32 MiB segments: the data spans many"
+
+        blobs, nbytes = _read_all(client, keys, CODEC_CHUNKS)
+        assert blobs == OFFLOAD_CHUNKS * NUM_LAYERS
+        decoded = list(longctx.read_layers(client, NAMESPACE, keys[:CODEC_CHUNKS], 0, NUM_LAYERS, window_keys=1))
+        assert [layer for layer, _, _ in decoded] == list(range(NUM_LAYERS))
+        for layer, k, v in decoded:
+            assert torch.equal(k, torch.cat([real[c][layer][0] for c in range(CODEC_CHUNKS)], dim=1))
+            assert torch.equal(v, torch.cat([real[c][layer][1] for c in range(CODEC_CHUNKS)], dim=1))
+        return {"client_growth": longctx.peak_rss_bytes() - client_start_rss, "blobs": blobs, "nbytes": nbytes}
+
+
+def _in_fresh_process(fn_name: str, *args: str) -> dict[str, int]:
+    """Run ``fn_name(*args)`` of this module in a new Python process; its JSON result, or the test fails."""
+    code = ("import json, sys\n"
+            f"from tests.integration.test_offload import {fn_name}\n"
+            f"print('RESULT ' + json.dumps({fn_name}(*sys.argv[1:])))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"{fn_name} failed in its process:\n{proc.stderr[-4000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_offload_streams_in_bounded_memory_and_survives_restart(tmp_path: Path) -> None:
+    keys = chunk_keys(list(range(OFFLOAD_CHUNKS * CHUNK)), NAMESPACE)
+    data_bytes = OFFLOAD_CHUNKS * NUM_LAYERS * LAYER_BYTES
     server = _start(tmp_path)
     try:
         server_start_rss = longctx.rss_bytes(server.proc.pid)
         longctx.reset_peak_rss(server.proc.pid)
-        with _client(server) as client:
-            client_start_rss = longctx.rss_bytes()
-            if not longctx.reset_peak_rss():
-                pytest.fail("cannot reset VmHWM via /proc/self/clear_refs on this kernel")
-            # The first chunks go through the codec (lossless), the rest as pre-encoded frames.
-            head = longctx.offload_context(client, NAMESPACE, keys, (c for c in real), profile="lossless",
-                                           batch_bytes=4 * MiB, parallel=2)
-            tail = longctx.offload_frames(client, NAMESPACE, keys, _tagged_frames(codec_chunks, num_chunks),
-                                          start_chunk=codec_chunks, batch_bytes=4 * MiB, parallel=2)
-            assert (head.num_chunks, tail.num_chunks) == (codec_chunks, num_chunks - codec_chunks)
-            assert head.num_blobs + tail.num_blobs == num_chunks * NUM_LAYERS
-            assert tail.num_requests > 10, "a 4 MiB batch limit must split the context into many Put streams"
-            assert client.lookup(NAMESPACE, keys, NUM_LAYERS) == num_chunks
-
-            stats = {t.name: t for t in client.stats().tiers}
-            assert stats["memory"].bytes <= 4 * MiB
-            assert stats["disk"].objects == num_chunks * NUM_LAYERS
-            assert stats["disk"].bytes >= data_bytes * 0.9
-            assert len(list((tmp_path / "disk").glob("*.seg"))) >= 8, "32 MiB segments: the data spans many"
-
-            blobs, nbytes = _read_all(client, keys, codec_chunks)
-            assert blobs == num_chunks * NUM_LAYERS
-            decoded = list(longctx.read_layers(client, NAMESPACE, keys[:codec_chunks], 0, NUM_LAYERS,
-                                               window_keys=1))
-            assert [layer for layer, _, _ in decoded] == list(range(NUM_LAYERS))
-            for layer, k, v in decoded:
-                assert torch.equal(k, torch.cat([real[c][layer][0] for c in range(codec_chunks)], dim=1))
-                assert torch.equal(v, torch.cat([real[c][layer][1] for c in range(codec_chunks)], dim=1))
-
-            client_growth = longctx.peak_rss_bytes() - client_start_rss
+        result = _in_fresh_process("_offload_and_read", server.target, str(tmp_path / "disk"))
         server_growth = longctx.peak_rss_bytes(server.proc.pid) - server_start_rss
+        client_growth = result["client_growth"]
         # Holding the context (or one whole layer of it, twice over) would show up here.
         assert client_growth < data_bytes / 4, f"client peak RSS grew {client_growth >> 20} MiB for {data_bytes >> 20} MiB"
         assert server_growth < data_bytes / 4, f"server peak RSS grew {server_growth >> 20} MiB for {data_bytes >> 20} MiB"
     finally:
         server.kill()  # a crash: nothing flushed or drained; the page cache still holds what was written
 
+    real = _real_chunks(CODEC_CHUNKS)
     server = _start(tmp_path)
     try:
         with _client(server) as client:
-            assert client.lookup(NAMESPACE, keys, NUM_LAYERS) == num_chunks
-            assert _read_all(client, keys, codec_chunks) == (blobs, nbytes)
+            assert client.lookup(NAMESPACE, keys, NUM_LAYERS) == OFFLOAD_CHUNKS
+            assert _read_all(client, keys, CODEC_CHUNKS) == (result["blobs"], result["nbytes"])
             for layer, k, _ in longctx.read_layers(client, NAMESPACE, keys[:1], 0, 1):
                 assert torch.equal(k, real[0][layer][0])
     finally:

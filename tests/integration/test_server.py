@@ -64,6 +64,54 @@ def test_get_streams_in_layer_order(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
     assert order == [(k, layer) for layer in range(1, LAYERS) for k in range(3)]
 
 
+def test_packed_get_sends_the_same_blobs_in_fewer_messages(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+    keys = keys_for(5)
+    blobs = put_chunks(stub, keys, range(LAYERS))  # 1,000-1,070 bytes each
+
+    def get(pack_bytes: int, **kw: int) -> list[pb.GetResponse]:
+        return list(stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS,
+                                           pack_bytes=pack_bytes), **kw))
+
+    one_by_one = get(0)
+    assert len(one_by_one) == 5 * LAYERS and all(not r.blobs for r in one_by_one)
+    for pack_bytes, per_layer in ((1 << 20, [5]), (2200, [2, 2, 1]), (1, [1] * 5)):
+        messages = get(pack_bytes)
+        assert [len(r.blobs) for r in messages] == per_layer * LAYERS  # packs close at every layer
+        got = {(r.key_index + i, r.layer): b for r in messages for i, b in enumerate(r.blobs)}
+        assert got == blobs and all(not r.blob for r in messages)
+
+
+def test_packed_get_never_exceeds_the_servers_message_limit(tmp_path: Path) -> None:
+    server = start_server_process(["--no-disk", "--max-blob-bytes", "1MiB", "--max-message-bytes", "2MiB"],
+                                  workdir=tmp_path)
+    try:
+        keys = keys_for(6)
+        with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 2 << 20),
+                                                           ("grpc.max_send_message_length", 2 << 20)]) as ch:
+            stub = kvstore_pb2_grpc.KVStoreStub(ch)
+            for key in keys:  # one Put per key: 2 x 900 KiB would not fit one 2 MiB Put message limit anyway
+                put_chunks(stub, [key], [0], num_layers=1, size=900 * 1024)
+            messages = list(stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=1,
+                                                   pack_bytes=2**32 - 1)))  # asks for everything in one
+        assert [len(r.blobs) for r in messages] == [2, 2, 2]  # 2 MiB - 64 KiB holds two 900 KiB blobs
+        assert all(r.ByteSize() <= 2 << 20 for r in messages)
+    finally:
+        server.kill()
+
+
+def test_packed_get_ends_with_not_found_after_the_complete_layers(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+    keys = keys_for(3, salt=77)
+    put_chunks(stub, keys, range(2))
+    put_chunks(stub, keys[:2], [2])  # layer 2 lacks keys[2]
+    call = stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=3, pack_bytes=1 << 20))
+    layers = []
+    with pytest.raises(grpc.RpcError) as info:
+        for r in call:
+            layers.append((r.layer, len(r.blobs)))
+    assert layers == [(0, 3), (1, 3)]
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND and "keys[2] layer 2" in info.value.details()
+
+
 def test_lookup_counts_the_leading_chunks_with_all_layers(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
     keys = keys_for(4)
     put_chunks(stub, keys[:2], range(LAYERS))

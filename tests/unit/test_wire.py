@@ -82,3 +82,23 @@ def test_get_blob_is_a_view_into_the_received_message_not_a_copy() -> None:
     assert view.blob.obj is data  # zero copy: the client hands the decoder gRPC's own buffer
     put = parse_put_request(pb.PutRequest(namespace=NS, key=b"k" * 32, blob=b"b" * 64).SerializeToString())
     assert type(put.blob) is bytes  # the server keeps blobs: its own bytes, not a view pinning the message
+
+
+@pytest.mark.parametrize("sizes", [[0], [1], [5, 0, 7], [70_000, 3, 200]])
+def test_packed_get_response_is_byte_identical_to_protobuf(sizes: list[int]) -> None:
+    blobs = [os.urandom(n) for n in sizes]
+    for key_index, layer in ((0, 0), (5, 2), (4095, 300)):
+        message = pb.GetResponse(key_index=key_index, layer=layer, blobs=blobs)
+        assert encode_get_response((key_index, layer, [memoryview(b) for b in blobs])) == message.SerializeToString()
+        view = parse_get_response(message.SerializeToString())
+        assert (view.key_index, view.layer, bytes(view.blob)) == (key_index, layer, b"")
+        assert [bytes(b) for b in view.blobs] == blobs
+
+
+def test_packed_blobs_parse_as_views_and_fall_back_like_the_rest() -> None:
+    data = pb.GetResponse(key_index=3, layer=1, blobs=[b"a" * 10, b"b" * 20]).SerializeToString()
+    view = parse_get_response(data)
+    assert all(isinstance(b, memoryview) and b.obj is data for b in view.blobs)
+    odd = b"\x12\x01\x05" + data  # layer as a packed scalar: protobuf parses it, blobs included
+    assert [bytes(b) for b in parse_get_response(odd).blobs] == [b"a" * 10, b"b" * 20]
+    assert parse_get_response(pb.GetResponse(layer=1, blob=b"x").SerializeToString()).blobs == []
