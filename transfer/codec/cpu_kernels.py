@@ -105,6 +105,42 @@ def _jit(fn):
 
 # ---------------------------------------------------------------- rotation
 @_jit
+def _fwht_block(buf, d, nb):  # pragma: no cover - compiled
+    """In-place FWHT of the ``nb`` columns of ``buf`` [d, block] (float64, exact for our inputs)."""
+    h = 1
+    while 4 * h <= d:  # stages h and 2h fused (radix 4): half the passes over buf, same sums
+        for i0 in range(0, d, 4 * h):
+            for j in range(i0, i0 + h):
+                r0_ = buf[j]
+                r1_ = buf[j + h]
+                r2_ = buf[j + 2 * h]
+                r3_ = buf[j + 3 * h]
+                for c in range(nb):
+                    a = r0_[c]
+                    b = r1_[c]
+                    e = r2_[c]
+                    f = r3_[c]
+                    s0 = a + b
+                    s1 = a - b
+                    s2 = e + f
+                    s3 = e - f
+                    r0_[c] = s0 + s2
+                    r1_[c] = s1 + s3
+                    r2_[c] = s0 - s2
+                    r3_[c] = s1 - s3
+        h *= 4
+    if h < d:  # odd number of stages: one radix-2 stage left
+        for j in range(h):
+            top = buf[j]
+            bot = buf[j + h]
+            for c in range(nb):
+                a = top[c]
+                b = bot[c]
+                top[c] = a + b
+                bot[c] = a - b
+
+
+@_jit
 def hadamard_rows(x, signs, scale, pre_signs, out):  # pragma: no cover - compiled
     """``out[r] = float32(FWHT(x[r] * s) * scale)`` (rotate) or ``float32(FWHT(x[r]) * s * scale)``.
 
@@ -129,42 +165,37 @@ def hadamard_rows(x, signs, scale, pre_signs, out):  # pragma: no cover - compil
         for i in range(nb):
             for j in range(d):
                 buf[j, i] = np.float64(x[r0 + i, j]) * pre[j]
-        h = 1
-        while 4 * h <= d:  # stages h and 2h fused (radix 4): half the passes over buf, same sums
-            for i0 in range(0, d, 4 * h):
-                for j in range(i0, i0 + h):
-                    r0_ = buf[j]
-                    r1_ = buf[j + h]
-                    r2_ = buf[j + 2 * h]
-                    r3_ = buf[j + 3 * h]
-                    for c in range(nb):
-                        a = r0_[c]
-                        b = r1_[c]
-                        e = r2_[c]
-                        f = r3_[c]
-                        s0 = a + b
-                        s1 = a - b
-                        s2 = e + f
-                        s3 = e - f
-                        r0_[c] = s0 + s2
-                        r1_[c] = s1 + s3
-                        r2_[c] = s0 - s2
-                        r3_[c] = s1 - s3
-            h *= 4
-        if h < d:  # odd number of stages: one radix-2 stage left
-            for j in range(h):
-                top = buf[j]
-                bot = buf[j + h]
-                for c in range(nb):
-                    a = top[c]
-                    b = bot[c]
-                    top[c] = a + b
-                    bot[c] = a - b
+        _fwht_block(buf, d, nb)
         for i in range(nb):
             for j in range(d):
                 y = buf[j, i] * post[j]
                 # an exact zero is +0, as the matmul's sum of products (a sign flip would make -0)
                 out[r0 + i, j] = np.float32(y) if y != 0.0 else np.float32(0.0)
+
+
+@_jit
+def unrotate_rows_to_half(x, signs, scale, out_half):  # pragma: no cover - compiled
+    """:func:`hadamard_rows` (inverse, signs after) straight to fp16 bits: ``half(float32(y))``.
+
+    The decoder's last two passes in one, for a tensor with nothing to add after
+    the rotation: the same float32 value is rounded to fp16 as ``to_half`` would.
+    """
+    rows, d = x.shape
+    block = 32
+    buf = np.empty((d, block), np.float64)
+    post = np.empty(d, np.float64)
+    for j in range(d):
+        post[j] = signs[j] * scale
+    for r0 in range(0, rows, block):
+        nb = min(block, rows - r0)
+        for i in range(nb):
+            for j in range(d):
+                buf[j, i] = np.float64(x[r0 + i, j])
+        _fwht_block(buf, d, nb)
+        for i in range(nb):
+            for j in range(d):
+                y = buf[j, i] * post[j]
+                out_half[r0 + i, j] = _half_bits(np.float32(y) if y != 0.0 else np.float32(0.0))
 
 
 # ---------------------------------------------------------------- bit packing
@@ -557,8 +588,9 @@ def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_
                  err):  # pragma: no cover - compiled
     """A whole quantized frame body into float32 ``out_k``/``out_v`` [h, t, d] in one call.
 
-    When ``half_k``/``half_v`` are not empty, the result is also written there as
-    fp16 bits (the frame's usual output dtype), in the same call.
+    When ``half_k``/``half_v`` are not empty, the result is written there as fp16
+    bits (the frame's usual output dtype), in the same call, and ``out_k``/``out_v``
+    are scratch (a rotated tensor without means goes straight to fp16).
 
     Parses the tier table and precision map, decodes every tier of K and V,
     undoes the rotation and adds the means, exactly as frame._decode_quantized
@@ -611,7 +643,8 @@ def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_
     for i in range(t):
         order[fill[tiers[i]]] = i
         fill[tiers[i]] += 1
-    for col, out, center_flag, rotate_flag in ((0, out_k, 8, 2), (2, out_v, 16, 4)):
+    halved = np.zeros(2, np.bool_)
+    for col, out, half, center_flag, rotate_flag in ((0, out_k, half_k, 8, 2), (2, out_v, half_v, 16, 4)):
         mean_pos = -1
         if flags & center_flag:  # the tensor's fp16 means come first, are added last
             if pos + h * d * 2 > size:
@@ -628,7 +661,11 @@ def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_
                 err[0] = ERR_ROTATION
                 return ERR_ROTATION
             flat = out.reshape(h * t, d)
-            hadamard_rows(flat, signs, scale, False, flat)  # in place: each block is read before it is written
+            if mean_pos < 0 and half.size:  # nothing to add after: rotate straight into the fp16 output
+                unrotate_rows_to_half(flat, signs, scale, half.reshape(h * t, d))
+                halved[col // 2] = True
+            else:
+                hadamard_rows(flat, signs, scale, False, flat)  # in place: each block is read before written
         if mean_pos >= 0:
             for a in range(h):
                 for j in range(d):
@@ -638,8 +675,9 @@ def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_
     if pos != size:
         err[0], err[1] = ERR_TRAILING, size - pos
         return ERR_TRAILING
-    if half_k.size:
+    if half_k.size and not halved[0]:
         to_half(out_k.reshape(-1), half_k.reshape(-1))
+    if half_v.size and not halved[1]:
         to_half(out_v.reshape(-1), half_v.reshape(-1))
     return OK
 
