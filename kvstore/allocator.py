@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from typing import Any
 
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum on 64-bit
 TRIM_THRESHOLD = 1024 * 1024 * 1024
@@ -37,17 +38,23 @@ ALLOCATOR_ENV = {
 }
 
 
+def _mallopt() -> Any:
+    """glibc's ``mallopt``, or None where there is none (not Linux, not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
 def tune_allocator() -> bool:
     """Apply the settings to this process; False where they do not apply (not glibc/Linux).
 
     Process-wide, so only entrypoints call it, never library code.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
     ok = bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD))
@@ -67,11 +74,8 @@ def prefault_heap(nbytes: int) -> int:
     allocates a blob may use an arena of its own, which the prefaulted main heap
     does not help. Call it before threads start; 0 where it does not apply.
     """
-    if nbytes <= 0 or not sys.platform.startswith("linux"):
-        return 0
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if nbytes <= 0 or mallopt is None:
         return 0
     m_trim_threshold, m_arena_max = -1, -8
     # mallopt takes an int: a budget over 2 GiB cannot be a threshold, so trimming is switched off

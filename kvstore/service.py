@@ -28,6 +28,7 @@ from kvstore.config import ServerConfig
 from kvstore.errors import BlobTooLarge, IntegrityError, InvalidRequest, NotFound
 from kvstore.keys import KEY_BYTES, Namespace
 from kvstore.quotas import QuotaLedger
+from kvstore.wire import PACK_HEADROOM
 
 #: Blobs read from the tiers per batch while streaming a Get (bounds server memory per call).
 GET_WINDOW_KEYS = 64
@@ -277,10 +278,6 @@ class StoreService:
         with self._quota_lock:
             gone = [k for k in self._charged if k.namespace == namespace and k.chunk in wanted]
             return sum(self._charged.pop(k) for k in gone)
-
-
-#: Room left in a packed Get message for its fields and per-blob tags.
-PACK_HEADROOM = 64 * 1024
 
 
 def pack_blobs(items: Iterable[tuple[int, int, bytes]], limit: int) -> Iterator[tuple[int, int, list[bytes]]]:

@@ -22,6 +22,10 @@ from typing import Any, NamedTuple, TypeAlias
 
 from kvstore.v1 import kvstore_pb2 as pb
 
+#: Room a packed GetResponse keeps for its fields and per-blob tags under the message size limit
+#: (GetRequest.pack_bytes is capped at the limit minus this, by the server and by the clients).
+PACK_HEADROOM = 64 * 1024
+
 #: A blob as the clients hand it out: ``bytes``, or a read-only view into a received message.
 Blob: TypeAlias = bytes | memoryview
 

@@ -43,7 +43,14 @@ from kvstore.backends.retry import Backoff, ExponentialBackoff
 from kvstore.keys import KEY_BYTES, Namespace
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from kvstore.wire import Blob, GetResponseView, PutRequestView, encode_put_request, parse_get_response
+from kvstore.wire import (
+    PACK_HEADROOM,
+    Blob,
+    GetResponseView,
+    PutRequestView,
+    encode_put_request,
+    parse_get_response,
+)
 from transfer.errors import (
     BlobIntegrityError,
     InvalidArgument,
@@ -57,7 +64,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 72 * MiB  # matches the server's default
 DEFAULT_PUT_BATCH_BYTES = 64 * MiB  # well under the server's max_put_stream_bytes (512 MiB)
 DEFAULT_MAX_KEYS_PER_REQUEST = 4096  # the server's default limit
 DEFAULT_GET_PACK_BYTES = 1 * MiB  # blobs of one layer per Get message (GetRequest.pack_bytes)
-PACK_HEADROOM = 64 * 1024  # room for a packed message's fields, as the server keeps
 MAX_LAYERS = 1 << 20
 PUT_METHOD = "/kvstore.v1.KVStore/Put"
 GET_METHOD = "/kvstore.v1.KVStore/Get"
