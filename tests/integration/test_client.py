@@ -91,7 +91,11 @@ def test_packed_and_one_blob_gets_hand_out_the_same_layers(kvstore_server: Any) 
         packed = [(layer, [bytes(b) for b in blobs]) for layer, blobs in c.get_layers(NS, keys, 0, 3)]
     for pack_bytes in (0, 5000):  # one blob per message; two (of ~2 KB) per message
         with KVClient(kvstore_server.target, get_pack_bytes=pack_bytes) as c:
-            assert [(layer, [bytes(b) for b in blobs]) for layer, blobs in c.get_layers(NS, keys, 0, 3)] == packed
+            got = list(c.get_layers(NS, keys, 0, 3))
+        assert [(layer, [bytes(b) for b in blobs]) for layer, blobs in got] == packed
+        # A blob alone in its message is a view of it (no copy); blobs of a packed message are copied
+        # out, so keeping one does not keep the whole message alive.
+        assert all(isinstance(b, memoryview if pack_bytes == 0 else bytes) for _, blobs in got for b in blobs)
     assert [len(blobs) for _, blobs in packed] == [6, 6, 6]
     with pytest.raises(ValueError, match="get_pack_bytes"):
         KVClient(kvstore_server.target, get_pack_bytes=-1)
