@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from transfer.codec import (
     encode_layers,
     read_header,
 )
-from transfer.codec.format import HEADER_BYTES
+from transfer.codec.format import FLAG_ZSTD, HEADER_BYTES
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -182,3 +183,20 @@ def test_encode_layers_rejects_mixed_layers() -> None:
     with pytest.raises(ShapeMismatch):
         encode_layers([_kv(), _kv(tokens=8)], "balanced")
     assert encode_layers([], "balanced") == []
+
+
+def test_zstd_is_kept_only_where_the_profile_says_it_pays() -> None:
+    gen = torch.Generator().manual_seed(5)
+    k = (torch.randn(3, 256, 64, generator=gen) * 2).half()
+    v = torch.randn(3, 256, 64, generator=gen).half()
+    frames = {}
+    for ratio in (1.0, 0.05):  # keep any saving / demand a 95% saving (never met by quantized codes)
+        prof = replace(PROFILES["balanced"], zstd_max_ratio=ratio)
+        frames[ratio] = encode_layer(k, v, prof)
+    assert read_header(frames[1.0]).flags & FLAG_ZSTD
+    assert not read_header(frames[0.05]).flags & FLAG_ZSTD
+    assert len(frames[1.0]) < len(frames[0.05])
+    for a, b in zip(decode_layer(frames[1.0]), decode_layer(frames[0.05]), strict=True):
+        assert torch.equal(a, b)  # the choice changes the bytes, never the values
+    with pytest.raises(ValueError, match="zstd_max_ratio"):
+        replace(PROFILES["int8"], zstd_max_ratio=0.0)

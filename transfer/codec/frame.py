@@ -40,7 +40,6 @@ from transfer.codec.rotate import can_rotate, rotate, unrotate
 from transfer.codec.saliency import precision_map
 
 ROTATION_SEED = 0x4B5643  # fixed per format version; written in every frame anyway
-_MIN_ZSTD_GAIN = 0.97  # keep the compressed body only when it saves at least 3%
 _local = threading.local()  # zstd contexts are not thread-safe; one per thread
 
 
@@ -139,7 +138,7 @@ def _seal_frames(body: torch.Tensor, prof: Profile, k: torch.Tensor, flags: int)
         stored, row_flags = raw, flags
         if prof.zstd_level is not None and raw:
             packed = _compressor(prof.zstd_level).compress(raw)
-            if len(packed) < _MIN_ZSTD_GAIN * len(raw):
+            if len(packed) < prof.zstd_max_ratio * len(raw):
                 stored, row_flags = packed, flags | FLAG_ZSTD
         header = FrameHeader(FORMAT_VERSION, prof.profile_id, k.dtype, row_flags, h, t, d, ROTATION_SEED,
                              len(raw), len(stored))
