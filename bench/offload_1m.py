@@ -268,16 +268,23 @@ class Phase:
                 "server_peak_rss": longctx.peak_rss_bytes(self.server_pid)}
 
 
+def _tiling(profile: str, frames: list[list[bytes]], token_ids: list[int], num_chunks: int,
+            n: int) -> tuple[str, list[Any], int, int]:
+    """Namespace, chained keys of ``num_chunks`` tiles of ``n`` tokens, their fp16 size and wire size."""
+    namespace = f"{TENANT}/{MODEL}/{profile}"
+    ids = (token_ids * math.ceil(num_chunks * n / len(token_ids)))
+    keys = chunk_keys(ids[: num_chunks * n], namespace, n)
+    fp16 = longctx.fp16_bytes(num_chunks * n, NUM_LAYERS, KV_HEADS, HEAD_DIM)
+    wire = sum(sum(len(f) for f in frames[c % len(frames)]) for c in range(num_chunks))
+    return namespace, keys, fp16, wire
+
+
 def store_run(profile: str, frames: list[list[bytes]], token_ids: list[int], num_chunks: int, work: str,
               args: argparse.Namespace) -> dict[str, Any]:
     """Write ``num_chunks`` tiles of ``frames`` through a fresh server, read them back cold, layer by layer."""
-    namespace = f"{TENANT}/{MODEL}/{profile}"
     n = args.chunk_tokens
-    ids = (token_ids * math.ceil(num_chunks * n / len(token_ids)))
-    keys = chunk_keys(ids[: num_chunks * n], namespace, n)
+    namespace, keys, fp16, wire = _tiling(profile, frames, token_ids, num_chunks, n)
     distinct = len(frames)
-    fp16 = longctx.fp16_bytes(num_chunks * n, NUM_LAYERS, KV_HEADS, HEAD_DIM)
-    wire = sum(sum(len(f) for f in frames[c % distinct]) for c in range(num_chunks))
     disk_dir = tempfile.mkdtemp(prefix=f"disk-{profile}-", dir=work)
     out: dict[str, Any] = {"profile": profile, "chunks": num_chunks, "blobs": num_chunks * NUM_LAYERS,
                            "fp16_bytes": fp16, "wire_bytes": wire}
@@ -326,12 +333,8 @@ def end_to_end_run(profile: str, chunks: list[list[tuple[Any, Any]]], frames: li
     from transfer.codec import decode_layer, encode_layer
 
     n = args.chunk_tokens
-    namespace = f"{TENANT}/{MODEL}/{profile}"
-    ids = (token_ids * math.ceil(num_chunks * n / len(token_ids)))
-    keys = chunk_keys(ids[: num_chunks * n], namespace, n)
+    namespace, keys, fp16, wire = _tiling(profile, frames, token_ids, num_chunks, n)
     distinct = len(chunks)
-    fp16 = longctx.fp16_bytes(num_chunks * n, NUM_LAYERS, KV_HEADS, HEAD_DIM)
-    wire = sum(sum(len(f) for f in frames[c % distinct]) for c in range(num_chunks))
     disk_dir = tempfile.mkdtemp(prefix=f"e2e-{profile}-", dir=work)
     out: dict[str, Any] = {"profile": profile, "chunks": num_chunks, "fp16_bytes": fp16}
     try:

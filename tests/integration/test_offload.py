@@ -61,8 +61,9 @@ def _drop_disk_dir(tmp_path: Path) -> Iterator[None]:
     shutil.rmtree(tmp_path / "disk", ignore_errors=True)
 
 
-def _client(server: ServerProcess) -> KVClient:
-    return KVClient(server.target, timeout_s=30, stream_timeout_s=120, retry=RetryPolicy(max_attempts=1))
+def _client(server: ServerProcess | str) -> KVClient:
+    target = server if isinstance(server, str) else server.target
+    return KVClient(target, timeout_s=30, stream_timeout_s=120, retry=RetryPolicy(max_attempts=1))
 
 
 _SHARED = torch.randn(LAYER_BYTES // 2, generator=torch.Generator().manual_seed(7)).to(torch.float16)
@@ -124,7 +125,7 @@ def _offload_and_read(target: str, disk_dir: str) -> dict[str, int]:
     data_bytes = OFFLOAD_CHUNKS * NUM_LAYERS * LAYER_BYTES
     # One-time costs (numba loading or compiling the codec kernels, ~100 MiB) are not what is measured.
     decode_layer(encode_layer(*real[0][0], "lossless"))
-    with KVClient(target, timeout_s=30, stream_timeout_s=120, retry=RetryPolicy(max_attempts=1)) as client:
+    with _client(target) as client:
         client_start_rss = longctx.rss_bytes()
         if not longctx.reset_peak_rss():
             raise AssertionError("cannot reset VmHWM via /proc/self/clear_refs on this kernel")
