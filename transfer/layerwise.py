@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,11 +58,19 @@ class LayerEvent:
 
 
 class _StreamedLayer(DynamicLayer):
-    """A DynamicLayer whose stored prefix is installed from the loader on first use."""
+    """A DynamicLayer whose stored prefix is installed from the loader on first use.
+
+    It reaches its cache through a weak reference: a strong one would make every
+    cache a reference cycle (cache -> layers -> cache), freed only when Python's
+    cyclic GC happens to run. Each cache holds a whole prefix of KV, so cycles
+    piled up several prefixes' worth of garbage between collections, and the
+    forward passes in between ran on freshly faulted memory (measured: ~90 MB
+    more heap per request, TTFT 250 -> 500 ms until the GC ran).
+    """
 
     def __init__(self, owner: LayerwiseCache, index: int, prefix_tokens: int) -> None:
         super().__init__()
-        self._owner = owner
+        self._owner = weakref.ref(owner)
         self._index = index
         self._prefix_tokens = prefix_tokens
         self._installed = False
@@ -69,7 +78,10 @@ class _StreamedLayer(DynamicLayer):
     def _ensure(self, like: torch.Tensor | None = None) -> None:
         if self._installed:
             return
-        k, v = self._owner._take(self._index)
+        owner = self._owner()
+        if owner is None:  # only reachable through a layer kept after its cache was dropped
+            raise TransferError(f"layer {self._index}: its LayerwiseCache is gone; keep the cache, not its layers")
+        k, v = owner._take(self._index)
         if like is not None and (k.dtype != like.dtype or k.device != like.device):
             k, v = k.to(like.device, like.dtype), v.to(like.device, like.dtype)
         self.keys, self.values = k, v

@@ -193,3 +193,42 @@ def test_decoding_runs_in_the_thread_asked_for(decode_in_loader: bool) -> None:
     assert cache.wait_loaded(10)
     expected = "layerwise-loader" if decode_in_loader else threading.current_thread().name
     assert threads == [expected] * 4
+
+
+def test_a_used_cache_is_freed_without_the_cyclic_gc() -> None:
+    """Reference counting alone frees a cache once the model is done with it.
+
+    Each cache holds a whole prefix of KV; a reference cycle (layer -> cache)
+    kept them until Python's cyclic GC ran, several prefixes at a time, and the
+    forward passes in between ran on freshly faulted memory.
+    """
+    import gc
+    import weakref
+
+    def run() -> tuple[weakref.ref[LayerwiseCache], torch.Tensor]:
+        source = ((layer, [bytes([layer])]) for layer in range(3))
+        cache = LayerwiseCache(source, 3, 2, decode=lambda blobs: (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
+        for layer in range(3):
+            k, _ = cache.layers[layer].update(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
+        assert cache.wait_loaded(10)
+        return weakref.ref(cache), k
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        ref, k = run()
+        assert k.shape == (1, 1, 3, 4)
+        assert ref() is None, "LayerwiseCache is part of a reference cycle"
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def test_a_layer_kept_after_its_cache_is_dropped_says_so() -> None:
+    source = ((layer, [bytes([layer])]) for layer in range(2))
+    cache = LayerwiseCache(source, 2, 2, decode=lambda blobs: (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
+    assert cache.wait_loaded(10)
+    layer = cache.layers[1]
+    del cache
+    with pytest.raises(errors.TransferError, match="LayerwiseCache is gone"):
+        layer.update(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
