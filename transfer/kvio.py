@@ -31,7 +31,7 @@ import torch
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, ChunkKey, Namespace, chunk_keys
 from transfer.client import KVClient, PutItem, PutResult
-from transfer.codec import decode_many
+from transfer.codec import decode_concat
 from transfer.codec import encode_chunk as encode_chunk_layers
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
@@ -131,10 +131,7 @@ def decode_blobs(blobs: Sequence[bytes], *, device: str | torch.device = "cpu",
 
     ``threads``: codec threads to use (default all; see :func:`transfer.codec.decode_many`).
     """
-    parts = decode_many(blobs, device=device, dtype=dtype, threads=threads)
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+    return decode_concat(blobs, device=device, dtype=dtype, threads=threads)
 
 
 def iter_layers(client: KVClient, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int,

@@ -322,3 +322,71 @@ def test_lossless_byte_planes_match_torch(dtype: torch.dtype) -> None:
         fast, ref = _both(lambda k=k, v=v: encode_layer(k, v, "lossless"))
         assert _same(fast, ref)
         assert _same(*_both(lambda r=ref: decode_layer(r)))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw words of a tensor: NaN payloads and -0 compare exactly."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_concat_writes_lossless_chunks_in_place_bit_exact(dtype: torch.dtype, threads: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer's lossless chunks land in one tensor, bit for bit what per-chunk decode + cat gives."""
+    monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
+    tokens = (64, 64, 17, 1)  # uneven chunks: every slice offset differs
+    parts = [_kv((3, t, 20), dtype, 100 + i) for i, t in enumerate(tokens)]
+    parts[0][0].view(-1)[:3] = torch.tensor([float("nan"), -0.0, float("inf")]).to(dtype)
+    blobs = [encode_layer(k, v, "lossless") for k, v in parts]
+    writes: list[int] = []
+    real = parallel.decode_lossless_into
+    monkeypatch.setattr(parallel, "decode_lossless_into", lambda *a, **kw: writes.append(1) or real(*a, **kw))
+    k, v = parallel.decode_concat(blobs, threads=threads)
+    assert len(writes) == len(blobs)  # the in-place path ran, once per frame
+    assert k.shape == v.shape == (3, sum(tokens), 20) and k.dtype == dtype and k.is_contiguous()
+    assert torch.equal(_bits(k), _bits(torch.cat([k for k, _ in parts], dim=1)))
+    assert torch.equal(_bits(v), _bits(torch.cat([v for _, v in parts], dim=1)))
+    k32, _ = parallel.decode_concat(blobs, dtype=torch.float32, threads=threads)  # a cast after, like decode_many
+    assert k32.dtype == torch.float32
+    torch.testing.assert_close(k32, k.float(), rtol=0, atol=0, equal_nan=True)
+
+
+def test_decode_concat_takes_the_general_path_where_it_must() -> None:
+    lossy = [encode_layer(*_kv((3, 32, 64), torch.float16, s), "balanced", token_offset=32 * s) for s in range(3)]
+    expected = decode_many(lossy)
+    k, v = parallel.decode_concat(lossy)
+    assert torch.equal(k, torch.cat([a for a, _ in expected], dim=1))
+    assert torch.equal(v, torch.cat([b for _, b in expected], dim=1))
+    mixed = [encode_layer(*_kv((3, 8, 16), torch.float16, 1), "lossless"),
+             encode_layer(*_kv((3, 8, 16), torch.float32, 2), "lossless")]  # dtypes differ: no shared output
+    k, _ = parallel.decode_concat(mixed, dtype=torch.float32)
+    assert k.shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="at least one"):
+        parallel.decode_concat([])
+
+
+def test_decode_concat_refuses_a_bad_lossless_frame_like_the_general_path() -> None:
+    blobs = [encode_layer(*_kv((3, 16, 32), torch.float32, s), "lossless") for s in range(4)]
+    flipped = bytearray(blobs[2])
+    flipped[HEADER_BYTES + 5] ^= 0x10  # body bit: the plan reads the header fine, the checksum catches it
+    truncated = blobs[2][: len(blobs[2]) // 2]
+    for bad in (bytes(flipped), truncated):
+        with pytest.raises(CodecError) as in_place:
+            parallel.decode_concat(blobs[:2] + [bad] + blobs[3:], threads=1)
+        with pytest.raises(CodecError) as general:
+            decode_many(blobs[:2] + [bad] + blobs[3:], threads=1)
+        assert type(in_place.value) is type(general.value) and str(in_place.value) == str(general.value)
+
+
+def test_decode_lossless_into_checks_its_outputs() -> None:
+    from transfer.codec.errors import ShapeMismatch
+    from transfer.codec.frame import decode_lossless_into, open_frame
+
+    header, raw = open_frame(encode_layer(*_kv((2, 8, 4), torch.float32, 3), "lossless"))
+    good = torch.empty(2, 10, 4)
+    decode_lossless_into(header, raw, good, torch.empty_like(good), 2)
+    for k_out, offset in ((torch.empty(2, 10, 4, dtype=torch.float16), 0), (torch.empty(3, 10, 4), 0),
+                          (torch.empty(2, 4, 10).transpose(1, 2), 0), (good, 3), (good, -1)):
+        with pytest.raises(ShapeMismatch):
+            decode_lossless_into(header, raw, k_out, torch.empty_like(k_out), offset)

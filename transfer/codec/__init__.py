@@ -23,7 +23,7 @@ from transfer.codec.errors import (
 )
 from transfer.codec.format import FORMAT_VERSION, FrameHeader
 from transfer.codec.frame import decode_layer, encode_layer, encode_layers, read_header
-from transfer.codec.parallel import codec_threads, decode_many, encode_chunk, imap_ordered
+from transfer.codec.parallel import codec_threads, decode_concat, decode_many, encode_chunk, imap_ordered
 from transfer.codec.profiles import PROFILES, Profile
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "UnknownVersion",
     "codec_threads",
     "decode_layer",
+    "decode_concat",
     "decode_many",
     "encode_chunk",
     "encode_layer",

@@ -855,3 +855,72 @@ def unshuffle_bytes(src, width, dst):  # pragma: no cover - compiled
     for b in range(width):
         for i in range(n):
             dst[i * width + b] = src[b * n + i]
+
+
+@_jit
+def shuffle4(src, dst):  # pragma: no cover - compiled
+    """uint32 words -> byte planes 0..3 (fp32's lossless layout); the generic loop ran at 1/3 the speed."""
+    n = src.size
+    for i in range(n):
+        w = src[i]
+        dst[i] = np.uint8(w & 0xFF)
+        dst[n + i] = np.uint8((w >> 8) & 0xFF)
+        dst[2 * n + i] = np.uint8((w >> 16) & 0xFF)
+        dst[3 * n + i] = np.uint8(w >> 24)
+
+
+@_jit
+def unshuffle4(src, dst):  # pragma: no cover - compiled
+    """Inverse of :func:`shuffle4`: four byte planes back into uint32 words."""
+    n = dst.size
+    for i in range(n):
+        dst[i] = (np.uint32(src[i]) | (np.uint32(src[n + i]) << np.uint32(8))
+                  | (np.uint32(src[2 * n + i]) << np.uint32(16)) | (np.uint32(src[3 * n + i]) << np.uint32(24)))
+
+
+@_jit
+def _planes2_to_words(src, start, plane, dst, at, count):  # pragma: no cover - compiled
+    # Slices, not index arithmetic in the loop: numba vectorizes this form (20x faster, measured).
+    p0 = src[start:start + count]
+    p1 = src[start + plane:start + plane + count]
+    d = dst[at:at + count]
+    for j in range(count):
+        d[j] = np.uint16(p0[j]) | (np.uint16(p1[j]) << np.uint16(8))
+
+
+@_jit
+def _planes4_to_words(src, start, plane, dst, at, count):  # pragma: no cover - compiled
+    p0 = src[start:start + count]
+    p1 = src[start + plane:start + plane + count]
+    p2 = src[start + 2 * plane:start + 2 * plane + count]
+    p3 = src[start + 3 * plane:start + 3 * plane + count]
+    d = dst[at:at + count]
+    for j in range(count):
+        d[j] = (np.uint32(p0[j]) | (np.uint32(p1[j]) << np.uint32(8)) | (np.uint32(p2[j]) << np.uint32(16))
+                | (np.uint32(p3[j]) << np.uint32(24)))
+
+
+@_jit
+def unshuffle2_into(src, k_dst, v_dst, heads, row_stride, offset):  # pragma: no cover - compiled
+    """A lossless body of 16-bit words ([K then V], byte planes) written straight into K and V.
+
+    ``k_dst``/``v_dst`` are a whole layer's ``[heads, tokens, head_dim]`` words,
+    flattened (``row_stride`` = tokens * head_dim); this frame's heads land at
+    ``offset`` within each head's row, so a layer of many chunks needs no
+    concatenation afterwards.
+    """
+    n = src.size // 4
+    per_head = n // heads
+    for h in range(heads):
+        _planes2_to_words(src, h * per_head, 2 * n, k_dst, h * row_stride + offset, per_head)
+        _planes2_to_words(src, n + h * per_head, 2 * n, v_dst, h * row_stride + offset, per_head)
+
+
+@_jit
+def unshuffle4_into(src, k_dst, v_dst, heads, row_stride, offset):  # pragma: no cover - compiled
+    """:func:`unshuffle2_into` for 32-bit words (fp32 KV)."""
+    n = src.size // 8
+    per_head = n // heads
+    for h in range(heads):
+        _planes4_to_words(src, h * per_head, 2 * n, k_dst, h * row_stride + offset, per_head)
+        _planes4_to_words(src, n + h * per_head, 2 * n, v_dst, h * row_stride + offset, per_head)

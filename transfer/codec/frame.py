@@ -159,6 +159,8 @@ def _shuffle(data: torch.Tensor, width: int) -> torch.Tensor:
         out = np.empty_like(src)
         if width == 2:
             cpu_kernels.shuffle2(src.view(np.uint16), out)
+        elif width == 4:
+            cpu_kernels.shuffle4(src.view(np.uint32), out)
         else:
             cpu_kernels.shuffle_bytes(src, width, out)
         return torch.from_numpy(out)
@@ -175,6 +177,8 @@ def _unshuffle_np(src: np.ndarray, width: int) -> np.ndarray:
     out = np.empty(src.size, np.uint8)
     if width == 2:
         cpu_kernels.unshuffle2(src, out.view(np.uint16))
+    elif width == 4:
+        cpu_kernels.unshuffle4(src, out.view(np.uint32))
     else:
         cpu_kernels.unshuffle_bytes(src, width, out)
     return out
@@ -340,6 +344,49 @@ def _decode_lossless_cpu(body: np.ndarray, header: FrameHeader) -> tuple[torch.T
         return torch.empty(header.shape, dtype=header.dtype), torch.empty(header.shape, dtype=header.dtype)
     data = torch.from_numpy(_unshuffle_np(body, width)).view(header.dtype)
     return data[:n].view(header.shape), data[n:].view(header.shape)
+
+
+#: Lossless element widths whose words the CPU kernels move: torch view dtype, numpy word dtype, kernel.
+_INTO_KERNELS = {2: (torch.int16, np.uint16, "unshuffle2_into"), 4: (torch.int32, np.uint32, "unshuffle4_into")}
+
+
+def lossless_into_supported(header: FrameHeader) -> bool:
+    """Whether :func:`decode_lossless_into` takes this frame (a lossless 16- or 32-bit frame, CPU kernels on)."""
+    width = torch.empty(0, dtype=header.dtype).element_size()
+    return bool(header.flags & FLAG_LOSSLESS) and width in _INTO_KERNELS and cpu_kernels.enabled()
+
+
+def decode_lossless_into(header: FrameHeader, raw: bytes | memoryview, k_out: torch.Tensor,
+                         v_out: torch.Tensor, token_offset: int = 0) -> None:
+    """Unshuffle a verified lossless body (from :func:`open_frame`) straight into ``k_out``/``v_out``.
+
+    The outputs are a whole layer's contiguous CPU tensors ``[heads, T, head_dim]``
+    in the frame's dtype; the frame's tokens land at ``token_offset``. A layer
+    assembled from many chunks is thus written once, instead of decoded per
+    chunk and then concatenated.
+    """
+    width = torch.empty(0, dtype=header.dtype).element_size()
+    if not lossless_into_supported(header):
+        raise ValueError("decode_lossless_into takes lossless frames of 16- or 32-bit elements, with CPU kernels on")
+    heads, tokens, dim = header.shape
+    for name, out in (("k_out", k_out), ("v_out", v_out)):
+        if (out.dim() != 3 or out.shape[0] != heads or out.shape[2] != dim or out.dtype != header.dtype
+                or out.device.type != "cpu" or not out.is_contiguous()):
+            raise ShapeMismatch(f"{name} is {tuple(out.shape)} {out.dtype} on {out.device}; the frame needs a "
+                                f"contiguous CPU [{heads}, T, {dim}] {header.dtype} tensor")
+    if not 0 <= token_offset <= k_out.shape[1] - tokens or k_out.shape != v_out.shape:
+        raise ShapeMismatch(f"tokens {token_offset}..{token_offset + tokens} do not fit outputs "
+                            f"{tuple(k_out.shape)} / {tuple(v_out.shape)}")
+    body = np.frombuffer(raw, dtype=np.uint8)
+    n = heads * tokens * dim
+    if body.size != 2 * n * width:
+        raise CorruptFrame(f"lossless body is {body.size} bytes, expected {2 * n * width}")
+    if n == 0:
+        return
+    view_dtype, word, kernel = _INTO_KERNELS[width]
+    getattr(cpu_kernels, kernel)(body, k_out.view(view_dtype).numpy().view(word).reshape(-1),
+                                 v_out.view(view_dtype).numpy().view(word).reshape(-1),
+                                 heads, k_out.shape[1] * dim, token_offset * dim)
 
 
 class _Reader:
