@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,7 @@ import torch  # noqa: E402
 
 from kvstore.allocator import tune_allocator  # noqa: E402
 from kvstore.keys import model_fingerprint  # noqa: E402
+from transfer import affinity  # noqa: E402
 from transfer.client import KVClient  # noqa: E402
 from transfer.kvio import FetchedPrefix, decode_blobs, iter_layers, put_context  # noqa: E402
 from transfer.layerwise import CONSUMED, LayerwiseCache  # noqa: E402
@@ -55,15 +57,22 @@ from transfer.layerwise import CONSUMED, LayerwiseCache  # noqa: E402
 DATA = ROOT / "bench" / "data"
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``kvstore serve`` on a free port, RAM tier only; returns once its ready file exists."""
+def start_server(workdir: Path, cpus: frozenset[int] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """``kvstore serve`` on a free port, RAM tier only; returns once its ready file exists.
+
+    ``cpus``: the CPUs it may run on. With a CPU plan the server, which stands in
+    for a store on other machines, gets the I/O side: it never runs on the
+    model's core, as a remote one would not, but it shares the I/O core with the
+    client's threads, which a remote one would not either.
+    """
     ready = workdir / "ready.json"
     log = open(workdir / "serve.log", "wb")  # noqa: SIM115 - lives as long as the child
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--no-disk", "--memory-bytes", "4GiB",
          "--ready-file", str(ready), "--grace", "0", "--log-level", "WARNING"],
         stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     deadline = time.monotonic() + 60
     while not ready.exists():
@@ -103,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prefetch-depth", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="512-token prefix, 3 repeats (well under 60 s)")
+    p.add_argument("--cpu-plan", default="auto",
+                   help="CPUs for the model's thread, the rest for I/O and the server (transfer.affinity): "
+                        "'auto' (lowest CPU; off with fewer than 2), a list like '0' or '0-1', or 'off'")
     p.add_argument("--glibc-malloc-defaults", action="store_true",
                     help="skip kvstore.allocator's settings (which the server and the Ray workers run with)")
     args = p.parse_args(argv)
@@ -115,6 +127,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--prefix-tokens must be a multiple of --chunk-tokens")
 
     from workers.model import cache_to_layers, kv_shape, layers_to_cache, load_model
+
+    plan = None
+    if args.cpu_plan != "off" and not (args.cpu_plan == "auto" and len(affinity.available_cpus()) < 2):
+        plan = affinity.plan_for(args.cpu_plan)
 
     model, tokenizer = load_model()
     shape = kv_shape(model)
@@ -130,10 +146,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del out
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-layerwise-"))
-    proc, target = start_server(workdir)
+    proc, target = start_server(workdir, plan.io if plan else None)
     try:
         with KVClient(target) as client:
             client.wait_ready(30)
+            if plan:
+                affinity.apply(plan)  # this thread runs the model; gRPC's threads exist now and move to I/O
             put_s, (keys, put_result) = timed(lambda: put_context(client, ns, prefix, layers, args.profile,
                                                                   chunk_tokens=args.chunk_tokens))
 
@@ -180,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 stop = threading.Event()
 
                 def spin() -> None:
+                    affinity.enter_io()  # where the loader would run
                     while not stop.is_set():
                         for blobs in raw_layers:
                             decode_blobs(blobs, threads=1)
@@ -227,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         proc.terminate()
         proc.wait(30)
+        if plan:
+            affinity.release()
 
     med = {k: round(statistics.median(v), 4) for k, v in samples.items()}
     bound = (med["fetch_one_layer"] + med["compute"]) * 1.10
@@ -238,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "chunk_tokens": args.chunk_tokens, "profile": args.profile, "repeats": args.repeats,
                    "prefetch_depth": args.prefetch_depth, "num_layers": num_layers,
                    "allocator_tuned": allocator_tuned, "torch_threads": torch.get_num_threads(),
+                   "cpu_plan": ({"compute": sorted(plan.compute), "io": sorted(plan.io)} if plan else None),
                    "server": "kvstore serve (RAM tier), loopback"},
         "stored": {"blobs": put_result.num_stored, "bytes": stored_bytes, "put_s": round(put_s, 3),
                    "prefill_s": round(prefill_s, 3)},

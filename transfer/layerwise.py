@@ -40,6 +40,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, Namespace
+from transfer import affinity
 from transfer.errors import DeadlineExceeded, TransferError
 
 Decoder = Callable[[Sequence[bytes]], tuple[torch.Tensor, torch.Tensor]]
@@ -188,6 +189,7 @@ class LayerwiseCache(DynamicCache):
         return self._stopped or self._num_published - self._num_consumed < self.prefetch_depth
 
     def _load(self, source: Any) -> None:
+        affinity.enter_io()  # started by the model's thread: leave its cores to it when a CPU plan is active
         try:
             expected = 0
             while expected < self.num_layers:

@@ -74,6 +74,7 @@ class DecodeWorker:
         self.runner = runner if runner is not None else ModelRunner(config.model_path,
                                                                     num_threads=config.num_threads)
         self.client = client if client is not None else KVClient(config.store_target, token=config.token)
+        self.cpu_plan = config.apply_cpu_plan()  # after the client: its gRPC threads move to the I/O CPUs
 
     def ready(self) -> str:
         return self.runner.fingerprint

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, ChunkKey, Namespace, chunk_keys
+from transfer import affinity
 from transfer.client import KVClient, PutItem
 from workers.runner import LayerKV, ModelRunner, reuse_boundary
 
@@ -37,6 +38,11 @@ class WorkerConfig:
     ``layerwise`` overlaps the fetch of a stored prefix with compute (layer
     ``i`` runs while ``i+1..`` are on the wire); off, the whole prefix is
     fetched before the model starts, which is simpler to reason about.
+
+    ``compute_cpus`` (a list like ``"0"`` or ``"0-3"``) pins the worker's model
+    thread to those CPUs and its KV I/O threads to the others
+    (:mod:`transfer.affinity`); give each worker of a machine its own. None
+    (the default) leaves placement to the OS.
     """
 
     store_target: str
@@ -47,6 +53,7 @@ class WorkerConfig:
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     num_threads: int | None = None
     layerwise: bool = True
+    compute_cpus: str | None = None
 
     def __post_init__(self) -> None:
         if not self.store_target:
@@ -55,6 +62,16 @@ class WorkerConfig:
             raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.compute_cpus is not None:
+            affinity.parse_cpus(self.compute_cpus)  # a bad list fails here, not in the worker
+
+    def apply_cpu_plan(self) -> affinity.CpuPlan | None:
+        """Pin the calling thread (the model's) and this process's I/O threads as ``compute_cpus`` says."""
+        if self.compute_cpus is None:
+            return None
+        plan = affinity.plan_for(self.compute_cpus)
+        affinity.apply(plan)
+        return plan
 
 
 @dataclass(frozen=True)
@@ -142,6 +159,7 @@ class PrefillWorker:
         self.runner = runner if runner is not None else ModelRunner(config.model_path,
                                                                     num_threads=config.num_threads)
         self.client = client if client is not None else KVClient(config.store_target, token=config.token)
+        self.cpu_plan = config.apply_cpu_plan()  # after the client: its gRPC threads move to the I/O CPUs
 
     def namespace(self, profile: str | None = None) -> str:
         return str(Namespace(self.config.tenant, self.runner.fingerprint, profile or self.config.profile))

@@ -20,6 +20,7 @@ from typing import TypeVar
 import torch
 
 from kvstore.integrity import TRAILER_BYTES
+from transfer import affinity
 from transfer.codec import cpu_decode, cpu_kernels
 from transfer.codec.errors import CorruptFrame
 from transfer.codec.format import FLAG_LOSSLESS, FrameHeader, parse_header
@@ -75,6 +76,7 @@ def _one_torch_thread() -> None:
     casts and reductions of a frame. The calling thread's own setting is untouched.
     """
     torch.set_num_threads(1)
+    affinity.enter_io()  # codec threads are I/O: off the model's cores when a CPU plan is active
 
 
 def imap_ordered(fn: Callable[[T], R], items: Iterable[T], *, ahead: int | None = None) -> Iterator[R]:
