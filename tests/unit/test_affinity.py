@@ -16,7 +16,11 @@ from transfer import affinity
 from transfer.codec import parallel
 from transfer.layerwise import LayerwiseCache
 
-pytestmark = pytest.mark.skipif(not affinity.supported(), reason="CPU plans are Linux-only")
+
+@pytest.fixture(autouse=True)
+def _need_linux() -> None:
+    if not affinity.supported():
+        pytest.fail("CPU plans need Linux (sched_setaffinity, /proc/self/task); CI and dev machines are Linux")
 
 
 @pytest.fixture
