@@ -872,10 +872,7 @@ def shuffle4(src, dst):  # pragma: no cover - compiled
 @_jit
 def unshuffle4(src, dst):  # pragma: no cover - compiled
     """Inverse of :func:`shuffle4`: four byte planes back into uint32 words."""
-    n = dst.size
-    for i in range(n):
-        dst[i] = (np.uint32(src[i]) | (np.uint32(src[n + i]) << np.uint32(8))
-                  | (np.uint32(src[2 * n + i]) << np.uint32(16)) | (np.uint32(src[3 * n + i]) << np.uint32(24)))
+    _planes4_to_words(src, 0, dst.size, dst, 0, dst.size)
 
 
 @_jit
