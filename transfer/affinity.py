@@ -3,11 +3,12 @@
 Layer-wise streaming runs the store's I/O (gRPC's threads, the loader that
 decodes layers, codec threads) next to the forward pass. When the scheduler
 puts an I/O thread on the core the model's thread is running on, the model
-waits in the run queue. Measured on two cores with ``bench/layerwise.py``
-(model on core 0, everything else on core 1, against the same run unpinned):
-the forward pass next to a balanced-profile stream went from ~228 to ~213 ms,
-for a 195 ms forward pass alone. Serving engines pin their model threads for
-the same reason; on a GPU host the thread that launches kernels is that thread.
+waits in the run queue: measured on two cores, 90-120 ms per ~190 ms forward
+pass next to a thread that fetches nonstop (``/proc/<tid>/schedstat``), and
+``bench/layerwise.py`` on a lossless prefix went from 254 ms unpinned to
+226-234 ms with the model alone on core 0. Serving engines pin their model
+threads for the same reason; on a GPU host the thread that launches kernels is
+that thread.
 
 A :class:`CpuPlan` names the compute CPUs and the I/O CPUs. :func:`apply`
 pins the calling thread (the one that runs the model) to the compute CPUs and

@@ -347,7 +347,8 @@ def _decode_lossless_cpu(body: np.ndarray, header: FrameHeader) -> tuple[torch.T
 
 
 #: Lossless element widths whose words the CPU kernels move: torch view dtype, numpy word dtype, kernel.
-_INTO_KERNELS = {2: (torch.int16, np.uint16, "unshuffle2_into"), 4: (torch.int32, np.uint32, "unshuffle4_into")}
+_INTO_KERNELS = {2: (torch.int16, np.uint16, cpu_kernels.unshuffle2_into),
+                 4: (torch.int32, np.uint32, cpu_kernels.unshuffle4_into)}
 
 
 def lossless_into_supported(header: FrameHeader) -> bool:
@@ -384,9 +385,8 @@ def decode_lossless_into(header: FrameHeader, raw: bytes | memoryview, k_out: to
     if n == 0:
         return
     view_dtype, word, kernel = _INTO_KERNELS[width]
-    getattr(cpu_kernels, kernel)(body, k_out.view(view_dtype).numpy().view(word).reshape(-1),
-                                 v_out.view(view_dtype).numpy().view(word).reshape(-1),
-                                 heads, k_out.shape[1] * dim, token_offset * dim)
+    kernel(body, k_out.view(view_dtype).numpy().view(word).reshape(-1),
+           v_out.view(view_dtype).numpy().view(word).reshape(-1), heads, k_out.shape[1] * dim, token_offset * dim)
 
 
 class _Reader:
