@@ -21,7 +21,7 @@ streaming generator.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,10 @@ class DecodeWorker:
 
     def ready(self) -> str:
         return self.runner.fingerprint
+
+    def warm_up(self, profiles: Sequence[str]) -> float:
+        """Seconds spent compiling/loading the codec kernels of ``profiles`` (see ModelRunner.warm_up)."""
+        return self.runner.warm_up(profiles, self.config.chunk_tokens)
 
     def stream(self, handle: PrefillHandle, max_new_tokens: int, *,
                prefix: Iterable[LayerKV] | None = None) -> Iterator[TokenEvent | DecodeSummary]:

@@ -168,6 +168,10 @@ class PrefillWorker:
         """The model fingerprint; a cheap call that proves the worker finished loading."""
         return self.runner.fingerprint
 
+    def warm_up(self, profiles: Sequence[str]) -> float:
+        """Seconds spent compiling/loading the codec kernels of ``profiles`` (see ModelRunner.warm_up)."""
+        return self.runner.warm_up(profiles, self.config.chunk_tokens)
+
     def prefill(self, request: PrefillRequest) -> PrefillHandle:
         return self._prefill(request)[0]
 

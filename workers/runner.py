@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,18 @@ class ModelRunner:
                                              _weights_digest(Path(src) if src else None))
         eos = tokenizer.eos_token_id
         self.stop_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    def warm_up(self, profiles: Sequence[str], chunk_tokens: int = 256) -> float:
+        """Compile or load the codec kernels of ``profiles`` for this model's layer shape and run one
+        short forward pass; returns the seconds it took. Callers that time requests call it first,
+        so no timed request pays a one-off compilation (see transfer.codec.warmup)."""
+        from transfer.codec.warmup import warm_up
+
+        started = time.perf_counter()
+        warm_up(profiles, heads=self.shape.num_kv_heads, head_dim=self.shape.head_dim,
+                chunk_tokens=chunk_tokens, num_layers=min(2, self.shape.num_layers))
+        self.prefill(self.encode("Warm-up."))
+        return time.perf_counter() - started
 
     # -- prompts -----------------------------------------------------------------------------------
 

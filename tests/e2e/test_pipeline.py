@@ -160,3 +160,11 @@ def test_direct_handoff_of_object_refs_matches_store_path(pipeline: Pipeline, lo
     assert s.num_fetched_tokens == reuse_boundary(len(ids), CHUNK)  # the prefix came over the refs
     assert s.first_token_match
     assert list(s.tokens) == local.generate(ids, MAX_NEW, chunk_tokens=CHUNK)
+
+
+def test_warm_up_runs_in_every_actor(pipeline: Pipeline) -> None:
+    # What warm_up leaves compiled is checked in tests/unit/test_codec_warmup.py; here: every actor
+    # answers it (the demo calls it before its first timed request) and unknown profiles are named.
+    assert pipeline.warm_up(["balanced", "lossless"]) > 0
+    with pytest.raises(ValueError, match="unknown codec profile"):
+        pipeline.warm_up(["no-such-profile"])

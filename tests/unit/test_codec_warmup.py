@@ -1,0 +1,43 @@
+"""warm_up leaves nothing for the first real request to compile.
+
+A request after :func:`warm_up` must not add a compiled signature to any codec
+kernel: if it did, the first timed request of a demo or benchmark would still
+pay the compilation the warm-up is there to take out of the timing.
+"""
+
+from __future__ import annotations
+
+import numba
+import pytest
+import torch
+
+from transfer.codec import cpu_kernels
+from transfer.codec.parallel import decode_concat, decode_many, encode_chunk
+from transfer.codec.warmup import warm_up
+
+
+def _compiled() -> dict[str, int]:
+    kernels = {name: obj for name, obj in vars(cpu_kernels).items()
+               if isinstance(obj, numba.core.registry.CPUDispatcher)}
+    assert kernels, "no numba kernels found in transfer.codec.cpu_kernels"
+    return {name: len(k.signatures) for name, k in kernels.items()}
+
+
+@pytest.mark.parametrize("profile", ["balanced", "int8", "lossless", "dense"])
+def test_a_request_after_warm_up_compiles_nothing(profile: str) -> None:
+    seconds = warm_up([profile], heads=3, head_dim=64, chunk_tokens=64)
+    assert seconds > 0
+    before = _compiled()
+    assert sum(before.values()) > 0
+    gen = torch.Generator().manual_seed(1)
+    # A real request's shape: SmolLM2's 3 KV heads x 64, a 256-token chunk, 30 layers.
+    layers = [(torch.randn(3, 256, 64, generator=gen), torch.randn(3, 256, 64, generator=gen)) for _ in range(30)]
+    chunks = [encode_chunk(layers, profile, token_offset=i * 256) for i in range(2)]
+    decode_concat([chunks[0][5], chunks[1][5]])
+    decode_many(chunks[0])
+    assert _compiled() == before
+
+
+def test_unknown_profile_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="unknown codec profile.*nope"):
+        warm_up(["nope"])
