@@ -935,6 +935,127 @@ def _tiers_recovered(target: str, store: Any, namespace: str, deadline_s: float 
     return ok
 
 
+# ====================================================================== backend freeze under load
+
+
+def _wait_breaker_closed(store: Any, name: str, deadline_s: float = 15.0) -> float | None:
+    """Seconds until tier ``name``'s breaker closes (and Stats calls it healthy), None past the deadline."""
+    t0 = time.monotonic()
+    tier = store.tier(name)
+    while time.monotonic() - t0 < deadline_s:
+        breaker = getattr(tier, "breaker", None)
+        if (breaker is None or breaker.state == "closed") and all(
+                s.healthy for s in store.tier_stats() if s.name == name):
+            return round(time.monotonic() - t0, 3)
+        time.sleep(0.02)
+    return None
+
+
+def run_backend_freeze(target: str, store: Any, procs: dict[str, Any], freeze_s: float, *, clients: int = 4,
+                       seed: int = 0, namespace: str = "freeze/model/profile", blob_bytes: int = 4096,
+                       warmup_s: float = 1.0) -> dict[str, Any]:
+    """Clients Put, Get and Lookup while each remote tier in ``procs`` is frozen (SIGSTOP) in turn.
+
+    A frozen server accepts connections and never answers, so only the time budget and the
+    circuit breaker keep RPCs short. Per freeze it reports the latency of every RPC that
+    overlapped the freeze (p50/p99/max vs the tier's budget), the answers (allowed: Put OK;
+    Lookup OK; Get OK with the exact bytes put or NOT_FOUND), the breaker trips, how long the
+    breaker took to close after SIGCONT, and whether the tier takes writes again.
+    ``procs`` maps a tier name to its server process, whose pause()/resume() send the signals:
+    only pass servers this run started.
+    """
+    truth: dict[bytes, bytes] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+    records: list[tuple[float, float, str]] = []  # (start, end, answer)
+    violations: Counter[str] = Counter()
+
+    def worker(idx: int) -> None:
+        wrng = random.Random(seed * 100 + idx)
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.KVStoreStub(channel)
+            while not stop.is_set():
+                roll = wrng.random()
+                t0 = time.monotonic()
+                if roll < 0.35 or not truth:
+                    key, blob = wrng.randbytes(KEY_BYTES), integrity.seal(wrng.randbytes(blob_bytes))
+                    code, details, _ = rpc_code(lambda k=key, b=blob: stub.Put(iter([pb.PutRequest(
+                        namespace=namespace, key=k, layer=0, num_layers=1, blob=b)]), timeout=10))
+                    answer = f"put_{code.name}"
+                    if code is C.OK:
+                        with lock:
+                            truth[key] = blob
+                    else:
+                        violations[f"put {code.name}: {details[:100]}"] += 1
+                elif roll < 0.5:
+                    with lock:
+                        keys = wrng.sample(list(truth), min(4, len(truth)))
+                    code, details, _ = rpc_code(lambda k=keys: stub.Lookup(pb.LookupRequest(
+                        namespace=namespace, keys=k, num_layers=1), timeout=10))
+                    answer = f"lookup_{code.name}"
+                    if code is not C.OK:
+                        violations[f"lookup {code.name}: {details[:100]}"] += 1
+                else:
+                    with lock:
+                        key = wrng.choice(list(truth))
+                    code, details, got = rpc_code(lambda k=key: list(stub.Get(pb.GetRequest(
+                        namespace=namespace, keys=[k], layer_start=0, layer_end=1), timeout=10)))
+                    answer = f"get_{code.name}"
+                    if code is C.OK:
+                        if len(got) != 1 or got[0].blob != truth[key]:
+                            violations["get served wrong bytes"] += 1
+                    elif code is not C.NOT_FOUND:
+                        violations[f"get {code.name}: {details[:100]}"] += 1
+                with lock:
+                    records.append((t0, time.monotonic(), answer))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    freezes: dict[str, dict[str, Any]] = {}
+    try:
+        for name, proc in procs.items():
+            tier = store.tier(name)
+            time.sleep(warmup_s)
+            trips_before = tier.breaker.num_trips
+            errors_before = tier.counters.errors
+            frozen_at = time.monotonic()
+            proc.pause()
+            try:
+                time.sleep(freeze_s)
+            finally:
+                proc.resume()
+            resumed_at = time.monotonic()
+            closed_after = _wait_breaker_closed(store, name)
+            with lock:
+                window = [(end - start, answer) for start, end, answer in records
+                          if end >= frozen_at and start <= resumed_at]
+            latencies = [lat for lat, _ in window]
+            budget = float(getattr(tier, "budget_s", 0.0))
+            freezes[name] = {
+                "frozen_s": round(resumed_at - frozen_at, 2),
+                "budget_s": budget,
+                "rpcs": len(window),
+                "answers": dict(Counter(answer for _, answer in window)),
+                "latency_ms_p50": round(percentile(latencies, 0.50) * 1000, 1),
+                "latency_ms_p99": round(percentile(latencies, 0.99) * 1000, 1),
+                "latency_ms_max": round(max(latencies, default=0.0) * 1000, 1),
+                "rpcs_over_budget": sum(1 for lat in latencies if lat > budget),
+                "breaker_trips": tier.breaker.num_trips - trips_before,
+                "tier_errors": tier.counters.errors - errors_before,
+                "breaker_closed_after_resume_s": closed_after,
+            }
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    recovered = _tiers_recovered(target, store, namespace)
+    for name in freezes:
+        freezes[name]["used_again"] = recovered.get(name, False)
+    return {"freezes": freezes, "answers": dict(Counter(answer for _, _, answer in records)),
+            "violations": sum(violations.values()), "violation_examples": dict(violations.most_common(5))}
+
+
 # ====================================================================== main
 
 

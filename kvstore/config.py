@@ -248,6 +248,9 @@ def validate(config: StoreConfig) -> None:
     s3 = config.s3
     if s3.enabled and not s3.bucket:
         raise ValueError("s3.bucket must be set when s3.enabled is true")
+    if s3.bucket and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", s3.bucket):
+        raise ValueError(f"s3.bucket {s3.bucket!r} is not a bucket name (up to 63 characters of [A-Za-z0-9._-]; "
+                         "AWS itself wants 3-63 of [a-z0-9.-])")
     if s3.endpoint_url and not re.match(r"^https?://", s3.endpoint_url):
         raise ValueError(f"s3.endpoint_url must start with http:// or https://, got {s3.endpoint_url!r}")
     if (s3.access_key_id is None) != (s3.secret_access_key is None):

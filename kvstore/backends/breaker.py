@@ -81,7 +81,7 @@ class ProbingBreaker(_CallerProbeBreaker):
     def record_failure(self, error: BaseException | str | None = None) -> None:
         with self._lock:
             was_closed = self._state == self.CLOSED
-        super().record_failure()
+        super().record_failure(error)
         if error is not None:
             self.last_error = str(error)
         with self._lock:

@@ -172,7 +172,8 @@ class CircuitBreaker:
             self._failures = 0
             self._probing = False
 
-    def record_failure(self) -> None:
+    def record_failure(self, error: BaseException | str | None = None) -> None:
+        """One failed call; ``error`` (what failed) is for subclasses that report it."""
         with self._lock:
             self._failures += 1
             if self._state == self.HALF_OPEN or self._failures >= self.failure_threshold:
@@ -207,8 +208,8 @@ class Guard:
         self.breaker.before_call()
         try:
             result = self.retry(fn)
-        except BackendUnavailable:
-            self._failed()
+        except BackendUnavailable as exc:
+            self._failed(exc)
             raise
         except Exception as exc:
             unavailable = self.translate(exc)
@@ -216,7 +217,7 @@ class Guard:
                 # Not an outage: the server answered. Let the probe slot go.
                 self.breaker.record_success()
                 raise
-            self._failed()
+            self._failed(unavailable)
             raise unavailable from exc
         except BaseException:
             # Interrupted (KeyboardInterrupt, SystemExit): never leave a probe slot taken.
@@ -225,7 +226,7 @@ class Guard:
         self.breaker.record_success()
         return result
 
-    def _failed(self) -> None:
-        self.breaker.record_failure()
+    def _failed(self, error: BaseException) -> None:
+        self.breaker.record_failure(error)
         if self.on_failure is not None:
             self.on_failure()

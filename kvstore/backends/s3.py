@@ -193,6 +193,13 @@ def translate_s3_error(exc: BaseException) -> BackendUnavailable | None:
     return None
 
 
+def _no_expect_continue(request: Any, **_: Any) -> None:
+    """``before-send`` hook (runs after every header is set; SigV4 never signs Expect). Returns None,
+    which lets the request go out (a returned value would stand in for the response)."""
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
 class _Catalog:
     """Objects under the prefix known to this process: LRU order and blob bytes, for budgets."""
 
@@ -319,6 +326,11 @@ class S3Backend(Backend):
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url or None, config=config, **credentials
         )
+        # botocore sends uploads with "Expect: 100-continue" and then waits up to a fixed 1 s
+        # for the interim answer before sending the body anyway: against a hung server that
+        # second is outside every timeout and would double the budget. Drop the header.
+        for op in ("PutObject", "UploadPart"):
+            self.client.meta.events.register(f"before-send.s3.{op}", _no_expect_continue)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="kvstore-s3")
         self._indexes: OrderedDict[str, ChunkIndex] = OrderedDict()
         self._index_lock = threading.Lock()

@@ -27,6 +27,7 @@ CASES: dict[str, tuple[str, str]] = {
     "redis-budget": ("redis:\n  socket_timeout_s: 1.0\n  budget_s: 0.5\n", "redis.budget_s"),
     "redis-nan": ("redis:\n  socket_timeout_s: .nan\n", "redis.socket_timeout_s"),
     "s3": ("s3:\n  endpoint_url: minio:9000\n", "s3.endpoint_url"),
+    "s3-bucket": ("s3:\n  bucket: my bucket/x\n", "s3.bucket"),
     "s3-timeout": ("s3:\n  timeout_s: -1\n", "s3.timeout_s"),
     "auth-tenant": ("auth:\n  tokens:\n    tok-1: 'bad tenant!'\n", "auth.tokens"),
     "auth-empty-tenant": ("auth:\n  tokens:\n    tok-1: ''\n", "auth.tokens"),
