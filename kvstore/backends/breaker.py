@@ -33,7 +33,8 @@ class ProbingBreaker(_CallerProbeBreaker):
     """Closed → (``failure_threshold`` failures, default 1) → open → (a background probe succeeds) → closed.
 
     ``probe`` must raise on failure and be bounded by the tier's own timeouts (it runs
-    on a daemon thread, never on a request). ``num_probes`` counts probe attempts and
+    on a daemon thread, never on a request). ``on_open`` runs each time the circuit opens
+    (tiers bump their ``breaker_trips`` counter there, for Stats and metrics). ``num_probes`` counts probe attempts and
     ``open_since`` is the monotonic time the breaker last opened (None while closed),
     for Stats, metrics and logs.
     """
@@ -45,12 +46,14 @@ class ProbingBreaker(_CallerProbeBreaker):
         failure_threshold: int = 1,
         probe_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        on_open: Callable[[], object] | None = None,
     ) -> None:
         if probe_interval_s <= 0:
             raise ValueError("probe_interval_s must be > 0")
         super().__init__(name, failure_threshold=failure_threshold, reset_timeout_s=probe_interval_s, clock=clock)
         self.probe = probe
         self.probe_interval_s = probe_interval_s
+        self.on_open = on_open
         self.num_probes = 0
         self.open_since: float | None = None
         self.last_error = ""
@@ -88,6 +91,8 @@ class ProbingBreaker(_CallerProbeBreaker):
             opened = was_closed and self._state != self.CLOSED
             if opened:
                 self.open_since = self._clock()
+        if opened and self.on_open is not None:
+            self.on_open()
         if opened:
             log.warning("tier %s: circuit open after a failed call (%s); skipping it, probing every %.2f s",
                         self.name, self.last_error or "failure", self.probe_interval_s)

@@ -202,7 +202,9 @@ class RedisBackend(Backend):
         )
         # Opens on the first failed call; while open no request touches Redis, a daemon
         # thread PINGs it (same timeouts) and closes the circuit when it answers.
-        self.breaker = breaker or ProbingBreaker("redis", self._probe, breaker_threshold, breaker_reset_s)
+        self.breaker = breaker or ProbingBreaker(
+            "redis", self._probe, breaker_threshold, breaker_reset_s,
+            on_open=lambda: self.counters.add(breaker_trips=1))
         # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
         self._guard = Guard(retry, self.breaker, translate_redis_error)
 

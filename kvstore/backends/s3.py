@@ -347,7 +347,9 @@ class S3Backend(Backend):
         )
         # Opens on the first failed call; while open no request touches S3, a daemon thread
         # asks for the bucket (same timeouts) and closes the circuit when S3 answers.
-        self.breaker = breaker or ProbingBreaker("s3", self._probe, breaker_threshold, breaker_reset_s)
+        self.breaker = breaker or ProbingBreaker(
+            "s3", self._probe, breaker_threshold, breaker_reset_s,
+            on_open=lambda: self.counters.add(breaker_trips=1))
         # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
         self._guard = Guard(retry, self.breaker, translate_s3_error)
         # S3 down at start-up: the server still starts; the bucket is made on first use.

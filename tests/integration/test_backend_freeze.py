@@ -9,6 +9,7 @@ does the same to S3. Only the private servers of this test's fixtures are signal
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,10 +84,11 @@ def test_frozen_tier_shows_unhealthy_in_stats_while_open(
         assert not stats["redis"].healthy and stats["memory"].healthy
         metrics = freezable_server.metrics.render().decode()
         assert 'kvstore_tier_healthy{tier="redis"} 0.0' in metrics
+        assert 'kvstore_tier_breaker_trips_total{tier="redis"} 1.0' in metrics
+        assert redis_tier.counters.breaker_trips == 1
     finally:
         fresh_redis_server.resume()
     redis_tier.breaker.probe_interval_s = 0.1
-    import time
     deadline = time.monotonic() + 10
     while redis_tier.breaker.state != "closed" and time.monotonic() < deadline:
         time.sleep(0.05)

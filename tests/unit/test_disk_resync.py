@@ -147,6 +147,10 @@ def test_garbage_run_between_records_loses_only_the_records_it_covers(tmp_path: 
             with pytest.raises(IntegrityError) if i == b and disk.locate(key(b)) else _nothing():
                 assert store.get(key(i)) is None
         assert disk.counters.corrupt_records == 1  # one corrupt run, skipped in one resync
+        from kvstore.metrics import ServerMetrics
+
+        text = ServerMetrics(store.tier_stats).render().decode()
+        assert 'kvstore_tier_corrupt_records_total{tier="disk"} 1.0' in text
     finally:
         disk.close()
 
