@@ -10,7 +10,9 @@ Remote tiers (Redis, S3) fail in two ways that call for different answers:
   for the whole retry budget and hammer the server when it comes back, so the
   :class:`CircuitBreaker` opens after a run of failed calls and fails fast with
   :class:`~kvstore.errors.BackendUnavailable` for a cool-down, then lets one probe
-  through; a successful probe closes it again, so a tier recovers by itself.
+  through; a successful probe closes it again, so a tier recovers by itself. Redis and S3
+  use its subclass :class:`~kvstore.backends.breaker.ProbingBreaker`, which opens on the first
+  failure and probes from a background thread, so no request waits on a hung server twice.
 
 :class:`Guard` composes the two with an error translator, so a backend's call
 sites read ``self._guard(lambda: client.get(name))`` and never loop themselves.
