@@ -170,7 +170,7 @@ class RedisBackend(Backend):
         # both the wait for a pooled connection and any retry (a retry starts only if a whole
         # fresh attempt still fits). 0: connect + read, plus 0.15 s of pool wait.
         attempt_s = connect_timeout_s + socket_timeout_s
-        budget_s = budget_s or attempt_s + 0.15
+        budget_s = budget_s or round(attempt_s + 0.15, 6)
         if budget_s < attempt_s:
             raise ValueError(f"redis budget_s ({budget_s}) must be >= connect_timeout_s + socket_timeout_s "
                              f"({attempt_s})")

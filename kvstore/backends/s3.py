@@ -297,7 +297,7 @@ class S3Backend(Backend):
         # One call's time budget: connect + read (``timeout_s`` bounds each wait for bytes), and a
         # retry only starts while a whole fresh attempt still fits in what is left of the budget (0: connect + read + 0.05 s).
         attempt_s = connect_timeout_s + timeout_s
-        budget_s = budget_s or attempt_s + 0.05
+        budget_s = budget_s or round(attempt_s + 0.05, 6)
         if budget_s < attempt_s:
             raise ValueError(f"s3: budget_s ({budget_s}) must be >= connect_timeout_s + timeout_s ({attempt_s})")
         self.budget_s = budget_s
