@@ -45,6 +45,13 @@ CASES: dict[str, tuple[str, str]] = {
 }
 
 
+def test_every_config_section_has_a_case() -> None:
+    from kvstore.config import SECTIONS
+
+    covered = {text.split(":", 1)[0] for text, _ in CASES.values()}
+    assert set(SECTIONS) <= covered, set(SECTIONS) - covered
+
+
 def _serve(config: Path, home: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     env["PYTHONPATH"] = str(REPO)
