@@ -935,6 +935,212 @@ def _tiers_recovered(target: str, store: Any, namespace: str, deadline_s: float 
     return ok
 
 
+# ====================================================================== backend freeze under load
+
+
+def _wait_breaker_closed(store: Any, name: str, deadline_s: float = 15.0) -> float | None:
+    """Seconds until tier ``name``'s breaker closes (and Stats calls it healthy), None past the deadline."""
+    t0 = time.monotonic()
+    tier = store.tier(name)
+    while time.monotonic() - t0 < deadline_s:
+        breaker = getattr(tier, "breaker", None)
+        if (breaker is None or breaker.state == "closed") and all(
+                s.healthy for s in store.tier_stats() if s.name == name):
+            return round(time.monotonic() - t0, 3)
+        time.sleep(0.02)
+    return None
+
+
+def run_backend_freeze(target: str, store: Any, procs: dict[str, Any], freeze_s: float, *, clients: int = 4,
+                       seed: int = 0, namespace: str = "freeze/model/profile", blob_bytes: int = 4096,
+                       warmup_s: float = 1.0) -> dict[str, Any]:
+    """Clients Put, Get and Lookup while each remote tier in ``procs`` is frozen (SIGSTOP) in turn.
+
+    A frozen server accepts connections and never answers, so only the time budget and the
+    circuit breaker keep RPCs short. Per freeze it reports the latency of every RPC that
+    overlapped the freeze (p50/p99/max vs the tier's budget), the answers (allowed: Put OK;
+    Lookup OK; Get OK with the exact bytes put or NOT_FOUND), the breaker trips, how long the
+    breaker took to close after SIGCONT, and whether the tier takes writes again.
+    ``procs`` maps a tier name to its server process, whose pause()/resume() send the signals:
+    only pass servers this run started.
+    """
+    truth: dict[bytes, bytes] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+    records: list[tuple[float, float, str]] = []  # (start, end, answer)
+    violations: Counter[str] = Counter()
+
+    def worker(idx: int) -> None:
+        wrng = random.Random(seed * 100 + idx)
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.KVStoreStub(channel)
+            while not stop.is_set():
+                roll = wrng.random()
+                t0 = time.monotonic()
+                if roll < 0.35 or not truth:
+                    key, blob = wrng.randbytes(KEY_BYTES), integrity.seal(wrng.randbytes(blob_bytes))
+                    code, details, _ = rpc_code(lambda k=key, b=blob: stub.Put(iter([pb.PutRequest(
+                        namespace=namespace, key=k, layer=0, num_layers=1, blob=b)]), timeout=10))
+                    answer = f"put_{code.name}"
+                    if code is C.OK:
+                        with lock:
+                            truth[key] = blob
+                    else:
+                        violations[f"put {code.name}: {details[:100]}"] += 1
+                elif roll < 0.5:
+                    with lock:
+                        keys = wrng.sample(list(truth), min(4, len(truth)))
+                    code, details, _ = rpc_code(lambda k=keys: stub.Lookup(pb.LookupRequest(
+                        namespace=namespace, keys=k, num_layers=1), timeout=10))
+                    answer = f"lookup_{code.name}"
+                    if code is not C.OK:
+                        violations[f"lookup {code.name}: {details[:100]}"] += 1
+                else:
+                    with lock:
+                        key = wrng.choice(list(truth))
+                    code, details, got = rpc_code(lambda k=key: list(stub.Get(pb.GetRequest(
+                        namespace=namespace, keys=[k], layer_start=0, layer_end=1), timeout=10)))
+                    answer = f"get_{code.name}"
+                    if code is C.OK:
+                        if len(got) != 1 or got[0].blob != truth[key]:
+                            violations["get served wrong bytes"] += 1
+                    elif code is not C.NOT_FOUND:
+                        violations[f"get {code.name}: {details[:100]}"] += 1
+                with lock:
+                    records.append((t0, time.monotonic(), answer))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    freezes: dict[str, dict[str, Any]] = {}
+    try:
+        for name, proc in procs.items():
+            tier = store.tier(name)
+            warm_from = time.monotonic()
+            time.sleep(warmup_s)
+            with lock:
+                before = [end - start for start, end, _ in records if start >= warm_from]
+            trips_before = tier.breaker.num_trips
+            errors_before = tier.counters.errors
+            frozen_at = time.monotonic()
+            proc.pause()
+            try:
+                time.sleep(freeze_s)
+            finally:
+                proc.resume()
+            resumed_at = time.monotonic()
+            closed_after = _wait_breaker_closed(store, name)
+            with lock:
+                window = [(end - start, answer) for start, end, answer in records
+                          if end >= frozen_at and start <= resumed_at]
+            latencies = [lat for lat, _ in window]
+            budget = float(getattr(tier, "budget_s", 0.0))
+            freezes[name] = {
+                "frozen_s": round(resumed_at - frozen_at, 2),
+                "budget_s": budget,
+                "rpcs": len(window),
+                "answers": dict(Counter(answer for _, answer in window)),
+                "latency_ms_p50": round(percentile(latencies, 0.50) * 1000, 1),
+                "latency_ms_p99": round(percentile(latencies, 0.99) * 1000, 1),
+                "latency_ms_max": round(max(latencies, default=0.0) * 1000, 1),
+                "rpcs_over_budget": sum(1 for lat in latencies if lat > budget),
+                # Same run, same load, the second before the freeze: the baseline.
+                "unfrozen_latency_ms_p50": round(percentile(before, 0.50) * 1000, 1),
+                "unfrozen_latency_ms_p99": round(percentile(before, 0.99) * 1000, 1),
+                "breaker_trips": tier.breaker.num_trips - trips_before,
+                "tier_errors": tier.counters.errors - errors_before,
+                "breaker_closed_after_resume_s": closed_after,
+            }
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    recovered = _tiers_recovered(target, store, namespace)
+    for name in freezes:
+        freezes[name]["used_again"] = recovered.get(name, False)
+    return {"freezes": freezes, "answers": dict(Counter(answer for _, _, answer in records)),
+            "violations": sum(violations.values()), "violation_examples": dict(violations.most_common(5))}
+
+
+# ====================================================================== disk recovery after bit flips
+
+#: Where in a disk record a flip lands: (part, offset from the record start, or from the payload).
+_RECORD_PARTS = ("magic", "version", "kind", "name_length", "length", "payload_checksum", "key",
+                 "header_checksum", "payload")
+
+
+def run_disk_flips(trials: int, *, seed: int = 0, records: int = 40, blob_bytes: int = 3072) -> dict[str, Any]:
+    """Flip one bit in one record of a disk tier, restart it, count what was lost.
+
+    Each trial writes ``records`` blobs over several segments, flips one random bit in one
+    part of one random record (parts cycle through magic, version, kind, name length, length,
+    payload checksum, key, header checksum and payload; the record is drawn from a sealed
+    segment or from the newest one in turn), reopens the tier and reads everything back
+    through a TieredStore (which checks every blob's checksum trailer). ``lost`` counts
+    records not served intact besides the flipped one: the goal is 0 (before resync, a header
+    flip lost every later record of its segment).
+    """
+    from kvstore.backends.disk import _FIXED, _SUM, DiskBackend
+    from kvstore.backends.tiered import TieredStore
+    from kvstore.errors import IntegrityError
+
+    rng = random.Random(seed)
+    namespace = "flip/model/profile"
+    by_part: dict[str, Counter[str]] = {p: Counter() for p in _RECORD_PARTS}
+    lost_per_flip: list[int] = []
+    wrong_served = 0
+    for trial in range(trials):
+        part = _RECORD_PARTS[trial % len(_RECORD_PARTS)]
+        where = "sealed" if (trial // len(_RECORD_PARTS)) % 2 == 0 else "newest"
+        with tempfile.TemporaryDirectory(prefix="kvstore-diskflip-") as tmp:
+            disk = DiskBackend(tmp, max_bytes=0, fsync="never", segment_bytes=16 * blob_bytes)
+            keys = [BlobKey(namespace, rng.randbytes(KEY_BYTES), 0) for _ in range(records)]
+            blobs = [integrity.seal(rng.randbytes(blob_bytes)) for _ in range(records)]
+            disk.put_many(list(zip(keys, blobs, strict=True)))
+            places = [disk.locate(k) for k in keys]
+            segments = sorted({p[0] for p in places if p is not None})
+            seg = segments[0] if where == "sealed" else segments[-1]
+            victim = rng.choice([i for i, p in enumerate(places) if p is not None and p[0] == seg])
+            path, payload_at, length = places[victim]
+            name_len = len(keys[victim].name().encode())
+            start = payload_at - (_FIXED.size + name_len + _SUM.size)
+            span = {"magic": (start, 4), "version": (start + 4, 1), "kind": (start + 5, 1),
+                    "name_length": (start + 6, 2), "length": (start + 8, 8), "payload_checksum": (start + 16, 8),
+                    "key": (start + _FIXED.size, name_len), "header_checksum": (start + _FIXED.size + name_len, 8),
+                    "payload": (payload_at, length)}[part]
+            disk.close()
+            at = span[0] + rng.randrange(span[1])
+            with open(path, "r+b") as f:
+                f.seek(at)
+                byte = f.read(1)[0]
+                f.seek(at)
+                f.write(bytes([byte ^ (1 << rng.randrange(8))]))
+            disk = DiskBackend(tmp, max_bytes=0, fsync="never", segment_bytes=16 * blob_bytes)
+            store = TieredStore([disk])
+            lost = 0
+            for i, (k, b) in enumerate(zip(keys, blobs, strict=True)):
+                try:
+                    got = store.get(k)
+                except IntegrityError:
+                    got = None
+                if i == victim:
+                    wrong_served += int(got is not None and got != b)
+                    continue
+                if got != b:
+                    lost += 1
+                    wrong_served += int(got is not None)
+            by_part[part]["flips"] += 1
+            by_part[part]["others_lost"] += lost
+            by_part[part]["counted"] += disk.counters.corrupt_records + disk.counters.integrity_failures
+            lost_per_flip.append(lost)
+            disk.close()
+    return {"flips": trials, "records_per_trial": records,
+            "other_records_lost_total": sum(lost_per_flip),
+            "other_records_lost_max_per_flip": max(lost_per_flip, default=0),
+            "wrong_bytes_served": wrong_served,
+            "by_part": {p: dict(c) for p, c in by_part.items()}}
+
+
 # ====================================================================== main
 
 
@@ -1043,22 +1249,67 @@ def _bench_backend_kill(seconds: float, seed: int, r: Any, s3: Any) -> dict[str,
             handle.stop(grace=0)
 
 
+def _legacy_store(r: Any, s3: Any, name: str) -> Any:
+    """The tiers as they were before budgets: 1 s Redis and 5 s S3 timeouts (connect and read), retry
+    deadline 2 x timeout, and the caller-probe breaker that opens after 3 failures in a row."""
+    from kvstore.backends.memory import MemoryBackend
+    from kvstore.backends.redis import RedisBackend
+    from kvstore.backends.retry import CircuitBreaker
+    from kvstore.backends.s3 import S3Backend
+    from kvstore.backends.tiered import TieredStore
+
+    tiers = [MemoryBackend(max_bytes=64 * 1024),
+             RedisBackend(url=r.url, key_prefix=f"{name}:", socket_timeout_s=1.0, connect_timeout_s=1.0,
+                          budget_s=4.0, breaker=CircuitBreaker("redis", 3, 1.0)),
+             S3Backend(endpoint_url=s3.endpoint_url, bucket=name, access_key_id="test", secret_access_key="test",
+                       timeout_s=5.0, connect_timeout_s=5.0, budget_s=20.0, breaker=CircuitBreaker("s3", 3, 1.0))]
+    return TieredStore(tiers, write_through=["redis", "s3"])
+
+
+def _bench_backend_freeze(seconds: float, seed: int, r: Any, s3: Any, legacy: bool = False) -> dict[str, Any]:
+    """Default budgets (``redis.budget_s``/``s3.budget_s`` 0: connect + read + margin, 0.5 s); with
+    ``legacy`` the same load against the pre-budget settings, as the baseline."""
+    from kvstore.config import load_config
+    from kvstore.server import serve
+
+    with tempfile.TemporaryDirectory(prefix="kvstore-freeze-") as tmp:
+        name = "freeze-legacy" if legacy else "freeze"
+        if legacy:
+            config = load_config(None, environ={}, overrides={"server.port": 0, "server.workers": 32,
+                                                              "disk.enabled": False})
+            handle = serve(config, store=_legacy_store(r, s3, name))
+        else:
+            handle = _in_process_server(Path(tmp), **{
+                "memory.max_bytes": 64 * 1024, "disk.enabled": False,
+                "redis.enabled": True, "redis.url": r.url, "redis.key_prefix": f"{name}:",
+                "s3.enabled": True, "s3.endpoint_url": s3.endpoint_url, "s3.bucket": name,
+                "s3.access_key_id": "test", "s3.secret_access_key": "test"})
+        try:
+            out = run_backend_freeze(handle.target, handle.store, {"redis": r, "s3": s3}, seconds, seed=seed)
+            out["server_healthy"] = roundtrip_ok(handle.target, "freeze/model/profile", None)
+            return out
+        finally:
+            handle.stop(grace=0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes, under a minute")
-    parser.add_argument("--only", default="fuzz,bitflips,crash,concurrency,backend_kill",
+    parser.add_argument("--only", default="fuzz,bitflips,disk_flips,crash,concurrency,backend_freeze,backend_freeze_legacy,"
+                        "backend_kill",
                         help="comma-separated subset of workloads")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     q = args.quick
     sizes = {"fuzz": 1000 if q else 10_000, "flips": 400 if q else 10_000, "crash_rounds": 1 if q else 10,
-             "clients": 16 if q else 64, "conc_s": 3.0 if q else 60.0, "kill_s": 5.0 if q else 30.0}
+             "clients": 16 if q else 64, "conc_s": 3.0 if q else 60.0, "kill_s": 5.0 if q else 30.0,
+             "disk_flips": 36 if q else 360, "freeze_s": 3.0 if q else 10.0}
     wanted = set(args.only.split(","))
     results: dict[str, Any] = {"quick": q, "sizes": sizes}
     logging.basicConfig(level=logging.ERROR)  # the faults below make the server warn, by design
     with contextlib.ExitStack() as stack:
         services: list[Any] = []
-        if wanted & {"bitflips", "backend_kill"}:  # one Redis and one S3 for both (moto starts slowly)
+        if wanted & {"bitflips", "backend_kill", "backend_freeze", "backend_freeze_legacy"}:  # one Redis and one S3 for both (moto starts slowly)
             from kvstore.testing.services import RedisProcess, S3Process
 
             services = [stack.enter_context(RedisProcess()), stack.enter_context(S3Process())]
@@ -1067,6 +1318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bitflips": lambda: _bench_bitflips(sizes["flips"], args.seed, *services),
             "crash": lambda: _bench_crash(sizes["crash_rounds"], args.seed),
             "concurrency": lambda: _bench_concurrency(sizes["clients"], sizes["conc_s"], args.seed),
+            "disk_flips": lambda: run_disk_flips(sizes["disk_flips"], seed=args.seed),
+            # SIGSTOP/SIGCONT of the Redis and S3 started above (never any other process).
+            "backend_freeze": lambda: _bench_backend_freeze(sizes["freeze_s"], args.seed, *services),
+            "backend_freeze_legacy": lambda: _bench_backend_freeze(sizes["freeze_s"], args.seed, *services,
+                                                                   legacy=True),
             # Last: it kills and restarts the shared Redis and S3 (they come back empty).
             "backend_kill": lambda: _bench_backend_kill(sizes["kill_s"], args.seed, *services),
         }
@@ -1097,6 +1353,21 @@ def summary(r: dict[str, Any]) -> str:
         b = r["concurrency"]["baseline_1_client"]
         parts.append(f"{c['clients']} clients: {c['errors']} errors, {c['ops_per_s']} ops/s "
                      f"(1 client {b['ops_per_s']}), p99 {c['latency_ms_p99']} ms")
+    if "disk_flips" in r:
+        d = r["disk_flips"]
+        parts.append(f"disk flips {d['flips']}: {d['other_records_lost_total']} other records lost "
+                     f"(max {d['other_records_lost_max_per_flip']}/flip), {d['wrong_bytes_served']} wrong served")
+    if "backend_freeze" in r:
+        fr = r["backend_freeze"]["freezes"]
+        parts.append("freeze: " + ", ".join(
+            f"{n} max {f['latency_ms_max']} ms / p99 {f['latency_ms_p99']} ms vs budget {f['budget_s']:.2f} s, "
+            f"back in {f['breaker_closed_after_resume_s']} s" for n, f in fr.items())
+            + f", {r['backend_freeze']['violations']} bad answers")
+    if "backend_freeze_legacy" in r:
+        fr = r["backend_freeze_legacy"]["freezes"]
+        parts.append("pre-budget settings: " + ", ".join(
+            f"{n} max {f['latency_ms_max']} ms / p99 {f['latency_ms_p99']} ms" for n, f in fr.items())
+            + f", {r['backend_freeze_legacy']['violations']} bad answers")
     if "backend_kill" in r:
         k = r["backend_kill"]
         back = ",".join(name for name, ok in k["tiers_recovered"].items() if ok) or "none"

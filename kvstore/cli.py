@@ -174,7 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, os.environ, serve_overrides(args))
     except ValueError as exc:
-        print(f"kvstore serve: invalid configuration: {exc}", file=sys.stderr)
+        print(f"kvstore serve: invalid configuration: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if args.print_config:
         print(json.dumps(config_as_dict(config), indent=2))
@@ -194,6 +194,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"kvstore serve: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # a start-up check past config.validate(): still one line, exit 2
+        print(f"kvstore serve: invalid configuration: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -79,8 +80,17 @@ class RedisConfig:
     key_prefix: str = "kvstore:"
     ttl_seconds: int = 0
     max_bytes: int = 0
-    socket_timeout_s: float = 1.0
+    #: Longest wait for one reply (each read); with the connect timeout it bounds a hung Redis.
+    socket_timeout_s: float = 0.25
     pool_size: int = 32
+    #: Longest wait to open a connection.
+    connect_timeout_s: float = 0.1
+    #: Time budget of one call (connect + read, pool wait and any retry); 0: connect + read + 0.15 s.
+    budget_s: float = 0.0
+    #: Failed calls in a row that open the circuit breaker (the tier is then skipped).
+    breaker_threshold: int = 1
+    #: How often an open breaker probes the server in the background; it closes on the first answer.
+    breaker_reset_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -93,9 +103,18 @@ class S3Config:
     access_key_id: str | None = None
     secret_access_key: str | None = None
     max_bytes: int = 0
-    timeout_s: float = 5.0
+    #: Longest wait for bytes of one response (botocore read_timeout).
+    timeout_s: float = 0.35
     max_concurrency: int = 16
     multipart_threshold_bytes: int = 64 * MiB
+    #: Longest wait to open a connection (botocore connect_timeout).
+    connect_timeout_s: float = 0.1
+    #: Time budget of one call (connect + read and any retry); 0: connect + read + 0.05 s.
+    budget_s: float = 0.0
+    #: Failed calls in a row that open the circuit breaker (the tier is then skipped).
+    breaker_threshold: int = 1
+    #: How often an open breaker probes S3 in the background; it closes on the first answer.
+    breaker_reset_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -150,8 +169,18 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 FSYNC_MODES = ("batch", "always", "never")
 
 
+#: A tenant name: the tenant part of a namespace (kvstore.keys.NAMESPACE_RE), checked here so that
+#: a typo in auth.tokens or quotas.per_tenant fails at start-up, not at the first request.
+TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
 def validate(config: StoreConfig) -> None:
-    """Every cross-field and range check, in one place. Raises ValueError naming the field."""
+    """Every check of every field, maps included, in one place.
+
+    Raises ValueError with one line that names the field and says why; ``kvstore serve``
+    prints it and exits 2. Nothing later in start-up (auth, quotas, backends) may find a
+    config value it rejects: whatever they would refuse is refused here first.
+    """
     s = config.server
 
     def positive(name: str, value: float) -> None:
@@ -165,6 +194,23 @@ def validate(config: StoreConfig) -> None:
     def port(name: str, value: int) -> None:
         if not 0 <= value <= 65535:
             raise ValueError(f"{name} must be a TCP port in 0..65535 (0 = pick a free one), got {value}")
+
+    def tenant(where: str, name: object) -> None:
+        if not isinstance(name, str) or not TENANT_RE.fullmatch(name):
+            raise ValueError(f"{where}: invalid tenant name {name!r}: use 1-64 characters of [A-Za-z0-9._:-]")
+
+    def one_line(where: str, value: object) -> None:
+        if isinstance(value, str) and ("\n" in value or "\r" in value):
+            raise ValueError(f"{where} must be a single line")
+
+    # Floats first, for every section: NaN passes every comparison and inf every bound.
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{section.name}.{f.name} must be a finite number, got {value}")
+            one_line(f"{section.name}.{f.name}", value)
 
     if not s.host:
         raise ValueError("server.host must not be empty")
@@ -187,39 +233,59 @@ def validate(config: StoreConfig) -> None:
     positive("disk.segment_bytes", d.segment_bytes)
     if d.fsync not in FSYNC_MODES:
         raise ValueError(f"disk.fsync must be one of {', '.join(FSYNC_MODES)}, got {d.fsync!r}")
+    if d.enabled and Path(d.path).exists() and not Path(d.path).is_dir():
+        raise ValueError(f"disk.path {d.path!r} exists and is not a directory")
     r = config.redis
     if r.enabled and not re.match(r"^(redis|rediss|unix)://", r.url):
         raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {r.url!r}")
-    for name in ("ttl_seconds", "max_bytes"):
+    for name in ("ttl_seconds", "max_bytes", "budget_s"):
         non_negative(f"redis.{name}", getattr(r, name))
-    positive("redis.socket_timeout_s", r.socket_timeout_s)
-    positive("redis.pool_size", r.pool_size)
+    for name in ("socket_timeout_s", "connect_timeout_s", "pool_size", "breaker_threshold", "breaker_reset_s"):
+        positive(f"redis.{name}", getattr(r, name))
+    if r.budget_s and r.budget_s < r.connect_timeout_s + r.socket_timeout_s:
+        raise ValueError(f"redis.budget_s ({r.budget_s}) must be 0 (auto) or >= redis.connect_timeout_s + "
+                         f"redis.socket_timeout_s ({r.connect_timeout_s + r.socket_timeout_s:g})")
     s3 = config.s3
     if s3.enabled and not s3.bucket:
         raise ValueError("s3.bucket must be set when s3.enabled is true")
+    if s3.bucket and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", s3.bucket):
+        raise ValueError(f"s3.bucket {s3.bucket!r} is not a bucket name (up to 63 characters of [A-Za-z0-9._-]; "
+                         "AWS itself wants 3-63 of [a-z0-9.-])")
     if s3.endpoint_url and not re.match(r"^https?://", s3.endpoint_url):
         raise ValueError(f"s3.endpoint_url must start with http:// or https://, got {s3.endpoint_url!r}")
     if (s3.access_key_id is None) != (s3.secret_access_key is None):
         raise ValueError("s3.access_key_id and s3.secret_access_key must be set together")
     non_negative("s3.max_bytes", s3.max_bytes)
-    positive("s3.timeout_s", s3.timeout_s)
-    positive("s3.max_concurrency", s3.max_concurrency)
-    positive("s3.multipart_threshold_bytes", s3.multipart_threshold_bytes)
+    non_negative("s3.budget_s", s3.budget_s)
+    for name in ("timeout_s", "connect_timeout_s", "max_concurrency", "multipart_threshold_bytes",
+                 "breaker_threshold", "breaker_reset_s"):
+        positive(f"s3.{name}", getattr(s3, name))
+    if s3.budget_s and s3.budget_s < s3.connect_timeout_s + s3.timeout_s:
+        raise ValueError(f"s3.budget_s ({s3.budget_s}) must be 0 (auto) or >= s3.connect_timeout_s + "
+                         f"s3.timeout_s ({s3.connect_timeout_s + s3.timeout_s:g})")
     a = config.auth
-    for token, tenant in a.tokens.items():
-        if not token or not tenant:
-            raise ValueError("auth.tokens entries must map a non-empty token to a non-empty tenant")
+    for token, name in a.tokens.items():
+        if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+            raise ValueError("auth.tokens: a token is empty or contains whitespace (tokens are not shown)")
+        tenant(f"auth.tokens[<token for {name!r}>]", name)
     if (a.tls_cert is None) != (a.tls_key is None):
         raise ValueError("auth.tls_cert and auth.tls_key must be set together")
     if a.tls_client_ca and not a.tls_cert:
         raise ValueError("auth.tls_client_ca needs auth.tls_cert and auth.tls_key (mutual TLS is TLS first)")
     for name in ("tls_cert", "tls_key", "tls_client_ca"):
         path = getattr(a, name)
+        if path is not None and not path:
+            raise ValueError(f"auth.{name} must not be empty (leave it out to turn it off)")
         if path and not Path(path).is_file():
             raise ValueError(f"auth.{name}: no such file {path!r}")
     non_negative("quotas.default_max_bytes", config.quotas.default_max_bytes)
-    for tenant, limit in config.quotas.per_tenant.items():
-        non_negative(f"quotas.per_tenant[{tenant!r}]", limit)
+    for name, limit in config.quotas.per_tenant.items():
+        tenant(f"quotas.per_tenant[{name!r}]", name)
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise ValueError(f"quotas.per_tenant[{name!r}] must be a byte size, got {limit!r}")
+        non_negative(f"quotas.per_tenant[{name!r}]", limit)
+    if not config.metrics.host:
+        raise ValueError("metrics.host must not be empty")
     port("metrics.port", config.metrics.port)
 
 
@@ -268,8 +334,13 @@ def _parse_bool(text: Any) -> bool:
     raise ValueError(f"not a boolean: {text!r} (use true/false)")
 
 
-def _parse_mapping(text: Any, value_type: type) -> dict:
-    """A mapping from a file (already a dict), JSON, or ``a=b,c=d`` text (env, flags)."""
+def _parse_mapping(text: Any, value_type: type, secret_keys: bool = False) -> dict:
+    """A mapping from a file (already a dict), JSON, or ``a=b,c=d`` text (env, flags).
+
+    ``secret_keys``: the keys are secrets (auth.tokens), so errors name the entry by position.
+    """
+    if isinstance(text, (list, tuple, set)):
+        raise ValueError("expected a mapping (key: value entries), got a list")
     if isinstance(text, Mapping):
         raw = dict(text)
     else:
@@ -283,9 +354,16 @@ def _parse_mapping(text: Any, value_type: type) -> dict:
                 if not sep:
                     raise ValueError(f"expected key=value, got {item!r}")
                 raw[key.strip()] = value.strip()
-    if value_type is int:
-        return {str(k): parse_bytes(v) for k, v in raw.items()}
-    return {str(k): str(v) for k, v in raw.items()}
+    out: dict = {}
+    for n, (k, v) in enumerate(raw.items(), 1):
+        k_shown = f"entry {n} (token not shown)" if secret_keys else f"entry [{str(k)!r}]"
+        if v is None or isinstance(v, (dict, list, bool)):
+            raise ValueError(f"{k_shown} needs a {'byte size' if value_type is int else 'string'} value")
+        try:
+            out[str(k)] = parse_bytes(v) if value_type is int else str(v)
+        except ValueError as exc:
+            raise ValueError(f"{k_shown}: {exc}") from None
+    return out
 
 
 def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
@@ -300,7 +378,7 @@ def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
             inner = next(a for a in args if a is not type(None))
             return _coerce(section, name, inner, value)
         if origin is dict:
-            return _parse_mapping(value, args[1])
+            return _parse_mapping(value, args[1], secret_keys=where == "auth.tokens")
         if hint is bool:
             return _parse_bool(value)
         if hint is int:
@@ -318,7 +396,9 @@ def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
                 raise ValueError("expected a string")
             return str(value)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{where}: invalid value {value!r}: {exc}") from None
+        if origin is dict:  # never echo a whole map: auth.tokens holds secrets
+            raise ValueError(f"{where}: invalid mapping: {_one_line(exc)}") from None
+        raise ValueError(f"{where}: invalid value {value!r}: {_one_line(exc)}") from None
     raise ValueError(f"{where}: unsupported type {hint!r}")  # pragma: no cover
 
 
@@ -337,6 +417,10 @@ def _apply(layers: dict[str, dict[str, Any]], section: str, name: str, value: An
     layers.setdefault(section, {})[name] = _coerce(section, name, hints[name], value)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """Parse a YAML (.yaml/.yml) or TOML (.toml) file into ``{section: {field: value}}``."""
     p = Path(path)
@@ -346,11 +430,20 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     if p.suffix == ".toml":
         import tomllib
 
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {p}: not valid TOML: {_one_line(exc)}") from None
     elif p.suffix in (".yaml", ".yml", ".json"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or _one_line(exc)
+            raise ValueError(f"config file {p}: not valid YAML{where}: {problem}") from None
     else:
         raise ValueError(f"config file {p}: use a .yaml, .yml or .toml file")
     if not isinstance(data, dict):

@@ -53,6 +53,10 @@ class BackendCounters:
     evictions: int = 0
     errors: int = 0
     integrity_failures: int = 0
+    #: Records a recovery skipped because they failed their checks (disk tier; each loses only itself).
+    corrupt_records: int = 0
+    #: Times the tier's circuit breaker opened (remote tiers).
+    breaker_trips: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:

@@ -542,6 +542,8 @@ class DiskBackend(Backend):
             newest = position == len(ids) - 1
             end = self._scan(seg, size, verify_payloads=newest)
             if end < size:
+                # A torn tail (crash mid-append) or a corrupt last record: nothing valid follows it.
+                self.counters.add(corrupt_records=1)
                 log.warning("disk tier: %s: discarding %d bytes of torn or garbled records at offset %d",
                             path, size - end, end)
                 os.ftruncate(fd, end)
@@ -554,35 +556,94 @@ class DiskBackend(Backend):
             self._segments[seg_id] = seg
             self._disk_bytes += end
 
-    def _scan(self, seg: _Segment, size: int, verify_payloads: bool) -> int:
-        """Replay a segment's records into the index; return the offset where valid records end."""
+    def _record_at(self, seg: _Segment, offset: int, size: int, verify_payload: bool
+                   ) -> tuple[int, BlobKey, int, int] | None:
+        """The record starting at ``offset`` as (kind, key, payload offset, length), or None if it fails
+        any check: magic, version, kind, name length, header checksum, length within the file, a
+        parseable name and, with ``verify_payload``, the payload checksum."""
         fixed = _FIXED.size
-        offset = 0
-        while offset + fixed + _SUM.size <= size:
-            head = os.pread(seg.fd, 4096, offset)
-            if len(head) < fixed + _SUM.size:
-                break
-            magic, version, kind, name_len, length, psum = _FIXED.unpack_from(head)
-            if magic != MAGIC or version != FORMAT_VERSION or kind not in (KIND_PUT, KIND_TOMBSTONE):
-                break
-            header_len = fixed + name_len + _SUM.size
+        if offset + fixed + _SUM.size > size:
+            return None
+        head = os.pread(seg.fd, 4096, offset)
+        if len(head) < fixed + _SUM.size:
+            return None
+        magic, version, kind, name_len, length, psum = _FIXED.unpack_from(head)
+        if magic != MAGIC or version != FORMAT_VERSION or kind not in (KIND_PUT, KIND_TOMBSTONE):
+            return None
+        if name_len == 0 or name_len > MAX_NAME_BYTES:
+            return None
+        header_len = fixed + name_len + _SUM.size
+        if len(head) < header_len:
+            head = os.pread(seg.fd, header_len, offset)
             if len(head) < header_len:
-                head = os.pread(seg.fd, header_len, offset)
-                if len(head) < header_len:
+                return None
+        if xxhash.xxh3_64_intdigest(head[: fixed + name_len]) != _SUM.unpack_from(head, fixed + name_len)[0]:
+            return None
+        payload_at = offset + header_len
+        if payload_at + length > size:
+            return None
+        if verify_payload and length:
+            data = os.pread(seg.fd, length, payload_at)
+            if len(data) != length or xxhash.xxh3_64_intdigest(data) != psum:
+                return None
+        try:
+            key = _parse_name(head[fixed : fixed + name_len].decode())
+        except ValueError:
+            return None
+        return kind, key, payload_at, length
+
+    def _resync(self, seg: _Segment, bad: int, size: int) -> int | None:
+        """The offset of the first valid record after the bad one at ``bad``, or None.
+
+        Candidates are the places the magic occurs; a candidate counts only if its header
+        checksum holds *and* its payload checksum does too (a resync always verifies the
+        payload, even in sealed segments), so a stray "KVS1" inside a payload is not taken
+        for a record. Reads the segment in windows; overlapping by the magic's length so a
+        magic split across two windows is still found.
+        """
+        window = 1 << 20
+        pos = bad + 1
+        while pos < size:
+            data = os.pread(seg.fd, window + len(MAGIC) - 1, pos)
+            if not data:
+                return None
+            at = data.find(MAGIC)
+            while at != -1 and at < window:
+                if self._record_at(seg, pos + at, size, verify_payload=True) is not None:
+                    return pos + at
+                at = data.find(MAGIC, at + 1)
+            pos += window
+        return None
+
+    def _scan(self, seg: _Segment, size: int, verify_payloads: bool) -> int:
+        """Replay a segment's records into the index; return the offset where valid records end.
+
+        A record that fails its checks loses only itself: the scan resynchronises at the next
+        valid record (see :meth:`_resync`), counts the skipped record (``corrupt_records``) and
+        logs it. Only when no valid record follows is the rest of the segment dropped (a torn
+        tail after a crash, or garbage to the end): the returned offset is then the bad one.
+        """
+        offset = 0
+        while offset < size:
+            record = self._record_at(seg, offset, size, verify_payloads)
+            if record is None:
+                if size - offset < _FIXED.size + _SUM.size:
+                    break  # too short to hold a record: a torn tail
+                nxt = self._resync(seg, offset, size)
+                if nxt is None:
                     break
-            if xxhash.xxh3_64_intdigest(head[: fixed + name_len]) != _SUM.unpack_from(head, fixed + name_len)[0]:
-                break
-            payload_at = offset + header_len
-            if payload_at + length > size:
-                break
-            if verify_payloads and length:
-                data = os.pread(seg.fd, length, payload_at)
-                if len(data) != length or xxhash.xxh3_64_intdigest(data) != psum:
-                    break
-            try:
-                key = _parse_name(head[fixed : fixed + name_len].decode())
-            except ValueError:
-                break
+                self.counters.add(corrupt_records=1)
+                log.warning("disk tier: %s: corrupt record at offset %d skipped (%d bytes); resynchronised at "
+                            "offset %d, later records kept", seg.path, offset, nxt - offset, nxt)
+                if verify_payloads and os.pread(seg.fd, len(MAGIC), offset) == MAGIC:
+                    # A good header over a bad payload: once this segment is sealed its payloads are
+                    # no longer re-hashed at start-up, so unmark the record now or a later restart
+                    # would index it again. Zeroing the magic keeps the format; the bytes stay a hole.
+                    os.pwrite(seg.fd, b"\0" * len(MAGIC), offset)
+                    os.fsync(seg.fd)
+                offset = nxt
+                continue
+            kind, key, payload_at, length = record
             old = self._index.pop(key, None)
             if old is not None:
                 old.seg.live.discard(key)

@@ -38,6 +38,7 @@ import redis.exceptions
 import redis.retry
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
+from kvstore.backends.breaker import ProbingBreaker
 from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
 from kvstore.errors import BackendUnavailable
 
@@ -149,20 +150,31 @@ class RedisBackend(Backend):
         key_prefix: str = "kvstore:",
         ttl_seconds: float = 0,
         max_bytes: int = 0,
-        socket_timeout_s: float = 1.0,
+        socket_timeout_s: float = 0.25,
         pool_size: int = 32,
         backoff: Backoff | None = None,
         max_attempts: int = 3,
-        breaker_threshold: int = 3,
-        breaker_reset_s: float = 1.0,
+        breaker_threshold: int = 1,
+        breaker_reset_s: float = 0.5,
         retry: Retry | None = None,
         breaker: CircuitBreaker | None = None,
+        connect_timeout_s: float = 0.1,
+        budget_s: float = 0.0,
     ) -> None:
         super().__init__()
         if ttl_seconds < 0 or max_bytes < 0:
             raise ValueError("redis ttl_seconds and max_bytes must be >= 0")
-        if socket_timeout_s <= 0 or pool_size <= 0:
-            raise ValueError("redis socket_timeout_s and pool_size must be > 0")
+        if socket_timeout_s <= 0 or pool_size <= 0 or connect_timeout_s <= 0:
+            raise ValueError("redis socket_timeout_s, connect_timeout_s and pool_size must be > 0")
+        # The time budget of one call: connect + read, and what is left of the budget bounds
+        # both the wait for a pooled connection and any retry (a retry starts only if a whole
+        # fresh attempt still fits). 0: connect + read, plus 0.15 s of pool wait.
+        attempt_s = connect_timeout_s + socket_timeout_s
+        budget_s = budget_s or round(attempt_s + 0.15, 6)
+        if budget_s < attempt_s:
+            raise ValueError(f"redis budget_s ({budget_s}) must be >= connect_timeout_s + socket_timeout_s "
+                             f"({attempt_s})")
+        self.budget_s = budget_s
         self.url = url
         self.key_prefix = key_prefix
         self.ttl_ms = int(ttl_seconds * 1000)
@@ -171,9 +183,9 @@ class RedisBackend(Backend):
         self._pool = redis.BlockingConnectionPool.from_url(
             url,
             max_connections=pool_size,
-            timeout=socket_timeout_s,
+            timeout=max(0.02, budget_s - attempt_s),
             socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         )
         self._client = redis.Redis(connection_pool=self._pool)
@@ -185,10 +197,14 @@ class RedisBackend(Backend):
         retry = retry or Retry(
             backoff or ExponentialBackoff(base_s=0.02, cap_s=0.25),
             max_attempts=max_attempts,
-            deadline_s=2 * socket_timeout_s,
+            deadline_s=budget_s - attempt_s,
             retry_on=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
         )
-        self.breaker = breaker or CircuitBreaker("redis", breaker_threshold, breaker_reset_s)
+        # Opens on the first failed call; while open no request touches Redis, a daemon
+        # thread PINGs it (same timeouts) and closes the circuit when it answers.
+        self.breaker = breaker or ProbingBreaker(
+            "redis", self._probe, breaker_threshold, breaker_reset_s,
+            on_open=lambda: self.counters.add(breaker_trips=1))
         # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
         self._guard = Guard(retry, self.breaker, translate_redis_error)
 
@@ -335,6 +351,10 @@ class RedisBackend(Backend):
         total, count = self._guard(run)
         return BackendUsage(bytes=int(total or 0), objects=int(count), capacity_bytes=self.max_bytes)
 
+    def _probe(self) -> None:
+        """The background breaker probe: one PING under the call timeouts, never through the guard."""
+        self._client.ping()
+
     def healthy(self) -> bool:
         try:
             return bool(self._guard(self._client.ping))
@@ -342,4 +362,6 @@ class RedisBackend(Backend):
             return False
 
     def close(self) -> None:
+        if isinstance(self.breaker, ProbingBreaker):
+            self.breaker.close()
         self._pool.disconnect()

@@ -10,7 +10,9 @@ Remote tiers (Redis, S3) fail in two ways that call for different answers:
   for the whole retry budget and hammer the server when it comes back, so the
   :class:`CircuitBreaker` opens after a run of failed calls and fails fast with
   :class:`~kvstore.errors.BackendUnavailable` for a cool-down, then lets one probe
-  through; a successful probe closes it again, so a tier recovers by itself.
+  through; a successful probe closes it again, so a tier recovers by itself. Redis and S3
+  use its subclass :class:`~kvstore.backends.breaker.ProbingBreaker`, which opens on the first
+  failure and probes from a background thread, so no request waits on a hung server twice.
 
 :class:`Guard` composes the two with an error translator, so a backend's call
 sites read ``self._guard(lambda: client.get(name))`` and never loop themselves.
@@ -172,7 +174,8 @@ class CircuitBreaker:
             self._failures = 0
             self._probing = False
 
-    def record_failure(self) -> None:
+    def record_failure(self, error: BaseException | str | None = None) -> None:
+        """One failed call; ``error`` (what failed) is for subclasses that report it."""
         with self._lock:
             self._failures += 1
             if self._state == self.HALF_OPEN or self._failures >= self.failure_threshold:
@@ -207,8 +210,8 @@ class Guard:
         self.breaker.before_call()
         try:
             result = self.retry(fn)
-        except BackendUnavailable:
-            self._failed()
+        except BackendUnavailable as exc:
+            self._failed(exc)
             raise
         except Exception as exc:
             unavailable = self.translate(exc)
@@ -216,7 +219,7 @@ class Guard:
                 # Not an outage: the server answered. Let the probe slot go.
                 self.breaker.record_success()
                 raise
-            self._failed()
+            self._failed(unavailable)
             raise unavailable from exc
         except BaseException:
             # Interrupted (KeyboardInterrupt, SystemExit): never leave a probe slot taken.
@@ -225,7 +228,7 @@ class Guard:
         self.breaker.record_success()
         return result
 
-    def _failed(self) -> None:
-        self.breaker.record_failure()
+    def _failed(self, error: BaseException) -> None:
+        self.breaker.record_failure(error)
         if self.on_failure is not None:
             self.on_failure()

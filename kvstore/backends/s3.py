@@ -50,6 +50,7 @@ import botocore.exceptions
 import xxhash
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
+from kvstore.backends.breaker import ProbingBreaker
 from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
 from kvstore.errors import BackendUnavailable
 
@@ -192,6 +193,13 @@ def translate_s3_error(exc: BaseException) -> BackendUnavailable | None:
     return None
 
 
+def _no_expect_continue(request: Any, **_: Any) -> None:
+    """``before-send`` hook (runs after every header is set; SigV4 never signs Expect). Returns None,
+    which lets the request go out (a returned value would stand in for the response)."""
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
 class _Catalog:
     """Objects under the prefix known to this process: LRU order and blob bytes, for budgets."""
 
@@ -266,22 +274,33 @@ class S3Backend(Backend):
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
         max_bytes: int = 0,
-        timeout_s: float = 5.0,
+        timeout_s: float = 0.35,
         max_concurrency: int = 16,
         multipart_threshold_bytes: int = 64 << 20,
         backoff: Backoff | None = None,
         max_attempts: int = 3,
-        breaker_threshold: int = 3,
-        breaker_reset_s: float = 1.0,
+        breaker_threshold: int = 1,
+        breaker_reset_s: float = 0.5,
         retry: Retry | None = None,
         breaker: CircuitBreaker | None = None,
         index_cache_size: int = 65536,
         index_ttl_s: float = 30.0,
         catalog_refresh_s: float = 300.0,
+        connect_timeout_s: float = 0.1,
+        budget_s: float = 0.0,
     ) -> None:
         super().__init__()
         if max_bytes < 0 or timeout_s <= 0 or max_concurrency <= 0 or multipart_threshold_bytes <= 0:
             raise ValueError("s3: max_bytes >= 0, timeout_s, max_concurrency, multipart_threshold_bytes > 0")
+        if connect_timeout_s <= 0:
+            raise ValueError("s3: connect_timeout_s must be > 0")
+        # One call's time budget: connect + read (``timeout_s`` bounds each wait for bytes), and a
+        # retry only starts while a whole fresh attempt still fits in what is left of the budget (0: connect + read + 0.05 s).
+        attempt_s = connect_timeout_s + timeout_s
+        budget_s = budget_s or round(attempt_s + 0.05, 6)
+        if budget_s < attempt_s:
+            raise ValueError(f"s3: budget_s ({budget_s}) must be >= connect_timeout_s + timeout_s ({attempt_s})")
+        self.budget_s = budget_s
         self.bucket = bucket
         self.prefix = prefix
         self.region = region
@@ -293,7 +312,7 @@ class S3Backend(Backend):
         self.catalog_refresh_s = catalog_refresh_s
         config = botocore.config.Config(
             region_name=region,
-            connect_timeout=timeout_s,
+            connect_timeout=connect_timeout_s,
             read_timeout=timeout_s,
             retries={"total_max_attempts": 1},  # our Retry decides; botocore must not retry too
             max_pool_connections=max_concurrency * 2,
@@ -307,6 +326,11 @@ class S3Backend(Backend):
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url or None, config=config, **credentials
         )
+        # botocore sends uploads with "Expect: 100-continue" and then waits up to a fixed 1 s
+        # for the interim answer before sending the body anyway: against a hung server that
+        # second is outside every timeout and would double the budget. Drop the header.
+        for op in ("PutObject", "UploadPart"):
+            self.client.meta.events.register(f"before-send.s3.{op}", _no_expect_continue)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="kvstore-s3")
         self._indexes: OrderedDict[str, ChunkIndex] = OrderedDict()
         self._index_lock = threading.Lock()
@@ -315,13 +339,17 @@ class S3Backend(Backend):
         self._race_backoff = ExponentialBackoff(base_s=0.005, cap_s=0.2)
         self._object_locks = [threading.Lock() for _ in range(256)]
         retry = retry or Retry(
-            backoff or ExponentialBackoff(base_s=0.05, cap_s=1.0),
+            backoff or ExponentialBackoff(base_s=0.02, cap_s=0.25),
             max_attempts=max_attempts,
-            deadline_s=2 * timeout_s,
+            deadline_s=budget_s - attempt_s,
             retry_on=(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError),
             retry_if=_is_transient,
         )
-        self.breaker = breaker or CircuitBreaker("s3", breaker_threshold, breaker_reset_s)
+        # Opens on the first failed call; while open no request touches S3, a daemon thread
+        # asks for the bucket (same timeouts) and closes the circuit when S3 answers.
+        self.breaker = breaker or ProbingBreaker(
+            "s3", self._probe, breaker_threshold, breaker_reset_s,
+            on_open=lambda: self.counters.add(breaker_trips=1))
         # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
         self._guard = Guard(retry, self.breaker, translate_s3_error)
         # S3 down at start-up: the server still starts; the bucket is made on first use.
@@ -330,23 +358,29 @@ class S3Backend(Backend):
 
     # -- plumbing --------------------------------------------------------------------
     def _ensure_bucket(self) -> None:
-        def run() -> None:
-            try:
-                self.client.head_bucket(Bucket=self.bucket)
-            except botocore.exceptions.ClientError as exc:
-                if _status(exc) != 404 and _error_code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
-                    raise
-                kwargs: dict[str, Any] = {"Bucket": self.bucket}
-                if self.region and self.region != "us-east-1":
-                    kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
-                try:
-                    self.client.create_bucket(**kwargs)
-                except botocore.exceptions.ClientError as create_exc:
-                    if _error_code(create_exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
-                        raise
-
-        self._guard(run)
+        self._guard(self._make_bucket)
         self._bucket_ready = True
+
+    def _probe(self) -> None:
+        """The background breaker probe: the bucket check under the call timeouts, not guarded."""
+        self._make_bucket()
+        self._bucket_ready = True
+
+    def _make_bucket(self) -> None:
+        """Head the bucket, creating it when missing (a fresh or emptied server)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            if _status(exc) != 404 and _error_code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
+                raise
+            kwargs: dict[str, Any] = {"Bucket": self.bucket}
+            if self.region and self.region != "us-east-1":
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+            try:
+                self.client.create_bucket(**kwargs)
+            except botocore.exceptions.ClientError as create_exc:
+                if _error_code(create_exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise
 
     def _call(self, fn: Callable[[], T]) -> T:
         """One guarded S3 operation; recreates the bucket once if it vanished (e.g. a fresh server)."""
@@ -828,5 +862,7 @@ class S3Backend(Backend):
             return False
 
     def close(self) -> None:
+        if isinstance(self.breaker, ProbingBreaker):
+            self.breaker.close()
         self._pool.shutdown(wait=True)
         self.client.close()
