@@ -1,0 +1,103 @@
+"""Limits on the Put and Get streams a server keeps open, so no caller can starve the rest.
+
+The asyncio server holds no thread for a stream that waits on its client, but
+each open stream still costs memory (a Put buffers its blobs until the commit)
+and a slot of the client's connection. :class:`StreamLimiter` caps the streams
+open per tenant and per connection (gRPC peer) and says, when it refuses one,
+which limit was hit and which config field raises it. :class:`StreamClock`
+is the idle and total timeout of one stream (``server.stream_idle_timeout_s``,
+``server.stream_timeout_s``): it tells a client that stopped sending or reading
+from a slow backend, because only waits on the client are timed.
+
+Everything here runs on the server's event loop thread, so there are no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from kvstore.config import ServerConfig
+from kvstore.errors import StreamLimitExceeded, StreamTimeout
+
+
+class StreamLimiter:
+    """Counts open streams per tenant and per peer; :meth:`open` refuses one past either limit."""
+
+    def __init__(self, limits: ServerConfig) -> None:
+        self.per_tenant = limits.max_streams_per_tenant
+        self.per_peer = limits.max_streams_per_peer
+        self.tenants: Counter[str] = Counter()
+        self.peers: Counter[str] = Counter()
+
+    @contextmanager
+    def open(self, method: str, tenant: str | None, peer: str) -> Iterator[None]:
+        """Hold one stream slot of ``tenant`` (None: auth off, no tenant limit) and ``peer``."""
+        if tenant is not None and self.tenants[tenant] >= self.per_tenant:
+            raise StreamLimitExceeded(
+                f"{method} refused: tenant {tenant!r} already has {self.tenants[tenant]} Put/Get streams open "
+                f"(server.max_streams_per_tenant = {self.per_tenant}); finish or cancel some, or raise "
+                "server.max_streams_per_tenant")
+        if self.peers[peer] >= self.per_peer:
+            raise StreamLimitExceeded(
+                f"{method} refused: this connection ({peer}) already has {self.peers[peer]} Put/Get streams "
+                f"open (server.max_streams_per_peer = {self.per_peer}); finish or cancel some, open another "
+                "connection, or raise server.max_streams_per_peer")
+        if tenant is not None:
+            self.tenants[tenant] += 1
+        self.peers[peer] += 1
+        try:
+            yield
+        finally:
+            self.peers[peer] -= 1
+            if not self.peers[peer]:
+                del self.peers[peer]
+            if tenant is not None:
+                self.tenants[tenant] -= 1
+                if not self.tenants[tenant]:
+                    del self.tenants[tenant]
+
+    def open_streams(self) -> int:
+        return sum(self.peers.values())
+
+
+class StreamClock:
+    """The idle and total deadlines of one stream, armed only while it waits on its client.
+
+    Use ``async with clock.waiting_on_client(what):`` around a read of the next
+    request or a write of the next response; past either deadline it raises
+    :class:`StreamTimeout` naming the config field.
+    """
+
+    def __init__(self, method: str, limits: ServerConfig) -> None:
+        self.method = method
+        self.idle_s = limits.stream_idle_timeout_s
+        self.total_s = limits.stream_timeout_s
+        self._loop = asyncio.get_running_loop()
+        self.end = self._loop.time() + self.total_s
+
+    def timeout(self) -> asyncio.Timeout:
+        """An ``asyncio.timeout`` at the next deadline; :meth:`rearm` it after each message."""
+        return asyncio.timeout(self.deadline())
+
+    def deadline(self) -> float:
+        return min(self._loop.time() + self.idle_s, self.end)
+
+    def rearm(self, cm: asyncio.Timeout) -> None:
+        cm.reschedule(self.deadline())
+
+    def pause(self, cm: asyncio.Timeout) -> None:
+        """Stop the clock while the server itself works (a slow tier is not the client's fault)."""
+        cm.reschedule(None)
+
+    def expired(self, doing: str) -> StreamTimeout:
+        if self._loop.time() >= self.end - 1e-3:
+            return StreamTimeout(
+                f"{self.method} stream ran longer than server.stream_timeout_s ({self.total_s:g} s) while the "
+                f"client was {doing}; send smaller batches or raise server.stream_timeout_s")
+        return StreamTimeout(
+            f"{self.method} stream idle: the client was {doing} for server.stream_idle_timeout_s "
+            f"({self.idle_s:g} s); the server ended the stream (raise server.stream_idle_timeout_s if the "
+            "client is legitimately slow)")
