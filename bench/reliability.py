@@ -347,6 +347,16 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def committed(requests: Any) -> Iterator[Any]:
+    """A Put request stream ended by its commit message (the server stores nothing without it)."""
+    yield from requests
+    yield pb.PutRequest(commit=True)
+
+
+#: The commit message as bytes, appended to every raw Put stream the fuzzer sends.
+COMMIT_BYTES = pb.PutRequest(commit=True).SerializeToString()
+
+
 class RawCaller:
     """Calls every method with either messages or raw bytes (identity serializers)."""
 
@@ -369,7 +379,7 @@ class RawCaller:
             return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
         if case.method == "Put":
-            body: Any = iter([encode(m) for m in case.request])
+            body: Any = iter([*(encode(m) for m in case.request), COMMIT_BYTES])
             run: Callable[[], Any] = lambda: fn(body, timeout=timeout_s, metadata=md)  # noqa: E731
         elif case.method == "Get":
             run = lambda: list(fn(encode(case.request), timeout=timeout_s, metadata=md))  # noqa: E731
@@ -387,7 +397,7 @@ def roundtrip_ok(target: str, namespace: str, token: str | None, credentials: An
         md = bearer_metadata(token) if token else None
         key, blob = os.urandom(KEY_BYTES), integrity.seal(os.urandom(1000))
         try:
-            stub.Put(iter([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
+            stub.Put(committed([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
                      timeout=10, metadata=md)
             got = list(stub.Get(pb.GetRequest(namespace=namespace, keys=[key], layer_start=0, layer_end=1),
                                 timeout=10, metadata=md))
@@ -405,7 +415,7 @@ def seed_chunks(target: str, namespace: str, token: str | None, count: int = 8,
             key = os.urandom(KEY_BYTES)
             reqs = [pb.PutRequest(namespace=namespace, key=key, layer=i, num_layers=num_layers,
                                   blob=integrity.seal(os.urandom(512))) for i in range(num_layers)]
-            stub.Put(iter(reqs), timeout=10, metadata=bearer_metadata(token) if token else None)
+            stub.Put(committed(reqs), timeout=10, metadata=bearer_metadata(token) if token else None)
             out.append((key, num_layers))
         return out
 
@@ -622,7 +632,7 @@ def run_bitflips(target: str, store: Any, corruptor: TierCorruptor, flips: int, 
                 pb.GetRequest(namespace=namespace, keys=[c], layer_start=layer, layer_end=layer + 1), timeout=30)))
             return code, (got[0].blob if got else None)
 
-        stub.Put(iter([pb.PutRequest(namespace=namespace, key=c, layer=layer, num_layers=num_layers, blob=b)
+        stub.Put(committed([pb.PutRequest(namespace=namespace, key=c, layer=layer, num_layers=num_layers, blob=b)
                        for (c, layer), b in truth.items()]), timeout=60)
         for c, layer in rng.sample(list(truth), min(len(truth), 64)):  # baseline: no flips
             code, blob = read(c, layer)
@@ -669,7 +679,7 @@ def run_bitflips(target: str, store: Any, corruptor: TierCorruptor, flips: int, 
 
 
 def _put_chunk(stub: Any, namespace: str, key: bytes, blobs: Sequence[bytes], timeout_s: float = 10.0) -> None:
-    stub.Put(iter([pb.PutRequest(namespace=namespace, key=key, layer=i, num_layers=len(blobs), blob=b)
+    stub.Put(committed([pb.PutRequest(namespace=namespace, key=key, layer=i, num_layers=len(blobs), blob=b)
                    for i, b in enumerate(blobs)]), timeout=timeout_s)
 
 
@@ -869,7 +879,7 @@ def run_backend_kill(target: str, store: Any, redis_proc: Any, s3_proc: Any, sec
             while not stop.is_set():
                 if wrng.random() < 0.4 or not truth:
                     key, blob = wrng.randbytes(KEY_BYTES), integrity.seal(wrng.randbytes(blob_bytes))
-                    code, details, _ = rpc_code(lambda k=key, b=blob: stub.Put(iter([pb.PutRequest(
+                    code, details, _ = rpc_code(lambda k=key, b=blob: stub.Put(committed([pb.PutRequest(
                         namespace=namespace, key=k, layer=0, num_layers=1, blob=b)]), timeout=10))
                     answers[f"put_{code.name}"] += 1
                     if code is C.OK:
@@ -926,7 +936,7 @@ def _tiers_recovered(target: str, store: Any, namespace: str, deadline_s: float 
             key = os.urandom(KEY_BYTES)
             blob = integrity.seal(os.urandom(256))
             with contextlib.suppress(grpc.RpcError):
-                stub.Put(iter([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
+                stub.Put(committed([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
                          timeout=10)
             for name in names:
                 with contextlib.suppress(Exception):
