@@ -262,22 +262,35 @@ class KVStoreServicer:
                 source = pack_blobs(source, self.service.pack_limit(request.pack_bytes))
             add_bytes = self.metrics.add_bytes
             clock = StreamClock("Get", self.limits)
-            try:
-                async with clock.timeout() as timer:
-                    done = False
-                    while not done:
-                        clock.pause(timer)
-                        batch, error, done = await self._work(_take, source, GET_BATCH_BYTES, GET_BATCH_ITEMS)
-                        clock.rearm(timer)
-                        for item in batch:
-                            blob = item[2]
-                            add_bytes("out", sum(len(b) for b in blob) if isinstance(blob, list) else len(blob))
-                            await context.write(item)  # serialised by encode_get_response
-                            clock.rearm(timer)
-                        if error is not None:
-                            raise error
-            except TimeoutError:
-                raise clock.expired("not reading") from None
+            done = False
+            while not done:
+                batch, error, done = await self._work(_take, source, GET_BATCH_BYTES, GET_BATCH_ITEMS)
+                for item in batch:
+                    blob = item[2]
+                    add_bytes("out", sum(len(b) for b in blob) if isinstance(blob, list) else len(blob))
+                    # A write waits while the client does not read (HTTP/2 flow control).
+                    write = asyncio.ensure_future(context.write(item))  # serialised by encode_get_response
+                    finished, _ = await asyncio.wait((write,), timeout=clock.remaining())
+                    if not finished:
+                        await self._end_stalled_get(write, clock)
+                    write.result()
+                if error is not None:
+                    raise error
+
+    async def _end_stalled_get(self, write: asyncio.Future[Any], clock: StreamClock) -> None:
+        """End a Get whose client stopped reading: no more blobs, then DEADLINE_EXCEEDED.
+
+        grpc cannot send a status while a write is blocked on flow control (the
+        client would hang), and the asyncio server cannot cancel one call. So the
+        stream sends nothing more, is counted as timed out at once, and keeps
+        its slot (its memory is one message) until the client reads again, when it
+        gets the data in flight and then the status, or goes away. HTTP/2
+        keepalive closes connections of clients that died.
+        """
+        self.service.counters.add(get_streams_timed_out=1)
+        log.info("Get stream stalled: its client read nothing for %g s", clock.idle_s)
+        await write
+        raise clock.expired("not reading")
 
     @_rpc("Delete")
     async def Delete(self, tenant: str | None, request: Any, context: Any) -> kvstore_pb2.DeleteResponse:
@@ -423,6 +436,11 @@ class _LoopThread:
         self.loop.close()
 
 
+#: Server-side HTTP/2 keepalive: a ping every minute finds connections whose client died without a
+#: FIN (its stalled streams then end). Server only: clients keep their own settings.
+KEEPALIVE = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000)]
+
+
 @dataclass
 class ServerHandle:
     """A running server. ``stop`` drains in-flight RPCs for ``grace`` seconds.
@@ -511,7 +529,7 @@ def serve(config: StoreConfig, store: Any | None = None) -> ServerHandle:
 async def _start(config: StoreConfig, servicer: KVStoreServicer, credentials: grpc.ServerCredentials | None
                  ) -> tuple[grpc.aio.Server, int, health_async.HealthServicer]:
     """Create and start the asyncio server on the running loop (grpc.aio objects belong to one loop)."""
-    server = grpc.aio.server(options=grpc_options(config))
+    server = grpc.aio.server(options=grpc_options(config) + KEEPALIVE)
     try:
         add_servicer(servicer, server)
         health_servicer = health_async.HealthServicer()

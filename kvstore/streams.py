@@ -66,9 +66,10 @@ class StreamLimiter:
 class StreamClock:
     """The idle and total deadlines of one stream, armed only while it waits on its client.
 
-    Use ``async with clock.waiting_on_client(what):`` around a read of the next
-    request or a write of the next response; past either deadline it raises
-    :class:`StreamTimeout` naming the config field.
+    A Put reads its requests under :meth:`timeout`, re-armed after each
+    message; a Get bounds each write by :meth:`remaining`. Time the server
+    spends on its own work (reading a tier between writes) is not counted as
+    idle. :meth:`expired` is the :class:`StreamTimeout` naming the config field.
     """
 
     def __init__(self, method: str, limits: ServerConfig) -> None:
@@ -85,12 +86,12 @@ class StreamClock:
     def deadline(self) -> float:
         return min(self._loop.time() + self.idle_s, self.end)
 
+    def remaining(self) -> float:
+        """Seconds the next wait on the client may take (the idle limit, or what is left of the total)."""
+        return max(0.0, self.deadline() - self._loop.time())
+
     def rearm(self, cm: asyncio.Timeout) -> None:
         cm.reschedule(self.deadline())
-
-    def pause(self, cm: asyncio.Timeout) -> None:
-        """Stop the clock while the server itself works (a slow tier is not the client's fault)."""
-        cm.reschedule(None)
 
     def expired(self, doing: str) -> StreamTimeout:
         if self._loop.time() >= self.end - 1e-3:
