@@ -21,6 +21,10 @@ figures below and the assertions of the suite measure the same thing:
 * ``concurrency``: N clients (transfer.client.KVClient) putting and reading back
   for S seconds: errors, wrong bytes, throughput and p50/p99 latency; baseline 1
   client.
+* ``starvation``: one tenant stalls 10x the worker count of streams (Puts that
+  stop sending, Gets never read) while another keeps calling: streams held and
+  refused, the other tenant's latency and failures against its own baseline
+  before the stall, how the stalled streams ended, partial Puts stored (must be 0).
 * ``backend_kill``: Redis and S3 killed and restarted while clients read and
   write through a server with a tiny RAM tier: answers that are neither correct
   bytes nor a miss (must be 0), server health, tiers serving again afterwards.
@@ -1056,7 +1060,7 @@ def _bench_backend_kill(seconds: float, seed: int, r: Any, s3: Any) -> dict[str,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes, under a minute")
-    parser.add_argument("--only", default="fuzz,bitflips,crash,concurrency,backend_kill",
+    parser.add_argument("--only", default="fuzz,bitflips,crash,concurrency,starvation,backend_kill",
                         help="comma-separated subset of workloads")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
@@ -1077,6 +1081,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bitflips": lambda: _bench_bitflips(sizes["flips"], args.seed, *services),
             "crash": lambda: _bench_crash(sizes["crash_rounds"], args.seed),
             "concurrency": lambda: _bench_concurrency(sizes["clients"], sizes["conc_s"], args.seed),
+            "starvation": lambda: _bench_starvation(q, args.seed),
             # Last: it kills and restarts the shared Redis and S3 (they come back empty).
             "backend_kill": lambda: _bench_backend_kill(sizes["kill_s"], args.seed, *services),
         }
@@ -1111,7 +1116,141 @@ def summary(r: dict[str, Any]) -> str:
         k = r["backend_kill"]
         back = ",".join(name for name, ok in k["tiers_recovered"].items() if ok) or "none"
         parts.append(f"redis+s3 kill: {k['violations']} bad answers, tiers back: {back}")
+    if "starvation" in r:
+        st = r["starvation"]
+        d = st["during_stall_other_tenant"]
+        parts.append(f"starvation {st['streams_attempted']} stalled streams ({st['streams_held']} held, "
+                     f"{st['refused_resource_exhausted']} refused): other tenant p99 {d['latency_ms_p99']} ms, "
+                     f"max {d['latency_ms_max']} ms, {d['failures']} failures, "
+                     f"{st['partial_puts_stored']} partial Puts stored")
     return "reliability: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------- starvation (issue 16)
+
+
+def run_starvation(target: str, observer_token: str, *, workers: int, tenant_limit: int, idle_s: float,
+                   probe_s: float, seed: int = 0) -> dict[str, Any]:
+    """Tenant "a" stalls 10x ``workers`` streams while tenant "b" keeps calling; what held, how fast.
+
+    Half of a's streams are Puts that send one blob and stop (no commit), half are
+    Gets never read (on connections without BDP probing, so their flow-control
+    windows fill). Measured: streams the server held and refused
+    (RESOURCE_EXHAUSTED past ``tenant_limit``), b's health/Lookup/Get/Put/Stats
+    latency before (baseline) and during the stall, how a's streams ended and
+    after how long, and whether anything of the stalled Puts was stored.
+    """
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kvstore.auth import bearer_metadata
+    from transfer.client import KVClient
+
+    rng = random.Random(seed)
+    ns_a, ns_b = "a/m/p", "b/m/p"
+    md_a = bearer_metadata("tok-a")
+    blob = integrity.seal(rng.randbytes(256 * 1024 - 8))
+    big = [rng.randbytes(KEY_BYTES) for _ in range(64)]
+    b_keys = [rng.randbytes(KEY_BYTES) for _ in range(4)]
+    with KVClient(target, token="tok-a") as a, KVClient(target, token="tok-b") as b:
+        a.put(ns_a, [(k, 0, 1, blob) for k in big])
+        b.put(ns_b, [(k, 0, 1, integrity.seal(rng.randbytes(4088))) for k in b_keys])
+
+    def probe(seconds: float) -> dict[str, Any]:
+        lat: dict[str, list[float]] = {m: [] for m in ("health", "lookup", "get", "put", "stats")}
+        failures = 0
+        with grpc.insecure_channel(target) as ch, KVClient(target, token="tok-b", timeout_s=5) as kv:
+            health = health_pb2_grpc.HealthStub(ch)
+            calls = {"health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5),
+                     "lookup": lambda: kv.lookup(ns_b, b_keys, 1),
+                     "get": lambda: list(kv.get_layers(ns_b, b_keys, 0, 1)),
+                     "put": lambda: kv.put(ns_b, [(rng.randbytes(KEY_BYTES), 0, 1, integrity.seal(b"x" * 1000))]),
+                     "stats": lambda: kv.stats()}
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for name, call in calls.items():
+                    t0 = time.perf_counter()
+                    try:
+                        call()
+                    except Exception:  # noqa: BLE001 - counted, the probe goes on
+                        failures += 1
+                    lat[name].append(time.perf_counter() - t0)
+        every = [x for v in lat.values() for x in v]
+        return {"calls": len(every), "failures": failures,
+                "latency_ms_p50": round(percentile(every, 0.5) * 1e3, 2),
+                "latency_ms_p99": round(percentile(every, 0.99) * 1e3, 2),
+                "latency_ms_max": round(max(every) * 1e3, 2),
+                "max_ms_by_call": {k: round(max(v) * 1e3, 2) for k, v in lat.items() if v},
+                "over_1s": sum(x > 1.0 for x in every)}
+
+    baseline = probe(probe_s)
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)]
+    channels = [grpc.insecure_channel(target, options=options) for _ in range(4)]
+    stubs = [pb_grpc.KVStoreStub(c) for c in channels]
+    release = threading.Event()
+    stalled_keys: list[bytes] = []
+
+    def stalled_put(key: bytes) -> Iterator[pb.PutRequest]:
+        yield pb.PutRequest(namespace=ns_a, key=key, layer=0, num_layers=1, blob=blob)
+        release.wait(idle_s * 4 + 60)
+
+    attempted = 10 * workers
+    started = time.monotonic()
+    puts, gets = [], []
+    try:
+        for i in range(attempted):
+            stub = stubs[i % len(stubs)]
+            if i % 2 == 0:
+                key = rng.randbytes(KEY_BYTES)
+                stalled_keys.append(key)
+                puts.append(stub.Put.future(stalled_put(key), metadata=md_a))
+            else:
+                gets.append(stub.Get(pb.GetRequest(namespace=ns_a, keys=big, layer_start=0, layer_end=1,
+                                                   pack_bytes=1 << 20), metadata=md_a))
+        time.sleep(0.5)
+        with grpc.insecure_channel(target) as ch:
+            held = pb_grpc.KVStoreStub(ch).Stats(pb.StatsRequest(), timeout=5, metadata=bearer_metadata(
+                observer_token)).counters["streams_open"]
+        during = probe(probe_s)
+        ends: Counter[str] = Counter()
+        end_s: list[float] = []
+        for f in puts:
+            code, _, _ = rpc_code(lambda f=f: f.result(timeout=idle_s * 4 + 30))
+            ends[code.name] += 1
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                end_s.append(time.monotonic() - started)
+        time.sleep(idle_s)
+        for call in gets:
+            code, _, _ = rpc_code(lambda call=call: sum(1 for _ in call))
+            ends[code.name] += 1
+    finally:
+        release.set()
+        for call in gets:
+            call.cancel()
+        for c in channels:
+            c.close()
+    with KVClient(target, token="tok-a") as a:
+        partial = sum(a.lookup(ns_a, [k], 1) for k in stalled_keys)
+    return {"workers": workers, "streams_attempted": attempted, "tenant_limit": tenant_limit,
+            "streams_held": held, "stalled_ends_by_code": dict(ends),
+            "refused_resource_exhausted": ends.get("RESOURCE_EXHAUSTED", 0),
+            "stalled_put_end_s_max": round(max(end_s), 2) if end_s else None, "idle_timeout_s": idle_s,
+            "partial_puts_stored": partial, "baseline_other_tenant": baseline, "during_stall_other_tenant": during}
+
+
+def _bench_starvation(quick: bool, seed: int) -> dict[str, Any]:
+    workers = 4 if quick else 16
+    idle_s = 2.0 if quick else 5.0
+    tenant_limit = 5 * workers
+    with tempfile.TemporaryDirectory(prefix="kvstore-starve-") as tmp:
+        handle = _in_process_server(Path(tmp), **{
+            "server.workers": workers, "auth.tokens": {"tok-a": "a", "tok-b": "b"},
+            "server.max_streams_per_tenant": tenant_limit, "server.max_streams_per_peer": 10 * workers,
+            "server.stream_idle_timeout_s": idle_s})
+        try:
+            return run_starvation(handle.target, "tok-b", workers=workers, tenant_limit=tenant_limit,
+                                  idle_s=idle_s, probe_s=2.0 if quick else 10.0, seed=seed)
+        finally:
+            handle.stop(grace=0)
 
 
 if __name__ == "__main__":

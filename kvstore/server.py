@@ -213,10 +213,13 @@ class KVStoreServicer:
         total = 0
         limit = self.limits.max_put_stream_bytes
         clock = StreamClock("Put", self.limits)
+        touch = clock.touch
         try:
-            async with clock.timeout() as timer:
+            async with clock.watch():
                 async for request in request_iterator:
-                    request = _well_formed(request)
+                    touch()
+                    if type(request) is not PutRequestView:
+                        request = _well_formed(request)
                     if request.has_item:
                         total += len(request.blob)
                         if total > limit:
@@ -226,7 +229,6 @@ class KVStoreServicer:
                         received.append(request)
                     if request.commit:
                         return received, request.ack
-                    clock.rearm(timer)
         except TimeoutError:
             raise clock.expired("not sending") from None
         raise StreamNotCommitted(

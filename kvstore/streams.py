@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from kvstore.config import ServerConfig
 from kvstore.errors import StreamLimitExceeded, StreamTimeout
@@ -66,10 +66,14 @@ class StreamLimiter:
 class StreamClock:
     """The idle and total deadlines of one stream, armed only while it waits on its client.
 
-    A Put reads its requests under :meth:`timeout`, re-armed after each
-    message; a Get bounds each write by :meth:`remaining`. Time the server
+    A Put reads its requests under :meth:`watch` and calls :meth:`touch` after
+    each message; a Get bounds each write by :meth:`remaining`. Time the server
     spends on its own work (reading a tier between writes) is not counted as
     idle. :meth:`expired` is the :class:`StreamTimeout` naming the config field.
+
+    ``touch`` is one store of the loop's clock: a timer is re-armed only when it
+    fires early, not per message (re-arming an ``asyncio.timeout`` per message cost
+    a few microseconds on every 64 KiB Put message).
     """
 
     def __init__(self, method: str, limits: ServerConfig) -> None:
@@ -77,21 +81,47 @@ class StreamClock:
         self.idle_s = limits.stream_idle_timeout_s
         self.total_s = limits.stream_timeout_s
         self._loop = asyncio.get_running_loop()
-        self.end = self._loop.time() + self.total_s
-
-    def timeout(self) -> asyncio.Timeout:
-        """An ``asyncio.timeout`` at the next deadline; :meth:`rearm` it after each message."""
-        return asyncio.timeout(self.deadline())
+        self.last = self._loop.time()
+        self.end = self.last + self.total_s
+        self._task: asyncio.Task[object] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._fired = False
 
     def deadline(self) -> float:
-        return min(self._loop.time() + self.idle_s, self.end)
+        return min(self.last + self.idle_s, self.end)
 
     def remaining(self) -> float:
         """Seconds the next wait on the client may take (the idle limit, or what is left of the total)."""
-        return max(0.0, self.deadline() - self._loop.time())
+        self.last = self._loop.time()
+        return max(0.0, self.deadline() - self.last)
 
-    def rearm(self, cm: asyncio.Timeout) -> None:
-        cm.reschedule(self.deadline())
+    def touch(self) -> None:
+        """The client just did something (sent a message)."""
+        self.last = self._loop.time()
+
+    @asynccontextmanager
+    async def watch(self) -> AsyncIterator[None]:
+        """Cancel the current task once the client has been idle past a deadline; raise TimeoutError then."""
+        self._task = asyncio.current_task()
+        self.last = self._loop.time()
+        self._timer = self._loop.call_at(self.deadline(), self._check)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if self._fired and self._task is not None and self._task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._timer.cancel()
+
+    def _check(self) -> None:
+        due = self.deadline()
+        if self._loop.time() >= due - 1e-3:
+            self._fired = True
+            assert self._task is not None
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
 
     def expired(self, doing: str) -> StreamTimeout:
         if self._loop.time() >= self.end - 1e-3:
