@@ -1194,15 +1194,18 @@ def run_starvation(target: str, observer_token: str, *, workers: int, tenant_lim
         release.wait(idle_s * 4 + 60)
 
     attempted = 10 * workers
-    started = time.monotonic()
     puts, gets = [], []
+    end_s: list[float] = []  # seconds from opening each stalled Put to its end (refused ones: ~0)
     try:
         for i in range(attempted):
             stub = stubs[i % len(stubs)]
             if i % 2 == 0:
                 key = rng.randbytes(KEY_BYTES)
                 stalled_keys.append(key)
-                puts.append(stub.Put.future(stalled_put(key), metadata=md_a))
+                future = stub.Put.future(stalled_put(key), metadata=md_a)
+                opened = time.monotonic()
+                future.add_done_callback(lambda _f, opened=opened: end_s.append(time.monotonic() - opened))
+                puts.append(future)
             else:
                 gets.append(stub.Get(pb.GetRequest(namespace=ns_a, keys=big, layer_start=0, layer_end=1,
                                                    pack_bytes=1 << 20), metadata=md_a))
@@ -1212,12 +1215,9 @@ def run_starvation(target: str, observer_token: str, *, workers: int, tenant_lim
                 observer_token)).counters["streams_open"]
         during = probe(probe_s)
         ends: Counter[str] = Counter()
-        end_s: list[float] = []
         for f in puts:
             code, _, _ = rpc_code(lambda f=f: f.result(timeout=idle_s * 4 + 30))
             ends[code.name] += 1
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                end_s.append(time.monotonic() - started)
         time.sleep(idle_s)
         for call in gets:
             code, _, _ = rpc_code(lambda call=call: sum(1 for _ in call))
