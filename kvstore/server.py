@@ -264,35 +264,33 @@ class KVStoreServicer:
                 source = pack_blobs(source, self.service.pack_limit(request.pack_bytes))
             add_bytes = self.metrics.add_bytes
             clock = StreamClock("Get", self.limits)
-            done = False
-            while not done:
-                batch, error, done = await self._work(_take, source, GET_BATCH_BYTES, GET_BATCH_ITEMS)
-                for item in batch:
-                    blob = item[2]
-                    add_bytes("out", sum(len(b) for b in blob) if isinstance(blob, list) else len(blob))
-                    # A write waits while the client does not read (HTTP/2 flow control).
-                    write = asyncio.ensure_future(context.write(item))  # serialised by encode_get_response
-                    finished, _ = await asyncio.wait((write,), timeout=clock.remaining())
-                    if not finished:
-                        await self._end_stalled_get(write, clock)
-                    write.result()
-                if error is not None:
-                    raise error
+            touch = clock.touch
+            async with clock.watch(on_expiry=self._get_stalled):
+                done = False
+                while not done:
+                    clock.busy = True
+                    batch, error, done = await self._work(_take, source, GET_BATCH_BYTES, GET_BATCH_ITEMS)
+                    clock.busy = False
+                    touch()
+                    for item in batch:
+                        blob = item[2]
+                        add_bytes("out", sum(len(b) for b in blob) if isinstance(blob, list) else len(blob))
+                        # A write waits while the client does not read (HTTP/2 flow control). grpc cannot
+                        # send a status while a write is blocked (the client would hang) and the asyncio
+                        # server cannot cancel one call, so a stalled Get is counted as timed out when
+                        # its deadline passes (_get_stalled), sends nothing more, and ends with
+                        # DEADLINE_EXCEEDED once its client reads the message in flight (or goes away).
+                        await context.write(item)  # serialised by encode_get_response
+                        if clock.fired:
+                            raise clock.expired("not reading")
+                        touch()
+                    if error is not None:
+                        raise error
 
-    async def _end_stalled_get(self, write: asyncio.Future[Any], clock: StreamClock) -> None:
-        """End a Get whose client stopped reading: no more blobs, then DEADLINE_EXCEEDED.
-
-        grpc cannot send a status while a write is blocked on flow control (the
-        client would hang), and the asyncio server cannot cancel one call. So the
-        stream sends nothing more, is counted as timed out at once, and keeps
-        its slot (its memory is one message) until the client reads again, when it
-        gets the data in flight and then the status, or goes away. HTTP/2
-        keepalive closes connections of clients that died.
-        """
+    def _get_stalled(self) -> None:
+        """A Get's client stopped reading: count it now; the stream ends when its write completes."""
         self.service.counters.add(get_streams_timed_out=1)
-        log.info("Get stream stalled: its client read nothing for %g s", clock.idle_s)
-        await write
-        raise clock.expired("not reading")
+        log.info("Get stream stalled: its client read nothing for %g s", self.limits.stream_idle_timeout_s)
 
     @_rpc("Delete")
     async def Delete(self, tenant: str | None, request: Any, context: Any) -> kvstore_pb2.DeleteResponse:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 from kvstore.config import ServerConfig
@@ -67,9 +67,9 @@ class StreamClock:
     """The idle and total deadlines of one stream, armed only while it waits on its client.
 
     A Put reads its requests under :meth:`watch` and calls :meth:`touch` after
-    each message; a Get bounds each write by :meth:`remaining`. Time the server
-    spends on its own work (reading a tier between writes) is not counted as
-    idle. :meth:`expired` is the :class:`StreamTimeout` naming the config field.
+    each message; a Get does the same around each write and sets :attr:`busy`
+    while it reads the tiers (the server's own time is not counted as idle).
+    :meth:`expired` is the :class:`StreamTimeout` naming the config field.
 
     ``touch`` is one store of the loop's clock: a timer is re-armed only when it
     fires early, not per message (re-arming an ``asyncio.timeout`` per message cost
@@ -86,23 +86,29 @@ class StreamClock:
         self._task: asyncio.Task[object] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._fired = False
+        self._on_expiry: Callable[[], None] | None = None
+        #: Set while the server itself works on the stream; the idle clock does not run then.
+        self.busy = False
 
     def deadline(self) -> float:
         return min(self.last + self.idle_s, self.end)
-
-    def remaining(self) -> float:
-        """Seconds the next wait on the client may take (the idle limit, or what is left of the total)."""
-        self.last = self._loop.time()
-        return max(0.0, self.deadline() - self.last)
 
     def touch(self) -> None:
         """The client just did something (sent a message)."""
         self.last = self._loop.time()
 
     @asynccontextmanager
-    async def watch(self) -> AsyncIterator[None]:
-        """Cancel the current task once the client has been idle past a deadline; raise TimeoutError then."""
+    async def watch(self, on_expiry: Callable[[], None] | None = None) -> AsyncIterator[None]:
+        """Watch the deadlines while the body runs.
+
+        Without ``on_expiry`` the current task is cancelled once the client has been
+        idle past a deadline, and the body ends with TimeoutError (a Put waiting for
+        its next message). With it, ``on_expiry`` is called instead and :attr:`fired`
+        set; the body checks it (a Get whose write waits on flow control: a blocked
+        write cannot be abandoned, see kvstore.server).
+        """
         self._task = asyncio.current_task()
+        self._on_expiry = on_expiry
         self.last = self._loop.time()
         self._timer = self._loop.call_at(self.deadline(), self._check)
         try:
@@ -114,20 +120,30 @@ class StreamClock:
         finally:
             self._timer.cancel()
 
+    @property
+    def fired(self) -> bool:
+        return self._fired
+
     def _check(self) -> None:
+        now = self._loop.time()
+        if self.busy:  # the server is working (a tier read): not the client's time
+            self.last = now
         due = self.deadline()
-        if self._loop.time() >= due - 1e-3:
+        if now >= due - 1e-3:
             self._fired = True
-            assert self._task is not None
-            self._task.cancel()
+            if self._on_expiry is not None:
+                self._on_expiry()
+            else:
+                assert self._task is not None
+                self._task.cancel()
         else:
             self._timer = self._loop.call_at(due, self._check)
 
     def expired(self, doing: str) -> StreamTimeout:
         if self._loop.time() >= self.end - 1e-3:
             return StreamTimeout(
-                f"{self.method} stream ran longer than server.stream_timeout_s ({self.total_s:g} s) while the "
-                f"client was {doing}; send smaller batches or raise server.stream_timeout_s")
+                f"{self.method} stream ran longer than server.stream_timeout_s ({self.total_s:g} s); send "
+                "smaller batches or raise server.stream_timeout_s")
         return StreamTimeout(
             f"{self.method} stream idle: the client was {doing} for server.stream_idle_timeout_s "
             f"({self.idle_s:g} s); the server ended the stream (raise server.stream_idle_timeout_s if the "
