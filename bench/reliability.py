@@ -21,6 +21,10 @@ figures below and the assertions of the suite measure the same thing:
 * ``concurrency``: N clients (transfer.client.KVClient) putting and reading back
   for S seconds: errors, wrong bytes, throughput and p50/p99 latency; baseline 1
   client.
+* ``starvation``: one tenant stalls 10x the worker count of streams (Puts that
+  stop sending, Gets never read) while another keeps calling: streams held and
+  refused, the other tenant's latency and failures against its own baseline
+  before the stall, how the stalled streams ended, partial Puts stored (must be 0).
 * ``backend_kill``: Redis and S3 killed and restarted while clients read and
   write through a server with a tiny RAM tier: answers that are neither correct
   bytes nor a miss (must be 0), server health, tiers serving again afterwards.
@@ -347,6 +351,16 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def committed(requests: Any) -> Iterator[Any]:
+    """A Put request stream ended by its commit message (the server stores nothing without it)."""
+    yield from requests
+    yield pb.PutRequest(commit=True)
+
+
+#: The commit message as bytes, appended to every raw Put stream the fuzzer sends.
+COMMIT_BYTES = pb.PutRequest(commit=True).SerializeToString()
+
+
 class RawCaller:
     """Calls every method with either messages or raw bytes (identity serializers)."""
 
@@ -369,7 +383,7 @@ class RawCaller:
             return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
         if case.method == "Put":
-            body: Any = iter([encode(m) for m in case.request])
+            body: Any = iter([*(encode(m) for m in case.request), COMMIT_BYTES])
             run: Callable[[], Any] = lambda: fn(body, timeout=timeout_s, metadata=md)  # noqa: E731
         elif case.method == "Get":
             run = lambda: list(fn(encode(case.request), timeout=timeout_s, metadata=md))  # noqa: E731
@@ -387,7 +401,7 @@ def roundtrip_ok(target: str, namespace: str, token: str | None, credentials: An
         md = bearer_metadata(token) if token else None
         key, blob = os.urandom(KEY_BYTES), integrity.seal(os.urandom(1000))
         try:
-            stub.Put(iter([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
+            stub.Put(committed([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
                      timeout=10, metadata=md)
             got = list(stub.Get(pb.GetRequest(namespace=namespace, keys=[key], layer_start=0, layer_end=1),
                                 timeout=10, metadata=md))
@@ -405,7 +419,7 @@ def seed_chunks(target: str, namespace: str, token: str | None, count: int = 8,
             key = os.urandom(KEY_BYTES)
             reqs = [pb.PutRequest(namespace=namespace, key=key, layer=i, num_layers=num_layers,
                                   blob=integrity.seal(os.urandom(512))) for i in range(num_layers)]
-            stub.Put(iter(reqs), timeout=10, metadata=bearer_metadata(token) if token else None)
+            stub.Put(committed(reqs), timeout=10, metadata=bearer_metadata(token) if token else None)
             out.append((key, num_layers))
         return out
 
@@ -622,7 +636,7 @@ def run_bitflips(target: str, store: Any, corruptor: TierCorruptor, flips: int, 
                 pb.GetRequest(namespace=namespace, keys=[c], layer_start=layer, layer_end=layer + 1), timeout=30)))
             return code, (got[0].blob if got else None)
 
-        stub.Put(iter([pb.PutRequest(namespace=namespace, key=c, layer=layer, num_layers=num_layers, blob=b)
+        stub.Put(committed([pb.PutRequest(namespace=namespace, key=c, layer=layer, num_layers=num_layers, blob=b)
                        for (c, layer), b in truth.items()]), timeout=60)
         for c, layer in rng.sample(list(truth), min(len(truth), 64)):  # baseline: no flips
             code, blob = read(c, layer)
@@ -669,7 +683,7 @@ def run_bitflips(target: str, store: Any, corruptor: TierCorruptor, flips: int, 
 
 
 def _put_chunk(stub: Any, namespace: str, key: bytes, blobs: Sequence[bytes], timeout_s: float = 10.0) -> None:
-    stub.Put(iter([pb.PutRequest(namespace=namespace, key=key, layer=i, num_layers=len(blobs), blob=b)
+    stub.Put(committed([pb.PutRequest(namespace=namespace, key=key, layer=i, num_layers=len(blobs), blob=b)
                    for i, b in enumerate(blobs)]), timeout=timeout_s)
 
 
@@ -869,7 +883,7 @@ def run_backend_kill(target: str, store: Any, redis_proc: Any, s3_proc: Any, sec
             while not stop.is_set():
                 if wrng.random() < 0.4 or not truth:
                     key, blob = wrng.randbytes(KEY_BYTES), integrity.seal(wrng.randbytes(blob_bytes))
-                    code, details, _ = rpc_code(lambda k=key, b=blob: stub.Put(iter([pb.PutRequest(
+                    code, details, _ = rpc_code(lambda k=key, b=blob: stub.Put(committed([pb.PutRequest(
                         namespace=namespace, key=k, layer=0, num_layers=1, blob=b)]), timeout=10))
                     answers[f"put_{code.name}"] += 1
                     if code is C.OK:
@@ -926,7 +940,7 @@ def _tiers_recovered(target: str, store: Any, namespace: str, deadline_s: float 
             key = os.urandom(KEY_BYTES)
             blob = integrity.seal(os.urandom(256))
             with contextlib.suppress(grpc.RpcError):
-                stub.Put(iter([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
+                stub.Put(committed([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
                          timeout=10)
             for name in names:
                 with contextlib.suppress(Exception):
@@ -979,7 +993,7 @@ def run_backend_freeze(target: str, store: Any, procs: dict[str, Any], freeze_s:
                 t0 = time.monotonic()
                 if roll < 0.35 or not truth:
                     key, blob = wrng.randbytes(KEY_BYTES), integrity.seal(wrng.randbytes(blob_bytes))
-                    code, details, _ = rpc_code(lambda k=key, b=blob: stub.Put(iter([pb.PutRequest(
+                    code, details, _ = rpc_code(lambda k=key, b=blob: stub.Put(committed([pb.PutRequest(
                         namespace=namespace, key=k, layer=0, num_layers=1, blob=b)]), timeout=10))
                     answer = f"put_{code.name}"
                     if code is C.OK:
@@ -1295,8 +1309,8 @@ def _bench_backend_freeze(seconds: float, seed: int, r: Any, s3: Any, legacy: bo
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes, under a minute")
-    parser.add_argument("--only", default="fuzz,bitflips,disk_flips,crash,concurrency,backend_freeze,backend_freeze_legacy,"
-                        "backend_kill",
+    parser.add_argument("--only", default="fuzz,bitflips,disk_flips,crash,concurrency,starvation,backend_freeze,"
+                        "backend_freeze_legacy,backend_kill",
                         help="comma-separated subset of workloads")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
@@ -1323,6 +1337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "backend_freeze": lambda: _bench_backend_freeze(sizes["freeze_s"], args.seed, *services),
             "backend_freeze_legacy": lambda: _bench_backend_freeze(sizes["freeze_s"], args.seed, *services,
                                                                    legacy=True),
+            "starvation": lambda: _bench_starvation(q, args.seed),
             # Last: it kills and restarts the shared Redis and S3 (they come back empty).
             "backend_kill": lambda: _bench_backend_kill(sizes["kill_s"], args.seed, *services),
         }
@@ -1372,7 +1387,141 @@ def summary(r: dict[str, Any]) -> str:
         k = r["backend_kill"]
         back = ",".join(name for name, ok in k["tiers_recovered"].items() if ok) or "none"
         parts.append(f"redis+s3 kill: {k['violations']} bad answers, tiers back: {back}")
+    if "starvation" in r:
+        st = r["starvation"]
+        d = st["during_stall_other_tenant"]
+        parts.append(f"starvation {st['streams_attempted']} stalled streams ({st['streams_held']} held, "
+                     f"{st['refused_resource_exhausted']} refused): other tenant p99 {d['latency_ms_p99']} ms, "
+                     f"max {d['latency_ms_max']} ms, {d['failures']} failures, "
+                     f"{st['partial_puts_stored']} partial Puts stored")
     return "reliability: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------- starvation (issue 16)
+
+
+def run_starvation(target: str, observer_token: str, *, workers: int, tenant_limit: int, idle_s: float,
+                   probe_s: float, seed: int = 0) -> dict[str, Any]:
+    """Tenant "a" stalls 10x ``workers`` streams while tenant "b" keeps calling; what held, how fast.
+
+    Half of a's streams are Puts that send one blob and stop (no commit), half are
+    Gets never read (on connections without BDP probing, so their flow-control
+    windows fill). Measured: streams the server held and refused
+    (RESOURCE_EXHAUSTED past ``tenant_limit``), b's health/Lookup/Get/Put/Stats
+    latency before (baseline) and during the stall, how a's streams ended and
+    after how long, and whether anything of the stalled Puts was stored.
+    """
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kvstore.auth import bearer_metadata
+    from transfer.client import KVClient
+
+    rng = random.Random(seed)
+    ns_a, ns_b = "a/m/p", "b/m/p"
+    md_a = bearer_metadata("tok-a")
+    blob = integrity.seal(rng.randbytes(256 * 1024 - 8))
+    big = [rng.randbytes(KEY_BYTES) for _ in range(64)]
+    b_keys = [rng.randbytes(KEY_BYTES) for _ in range(4)]
+    with KVClient(target, token="tok-a") as a, KVClient(target, token="tok-b") as b:
+        a.put(ns_a, [(k, 0, 1, blob) for k in big])
+        b.put(ns_b, [(k, 0, 1, integrity.seal(rng.randbytes(4088))) for k in b_keys])
+
+    def probe(seconds: float) -> dict[str, Any]:
+        lat: dict[str, list[float]] = {m: [] for m in ("health", "lookup", "get", "put", "stats")}
+        failures = 0
+        with grpc.insecure_channel(target) as ch, KVClient(target, token="tok-b", timeout_s=5) as kv:
+            health = health_pb2_grpc.HealthStub(ch)
+            calls = {"health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5),
+                     "lookup": lambda: kv.lookup(ns_b, b_keys, 1),
+                     "get": lambda: list(kv.get_layers(ns_b, b_keys, 0, 1)),
+                     "put": lambda: kv.put(ns_b, [(rng.randbytes(KEY_BYTES), 0, 1, integrity.seal(b"x" * 1000))]),
+                     "stats": lambda: kv.stats()}
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for name, call in calls.items():
+                    t0 = time.perf_counter()
+                    try:
+                        call()
+                    except Exception:  # noqa: BLE001 - counted, the probe goes on
+                        failures += 1
+                    lat[name].append(time.perf_counter() - t0)
+        every = [x for v in lat.values() for x in v]
+        return {"calls": len(every), "failures": failures,
+                "latency_ms_p50": round(percentile(every, 0.5) * 1e3, 2),
+                "latency_ms_p99": round(percentile(every, 0.99) * 1e3, 2),
+                "latency_ms_max": round(max(every) * 1e3, 2),
+                "max_ms_by_call": {k: round(max(v) * 1e3, 2) for k, v in lat.items() if v},
+                "over_1s": sum(x > 1.0 for x in every)}
+
+    baseline = probe(probe_s)
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)]
+    channels = [grpc.insecure_channel(target, options=options) for _ in range(4)]
+    stubs = [pb_grpc.KVStoreStub(c) for c in channels]
+    release = threading.Event()
+    stalled_keys: list[bytes] = []
+
+    def stalled_put(key: bytes) -> Iterator[pb.PutRequest]:
+        yield pb.PutRequest(namespace=ns_a, key=key, layer=0, num_layers=1, blob=blob)
+        release.wait(idle_s * 4 + 60)
+
+    attempted = 10 * workers
+    puts, gets = [], []
+    end_s: list[float] = []  # seconds from opening each stalled Put to its end (refused ones: ~0)
+    try:
+        for i in range(attempted):
+            stub = stubs[i % len(stubs)]
+            if i % 2 == 0:
+                key = rng.randbytes(KEY_BYTES)
+                stalled_keys.append(key)
+                future = stub.Put.future(stalled_put(key), metadata=md_a)
+                opened = time.monotonic()
+                future.add_done_callback(lambda _f, opened=opened: end_s.append(time.monotonic() - opened))
+                puts.append(future)
+            else:
+                gets.append(stub.Get(pb.GetRequest(namespace=ns_a, keys=big, layer_start=0, layer_end=1,
+                                                   pack_bytes=1 << 20), metadata=md_a))
+        time.sleep(0.5)
+        with grpc.insecure_channel(target) as ch:
+            held = pb_grpc.KVStoreStub(ch).Stats(pb.StatsRequest(), timeout=5, metadata=bearer_metadata(
+                observer_token)).counters["streams_open"]
+        during = probe(probe_s)
+        ends: Counter[str] = Counter()
+        for f in puts:
+            code, _, _ = rpc_code(lambda f=f: f.result(timeout=idle_s * 4 + 30))
+            ends[code.name] += 1
+        time.sleep(idle_s)
+        for call in gets:
+            code, _, _ = rpc_code(lambda call=call: sum(1 for _ in call))
+            ends[code.name] += 1
+    finally:
+        release.set()
+        for call in gets:
+            call.cancel()
+        for c in channels:
+            c.close()
+    with KVClient(target, token="tok-a") as a:
+        partial = sum(a.lookup(ns_a, [k], 1) for k in stalled_keys)
+    return {"workers": workers, "streams_attempted": attempted, "tenant_limit": tenant_limit,
+            "streams_held": held, "stalled_ends_by_code": dict(ends),
+            "refused_resource_exhausted": ends.get("RESOURCE_EXHAUSTED", 0),
+            "stalled_put_end_s_max": round(max(end_s), 2) if end_s else None, "idle_timeout_s": idle_s,
+            "partial_puts_stored": partial, "baseline_other_tenant": baseline, "during_stall_other_tenant": during}
+
+
+def _bench_starvation(quick: bool, seed: int) -> dict[str, Any]:
+    workers = 4 if quick else 16
+    idle_s = 2.0 if quick else 5.0
+    tenant_limit = 5 * workers
+    with tempfile.TemporaryDirectory(prefix="kvstore-starve-") as tmp:
+        handle = _in_process_server(Path(tmp), **{
+            "server.workers": workers, "auth.tokens": {"tok-a": "a", "tok-b": "b"},
+            "server.max_streams_per_tenant": tenant_limit, "server.max_streams_per_peer": 10 * workers,
+            "server.stream_idle_timeout_s": idle_s})
+        try:
+            return run_starvation(handle.target, "tok-b", workers=workers, tenant_limit=tenant_limit,
+                                  idle_s=idle_s, probe_s=2.0 if quick else 10.0, seed=seed)
+        finally:
+            handle.stop(grace=0)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = serve.add_argument_group("server")
     g.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, help="port to listen on (default 50051; 0 picks a free one)")
-    g.add_argument("--workers", type=int, help="threads serving RPCs (default 16)")
+    g.add_argument("--workers", type=int, help="threads for blocking store work, tier I/O (default 16)")
     g.add_argument("--max-blob-bytes", type=_bytes_arg, metavar="SIZE", help="largest blob Put accepts (64MiB)")
     g.add_argument("--max-message-bytes", type=_bytes_arg, metavar="SIZE",
                    help="largest gRPC message either way (72MiB); must exceed --max-blob-bytes")

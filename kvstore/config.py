@@ -49,11 +49,24 @@ class ServerConfig:
     max_blob_bytes: int = 64 * MiB
     max_layers: int = 1024
     max_keys_per_request: int = 4096
-    #: Threads serving RPCs; each in-flight RPC holds one.
+    #: Threads doing the blocking store work (tier I/O, validation). RPCs are served by an
+    #: asyncio server: a stream waiting on its client holds no thread.
     workers: int = 16
     #: A Put stream is validated whole before anything is written (all-or-nothing);
     #: it may buffer at most this many bytes, beyond that it fails RESOURCE_EXHAUSTED.
     max_put_stream_bytes: int = 512 * MiB
+    #: Put/Get streams one tenant (auth on) may have open at once; RESOURCE_EXHAUSTED past it.
+    max_streams_per_tenant: int = 256
+    #: Put/Get streams one client connection (gRPC peer) may have open at once.
+    max_streams_per_peer: int = 128
+    #: A Put stream whose client sends nothing for this long, or a Get stream whose client
+    #: reads nothing for this long, ends with DEADLINE_EXCEEDED (nothing of a Put is stored).
+    stream_idle_timeout_s: float = 30.0
+    #: Longest a Put or Get stream may take from start to end, however steadily it moves.
+    stream_timeout_s: float = 600.0
+    #: When a Put is acknowledged: "memory" (any tier took it) or "durable" (a persistent tier,
+    #: disk, Redis or S3, took it; UNAVAILABLE otherwise). A client may ask for durable per Put.
+    ack: str = "memory"
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,7 @@ class StoreConfig:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(StoreConfig)}  # type: ignore[misc]
 
 FSYNC_MODES = ("batch", "always", "never")
+ACK_MODES = ("memory", "durable")
 
 
 #: A tenant name: the tenant part of a namespace (kvstore.keys.NAMESPACE_RE), checked here so that
@@ -225,6 +239,10 @@ def validate(config: StoreConfig) -> None:
         )
     if s.max_put_stream_bytes < s.max_blob_bytes:
         raise ValueError("server.max_put_stream_bytes must be >= server.max_blob_bytes")
+    for name in ("max_streams_per_tenant", "max_streams_per_peer", "stream_idle_timeout_s", "stream_timeout_s"):
+        positive(f"server.{name}", getattr(s, name))
+    if s.ack not in ACK_MODES:
+        raise ValueError(f"server.ack must be one of {', '.join(ACK_MODES)}, got {s.ack!r}")
     non_negative("memory.max_bytes", config.memory.max_bytes)
     d = config.disk
     if d.enabled and not d.path:

@@ -45,3 +45,15 @@ class Unauthenticated(KVStoreError):
 
 class PermissionDenied(KVStoreError):
     """The caller's tenant may not use this namespace; maps to PERMISSION_DENIED."""
+
+
+class StreamLimitExceeded(KVStoreError):
+    """A tenant or a connection has too many Put/Get streams open; maps to RESOURCE_EXHAUSTED."""
+
+
+class StreamTimeout(KVStoreError):
+    """A Put stream stopped sending or a Get stream stopped reading; maps to DEADLINE_EXCEEDED."""
+
+
+class StreamNotCommitted(KVStoreError):
+    """A Put stream ended without its commit message, so nothing was stored; maps to ABORTED."""

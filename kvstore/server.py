@@ -1,41 +1,53 @@
 """The gRPC face of kvstore: the ``kvstore.v1.KVStore`` servicer and its wiring.
 
-This module owns three things and nothing else:
+This module owns four things and nothing else:
 
 1. **Status codes.** :data:`STATUS_OF` is the one table from :mod:`kvstore.errors`
-   to gRPC codes; handlers raise project exceptions and :func:`_rpc` turns them
+   to gRPC codes; handlers raise project exceptions and :func:`_fail` turns them
    into a status, a metric and a log line. Anything unexpected is INTERNAL and the
    server keeps serving.
-2. **Transport tuning.** Explicit message-size limits from the config, large
+2. **Concurrency.** The server is grpc's asyncio server on an event loop of its
+   own thread. A stream waiting on its client (a Put that stalls, a Get nobody
+   reads) holds no thread: the blocking store work (tier I/O, validation) runs on
+   a bounded pool of ``server.workers`` threads, one hop per RPC or per batch of
+   Get blobs. Streams are capped per tenant and per connection and timed out when
+   idle (:mod:`kvstore.streams`), so health checks, Stats and other tenants keep
+   answering whatever one caller does.
+3. **Transport tuning.** Explicit message-size limits from the config, large
    HTTP/2 windows, no SO_REUSEPORT (two servers must never silently share a port).
-3. **Lifecycle.** :func:`serve` builds the tiered store from the config, starts
+4. **Lifecycle.** :func:`serve` builds the tiered store from the config, starts
    the server plus the standard health and reflection services and returns a
    :class:`ServerHandle`; :func:`run` blocks until SIGTERM/SIGINT and drains.
 
 Request semantics (validation, auth, quotas, all-or-nothing Put) live in
-:mod:`kvstore.service`.
+:mod:`kvstore.service`. A Put stream is stored only once its commit message
+(``PutRequest.commit``) has arrived: a stream that ends or is cancelled without
+it stores nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+import grpc.aio
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import kvstore
 from kvstore.allocator import prefault_heap, tune_allocator
 from kvstore.auth import Authenticator, server_credentials
-from kvstore.config import StoreConfig
+from kvstore.config import ServerConfig, StoreConfig
 from kvstore.errors import (
     BackendUnavailable,
     BlobTooLarge,
@@ -45,12 +57,16 @@ from kvstore.errors import (
     NotFound,
     PermissionDenied,
     QuotaExceeded,
+    StreamLimitExceeded,
+    StreamNotCommitted,
+    StreamTimeout,
     Unauthenticated,
 )
 from kvstore.metrics import ServerMetrics, tier_fields
 from kvstore.quotas import QuotaLedger
 from kvstore.service import StoreService, pack_blobs
-from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
+from kvstore.streams import StreamClock, StreamLimiter
+from kvstore.v1 import kvstore_pb2
 from kvstore.wire import PutRequestView, encode_get_response, parse_put_request
 
 log = logging.getLogger("kvstore.server")
@@ -63,11 +79,21 @@ STATUS_OF: tuple[tuple[type[KVStoreError], grpc.StatusCode], ...] = (
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (BlobTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StreamLimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StreamTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (StreamNotCommitted, grpc.StatusCode.ABORTED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
+
+#: Bytes of Get blobs read from the tiers per trip to the worker pool: large enough that the
+#: thread hop is amortised over many messages, small enough to bound a stalled Get's memory.
+GET_BATCH_BYTES = 8 * 1024 * 1024
+GET_BATCH_ITEMS = 256
+
+ACK_NAMES = {kvstore_pb2.ACK_MEMORY: "memory", kvstore_pb2.ACK_DURABLE: "durable"}
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -84,36 +110,43 @@ def _tier_enum(name: str) -> int:
         return kvstore_pb2.TIER_UNSPECIFIED
 
 
-def _fail(context: grpc.ServicerContext, method: str, exc: BaseException, metrics: ServerMetrics,
-          started: float) -> None:
+async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseException, metrics: ServerMetrics,
+                started: float) -> None:
     code = status_of(exc)
-    if code is grpc.StatusCode.INTERNAL and not context.is_active():
+    if code is grpc.StatusCode.INTERNAL and context.cancelled():
         # The client went away (cancelled, deadline) while we read its stream: not a server bug.
         metrics.observe(method, grpc.StatusCode.CANCELLED.name, started)
-        context.abort(grpc.StatusCode.CANCELLED, f"{method} cancelled by the client")
+        await context.abort(grpc.StatusCode.CANCELLED, f"{method} cancelled by the client")
     if code is grpc.StatusCode.INTERNAL:
-        log.exception("%s failed unexpectedly", method)
+        log.error("%s failed unexpectedly", method, exc_info=exc)
         message = f"internal error in {method}: {type(exc).__name__}: {exc}"
     else:
         log.info("%s -> %s: %s", method, code.name, exc)
         message = str(exc)
     metrics.observe(method, code.name, started)
-    context.abort(code, message)
+    await context.abort(code, message)
 
 
 def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Time a unary-response handler and map its exceptions to a status, in one place."""
+    """Time a handler and map its exceptions to a status, in one place.
+
+    A client that cancels (or whose deadline passes) cancels the handler's task:
+    counted as CANCELLED, nothing more to send.
+    """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
-        def handler(self: KVStoreServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             try:
-                tenant = self.service.auth.tenant_of(context.invocation_metadata())
-                response = fn(self, tenant, _well_formed(request), context)
+                tenant = self.service.auth.tenant_of(context.invocation_metadata() or ())
+                response = await fn(self, tenant, request, context)
+            except asyncio.CancelledError:
+                self.metrics.observe(method, grpc.StatusCode.CANCELLED.name, started)
+                raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 self.service.counters.add(rejected=1)
-                _fail(context, method, exc, self.metrics, started)
+                await _fail(context, method, exc, self.metrics, started)
             self.metrics.observe(method, "OK", started)
             return response
 
@@ -122,103 +155,158 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return wrap
 
 
-def _rpc_stream(method: str) -> Callable[[Callable[..., Iterator[Any]]], Callable[..., Iterator[Any]]]:
-    """Like _rpc, for server-streaming handlers: an error ends the stream with a status."""
-
-    def wrap(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-        @functools.wraps(fn)
-        def handler(self: KVStoreServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            started = time.perf_counter()
-            try:
-                tenant = self.service.auth.tenant_of(context.invocation_metadata())
-                yield from fn(self, tenant, _well_formed(request), context)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-                self.service.counters.add(rejected=1)
-                _fail(context, method, exc, self.metrics, started)
-            self.metrics.observe(method, "OK", started)
-
-        return handler
-
-    return wrap
+def _take(source: Iterator[Any], max_bytes: int, max_items: int) -> tuple[list[Any], BaseException | None, bool]:
+    """Pull Get items on a worker thread: (items, the error that ended the source, source done)."""
+    out: list[Any] = []
+    size = 0
+    try:
+        for item in source:
+            out.append(item)
+            blob = item[2]
+            size += sum(len(b) for b in blob) if isinstance(blob, list) else len(blob)
+            if size >= max_bytes or len(out) >= max_items:
+                return out, None, False
+    except Exception as exc:  # noqa: BLE001 - sent after the items that preceded it
+        return out, exc, True
+    return out, None, True
 
 
-class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
-    """Translates wire messages to :class:`StoreService` calls and back."""
+class KVStoreServicer:
+    """Translates wire messages to :class:`StoreService` calls and back, on the event loop.
 
-    def __init__(self, service: StoreService, metrics: ServerMetrics) -> None:
+    Only cheap checks run on the loop; anything that may touch a tier goes to
+    ``executor`` so that a slow disk or a remote tier never stalls other RPCs.
+    """
+
+    def __init__(self, service: StoreService, metrics: ServerMetrics, limits: ServerConfig,
+                 executor: futures.ThreadPoolExecutor) -> None:
         self.service = service
         self.metrics = metrics
+        self.limits = limits
+        self.executor = executor
+        self.streams = StreamLimiter(limits)
+        self.default_durable = limits.ack == "durable"
+
+    async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     @_rpc("Lookup")
-    def Lookup(self, tenant: str | None, request: kvstore_pb2.LookupRequest, context: Any
-               ) -> kvstore_pb2.LookupResponse:
-        num_present, tiers = self.service.lookup(tenant, request.namespace, request.keys, request.num_layers)
+    async def Lookup(self, tenant: str | None, request: Any, context: Any) -> kvstore_pb2.LookupResponse:
+        request = _well_formed(request)
+        num_present, tiers = await self._work(self.service.lookup, tenant, request.namespace, request.keys,
+                                              request.num_layers)
         return kvstore_pb2.LookupResponse(num_present=num_present, tiers=[_tier_enum(t) for t in tiers])
 
     @_rpc("Put")
-    def Put(self, tenant: str | None, request_iterator: Iterator[PutRequestView], context: Any
-            ) -> kvstore_pb2.PutResponse:
-        items = self.service.validate_put(
-            tenant, ((r.namespace, r.key, r.layer, r.num_layers, r.blob)
-                     for r in map(_well_formed, request_iterator))
-        )
-        if _cancelled(context):
-            # A client whose source fails mid-stream cancels the call, and gRPC may hand that to us as
-            # a clean end of the request stream: storing it would keep half a batch. Store nothing.
-            raise StreamAbandoned("Put stream ended by the client's cancel; nothing stored")
-        num_stored, nbytes = self.service.put(tenant, items)
+    async def Put(self, tenant: str | None, request_iterator: AsyncIterator[Any], context: Any
+                  ) -> kvstore_pb2.PutResponse:
+        with self.streams.open("Put", tenant, context.peer()):
+            received, ack = await self._read_put(request_iterator)
+            durable = self._durable(ack)
+            num_stored, nbytes, tiers, persisted = await self._work(self._store_put, tenant, received, durable)
         self.metrics.add_bytes("in", nbytes)
-        return kvstore_pb2.PutResponse(num_stored=num_stored, bytes_stored=nbytes)
+        return kvstore_pb2.PutResponse(num_stored=num_stored, bytes_stored=nbytes, tiers=tiers, durable=persisted)
 
-    @_rpc_stream("Get")
-    def Get(self, tenant: str | None, request: kvstore_pb2.GetRequest, context: Any
-            ) -> Iterator[tuple[int, int, bytes | list[bytes]]]:
-        ns = self.service.check_get(tenant, request.namespace, request.keys, request.layer_start,
-                                    request.layer_end)
-        add_bytes = self.metrics.add_bytes
-        items = self.service.get(ns, request.keys, request.layer_start, request.layer_end)
-        if request.pack_bytes:
-            for first, layer, blobs in pack_blobs(items, self.service.pack_limit(request.pack_bytes)):
-                add_bytes("out", sum(len(b) for b in blobs))
-                yield first, layer, blobs  # a packed GetResponse (encode_get_response)
-            return
-        for key_index, layer, blob in items:
-            add_bytes("out", len(blob))
-            yield key_index, layer, blob  # serialised by encode_get_response
+    async def _read_put(self, request_iterator: AsyncIterator[Any]) -> tuple[list[PutRequestView], int]:
+        """Buffer a Put stream up to its commit message; only cheap size checks run here."""
+        received: list[PutRequestView] = []
+        total = 0
+        limit = self.limits.max_put_stream_bytes
+        clock = StreamClock("Put", self.limits)
+        touch = clock.touch
+        try:
+            async with clock.watch():
+                async for request in request_iterator:
+                    touch()
+                    if type(request) is not PutRequestView:
+                        request = _well_formed(request)
+                    if request.has_item:
+                        total += len(request.blob)
+                        if total > limit:
+                            raise BlobTooLarge(
+                                f"put item {len(received)}: the Put stream exceeds server.max_put_stream_bytes "
+                                f"({limit}); send fewer blobs per Put call")
+                        received.append(request)
+                    if request.commit:
+                        return received, request.ack
+        except TimeoutError:
+            raise clock.expired("not sending") from None
+        raise StreamNotCommitted(
+            f"Put stream ended after {len(received)} message(s) without a commit message (a PutRequest with "
+            "commit = true must end every Put stream); nothing was stored. Update the client, or if it was "
+            "cancelled, retry the whole batch")
+
+    def _durable(self, ack: int) -> bool:
+        if ack == kvstore_pb2.ACK_UNSPECIFIED:
+            return self.default_durable
+        if ack not in ACK_NAMES:
+            raise InvalidRequest(f"unknown PutRequest.ack {ack}: use ACK_MEMORY (1) or ACK_DURABLE (2), "
+                                 "or leave it unset for the server's default (server.ack)")
+        return ack == kvstore_pb2.ACK_DURABLE
+
+    def _store_put(self, tenant: str | None, received: list[PutRequestView], durable: bool
+                   ) -> tuple[int, int, list[str], bool]:
+        """Validate the whole committed stream, then write it (a worker thread: hashing and tier I/O)."""
+        items = self.service.validate_put(
+            tenant, ((r.namespace, r.key, r.layer, r.num_layers, r.blob) for r in received))
+        num_stored, nbytes, tiers = self.service.put(tenant, items, durable=durable)
+        persistent = getattr(self.service.store, "persistent", None)
+        return num_stored, nbytes, tiers, bool(tiers and callable(persistent) and persistent(tiers))
+
+    @_rpc("Get")
+    async def Get(self, tenant: str | None, request: Any, context: Any) -> None:
+        request = _well_formed(request)
+        with self.streams.open("Get", tenant, context.peer()):
+            ns = self.service.check_get(tenant, request.namespace, request.keys, request.layer_start,
+                                        request.layer_end)
+            source: Iterator[Any] = self.service.get(ns, request.keys, request.layer_start, request.layer_end)
+            if request.pack_bytes:
+                source = pack_blobs(source, self.service.pack_limit(request.pack_bytes))
+            add_bytes = self.metrics.add_bytes
+            clock = StreamClock("Get", self.limits)
+            touch = clock.touch
+            async with clock.watch(on_expiry=self._get_stalled):
+                done = False
+                while not done:
+                    clock.busy = True
+                    batch, error, done = await self._work(_take, source, GET_BATCH_BYTES, GET_BATCH_ITEMS)
+                    clock.busy = False
+                    touch()
+                    for item in batch:
+                        blob = item[2]
+                        add_bytes("out", sum(len(b) for b in blob) if isinstance(blob, list) else len(blob))
+                        # A write waits while the client does not read (HTTP/2 flow control). grpc cannot
+                        # send a status while a write is blocked (the client would hang) and the asyncio
+                        # server cannot cancel one call, so a stalled Get is counted as timed out when
+                        # its deadline passes (_get_stalled), sends nothing more, and ends with
+                        # DEADLINE_EXCEEDED once its client reads the message in flight (or goes away).
+                        await context.write(item)  # serialised by encode_get_response
+                        if clock.fired:
+                            raise clock.expired("not reading")
+                        touch()
+                    if error is not None:
+                        raise error
+
+    def _get_stalled(self) -> None:
+        """A Get's client stopped reading: count it now; the stream ends when its write completes."""
+        self.service.counters.add(get_streams_timed_out=1)
+        log.info("Get stream stalled: its client read nothing for %g s", self.limits.stream_idle_timeout_s)
 
     @_rpc("Delete")
-    def Delete(self, tenant: str | None, request: kvstore_pb2.DeleteRequest, context: Any
-               ) -> kvstore_pb2.DeleteResponse:
-        return kvstore_pb2.DeleteResponse(num_deleted=self.service.delete(tenant, request.namespace,
-                                                                          request.keys))
+    async def Delete(self, tenant: str | None, request: Any, context: Any) -> kvstore_pb2.DeleteResponse:
+        request = _well_formed(request)
+        num = await self._work(self.service.delete, tenant, request.namespace, request.keys)
+        return kvstore_pb2.DeleteResponse(num_deleted=num)
 
     @_rpc("Stats")
-    def Stats(self, tenant: str | None, request: kvstore_pb2.StatsRequest, context: Any
-              ) -> kvstore_pb2.StatsResponse:
+    async def Stats(self, tenant: str | None, request: Any, context: Any) -> kvstore_pb2.StatsResponse:
         # Server-wide figures: any authenticated caller may read them (tenant_of ran).
-        tiers = [kvstore_pb2.TierStats(**tier_fields(t)) for t in self.service.store.tier_stats()]
+        _well_formed(request)
+        tier_stats = await self._work(self.service.store.tier_stats)
+        tiers = [kvstore_pb2.TierStats(**tier_fields(t)) for t in tier_stats]
         counters = {k: max(0, int(v)) for k, v in self.service.counters.snapshot().items()}
+        counters["streams_open"] = self.streams.open_streams()
         return kvstore_pb2.StatsResponse(tiers=tiers, counters=counters, version=kvstore.__version__)
-
-
-def _cancelled(context: Any) -> bool:
-    """Whether the client cancelled the call, with a moment for gRPC to tell us.
-
-    grpcio's sync server reports a cancelled client stream as an ordinary end of
-    the request iterator and marks the call cancelled from its polling thread a
-    moment later; 1 ms per Put stream lets that land first. It narrows the race,
-    it does not close it: only an explicit end-of-stream marker in the protocol
-    would (our KVClient already ends a failing stream with a request the server
-    must reject, see transfer.client.ABORT_REQUEST).
-    """
-    if not context.is_active():
-        return True
-    time.sleep(0.001)
-    return not context.is_active()
-
-
-class StreamAbandoned(Exception):
-    """A Put's request stream ended because the client cancelled (answered CANCELLED by _fail)."""
 
 
 class _Malformed:
@@ -251,7 +339,7 @@ def _well_formed(request: Any) -> Any:
     return request
 
 
-def add_servicer(servicer: KVStoreServicer, server: grpc.Server) -> None:
+def add_servicer(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
     """Register the servicer like the generated ``add_KVStoreServicer_to_server``, but with
     the blob fast path for Put requests and Get responses."""
     pb = kvstore_pb2
@@ -325,17 +413,52 @@ def grpc_options(config: StoreConfig) -> list[tuple[str, Any]]:
     ]
 
 
+class _LoopThread:
+    """An asyncio event loop running on a thread of its own (the server's), driven from any thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="kvstore-aio", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+#: Server-side HTTP/2 keepalive: a ping every minute finds connections whose client died without a
+#: FIN (its stalled streams then end). Server only: clients keep their own settings.
+KEEPALIVE = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000)]
+
+
 @dataclass
 class ServerHandle:
-    """A running server. ``stop`` drains in-flight RPCs for ``grace`` seconds."""
+    """A running server. ``stop`` drains in-flight RPCs for ``grace`` seconds.
 
-    server: grpc.Server
+    The server runs on its own event loop thread; every method here may be called
+    from any other thread.
+    """
+
+    server: grpc.aio.Server
     port: int
     host: str
     config: StoreConfig
     service: StoreService
     metrics: ServerMetrics
-    health: health.HealthServicer
+    health: health_async.HealthServicer
+    servicer: KVStoreServicer
+    executor: futures.ThreadPoolExecutor
+    runner: _LoopThread
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -351,13 +474,21 @@ class ServerHandle:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-        self.metrics.close()
-        self.service.store.close()
+
+        async def drain() -> None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace)
+
+        try:
+            self.runner.call(drain())
+        finally:
+            self.runner.close()
+            self.executor.shutdown(wait=True)
+            self.metrics.close()
+            self.service.store.close()
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        self._stopped.wait()
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -372,16 +503,36 @@ def serve(config: StoreConfig, store: Any | None = None) -> ServerHandle:
     quotas = QuotaLedger(config.quotas.default_max_bytes, config.quotas.per_tenant)
     credentials = server_credentials(config.auth)
     store = build_store(config) if store is None else store
-    server: grpc.Server | None = None
+    runner: _LoopThread | None = None
+    executor: futures.ThreadPoolExecutor | None = None
     try:
         service = StoreService(store, config.server, authenticator, quotas)
         metrics = ServerMetrics(store.tier_stats)
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="kvstore-rpc"),
-            options=grpc_options(config),
-        )
-        add_servicer(KVStoreServicer(service, metrics), server)
-        health_servicer = health.HealthServicer()
+        executor = futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="kvstore-io")
+        servicer = KVStoreServicer(service, metrics, config.server, executor)
+        runner = _LoopThread()
+        server, port, health_servicer = runner.call(_start(config, servicer, credentials))
+        if config.metrics.port:
+            metrics.serve_http(config.metrics.port, config.metrics.host)
+    except BaseException:
+        if runner is not None:
+            runner.close()
+        if executor is not None:
+            executor.shutdown(wait=False)
+        store.close()
+        raise
+    return ServerHandle(server=server, port=port, host=config.server.host, config=config, service=service,
+                        metrics=metrics, health=health_servicer, servicer=servicer, executor=executor,
+                        runner=runner)
+
+
+async def _start(config: StoreConfig, servicer: KVStoreServicer, credentials: grpc.ServerCredentials | None
+                 ) -> tuple[grpc.aio.Server, int, health_async.HealthServicer]:
+    """Create and start the asyncio server on the running loop (grpc.aio objects belong to one loop)."""
+    server = grpc.aio.server(options=grpc_options(config) + KEEPALIVE)
+    try:
+        add_servicer(servicer, server)
+        health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -398,18 +549,13 @@ def serve(config: StoreConfig, store: Any | None = None) -> ServerHandle:
             raise OSError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
         if port == 0:
             raise OSError(f"cannot listen on {address} (is another server using the port?)")
-        server.start()
-        if config.metrics.port:
-            metrics.serve_http(config.metrics.port, config.metrics.host)
+        await server.start()
         for name in ("", SERVICE_NAME):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
-        if server is not None:
-            server.stop(None)
-        store.close()
+        await server.stop(None)
         raise
-    return ServerHandle(server=server, port=port, host=host, config=config, service=service,
-                        metrics=metrics, health=health_servicer)
+    return server, port, health_servicer
 
 
 def run(config: StoreConfig, grace: float = 10.0, on_ready: Callable[[ServerHandle], None] | None = None) -> None:

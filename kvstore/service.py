@@ -164,22 +164,29 @@ class StoreService:
             raise InvalidRequest("empty Put stream: send at least one PutRequest")
         return out
 
-    def put(self, tenant: str | None, items: Sequence[PutItem]) -> tuple[int, int]:
-        """Charge quotas, then write the validated stream; returns (blobs, bytes).
+    def put(self, tenant: str | None, items: Sequence[PutItem], *, durable: bool = False
+            ) -> tuple[int, int, list[str]]:
+        """Charge quotas, then write the validated stream; returns (blobs, bytes, tiers written).
 
         Quotas charge what a blob adds: rewriting a block already held (a client
-        retrying a whole batch) charges only the size difference.
+        retrying a whole batch) charges only the size difference. ``durable``
+        (``ack: durable``) fails with BackendUnavailable, storing nothing, unless
+        a persistent tier takes the write.
         """
         nbytes = sum(len(item.blob) for item in items)
         undo = self._charge(items) if self.quotas.enabled else None
         try:
-            self.store.put_many([(item.key, item.blob) for item in items], verified=True)  # validate_put checked
+            pairs = [(item.key, item.blob) for item in items]
+            if durable:
+                tiers = self.store.put_many(pairs, verified=True, durable=True)  # validate_put checked
+            else:
+                tiers = self.store.put_many(pairs, verified=True)
         except BaseException:
             if undo is not None:
                 undo()
             raise
-        self.counters.add(puts=1, blobs_put=len(items), bytes_put=nbytes)
-        return len(items), nbytes
+        self.counters.add(puts=1, blobs_put=len(items), bytes_put=nbytes, **({"puts_durable": 1} if durable else {}))
+        return len(items), nbytes, list(tiers or [])
 
     def _charge(self, items: Sequence[PutItem]) -> Any:
         """Charge each owner the growth its blobs cause; return a callable that undoes it."""

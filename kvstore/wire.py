@@ -35,13 +35,25 @@ _UINT32, _BYTES, _REPEATED_BYTES = 0, 2, -2
 
 
 class PutRequestView(NamedTuple):
-    """A ``kvstore.v1.PutRequest`` as plain values."""
+    """A ``kvstore.v1.PutRequest`` as plain values (``ack`` is a ``kvstore.v1.Ack`` number)."""
 
     namespace: str
     key: bytes
     layer: int
     num_layers: int
     blob: Blob
+    commit: bool = False
+    ack: int = 0
+
+    @property
+    def has_item(self) -> bool:
+        """False for a bare commit message (no key, no blob): it ends the stream and stores nothing itself."""
+        return bool(len(self.key) or len(self.blob) or self.namespace or self.layer or self.num_layers)
+
+
+#: The bare message that ends a Put stream (PutRequest.commit); clients send it after the last blob.
+def commit_request(ack: int = 0) -> PutRequestView:
+    return PutRequestView("", b"", 0, 0, b"", True, ack)
 
 
 class GetResponseView:
@@ -108,7 +120,7 @@ def _scan(data: bytes, kinds: dict[int, int]) -> dict[int, Any]:
         if wire_type == 0:
             value, pos = _read_varint(data, pos)
             if kind is not None:
-                fields[number] = value & 0xFFFFFFFF  # uint32, as protobuf truncates
+                fields[number] = value  # callers truncate to the field's type, as protobuf does
         elif wire_type == 2:
             length, pos = _read_varint(data, pos)
             stop = pos + length
@@ -130,7 +142,8 @@ def _scan(data: bytes, kinds: dict[int, int]) -> dict[int, Any]:
     return fields
 
 
-_PUT_KINDS = {1: _BYTES, 2: _BYTES, 3: _UINT32, 4: _UINT32, 5: _BYTES}
+_PUT_KINDS = {1: _BYTES, 2: _BYTES, 3: _UINT32, 4: _UINT32, 5: _BYTES, 6: _UINT32, 7: _UINT32}
+_U32 = 0xFFFFFFFF
 _GET_KINDS = {1: _UINT32, 2: _UINT32, 3: _BYTES, 4: _REPEATED_BYTES}
 
 
@@ -140,9 +153,11 @@ def parse_put_request(data: bytes) -> PutRequestView:
         f = _scan(data, _PUT_KINDS)
     except (IndexError, ValueError):  # unusual encodings: let protobuf decide (and explain)
         m = pb.PutRequest.FromString(data)
-        return PutRequestView(m.namespace, m.key, m.layer, m.num_layers, m.blob)
-    return PutRequestView(bytes(f.get(1, b"")).decode("utf-8"), bytes(f.get(2, b"")), f.get(3, 0), f.get(4, 0),
-                          bytes(f.get(5, b"")))
+        return PutRequestView(m.namespace, m.key, m.layer, m.num_layers, m.blob, m.commit, m.ack)
+    ack = f.get(7, 0) & _U32  # an enum is an int32: protobuf keeps unknown values, sign included
+    return PutRequestView(bytes(f.get(1, b"")).decode("utf-8"), bytes(f.get(2, b"")), f.get(3, 0) & _U32,
+                          f.get(4, 0) & _U32, bytes(f.get(5, b"")), bool(f.get(6, 0)),
+                          ack - (1 << 32) if ack >> 31 else ack)
 
 
 def encode_put_request(request: PutRequestView) -> bytes:
@@ -159,7 +174,14 @@ def encode_put_request(request: PutRequestView) -> bytes:
         head += b"\x20" + _encode_varint(request.num_layers)
     if len(request.blob):
         head += b"\x2a" + _encode_varint(len(request.blob))
-    return b"".join((head, request.blob))
+    if not (request.commit or request.ack):
+        return b"".join((head, request.blob))
+    tail = bytearray()
+    if request.commit:
+        tail += b"\x30\x01"
+    if request.ack:
+        tail += b"\x38" + _encode_varint(request.ack & 0xFFFFFFFFFFFFFFFF)  # int32: negatives take 10 bytes
+    return b"".join((head, request.blob, tail))
 
 
 def encode_get_response(item: tuple[int, int, Blob | list[Blob]]) -> bytes:
@@ -192,4 +214,4 @@ def parse_get_response(data: bytes) -> GetResponseView:
     except (IndexError, ValueError):
         m = pb.GetResponse.FromString(data)
         return GetResponseView(m.key_index, m.layer, m.blob, list(m.blobs))
-    return GetResponseView(f.get(1, 0), f.get(2, 0), f.get(3, b""), f.get(4))
+    return GetResponseView(f.get(1, 0) & _U32, f.get(2, 0) & _U32, f.get(3, b""), f.get(4))

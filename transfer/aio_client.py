@@ -40,8 +40,8 @@ _END = object()
 class _AsyncPutBatch(PutBatch):
     """:class:`PutBatch` fed by an async (or plain) iterator; attempts share it under an asyncio lock."""
 
-    def __init__(self, core: ClientCore, namespace: str, source: Any) -> None:
-        super().__init__(core, namespace, iter(()))
+    def __init__(self, core: ClientCore, namespace: str, source: Any, ack: int = 0) -> None:
+        super().__init__(core, namespace, iter(()), ack)
         self._asource = source
         self._alock = asyncio.Lock()
 
@@ -70,6 +70,8 @@ class _AsyncPutBatch(PutBatch):
         while (req := await self.astep(index)) is not None:
             yield req
             index += 1
+        if (end := self.commit()) is not None:
+            yield end
 
 
 class AsyncKVClient:
@@ -138,23 +140,22 @@ class AsyncKVClient:
         return total
 
     async def put(self, namespace: Namespace | str, items: Iterable[PutItem | tuple] | AsyncIterable[Any], *,
-                  timeout_s: float | None = None) -> PutResult:
+                  timeout_s: float | None = None, ack: str | None = None) -> PutResult:
+        """See :meth:`KVClient.put` (commit message per stream, ``ack``)."""
         ns = self._core.namespace(namespace)
+        ack_value = self._core.ack_value(ack) if ack is not None else self._core.ack
         source: Any = aiter(items) if isinstance(items, AsyncIterable) else iter(items)
-        stored = nbytes = requests = 0
+        responses: list[pb.PutResponse] = []
         while True:
-            batch = _AsyncPutBatch(self._core, ns, source)
+            batch = _AsyncPutBatch(self._core, ns, source, ack_value)
             if await batch.astep(0) is None:
+                if batch.error is not None:  # the very first item failed: nothing to send
+                    raise batch.error
                 break
-            if batch.error is not None:  # the very first item failed: nothing to send
-                raise batch.error
-            resp = await self._put_batch(batch, timeout_s)
-            stored += resp.num_stored
-            nbytes += resp.bytes_stored
-            requests += 1
+            responses.append(await self._put_batch(batch, timeout_s))
             if batch.exhausted:
                 break
-        return PutResult(stored, nbytes, requests)
+        return self._core.put_result(responses)
 
     async def _put_batch(self, batch: _AsyncPutBatch, timeout_s: float | None) -> pb.PutResponse:
         failures = 0

@@ -48,6 +48,7 @@ from kvstore.wire import (
     Blob,
     GetResponseView,
     PutRequestView,
+    commit_request,
     encode_put_request,
     parse_get_response,
 )
@@ -65,6 +66,8 @@ DEFAULT_PUT_BATCH_BYTES = 64 * MiB  # well under the server's max_put_stream_byt
 DEFAULT_MAX_KEYS_PER_REQUEST = 4096  # the server's default limit
 DEFAULT_GET_PACK_BYTES = 1 * MiB  # blobs of one layer per Get message (GetRequest.pack_bytes)
 MAX_LAYERS = 1 << 20
+#: ``ack`` values a Put may ask for (kvstore.v1.Ack); None leaves it to the server's ``server.ack``.
+ACKS = {None: pb.ACK_UNSPECIFIED, "memory": pb.ACK_MEMORY, "durable": pb.ACK_DURABLE}
 PUT_METHOD = "/kvstore.v1.KVStore/Put"
 GET_METHOD = "/kvstore.v1.KVStore/Get"
 
@@ -84,6 +87,10 @@ class PutResult:
     bytes_stored: int
     #: Put streams used (one per ``put_batch_bytes``), retries not counted.
     num_requests: int
+    #: Whether a persistent tier (disk, Redis, S3) took every blob (the server says so per stream).
+    durable: bool = False
+    #: Tiers that took every blob of every stream, fastest first.
+    tiers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,7 @@ class ClientCore:
         max_keys_per_request: int = DEFAULT_MAX_KEYS_PER_REQUEST,
         get_pack_bytes: int = DEFAULT_GET_PACK_BYTES,
         interceptors: Sequence[Any] = (),
+        ack: str | None = None,
     ) -> None:
         if not target:
             raise ValueError("target must be 'host:port'")
@@ -179,6 +187,8 @@ class ClientCore:
             raise ValueError("get_pack_bytes must be >= 0 (0: one blob per Get message)")
         if (tls_client_cert is None) != (tls_client_key is None):
             raise ValueError("tls_client_cert and tls_client_key go together (mutual TLS)")
+        #: Default acknowledgement of this client's Puts: "memory", "durable" or None (the server's).
+        self.ack = self.ack_value(ack)
         self.target = target
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
@@ -247,6 +257,19 @@ class ClientCore:
         """``keys`` cut into (offset, window) pieces the server accepts in one request."""
         n = self.max_keys_per_request
         return [(i, keys[i : i + n]) for i in range(0, len(keys), n)] or [(0, [])]
+
+    @staticmethod
+    def ack_value(ack: str | None) -> int:
+        if ack not in ACKS:
+            raise ValueError(f"ack must be 'memory', 'durable' or None (the server's default), got {ack!r}")
+        return ACKS[ack]
+
+    @staticmethod
+    def put_result(responses: list[pb.PutResponse]) -> PutResult:
+        """The sum of a put()'s streams; durable and tiers only what held for every stream."""
+        tiers = [t for t in responses[0].tiers if all(t in r.tiers for r in responses)] if responses else []
+        return PutResult(sum(r.num_stored for r in responses), sum(r.bytes_stored for r in responses),
+                         len(responses), bool(responses) and all(r.durable for r in responses), tuple(tiers))
 
     def put_request(self, namespace: str, item: PutItem | tuple) -> PutRequestView:
         """Validated request for one item; checks the trailer so a bad blob never leaves."""
@@ -350,15 +373,6 @@ class LayerAssembler:
                                 "without an error status")
 
 
-#: Ends a Put stream whose source failed half-way. Raising inside the request
-#: iterator makes gRPC cancel the call, and a cancel can race the server into
-#: seeing a clean end of stream and committing what was sent so far. A request
-#: the server is bound to reject (its namespace is invalid) makes the server's
-#: all-or-nothing Put store nothing, deterministically; put() then raises the
-#: source's own exception, not the server's INVALID_ARGUMENT.
-ABORT_REQUEST = PutRequestView("!abort: client source failed", b"", 0, 0, b"")
-
-
 class PutBatch:
     """The requests of one Put stream, pulled lazily from the caller's iterator.
 
@@ -370,8 +384,9 @@ class PutBatch:
     attempt.
     """
 
-    def __init__(self, core: ClientCore, namespace: str, source: Iterator[Any]) -> None:
+    def __init__(self, core: ClientCore, namespace: str, source: Iterator[Any], ack: int = 0) -> None:
         self._core = core
+        self._ack = ack
         self._namespace = namespace
         self._source = source
         self._sent: list[PutRequestView] = []
@@ -387,7 +402,7 @@ class PutBatch:
         return len(self._sent)
 
     def step(self, index: int) -> PutRequestView | None:
-        """Request ``index`` of the batch (pulling it if new), or ``None`` at its end."""
+        """Request ``index`` of the batch (pulling it if new), or ``None`` at its end (see commit())."""
         with self._lock:
             if index < len(self._sent):
                 return self._sent[index]
@@ -402,13 +417,16 @@ class PutBatch:
                 return self._abort(exc)
             return self._add(item)
 
-    def _abort(self, exc: BaseException) -> PutRequestView:
-        """Record the source's failure and end the stream with ABORT_REQUEST."""
+    def _abort(self, exc: BaseException) -> None:
+        """Record the source's failure and end the stream without its commit message.
+
+        The server stores nothing from a stream that ends uncommitted (and says
+        ABORTED); put() then raises the source's own exception.
+        """
         self.error = exc
         self._closed = True
-        return ABORT_REQUEST
 
-    def _add(self, item: Any) -> PutRequestView:
+    def _add(self, item: Any) -> PutRequestView | None:
         try:
             req = self._core.put_request(self._namespace, item)
         except BaseException as exc:
@@ -419,11 +437,18 @@ class PutBatch:
             self._closed = True
         return req
 
+    def commit(self) -> PutRequestView | None:
+        """The message that ends an attempt: the commit, or nothing when the source failed
+        (a stream ended without a commit stores nothing on the server)."""
+        return None if self.error is not None else commit_request(self._ack)
+
     def attempt(self) -> Iterator[PutRequestView]:
         index = 0
         while (req := self.step(index)) is not None:
             yield req
             index += 1
+        if (end := self.commit()) is not None:
+            yield end
 
 
 class KVClient:
@@ -495,24 +520,29 @@ class KVClient:
         return total
 
     def put(self, namespace: Namespace | str, items: Iterable[PutItem | tuple], *,
-            timeout_s: float | None = None) -> PutResult:
-        """Store every item, pulling them lazily; one Put stream per ``put_batch_bytes``."""
+            timeout_s: float | None = None, ack: str | None = None) -> PutResult:
+        """Store every item, pulling them lazily; one Put stream per ``put_batch_bytes``.
+
+        Each stream ends with a commit message; the server stores a stream only
+        once it has read it. ``ack="durable"`` asks the server to answer OK only
+        once a persistent tier holds the blobs (UNAVAILABLE otherwise);
+        ``"memory"`` accepts RAM; None uses the client's ``ack`` option, then the
+        server's ``server.ack``.
+        """
         ns = self._core.namespace(namespace)
+        ack_value = self._core.ack_value(ack) if ack is not None else self._core.ack
         source = iter(items)
-        stored = nbytes = requests = 0
+        responses: list[pb.PutResponse] = []
         while True:
-            batch = PutBatch(self._core, ns, source)
+            batch = PutBatch(self._core, ns, source, ack_value)
             if batch.step(0) is None:
+                if batch.error is not None:  # the very first item failed: nothing to send
+                    raise batch.error
                 break
-            if batch.error is not None:  # the very first item failed: nothing to send
-                raise batch.error
-            resp = self._put_batch(batch, timeout_s)
-            stored += resp.num_stored
-            nbytes += resp.bytes_stored
-            requests += 1
+            responses.append(self._put_batch(batch, timeout_s))
             if batch.exhausted:
                 break
-        return PutResult(stored, nbytes, requests)
+        return self._core.put_result(responses)
 
     def _put_batch(self, batch: PutBatch, timeout_s: float | None) -> pb.PutResponse:
         failures = 0

@@ -13,7 +13,8 @@ Promises, in the order they matter:
    skipped for writes; a write fails only when no tier at all took it.
 3. **Hot data moves up.** A hit in a lower tier is promoted into every faster tier.
 
-Writes go to tier 0 and to every tier named in ``write_through`` (default: all).
+Writes go to tier 0 and to every tier named in ``write_through`` (default: all);
+:meth:`TieredStore.put_many` reports which tiers took them (``ack: durable``).
 Backends are thread-safe; this class keeps no mutable state of its own beyond the
 backends' counters, so the server's thread pool calls it concurrently.
 """
@@ -165,30 +166,49 @@ class TieredStore:
     def put(self, key: BlobKey, blob: bytes) -> None:
         self.put_many([(key, blob)])
 
-    def put_many(self, items: Sequence[tuple[BlobKey, bytes]], *, verified: bool = False) -> None:
+    def put_many(self, items: Sequence[tuple[BlobKey, bytes]], *, verified: bool = False,
+                 durable: bool = False) -> list[str]:
         """Verify every blob, then store them in tier 0 and the write-through tiers.
 
-        Raises IntegrityError before storing anything if a blob is corrupt, and
-        BackendUnavailable only if no tier accepted the write. ``verified=True``
-        is for callers that have just checked every trailer themselves (the
-        server's Put validation), so the hot path hashes each blob once.
+        Returns the names of the tiers that took the whole write, in tier order,
+        so a caller can tell "in RAM" from "persisted". Raises IntegrityError
+        before storing anything if a blob is corrupt, and BackendUnavailable if no
+        tier accepted the write. ``verified=True`` is for callers that have just
+        checked every trailer themselves (the server's Put validation), so the
+        hot path hashes each blob once.
+
+        ``durable=True`` (the ``ack: durable`` policy) writes the persistent
+        tiers first and fails with BackendUnavailable, storing nothing, when none
+        of them took the write: the RAM tier is written only after a persistent
+        one, so a refused durable Put leaves no copy that a Lookup would report.
         """
         for key, blob in items:
             if not verified and not is_intact(blob):
                 raise IntegrityError(f"blob for {key.name()} ({len(blob)} bytes) fails its checksum trailer")
         if not items:
-            return
-        accepted = 0
+            return []
+        tiers = self._write_tiers
+        if durable:
+            tiers = [t for t in tiers if t.persistent] + [t for t in tiers if not t.persistent]
+        accepted: set[str] = set()
         failures: list[str] = []
-        for tier in self._write_tiers:
+        for tier in tiers:
+            if durable and not tier.persistent and not accepted:
+                missing = "; ".join(failures) or "no persistent tier (disk, redis, s3) is configured"
+                raise BackendUnavailable(f"durable write refused: no persistent tier took it ({missing})")
             try:
                 tier.put_many(items)
-                accepted += 1
+                accepted.add(tier.name)
             except Exception as exc:
                 self._tier_error(tier, "put", exc)
                 failures.append(f"{tier.name}: {exc}")
         if not accepted:
             raise BackendUnavailable(f"no tier accepted the write ({'; '.join(failures)})")
+        return [t.name for t in self.tiers if t.name in accepted]
+
+    def persistent(self, names: Sequence[str]) -> bool:
+        """Whether any of the named tiers keeps data across a restart (disk, Redis, S3)."""
+        return any(t.persistent for t in self.tiers if t.name in names)
 
     def delete_chunks(self, namespace: str, chunk_keys: Sequence[bytes], num_layers: int | None = None) -> int:
         """Delete every layer of each chunk from every tier; return how many chunks had something deleted.

@@ -14,11 +14,20 @@ class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TIER_DISK: _ClassVar[Tier]
     TIER_REDIS: _ClassVar[Tier]
     TIER_S3: _ClassVar[Tier]
+
+class Ack(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACK_UNSPECIFIED: _ClassVar[Ack]
+    ACK_MEMORY: _ClassVar[Ack]
+    ACK_DURABLE: _ClassVar[Ack]
 TIER_UNSPECIFIED: Tier
 TIER_MEMORY: Tier
 TIER_DISK: Tier
 TIER_REDIS: Tier
 TIER_S3: Tier
+ACK_UNSPECIFIED: Ack
+ACK_MEMORY: Ack
+ACK_DURABLE: Ack
 
 class LookupRequest(_message.Message):
     __slots__ = ("namespace", "keys", "num_layers")
@@ -39,26 +48,34 @@ class LookupResponse(_message.Message):
     def __init__(self, num_present: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("namespace", "key", "layer", "num_layers", "blob")
+    __slots__ = ("namespace", "key", "layer", "num_layers", "blob", "commit", "ack")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     BLOB_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     key: bytes
     layer: int
     num_layers: int
     blob: bytes
-    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., blob: _Optional[bytes] = ...) -> None: ...
+    commit: bool
+    ack: Ack
+    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., blob: _Optional[bytes] = ..., commit: _Optional[bool] = ..., ack: _Optional[_Union[Ack, str]] = ...) -> None: ...
 
 class PutResponse(_message.Message):
-    __slots__ = ("num_stored", "bytes_stored")
+    __slots__ = ("num_stored", "bytes_stored", "tiers", "durable")
     NUM_STORED_FIELD_NUMBER: _ClassVar[int]
     BYTES_STORED_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
     num_stored: int
     bytes_stored: int
-    def __init__(self, num_stored: _Optional[int] = ..., bytes_stored: _Optional[int] = ...) -> None: ...
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    durable: bool
+    def __init__(self, num_stored: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ..., durable: _Optional[bool] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("namespace", "keys", "layer_start", "layer_end", "pack_bytes")

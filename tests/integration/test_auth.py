@@ -25,7 +25,7 @@ from kvstore.server import ServerHandle, serve
 from kvstore.testing.certs import TestPKI, generate_test_pki
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from tests.fixtures.store import store_config, wait_serving
+from tests.fixtures.store import committed, store_config, wait_serving
 from transfer.client import KVClient
 from transfer.errors import PermissionDenied as ClientPermissionDenied
 from transfer.errors import Unauthenticated as ClientUnauthenticated
@@ -47,7 +47,7 @@ def _code(fn) -> tuple[grpc.StatusCode, str]:
 
 def _put(stub: pb_grpc.KVStoreStub, ns: str, key: bytes, token: str | None, blob: bytes | None = None) -> None:
     blob = blob or integrity.seal(os.urandom(256))
-    stub.Put(iter([pb.PutRequest(namespace=ns, key=key, layer=0, num_layers=1, blob=blob)]), timeout=10,
+    stub.Put(committed([pb.PutRequest(namespace=ns, key=key, layer=0, num_layers=1, blob=blob)]), timeout=10,
              metadata=bearer_metadata(token) if token else None)
 
 
@@ -100,7 +100,7 @@ def test_missing_or_unknown_token_is_unauthenticated_on_every_rpc(stub: pb_grpc.
     key = os.urandom(32)
     calls = {
         "Lookup": lambda md: stub.Lookup(pb.LookupRequest(namespace=NS_A, keys=[key], num_layers=1), metadata=md),
-        "Put": lambda md: stub.Put(iter([pb.PutRequest(namespace=NS_A, key=key, layer=0, num_layers=1,
+        "Put": lambda md: stub.Put(committed([pb.PutRequest(namespace=NS_A, key=key, layer=0, num_layers=1,
                                                        blob=integrity.seal(b"x"))]), metadata=md),
         "Get": lambda md: list(stub.Get(pb.GetRequest(namespace=NS_A, keys=[key], layer_start=0, layer_end=1),
                                         metadata=md)),

@@ -19,7 +19,7 @@ import redis
 from bench.reliability import FlipReport, TierCorruptor, run_bitflips
 from kvstore.server import ServerHandle, serve
 from kvstore.testing.services import RedisProcess, S3Process
-from tests.fixtures.store import store_config
+from tests.fixtures.store import committed, store_config
 
 
 def _server(tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process | None,
@@ -105,7 +105,7 @@ def test_flipped_ram_copy_is_repaired_from_disk(tmp_path: Path) -> None:
         key, blob = b"k" * 32, integrity.seal(b"payload" * 100)
         with grpc.insecure_channel(handle.target) as channel:
             stub = pb_grpc.KVStoreStub(channel)
-            stub.Put(iter([pb.PutRequest(namespace="t/m/p", key=key, layer=0, num_layers=1, blob=blob)]))
+            stub.Put(committed([pb.PutRequest(namespace="t/m/p", key=key, layer=0, num_layers=1, blob=blob)]))
             import random
 
             assert corruptor.flip("memory", BlobKey("t/m/p", key, 0), random.Random(0))

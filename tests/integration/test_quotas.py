@@ -22,7 +22,7 @@ from kvstore.quotas import QuotaLedger
 from kvstore.server import ServerHandle, serve
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from tests.fixtures.store import store_config
+from tests.fixtures.store import committed, store_config
 
 LIMIT = 100_000
 TOKENS = {"tok-small": "small", "tok-big": "big"}
@@ -89,7 +89,7 @@ def _put(stub: pb_grpc.KVStoreStub, tenant: str, key: bytes, nbytes: int, layers
     reqs = [pb.PutRequest(namespace=f"{tenant}/m/p", key=key, layer=i, num_layers=layers,
                           blob=integrity.seal(os.urandom(nbytes - integrity.TRAILER_BYTES)))
             for i in range(layers)]
-    stub.Put(iter(reqs), timeout=10, metadata=bearer_metadata(f"tok-{tenant}"))
+    stub.Put(committed(reqs), timeout=10, metadata=bearer_metadata(f"tok-{tenant}"))
 
 
 def _present(stub: pb_grpc.KVStoreStub, tenant: str, key: bytes) -> int:
@@ -134,7 +134,7 @@ def test_quota_applies_without_auth_by_namespace_tenant(tmp_path: Path) -> None:
         with grpc.insecure_channel(handle.target) as channel:
             stub = pb_grpc.KVStoreStub(channel)
             blob = integrity.seal(os.urandom(6_000))
-            put = lambda ns: stub.Put(iter([pb.PutRequest(namespace=ns, key=os.urandom(32), layer=0,  # noqa: E731
+            put = lambda ns: stub.Put(committed([pb.PutRequest(namespace=ns, key=os.urandom(32), layer=0,  # noqa: E731
                                                           num_layers=1, blob=blob)]), timeout=10)
             put("x/m/p")
             with pytest.raises(grpc.RpcError) as err:
@@ -155,5 +155,5 @@ def test_rewriting_the_same_blocks_is_not_charged_twice(quota_server: ServerHand
         reqs = [pb.PutRequest(namespace="small/m/p", key=key, layer=i, num_layers=2, blob=b)
                 for i, b in enumerate(blobs)]
         for _ in range(4):  # 4 x 40,000 bytes would exceed 100,000 if each replay were charged
-            stub.Put(iter(reqs), timeout=10, metadata=bearer_metadata("tok-small"))
+            stub.Put(committed(reqs), timeout=10, metadata=bearer_metadata("tok-small"))
         assert quota_server.service.quotas.usage("small") == 40_000

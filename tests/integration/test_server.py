@@ -21,7 +21,7 @@ from kvstore.server import SERVICE_NAME, ServerHandle, serve
 from kvstore.testing.services import free_port
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc
-from tests.fixtures.store import REPO_ROOT, make_blob, start_server_process, store_config
+from tests.fixtures.store import REPO_ROOT, committed, make_blob, start_server_process, store_config
 
 NS = "acme/smollm2-L30/fp16"
 MiB = 1 << 20
@@ -37,7 +37,7 @@ def stub(kvstore_server: ServerHandle) -> Iterator[kvstore_pb2_grpc.KVStoreStub]
 def put_chunks(stub: kvstore_pb2_grpc.KVStoreStub, keys: list[bytes], layers: range | list[int],
                num_layers: int = LAYERS, size: int = 1000, ns: str = NS) -> dict[tuple[int, int], bytes]:
     blobs = {(i, layer): make_blob(size + i * 10 + layer) for i in range(len(keys)) for layer in layers}
-    reply = stub.Put(iter([pb.PutRequest(namespace=ns, key=keys[i], layer=layer, num_layers=num_layers, blob=b)
+    reply = stub.Put(committed([pb.PutRequest(namespace=ns, key=keys[i], layer=layer, num_layers=num_layers, blob=b)
                            for (i, layer), b in blobs.items()]))
     assert reply.num_stored == len(blobs)
     assert reply.bytes_stored == sum(len(b) for b in blobs.values())

@@ -232,3 +232,25 @@ def test_concurrent_use_never_returns_wrong_bytes(tmp_path: Path) -> None:
         assert mem.counters.evictions > 0 and disk.counters.hits > 0
     finally:
         store.close()
+
+
+def test_put_many_reports_the_tiers_that_took_the_write(tiers: tuple, tmp_path: Path) -> None:
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk, cold])
+    assert store.put_many([(key(40), blob(40))]) == ["memory", "disk", "cold"]
+    assert store.persistent(["memory", "disk"]) and not store.persistent(["memory"])
+    shutil.rmtree(tmp_path / "disk")
+    assert store.put_many([(key(41), blob(41))], durable=True) == ["memory", "cold"]
+
+
+def test_durable_write_with_no_persistent_tier_stores_nothing(tiers: tuple, tmp_path: Path) -> None:
+    mem, disk, _ = tiers
+    store = TieredStore([mem, disk])
+    shutil.rmtree(tmp_path / "disk")  # the only persistent tier is gone
+    with pytest.raises(BackendUnavailable, match="no persistent tier took it.*disk"):
+        store.put_many([(key(42), blob(42))], durable=True)
+    assert not mem.exists(key(42))  # RAM is written only after a persistent tier
+    assert store.put_many([(key(42), blob(42))]) == ["memory"]  # ack: memory still answers from RAM
+    ram_only = TieredStore([MemoryBackend(max_bytes=1 << 20)])
+    with pytest.raises(BackendUnavailable, match="no persistent tier .* is configured"):
+        ram_only.put_many([(key(43), blob(43))], durable=True)

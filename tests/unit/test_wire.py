@@ -19,12 +19,12 @@ from kvstore.wire import (
 )
 
 NS = "acme/smollm2-L30/fp16"
-# Fields 6..9 with every wire type the proto does not use: unknown to both messages.
-UNKNOWN = b"\x30\x05" + b"\x3a\x03abc" + b"\x41" + bytes(8) + b"\x4d" + bytes(4)
+# Fields 10..13 with every wire type the proto does not use: unknown to both messages.
+UNKNOWN = b"\x50\x05" + b"\x5a\x03abc" + b"\x61" + bytes(8) + b"\x6d" + bytes(4)
 
 
 def _put_fields(m: pb.PutRequest | PutRequestView) -> tuple:
-    return (m.namespace, bytes(m.key), m.layer, m.num_layers, bytes(m.blob))
+    return (m.namespace, bytes(m.key), m.layer, m.num_layers, bytes(m.blob), bool(m.commit), int(m.ack))
 
 
 def _get_fields(m: pb.GetResponse | GetResponseView) -> tuple:
@@ -102,3 +102,23 @@ def test_packed_blobs_parse_as_views_and_fall_back_like_the_rest() -> None:
     odd = b"\x12\x01\x05" + data  # layer as a packed scalar: protobuf parses it, blobs included
     assert [bytes(b) for b in parse_get_response(odd).blobs] == [b"a" * 10, b"b" * 20]
     assert parse_get_response(pb.GetResponse(layer=1, blob=b"x").SerializeToString()).blobs == []
+
+
+@pytest.mark.parametrize("ack", [0, pb.ACK_MEMORY, pb.ACK_DURABLE, 77, -3])
+@pytest.mark.parametrize("commit", [False, True])
+def test_commit_and_ack_fields_match_protobuf(commit: bool, ack: int) -> None:
+    for item in ((NS, b"k" * 32, 2, 4, os.urandom(300)), ("", b"", 0, 0, b"")):
+        put = pb.PutRequest(namespace=item[0], key=item[1], layer=item[2], num_layers=item[3], blob=item[4],
+                            commit=commit, ack=ack)
+        view = PutRequestView(*item, commit, ack)
+        assert encode_put_request(view) == put.SerializeToString()
+        parsed = parse_put_request(put.SerializeToString())
+        assert _put_fields(parsed) == _put_fields(put)
+        assert parsed.has_item == bool(item[1])
+
+
+def test_commit_flag_read_like_protobuf_from_odd_varints() -> None:
+    # A bool is true for any non-zero varint, even one whose low 32 bits are zero.
+    for raw in (b"\x30\x02", b"\x30\x80\x80\x80\x80\x10", b"\x30\x00"):
+        data = pb.PutRequest(key=b"k" * 32, blob=b"x").SerializeToString() + raw
+        assert parse_put_request(data).commit == pb.PutRequest.FromString(data).commit
