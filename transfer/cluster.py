@@ -593,6 +593,9 @@ class ClusterKVClient:
 
 # -- the factory ------------------------------------------------------------------------------------
 
+#: What :func:`connect` returns; both have the same methods.
+StoreClient = KVClient | ClusterKVClient
+
 
 def make_membership(target: str, *, refresh_s: float = DEFAULT_REFRESH_S, grace_s: float = DEFAULT_GRACE_S,
                     resolver: Resolver | None = None) -> Membership:
