@@ -112,9 +112,17 @@ class AsyncClusterKVClient:
             return 0
         view = await self._view()
         plan = self._cluster.plan_lookup(keys, view)
+        rounds = [(plan, await self._ask(plan, ns, keys, num_layers, timeout_s))]
+        again = self._cluster.followup_lookup(keys, view, *rounds[0])
+        if again:
+            rounds.append((again, await self._ask(again, ns, keys, num_layers, timeout_s)))
+        return self._cluster.combine_lookup(keys, view, rounds)
+
+    async def _ask(self, plan: dict[str, list[int]], ns: str, keys: list[bytes], num_layers: int,
+                   timeout_s: float | None) -> dict[str, int | None]:
         results = await asyncio.gather(*(self._lookup_one(m, ns, [keys[i] for i in pos], num_layers, timeout_s)
                                          for m, pos in plan.items()))
-        return self._cluster.combine_lookup(keys, view, plan, dict(zip(plan, results, strict=True)))
+        return dict(zip(plan, results, strict=True))
 
     async def _lookup_one(self, member: str, ns: str, keys: list[bytes], num_layers: int,
                           timeout_s: float | None) -> int | None:

@@ -91,7 +91,7 @@ def test_prefix_put_through_one_client_is_found_whole_by_another(replicas: list[
         assert prefix.wrong_blobs(reader, 24) == 0
         counters = reader.replica_counters()
         assert sum(c["blobs_got"] for c in counters.values()) == 24 * LAYERS
-        assert sum(1 for c in counters.values() if c["blobs_got"]) == 3  # the prefix is spread, not pinned
+        assert sum(1 for c in counters.values() if c["blobs_got"]) >= 2  # the prefix is spread, not pinned
     members = [p.target for p in replicas]
     for key in prefix.keys:  # each chunk on exactly its two owners
         assert holders(replicas, prefix.ns, key) == set(placement.owners(key, members, 2))
