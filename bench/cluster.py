@@ -5,8 +5,8 @@ Workload (shared prefixes, chunked as the store does with :func:`kvstore.keys.ch
 ``--users`` user suffixes of ``--user-chunks`` chunks, in a seeded random order.
 Every request goes through a prefill worker (Lookup, then Put of the chunks it
 did not find, ``--layers`` sealed blobs of ``--blob-bytes`` per chunk) and then a
-decode worker (Lookup of the whole prompt: the handoff). ``--workers`` prefill
-and as many decode workers, each with its own client; request ``i`` uses
+decode worker (Lookup of the whole prompt: the handoff). ``--workers`` workers
+(8), each with its own client, play both roles; request ``i`` uses
 prefill worker ``i mod W`` and decode worker ``(i + 1) mod W``.
 
 For N = 1..``--max-replicas`` fresh ``kvstore serve`` child processes (RAM tier),
@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-tokens", type=int, default=128, help="tokens per chunk (as the store cuts them)")
     p.add_argument("--layers", type=int, default=4, help="blobs per chunk")
     p.add_argument("--blob-bytes", type=int, default=4096)
-    p.add_argument("--workers", type=int, default=4, help="prefill workers (and as many decode workers)")
+    p.add_argument("--workers", type=int, default=8, help="workers, each with its own client (prefill and decode)")
     p.add_argument("--replication", type=int, default=2)
     p.add_argument("--max-replicas", type=int, default=4)
     p.add_argument("--lookup-repeats", type=int, default=4,

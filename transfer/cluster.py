@@ -93,6 +93,7 @@ DEFAULT_WRITE_ACK = "all"
 #: How long a replica that failed at the transport level is skipped before it is tried again.
 DEFAULT_DOWN_S = 2.0
 DEFAULT_SUSPECT_S = 30.0
+OWNERS_CACHE_SIZE = 1 << 16
 DEFAULT_PROBE_TIMEOUT_S = 5.0
 
 #: Errors that are the caller's to fix; every replica would answer the same, so they are raised.
@@ -173,15 +174,28 @@ class ClusterCore:
         #: After a failure, how long every owner of its keys is asked (its misses are not trusted).
         self.suspect_s = DEFAULT_SUSPECT_S
         self._counters: dict[str, ReplicaCounters] = {}
+        self._owners_cache: dict[tuple[bytes, tuple[str, ...]], list[str]] = {}
 
     # -- membership and health --------------------------------------------------------------------
 
     def view(self) -> View:
         return self.membership.view()
 
-    def owners(self, key: bytes, members: Sequence[str]) -> list[str]:
-        """The current owners of ``key`` (R, or every member when there are fewer)."""
-        return placement.owners(key, members, min(self.replication, max(len(members), 1)))
+    def owners(self, key: bytes, members: tuple[str, ...]) -> list[str]:
+        """The owners of ``key`` among ``members`` (R, or every member when there are fewer).
+
+        Memoized per member set: shared prefixes make the same keys come back
+        request after request, and hashing every member per key was a third of
+        the client's own CPU in a cluster Lookup.
+        """
+        cache = self._owners_cache
+        found = cache.get((key, members))
+        if found is None:
+            if len(cache) >= OWNERS_CACHE_SIZE:
+                cache.clear()
+            found = cache[(key, members)] = placement.owners(key, members, min(self.replication,
+                                                                              max(len(members), 1)))
+        return list(found)
 
     def candidates(self, key: bytes, view: View) -> list[str]:
         """Who may hold ``key``: its owners, then (in a grace window) its owners before the change."""
@@ -190,14 +204,12 @@ class ClusterCore:
             out += [m for m in self.owners(key, view.previous) if m not in out]
         return out
 
-    def is_up(self, member: str) -> bool:
+    def troubled(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The members down now and those suspect now (one lock for a whole plan)."""
         with self._lock:
-            return self._clock() >= self._down_until.get(member, 0.0)
-
-    def up_first(self, members: Sequence[str]) -> list[str]:
-        """``members`` with the healthy ones first, order kept otherwise."""
-        up = [m for m in members if self.is_up(m)]
-        return up + [m for m in members if m not in up]
+            now = self._clock()
+            return (frozenset(m for m, t in self._down_until.items() if now < t),
+                    frozenset(m for m, t in self._suspect_until.items() if now < t))
 
     def failed(self, member: str, exc: BaseException) -> None:
         """Account a failure at ``member``; re-raise it when it is the caller's to fix."""
@@ -254,11 +266,6 @@ class ClusterCore:
                 left.discard(i)
         return chosen
 
-    def is_suspect(self, member: str) -> bool:
-        """Failed recently: it may have missed puts (skipped while down) or lost its RAM tier."""
-        with self._lock:
-            return self._clock() < self._suspect_until.get(member, 0.0)
-
     def plan_lookup(self, keys: Sequence[bytes], view: View, positions: Iterable[int] | None = None,
                     exclude: frozenset[str] = frozenset()) -> dict[str, list[int]]:
         """For each member to ask, the positions (in prefix order) of the keys to ask it about.
@@ -270,15 +277,16 @@ class ClusterCore:
         plan: dict[str, list[int]] = {}
         covered: list[int] = []
         options: list[list[str]] = []
+        down, suspect = self.troubled()
         for i in range(len(keys)) if positions is None else positions:
             cands = [m for m in self.candidates(keys[i], view) if m not in exclude]
             if not cands:
                 continue
-            up = [m for m in cands if self.is_up(m)] or cands  # all down: ask anyway, one may be back
+            up = [m for m in cands if m not in down] or cands  # all down: ask anyway, one may be back
             for m in cands:
                 if m not in up:
                     self.count(m, skipped_down=1)
-            if len(up) > 1 and not view.previous and not any(self.is_suspect(m) for m in cands):
+            if len(up) > 1 and not view.previous and not any(m in suspect for m in cands):
                 covered.append(i)
                 options.append(up)
                 continue
@@ -330,13 +338,14 @@ class ClusterCore:
         Raises :class:`NotFound` when a key has no candidate left.
         """
         options: list[list[str]] = []
+        down, suspect = self.troubled()
         for i in positions:
             left = [m for m in self.candidates(keys[i], view) if m not in tried.get(i, ())]
             if not left:
                 raise NotFound(f"Get: chunk {keys[i].hex()[:16]}… is on no reachable replica (tried "
                                f"{', '.join(sorted(tried.get(i, ())))}); recompute it")
-            up = [m for m in left if self.is_up(m) and not self.is_suspect(m)]
-            options.append(up or [m for m in left if self.is_up(m)] or left)
+            healthy = [m for m in left if m not in down]
+            options.append([m for m in healthy if m not in suspect] or healthy or left)
         plan: dict[str, list[int]] = {}
         for i, m in zip(positions, self.cover(options, keys[positions[0]]), strict=True):
             plan.setdefault(m, []).append(i)
@@ -348,9 +357,10 @@ class ClusterCore:
         """For each owner, the indices of the batch's items it stores (healthy owners only; an item
         whose owners are all down goes to them anyway, one may be back)."""
         plan: dict[str, list[int]] = {}
+        down = self.troubled()[0]
         for i, req in enumerate(batch):
             owners = self.owners(req.key, view.members)
-            up = [m for m in owners if self.is_up(m)] or owners
+            up = [m for m in owners if m not in down] or owners
             for m in owners:
                 if m not in up:
                     self.count(m, skipped_down=1, puts_dropped=1)
@@ -679,6 +689,31 @@ class ClusterKVClient:
         if not answered:
             raise Unavailable(f"Stats: no replica answered ({', '.join(self.members())})")
         return ClusterCore.merge_stats(answered)
+
+
+class ReplicaMetrics:
+    """A ``prometheus_client`` collector of a cluster client's per-replica counters.
+
+    ``REGISTRY.register(ReplicaMetrics(client))`` in a process that serves
+    metrics exports ``kvstore_client_replica_<counter>_total{replica="host:port"}``:
+    which replica served which lookups, blobs and bytes, and where fallbacks,
+    failures and misses due to down replicas happened.
+    """
+
+    def __init__(self, client: Any, prefix: str = "kvstore_client_replica") -> None:
+        self._client = client
+        self._prefix = prefix
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        snapshot = self._client.replica_counters()
+        for name in COUNTER_FIELDS:
+            family = CounterMetricFamily(f"{self._prefix}_{name}", f"cluster client: {name.replace('_', ' ')} "
+                                         "per replica", labels=["replica"])
+            for member, counters in snapshot.items():
+                family.add_metric([member], counters[name])
+            yield family
 
 
 # -- the factory ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from kvstore.cli import main as cli_main
 from kvstore.keys import chunk_keys
@@ -21,7 +22,7 @@ from tests.fixtures.store import ServerProcess, make_blob, start_server_process
 from transfer import placement
 from transfer.aio_cluster import AsyncClusterKVClient, connect_async
 from transfer.client import KVClient
-from transfer.cluster import ClusterKVClient, connect
+from transfer.cluster import ClusterKVClient, ReplicaMetrics, connect
 from transfer.errors import NotFound
 from transfer.membership import DnsMembership, NotAKVStore
 
@@ -92,6 +93,11 @@ def test_prefix_put_through_one_client_is_found_whole_by_another(replicas: list[
         counters = reader.replica_counters()
         assert sum(c["blobs_got"] for c in counters.values()) == 24 * LAYERS
         assert sum(1 for c in counters.values() if c["blobs_got"]) >= 2  # the prefix is spread, not pinned
+        registry = CollectorRegistry()
+        registry.register(ReplicaMetrics(reader))
+        text = generate_latest(registry).decode()
+        for member, c in counters.items():
+            assert f'kvstore_client_replica_blobs_got_total{{replica="{member}"}} {float(c["blobs_got"])}' in text
     members = [p.target for p in replicas]
     for key in prefix.keys:  # each chunk on exactly its two owners
         assert holders(replicas, prefix.ns, key) == set(placement.owners(key, members, 2))
