@@ -1,7 +1,7 @@
 """The asyncio twin of :class:`transfer.cluster.ClusterKVClient`.
 
 Same promises, same decisions: owners, health, plans and counters come from
-:class:`transfer.cluster.ClusterCore`; this module only awaits (one
+:class:`transfer.routing.ClusterCore`; this module only awaits (one
 :class:`transfer.aio_client.AsyncKVClient` per member, calls side by side with
 ``asyncio.gather``). Create it inside the event loop that uses it, normally
 through :func:`connect_async`.
@@ -18,19 +18,17 @@ from kvstore.keys import Namespace
 from kvstore.wire import Blob, PutRequestView
 from transfer.aio_client import AsyncKVClient
 from transfer.client import ClientCore, PutItem, PutResult, StoreStats
-from transfer.cluster import (
+from transfer.cluster import DEFAULT_PROBE_TIMEOUT_S, make_membership, verify_members
+from transfer.errors import InvalidArgument, NotFound, TransferError, Unavailable
+from transfer.membership import DEFAULT_GRACE_S, DEFAULT_REFRESH_S, Membership, Resolver, View, parse_target
+from transfer.routing import (
     DEFAULT_DOWN_S,
-    DEFAULT_PROBE_TIMEOUT_S,
     DEFAULT_REPLICATION,
     DEFAULT_WRITE_ACK,
     ClusterCore,
-    _GetStream,
-    make_membership,
+    GetShare,
     member_options,
-    verify_members,
 )
-from transfer.errors import InvalidArgument, NotFound, TransferError, Unavailable
-from transfer.membership import DEFAULT_GRACE_S, DEFAULT_REFRESH_S, Membership, Resolver, View, parse_target
 
 
 class AsyncClusterKVClient:
@@ -225,10 +223,10 @@ class AsyncClusterKVClient:
         return self._get(ns, keys, layer_start, layer_end, timeout_s)
 
     def _open(self, ns: str, keys: list[bytes], member: str, positions: list[int], layer: int, end: int,
-              timeout_s: float | None, fallback: bool) -> _GetStream:
+              timeout_s: float | None, fallback: bool) -> GetShare:
         source = self._client(member).get_layers(ns, [keys[i] for i in positions], layer, end, timeout_s=timeout_s)
         self._cluster.count(member, gets=1, fallbacks=int(fallback))
-        return _GetStream(member, positions, source, fallback)
+        return GetShare(member, positions, source, fallback)
 
     async def _get(self, ns: str, keys: list[bytes], start: int, end: int,
                    timeout_s: float | None) -> AsyncIterator[tuple[int, list[Blob]]]:

@@ -6,7 +6,7 @@
 takes a client (kvio, the layer-wise cache, the workers, the demo) works over a
 cluster unchanged. :func:`connect` picks the client from a target string
 (:mod:`transfer.membership` has the grammar); :mod:`transfer.aio_cluster` is
-the asyncio twin. Both share :class:`ClusterCore`, which holds every decision
+the asyncio twin. Both share :class:`transfer.routing.ClusterCore`, which holds every decision
 (owners, health, plans, counters), so they cannot drift apart.
 
 Promises:
@@ -47,368 +47,48 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import grpc
 
-from kvstore.backends.retry import ExponentialBackoff
 from kvstore.keys import Namespace
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire import Blob, PutRequestView
-from transfer import placement
-from transfer.client import ClientCore, KVClient, PutItem, PutResult, RetryPolicy, StoreStats, TierStats
-from transfer.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    TransferError,
-    Unauthenticated,
-    Unavailable,
-)
+from transfer.client import ClientCore, KVClient, PutItem, PutResult, StoreStats
+from transfer.errors import InvalidArgument, NotFound, TransferError, Unavailable
 from transfer.membership import (
     DEFAULT_GRACE_S,
     DEFAULT_REFRESH_S,
     DnsMembership,
     Membership,
     NotAKVStore,
-    ReplicationError,
     Resolver,
     StaticMembership,
     View,
     parse_target,
     resolve_host,
 )
+from transfer.routing import (
+    COUNTER_FIELDS,
+    DEFAULT_DOWN_S,
+    DEFAULT_REPLICATION,
+    DEFAULT_WRITE_ACK,
+    WRITE_ACKS,
+    ClusterCore,
+    GetShare,
+    ReplicaCounters,
+    member_options,
+)
+
+__all__ = ["WRITE_ACKS", "ClusterKVClient", "ReplicaCounters", "ReplicaMetrics", "StoreClient", "connect",
+           "make_membership", "probe", "verify_members"]
 
 log = logging.getLogger(__name__)
 
-WRITE_ACKS = ("one", "all")
-DEFAULT_REPLICATION = 2
-DEFAULT_WRITE_ACK = "all"
-#: How long a replica that failed at the transport level is skipped before it is tried again.
-DEFAULT_DOWN_S = 2.0
-DEFAULT_SUSPECT_S = 30.0
-OWNERS_CACHE_SIZE = 1 << 16
 DEFAULT_PROBE_TIMEOUT_S = 5.0
-
-#: Errors that are the caller's to fix; every replica would answer the same, so they are raised.
-CALLER_ERRORS: tuple[type[TransferError], ...] = (InvalidArgument, Unauthenticated, PermissionDenied,
-                                                  ResourceExhausted)
-#: Errors that say the replica itself is unreachable or stuck: it is marked down for a while.
-TRANSPORT_ERRORS: tuple[type[TransferError], ...] = (Unavailable, DeadlineExceeded)
-
-
-def member_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Options of each member client: one quick retry by default, since another owner is the better
-    retry (the single-server default waits ~0.35 s on a dead server before giving up)."""
-    out = dict(options)
-    out.setdefault("retry", RetryPolicy(ExponentialBackoff(base_s=0.02, cap_s=0.1), max_attempts=2))
-    return out
-
-
-@dataclass
-class ReplicaCounters:
-    """What this client asked of one replica and what it got (a snapshot is a plain dict)."""
-
-    lookups: int = 0  # Lookup calls sent
-    lookup_keys: int = 0  # keys asked about
-    lookup_present: int = 0  # keys it reported present
-    gets: int = 0  # Get streams opened
-    blobs_got: int = 0
-    bytes_got: int = 0
-    puts: int = 0  # Put calls (one per batch and owner)
-    blobs_put: int = 0
-    bytes_put: int = 0
-    fallbacks: int = 0  # Get streams it served in place of a failed or missing owner
-    failures: int = 0  # calls that failed at this replica (transport, missing data, bad bytes)
-    skipped_down: int = 0  # calls not sent because it was marked down
-    misses_down: int = 0  # lookup keys it owned, could not answer for, and no other owner had
-    puts_dropped: int = 0  # items it should have stored but could not (it was down)
-
-
-COUNTER_FIELDS = tuple(f.name for f in fields(ReplicaCounters))
-
-
-@dataclass
-class _GetStream:
-    """One member's share of a Get: positions of the keys it serves and its layer iterator."""
-
-    member: str
-    positions: list[int]
-    source: Any
-    fallback: bool = False
-    tried: dict[int, set[str]] = field(default_factory=dict)
-
-
-class ClusterCore:
-    """Everything of a cluster client that does not depend on sync vs async I/O."""
-
-    def __init__(self, membership: Membership, *, replication: int = DEFAULT_REPLICATION,
-                 write_ack: str = DEFAULT_WRITE_ACK, down_s: float = DEFAULT_DOWN_S,
-                 check: ClientCore, clock: Callable[[], float] = time.monotonic) -> None:
-        if write_ack not in WRITE_ACKS:
-            raise ValueError(f"write_ack must be one of {', '.join(WRITE_ACKS)}, got {write_ack!r}")
-        if replication < 1:
-            raise ReplicationError(f"replication must be >= 1, got {replication}")
-        size = len(membership.view().members)
-        if membership.is_static and replication > size:
-            raise ReplicationError(f"replication {replication} is above the member count {size}: list more "
-                                   f"replicas or lower the replication factor (KVSTORE_REPLICATION)")
-        if down_s < 0:
-            raise ValueError(f"down_s must be >= 0, got {down_s}")
-        self.membership = membership
-        self.replication = replication
-        self.write_ack = write_ack
-        self.down_s = down_s
-        #: Validation and request building shared with the member clients (their options).
-        self.check = check
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._down_until: dict[str, float] = {}
-        self._suspect_until: dict[str, float] = {}
-        #: After a failure, how long every owner of its keys is asked (its misses are not trusted).
-        self.suspect_s = DEFAULT_SUSPECT_S
-        self._counters: dict[str, ReplicaCounters] = {}
-        self._owners_cache: dict[tuple[bytes, tuple[str, ...]], list[str]] = {}
-
-    # -- membership and health --------------------------------------------------------------------
-
-    def view(self) -> View:
-        return self.membership.view()
-
-    def owners(self, key: bytes, members: tuple[str, ...]) -> list[str]:
-        """The owners of ``key`` among ``members`` (R, or every member when there are fewer).
-
-        Memoized per member set: shared prefixes make the same keys come back
-        request after request, and hashing every member per key was a third of
-        the client's own CPU in a cluster Lookup.
-        """
-        cache = self._owners_cache
-        found = cache.get((key, members))
-        if found is None:
-            if len(cache) >= OWNERS_CACHE_SIZE:
-                cache.clear()
-            found = cache[(key, members)] = placement.owners(key, members, min(self.replication,
-                                                                              max(len(members), 1)))
-        return list(found)
-
-    def candidates(self, key: bytes, view: View) -> list[str]:
-        """Who may hold ``key``: its owners, then (in a grace window) its owners before the change."""
-        out = self.owners(key, view.members)
-        if view.previous:
-            out += [m for m in self.owners(key, view.previous) if m not in out]
-        return out
-
-    def troubled(self) -> tuple[frozenset[str], frozenset[str]]:
-        """The members down now and those suspect now (one lock for a whole plan)."""
-        with self._lock:
-            now = self._clock()
-            return (frozenset(m for m, t in self._down_until.items() if now < t),
-                    frozenset(m for m, t in self._suspect_until.items() if now < t))
-
-    def failed(self, member: str, exc: BaseException) -> None:
-        """Account a failure at ``member``; re-raise it when it is the caller's to fix."""
-        if isinstance(exc, CALLER_ERRORS) or not isinstance(exc, TransferError):
-            raise exc
-        self.count(member, failures=1)
-        if isinstance(exc, TRANSPORT_ERRORS):
-            with self._lock:
-                self._down_until[member] = self._clock() + self.down_s
-                self._suspect_until[member] = self._clock() + self.down_s + self.suspect_s
-            log.warning("kvstore cluster: %s is down for %.1f s (%s)", member, self.down_s, exc)
-
-    def succeeded(self, member: str) -> None:
-        with self._lock:
-            self._down_until.pop(member, None)
-
-    # -- counters ---------------------------------------------------------------------------------
-
-    def count(self, member: str, **deltas: int) -> None:
-        with self._lock:
-            c = self._counters.setdefault(member, ReplicaCounters())
-            for name, delta in deltas.items():
-                setattr(c, name, getattr(c, name) + delta)
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        """Per replica (every member ever used), a snapshot of :class:`ReplicaCounters`."""
-        with self._lock:
-            return {m: {f: getattr(c, f) for f in COUNTER_FIELDS} for m, c in sorted(self._counters.items())}
-
-    # -- lookup -----------------------------------------------------------------------------------
-
-    def cover(self, options: Sequence[Sequence[str]], tiebreak: bytes,
-              already: Iterable[str] = ()) -> list[str]:
-        """One member per item, from its options, using few members (greedy set cover).
-
-        Each extra replica in a fan-out costs a whole RPC of client and server
-        CPU; asking one owner per key instead of all R cut Lookup p50 at N=4
-        from ~3.5x to ~2x a single server's (bench/cluster.py, 2 busy cores).
-        Ties go by rendezvous weight on ``tiebreak`` (the request's first key),
-        so different prefixes spread their reads over different owners.
-        """
-        chosen: list[str] = [""] * len(options)
-        planned = set(already)
-        left = set(range(len(options)))
-        while left:
-            counts: dict[str, int] = {}
-            for i in left:
-                for m in options[i]:
-                    counts[m] = counts.get(m, 0) + 1
-            best = max(counts, key=lambda m: (m in planned, counts[m], placement.weight(m, tiebreak)))
-            planned.add(best)
-            for i in [i for i in left if best in options[i]]:
-                chosen[i] = best
-                left.discard(i)
-        return chosen
-
-    def plan_lookup(self, keys: Sequence[bytes], view: View, positions: Iterable[int] | None = None,
-                    exclude: frozenset[str] = frozenset()) -> dict[str, list[int]]:
-        """For each member to ask, the positions (in prefix order) of the keys to ask it about.
-
-        A key goes to one healthy owner, chosen so that few replicas cover the
-        prefix; to every healthy candidate when one of them is suspect or in a
-        grace window (a new owner's miss must not hide the previous owner's hit).
-        """
-        plan: dict[str, list[int]] = {}
-        covered: list[int] = []
-        options: list[list[str]] = []
-        down, suspect = self.troubled()
-        for i in range(len(keys)) if positions is None else positions:
-            cands = [m for m in self.candidates(keys[i], view) if m not in exclude]
-            if not cands:
-                continue
-            up = [m for m in cands if m not in down] or cands  # all down: ask anyway, one may be back
-            for m in cands:
-                if m not in up:
-                    self.count(m, skipped_down=1)
-            if len(up) > 1 and not view.previous and not any(m in suspect for m in cands):
-                covered.append(i)
-                options.append(up)
-                continue
-            for m in up:
-                plan.setdefault(m, []).append(i)
-        for i, m in zip(covered, self.cover(options, keys[covered[0]] if covered else b"", plan), strict=True):
-            plan.setdefault(m, []).append(i)
-        for positions in plan.values():
-            positions.sort()
-        return plan
-
-    def followup_lookup(self, keys: Sequence[bytes], view: View, plan: dict[str, list[int]],
-                        answers: dict[str, int | None]) -> dict[str, list[int]]:
-        """A second round for the keys whose every asked member failed: their other candidates
-        (the failed members are now down and suspect, so every remaining owner is asked)."""
-        failed = frozenset(m for m, n in answers.items() if n is None)
-        if not failed:
-            return {}
-        answered = {i for m, positions in plan.items() if m not in failed for i in positions}
-        orphans = sorted({i for m in failed for i in plan[m]} - answered)
-        return self.plan_lookup(keys, view, orphans, exclude=failed)
-
-    def combine_lookup(self, keys: Sequence[bytes], view: View,
-                       rounds: Sequence[tuple[dict[str, list[int]], dict[str, int | None]]]) -> int:
-        """The longest prefix some asked owner reported present (an answer ``None``: that member failed)."""
-        present = [False] * len(keys)
-        failed: set[str] = set()
-        for plan, answers in rounds:
-            for member, positions in plan.items():
-                n = answers.get(member)
-                if n is None:
-                    failed.add(member)
-                    continue
-                for i in positions[:n]:
-                    present[i] = True
-        total = next((i for i, p in enumerate(present) if not p), len(keys))
-        if total < len(keys):  # a miss: was it for want of a live owner?
-            for m in self.candidates(keys[total], view):
-                if m in failed:
-                    self.count(m, misses_down=1)
-        return total
-
-    # -- get --------------------------------------------------------------------------------------
-
-    def plan_get(self, keys: Sequence[bytes], positions: Sequence[int], view: View,
-                 tried: dict[int, set[str]]) -> dict[str, list[int]]:
-        """Group ``positions`` by the first healthy candidate each has not tried yet.
-
-        Raises :class:`NotFound` when a key has no candidate left.
-        """
-        options: list[list[str]] = []
-        down, suspect = self.troubled()
-        for i in positions:
-            left = [m for m in self.candidates(keys[i], view) if m not in tried.get(i, ())]
-            if not left:
-                raise NotFound(f"Get: chunk {keys[i].hex()[:16]}… is on no reachable replica (tried "
-                               f"{', '.join(sorted(tried.get(i, ())))}); recompute it")
-            healthy = [m for m in left if m not in down]
-            options.append([m for m in healthy if m not in suspect] or healthy or left)
-        plan: dict[str, list[int]] = {}
-        for i, m in zip(positions, self.cover(options, keys[positions[0]]), strict=True):
-            plan.setdefault(m, []).append(i)
-        return plan
-
-    # -- put --------------------------------------------------------------------------------------
-
-    def plan_put(self, batch: Sequence[PutRequestView], view: View) -> dict[str, list[int]]:
-        """For each owner, the indices of the batch's items it stores (healthy owners only; an item
-        whose owners are all down goes to them anyway, one may be back)."""
-        plan: dict[str, list[int]] = {}
-        down = self.troubled()[0]
-        for i, req in enumerate(batch):
-            owners = self.owners(req.key, view.members)
-            up = [m for m in owners if m not in down] or owners
-            for m in owners:
-                if m not in up:
-                    self.count(m, skipped_down=1, puts_dropped=1)
-            for m in up:
-                plan.setdefault(m, []).append(i)
-        return plan
-
-    def split_batches(self, namespace: str, items: Iterator[Any]) -> Iterator[list[PutRequestView]]:
-        """Validated requests in batches of at most ``put_batch_bytes`` (one batch in memory)."""
-        batch: list[PutRequestView] = []
-        size = 0
-        for item in items:
-            req = self.check.put_request(namespace, item)
-            batch.append(req)
-            size += len(req.blob)
-            if size >= self.check.put_batch_bytes:
-                yield batch
-                batch, size = [], 0
-        if batch:
-            yield batch
-
-    @staticmethod
-    def items(batch: Sequence[PutRequestView], indices: Sequence[int]) -> list[PutItem]:
-        return [PutItem(batch[i].key, batch[i].layer, batch[i].num_layers, batch[i].blob) for i in indices]
-
-    def put_done(self, member: str, batch: Sequence[PutRequestView], indices: Sequence[int]) -> None:
-        self.succeeded(member)
-        self.count(member, puts=1, blobs_put=len(indices), bytes_put=sum(len(batch[i].blob) for i in indices))
-
-    # -- stats ------------------------------------------------------------------------------------
-
-    @staticmethod
-    def merge_stats(per_member: dict[str, StoreStats]) -> StoreStats:
-        """Tiers summed by name, counters summed: the cluster as one store."""
-        tiers: dict[str, TierStats] = {}
-        counters: dict[str, int] = {}
-        for s in per_member.values():
-            for t in s.tiers:
-                prev = tiers.get(t.name)
-                tiers[t.name] = t if prev is None else TierStats(
-                    t.name, prev.bytes + t.bytes, prev.objects + t.objects,
-                    prev.capacity_bytes + t.capacity_bytes, prev.hits + t.hits, prev.misses + t.misses,
-                    prev.evictions + t.evictions, prev.errors + t.errors,
-                    prev.integrity_failures + t.integrity_failures, prev.healthy and t.healthy)
-            for k, v in s.counters.items():
-                counters[k] = counters.get(k, 0) + v
-        versions = sorted({s.version for s in per_member.values() if s.version})
-        return StoreStats(tiers=list(tiers.values()), counters=counters, version=",".join(versions))
 
 
 class ClusterKVClient:
@@ -613,10 +293,10 @@ class ClusterKVClient:
         return self._get(ns, keys, layer_start, layer_end, timeout_s)
 
     def _open(self, ns: str, keys: list[bytes], member: str, positions: list[int], layer: int, end: int,
-              timeout_s: float | None, fallback: bool) -> _GetStream:
+              timeout_s: float | None, fallback: bool) -> GetShare:
         source = self._client(member).get_layers(ns, [keys[i] for i in positions], layer, end, timeout_s=timeout_s)
         self._cluster.count(member, gets=1, fallbacks=int(fallback))
-        return _GetStream(member, positions, source, fallback)
+        return GetShare(member, positions, source, fallback)
 
     def _get(self, ns: str, keys: list[bytes], start: int, end: int,
              timeout_s: float | None) -> Iterator[tuple[int, list[Blob]]]:
