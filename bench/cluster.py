@@ -161,7 +161,11 @@ class Config:
             "lookups": len(self.latencies),
         }
         if isinstance(self.workers[0], ClusterKVClient):
+            rpcs = sum(c["lookups"] for w in self.workers for c in w.replica_counters().values())
+            out["lookup_rpcs_per_lookup"] = rpcs / len(self.latencies)
             out["worker0_replica_counters"] = self.workers[0].replica_counters()
+        else:
+            out["lookup_rpcs_per_lookup"] = 1.0
         return out
 
     def close(self) -> None:
@@ -250,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                        "hit_rate_of_stored_by_N": {f"{r['mode']}_N{r['replicas']}": r["hit_rate_of_stored"]
                                                    for r in runs},
                        "bytes_max_over_mean_placement_worst": worst_balance,
-                       "lookup_p99_ratio_Nmax_over_N1": p99_ratio},
+                       "lookup_p99_ratio_Nmax_over_N1": p99_ratio,
+                       "lookup_p50_ratio_Nmax_over_N1": place["lookup_p50_ms"] / base["lookup_p50_ms"],
+                       "lookup_rpcs_per_lookup_Nmax": place["lookup_rpcs_per_lookup"]},
         "goals": goals,
     }
     print(json.dumps(report, indent=2))

@@ -89,8 +89,8 @@ class AsyncClusterKVClient:
         clients, self._clients = list(self._clients.values()), {}
         await asyncio.gather(*(c.close() for c in clients))
 
-    async def wait_ready(self, timeout_s: float = 10.0) -> None:
-        members = (await self._view()).members
+    async def wait_ready(self, timeout_s: float = 10.0, *, members: Sequence[str] | None = None) -> None:
+        members = (await self._view()).members if members is None else tuple(members)
         results = await asyncio.gather(*(self._client(m).wait_ready(timeout_s) for m in members),
                                        return_exceptions=True)
         down = [m for m, r in zip(members, results, strict=True) if isinstance(r, BaseException)]
@@ -320,8 +320,12 @@ async def connect_async(target: str, *, token: str | None = None, replication: i
         raise
     if verify:
         try:
-            await asyncio.to_thread(verify_members, client.members(), token=token, timeout_s=probe_timeout_s,
-                                    credentials=client.core.credentials)
+            down = await asyncio.to_thread(verify_members, client.members(), token=token,
+                                           timeout_s=probe_timeout_s, credentials=client.core.credentials)
+            # connect the answering members' channels before the first call
+            await client.wait_ready(probe_timeout_s, members=[m for m in client.members() if m not in down])
+        except Unavailable:
+            pass  # named in the log by verify_members; such members cost misses until they answer
         except BaseException:
             await client.close()
             raise

@@ -166,9 +166,10 @@ class ClusterKVClient:
                 client.close()
             self._clients.clear()
 
-    def wait_ready(self, timeout_s: float = 10.0) -> None:
-        """Block until every current member is connected; :class:`Unavailable` names those that are not."""
-        members = self._view().members
+    def wait_ready(self, timeout_s: float = 10.0, *, members: Sequence[str] | None = None) -> None:
+        """Block until every current member (or each of ``members``) is connected; :class:`Unavailable`
+        names those that are not."""
+        members = self._view().members if members is None else tuple(members)
         futures = {m: self._pool.submit(self._client(m).wait_ready, timeout_s) for m in members}
         down = [m for m, f in futures.items() if f.exception() is not None]
         if down:
@@ -426,13 +427,13 @@ def probe(member: str, *, token: str | None = None, timeout_s: float = DEFAULT_P
             code, details = exc.code(), exc.details() or ""
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return None  # a kvstore that wants another token; the first real call says so
-    if code == grpc.StatusCode.UNAVAILABLE and "refused" in details.lower():
-        return "down"
+    if code == grpc.StatusCode.UNAVAILABLE and "parsing http/2" not in details.lower():
+        return "down"  # refused, reset, slow handshake: a replica not (yet) up, not a wrong one
     if code == grpc.StatusCode.UNIMPLEMENTED:
         why = "it is a gRPC server without the kvstore.v1.KVStore service"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        why = f"it accepted the connection but did not answer within {timeout_s} s"
-    elif "HTTP/2" in details or "http" in details.lower():
+        why = f"it accepted the connection but did not answer gRPC within {timeout_s} s"
+    elif code == grpc.StatusCode.UNAVAILABLE:
         why = "it does not speak gRPC (an HTTP/1 or other TCP port?)"
     else:
         why = f"it answered {code.name}: {details}"
@@ -448,7 +449,7 @@ def verify_members(members: Sequence[str], *, token: str | None = None,
                                 members))
     down = [m for m, r in zip(members, results, strict=True) if r == "down"]
     for m in down:
-        log.warning("kvstore cluster: %s refuses connections; it is treated as down until it answers", m)
+        log.warning("kvstore cluster: %s is not reachable; it is treated as down until it answers", m)
     return down
 
 
@@ -479,8 +480,12 @@ def connect(target: str, *, token: str | None = None, replication: int = DEFAULT
         raise
     if verify:
         try:
-            verify_members(client.members(), token=token, timeout_s=probe_timeout_s,
-                           credentials=client.core.credentials)
+            down = verify_members(client.members(), token=token, timeout_s=probe_timeout_s,
+                                  credentials=client.core.credentials)
+            # connect the answering members' channels before the first call
+            client.wait_ready(probe_timeout_s, members=[m for m in client.members() if m not in down])
+        except Unavailable:
+            pass  # named in the log by verify_members; such members cost misses until they answer
         except BaseException:
             client.close()
             raise

@@ -23,7 +23,7 @@ from transfer import placement
 from transfer.aio_cluster import AsyncClusterKVClient, connect_async
 from transfer.client import KVClient
 from transfer.cluster import ClusterKVClient, ReplicaMetrics, connect
-from transfer.errors import NotFound
+from transfer.errors import NotFound, Unavailable
 from transfer.membership import DnsMembership, NotAKVStore
 
 LAYERS = 4
@@ -101,6 +101,10 @@ def test_prefix_put_through_one_client_is_found_whole_by_another(replicas: list[
     members = [p.target for p in replicas]
     for key in prefix.keys:  # each chunk on exactly its two owners
         assert holders(replicas, prefix.ns, key) == set(placement.owners(key, members, 2))
+    with connect(target_of(replicas)) as client:
+        assert client.delete(prefix.ns, prefix.keys[:1]) >= 2  # both copies
+        assert client.lookup(prefix.ns, prefix.keys, LAYERS) == 0
+        assert holders(replicas, prefix.ns, prefix.keys[0]) == set()
 
 
 def test_dns_target_resolves_localhost(replicas: list[ServerProcess]) -> None:
@@ -137,6 +141,8 @@ def test_endpoints_that_are_not_kvstore_are_refused(replicas: list[ServerProcess
     free.close()
     prefix = Prefix("t/m/down", seed=3, chunks=8)
     with connect(f"{replicas[0].target},{down}") as client:
+        with pytest.raises(Unavailable, match=f"{down}.*1 of 2 ready"):
+            client.wait_ready(timeout_s=0.5)
         client.put(prefix.ns, prefix.items())
         assert client.lookup(prefix.ns, prefix.keys, LAYERS) == 8
         assert prefix.wrong_blobs(client, 8) == 0
@@ -265,6 +271,8 @@ def test_adding_a_replica_keeps_the_hit_rate_in_the_grace_window(replicas: list[
     no_grace = DnsMembership("svc", 1, resolver=resolver, grace_s=0, background=False)
     prefixes = [Prefix("t/m/grow", seed=300 + i, chunks=8) for i in range(30)]
     with ClusterKVClient(with_grace, replication=1) as client, ClusterKVClient(no_grace, replication=1) as bare:
+        client.wait_ready()
+        bare.wait_ready()
         for p in prefixes:
             client.put(p.ns, p.items())
         before = _hit_rate(client, prefixes)
@@ -273,6 +281,8 @@ def test_adding_a_replica_keeps_the_hit_rate_in_the_grace_window(replicas: list[
         listed.append(replicas[-1].target)
         assert with_grace.refresh() and no_grace.refresh()
         assert len(client.members()) == 4
+        client.wait_ready()
+        bare.wait_ready()
         after = _hit_rate(client, prefixes)
         without = _hit_rate(bare, prefixes)
         assert before - after <= 0.05, (before, after)
@@ -334,3 +344,5 @@ def test_cluster_stats_cli(replicas: list[ServerProcess], capsys: pytest.Capture
     assert cli_main(["stats", "--target", target]) == 0
     table = capsys.readouterr().out
     assert "totals" in table and all(p.target in table for p in replicas)
+    assert cli_main(["stats", "--target", f"{target},{replicas[0].target}"]) == 2
+    assert "more than once" in capsys.readouterr().err
