@@ -193,7 +193,7 @@ class AsyncClusterKVClient:
             for t in pending:
                 t.cancel()
             raise
-        self._pending = pending
+        self._pending |= pending
         return acked, len(tasks)
 
     async def _put_one(self, member: str, ns: str, batch: list[PutRequestView], indices: list[int],

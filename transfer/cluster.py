@@ -257,7 +257,8 @@ class ClusterKVClient:
                         acked.add(i)
             if not need_all and all(i in acked or owners_left[i] == 0 for i in range(len(batch))):
                 break
-        self._pending = list(pending)
+        with self._lock:  # the client may be shared by threads: keep every thread's stragglers
+            self._pending.extend(pending)
         return acked, len(futures)
 
     def _put_one(self, member: str, ns: str, batch: list[PutRequestView], indices: list[int],
@@ -272,7 +273,8 @@ class ClusterKVClient:
         return True
 
     def _drain(self) -> None:
-        pending, self._pending = self._pending, []
+        with self._lock:
+            pending, self._pending = self._pending, []
         for f in pending:
             f.exception()  # a background copy's failure was counted; caller errors surface on the ack path
 
