@@ -329,6 +329,27 @@ def test_async_cluster_client(replicas: list[ServerProcess]) -> None:
         assert sync_client.lookup(prefix.ns, prefix.keys[2:], LAYERS) == 18
 
 
+def test_async_client_serves_through_a_killed_replica(replicas: list[ServerProcess]) -> None:
+    prefix = Prefix("t/m/aio-kill", seed=13, chunks=24)
+    target = target_of(replicas)
+
+    async def run() -> tuple[int, int, dict[str, dict[str, int]]]:
+        client = await connect_async(target)
+        async with client:
+            await client.put(prefix.ns, prefix.items())
+            replicas[0].kill()  # one replica gone: with R=2 every chunk still has a live owner
+            present = await client.lookup(prefix.ns, prefix.keys, LAYERS)
+            wrong = 0
+            async for layer, blobs in client.get_layers(prefix.ns, prefix.keys, 0, LAYERS):
+                wrong += sum(bytes(b) != prefix.blobs[k, layer] for k, b in zip(prefix.keys, blobs, strict=True))
+            return present, wrong, client.replica_counters()
+
+    present, wrong, counters = asyncio.run(run())
+    assert (present, wrong) == (24, 0)
+    assert counters[replicas[0].target]["failures"] >= 1
+    assert sum(c["blobs_got"] for c in counters.values()) == 24 * LAYERS
+
+
 def test_cluster_stats_cli(replicas: list[ServerProcess], capsys: pytest.CaptureFixture[str]) -> None:
     prefix = Prefix("t/m/stats", seed=11, chunks=10)
     target = target_of(replicas)
@@ -344,5 +365,7 @@ def test_cluster_stats_cli(replicas: list[ServerProcess], capsys: pytest.Capture
     assert cli_main(["stats", "--target", target]) == 0
     table = capsys.readouterr().out
     assert "totals" in table and all(p.target in table for p in replicas)
+    assert cli_main(["stats", "--target", f"dns:///localhost:{replicas[1].port}", "--json"]) == 0
+    assert [r["target"] for r in json.loads(capsys.readouterr().out)["replicas"]] == [replicas[1].target]
     assert cli_main(["stats", "--target", f"{target},{replicas[0].target}"]) == 2
     assert "more than once" in capsys.readouterr().err
