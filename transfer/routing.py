@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from kvstore.backends.retry import ExponentialBackoff
@@ -90,7 +90,6 @@ class GetShare:
     positions: list[int]
     source: Any
     fallback: bool = False
-    tried: dict[int, set[str]] = field(default_factory=dict)
 
 
 class ClusterCore:
