@@ -333,20 +333,24 @@ def test_async_client_serves_through_a_killed_replica(replicas: list[ServerProce
     prefix = Prefix("t/m/aio-kill", seed=13, chunks=24)
     target = target_of(replicas)
 
-    async def run() -> tuple[int, int, dict[str, dict[str, int]]]:
+    async def run() -> tuple[str, int, int, dict[str, dict[str, int]]]:
         client = await connect_async(target)
         async with client:
             await client.put(prefix.ns, prefix.items())
-            replicas[0].kill()  # one replica gone: with R=2 every chunk still has a live owner
+            # kill a replica the Get would read from: one replica gone, with R=2 every chunk still
+            # has a live owner, and the client must find it
+            plan = client.cluster.plan_get(prefix.keys, range(24), client.cluster.view(), {})
+            victim = next(p for p in replicas if p.target in plan)
+            victim.kill()
             present = await client.lookup(prefix.ns, prefix.keys, LAYERS)
             wrong = 0
             async for layer, blobs in client.get_layers(prefix.ns, prefix.keys, 0, LAYERS):
                 wrong += sum(bytes(b) != prefix.blobs[k, layer] for k, b in zip(prefix.keys, blobs, strict=True))
-            return present, wrong, client.replica_counters()
+            return victim.target, present, wrong, client.replica_counters()
 
-    present, wrong, counters = asyncio.run(run())
+    victim, present, wrong, counters = asyncio.run(run())
     assert (present, wrong) == (24, 0)
-    assert counters[replicas[0].target]["failures"] >= 1
+    assert counters[victim]["failures"] >= 1 and counters[victim]["blobs_got"] == 0
     assert sum(c["blobs_got"] for c in counters.values()) == 24 * LAYERS
 
 
