@@ -109,12 +109,12 @@ class AsyncClusterKVClient:
         if not keys:
             return 0
         view = await self._view()
-        plan = self._cluster.plan_lookup(keys, view)
-        rounds = [(plan, await self._ask(plan, ns, keys, num_layers, timeout_s))]
-        again = self._cluster.followup_lookup(keys, view, *rounds[0])
-        if again:
-            rounds.append((again, await self._ask(again, ns, keys, num_layers, timeout_s)))
-        return self._cluster.combine_lookup(keys, view, rounds)
+        state = self._cluster.start_lookup(keys, view)
+        plan = state.first_plan()
+        while plan:
+            state.absorb(plan, await self._ask(plan, ns, keys, num_layers, timeout_s))
+            plan = state.next_plan()
+        return state.result()
 
     async def _ask(self, plan: dict[str, list[int]], ns: str, keys: list[bytes], num_layers: int,
                    timeout_s: float | None) -> dict[str, int | None]:

@@ -20,16 +20,13 @@ Promises:
   it asks; ``"one"`` returns once every item is on at least one owner and lets
   the other copies finish in the background (lower put latency, a short window
   where a read may miss).
-* **Lookup** asks each replica at most once, in parallel, about keys it owns,
-  and returns the longest prefix present. Each key goes to one healthy owner,
-  chosen so that as few replicas as possible cover the prefix (every extra RPC
-  costs CPU on both ends); to all of its owners when one of them failed
-  recently (it may have missed puts) and, in a grace window after a membership
-  change, to its previous owners too. The server answers "how many leading keys
-  of those sent are present"; since each replica gets its keys in prefix order,
-  that pins down the first key it lacks, and the prefix ends at the first key no
-  asked owner reported. Exact when replicas hold what they own, a safe lower
-  bound otherwise (never more than is there).
+* **Lookup** asks replicas in parallel about keys they own (each once per
+  round) and returns the longest prefix present: one trusted owner per key, as
+  few replicas as cover the prefix; every candidate, previous owners included,
+  where no owner is trusted (recent failure, key moved by a membership change);
+  a further round only while the first key not known present is unsettled
+  (:class:`transfer.routing.LookupState`). Exact when replicas hold what they
+  own, a safe lower bound otherwise (never more than is there).
 * **Get** streams each key from one healthy owner (again as few streams as
   cover the keys); a replica that fails or misses mid-stream is replaced by the
   key's next candidate from the layer where it stopped. Blobs are verified
@@ -188,12 +185,12 @@ class ClusterKVClient:
         if not keys:
             return 0
         view = self._view()
-        plan = self._cluster.plan_lookup(keys, view)
-        rounds = [(plan, self._ask(plan, ns, keys, num_layers, timeout_s))]
-        again = self._cluster.followup_lookup(keys, view, *rounds[0])
-        if again:
-            rounds.append((again, self._ask(again, ns, keys, num_layers, timeout_s)))
-        return self._cluster.combine_lookup(keys, view, rounds)
+        state = self._cluster.start_lookup(keys, view)
+        plan = state.first_plan()
+        while plan:
+            state.absorb(plan, self._ask(plan, ns, keys, num_layers, timeout_s))
+            plan = state.next_plan()
+        return state.result()
 
     def _ask(self, plan: dict[str, list[int]], ns: str, keys: list[bytes], num_layers: int,
              timeout_s: float | None) -> dict[str, int | None]:

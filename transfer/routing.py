@@ -213,74 +213,25 @@ class ClusterCore:
                 left.discard(i)
         return chosen
 
-    def plan_lookup(self, keys: Sequence[bytes], view: View, positions: Iterable[int] | None = None,
-                    exclude: frozenset[str] = frozenset()) -> dict[str, list[int]]:
-        """For each member to ask, the positions (in prefix order) of the keys to ask it about.
+    def trusted(self, key: bytes, view: View, suspect: frozenset[str]) -> list[str]:
+        """Owners whose miss of ``key`` is believed: current owners that were owners before the last
+        change too (in a grace window) and have not failed recently. Owners are written together,
+        so one trusted owner's answer settles a key."""
+        out = [m for m in self.owners(key, view.members) if m not in suspect]
+        if view.previous:
+            before = self.owners(key, view.previous)
+            out = [m for m in out if m in before]
+        return out
 
-        A key goes to one healthy owner, chosen so that few replicas cover the
-        prefix; to every healthy candidate when one of them is suspect or in a
-        grace window (a new owner's miss must not hide the previous owner's hit).
-        """
-        plan: dict[str, list[int]] = {}
-        covered: list[int] = []
-        options: list[list[str]] = []
-        down, suspect = self.troubled()
-        for i in range(len(keys)) if positions is None else positions:
-            cands = [m for m in self.candidates(keys[i], view) if m not in exclude]
-            if not cands:
-                continue
-            up = [m for m in cands if m not in down] or cands  # all down: ask anyway, one may be back
-            for m in cands:
-                if m not in up:
-                    self.count(m, skipped_down=1)
-            if len(up) > 1 and not view.previous and not any(m in suspect for m in cands):
-                covered.append(i)
-                options.append(up)
-                continue
-            for m in up:
-                plan.setdefault(m, []).append(i)
-        for i, m in zip(covered, self.cover(options, keys[covered[0]] if covered else b"", plan), strict=True):
-            plan.setdefault(m, []).append(i)
-        for positions in plan.values():
-            positions.sort()
-        return plan
-
-    def followup_lookup(self, keys: Sequence[bytes], view: View, plan: dict[str, list[int]],
-                        answers: dict[str, int | None]) -> dict[str, list[int]]:
-        """A second round for the keys whose every asked member failed: their other candidates
-        (the failed members are now down and suspect, so every remaining owner is asked)."""
-        failed = frozenset(m for m, n in answers.items() if n is None)
-        if not failed:
-            return {}
-        answered = {i for m, positions in plan.items() if m not in failed for i in positions}
-        orphans = sorted({i for m in failed for i in plan[m]} - answered)
-        return self.plan_lookup(keys, view, orphans, exclude=failed)
-
-    def combine_lookup(self, keys: Sequence[bytes], view: View,
-                       rounds: Sequence[tuple[dict[str, list[int]], dict[str, int | None]]]) -> int:
-        """The longest prefix some asked owner reported present (an answer ``None``: that member failed)."""
-        present = [False] * len(keys)
-        failed: set[str] = set()
-        for plan, answers in rounds:
-            for member, positions in plan.items():
-                n = answers.get(member)
-                if n is None:
-                    failed.add(member)
-                    continue
-                for i in positions[:n]:
-                    present[i] = True
-        total = next((i for i, p in enumerate(present) if not p), len(keys))
-        if total < len(keys):  # a miss: was it for want of a live owner?
-            for m in self.candidates(keys[total], view):
-                if m in failed:
-                    self.count(m, misses_down=1)
-        return total
+    def start_lookup(self, keys: Sequence[bytes], view: View) -> LookupState:
+        return LookupState(self, keys, view)
 
     # -- get --------------------------------------------------------------------------------------
 
     def plan_get(self, keys: Sequence[bytes], positions: Sequence[int], view: View,
                  tried: dict[int, set[str]]) -> dict[str, list[int]]:
-        """Group ``positions`` by the first healthy candidate each has not tried yet.
+        """Group ``positions`` by one candidate each has not tried yet: a trusted healthy owner if there
+        is one, else any healthy candidate (few streams: see :meth:`cover`).
 
         Raises :class:`NotFound` when a key has no candidate left.
         """
@@ -292,7 +243,8 @@ class ClusterCore:
                 raise NotFound(f"Get: chunk {keys[i].hex()[:16]}… is on no reachable replica (tried "
                                f"{', '.join(sorted(tried.get(i, ())))}); recompute it")
             healthy = [m for m in left if m not in down]
-            options.append([m for m in healthy if m not in suspect] or healthy or left)
+            trusted = [m for m in self.trusted(keys[i], view, suspect) if m in healthy]
+            options.append(trusted or [m for m in healthy if m not in suspect] or healthy or left)
         plan: dict[str, list[int]] = {}
         for i, m in zip(positions, self.cover(options, keys[positions[0]]), strict=True):
             plan.setdefault(m, []).append(i)
@@ -356,3 +308,97 @@ class ClusterCore:
                 counters[k] = counters.get(k, 0) + v
         versions = sorted({s.version for s in per_member.values() if s.version})
         return StoreStats(tiers=list(tiers.values()), counters=counters, version=",".join(versions))
+
+
+class LookupState:
+    """One cluster Lookup: which replica to ask about which key, round by round, and what is known.
+
+    The server answers "how many leading keys of those sent are present": a
+    replica asked about keys in prefix order tells which keys it has up to its
+    first miss, that it misses that one, and nothing about the keys after it.
+    Round 1 asks each key of one trusted owner (as few replicas as cover the
+    prefix), or of every healthy candidate when no owner is trusted (after a
+    failure, or when the key moved in a membership change). The prefix ends at
+    the first key not known present; a further round is needed only while that
+    key is unsettled: no trusted owner reported it missing and some candidate
+    has not answered for it (it failed, or it was asked only behind an earlier
+    miss). Then every unsettled key from there on is asked of its candidates
+    that have not answered for it, in one round. In steady state one round
+    settles it, since an owner's miss is believed.
+    """
+
+    MAX_ROUNDS = 4
+
+    def __init__(self, core: ClusterCore, keys: Sequence[bytes], view: View) -> None:
+        self.core = core
+        self.keys = keys
+        self.down, suspect = core.troubled()
+        self.cands = [core.candidates(k, view) for k in keys]
+        self.trusted = [set(core.trusted(k, view, suspect)) for k in keys]
+        self.present = [False] * len(keys)
+        self.missing_at: list[set[str]] = [set() for _ in keys]
+        self.failed: set[str] = set()
+        self.rounds = 0
+
+    def first_plan(self) -> dict[str, list[int]]:
+        plan: dict[str, list[int]] = {}
+        covered: list[int] = []
+        options: list[list[str]] = []
+        for i, cands in enumerate(self.cands):
+            up = [m for m in cands if m not in self.down] or cands  # all down: ask anyway, one may be back
+            for m in cands:
+                if m not in up:
+                    self.core.count(m, skipped_down=1)
+            trusted = [m for m in up if m in self.trusted[i]]
+            if trusted:
+                covered.append(i)
+                options.append(trusted)
+            else:
+                for m in up:
+                    plan.setdefault(m, []).append(i)
+        if covered:
+            for i, m in zip(covered, self.core.cover(options, self.keys[covered[0]], plan), strict=True):
+                plan.setdefault(m, []).append(i)
+        for positions in plan.values():
+            positions.sort()
+        return plan
+
+    def absorb(self, plan: dict[str, list[int]], answers: dict[str, int | None]) -> None:
+        """Take one round's answers (``None``: that member failed)."""
+        self.rounds += 1
+        for member, positions in plan.items():
+            n = answers.get(member)
+            if n is None:
+                self.failed.add(member)
+                continue
+            for i in positions[:n]:
+                self.present[i] = True
+            if n < len(positions):
+                self.missing_at[positions[n]].add(member)
+
+    def prefix(self) -> int:
+        return next((i for i, p in enumerate(self.present) if not p), len(self.keys))
+
+    def next_plan(self) -> dict[str, list[int]]:
+        """The next round, or ``{}`` when the prefix is settled (or the round budget is spent)."""
+        p = self.prefix()
+        if p == len(self.keys) or self.rounds >= self.MAX_ROUNDS or self.missing_at[p] & self.trusted[p]:
+            return {}
+        down = self.core.troubled()[0]
+        plan: dict[str, list[int]] = {}
+        for i in range(p, len(self.keys)):  # every unsettled key from p on, in one round
+            if self.present[i] or self.missing_at[i] & self.trusted[i]:
+                continue
+            for m in self.cands[i]:
+                if m not in self.failed and m not in self.missing_at[i] and m not in down:
+                    plan.setdefault(m, []).append(i)
+        return plan if any(p in positions for positions in plan.values()) else {}
+
+    def result(self) -> int:
+        """The prefix; a miss for want of a live owner is counted against the owners that failed."""
+        total = self.prefix()
+        if total < len(self.keys):
+            for m in self.cands[total]:
+                if m in self.failed:
+                    self.core.count(m, misses_down=1)
+        return total

@@ -294,6 +294,26 @@ def test_adding_a_replica_keeps_the_hit_rate_in_the_grace_window(replicas: list[
         assert client.replica_counters()[listed[-1]]["blobs_put"] > 0
 
 
+def test_membership_change_keeps_in_flight_calls(replicas: list[ServerProcess]) -> None:
+    listed = [p.target for p in replicas]
+    membership = DnsMembership("svc", 1, resolver=lambda host, port: list(listed), grace_s=60, background=False)
+    prefix = Prefix("t/m/inflight", seed=21, chunks=24)
+    with ClusterKVClient(membership, replication=2, write_ack="one") as client:
+        client.wait_ready()
+        client.put(prefix.ns, prefix.items())
+        client._drain()  # write_ack="one": wait for the second copies before reading them back
+        stream = client.get_layers(prefix.ns, prefix.keys, 0, LAYERS)
+        layer, first = next(stream)
+        listed.remove(replicas[2].target)  # the Service drops a pod while a Get is in flight
+        assert membership.refresh() and len(client.members()) == 2
+        got = {layer: first, **dict(stream)}
+        assert sorted(got) == list(range(LAYERS))
+        assert all(bytes(b) == prefix.blobs[k, layer] for layer, blobs in got.items()
+                   for k, b in zip(prefix.keys, blobs, strict=True))
+        # in the grace window the previous owners (the dropped pod included) still answer
+        assert client.lookup(prefix.ns, prefix.keys, LAYERS) == 24
+
+
 def test_async_cluster_client(replicas: list[ServerProcess]) -> None:
     free = socket.socket()
     free.bind(("127.0.0.1", 0))
