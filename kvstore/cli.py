@@ -42,6 +42,8 @@ examples:
   kvstore stats                                  the server on 127.0.0.1:50051
   kvstore stats --target 10.0.0.5:50051 --json   machine-readable, for scripts
   kvstore stats --token "$KVSTORE_TOKEN"         when the server has auth.tokens configured
+  kvstore stats --target a:50051,b:50051         every replica of a cluster, then the totals
+  kvstore stats --target dns:///kvstore-headless:50051   the replicas behind a headless Service
 """
 
 _BENCH_EPILOG = """\
@@ -111,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = sub.add_parser("stats", help="show a running server's tiers and counters", formatter_class=fmt,
                            epilog=_STATS_EPILOG, description="Ask a running server for its Stats.")
-    stats.add_argument("--target", default=None, help=f"HOST:PORT of the server (default $KVSTORE_TARGET or {DEFAULT_TARGET})")
+    stats.add_argument("--target", default=None, help=f"HOST:PORT of the server, or HOST:PORT,HOST:PORT,... / "
+                       f"dns:///NAME:PORT for every replica and totals (default $KVSTORE_TARGET or {DEFAULT_TARGET})")
     stats.add_argument("--token", default=None, help="bearer token (default $KVSTORE_TOKEN)")
     stats.add_argument("--tls-ca", metavar="FILE", help="CA certificate of a TLS server")
     stats.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (5)")
@@ -252,11 +255,64 @@ def format_stats(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cluster_stats(members: Sequence[str], token: str | None = None, tls_ca: str | None = None,
+                  timeout: float = 5.0) -> dict[str, Any]:
+    """Every replica's stats (or its error) and the totals: tiers summed by name, counters summed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    def one(member: str) -> dict[str, Any]:
+        try:
+            return fetch_stats(member, token, tls_ca, timeout)
+        except grpc.RpcError as exc:
+            return {"target": member, "error": f"{exc.code().name}: {exc.details()}"}
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(members)))) as pool:
+        replicas = list(pool.map(one, members))
+    tiers: dict[str, dict[str, Any]] = {}
+    counters: dict[str, int] = {}
+    for r in replicas:
+        for t in r.get("tiers", []):
+            total = tiers.setdefault(t["name"], {k: (True if k == "healthy" else 0) for k in t if k != "name"})
+            for k, v in t.items():
+                if k == "healthy":
+                    total[k] = total[k] and v
+                elif k != "name":
+                    total[k] += v
+        for k, v in r.get("counters", {}).items():
+            counters[k] = counters.get(k, 0) + v
+    totals = {"target": f"{len(members)} replicas, {sum('error' not in r for r in replicas)} answered",
+              "version": ",".join(sorted({r["version"] for r in replicas if r.get("version")})),
+              "tiers": [{"name": n, **t} for n, t in tiers.items()], "counters": dict(sorted(counters.items()))}
+    return {"replicas": replicas, "totals": totals}
+
+
+def format_cluster_stats(data: dict[str, Any]) -> str:
+    parts = [format_stats(r) if "error" not in r else f"kvstore at {r['target']}: {r['error']}"
+             for r in data["replicas"]]
+    return "\n\n".join([*parts, "totals: " + format_stats(data["totals"])])
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     import grpc
 
     target = args.target or os.environ.get("KVSTORE_TARGET") or DEFAULT_TARGET
     token = args.token or os.environ.get("KVSTORE_TOKEN")
+    if "," in target or target.startswith("dns:"):  # a member list or a headless Service: every replica
+        from transfer.cluster import make_membership
+        from transfer.membership import MembershipError
+
+        try:
+            membership = make_membership(target)
+        except MembershipError as exc:
+            print(f"kvstore stats: {exc}", file=sys.stderr)
+            return 2
+        membership.close()
+        data = cluster_stats(membership.view().members, token, args.tls_ca, args.timeout)
+        data["target"] = target
+        print(json.dumps(data, indent=2) if args.json else format_cluster_stats(data))
+        return 0 if any("error" not in r for r in data["replicas"]) else 1
     try:
         data = fetch_stats(target, token, args.tls_ca, args.timeout)
     except grpc.RpcError as exc:

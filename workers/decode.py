@@ -25,8 +25,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from transfer.client import KVClient
-from workers.prefill import PrefillHandle, WorkerConfig, close_cache, open_prefix_cache
+from transfer.cluster import StoreClient
+from workers.prefill import PrefillHandle, WorkerConfig, close_cache, prefill_from_store
 from workers.runner import LayerKV, ModelRunner
 
 
@@ -69,11 +69,11 @@ class DecodeWorker:
     """Greedy decoding from a stored prompt cache (see the module docstring)."""
 
     def __init__(self, config: WorkerConfig, *, runner: ModelRunner | None = None,
-                 client: KVClient | None = None) -> None:
+                 client: StoreClient | None = None) -> None:
         self.config = config
         self.runner = runner if runner is not None else ModelRunner(config.model_path,
                                                                     num_threads=config.num_threads)
-        self.client = client if client is not None else KVClient(config.store_target, token=config.token)
+        self.client = client if client is not None else config.connect()
         self.cpu_plan = config.apply_cpu_plan()  # after the client: its gRPC threads move to the I/O CPUs
 
     def ready(self) -> str:
@@ -93,16 +93,17 @@ class DecodeWorker:
         runner, c = self.runner, handle.chunk_tokens
         if prefix is not None and handle.boundary:
             cache, past = handed_over_cache(prefix, runner.shape.num_layers, handle.boundary), handle.boundary
+            try:
+                out = runner.prefill(handle.token_ids, cache, past_tokens=past, boundary=handle.boundary)
+            finally:
+                close_cache(cache)
         else:
             keys = handle.prefix_keys
             present = self.client.lookup(handle.namespace, keys, runner.shape.num_layers) if keys else 0
-            cache = open_prefix_cache(self.client, runner, handle.namespace, keys[:present], c,
-                                      layerwise=self.config.layerwise)
-            past = present * c
-        try:
-            out = runner.prefill(handle.token_ids, cache, past_tokens=past, boundary=handle.boundary)
-        finally:
-            close_cache(cache)
+            out, reused = prefill_from_store(self.client, runner, handle.namespace, keys[:present],
+                                             handle.token_ids, c, handle.boundary,
+                                             layerwise=self.config.layerwise)
+            past = reused * c
         t_ready = time.perf_counter()
         tokens: list[int] = []
         for i, token in enumerate(runner.iter_decode(out.cache, handle.first_token, max_new_tokens)):

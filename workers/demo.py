@@ -10,7 +10,10 @@ What it does, end to end:
 2. starts a kvstore server in this process (RAM + disk tiers, a free port,
    a temporary directory unless ``--store-dir``), or uses an existing one
    (``--store-target``, default ``$KVSTORE_TARGET``; bearer token ``--token``,
-   default ``$KVSTORE_TOKEN``);
+   default ``$KVSTORE_TOKEN``); a target listing several replicas or naming a
+   headless Service (``dns:///NAME:PORT``) gets the cluster client, with
+   ``--replication`` / ``$KVSTORE_REPLICATION`` and ``--write-ack`` /
+   ``$KVSTORE_WRITE_ACK``;
 3. builds a batch of chat prompts that share long prefixes: one system prompt,
    a few documents, several questions per document (``workers/data``);
 4. warms every worker (codec kernels compiled or loaded, one forward pass) and
@@ -154,9 +157,15 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
                    help="require the Ray custom resources {'prefill': 1} / {'decode': 1} per actor, as the "
                         "KubeRay worker groups advertise them (a local Ray gets them added)")
     p.add_argument("--store-target",
-                   help="HOST:PORT of an existing kvstore server; default $KVSTORE_TARGET; unset: start one "
+                   help="HOST:PORT of an existing kvstore server (or HOST:PORT,HOST:PORT,... / dns:///NAME:PORT "
+                        "for a cluster); default $KVSTORE_TARGET; unset: start one "
                         "in this process")
     p.add_argument("--token", help="bearer token for the store (default $KVSTORE_TOKEN)")
+    p.add_argument("--replication", type=int,
+                   help="copies of each chunk when the target lists several replicas or is dns:///NAME:PORT "
+                        "(default $KVSTORE_REPLICATION or 2)")
+    p.add_argument("--write-ack", choices=("one", "all"),
+                   help="a put returns once one / all owners stored it (default $KVSTORE_WRITE_ACK or all)")
     p.add_argument("--tenant", default="demo", help="namespace tenant (with auth: the token's tenant)")
     p.add_argument("--no-baseline", action="store_true", help="skip the no-reuse TTFT baseline pass")
     p.add_argument("--no-layerwise", action="store_true", help="fetch whole prefixes before computing")
@@ -183,6 +192,16 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
     args.ray_address = args.ray_address or env.get("RAY_ADDRESS") or None
     args.store_target = args.store_target or env.get("KVSTORE_TARGET") or None
     args.token = args.token or env.get("KVSTORE_TOKEN") or None
+    if args.replication is None:
+        text = env.get("KVSTORE_REPLICATION") or "2"
+        if not text.strip().isdigit():
+            p.error(f"KVSTORE_REPLICATION must be a whole number >= 1, got {text!r}")
+        args.replication = int(text)
+    if args.replication < 1:
+        p.error("--replication (or $KVSTORE_REPLICATION) must be >= 1")
+    args.write_ack = args.write_ack or env.get("KVSTORE_WRITE_ACK") or "all"
+    if args.write_ack not in ("one", "all"):
+        p.error(f"KVSTORE_WRITE_ACK must be 'one' or 'all', got {args.write_ack!r}")
     if args.ray_address and args.num_cpus is not None:
         p.error("--num-cpus sizes a local Ray; it cannot be used when joining a cluster (--ray-address "
                 "or $RAY_ADDRESS)")
@@ -361,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             target = args.store_target
         steps.update(1)
         steps.set_description(f"store on {target}; loading the model in each worker")
-        config = WorkerConfig(store_target=target, token=args.token, model_path=args.model,
+        config = WorkerConfig(store_target=target, token=args.token, replication=args.replication,
+                              write_ack=args.write_ack, model_path=args.model,
                               profile=args.profiles[0], tenant=args.tenant, chunk_tokens=args.chunk_tokens,
                               layerwise=not args.no_layerwise)
         pipeline = Pipeline(config, **pipeline_options(args))
@@ -390,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                           "the requests that reused a prefix, their TTFT with reuse and in the no-reuse baseline. "
                           "'vs fp16': stored bytes over raw fp16 K+V of the same chunks (the model is fp32, so "
                           "lossless is ~1.8x). '1st tok': decode's recompute of the tail agreed with prefill.")
-        stats = _store_summary(target, args.token)
+        stats = _store_summary(config)
         print(f"store: {stats}; total {time.perf_counter() - t0:.0f}s")
         if args.json:
             print(json.dumps({"profiles": rows, "baseline_ttft_s": baseline, "store": stats}, indent=2))
@@ -405,12 +425,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(store_dir, ignore_errors=True)
 
 
-def _store_summary(target: str, token: str | None = None) -> str:
-    from transfer.client import KVClient
-
-    with KVClient(target, token=token) as client:
+def _store_summary(config: Any) -> str:
+    """One line of tier totals (over every replica of a cluster)."""
+    with config.connect() as client:
         stats = client.stats()
-    return ", ".join(f"{t.name} {t.objects} objects / {t.bytes} B" for t in stats.tiers)
+        members = client.members() if hasattr(client, "members") else ()
+    where = f" over {len(members)} replicas" if len(members) > 1 else ""
+    return ", ".join(f"{t.name} {t.objects} objects / {t.bytes} B" for t in stats.tiers) + where
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ timings. It is a plain class; :mod:`workers.pipeline` makes it a Ray actor.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,12 @@ from typing import Any
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, ChunkKey, Namespace, chunk_keys
 from transfer import affinity
-from transfer.client import KVClient, PutItem
+from transfer.client import PutItem
+from transfer.cluster import StoreClient
+from transfer.errors import DataLoss, NotFound, Unavailable
 from workers.runner import LayerKV, ModelRunner, reuse_boundary
+
+log = logging.getLogger(__name__)
 
 FP16_BYTES = 2
 
@@ -47,6 +52,11 @@ class WorkerConfig:
 
     store_target: str
     token: str | None = None
+    #: Copies of each chunk when ``store_target`` names several replicas (a list or ``dns:///``).
+    replication: int = 2
+    #: ``"all"``: a put returns once every owner has the chunk (decode finds it wherever it asks);
+    #: ``"one"``: once one owner has it.
+    write_ack: str = "all"
     model_path: str | None = None
     profile: str = "lossless"
     tenant: str = "default"
@@ -57,13 +67,29 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         if not self.store_target:
-            raise ValueError("store_target must be 'host:port' of a kvstore server")
+            raise ValueError("store_target must be 'host:port' of a kvstore server, a list "
+                             "'host:port,host:port,...' or 'dns:///name:port'")
+        from transfer.cluster import WRITE_ACKS
+        from transfer.membership import parse_target
+
+        parse_target(self.store_target)  # a malformed target fails here, not in the worker
+        if self.replication < 1:
+            raise ValueError(f"replication must be >= 1, got {self.replication}")
+        if self.write_ack not in WRITE_ACKS:
+            raise ValueError(f"write_ack must be one of {', '.join(WRITE_ACKS)}, got {self.write_ack!r}")
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.compute_cpus is not None:
             affinity.parse_cpus(self.compute_cpus)  # a bad list fails here, not in the worker
+
+    def connect(self) -> StoreClient:
+        """The store client for ``store_target`` (one server, or a cluster with placement)."""
+        from transfer.cluster import connect
+
+        return connect(self.store_target, token=self.token, replication=self.replication,
+                       write_ack=self.write_ack)
 
     def apply_cpu_plan(self) -> affinity.CpuPlan | None:
         """Pin the calling thread (the model's) and this process's I/O threads as ``compute_cpus`` says."""
@@ -123,7 +149,7 @@ class PrefillHandle:
         return self.keys[: self.boundary // self.chunk_tokens]
 
 
-def open_prefix_cache(client: KVClient, runner: ModelRunner, namespace: str, keys: Sequence[bytes],
+def open_prefix_cache(client: StoreClient, runner: ModelRunner, namespace: str, keys: Sequence[bytes],
                       chunk_tokens: int, *, layerwise: bool) -> Any:
     """A transformers cache holding the stored chunks ``keys``; ``None`` when there are none."""
     if not keys:
@@ -137,7 +163,30 @@ def open_prefix_cache(client: KVClient, runner: ModelRunner, namespace: str, key
     return runner.cache_from_layers(layers)
 
 
-def _iter_layers(client: KVClient, namespace: str, keys: Sequence[bytes], num_layers: int) -> Iterator[Any]:
+#: The store could not deliver chunks its Lookup had reported: evicted in between, or every replica
+#: holding them was lost. The prompt is then recomputed: slower, never wrong, never an error.
+STORE_MISSES = (NotFound, DataLoss, Unavailable)
+
+
+def prefill_from_store(client: StoreClient, runner: ModelRunner, namespace: str, keys: Sequence[bytes],
+                       token_ids: Sequence[int], chunk_tokens: int, boundary: int, *,
+                       layerwise: bool) -> tuple[Any, int]:
+    """Run the model over ``token_ids`` reusing the stored chunks ``keys``; returns the output and the
+    number of chunks reused (0 when the store could not deliver them and everything was recomputed)."""
+    if keys:
+        cache = None
+        try:
+            cache = open_prefix_cache(client, runner, namespace, keys, chunk_tokens, layerwise=layerwise)
+            out = runner.prefill(token_ids, cache, past_tokens=len(keys) * chunk_tokens, boundary=boundary)
+            return out, len(keys)
+        except STORE_MISSES as exc:
+            log.warning("prefix of %d chunks could not be fetched (%s); recomputing it", len(keys), exc)
+        finally:
+            close_cache(cache)
+    return runner.prefill(token_ids, None, past_tokens=0, boundary=boundary), 0
+
+
+def _iter_layers(client: StoreClient, namespace: str, keys: Sequence[bytes], num_layers: int) -> Iterator[Any]:
     from transfer.kvio import iter_layers
 
     return iter_layers(client, namespace, list(keys), 0, num_layers)
@@ -154,11 +203,11 @@ class PrefillWorker:
     """Prefill with prefix reuse over a kvstore server (see the module docstring)."""
 
     def __init__(self, config: WorkerConfig, *, runner: ModelRunner | None = None,
-                 client: KVClient | None = None) -> None:
+                 client: StoreClient | None = None) -> None:
         self.config = config
         self.runner = runner if runner is not None else ModelRunner(config.model_path,
                                                                     num_threads=config.num_threads)
-        self.client = client if client is not None else KVClient(config.store_target, token=config.token)
+        self.client = client if client is not None else config.connect()
         self.cpu_plan = config.apply_cpu_plan()  # after the client: its gRPC threads move to the I/O CPUs
 
     def namespace(self, profile: str | None = None) -> str:
@@ -199,11 +248,8 @@ class PrefillWorker:
         cached = min(present, boundary // c) if request.reuse else 0
         t_lookup = time.perf_counter()
 
-        cache = open_prefix_cache(self.client, runner, ns, keys[:cached], c, layerwise=cfg.layerwise)
-        try:
-            out = runner.prefill(ids, cache, past_tokens=cached * c, boundary=boundary)
-        finally:
-            close_cache(cache)
+        out, cached = prefill_from_store(self.client, runner, ns, keys[:cached], ids, c, boundary,
+                                         layerwise=cfg.layerwise)
         t_first = time.perf_counter()
 
         stored_chunks = stored_bytes = 0

@@ -98,6 +98,38 @@ def test_demo_takes_the_cluster_and_store_from_the_environment() -> None:
     assert (args.ray_address, args.store_target, args.token) == (None, None, None)
 
 
+def test_demo_takes_the_cluster_client_settings_from_the_environment() -> None:
+    args = parse_args([], environ={})
+    assert (args.replication, args.write_ack) == (2, "all")
+    env = {"KVSTORE_TARGET": "dns:///kvstore-headless.kvstore.svc:50051", "KVSTORE_REPLICATION": "3",
+           "KVSTORE_WRITE_ACK": "one"}
+    args = parse_args([], environ=env)
+    assert (args.store_target, args.replication, args.write_ack) == (
+        "dns:///kvstore-headless.kvstore.svc:50051", 3, "one")
+    args = parse_args(["--replication", "1", "--write-ack", "all"], environ=env)  # flags win
+    assert (args.replication, args.write_ack) == (1, "all")
+
+
+@pytest.mark.parametrize("env", [{"KVSTORE_REPLICATION": "two"}, {"KVSTORE_REPLICATION": "0"},
+                                 {"KVSTORE_WRITE_ACK": "quorum"}])
+def test_demo_rejects_bad_cluster_settings(env: dict[str, str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args([], environ=env)
+
+
+def test_worker_config_checks_the_store_target_and_replication() -> None:
+    from transfer.membership import InvalidTarget
+    from workers.prefill import WorkerConfig
+
+    WorkerConfig(store_target="a:1,b:2", replication=2, write_ack="one")
+    with pytest.raises(InvalidTarget, match="more than once"):
+        WorkerConfig(store_target="a:1,a:1")
+    with pytest.raises(ValueError, match="replication"):
+        WorkerConfig(store_target="a:1,b:2", replication=0)
+    with pytest.raises(ValueError, match="write_ack"):
+        WorkerConfig(store_target="a:1,b:2", write_ack="some")
+
+
 def test_demo_pins_roles_on_a_local_ray_by_advertising_the_resources() -> None:
     args = parse_args(["--pin-roles", "--num-cpus", "3", "--decode-workers", "2"], environ={})
     assert ray_options(args) == {"num_cpus": 3, "resources": {"prefill": 1.0, "decode": 2.0}}
