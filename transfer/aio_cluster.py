@@ -27,6 +27,7 @@ from transfer.routing import (
     DEFAULT_WRITE_ACK,
     ClusterCore,
     GetShare,
+    acknowledged,
     member_options,
 )
 
@@ -136,18 +137,21 @@ class AsyncClusterKVClient:
     # -- put --------------------------------------------------------------------------------------
 
     async def put(self, namespace: Namespace | str, items: Iterable[PutItem | tuple] | AsyncIterable[Any], *,
-                  timeout_s: float | None = None) -> PutResult:
+                  timeout_s: float | None = None, ack: str | None = None) -> PutResult:
+        """See :meth:`transfer.cluster.ClusterKVClient.put`."""
         ns = self.core.namespace(namespace)
         stored = nbytes = requests = 0
+        results: list[PutResult] = []
         async for batch in self._batches(ns, items):
             await self._drain()
-            acked, sent = await self._put_batch(ns, batch, timeout_s)
+            acked, sent, answers = await self._put_batch(ns, batch, timeout_s, ack)
             stored += len(acked)
             nbytes += sum(len(batch[i].blob) for i in acked)
             requests += sent
+            results += answers
         if self._cluster.write_ack == "all":
             await self._drain()
-        return PutResult(stored, nbytes, requests)
+        return acknowledged(stored, nbytes, requests, results)
 
     async def _batches(self, ns: str, items: Iterable[Any] | AsyncIterable[Any]
                        ) -> AsyncIterator[list[PutRequestView]]:
@@ -167,25 +171,29 @@ class AsyncClusterKVClient:
         if batch:
             yield batch
 
-    async def _put_batch(self, ns: str, batch: list[PutRequestView],
-                         timeout_s: float | None) -> tuple[set[int], int]:
+    async def _put_batch(self, ns: str, batch: list[PutRequestView], timeout_s: float | None, ack: str | None
+                         ) -> tuple[set[int], int, list[PutResult]]:
         plan = self._cluster.plan_put(batch, await self._view())
-        tasks = {asyncio.ensure_future(self._put_one(m, ns, batch, idx, timeout_s)): idx for m, idx in plan.items()}
+        tasks = {asyncio.ensure_future(self._put_one(m, ns, batch, idx, timeout_s, ack)): idx
+                 for m, idx in plan.items()}
         owners_left = [0] * len(batch)
         for idx in plan.values():
             for i in idx:
                 owners_left[i] += 1
         acked: set[int] = set()
-        pending: set[asyncio.Task[bool]] = set(tasks)
+        answers: list[PutResult] = []
+        pending: set[asyncio.Task[PutResult | None]] = set(tasks)
         need_all = self._cluster.write_ack == "all"
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
                     ok = t.result()
+                    if ok is not None:
+                        answers.append(ok)
                     for i in tasks[t]:
                         owners_left[i] -= 1
-                        if ok:
+                        if ok is not None:
                             acked.add(i)
                 if not need_all and all(i in acked or owners_left[i] == 0 for i in range(len(batch))):
                     break
@@ -194,18 +202,19 @@ class AsyncClusterKVClient:
                 t.cancel()
             raise
         self._pending |= pending
-        return acked, len(tasks)
+        return acked, len(tasks), answers
 
     async def _put_one(self, member: str, ns: str, batch: list[PutRequestView], indices: list[int],
-                       timeout_s: float | None) -> bool:
+                       timeout_s: float | None, ack: str | None) -> PutResult | None:
         try:
-            await self._client(member).put(ns, self._cluster.items(batch, indices), timeout_s=timeout_s)
+            result = await self._client(member).put(ns, self._cluster.items(batch, indices), timeout_s=timeout_s,
+                                                    ack=ack)
         except TransferError as exc:
             self._cluster.failed(member, exc)
             self._cluster.count(member, puts_dropped=len(indices))
-            return False
+            return None
         self._cluster.put_done(member, batch, indices)
-        return True
+        return result
 
     async def _drain(self) -> None:
         pending, self._pending = self._pending, set()

@@ -77,6 +77,7 @@ from transfer.routing import (
     ClusterCore,
     GetShare,
     ReplicaCounters,
+    acknowledged,
     member_options,
 )
 
@@ -220,54 +221,65 @@ class ClusterKVClient:
     # -- put --------------------------------------------------------------------------------------
 
     def put(self, namespace: Namespace | str, items: Iterable[PutItem | tuple], *,
-            timeout_s: float | None = None) -> PutResult:
-        """Store every item on its owners; ``num_stored``/``bytes_stored`` count items stored at least once."""
+            timeout_s: float | None = None, ack: str | None = None) -> PutResult:
+        """Store every item on its owners; ``num_stored``/``bytes_stored`` count items stored at least once.
+
+        ``ack`` ("memory" | "durable") is asked of every owner (see :meth:`KVClient.put`);
+        ``durable`` and ``tiers`` of the result hold for every copy that was acknowledged.
+        """
         ns = self.core.namespace(namespace)
         stored = nbytes = requests = 0
+        results: list[PutResult] = []
         for batch in self._cluster.split_batches(ns, iter(items)):
             self._drain()  # at most one batch of background copies in memory
-            acked, sent = self._put_batch(ns, batch, timeout_s)
+            acked, sent, answers = self._put_batch(ns, batch, timeout_s, ack)
             stored += len(acked)
             nbytes += sum(len(batch[i].blob) for i in acked)
             requests += sent
+            results += answers
         if self._cluster.write_ack == "all":
             self._drain()
-        return PutResult(stored, nbytes, requests)
+        return acknowledged(stored, nbytes, requests, results)
 
-    def _put_batch(self, ns: str, batch: list[PutRequestView], timeout_s: float | None) -> tuple[set[int], int]:
+    def _put_batch(self, ns: str, batch: list[PutRequestView], timeout_s: float | None, ack: str | None
+                   ) -> tuple[set[int], int, list[PutResult]]:
         plan = self._cluster.plan_put(batch, self._view())
-        futures = {self._pool.submit(self._put_one, m, ns, batch, idx, timeout_s): idx for m, idx in plan.items()}
+        futures = {self._pool.submit(self._put_one, m, ns, batch, idx, timeout_s, ack): idx
+                   for m, idx in plan.items()}
         owners_left = [0] * len(batch)  # per item: owners not yet answered
         for idx in plan.values():
             for i in idx:
                 owners_left[i] += 1
         acked: set[int] = set()
+        answers: list[PutResult] = []
         pending = set(futures)
         need_all = self._cluster.write_ack == "all"
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in done:
                 ok = f.result()  # raises caller errors only
+                if ok is not None:
+                    answers.append(ok)
                 for i in futures[f]:
                     owners_left[i] -= 1
-                    if ok:
+                    if ok is not None:
                         acked.add(i)
             if not need_all and all(i in acked or owners_left[i] == 0 for i in range(len(batch))):
                 break
         with self._lock:  # the client may be shared by threads: keep every thread's stragglers
             self._pending.extend(pending)
-        return acked, len(futures)
+        return acked, len(futures), answers
 
     def _put_one(self, member: str, ns: str, batch: list[PutRequestView], indices: list[int],
-                 timeout_s: float | None) -> bool:
+                 timeout_s: float | None, ack: str | None) -> PutResult | None:
         try:
-            self._client(member).put(ns, self._cluster.items(batch, indices), timeout_s=timeout_s)
+            result = self._client(member).put(ns, self._cluster.items(batch, indices), timeout_s=timeout_s, ack=ack)
         except TransferError as exc:
             self._cluster.failed(member, exc)
             self._cluster.count(member, puts_dropped=len(indices))
-            return False
+            return None
         self._cluster.put_done(member, batch, indices)
-        return True
+        return result
 
     def _drain(self) -> None:
         with self._lock:

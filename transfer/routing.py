@@ -21,7 +21,7 @@ from typing import Any
 from kvstore.backends.retry import ExponentialBackoff
 from kvstore.wire import PutRequestView
 from transfer import placement
-from transfer.client import ClientCore, PutItem, RetryPolicy, StoreStats, TierStats
+from transfer.client import ClientCore, PutItem, PutResult, RetryPolicy, StoreStats, TierStats
 from transfer.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -402,3 +402,11 @@ class LookupState:
                 if m in self.failed:
                     self.core.count(m, misses_down=1)
         return total
+
+
+def acknowledged(num_stored: int, nbytes: int, num_requests: int, answers: Sequence[PutResult]) -> PutResult:
+    """A cluster Put's result: ``durable`` and ``tiers`` only as far as every acknowledged copy said so
+    (a copy on a RAM-only replica makes the whole put not durable, whatever the other owner did)."""
+    tiers = [t for t in answers[0].tiers if all(t in a.tiers for a in answers)] if answers else []
+    return PutResult(num_stored, nbytes, num_requests, bool(answers) and all(a.durable for a in answers),
+                     tuple(tiers))

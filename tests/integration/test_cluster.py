@@ -396,3 +396,16 @@ def test_cluster_stats_cli(replicas: list[ServerProcess], capsys: pytest.Capture
     assert [r["target"] for r in json.loads(capsys.readouterr().out)["replicas"]] == [replicas[1].target]
     assert cli_main(["stats", "--target", f"{target},{replicas[0].target}"]) == 2
     assert "more than once" in capsys.readouterr().err
+
+
+def test_durable_ack_is_asked_of_every_owner(replicas: list[ServerProcess]) -> None:
+    # RAM-only replicas: every owner refuses a durable Put (UNAVAILABLE, nothing stored), so the cluster
+    # put reports nothing stored and nothing durable; the same items with ack="memory" are stored.
+    prefix = Prefix("t/m/durable", seed=7, chunks=3)
+    with connect(target_of(replicas)) as client:
+        refused = client.put(prefix.ns, prefix.items(), ack="durable")
+        assert (refused.num_stored, refused.durable) == (0, False)
+        assert all(holders(replicas, prefix.ns, k) == set() for k in prefix.keys)
+        stored = client.put(prefix.ns, prefix.items(), ack="memory")
+        assert stored.num_stored == 3 * LAYERS and not stored.durable and stored.tiers == ("memory",)
+        assert prefix.wrong_blobs(client, 3) == 0
