@@ -10,7 +10,9 @@ suffixes (a different question each). Same run, one engine per column, each in i
 * ``prefix_cache``: no connector, vLLM's in-memory prefix caching on (the floor).
 
 TTFT is one request's wall time with ``max_tokens=1`` (prefill + first token), the median of the
-measured requests. Per profile: TTFT and its ratio to the same-run recompute, the bytes loaded,
+measured requests. The recompute and prefix-cache engines stay up for the whole run and the store
+engines are started one profile at a time; every measured prompt is sent to recompute, store and
+prefix cache in turn, so all columns see the same machine load. Per profile: TTFT and its ratio to the same-run recompute, the bytes loaded,
 loaded MB/s (encoded bytes / hit TTFT), and the break-even rate: the prefix's KV bytes divided by
 the recompute time, the transfer rate at which loading costs what recomputing does (a store slower
 than this makes a hit a loss). Goal: store-hit TTFT <= 0.15 x recompute. With ``lossless`` the
@@ -63,27 +65,41 @@ def workload(model_dir: str, prefix_tokens: int, n: int) -> list[list[int]]:
     return [prefix + tok(QUESTIONS[i % len(QUESTIONS)])["input_ids"] for i in range(n)]
 
 
-def run_column(model_dir: str, prompts: list[list[int]], log_dir: Path, name: str, **engine: Any) -> dict[str, Any]:
-    """Warm with prompts[0] (computes and, with a connector, saves); measure the rest."""
-    with EngineProcess(model_dir, log_path=str(log_dir / f"{name}.log"), **engine) as eng:
-        warm = eng.generate([prompts[0]], max_tokens=1)[0]
-        before = eng.stats()
-        measured = eng.generate(prompts[1:], max_tokens=1)
-        after = eng.stats()
-    out: dict[str, Any] = {
-        "startup_s": round(eng.startup_s, 2),
-        "warm_s": round(warm.seconds, 4),
-        "ttft_s": [round(c.seconds, 4) for c in measured],
-        "ttft_median_s": round(statistics.median(c.seconds for c in measured), 4),
-        "cached_tokens": [c.num_cached_tokens for c in measured],
-        "first_tokens": [c.token_ids[0] for c in measured],
-    }
-    if before is not None and after is not None:
-        delta = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
-        out["connector"] = {k: delta[k] for k in ("hit_tokens", "loaded_tokens", "loaded_bytes", "load_errors",
-                                                   "layer_waits", "layer_wait_s", "lookup_errors")}
-        out["saved_bytes_warm"] = before["saved_bytes"]
-    return out
+class Column:
+    """One engine of the comparison: warmed once, then measured request by request."""
+
+    def __init__(self, model_dir: str, log_dir: Path, name: str, **engine: Any) -> None:
+        self.name = name
+        self.engine = EngineProcess(model_dir, log_path=str(log_dir / f"{name}.log"), **engine)
+        self.completions: list[Any] = []
+        self.before: dict[str, Any] | None = None
+
+    def warm(self, prompt: list[int]) -> None:
+        """Compute (and, with a connector, save) the shared prefix once."""
+        self.warm_s = self.engine.generate([prompt], max_tokens=1)[0].seconds
+        self.before = self.engine.stats()
+
+    def measure(self, prompt: list[int]) -> None:
+        self.completions.extend(self.engine.generate([prompt], max_tokens=1))
+
+    def report(self) -> dict[str, Any]:
+        after = self.engine.stats()
+        self.engine.close()
+        seconds = [c.seconds for c in self.completions]
+        out: dict[str, Any] = {
+            "startup_s": round(self.engine.startup_s, 2),
+            "warm_s": round(self.warm_s, 4),
+            "ttft_s": [round(x, 4) for x in seconds],
+            "ttft_median_s": round(statistics.median(seconds), 4),
+            "cached_tokens": [c.num_cached_tokens for c in self.completions],
+            "first_tokens": [c.token_ids[0] for c in self.completions],
+        }
+        if self.before is not None and after is not None:
+            out["connector"] = {k: after[k] - self.before[k] for k in (
+                "hit_tokens", "loaded_tokens", "loaded_bytes", "load_errors", "layer_waits", "layer_wait_s",
+                "lookup_errors")}
+            out["saved_bytes_warm"] = self.before["saved_bytes"]
+        return out
 
 
 def main() -> None:
@@ -102,24 +118,39 @@ def main() -> None:
     result: dict[str, Any] = {"bench": "vllm_prefix", "prefix_tokens": args.prefix_tokens,
                               "prompt_tokens": [len(p) for p in prompts], "requests": args.requests,
                               "kv_bytes_bf16": kv_bytes_fp, "logs": str(log_dir), "store": {}}
+    # Columns run side by side and are measured interleaved, request by request (recompute, store hit,
+    # prefix-cache hit, next prompt, ...), so a burst of load on the machine hits every column alike.
     with start_server_process(["--no-disk", "--memory-bytes", "2GiB"], workdir=log_dir) as store:
-        result["recompute"] = rec = run_column(model_dir, prompts, log_dir, "recompute", **common)
+        recompute = Column(model_dir, log_dir, "recompute", **common)
+        cache = Column(model_dir, log_dir, "prefix_cache", prefix_caching=True, **common)
+        cache.warm(prompts[0])
+        recompute.warm_s = 0.0
         for profile in [p for p in args.profiles.split(",") if p]:
-            col = run_column(model_dir, prompts, log_dir, f"store-{profile}",
-                             kv=connector_config(store.target, profile=profile), **common)
-            conn = col["connector"]
-            ttft = col["ttft_median_s"]
-            col["ratio_to_recompute"] = round(ttft / rec["ttft_median_s"], 4)
-            col["loaded_MBps"] = round(conn["loaded_bytes"] / args.requests / ttft / 1e6, 1)
-            col["break_even_MBps"] = round(conn["loaded_bytes"] / args.requests / rec["ttft_median_s"] / 1e6, 1)
-            col["layer_wait_ms_per_request"] = round(1e3 * conn["layer_wait_s"] / args.requests, 2)
-            col["first_token_matches_recompute"] = col["first_tokens"] == rec["first_tokens"]
-            if profile == "lossless" and not col["first_token_matches_recompute"]:
-                raise SystemExit(f"lossless hit changed the first token: {col['first_tokens']} vs {rec['first_tokens']}")
-            result["store"][profile] = col
-        result["prefix_cache"] = pc = run_column(model_dir, prompts, log_dir, "prefix_cache", prefix_caching=True,
-                                                 **common)
-        pc["ratio_to_recompute"] = round(pc["ttft_median_s"] / rec["ttft_median_s"], 4)
+            hit = Column(model_dir, log_dir, f"store-{profile}", kv=connector_config(store.target, profile=profile),
+                         **common)
+            hit.warm(prompts[0])
+            for prompt in prompts[1:]:
+                recompute.measure(prompt)
+                hit.measure(prompt)
+                cache.measure(prompt)
+            result["store"][profile] = hit.report()
+        rec = recompute.report()
+        pc = cache.report()
+    result["recompute"] = rec
+    result["prefix_cache"] = pc
+    pc["ratio_to_recompute"] = round(pc["ttft_median_s"] / rec["ttft_median_s"], 4)
+    for profile, col in result["store"].items():
+        conn = col["connector"]
+        ttft = col["ttft_median_s"]
+        n = len(col["ttft_s"])
+        col["ratio_to_recompute"] = round(ttft / rec["ttft_median_s"], 4)
+        col["loaded_MBps"] = round(conn["loaded_bytes"] / n / ttft / 1e6, 1)
+        col["break_even_MBps"] = round(conn["loaded_bytes"] / n / rec["ttft_median_s"] / 1e6, 1)
+        col["break_even_s_per_MB"] = round(rec["ttft_median_s"] / (conn["loaded_bytes"] / n / 1e6), 4)
+        col["layer_wait_ms_per_request"] = round(1e3 * conn["layer_wait_s"] / n, 2)
+        col["first_token_matches_recompute"] = col["first_tokens"] == rec["first_tokens"][:n]
+        if profile == "lossless" and not col["first_token_matches_recompute"]:
+            raise SystemExit(f"lossless hit changed the first token: {col['first_tokens']} vs {rec['first_tokens']}")
     result["break_even_MBps_bf16"] = round(kv_bytes_fp / rec["ttft_median_s"] / 1e6, 1)
     best = min(result["store"].values(), key=lambda c: c["ratio_to_recompute"]) if result["store"] else None
     result["goal"] = {"store_hit_ttft_le_x_recompute": 0.15,
