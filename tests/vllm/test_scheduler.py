@@ -11,6 +11,7 @@ from vllm.config import KVTransferConfig
 from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
@@ -112,21 +113,42 @@ def test_whole_prompt_stored_still_leaves_a_token_to_compute(store):
     assert out.num_scheduled_tokens == {"r2": CHUNK}
 
 
+def step(sched: Scheduler, out, sampled: list[int], invalid: set[int] | None = None) -> None:
+    """What the model runner would report for a one-request step (``sampled``: [] while prefilling)."""
+    (req_id,) = out.num_scheduled_tokens
+    sched.update_from_output(out, ModelRunnerOutput(
+        req_ids=[req_id], req_id_to_index={req_id: 0}, sampled_token_ids=[sampled],
+        kv_connector_output=KVConnectorOutput(invalid_block_ids=invalid or set())))
+
+
 def test_chunked_prefill_saves_each_chunk_once_it_is_computed(store):
     sched = make_scheduler(store, max_batched=CHUNK)
     prompt = list(range(4000, 4000 + 2 * CHUNK + 50))
+    key_ns, _ = namespaces(sched)
+    keys = chunk_keys(prompt, key_ns, CHUNK)
     sched.add_request(request("r3", prompt))
-    first = sched.schedule()
-    assert first.num_scheduled_tokens == {"r3": CHUNK}
-    (save,) = first.kv_connector_metadata.saves
-    assert save.first_chunk == 0 and len(save.keys) == 1 and len(save.block_ids) == 2
-    # the connector's plan for the next step (the scheduler's bookkeeping of computed tokens is
-    # advanced by the model output, which is not run here: replay what the next step reports)
-    conn = sched.connector
-    state = conn._requests["r3"]
-    assert state.stored_chunks == 1
-    assert conn.request_finished(sched.requests["r3"], [])[0] is False
-    assert "r3" not in conn._requests
+    saved: list[bytes] = []
+    for _ in range(4):  # 256 + 256 + 50 prompt tokens, then one decode step
+        out = sched.schedule()
+        saved += [k for spec in out.kv_connector_metadata.saves for k in spec.keys]
+        done = sched.requests["r3"].num_computed_tokens + out.num_scheduled_tokens["r3"] >= len(prompt)
+        step(sched, out, [7] if done else [])
+    assert saved == keys  # chunk 0 after the first step, chunk 1 after the second, each once
+
+
+def test_failed_load_is_recomputed_under_the_recompute_policy(store):
+    sched = make_scheduler(store)
+    prompt = list(range(6000, 6600))
+    store_chunks(store, sched, prompt, 2)
+    sched.add_request(request("r5", prompt))
+    out = sched.schedule()
+    (load,) = out.kv_connector_metadata.loads
+    # the worker reports the loaded blocks failed (as get_block_ids_with_load_errors does)
+    step(sched, out, [7], invalid=set(load.block_ids))
+    assert sched.requests["r5"].num_computed_tokens == 0  # nothing was kept from the failed load
+    again = sched.schedule()
+    assert again.num_scheduled_tokens == {"r5": 600}  # the whole prompt is computed now
+    assert again.kv_connector_metadata.loads == []
 
 
 def test_store_down_is_a_miss_not_an_error():
