@@ -16,8 +16,11 @@ install:
 demo: install
 	$(PYTHON) -m kvstore demo
 
+VLLM_PYTHON ?= .venv-vllm/bin/python
+
 test: install
 	$(PYTHON) -m pytest -q
+	$(VLLM_PYTHON) -m pytest -q tests/vllm
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow and not e2e"

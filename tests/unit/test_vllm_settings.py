@@ -1,0 +1,61 @@
+"""Settings and namespaces of the vLLM connector (no vLLM needed: transfer.vllm.settings is plain Python)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from kvstore.keys import Namespace, chunk_keys
+from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace
+
+SHAPE = EngineShape("LlamaForCausalLM", 30, 3, 64, "bfloat16", 128, "/models/smollm2")
+
+
+def test_defaults_and_overrides():
+    s = ConnectorSettings.from_extra({"target": "10.0.0.1:7000", "profile": "balanced", "tenant": "team-a"})
+    assert (s.target, s.profile, s.tenant, s.chunk_blocks) == ("10.0.0.1:7000", "balanced", "team-a", 2)
+    assert ConnectorSettings.from_extra(None).profile == "lossless"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"profil": "lossless"}, "unknown key"),
+    ({"profile": "lossy"}, "choose one of"),
+    ({"chunk_blocks": 0}, "chunk_blocks"),
+    ({"load_timeout_s": 0}, "load_timeout_s"),
+    ({"target": "nohost"}, "host:port"),
+    ({"tenant": "a/b"}, "invalid namespace"),
+])
+def test_bad_settings_name_what_to_fix(extra, message):
+    with pytest.raises(ValueError, match=message):
+        ConnectorSettings.from_extra(extra)
+
+
+def test_incompatible_engines_never_share_a_namespace():
+    s = ConnectorSettings.from_extra({})
+    base = str(rank_namespace(s, SHAPE))
+    variants = [
+        rank_namespace(s, replace(SHAPE, kv_dtype="float16")),
+        rank_namespace(s, replace(SHAPE, block_size=64)),
+        rank_namespace(s, replace(SHAPE, tp_size=2)),
+        rank_namespace(s, replace(SHAPE, tp_size=2, tp_rank=1)),
+        rank_namespace(s, replace(SHAPE, model_name="/models/other")),
+        rank_namespace(s, replace(SHAPE, num_kv_heads=4)),
+        rank_namespace(replace(s, profile="int8"), SHAPE),
+        rank_namespace(replace(s, tenant="other"), SHAPE),
+        rank_namespace(replace(s, chunk_blocks=4), SHAPE),
+    ]
+    names = [str(v) for v in variants]
+    assert base not in names and len(set(names)) == len(names)
+    for name in [base, *names]:
+        Namespace.parse(name)  # each is a valid store namespace
+
+
+def test_ranks_share_keys_but_not_blobs():
+    s = ConnectorSettings.from_extra({})
+    shape = replace(SHAPE, tp_size=2)
+    tokens = list(range(600))
+    keys0 = chunk_keys(tokens, key_namespace(s, replace(shape, tp_rank=0)), 256)
+    keys1 = chunk_keys(tokens, key_namespace(s, replace(shape, tp_rank=1)), 256)
+    assert keys0 == keys1 and len(keys0) == 2  # the scheduler computes one key list for every rank
+    assert rank_namespace(s, shape, 0) != rank_namespace(s, shape, 1)
