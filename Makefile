@@ -1,11 +1,12 @@
 PYTHON ?= python3
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help install demo test test-fast bench proto lint fmt
+.PHONY: help install install-vllm demo test test-vllm test-fast bench proto lint fmt
 
 help:
 	@echo "make demo      install what is missing, then run the disaggregated prefill/decode demo"
 	@echo "make test      install what is missing, then run the whole test suite"
+	@echo "make test-vllm only the vLLM connector's tests (vLLM's CPU build in .venv-vllm)"
 	@echo "make bench     run every benchmark (JSON on stdout)"
 	@echo "make proto     regenerate gRPC stubs from proto/"
 	@echo "make lint      ruff"
@@ -13,19 +14,27 @@ help:
 install:
 	@bash scripts/bootstrap.sh
 
+# vLLM's CPU build in its own venv (.venv-vllm): only the vLLM connector's tests and bench need it,
+# so `make demo` does not pay for it.
+install-vllm: install
+	@bash scripts/bootstrap-vllm.sh
+
 demo: install
 	$(PYTHON) -m kvstore demo
 
 VLLM_PYTHON ?= .venv-vllm/bin/python
 
-test: install
+test: install install-vllm
 	$(PYTHON) -m pytest -q
+	$(VLLM_PYTHON) -m pytest -q tests/vllm
+
+test-vllm: install-vllm
 	$(VLLM_PYTHON) -m pytest -q tests/vllm
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow and not e2e"
 
-bench: install
+bench: install install-vllm
 	@for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
 
 proto:

