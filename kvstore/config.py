@@ -81,6 +81,10 @@ class RedisConfig:
     max_bytes: int = 0
     socket_timeout_s: float = 1.0
     pool_size: int = 32
+    #: Redis Cluster mode: ``url`` is one node; ``cluster_nodes`` (comma-separated host:port)
+    #: adds more startup nodes, so the tier starts while any one of them is up.
+    cluster: bool = False
+    cluster_nodes: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,8 @@ def validate(config: StoreConfig) -> None:
         non_negative(f"redis.{name}", getattr(r, name))
     positive("redis.socket_timeout_s", r.socket_timeout_s)
     positive("redis.pool_size", r.pool_size)
+    if r.enabled and r.cluster and (r.url.startswith("unix://") or "{" in r.key_prefix or "}" in r.key_prefix):
+        raise ValueError("redis.cluster needs a redis:// or rediss:// url and a key_prefix without '{' or '}'")
     s3 = config.s3
     if s3.enabled and not s3.bucket:
         raise ValueError("s3.bucket must be set when s3.enabled is true")
