@@ -45,6 +45,7 @@ import redis.retry
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
 from kvstore.backends.redis import _DELETE, RedisBackend, _glob_escape, _parse_name
+from kvstore.errors import BackendUnavailable
 
 T = TypeVar("T")
 
@@ -330,7 +331,7 @@ class RedisClusterBackend(RedisBackend):
 
         try:
             return sum(int(n) for n in self._run(lambda: self._with_scripts(run)))
-        except Exception:
+        except BackendUnavailable:
             if quiet:  # housekeeping after a read that already succeeded
                 return 0
             raise
@@ -373,7 +374,7 @@ class RedisClusterBackend(RedisBackend):
     def healthy(self) -> bool:
         try:
             return bool(self._run(lambda: self._client.ping(target_nodes=redis.cluster.RedisCluster.PRIMARIES)))
-        except Exception:
+        except (BackendUnavailable, redis.exceptions.RedisError):
             return False
 
     def close(self) -> None:
