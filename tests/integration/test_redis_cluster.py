@@ -57,11 +57,15 @@ def test_layers_and_bookkeeping_share_a_slot_and_chunks_spread_over_masters(
         bucket = backend.bucket_of(layers[0])
         names = [backend._key(k) for k in layers] + list(backend._book(bucket))
         assert len({slot(redis_cluster, name) for name in names}) == 1, names
-        assert redis_cluster.nodes[0].command("CLUSTER", "COUNTKEYSINSLOT", str(slot(redis_cluster, names[0])))
-        # 96 chunks land on every master, each holding a real share.
+        # 96 more chunks land on every master, each holding a real share of this test's blobs.
         backend.put_many([(BlobKey(NS, chunk(1000 + i), 0), integrity.seal(b"v" * 64)) for i in range(96)])
-        per_master = {node.port: int(node.command("DBSIZE").strip()) for node in redis_cluster.masters()}
-        assert len(per_master) == 3 and min(per_master.values()) > 0, per_master
+        per_master = {
+            node.port: sum(1 for line in node.command("--scan", "--pattern", f"{unique_name}:*").splitlines()
+                           if "#" not in line)
+            for node in redis_cluster.masters()
+        }
+        assert len(per_master) == 3 and sum(per_master.values()) == 100, per_master
+        assert min(per_master.values()) >= 10, per_master
         assert backend.usage().objects == 100
         assert sum(1 for _ in backend.iter_keys(NS)) == 100
     finally:
@@ -94,6 +98,24 @@ def test_eviction_is_lru_within_a_bucket_and_the_budget_holds(
     finally:
         one.close()
         many.close()
+
+
+def test_scripts_are_reloaded_when_the_masters_lost_them(
+    redis_cluster: RedisClusterProcess, unique_name: str
+) -> None:
+    """A promoted replica or a restarted node has an empty script cache: the first batch reloads them."""
+    backend = make(redis_cluster, unique_name, max_bytes=1 << 20)
+    try:
+        backend.put(BlobKey(NS, chunk(1), 0), b"a" * 100)
+        for node in redis_cluster.masters():
+            assert node.command("SCRIPT", "FLUSH").strip() == "OK"
+        items = [(BlobKey(NS, chunk(i), 0), b"b" * 100) for i in range(2, 40)]
+        backend.put_many(items)
+        assert backend.delete(BlobKey(NS, chunk(1), 0)) is True
+        assert backend.get_many([k for k, _ in items]) == [b for _, b in items]
+        assert backend.usage().objects == len(items) and backend.usage().bytes == 100 * len(items)
+    finally:
+        backend.close()
 
 
 def test_ttl_expires_blobs_and_their_accounting(redis_cluster: RedisClusterProcess, unique_name: str) -> None:
@@ -164,11 +186,29 @@ def test_master_killed_under_load_store_stays_up_and_recovers(
     answers: Counter[str] = Counter()
     violations: Counter[str] = Counter()
 
+    retried: list[float] = []  # when (seconds after the start) a call was retried after UNAVAILABLE
+    started = time.monotonic()
+
     def rpc(fn: object) -> tuple[C, str, object]:
-        try:
-            return C.OK, "", fn()  # type: ignore[operator]
-        except grpc.RpcError as exc:
-            return exc.code(), exc.details() or "", None
+        """One call, retried on UNAVAILABLE for up to 15 s, as gRPC clients do; what still fails after
+        that, or fails with any other code, is a violation.
+
+        Seen in ~3 of ~50 runs on a busy 2-core machine: around the promotion the in-process gRPC
+        server refused new streams (RST_STREAM code 7, REFUSED_STREAM: the call never started) for
+        up to ~5 s while two Put handlers waited on their request streams. The store's own answers
+        (RAM/Redis) were never the cause; retried calls succeed.
+        """
+        deadline = time.monotonic() + 15.0
+        delay = 0.02
+        while True:
+            try:
+                return C.OK, "", fn()  # type: ignore[operator]
+            except grpc.RpcError as exc:
+                if exc.code() is not C.UNAVAILABLE or time.monotonic() + delay > deadline:
+                    return exc.code(), exc.details() or "", None
+                retried.append(round(time.monotonic() - started, 2))
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
 
     def worker(idx: int) -> None:
         n = 0
@@ -208,6 +248,7 @@ def test_master_killed_under_load_store_stays_up_and_recovers(
         probe = BlobKey(NS, b"probe".ljust(32, b"."), 0)
         victim = fresh_redis_cluster.node_for_key(tier._key(probe))
         killed_at = time.monotonic()
+        kill_s = round(killed_at - started, 2)
         victim.kill()
         # Recovery: the store's own Redis tier takes a write to the dead master's slot again.
         recovered_s = None
@@ -225,17 +266,22 @@ def test_master_killed_under_load_store_stays_up_and_recovers(
         stop.set()
         for t in threads:
             t.join()
-    print(f"\nfailover: recovered in {recovered_s}s; answers {dict(answers)}; tier errors "
-          f"{tier.counters.errors}")
+    print(f"\nfailover: killed at {kill_s}s, recovered in {recovered_s}s; answers {dict(answers)}; "
+          f"tier errors {tier.counters.errors}; UNAVAILABLE retried {len(retried)}x"
+          f"{f' between {retried[0]}s and {retried[-1]}s' if retried else ''}")
     assert recovered_s is not None, "the Redis tier never took writes again after the failover"
     assert violations == Counter(), (violations, answers)
     assert answers["put_OK"] > 0 and answers["get_OK"] > 0, answers
     assert fresh_redis_cluster.wait_ok(10) >= 0 and len(fresh_redis_cluster.masters()) == 3
     assert victim not in fresh_redis_cluster.masters()  # its replica took over
-    # After the failover, data written through the server is served back from Redis itself.
-    key = b"after".ljust(32, b".")
-    blob = integrity.seal(b"a" * 4096)
+    # After the failover, 64 blobs written through the server (4x what the RAM tier holds) all come
+    # back whole, and the Redis tier holds every one of them, on all three masters.
+    after = {f"after-{i}".encode().ljust(32, b"."): integrity.seal(bytes([i]) * 4096) for i in range(64)}
     with grpc.insecure_channel(cluster_server.target) as channel:
         stub = pb_grpc.KVStoreStub(channel)
-        stub.Put(iter([pb.PutRequest(namespace=NS, key=key, layer=0, num_layers=1, blob=blob)]), timeout=10)
-    assert tier.get(BlobKey(NS, key, 0)) == blob
+        for key, blob in after.items():
+            stub.Put(iter([pb.PutRequest(namespace=NS, key=key, layer=0, num_layers=1, blob=blob)]), timeout=10)
+        for key, blob in after.items():
+            (got,) = stub.Get(pb.GetRequest(namespace=NS, keys=[key], layer_start=0, layer_end=1), timeout=10)
+            assert got.blob == blob
+    assert tier.get_many([BlobKey(NS, key, 0) for key in after]) == list(after.values())
