@@ -193,7 +193,7 @@ def test_master_killed_under_load_store_stays_up_and_recovers(
         """One call, retried on UNAVAILABLE for up to 15 s, as gRPC clients do; what still fails after
         that, or fails with any other code, is a violation.
 
-        Seen in ~3 of ~50 runs on a busy 2-core machine: around the promotion the in-process gRPC
+        Seen in 3 of ~60 runs on a busy 2-core machine: around the promotion the in-process gRPC
         server refused new streams (RST_STREAM code 7, REFUSED_STREAM: the call never started) for
         up to ~5 s while two Put handlers waited on their request streams. The store's own answers
         (RAM/Redis) were never the cause; retried calls succeed.
