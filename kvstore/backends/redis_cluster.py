@@ -141,7 +141,7 @@ class RedisClusterBackend(RedisBackend):
         key_prefix: str = "kvstore:",
         socket_timeout_s: float = 1.0,
         pool_size: int = 32,
-        cluster_retries: int = 2,
+        cluster_retries: int = 0,
         **kwargs: Any,
     ) -> None:
         if buckets <= 0:
@@ -158,8 +158,8 @@ class RedisClusterBackend(RedisBackend):
         split = urlsplit(url)
         self._client = redis.cluster.RedisCluster(
             startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in nodes],
-            # A few quick tries inside the client (slot-map refresh after a connection
-            # error); the outer Retry and breaker bound the total time.
+            # No retries inside the client (one policy, ours, as for one server): our Retry's
+            # next attempt runs the slot-map refresh a connection error asked for.
             retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=0.25, base=0.05), cluster_retries),
             require_full_coverage=False,
             socket_timeout=socket_timeout_s,

@@ -325,6 +325,21 @@ class RedisClusterNode(RedisProcess):
             "--cluster-require-full-coverage", "no",
         ]  # fmt: skip
 
+    paused = False
+
+    @property
+    def answering(self) -> bool:
+        """Running and not frozen by :meth:`pause` (a frozen node would stall every probe)."""
+        return self.running and not self.paused
+
+    def pause(self) -> None:
+        super().pause()
+        self.paused = True
+
+    def resume(self) -> None:
+        super().resume()
+        self.paused = False
+
     def command(self, *args: str, timeout_s: float = 2.0) -> str:
         """Run one command through ``redis-cli`` against this node; its stdout."""
         cli = shutil.which("redis-cli") or ""
@@ -401,7 +416,7 @@ class RedisClusterProcess:
         """The live nodes that currently say they are masters holding slots."""
         found = []
         for node in self.nodes:
-            if not node.running:
+            if not node.answering:
                 continue
             with contextlib.suppress(ServiceError, subprocess.TimeoutExpired):
                 line = next(ln for ln in node.command("CLUSTER", "NODES").splitlines() if "myself" in ln)
@@ -411,7 +426,7 @@ class RedisClusterProcess:
         return found
 
     def wait_ok(self, timeout_s: float = 30.0, masters: int | None = None) -> float:
-        """Poll until every live node says ``cluster_state:ok``, all slots are assigned and
+        """Poll until every live, unpaused node says ``cluster_state:ok``, all slots are assigned and
         ``masters`` (default: as created) live masters serve them; seconds waited."""
         want = masters if masters is not None else self.masters_count
         start = time.monotonic()
@@ -420,9 +435,9 @@ class RedisClusterProcess:
         last = ""
         while time.monotonic() < deadline:
             try:
-                infos = [self._info(node) for node in self.nodes if node.running]
+                infos = [self._info(node) for node in self.nodes if node.answering]
                 settled = all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384" for i in infos)
-                if settled and len(self.masters()) >= want:
+                if settled and len(self.masters()) >= want and self._replicas_synced():
                     return time.monotonic() - start
                 last = repr([i.get("cluster_state") for i in infos])
             except (ServiceError, subprocess.TimeoutExpired) as exc:
@@ -431,9 +446,20 @@ class RedisClusterProcess:
             delay = min(delay * 2, 0.25)
         raise ServiceError(f"redis cluster not ok within {timeout_s}s: {last}")
 
+    def _replicas_synced(self) -> bool:
+        """Every live replica has finished its initial sync (else a failover now would lose data)."""
+        for node in self.nodes:
+            if not node.answering:
+                continue
+            info = dict(line.split(":", 1) for line in node.command("INFO", "replication").splitlines() if ":" in line)
+            if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                return False
+        return True
+
     def node_for_key(self, key: str) -> RedisClusterNode:
         """The live master that serves ``key``'s slot right now."""
-        slot = int(self.nodes[0].command("CLUSTER", "KEYSLOT", key).strip())
+        asker = next(node for node in self.nodes if node.answering)
+        slot = int(asker.command("CLUSTER", "KEYSLOT", key).strip())
         for node in self.masters():
             for line in node.command("CLUSTER", "NODES").splitlines():
                 if "myself" not in line:
