@@ -104,6 +104,10 @@ class RedisConfig:
     breaker_threshold: int = 1
     #: How often an open breaker probes the server in the background; it closes on the first answer.
     breaker_reset_s: float = 0.5
+    #: Redis Cluster mode: ``url`` is one node; ``cluster_nodes`` (comma-separated host:port)
+    #: adds more startup nodes, so the tier starts while any one of them is up.
+    cluster: bool = False
+    cluster_nodes: str = ""
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,8 @@ def validate(config: StoreConfig) -> None:
     if r.budget_s and r.budget_s < r.connect_timeout_s + r.socket_timeout_s:
         raise ValueError(f"redis.budget_s ({r.budget_s}) must be 0 (auto) or >= redis.connect_timeout_s + "
                          f"redis.socket_timeout_s ({r.connect_timeout_s + r.socket_timeout_s:g})")
+    if r.enabled and r.cluster and (r.url.startswith("unix://") or "{" in r.key_prefix or "}" in r.key_prefix):
+        raise ValueError("redis.cluster needs a redis:// or rediss:// url and a key_prefix without '{' or '}'")
     s3 = config.s3
     if s3.enabled and not s3.bucket:
         raise ValueError("s3.bucket must be set when s3.enabled is true")

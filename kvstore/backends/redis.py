@@ -21,7 +21,9 @@ accounting is reclaimed when a read misses them or eviction reaches them.
 Connection errors and timeouts are retried with backoff, then surface as
 :class:`~kvstore.errors.BackendUnavailable`; a circuit breaker makes a dead
 Redis cost microseconds per call instead of a socket timeout (see ``retry.py``).
-Redis Cluster is not supported (the scripts touch keys they do not declare).
+On a Redis Cluster (``redis.cluster: true``) :meth:`RedisBackend.from_config` builds
+:class:`~kvstore.backends.redis_cluster.RedisClusterBackend` instead: the same contract
+with hash-tagged keys, per-bucket bookkeeping and scripts that declare every key.
 """
 
 from __future__ import annotations
@@ -207,6 +209,15 @@ class RedisBackend(Backend):
             on_open=lambda: self.counters.add(breaker_trips=1))
         # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
         self._guard = Guard(retry, self.breaker, translate_redis_error)
+
+    @classmethod
+    def from_config(cls, section: Any) -> Backend:
+        """One server, or a Redis Cluster when the section says ``cluster: true``."""
+        if cls is RedisBackend and getattr(section, "cluster", False):
+            from kvstore.backends.redis_cluster import RedisClusterBackend
+
+            return RedisClusterBackend.from_config(section)
+        return super().from_config(section)
 
     def _key(self, key: BlobKey) -> str:
         return self.key_prefix + key.name()

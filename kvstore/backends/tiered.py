@@ -260,6 +260,8 @@ class TieredStore:
     def _tier_error(tier: Backend, what: str, exc: BaseException) -> None:
         tier.counters.add(errors=1)
         if isinstance(exc, BackendUnavailable):
-            log.warning("tier %s unavailable during %s: %s", tier.name, what, exc)
+            # str(exc), not exc: a handler that keeps records (pytest's capture, a queue) would keep the
+            # exception's traceback, its frames and so every in-flight gRPC call under them alive.
+            log.warning("tier %s unavailable during %s: %s", tier.name, what, str(exc))
         else:
             log.exception("tier %s failed unexpectedly during %s", tier.name, what, exc_info=exc)

@@ -288,3 +288,203 @@ class S3Process(_ServerProcess):
         status = self._request("POST", "/moto-api/reset")
         if status != 200:
             raise ServiceError(f"moto reset answered HTTP {status}")
+
+
+class RedisClusterNode(RedisProcess):
+    """One ``redis-server`` in cluster mode: its own data port and cluster-bus port.
+
+    ``cluster-port`` is given explicitly (Redis 7) because the default, port + 10000,
+    may be out of range or taken for a kernel-picked port. ``nodes.conf`` lives in the
+    node's directory, so :meth:`restart` brings back the same node id and it rejoins.
+    """
+
+    kind = "redis-cluster-node"
+
+    def __init__(self, node_timeout_ms: int = 1000, **kwargs: object) -> None:
+        self.node_timeout_ms = node_timeout_ms
+        self.bus_port = 0
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    def _spawn_and_wait(self) -> None:
+        if not self.bus_port or not self._fixed_port:
+            self.bus_port = free_port()
+            while self.bus_port == self.port:
+                self.bus_port = free_port()
+        super()._spawn_and_wait()
+
+    def _command(self) -> list[str]:
+        return [
+            *super()._command(),
+            "--cluster-enabled", "yes",
+            "--cluster-port", str(self.bus_port),
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(self.node_timeout_ms),
+            # A replica always takes over, however long its master was gone (test clusters
+            # are killed at random moments); a dead master's slots do not stop the others.
+            "--cluster-replica-validity-factor", "0",
+            "--cluster-require-full-coverage", "no",
+        ]  # fmt: skip
+
+    paused = False
+
+    @property
+    def answering(self) -> bool:
+        """Running and not frozen by :meth:`pause` (a frozen node would stall every probe)."""
+        return self.running and not self.paused
+
+    def pause(self) -> None:
+        super().pause()
+        self.paused = True
+
+    def resume(self) -> None:
+        super().resume()
+        self.paused = False
+
+    def command(self, *args: str, timeout_s: float = 2.0) -> str:
+        """Run one command through ``redis-cli`` against this node; its stdout."""
+        cli = shutil.which("redis-cli") or ""
+        done = subprocess.run(
+            [cli, "-h", "127.0.0.1", "-p", str(self.port), *args],
+            capture_output=True, text=True, timeout=timeout_s, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise ServiceError(f"redis-cli {' '.join(args)} on {self.port}: {done.stderr.strip()}")
+        return done.stdout
+
+
+class RedisClusterProcess:
+    """A local Redis Cluster: ``masters`` masters with ``replicas`` replicas each, on loopback.
+
+    Built the way an operator builds one: N ``redis-server --cluster-enabled yes``
+    processes joined by ``redis-cli --cluster create ... --cluster-replicas R``, then
+    polled (with a deadline) until every node reports ``cluster_state:ok`` and agrees
+    on the slot map. ``cluster-node-timeout`` is short (1 s by default), so a killed
+    master's replica is promoted within a few seconds without ``CLUSTER FAILOVER``.
+    """
+
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        start_timeout_s: float = 60.0,
+    ) -> None:
+        self.cli = shutil.which("redis-cli") or ""
+        if not self.cli:
+            raise ServiceError("redis-cli not found on PATH; run scripts/bootstrap.sh (apt: redis-tools)")
+        if masters < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 masters")
+        self.masters_count = masters
+        self.replicas_per_master = replicas
+        self.start_timeout_s = start_timeout_s
+        self.nodes = [RedisClusterNode(node_timeout_ms=node_timeout_ms) for _ in range(masters * (1 + replicas))]
+
+    # -- addresses -----------------------------------------------------------------
+    @property
+    def startup_nodes(self) -> list[str]:
+        """``host:port`` of every node (what a client is given to discover the cluster)."""
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """``redis://`` URL of the first node; a cluster client discovers the rest from it."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> RedisClusterProcess:
+        try:
+            for node in self.nodes:
+                node.start()
+            done = subprocess.run(
+                [self.cli, "--cluster", "create", *self.startup_nodes,
+                 "--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"],
+                capture_output=True, text=True, timeout=self.start_timeout_s, check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise ServiceError(f"redis-cli --cluster create failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+            self.wait_ok(self.start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _info(self, node: RedisClusterNode) -> dict[str, str]:
+        out = node.command("CLUSTER", "INFO")
+        return dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+
+    def masters(self) -> list[RedisClusterNode]:
+        """The live nodes that currently say they are masters holding slots."""
+        found = []
+        for node in self.nodes:
+            if not node.answering:
+                continue
+            with contextlib.suppress(ServiceError, subprocess.TimeoutExpired):
+                line = next(ln for ln in node.command("CLUSTER", "NODES").splitlines() if "myself" in ln)
+                fields = line.split()
+                if "master" in fields[2] and len(fields) > 8:
+                    found.append(node)
+        return found
+
+    def wait_ok(self, timeout_s: float = 30.0, masters: int | None = None) -> float:
+        """Poll until every live, unpaused node says ``cluster_state:ok``, all slots are assigned and
+        ``masters`` (default: as created) live masters serve them; seconds waited."""
+        want = masters if masters is not None else self.masters_count
+        start = time.monotonic()
+        deadline = start + timeout_s
+        delay = 0.05
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                infos = [self._info(node) for node in self.nodes if node.answering]
+                settled = all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384" for i in infos)
+                if settled and len(self.masters()) >= want and self._replicas_synced():
+                    return time.monotonic() - start
+                last = repr([i.get("cluster_state") for i in infos])
+            except (ServiceError, subprocess.TimeoutExpired) as exc:
+                last = str(exc)
+            time.sleep(delay)  # polling interval, bounded by the deadline above
+            delay = min(delay * 2, 0.25)
+        raise ServiceError(f"redis cluster not ok within {timeout_s}s: {last}")
+
+    def _replicas_synced(self) -> bool:
+        """Every live replica has finished its initial sync (else a failover now would lose data)."""
+        for node in self.nodes:
+            if not node.answering:
+                continue
+            info = dict(line.split(":", 1) for line in node.command("INFO", "replication").splitlines() if ":" in line)
+            if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                return False
+        return True
+
+    def node_for_key(self, key: str) -> RedisClusterNode:
+        """The live master that serves ``key``'s slot right now."""
+        asker = next(node for node in self.nodes if node.answering)
+        slot = int(asker.command("CLUSTER", "KEYSLOT", key).strip())
+        for node in self.masters():
+            for line in node.command("CLUSTER", "NODES").splitlines():
+                if "myself" not in line:
+                    continue
+                for rng in line.split()[8:]:
+                    lo, _, hi = rng.partition("-")
+                    if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                        return node
+        raise ServiceError(f"no live master serves slot {slot}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> RedisClusterProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,7 +1,8 @@
 """One contract, every tier: what any Backend must do, run against real media.
 
 memory and disk run in-process; redis and s3 run against the real redis-server
-and the real S3 HTTP server started by tests/fixtures/services.py. Each test gets
+and the real S3 HTTP server started by tests/fixtures/services.py; redis-cluster
+runs the Redis tier in cluster mode against a real 6-node local Redis Cluster. Each test gets
 a fresh backend (own directory, key prefix or bucket), so tests never see each
 other's data.
 """
@@ -25,7 +26,7 @@ THREADS, ROUNDS = 6, 8
 
 
 def _make(name: str, request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> Backend:
-    cls = backend_class(name)
+    cls = backend_class(name.removesuffix("-cluster"))
     tag = uuid.uuid4().hex[:12]
     if name == "memory":
         return cls(max_bytes=256 << 20)
@@ -34,12 +35,18 @@ def _make(name: str, request: pytest.FixtureRequest, tmp_path: os.PathLike[str])
     if name == "redis":
         server = request.getfixturevalue("redis_server")
         return cls(url=server.url, key_prefix=f"test-{tag}:")
+    if name == "redis-cluster":
+        from kvstore.backends.redis_cluster import RedisClusterBackend
+
+        cluster = request.getfixturevalue("redis_cluster")
+        return RedisClusterBackend(url=cluster.url, cluster_nodes=",".join(cluster.startup_nodes[1:]),
+                                   key_prefix=f"test-{tag}:")
     server = request.getfixturevalue("s3_server")
     return cls(endpoint_url=server.endpoint_url, bucket=f"test-{tag}", access_key_id="test",
                secret_access_key="test", region="us-east-1")
 
 
-@pytest.fixture(params=["memory", "disk", "redis", "s3"])
+@pytest.fixture(params=["memory", "disk", "redis", "redis-cluster", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> Iterator[Backend]:
     b = _make(request.param, request, tmp_path)
     try:

@@ -48,6 +48,7 @@ KUBE_VERSION = "1.35.0"
 SCHEMA_VERSIONS = ("1.27.0", KUBE_VERSION)
 RELEASE = "kvs"
 NAMESPACE = "kvstore"
+STORE_CONFIG = f"{RELEASE}-kvstore"  # the server's ConfigMap; {RELEASE}-kvstore-client holds the client settings
 
 # The metric names kvstore/metrics.py exports (the contract with the server).
 COUNTERS = {
@@ -108,6 +109,17 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "disk": {"enabled": False},
         "redis": {"enabled": True, "internal": {"enabled": True}},
         "networkPolicy": {"enabled": True},
+    },
+    "cluster-dns": {"replicaCount": 4, "cluster": {"replication": 3, "writeAck": "all"}},
+    "cluster-static": {
+        "replicaCount": 2,
+        "cluster": {"membership": "static", "staticMembers": ["store-a.example:50051", "store-b.example:50051"]},
+    },
+    "cluster-off": {"replicaCount": 3, "cluster": {"enabled": False, "clientConfigMap": False}},
+    "redis-cluster": {
+        "replicaCount": 3,
+        "redis": {"enabled": True, "url": "redis://redis-cluster-0.redis-cluster:6379", "cluster": True,
+                  "clusterNodes": ["redis-cluster-1.redis-cluster:6379", "redis-cluster-2.redis-cluster:6379"]},
     },
 }
 
@@ -436,6 +448,23 @@ def test_values_schema_rejects_bad_values(helm: dict[str, str], tmp_path: Path) 
     )
     assert "existingSecret" in helm_template_error(helm, tmp_path, {"auth": {"tls": {"enabled": True}}})
     assert "redis.enabled" in helm_template_error(helm, tmp_path, {"redis": {"internal": {"enabled": True}}})
+    # cluster.*: each bad membership input is refused with what to fix.
+    assert "writeAck" in helm_template_error(helm, tmp_path, {"cluster": {"writeAck": "most"}})
+    assert "replication" in helm_template_error(helm, tmp_path, {"cluster": {"replication": 0}})
+    assert "membership" in helm_template_error(helm, tmp_path, {"cluster": {"membership": "gossip"}})
+    assert "staticMembers" in helm_template_error(helm, tmp_path, {"cluster": {"membership": "static"}})
+    assert "staticMembers': items at 0 and 1 are equal" in helm_template_error(
+        helm, tmp_path, {"cluster": {"membership": "static", "staticMembers": ["a:1", "a:1"]}}
+    )
+    assert "staticMembers" in helm_template_error(
+        helm, tmp_path, {"cluster": {"membership": "static", "staticMembers": ["no-port"]}}
+    )
+    assert "external Redis Cluster" in helm_template_error(
+        helm, tmp_path, {"redis": {"enabled": True, "cluster": True, "internal": {"enabled": True}}}
+    )
+    assert "clusterNodes" in helm_template_error(
+        helm, tmp_path, {"redis": {"enabled": True, "cluster": True, "clusterNodes": ["redis://x"]}}
+    )
 
 
 def _leaf_paths(node: Any, prefix: str = "") -> Iterable[str]:
@@ -474,7 +503,7 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
 
 def test_default_render_has_the_expected_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert kinds(rendered["default"]) == sorted(
-        ["ConfigMap", "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"]
+        ["ConfigMap", "ConfigMap", "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"]
     )
 
 
@@ -568,7 +597,7 @@ def test_labels_come_from_one_helper(rendered: dict[str, list[dict[str, Any]]]) 
             assert labels["app.kubernetes.io/instance"] == RELEASE, (scenario, doc["kind"])
             assert labels["app.kubernetes.io/managed-by"] == "Helm"
             assert labels["helm.sh/chart"] == "kvstore-0.1.0"
-            assert labels["app.kubernetes.io/component"] in ("store", "redis")
+            assert labels["app.kubernetes.io/component"] in ("store", "redis", "client")
 
 
 def test_config_map_is_accepted_by_the_server_config_loader(
@@ -580,7 +609,7 @@ def test_config_map_is_accepted_by_the_server_config_loader(
         if scenario == "tls":
             continue  # the TLS files exist only inside the pod; covered by test_tls_mounts_the_certificate_secret
         path = tmp_path / f"{scenario}.yaml"
-        path.write_text(one(docs, "ConfigMap")["data"]["config.yaml"])
+        path.write_text(one(docs, "ConfigMap", STORE_CONFIG)["data"]["config.yaml"])
         loaded[scenario] = load_config(path, environ=_pod_environment(docs))
     cfg = loaded["default"]
     assert (cfg.server.host, cfg.server.port, cfg.metrics.port) == ("0.0.0.0", 50051, 9090)
@@ -609,6 +638,10 @@ def test_config_map_is_accepted_by_the_server_config_loader(
     }
     assert loaded["no-persistence"].metrics.port == 0
     assert not loaded["disk-off"].disk.enabled
+    assert not cfg.redis.cluster
+    rc = loaded["redis-cluster"].redis
+    assert rc.enabled and rc.cluster and rc.url == "redis://redis-cluster-0.redis-cluster:6379"
+    assert rc.cluster_nodes == "redis-cluster-1.redis-cluster:6379,redis-cluster-2.redis-cluster:6379"
 
 
 def _pod_environment(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -648,7 +681,7 @@ def test_the_rendered_container_command_serves_grpc_health_and_metrics(
     docs = rendered["auth"]
     container = store_container(docs)
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(one(docs, "ConfigMap")["data"]["config.yaml"])
+    config_path.write_text(one(docs, "ConfigMap", STORE_CONFIG)["data"]["config.yaml"])
     args = [str(config_path) if a == "/etc/kvstore/config.yaml" else a for a in container["args"]]
     assert container["command"] == ["kvstore"]
     ready = tmp_path / "ready.json"
@@ -722,7 +755,7 @@ def test_secrets_reach_the_pod_only_through_secret_refs(rendered: dict[str, list
     docs = rendered["s3-inline"]
     secret = one(docs, "Secret")
     assert base64.b64decode(secret["data"]["secret-access-key"]).decode() == "s3cr3t/+="
-    assert "s3cr3t" not in one(docs, "ConfigMap")["data"]["config.yaml"]
+    assert "s3cr3t" not in one(docs, "ConfigMap", STORE_CONFIG)["data"]["config.yaml"]
     assert (
         env_of(store_container(docs))["KVSTORE_S3__SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"]
         == (secret["metadata"]["name"])
@@ -737,7 +770,7 @@ def test_secrets_reach_the_pod_only_through_secret_refs(rendered: dict[str, list
     ref = env_of(store_container(docs))["KVSTORE_AUTH__TOKENS"]["valueFrom"]["secretKeyRef"]
     tokens = json.loads(base64.b64decode(one(docs, "Secret", ref["name"])["data"][ref["key"]]))
     assert tokens == SCENARIOS["auth"]["auth"]["tokens"]
-    assert "tok-a" not in one(docs, "ConfigMap")["data"]["config.yaml"]
+    assert "tok-a" not in one(docs, "ConfigMap", STORE_CONFIG)["data"]["config.yaml"]
     # A secret change rolls the pods.
     assert (
         one(rendered["auth"], "StatefulSet")["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
@@ -758,7 +791,7 @@ def test_tls_mounts_the_certificate_secret_and_probes_fall_back_to_tcp(
     assert {"name": "tls", "mountPath": "/etc/kvstore-tls", "readOnly": True} in c["volumeMounts"]
     volumes = {v["name"]: v for v in one(docs, "StatefulSet")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "kvstore-tls"
-    config = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
+    config = yaml.safe_load(one(docs, "ConfigMap", STORE_CONFIG)["data"]["config.yaml"])
     assert config["auth"] == {
         "tls_cert": "/etc/kvstore-tls/tls.crt",
         "tls_key": "/etc/kvstore-tls/tls.key",
@@ -848,25 +881,66 @@ def test_install_notes(helm: dict[str, str], tmp_path: Path) -> None:
     assert "kvstore.kvstore.svc.cluster.local:50051" in text
     assert "kvstore-<ordinal>.kvstore-headless.kvstore.svc.cluster.local:50051" in text
     assert "authentication is off" in text
+    assert "KVSTORE_TARGET=dns:///kvstore-headless.kvstore.svc.cluster.local:50051" in text
+    assert "KVSTORE_REPLICATION=1" in text  # one pod: R is capped at the members there are
     text = notes({"auth": {"existingSecret": "tokens"}, "replicaCount": 2, "metrics": {"enabled": False}})
     assert (
         "authentication is off" not in text
-        and "private RAM and disk cache" in text
+        and "2 replicas form one keyspace" in text
+        and "KVSTORE_REPLICATION=2" in text
+        and "ConfigMap kvstore-client" in text
         and "/metrics" not in text
     )
+    text = notes({"replicaCount": 2, "cluster": {"enabled": False}})
+    assert "private RAM and disk cache" in text and "KVSTORE_TARGET=kvstore.kvstore.svc.cluster.local:50051" in text
 
 
-def test_release_named_kvstore_gets_the_service_name_the_workers_use(
+def test_release_named_kvstore_gets_the_membership_the_workers_use(
     helm: dict[str, str], tmp_path: Path
 ) -> None:
-    docs = helm_template(helm, tmp_path, {}, release="kvstore", namespace="kvstore")
-    svc = one(docs, "Service", "kvstore")
+    """The KubeRay workers are given exactly what the chart's client ConfigMap says for a 3-replica
+    release "kvstore": the headless Service (only Ready pods) as dns:/// membership, R and the ack mode."""
+    docs = helm_template(helm, tmp_path, {"replicaCount": 3}, release="kvstore", namespace="kvstore")
+    headless = one(docs, "Service", "kvstore-headless")
+    client = one(docs, "ConfigMap", "kvstore-client")["data"]
+    address = client["KVSTORE_TARGET"]
+    assert address.startswith("dns:///"), address
+    host, port = address.removeprefix("dns:///").rsplit(":", 1)
+    assert host.split(".")[:2] == [headless["metadata"]["name"], headless["metadata"]["namespace"]], address
+    assert int(port) == next(p["port"] for p in headless["spec"]["ports"] if p["name"] == "grpc")
+    assert (client["KVSTORE_REPLICATION"], client["KVSTORE_WRITE_ACK"]) == ("2", "one")
     ray = yaml.safe_load((DEPLOY / "kuberay" / "raycluster.yaml").read_text())
     for template in _ray_templates(ray):
-        address = env_of(template["spec"]["containers"][0])["KVSTORE_TARGET"]["value"]
-        host, port = address.rsplit(":", 1)
-        assert host.split(".")[:2] == [svc["metadata"]["name"], svc["metadata"]["namespace"]], address
-        assert int(port) == next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+        env = env_of(template["spec"]["containers"][0])
+        assert {k: env[k]["value"] for k in client} == client
+
+
+def test_cluster_membership_and_replication_follow_values(
+    rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    def client(scenario: str) -> dict[str, str]:
+        return one(rendered[scenario], "ConfigMap", f"{RELEASE}-kvstore-client")["data"]
+
+    headless = one(rendered["default"], "Service", f"{RELEASE}-kvstore-headless")["spec"]
+    sts = one(rendered["default"], "StatefulSet")["spec"]
+    # Membership is the headless Service's records: the StatefulSet's pods, and only Ready ones.
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is False
+    assert sts["serviceName"] == f"{RELEASE}-kvstore-headless"
+    assert headless["selector"].items() <= sts["template"]["metadata"]["labels"].items()
+    assert client("default") == {
+        "KVSTORE_TARGET": f"dns:///{RELEASE}-kvstore-headless.{NAMESPACE}.svc.cluster.local:50051",
+        "KVSTORE_REPLICATION": "1",  # R=2 by default, capped at the 1 replica there is
+        "KVSTORE_WRITE_ACK": "one",
+    }
+    assert (client("cluster-dns")["KVSTORE_REPLICATION"], client("cluster-dns")["KVSTORE_WRITE_ACK"]) == ("3", "all")
+    assert client("observability")["KVSTORE_REPLICATION"] == "2"  # autoscaling: minReplicas 2 bounds R
+    assert client("cluster-static")["KVSTORE_TARGET"] == "store-a.example:50051,store-b.example:50051"
+    assert client("cluster-static")["KVSTORE_REPLICATION"] == "2"
+    assert all(d["metadata"]["name"] != f"{RELEASE}-kvstore-client" for d in rendered["cluster-off"])
+    # Every replica keeps its own RAM and disk tier (its PVC), whatever the cluster settings.
+    for scenario in ("cluster-dns", "redis-cluster"):
+        sts = one(rendered[scenario], "StatefulSet")["spec"]
+        assert sts["replicas"] in (3, 4) and sts["volumeClaimTemplates"][0]["metadata"]["name"]
 
 
 # ---------------------------------------------------------------- deploy/: KubeRay, compose, Dockerfile, dashboards
@@ -908,7 +982,7 @@ def _pinned(image: str) -> bool:
 def test_compose_file_is_pinned_and_its_store_env_is_a_valid_config() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"store", "redis", "s3"} <= set(services)
+    assert {"store", "store-1", "store-2", "redis", "s3"} <= set(services)
     for name, service in services.items():
         assert _pinned(service["image"]), f"{name}: image {service['image']} is not pinned"
     store = services["store"]
@@ -924,6 +998,18 @@ def test_compose_file_is_pinned_and_its_store_env_is_a_valid_config() -> None:
     published = {p.split(":")[-1] for p in store["ports"]}
     assert published == {str(cfg.server.port), str(cfg.metrics.port)}
     assert all(p.startswith("127.0.0.1:") for p in store["ports"]), "compose publishes on loopback only"
+    # Three replicas of one keyspace: same config, own volume, own host ports; clients get all three.
+    replicas = [services[name] for name in ("store", "store-1", "store-2")]
+    assert all(r["environment"] == store["environment"] for r in replicas)
+    assert len({r["volumes"][0].split(":")[0] for r in replicas}) == 3
+    host_ports = [p.rsplit(":", 2)[1] for r in replicas for p in r["ports"]]
+    assert len(host_ports) == len(set(host_ports)) and all(p.startswith("127.0.0.1:") for r in replicas
+                                                          for p in r["ports"])
+    worker = services["worker"]["environment"]
+    members = worker["KVSTORE_TARGET"].split(",")
+    assert members == [f"{name}:{cfg.server.port}" for name in ("store", "store-1", "store-2")]
+    assert 1 <= int(worker["KVSTORE_REPLICATION"]) <= len(members) and worker["KVSTORE_WRITE_ACK"] in ("one", "all")
+    assert set(services["worker"]["depends_on"]) == {"store", "store-1", "store-2"}
 
 
 def _dockerfile_stages(text: str) -> dict[str, list[str]]:

@@ -90,6 +90,25 @@ annotations:
 {{- end -}}
 {{- end -}}
 
+{{/* What clients are given as KVSTORE_TARGET: the members of one keyspace (cluster.*), or the Service. */}}
+{{- define "kvstore.clusterTarget" -}}
+{{- if not .Values.cluster.enabled -}}
+{{- printf "%s.%s.svc.cluster.local:%d" (include "kvstore.fullname" .) .Release.Namespace (int .Values.service.grpcPort) -}}
+{{- else if eq .Values.cluster.membership "static" -}}
+{{- join "," .Values.cluster.staticMembers -}}
+{{- else -}}
+{{- printf "dns:///%s.%s.svc.cluster.local:%d" (include "kvstore.headlessName" .) .Release.Namespace (int .Values.service.grpcPort) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Owners per chunk (KVSTORE_REPLICATION): cluster.replication, capped at the members there will be. */}}
+{{- define "kvstore.clusterReplication" -}}
+{{- $members := int .Values.replicaCount -}}
+{{- if .Values.autoscaling.enabled -}}{{- $members = int .Values.autoscaling.minReplicas -}}{{- end -}}
+{{- if eq .Values.cluster.membership "static" -}}{{- $members = len .Values.cluster.staticMembers -}}{{- end -}}
+{{- if not .Values.cluster.enabled -}}1{{- else -}}{{- max 1 (min (int .Values.cluster.replication) $members) -}}{{- end -}}
+{{- end -}}
+
 {{/* Whether the chart's own Secret has anything to hold. */}}
 {{- define "kvstore.createSecret" -}}
 {{- if or (and .Values.s3.enabled (not .Values.s3.existingSecret) .Values.s3.accessKeyId) (and .Values.auth.tokens (not .Values.auth.existingSecret)) -}}
@@ -124,6 +143,15 @@ true
 {{- end -}}
 {{- if and .Values.redis.internal.enabled (not .Values.redis.enabled) -}}
 {{- fail "redis.internal.enabled runs a Redis for the Redis tier: set redis.enabled=true too" -}}
+{{- end -}}
+{{- if and .Values.cluster.enabled (eq .Values.cluster.membership "static") (not .Values.cluster.staticMembers) -}}
+{{- fail "cluster.membership=static needs cluster.staticMembers (host:port of every store replica)" -}}
+{{- end -}}
+{{- if and .Values.redis.cluster .Values.redis.internal.enabled -}}
+{{- fail "redis.cluster needs an external Redis Cluster: redis.internal runs a single Redis (set redis.url to a cluster node)" -}}
+{{- end -}}
+{{- if and .Values.redis.cluster (hasPrefix "unix://" .Values.redis.url) -}}
+{{- fail "redis.cluster needs TCP nodes: redis.url must be redis:// or rediss://, not unix://" -}}
 {{- end -}}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) -}}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" -}}
