@@ -29,7 +29,7 @@ from kvstore.server import ServerHandle, serve
 from kvstore.testing.services import RedisClusterProcess
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from tests.fixtures.store import store_config
+from tests.fixtures.store import committed, store_config
 
 NS = "tenant-a/model-x/fp16"
 C = grpc.StatusCode
@@ -239,7 +239,7 @@ def test_master_killed_under_load_store_stays_up_and_recovers(
                 if n % 3 != 0 or not truth:
                     key = f"w{idx}-{n}".encode().ljust(32, b".")
                     blob = integrity.seal(bytes([n % 251]) * 4096)
-                    code, details, _ = rpc(lambda k=key, b=blob: stub.Put(iter([pb.PutRequest(
+                    code, details, _ = rpc(lambda k=key, b=blob: stub.Put(committed([pb.PutRequest(
                         namespace=NS, key=k, layer=0, num_layers=1, blob=b)]), timeout=10))
                     answers[f"put_{code.name}"] += 1
                     if code is C.OK:
@@ -297,7 +297,7 @@ def test_master_killed_under_load_store_stays_up_and_recovers(
     with grpc.insecure_channel(cluster_server.target) as channel:
         stub = pb_grpc.KVStoreStub(channel)
         for key, blob in after.items():
-            stub.Put(iter([pb.PutRequest(namespace=NS, key=key, layer=0, num_layers=1, blob=blob)]), timeout=10)
+            stub.Put(committed([pb.PutRequest(namespace=NS, key=key, layer=0, num_layers=1, blob=blob)]), timeout=10)
         for key, blob in after.items():
             (got,) = stub.Get(pb.GetRequest(namespace=NS, keys=[key], layer_start=0, layer_end=1), timeout=10)
             assert got.blob == blob
