@@ -66,9 +66,29 @@ def start_server(workdir: Path, index: int) -> tuple[subprocess.Popen[bytes], st
     log_path = workdir / f"serve-{index}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--no-disk", "--memory-bytes", "512MiB",
-             "--workers", "8", "--ready-file", str(ready), "--grace", "0", "--log-level", "WARNING"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
+            [
+                sys.executable,
+                "-m",
+                "kvstore",
+                "serve",
+                "--port",
+                "0",
+                "--no-disk",
+                "--memory-bytes",
+                "512MiB",
+                "--workers",
+                "8",
+                "--ready-file",
+                str(ready),
+                "--grace",
+                "0",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(ROOT),
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
     deadline = time.monotonic() + 60
     while not ready.exists():
@@ -83,9 +103,14 @@ def build_requests(args: argparse.Namespace) -> list[list[bytes]]:
     """Chunk keys of every request: a system prompt's chunks, then the user's own."""
     rng = random.Random(args.seed)
     tokens = args.chunk_tokens
-    systems = [[rng.randrange(49152) for _ in range(args.system_chunks * tokens)] for _ in range(args.systems)]
-    prompts = [s + [rng.randrange(49152) for _ in range(args.user_chunks * tokens)]
-               for s in systems for _ in range(args.users)]
+    systems = [
+        [rng.randrange(49152) for _ in range(args.system_chunks * tokens)] for _ in range(args.systems)
+    ]
+    prompts = [
+        s + [rng.randrange(49152) for _ in range(args.user_chunks * tokens)]
+        for s in systems
+        for _ in range(args.users)
+    ]
     rng.shuffle(prompts)
     return [chunk_keys(p, NAMESPACE, tokens) for p in prompts]
 
@@ -148,13 +173,16 @@ class Config:
         mean = statistics.fmean(per_replica)
         found, asked = sum(self.found.values()), sum(self.asked.values())
         out = {
-            "replicas": len(self.targets), "mode": self.mode, "replication": self.replication,
+            "replicas": len(self.targets),
+            "mode": self.mode,
+            "replication": self.replication,
             "hit_rate": found / asked,
             "hit_rate_of_stored": found / self.ideal if self.ideal else 1.0,
             "prefill_hit_rate": self.found["prefill"] / self.asked["prefill"],
             "decode_hit_rate": self.found["decode"] / self.asked["decode"],
             "handoff_hit_rate": self.handoff_found / self.handoff_new if self.handoff_new else 1.0,
-            "bytes_per_replica": per_replica, "bytes_total": sum(per_replica),
+            "bytes_per_replica": per_replica,
+            "bytes_total": sum(per_replica),
             "bytes_max_over_mean": max(per_replica) / mean if mean else 0.0,
             "lookup_p50_ms": 1e3 * percentile(self.latencies, 0.5),
             "lookup_p99_ms": 1e3 * percentile(self.latencies, 0.99),
@@ -182,11 +210,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-tokens", type=int, default=128, help="tokens per chunk (as the store cuts them)")
     p.add_argument("--layers", type=int, default=4, help="blobs per chunk")
     p.add_argument("--blob-bytes", type=int, default=4096)
-    p.add_argument("--workers", type=int, default=8, help="workers, each with its own client (prefill and decode)")
+    p.add_argument(
+        "--workers", type=int, default=8, help="workers, each with its own client (prefill and decode)"
+    )
     p.add_argument("--replication", type=int, default=2)
     p.add_argument("--max-replicas", type=int, default=4)
-    p.add_argument("--lookup-repeats", type=int, default=4,
-                   help="extra passes of timed Lookups over every request after the workload (latency samples)")
+    p.add_argument(
+        "--lookup-repeats",
+        type=int,
+        default=4,
+        help="extra passes of timed Lookups over every request after the workload (latency samples)",
+    )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="12 users per system prompt instead of 32")
     args = p.parse_args(argv)
@@ -247,25 +281,29 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(args).items()},
         "requests": len(requests),
         "runs": runs,
-        "comparison": {"hit_rate_points_lost_N1_to_Nmax_placement": points,
-                       "hit_rate_points_lost_N1_to_Nmax_pinned": 100 * (base["hit_rate"] - pinned["hit_rate"]),
-                       "handoff_hit_rate_by_N": {f"{r['mode']}_N{r['replicas']}": r["handoff_hit_rate"]
-                                                 for r in runs},
-                       "hit_rate_of_stored_by_N": {f"{r['mode']}_N{r['replicas']}": r["hit_rate_of_stored"]
-                                                   for r in runs},
-                       "bytes_max_over_mean_placement_worst": worst_balance,
-                       "lookup_p99_ratio_Nmax_over_N1": p99_ratio,
-                       "lookup_p50_ratio_Nmax_over_N1": place["lookup_p50_ms"] / base["lookup_p50_ms"],
-                       "lookup_rpcs_per_lookup_Nmax": place["lookup_rpcs_per_lookup"]},
+        "comparison": {
+            "hit_rate_points_lost_N1_to_Nmax_placement": points,
+            "hit_rate_points_lost_N1_to_Nmax_pinned": 100 * (base["hit_rate"] - pinned["hit_rate"]),
+            "handoff_hit_rate_by_N": {f"{r['mode']}_N{r['replicas']}": r["handoff_hit_rate"] for r in runs},
+            "hit_rate_of_stored_by_N": {
+                f"{r['mode']}_N{r['replicas']}": r["hit_rate_of_stored"] for r in runs
+            },
+            "bytes_max_over_mean_placement_worst": worst_balance,
+            "lookup_p99_ratio_Nmax_over_N1": p99_ratio,
+            "lookup_p50_ratio_Nmax_over_N1": place["lookup_p50_ms"] / base["lookup_p50_ms"],
+            "lookup_rpcs_per_lookup_Nmax": place["lookup_rpcs_per_lookup"],
+        },
         "goals": goals,
     }
     print(json.dumps(report, indent=2))
-    print(f"cluster {len(requests)} requests: hit rate N=1 {100 * base['hit_rate']:.1f}% -> N={top} placement "
-          f"{100 * place['hit_rate']:.1f}% ({points:+.1f} pts lost) vs per-connection "
-          f"{100 * pinned['hit_rate']:.1f}% (handoff prefill->decode {100 * pinned['handoff_hit_rate']:.0f}% vs "
-          f"{100 * place['handoff_hit_rate']:.0f}%); bytes max/mean <= {worst_balance:.2f}; Lookup p99 "
-          f"{place['lookup_p99_ms']:.2f} ms vs {base['lookup_p99_ms']:.2f} ms = {p99_ratio:.2f}x; goals "
-          f"{'met' if all(goals.values()) else 'MISSED: ' + ', '.join(k for k, v in goals.items() if not v)}")
+    print(
+        f"cluster {len(requests)} requests: hit rate N=1 {100 * base['hit_rate']:.1f}% -> N={top} placement "
+        f"{100 * place['hit_rate']:.1f}% ({points:+.1f} pts lost) vs per-connection "
+        f"{100 * pinned['hit_rate']:.1f}% (handoff prefill->decode {100 * pinned['handoff_hit_rate']:.0f}% vs "
+        f"{100 * place['handoff_hit_rate']:.0f}%); bytes max/mean <= {worst_balance:.2f}; Lookup p99 "
+        f"{place['lookup_p99_ms']:.2f} ms vs {base['lookup_p99_ms']:.2f} ms = {p99_ratio:.2f}x; goals "
+        f"{'met' if all(goals.values()) else 'MISSED: ' + ', '.join(k for k, v in goals.items() if not v)}"
+    )
     return 0
 
 

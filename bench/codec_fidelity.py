@@ -62,7 +62,7 @@ def _suffix_logprobs(model, ids: torch.Tensor, layers) -> torch.Tensor:
     from workers.model import layers_to_cache
 
     cache = layers_to_cache(layers, model.config)
-    out = model(ids[:, PREFIX:PREFIX + SUFFIX], cache=cache, use_cache=True)
+    out = model(ids[:, PREFIX : PREFIX + SUFFIX], cache=cache, use_cache=True)
     return out.logits[0].float().log_softmax(-1)
 
 
@@ -70,7 +70,7 @@ def _suffix_logprobs(model, ids: torch.Tensor, layers) -> torch.Tensor:
 def build_case(model, tokenizer, path: Path) -> Case:
     from workers.model import cache_to_layers
 
-    ids = tokenizer(path.read_text(), return_tensors="pt")["input_ids"][:, :PREFIX + SUFFIX]
+    ids = tokenizer(path.read_text(), return_tensors="pt")["input_ids"][:, : PREFIX + SUFFIX]
     if ids.shape[1] < PREFIX + SUFFIX:
         raise ValueError(f"{path.name} has {ids.shape[1]} tokens, needs {PREFIX + SUFFIX}")
     out = model(ids[:, :PREFIX], use_cache=True)
@@ -86,7 +86,7 @@ def evaluate(model, case: Case, method: Method) -> dict[str, float]:
     for k, v in case.layers:
         ks, vs = [], []
         for start in range(0, k.shape[1], CHUNK):
-            kc, vc = k[:, start:start + CHUNK], v[:, start:start + CHUNK]
+            kc, vc = k[:, start : start + CHUNK], v[:, start : start + CHUNK]
             k2, v2, used = method(kc, vc, start)
             ks.append(k2.to(k.dtype))
             vs.append(v2.to(v.dtype))
@@ -103,8 +103,9 @@ def codec_method(profile: str, source_dtype: torch.dtype = torch.float16) -> Met
     """The codec as a method: encode the fp16 cache (as the store would hold it), decode, count the frame."""
 
     def run(k: torch.Tensor, v: torch.Tensor, offset: int):
-        blob = encode_layer(k.to(source_dtype), v.to(source_dtype), profile, token_offset=offset,
-                            context_end=PREFIX)
+        blob = encode_layer(
+            k.to(source_dtype), v.to(source_dtype), profile, token_offset=offset, context_end=PREFIX
+        )
         k2, v2 = decode_layer(blob, dtype=torch.float32)
         return k2, v2, 8 * len(blob)
 
@@ -112,6 +113,7 @@ def codec_method(profile: str, source_dtype: torch.dtype = torch.float16) -> Met
 
 
 # ---- baselines (fake-quantized; sizes computed from their storage layout) ----
+
 
 def _asym(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Asymmetric min/max quantization along ``dim`` (each slice one group)."""
@@ -170,8 +172,16 @@ def fp8(k, v, offset):
 
 def methods(profiles: list[str]) -> dict[str, Method]:
     out: dict[str, Method] = {f"codec:{p}": codec_method(p) for p in profiles}
-    out.update({"fp8-e4m3": fp8, "int8-g64": int_g64(8), "int4-g64": int_g64(4), "int2-g64": int_g64(2),
-                "kivi-4": kivi(4), "kivi-2": kivi(2)})
+    out.update(
+        {
+            "fp8-e4m3": fp8,
+            "int8-g64": int_g64(8),
+            "int4-g64": int_g64(4),
+            "int2-g64": int_g64(2),
+            "kivi-4": kivi(4),
+            "kivi-2": kivi(2),
+        }
+    )
     return out
 
 
@@ -210,9 +220,15 @@ def run(texts: int, profiles: list[str], only: list[str] | None = None, cache: P
             "top1": round(sum(r["top1"] for r in per) / len(per), 4),
             "seconds": round(time.perf_counter() - t0, 1),
         }
-    return {"model": "SmolLM2-135M-Instruct", "texts": [c.name for c in cases], "prefix_tokens": PREFIX,
-            "teacher_forced_tokens": SUFFIX, "chunk_tokens": CHUNK, "prefill_seconds": round(prefill_s, 1),
-            "results": results}
+    return {
+        "model": "SmolLM2-135M-Instruct",
+        "texts": [c.name for c in cases],
+        "prefix_tokens": PREFIX,
+        "teacher_forced_tokens": SUFFIX,
+        "chunk_tokens": CHUNK,
+        "prefill_seconds": round(prefill_s, 1),
+        "results": results,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,21 +238,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profiles", default="lossless,int8,balanced,dense")
     ap.add_argument("--only", default="", help="comma-separated method names to run (default all)")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a shared 2-core box more threads spin and run 20x slower)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core box more threads spin and run 20x slower)",
+    )
     ap.add_argument("--cache", type=Path, help="reuse prefix caches saved here (torch.save) across runs")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(2 if args.quick else args.texts, args.profiles.split(","),
-                 [m for m in args.only.split(",") if m] or None, args.cache)
+    report = run(
+        2 if args.quick else args.texts,
+        args.profiles.split(","),
+        [m for m in args.only.split(",") if m] or None,
+        args.cache,
+    )
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text)
     res = report["results"]
-    print("summary: " + "; ".join(f"{n} {r['ratio_vs_fp16']}x KL={r['mean_kl']} top1={r['top1']:.3f}"
-                                  for n, r in res.items()))
+    print(
+        "summary: "
+        + "; ".join(
+            f"{n} {r['ratio_vs_fp16']}x KL={r['mean_kl']} top1={r['top1']:.3f}" for n, r in res.items()
+        )
+    )
     return 0
 
 

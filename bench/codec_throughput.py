@@ -60,8 +60,12 @@ def _model_frames(chunks: int, tokens: int = 256) -> list[tuple[torch.Tensor, to
         for layer in range(0, len(layers), 3):  # every third layer: early, middle and late ones
             k, v = layers[layer]
             for c in range(4):
-                out.append((k[:, c * tokens:(c + 1) * tokens].half().contiguous(),
-                            v[:, c * tokens:(c + 1) * tokens].half().contiguous()))
+                out.append(
+                    (
+                        k[:, c * tokens : (c + 1) * tokens].half().contiguous(),
+                        v[:, c * tokens : (c + 1) * tokens].half().contiguous(),
+                    )
+                )
                 if len(out) == chunks:
                     return out
     return out
@@ -71,7 +75,7 @@ def _frames(chunks: int, heads: int, tokens: int, dim: int) -> list[tuple[torch.
     gen = torch.Generator().manual_seed(0)
     out = []
     for _ in range(chunks):
-        k = (torch.randn(heads, tokens, dim, generator=gen) * 2 + torch.randn(heads, 1, dim, generator=gen) * 3)
+        k = torch.randn(heads, tokens, dim, generator=gen) * 2 + torch.randn(heads, 1, dim, generator=gen) * 3
         v = torch.randn(heads, tokens, dim, generator=gen)
         out.append((k.half(), v.half()))
     return out
@@ -89,10 +93,12 @@ def _time(fn, min_seconds: float) -> float:
             return best
 
 
-def measure(profile: str | None, frames, min_seconds: float, batched: bool = False,
-            threaded: bool = False) -> dict[str, float]:
+def measure(
+    profile: str | None, frames, min_seconds: float, batched: bool = False, threaded: bool = False
+) -> dict[str, float]:
     nbytes = sum(2 * k.numel() * 2 for k, _ in frames)
     if profile is None:  # baseline: raw fp16 bytes, sealed and verified
+
         def enc():
             return [seal(k.numpy().tobytes() + v.numpy().tobytes()) for k, v in frames]
 
@@ -104,6 +110,7 @@ def measure(profile: str | None, frames, min_seconds: float, batched: bool = Fal
                     raise RuntimeError("baseline blob corrupted")
                 torch.frombuffer(bytearray(payload_of(b)), dtype=torch.float16)
     elif threaded:  # the frames as layers of a chunk, one part per codec thread (all cores)
+
         def enc():
             return encode_chunk(frames, profile, token_offset=frames[0][0].shape[1])
 
@@ -112,6 +119,7 @@ def measure(profile: str | None, frames, min_seconds: float, batched: bool = Fal
         def dec():
             decode_many(blobs)
     elif batched:  # all frames as the layers of one chunk, encoded in one pass
+
         def enc():
             return encode_layers(frames, profile, token_offset=frames[0][0].shape[1])
 
@@ -121,6 +129,7 @@ def measure(profile: str | None, frames, min_seconds: float, batched: bool = Fal
             for b in blobs:
                 decode_layer(b)
     else:
+
         def enc():
             return [encode_layer(k, v, profile, token_offset=frames[0][0].shape[1]) for k, v in frames]
 
@@ -129,6 +138,7 @@ def measure(profile: str | None, frames, min_seconds: float, batched: bool = Fal
         def dec():
             for b in blobs:
                 decode_layer(b)
+
     t_enc, t_dec = _time(enc, min_seconds), _time(dec, min_seconds)
     return {
         "encode_gbps": round(nbytes / t_enc / 1e9, 3),
@@ -143,15 +153,29 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--chunks", type=int, default=32, help="256-token chunk-layers per pass")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0 = torch default; 1 avoids spinning threads on a shared box)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch default; 1 avoids spinning threads on a shared box)",
+    )
     ap.add_argument("--profiles", default=",".join(PROFILES))
-    ap.add_argument("--kv", choices=["model", "synthetic"], default="model",
-                    help="SmolLM2's KV over bench/data (default) or Gaussian noise of the same shape (no model)")
-    ap.add_argument("--compare-torch", action="store_true",
-                    help="also time the torch stages (the CUDA path run on CPU) in the same run")
-    ap.add_argument("--glibc-malloc-defaults", action="store_true",
-                    help="skip kvstore.allocator's settings (which the server and the Ray workers run with)")
+    ap.add_argument(
+        "--kv",
+        choices=["model", "synthetic"],
+        default="model",
+        help="SmolLM2's KV over bench/data (default) or Gaussian noise of the same shape (no model)",
+    )
+    ap.add_argument(
+        "--compare-torch",
+        action="store_true",
+        help="also time the torch stages (the CUDA path run on CPU) in the same run",
+    )
+    ap.add_argument(
+        "--glibc-malloc-defaults",
+        action="store_true",
+        help="skip kvstore.allocator's settings (which the server and the Ray workers run with)",
+    )
     args = ap.parse_args(argv)
     allocator_tuned = False if args.glibc_malloc_defaults else tune_allocator()
     if args.threads:
@@ -170,12 +194,24 @@ def main(argv: list[str] | None = None) -> int:
             cpu_kernels.set_enabled(False)
             results[f"{p} (torch stages, before the kernels)"] = measure(p, frames, min_s)
             cpu_kernels.set_enabled(True)
-    report = {"device": "cpu", "allocator_tuned": allocator_tuned, "torch_threads": torch.get_num_threads(), "codec_threads": threads,
-              "cpu_kernels": cpu_kernels.enabled(), "frame_shape": [3, 256, 64], "kv": args.kv,
-              "frames": len(frames), "results": results}
+    report = {
+        "device": "cpu",
+        "allocator_tuned": allocator_tuned,
+        "torch_threads": torch.get_num_threads(),
+        "codec_threads": threads,
+        "cpu_kernels": cpu_kernels.enabled(),
+        "frame_shape": [3, 256, 64],
+        "kv": args.kv,
+        "frames": len(frames),
+        "results": results,
+    }
     print(json.dumps(report, indent=2))
-    print("summary: " + "; ".join(f"{n} enc {r['encode_gbps']} GB/s dec {r['decode_gbps']} GB/s"
-                                  for n, r in results.items()))
+    print(
+        "summary: "
+        + "; ".join(
+            f"{n} enc {r['encode_gbps']} GB/s dec {r['decode_gbps']} GB/s" for n, r in results.items()
+        )
+    )
     return 0
 
 

@@ -68,9 +68,26 @@ def start_server(workdir: Path, cpus: frozenset[int] | None = None) -> tuple[sub
     ready = workdir / "ready.json"
     log = open(workdir / "serve.log", "wb")  # noqa: SIM115 - lives as long as the child
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--no-disk", "--memory-bytes", "4GiB",
-         "--ready-file", str(ready), "--grace", "0", "--log-level", "WARNING"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+        [
+            sys.executable,
+            "-m",
+            "kvstore",
+            "serve",
+            "--port",
+            "0",
+            "--no-disk",
+            "--memory-bytes",
+            "4GiB",
+            "--ready-file",
+            str(ready),
+            "--grace",
+            "0",
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=str(ROOT),
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
@@ -112,11 +129,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prefetch-depth", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="512-token prefix, 3 repeats (well under 60 s)")
-    p.add_argument("--cpu-plan", default="auto",
-                   help="CPUs for the model's thread, the rest for I/O and the server (transfer.affinity): "
-                        "'auto' (lowest CPU; off with fewer than 2), a list like '0' or '0-1', or 'off'")
-    p.add_argument("--glibc-malloc-defaults", action="store_true",
-                    help="skip kvstore.allocator's settings (which the server and the Ray workers run with)")
+    p.add_argument(
+        "--cpu-plan",
+        default="auto",
+        help="CPUs for the model's thread, the rest for I/O and the server (transfer.affinity): "
+        "'auto' (lowest CPU; off with fewer than 2), a list like '0' or '0-1', or 'off'",
+    )
+    p.add_argument(
+        "--glibc-malloc-defaults",
+        action="store_true",
+        help="skip kvstore.allocator's settings (which the server and the Ray workers run with)",
+    )
     args = p.parse_args(argv)
     allocator_tuned = False if args.glibc_malloc_defaults else tune_allocator()
     if args.quick:
@@ -134,10 +157,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, tokenizer = load_model()
     shape = kv_shape(model)
-    ns = f"bench/{model_fingerprint('llama', shape.num_layers, shape.num_kv_heads, shape.head_dim, 'f32')}/" \
-         f"{args.profile}"
+    ns = (
+        f"bench/{model_fingerprint('llama', shape.num_layers, shape.num_kv_heads, shape.head_dim, 'f32')}/"
+        f"{args.profile}"
+    )
     ids = prompt_ids(tokenizer, args.prefix_tokens + args.suffix_tokens)
-    prefix, suffix = ids[: args.prefix_tokens], torch.tensor([ids[args.prefix_tokens:]])
+    prefix, suffix = ids[: args.prefix_tokens], torch.tensor([ids[args.prefix_tokens :]])
     num_layers = shape.num_layers
 
     with torch.no_grad():
@@ -152,8 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             client.wait_ready(30)
             if plan:
                 affinity.apply(plan)  # this thread runs the model; gRPC's threads exist now and move to I/O
-            put_s, (keys, put_result) = timed(lambda: put_context(client, ns, prefix, layers, args.profile,
-                                                                  chunk_tokens=args.chunk_tokens))
+            put_s, (keys, put_result) = timed(
+                lambda: put_context(client, ns, prefix, layers, args.profile, chunk_tokens=args.chunk_tokens)
+            )
 
             def fetch_all() -> tuple[torch.Tensor, torch.Tensor]:
                 n = client.lookup(ns, keys, num_layers)
@@ -168,10 +194,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             def layerwise(decode_in_loader: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
                 n = client.lookup(ns, keys, num_layers)
-                cache = LayerwiseCache.from_store(client, ns, keys[:n], num_layers,
-                                                  chunk_tokens=args.chunk_tokens,
-                                                  prefetch_depth=args.prefetch_depth,
-                                                  decode_in_loader=decode_in_loader)
+                cache = LayerwiseCache.from_store(
+                    client,
+                    ns,
+                    keys[:n],
+                    num_layers,
+                    chunk_tokens=args.chunk_tokens,
+                    prefetch_depth=args.prefetch_depth,
+                    decode_in_loader=decode_in_loader,
+                )
                 with torch.no_grad():
                     logits = model(suffix, cache=cache, use_cache=True).logits
                 consumed = cache.times(CONSUMED)
@@ -219,10 +250,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cache = layers_to_cache(decoded)  # a fresh cache per run, built outside the timing
                 return lambda: model(suffix, cache=cache, use_cache=True)
 
-            samples: dict[str, list[float]] = {k: [] for k in
-                                               ("fetch_all", "layerwise", "layerwise_decode_in_model_thread",
-                                                "fetch_one_layer", "fetch_all_only", "compute",
-                                                "compute_next_to_decoding")}
+            samples: dict[str, list[float]] = {
+                k: []
+                for k in (
+                    "fetch_all",
+                    "layerwise",
+                    "layerwise_decode_in_model_thread",
+                    "fetch_one_layer",
+                    "fetch_all_only",
+                    "compute",
+                    "compute_next_to_decoding",
+                )
+            }
             same_token = True
             max_logit_diff = 0.0
             fetch_all()  # warm-up: channel, allocator, kernels
@@ -235,8 +274,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 t, (tok_c, logits_c) = timed(lambda: layerwise(decode_in_loader=False))
                 samples["layerwise_decode_in_model_thread"].append(t)
                 same_token &= bool(tok_a == tok_b == tok_c)
-                max_logit_diff = max(max_logit_diff, float((logits_a - logits_b).abs().max()),
-                                     float((logits_a - logits_c).abs().max()))
+                max_logit_diff = max(
+                    max_logit_diff,
+                    float((logits_a - logits_b).abs().max()),
+                    float((logits_a - logits_c).abs().max()),
+                )
                 samples["fetch_one_layer"].append(timed(fetch_one)[0])
                 samples["fetch_all_only"].append(timed(fetch_all_only)[0])
                 run = make_compute()
@@ -255,21 +297,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stored_bytes = put_result.bytes_stored
     report = {
         "bench": "layerwise",
-        "config": {"prefix_tokens": args.prefix_tokens, "suffix_tokens": args.suffix_tokens,
-                   "chunk_tokens": args.chunk_tokens, "profile": args.profile, "repeats": args.repeats,
-                   "prefetch_depth": args.prefetch_depth, "num_layers": num_layers,
-                   "allocator_tuned": allocator_tuned, "torch_threads": torch.get_num_threads(),
-                   "cpu_plan": ({"compute": sorted(plan.compute), "io": sorted(plan.io)} if plan else None),
-                   "server": "kvstore serve (RAM tier), loopback"},
-        "stored": {"blobs": put_result.num_stored, "bytes": stored_bytes, "put_s": round(put_s, 3),
-                   "prefill_s": round(prefill_s, 3)},
+        "config": {
+            "prefix_tokens": args.prefix_tokens,
+            "suffix_tokens": args.suffix_tokens,
+            "chunk_tokens": args.chunk_tokens,
+            "profile": args.profile,
+            "repeats": args.repeats,
+            "prefetch_depth": args.prefetch_depth,
+            "num_layers": num_layers,
+            "allocator_tuned": allocator_tuned,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_plan": ({"compute": sorted(plan.compute), "io": sorted(plan.io)} if plan else None),
+            "server": "kvstore serve (RAM tier), loopback",
+        },
+        "stored": {
+            "blobs": put_result.num_stored,
+            "bytes": stored_bytes,
+            "put_s": round(put_s, 3),
+            "prefill_s": round(prefill_s, 3),
+        },
         "median_s": med,
         "samples_s": {k: [round(x, 4) for x in v] for k, v in samples.items()},
         "ttft_speedup": round(med["fetch_all"] / med["layerwise"], 3),
-        "ttft_speedup_decode_in_model_thread": round(med["fetch_all"] / med["layerwise_decode_in_model_thread"], 3),
-        "goal": {"bound_s": round(bound, 4), "layerwise_s": med["layerwise"],
-                 "layerwise_decode_in_model_thread_s": med["layerwise_decode_in_model_thread"],
-                 "met": best <= bound},
+        "ttft_speedup_decode_in_model_thread": round(
+            med["fetch_all"] / med["layerwise_decode_in_model_thread"], 3
+        ),
+        "goal": {
+            "bound_s": round(bound, 4),
+            "layerwise_s": med["layerwise"],
+            "layerwise_decode_in_model_thread_s": med["layerwise_decode_in_model_thread"],
+            "met": best <= bound,
+        },
         # Time the model thread spent blocked on layers not yet decoded (median over runs): what is
         # left of layerwise - compute beyond it is contention (the loader's CPU and GIL next to compute).
         "layerwise_model_wait_s": round(statistics.median(model_waits[1:] or model_waits), 4),
@@ -278,13 +336,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "layer0_consumed_before_last_arrived": all(consumed_before_last),
     }
     print(json.dumps(report, indent=2))
-    print(f"layerwise: TTFT {med['layerwise'] * 1e3:.0f} ms (decode in model thread "
-          f"{med['layerwise_decode_in_model_thread'] * 1e3:.0f} ms) vs fetch-all {med['fetch_all'] * 1e3:.0f} ms "
-          f"({report['ttft_speedup']}x) for a {args.prefix_tokens}-token stored prefix; "
-          f"one layer {med['fetch_one_layer'] * 1e3:.0f} ms + compute {med['compute'] * 1e3:.0f} ms "
-          f"(+10% = {bound * 1e3:.0f} ms): goal {'met' if report['goal']['met'] else 'NOT met'}; "
-          f"compute next to a decoding thread {med['compute_next_to_decoding'] * 1e3:.0f} ms; "
-          f"same first token: {same_token}")
+    print(
+        f"layerwise: TTFT {med['layerwise'] * 1e3:.0f} ms (decode in model thread "
+        f"{med['layerwise_decode_in_model_thread'] * 1e3:.0f} ms) vs fetch-all {med['fetch_all'] * 1e3:.0f} ms "
+        f"({report['ttft_speedup']}x) for a {args.prefix_tokens}-token stored prefix; "
+        f"one layer {med['fetch_one_layer'] * 1e3:.0f} ms + compute {med['compute'] * 1e3:.0f} ms "
+        f"(+10% = {bound * 1e3:.0f} ms): goal {'met' if report['goal']['met'] else 'NOT met'}; "
+        f"compute next to a decoding thread {med['compute_next_to_decoding'] * 1e3:.0f} ms; "
+        f"same first token: {same_token}"
+    )
     return report
 
 

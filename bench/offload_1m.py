@@ -86,7 +86,9 @@ def kv_cache_path(num_tokens: int) -> Path:
     return cache_root() / "bench" / f"offload-kv-{num_tokens}.pt"
 
 
-def real_kv(num_tokens: int, n: int = DEFAULT_CHUNK_TOKENS) -> tuple[list[int], list[list[tuple[Any, Any]]], str]:
+def real_kv(
+    num_tokens: int, n: int = DEFAULT_CHUNK_TOKENS
+) -> tuple[list[int], list[list[tuple[Any, Any]]], str]:
     """Token ids and per-chunk, per-layer fp16 (k, v) of the model run on ``num_tokens`` tokens of text.
 
     The model's output is kept in the user cache (~23 MB per 1k tokens), so
@@ -106,16 +108,21 @@ def real_kv(num_tokens: int, n: int = DEFAULT_CHUNK_TOKENS) -> tuple[list[int], 
         from workers.model import cache_to_layers, load_model
 
         model, tokenizer = load_model()
-        text = "\n\n".join(p.read_text(errors="replace")
-                            for p in sorted((ROOT / "bench" / "data").glob("prose_*.txt")))
+        text = "\n\n".join(
+            p.read_text(errors="replace") for p in sorted((ROOT / "bench" / "data").glob("prose_*.txt"))
+        )
         tokens = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens]
         if tokens.shape[1] < num_tokens:
-            raise SystemExit(f"bench/data holds only {tokens.shape[1]} tokens of prose, asked for {num_tokens}")
+            raise SystemExit(
+                f"bench/data holds only {tokens.shape[1]} tokens of prose, asked for {num_tokens}"
+            )
         with torch.no_grad():
             out = model(tokens, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
-        layers = [(k.to(torch.float16).contiguous(), v.to(torch.float16).contiguous())
-                  for k, v in cache_to_layers(cache)]
+        layers = [
+            (k.to(torch.float16).contiguous(), v.to(torch.float16).contiguous())
+            for k, v in cache_to_layers(cache)
+        ]
         ids = tokens[0].tolist()
         del model, out, cache
         gc.collect()
@@ -124,8 +131,10 @@ def real_kv(num_tokens: int, n: int = DEFAULT_CHUNK_TOKENS) -> tuple[list[int], 
         torch.save({"ids": ids, "layers": layers}, tmp)
         os.replace(tmp, path)
         source = "model output (SmolLM2-135M, computed this run)"
-    chunks = [[(k[:, c * n:(c + 1) * n].clone(), v[:, c * n:(c + 1) * n].clone()) for k, v in layers]
-              for c in range(num_tokens // n)]
+    chunks = [
+        [(k[:, c * n : (c + 1) * n].clone(), v[:, c * n : (c + 1) * n].clone()) for k, v in layers]
+        for c in range(num_tokens // n)
+    ]
     return list(ids), chunks, source
 
 
@@ -134,8 +143,12 @@ def raw_frames(chunks: list[list[tuple[Any, Any]]]) -> list[list[bytes]]:
     return [[integrity.seal(k.numpy().tobytes() + v.numpy().tobytes()) for k, v in chunk] for chunk in chunks]
 
 
-def codec_frames(chunks: list[list[tuple[Any, Any]]], profile: str, n: int = DEFAULT_CHUNK_TOKENS,
-                 decode_sample: int = NUM_LAYERS) -> tuple[list[list[bytes]], dict[str, Any]]:
+def codec_frames(
+    chunks: list[list[tuple[Any, Any]]],
+    profile: str,
+    n: int = DEFAULT_CHUNK_TOKENS,
+    decode_sample: int = NUM_LAYERS,
+) -> tuple[list[list[bytes]], dict[str, Any]]:
     """Encode every distinct (chunk, layer) once (timed); time decoding a sample and measure its error."""
     from transfer.codec import decode_layer, encode_layer
 
@@ -143,21 +156,33 @@ def codec_frames(chunks: list[list[tuple[Any, Any]]], profile: str, n: int = DEF
     k0, v0 = chunks[0][0]
     decode_layer(encode_layer(k0, v0, profile))  # warm up: the kernels load from numba's cache on first use
     started = time.perf_counter()
-    frames = [[encode_layer(k, v, profile, token_offset=c * n) for k, v in chunk] for c, chunk in enumerate(chunks)]
+    frames = [
+        [encode_layer(k, v, profile, token_offset=c * n) for k, v in chunk] for c, chunk in enumerate(chunks)
+    ]
     encode_s = time.perf_counter() - started
-    pairs = [(kv, frame) for chunk, fr in zip(chunks, frames, strict=True) for kv, frame in zip(chunk, fr, strict=True)]
+    pairs = [
+        (kv, frame)
+        for chunk, fr in zip(chunks, frames, strict=True)
+        for kv, frame in zip(chunk, fr, strict=True)
+    ]
     sample = pairs[:: max(1, len(pairs) // decode_sample)][:decode_sample]
     max_err = decode_s = 0.0
     for (k, v), frame in sample:
         t0 = time.perf_counter()
         dk, dv = decode_layer(frame)
         decode_s += time.perf_counter() - t0
-        max_err = max(max_err, (dk.float() - k.float()).abs().max().item(), (dv.float() - v.float()).abs().max().item())
+        max_err = max(
+            max_err, (dk.float() - k.float()).abs().max().item(), (dv.float() - v.float()).abs().max().item()
+        )
     stored = sum(len(f) for fr in frames for f in fr)
-    return frames, {"encode_mbps_fp16": round(len(pairs) * layer_fp16 / encode_s / 1e6, 1),
-                    "decode_mbps_fp16": round(len(sample) * layer_fp16 / decode_s / 1e6, 1),
-                    "ratio_vs_fp16": round(len(pairs) * layer_fp16 / stored, 3), "max_abs_error": max_err,
-                    "frames_encoded": len(pairs), "frames_decoded": len(sample)}
+    return frames, {
+        "encode_mbps_fp16": round(len(pairs) * layer_fp16 / encode_s / 1e6, 1),
+        "decode_mbps_fp16": round(len(sample) * layer_fp16 / decode_s / 1e6, 1),
+        "ratio_vs_fp16": round(len(pairs) * layer_fp16 / stored, 3),
+        "max_abs_error": max_err,
+        "frames_encoded": len(pairs),
+        "frames_decoded": len(sample),
+    }
 
 
 # ----------------------------------------------------------------------------- raw disk
@@ -196,8 +221,12 @@ def disk_baseline(directory: str, nbytes: int) -> dict[str, Any]:
             os.close(fd)
             buf.close()
         read_s = time.perf_counter() - started
-        return {"bytes": total, "write_fsync_gbps": gbps(total, write_s), "read_gbps": gbps(read, read_s),
-                "read_mode": mode}
+        return {
+            "bytes": total,
+            "write_fsync_gbps": gbps(total, write_s),
+            "read_gbps": gbps(read, read_s),
+            "read_mode": mode,
+        }
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -207,17 +236,44 @@ def disk_baseline(directory: str, nbytes: int) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def server_process(disk_dir: str, disk_bytes: int, run_dir: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def server_process(
+    disk_dir: str, disk_bytes: int, run_dir: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``kvstore serve`` with a 16 MiB RAM tier and the disk tier in ``disk_dir``; yields (target, proc)."""
     ready = Path(run_dir) / f"ready-{time.monotonic_ns()}.json"
     log_path = Path(run_dir) / "serve.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--ready-file", str(ready), "--grace", "1",
-             "--memory-bytes", str(16 * MiB), "--disk-path", disk_dir, "--disk-bytes", str(disk_bytes),
-             "--fsync", "batch", "--workers", "8", "--log-level", "WARNING"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+            [
+                sys.executable,
+                "-m",
+                "kvstore",
+                "serve",
+                "--port",
+                "0",
+                "--ready-file",
+                str(ready),
+                "--grace",
+                "1",
+                "--memory-bytes",
+                str(16 * MiB),
+                "--disk-path",
+                disk_dir,
+                "--disk-bytes",
+                str(disk_bytes),
+                "--fsync",
+                "batch",
+                "--workers",
+                "8",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(ROOT),
+        )
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
@@ -261,40 +317,64 @@ class Phase:
 
     def done(self, fp16: int, **extra: Any) -> dict[str, Any]:
         seconds = time.perf_counter() - self.started
-        return {"seconds": round(seconds, 2), "gbps_fp16": gbps(fp16, seconds), **extra,
-                "client_cpu_s": round(cpu_seconds(os.getpid()) - self.c0, 1),
-                "server_cpu_s": round(cpu_seconds(self.server_pid) - self.s0, 1),
-                "client_peak_rss": longctx.peak_rss_bytes(),
-                "server_peak_rss": longctx.peak_rss_bytes(self.server_pid)}
+        return {
+            "seconds": round(seconds, 2),
+            "gbps_fp16": gbps(fp16, seconds),
+            **extra,
+            "client_cpu_s": round(cpu_seconds(os.getpid()) - self.c0, 1),
+            "server_cpu_s": round(cpu_seconds(self.server_pid) - self.s0, 1),
+            "client_peak_rss": longctx.peak_rss_bytes(),
+            "server_peak_rss": longctx.peak_rss_bytes(self.server_pid),
+        }
 
 
-def _tiling(profile: str, frames: list[list[bytes]], token_ids: list[int], num_chunks: int,
-            n: int) -> tuple[str, list[Any], int, int]:
+def _tiling(
+    profile: str, frames: list[list[bytes]], token_ids: list[int], num_chunks: int, n: int
+) -> tuple[str, list[Any], int, int]:
     """Namespace, chained keys of ``num_chunks`` tiles of ``n`` tokens, their fp16 size and wire size."""
     namespace = f"{TENANT}/{MODEL}/{profile}"
-    ids = (token_ids * math.ceil(num_chunks * n / len(token_ids)))
+    ids = token_ids * math.ceil(num_chunks * n / len(token_ids))
     keys = chunk_keys(ids[: num_chunks * n], namespace, n)
     fp16 = longctx.fp16_bytes(num_chunks * n, NUM_LAYERS, KV_HEADS, HEAD_DIM)
     wire = sum(sum(len(f) for f in frames[c % len(frames)]) for c in range(num_chunks))
     return namespace, keys, fp16, wire
 
 
-def store_run(profile: str, frames: list[list[bytes]], token_ids: list[int], num_chunks: int, work: str,
-              args: argparse.Namespace) -> dict[str, Any]:
+def store_run(
+    profile: str,
+    frames: list[list[bytes]],
+    token_ids: list[int],
+    num_chunks: int,
+    work: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """Write ``num_chunks`` tiles of ``frames`` through a fresh server, read them back cold, layer by layer."""
     n = args.chunk_tokens
     namespace, keys, fp16, wire = _tiling(profile, frames, token_ids, num_chunks, n)
     distinct = len(frames)
     disk_dir = tempfile.mkdtemp(prefix=f"disk-{profile}-", dir=work)
-    out: dict[str, Any] = {"profile": profile, "chunks": num_chunks, "blobs": num_chunks * NUM_LAYERS,
-                           "fp16_bytes": fp16, "wire_bytes": wire}
+    out: dict[str, Any] = {
+        "profile": profile,
+        "chunks": num_chunks,
+        "blobs": num_chunks * NUM_LAYERS,
+        "fp16_bytes": fp16,
+        "wire_bytes": wire,
+    }
     try:
-        with server_process(disk_dir, max(2 * wire, 1 * GiB), work) as (target, proc), \
-                KVClient(target, timeout_s=60, stream_timeout_s=3600) as client:
+        with (
+            server_process(disk_dir, max(2 * wire, 1 * GiB), work) as (target, proc),
+            KVClient(target, timeout_s=60, stream_timeout_s=3600) as client,
+        ):
             client.wait_ready(30)
             phase = Phase(proc.pid)
-            result = longctx.offload_frames(client, namespace, keys, (frames[c % distinct] for c in range(num_chunks)),
-                                            batch_bytes=args.batch_mib * MiB, parallel=args.parallel)
+            result = longctx.offload_frames(
+                client,
+                namespace,
+                keys,
+                (frames[c % distinct] for c in range(num_chunks)),
+                batch_bytes=args.batch_mib * MiB,
+                parallel=args.parallel,
+            )
             out["write"] = phase.done(fp16, put_streams=result.num_requests)
             out["write"]["gbps_wire"] = gbps(result.bytes_stored, out["write"]["seconds"])
             if result.num_blobs != num_chunks * NUM_LAYERS:
@@ -305,8 +385,9 @@ def store_run(profile: str, frames: list[list[bytes]], token_ids: list[int], num
             out["segments"] = len(list(Path(disk_dir).glob("*.seg")))
             phase = Phase(proc.pid)
             mismatches = read = 0
-            for window in longctx.stream_layers(client, namespace, keys, 0, NUM_LAYERS,
-                                                window_keys=args.window_keys, prefetch=args.prefetch):
+            for window in longctx.stream_layers(
+                client, namespace, keys, 0, NUM_LAYERS, window_keys=args.window_keys, prefetch=args.prefetch
+            ):
                 for j, blob in enumerate(window.blobs):
                     read += len(blob)
                     if blob != frames[(window.first_chunk + j) % distinct][window.layer]:
@@ -320,8 +401,15 @@ def store_run(profile: str, frames: list[list[bytes]], token_ids: list[int], num
     return out
 
 
-def end_to_end_run(profile: str, chunks: list[list[tuple[Any, Any]]], frames: list[list[bytes]],
-                   token_ids: list[int], num_chunks: int, work: str, args: argparse.Namespace) -> dict[str, Any]:
+def end_to_end_run(
+    profile: str,
+    chunks: list[list[tuple[Any, Any]]],
+    frames: list[list[bytes]],
+    token_ids: list[int],
+    num_chunks: int,
+    work: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """The product path: every tile encoded on the way in (codec threads), every blob decoded on the way out.
 
     Writes with :func:`longctx.offload_context` and reads with
@@ -338,13 +426,22 @@ def end_to_end_run(profile: str, chunks: list[list[tuple[Any, Any]]], frames: li
     disk_dir = tempfile.mkdtemp(prefix=f"e2e-{profile}-", dir=work)
     out: dict[str, Any] = {"profile": profile, "chunks": num_chunks, "fp16_bytes": fp16}
     try:
-        with server_process(disk_dir, max(2 * wire, 1 * GiB), work) as (target, proc), \
-                KVClient(target, timeout_s=60, stream_timeout_s=3600) as client:
+        with (
+            server_process(disk_dir, max(2 * wire, 1 * GiB), work) as (target, proc),
+            KVClient(target, timeout_s=60, stream_timeout_s=3600) as client,
+        ):
             client.wait_ready(30)
             phase = Phase(proc.pid)
-            result = longctx.offload_context(client, namespace, keys, (chunks[c % distinct] for c in range(num_chunks)),
-                                             profile=profile, chunk_tokens=n, batch_bytes=args.batch_mib * MiB,
-                                             parallel=args.parallel)
+            result = longctx.offload_context(
+                client,
+                namespace,
+                keys,
+                (chunks[c % distinct] for c in range(num_chunks)),
+                profile=profile,
+                chunk_tokens=n,
+                batch_bytes=args.batch_mib * MiB,
+                parallel=args.parallel,
+            )
             out["write"] = phase.done(fp16)
             if result.num_blobs != num_chunks * NUM_LAYERS:
                 raise RuntimeError(f"stored {result.num_blobs} blobs, expected {num_chunks * NUM_LAYERS}")
@@ -352,18 +449,32 @@ def end_to_end_run(profile: str, chunks: list[list[tuple[Any, Any]]], frames: li
             # what each tile must decode to: the writer encoded tile c at token offset c * n, so only the
             # context's first chunk has attention sinks; every later tile encodes like the offset-n one
             first = [decode_layer(f) for f in frames[0]]
-            later = [[decode_layer(encode_layer(k, v, profile, token_offset=n)) for k, v in chunk] for chunk in chunks]
+            later = [
+                [decode_layer(encode_layer(k, v, profile, token_offset=n)) for k, v in chunk]
+                for chunk in chunks
+            ]
 
             def expected_at(c: int, layer: int) -> tuple[Any, Any]:
                 return first[layer] if c == 0 else later[c % distinct][layer]
 
             phase = Phase(proc.pid)
             bad = 0
-            for layer, k, v in longctx.read_layers(client, namespace, keys, 0, NUM_LAYERS, chunk_tokens=n,
-                                                   window_keys=args.window_keys, prefetch=args.prefetch):
+            for layer, k, v in longctx.read_layers(
+                client,
+                namespace,
+                keys,
+                0,
+                NUM_LAYERS,
+                chunk_tokens=n,
+                window_keys=args.window_keys,
+                prefetch=args.prefetch,
+            ):
                 for c in range(0, num_chunks, max(1, num_chunks // 64)):  # 64 spot checks per layer
                     ek, ev = expected_at(c, layer)
-                    if not (torch.equal(k[:, c * n:(c + 1) * n], ek) and torch.equal(v[:, c * n:(c + 1) * n], ev)):
+                    if not (
+                        torch.equal(k[:, c * n : (c + 1) * n], ek)
+                        and torch.equal(v[:, c * n : (c + 1) * n], ev)
+                    ):
                         bad += 1
                         break
                 del k, v
@@ -378,23 +489,39 @@ def end_to_end_run(profile: str, chunks: list[list[tuple[Any, Any]]], frames: li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=1_000_000, help="context length (rounded up to full chunks)")
+    parser.add_argument(
+        "--tokens", type=int, default=1_000_000, help="context length (rounded up to full chunks)"
+    )
     parser.add_argument("--quick", action="store_true", help="32k tokens, small baseline (under a minute)")
-    parser.add_argument("--profiles", default="lossless,balanced",
-                        help="codec profiles, comma-separated; 'raw' = sealed fp16 without the codec")
+    parser.add_argument(
+        "--profiles",
+        default="lossless,balanced",
+        help="codec profiles, comma-separated; 'raw' = sealed fp16 without the codec",
+    )
     parser.add_argument("--distinct-tokens", type=int, default=1024, help="tokens the model actually runs on")
-    parser.add_argument("--baseline-bytes", type=int, default=4 * GiB, help="size of the raw disk baseline file")
+    parser.add_argument(
+        "--baseline-bytes", type=int, default=4 * GiB, help="size of the raw disk baseline file"
+    )
     parser.add_argument("--batch-mib", type=int, default=32, help="bytes per Put stream (MiB)")
     parser.add_argument("--parallel", type=int, default=2, help="Put streams in flight")
     parser.add_argument("--window-keys", type=int, default=128, help="chunks per Get window")
     parser.add_argument("--prefetch", type=int, default=2, help="Get windows in flight ahead of the reader")
-    parser.add_argument("--chunk-tokens", type=int, default=1024,
-                        help="tokens per stored chunk (one blob per chunk and layer); the store's prefix-reuse "
-                             f"default is {DEFAULT_CHUNK_TOKENS}, a parked long context does better with fewer, "
-                             "larger blobs")
-    parser.add_argument("--end-to-end", action="store_true",
-                        help="also time the product path: encode on the way in, decode on the way out")
-    parser.add_argument("--workdir", default=None, help="where the disk tier goes (default: a temp dir in /tmp)")
+    parser.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=1024,
+        help="tokens per stored chunk (one blob per chunk and layer); the store's prefix-reuse "
+        f"default is {DEFAULT_CHUNK_TOKENS}, a parked long context does better with fewer, "
+        "larger blobs",
+    )
+    parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="also time the product path: encode on the way in, decode on the way out",
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="where the disk tier goes (default: a temp dir in /tmp)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens = min(args.tokens, 32768)
@@ -410,20 +537,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         free = shutil.disk_usage(work).free
         if free < fp16 * 1.1 + args.baseline_bytes:
-            raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, the run needs up to {fp16 * 1.1 / 1e9:.1f} GB")
+            raise SystemExit(
+                f"{work}: {free / 1e9:.1f} GB free, the run needs up to {fp16 * 1.1 / 1e9:.1f} GB"
+            )
         started = time.perf_counter()
         token_ids, chunks, kv_source = real_kv(args.distinct_tokens, args.chunk_tokens)
         prepared = time.perf_counter()
         report: dict[str, Any] = {
-            "tokens": num_chunks * args.chunk_tokens, "chunks": num_chunks, "chunk_tokens": args.chunk_tokens,
+            "tokens": num_chunks * args.chunk_tokens,
+            "chunks": num_chunks,
+            "chunk_tokens": args.chunk_tokens,
             "shape": {"layers": NUM_LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM},
-            "fp16_bytes": fp16, "distinct_chunks": len(chunks), "kv_source": kv_source,
-            "frames_reused": True, "cpus": os.cpu_count(),
-            "load_avg_at_start": os.getloadavg()[0], "workdir": work,
+            "fp16_bytes": fp16,
+            "distinct_chunks": len(chunks),
+            "kv_source": kv_source,
+            "frames_reused": True,
+            "cpus": os.cpu_count(),
+            "load_avg_at_start": os.getloadavg()[0],
+            "workdir": work,
             "settings": {k: getattr(args, k) for k in ("batch_mib", "parallel", "window_keys", "prefetch")},
             "codec_threads": codec_threads(),
             "disk_baseline": disk_baseline(work, min(args.baseline_bytes, fp16)),
-            "codec": {}, "store": {},
+            "codec": {},
+            "store": {},
             "client_peak_rss_before_store": longctx.peak_rss_bytes(),  # model load + forward, codec imports
         }
         for profile in profiles:
@@ -433,8 +569,9 @@ def main(argv: list[str] | None = None) -> int:
                 frames, report["codec"][profile] = codec_frames(chunks, profile, args.chunk_tokens)
             report["store"][profile] = store_run(profile, frames, token_ids, num_chunks, work, args)
             if args.end_to_end and profile != "raw":
-                report.setdefault("end_to_end", {})[profile] = end_to_end_run(profile, chunks, frames, token_ids,
-                                                                             num_chunks, work, args)
+                report.setdefault("end_to_end", {})[profile] = end_to_end_run(
+                    profile, chunks, frames, token_ids, num_chunks, work, args
+                )
             del frames
             gc.collect()
         base = report["disk_baseline"]
@@ -453,19 +590,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parts = [f"offload {report['tokens']:,} tokens ({fp16 / 1e9:.1f} GB fp16)"]
     for profile, s in report["store"].items():
-        parts.append(f"{profile}: write {s['write']['gbps_fp16']} / read {s['read']['gbps_fp16']} GB/s fp16-eq "
-                     f"(wire {s['write']['gbps_wire']} / {s['read']['gbps_wire']} GB/s, "
-                     f"{s['bytes_on_disk'] / 1e9:.2f} GB on disk, peak RSS client "
-                     f"{max(s['write']['client_peak_rss'], s['read']['client_peak_rss']) >> 20} MiB / server "
-                     f"{max(s['write']['server_peak_rss'], s['read']['server_peak_rss']) >> 20} MiB)")
-    parts.append(f"raw disk: write+fsync {base['write_fsync_gbps']} / read {base['read_gbps']} GB/s "
-                 f"({base['read_mode']})")
+        parts.append(
+            f"{profile}: write {s['write']['gbps_fp16']} / read {s['read']['gbps_fp16']} GB/s fp16-eq "
+            f"(wire {s['write']['gbps_wire']} / {s['read']['gbps_wire']} GB/s, "
+            f"{s['bytes_on_disk'] / 1e9:.2f} GB on disk, peak RSS client "
+            f"{max(s['write']['client_peak_rss'], s['read']['client_peak_rss']) >> 20} MiB / server "
+            f"{max(s['write']['server_peak_rss'], s['read']['server_peak_rss']) >> 20} MiB)"
+        )
+    parts.append(
+        f"raw disk: write+fsync {base['write_fsync_gbps']} / read {base['read_gbps']} GB/s "
+        f"({base['read_mode']})"
+    )
     print("; ".join(parts))
     for profile, e in report.get("end_to_end", {}).items():
-        print(f"end-to-end {profile} (encode + store + decode): write {e['write']['gbps_fp16']} / read "
-              f"{e['read']['gbps_fp16']} GB/s fp16-eq, peak RSS client "
-              f"{max(e['write']['client_peak_rss'], e['read']['client_peak_rss']) >> 20} MiB / server "
-              f"{max(e['write']['server_peak_rss'], e['read']['server_peak_rss']) >> 20} MiB")
+        print(
+            f"end-to-end {profile} (encode + store + decode): write {e['write']['gbps_fp16']} / read "
+            f"{e['read']['gbps_fp16']} GB/s fp16-eq, peak RSS client "
+            f"{max(e['write']['client_peak_rss'], e['read']['client_peak_rss']) >> 20} MiB / server "
+            f"{max(e['write']['server_peak_rss'], e['read']['server_peak_rss']) >> 20} MiB"
+        )
     bad = [p for p, s in report["store"].items() if s["read"]["mismatched_blobs"]]
     bad += [p for p, e in report.get("end_to_end", {}).items() if e["read"]["mismatched_layers"]]
     return 1 if bad else 0

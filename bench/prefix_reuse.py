@@ -52,9 +52,26 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     log_path = workdir / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--no-disk", "--memory-bytes", "2GiB",
-             "--ready-file", str(ready), "--grace", "0", "--log-level", "WARNING"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+            [
+                sys.executable,
+                "-m",
+                "kvstore",
+                "serve",
+                "--port",
+                "0",
+                "--no-disk",
+                "--memory-bytes",
+                "2GiB",
+                "--ready-file",
+                str(ready),
+                "--grace",
+                "0",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(ROOT),
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
     deadline = time.monotonic() + 60
@@ -85,10 +102,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profiles", default="lossless", help="comma-separated codec profiles")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     p.add_argument("--model", help="local HF model directory (default: bundled SmolLM2)")
-    p.add_argument("--quick", action="store_true", help="512-token prompt, 448-token prefix, chunks of 64, once")
-    p.add_argument("--handoff", action="store_true",
-                   help="also compare decode picking the prompt up from the store vs from per-layer Ray object "
-                        "refs handed over by prefill (starts a local Ray with one prefill and one decode actor)")
+    p.add_argument(
+        "--quick", action="store_true", help="512-token prompt, 448-token prefix, chunks of 64, once"
+    )
+    p.add_argument(
+        "--handoff",
+        action="store_true",
+        help="also compare decode picking the prompt up from the store vs from per-layer Ray object "
+        "refs handed over by prefill (starts a local Ray with one prefill and one decode actor)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.prompt_tokens, args.prefix_tokens, args.chunk_tokens, args.repeats = 512, 448, 64, 1
@@ -100,13 +122,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def measure(worker: PrefillWorker, request: PrefillRequest) -> dict[str, Any]:
     h = worker.prefill(request)
-    return {"ttft_s": h.timings["ttft_s"], "lookup_s": h.timings["lookup_s"], "compute_s": h.timings["compute_s"],
-            "cached_tokens": h.num_cached_tokens, "prefilled_tokens": h.num_prefilled_tokens,
-            "first_token": h.first_token}
+    return {
+        "ttft_s": h.timings["ttft_s"],
+        "lookup_s": h.timings["lookup_s"],
+        "compute_s": h.timings["compute_s"],
+        "cached_tokens": h.num_cached_tokens,
+        "prefilled_tokens": h.num_prefilled_tokens,
+        "first_token": h.first_token,
+    }
 
 
 def run_profile(args: argparse.Namespace, target: str, runner: ModelRunner, profile: str) -> dict[str, Any]:
-    common = {"store_target": target, "profile": profile, "tenant": "bench", "chunk_tokens": args.chunk_tokens}
+    common = {
+        "store_target": target,
+        "profile": profile,
+        "tenant": "bench",
+        "chunk_tokens": args.chunk_tokens,
+    }
     layerwise = PrefillWorker(WorkerConfig(**common, layerwise=True), runner=runner)
     fetch_all = PrefillWorker(WorkerConfig(**common, layerwise=False), runner=runner)
     suffix = args.prompt_tokens - args.prefix_tokens
@@ -154,8 +186,15 @@ def run_handoff(args: argparse.Namespace, target: str, runner: ModelRunner) -> d
     from workers.pipeline import Pipeline, init_ray, shutdown_ray
 
     init_ray(num_cpus=2)
-    pipe = Pipeline(WorkerConfig(store_target=target, profile=args.profiles[0], tenant="bench-handoff",
-                                 chunk_tokens=args.chunk_tokens, num_threads=args.threads))
+    pipe = Pipeline(
+        WorkerConfig(
+            store_target=target,
+            profile=args.profiles[0],
+            tenant="bench-handoff",
+            chunk_tokens=args.chunk_tokens,
+            num_threads=args.threads,
+        )
+    )
     try:
         pipe.wait_ready()
         prompt = tuple(text_ids(runner, args.prompt_tokens))
@@ -164,15 +203,21 @@ def run_handoff(args: argparse.Namespace, target: str, runner: ModelRunner) -> d
         tokens: dict[str, set[tuple[int, ...]]] = {"store": set(), "handoff": set()}
         for i in range(args.repeats):
             for name in runs:
-                r = pipe.generate(PrefillRequest(f"{name}-{i}", prompt, store=False), 2,
-                                  handoff=name == "handoff")
+                r = pipe.generate(
+                    PrefillRequest(f"{name}-{i}", prompt, store=False), 2, handoff=name == "handoff"
+                )
                 runs[name].append((r.summary.timings["restore_s"], r.latency_s))
                 tokens[name].add(tuple(r.summary.tokens))
     finally:
         pipe.shutdown()
         shutdown_ray()
-    out: dict[str, Any] = {name: {"restore_s": statistics.median(x for x, _ in v),
-                                  "request_s": statistics.median(y for _, y in v)} for name, v in runs.items()}
+    out: dict[str, Any] = {
+        name: {
+            "restore_s": statistics.median(x for x, _ in v),
+            "request_s": statistics.median(y for _, y in v),
+        }
+        for name, v in runs.items()
+    }
     out["handoff_over_store_restore"] = out["handoff"]["restore_s"] / out["store"]["restore_s"]
     out["same_tokens"] = tokens["store"] == tokens["handoff"]
     return out
@@ -195,22 +240,32 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     report = {
         "benchmark": "prefix_reuse",
-        "config": {"prompt_tokens": args.prompt_tokens, "prefix_tokens": args.prefix_tokens,
-                   "chunk_tokens": args.chunk_tokens, "repeats": args.repeats, "threads": args.threads,
-                   "model": runner.fingerprint, "quick": args.quick},
+        "config": {
+            "prompt_tokens": args.prompt_tokens,
+            "prefix_tokens": args.prefix_tokens,
+            "chunk_tokens": args.chunk_tokens,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "model": runner.fingerprint,
+            "quick": args.quick,
+        },
         "goal": f"hit TTFT <= {GOAL} x recompute",
         "profiles": results,
     }
     if handoff is not None:
         report["handoff"] = handoff
     print(json.dumps(report, indent=2))
-    parts = [f"{p}: hit {r['hit']['ttft_s']:.2f}s vs recompute {r['recompute']['ttft_s']:.2f}s = "
-             f"{r['hit_over_recompute']:.3f}x (fetch-all {r['hit_fetch_all_over_recompute']:.3f}x), "
-             f"first token {'same' if r['first_token_equal'] else 'DIFFERS'}, goal {'met' if r['goal_met'] else 'MISSED'}"
-             for p, r in results.items()]
+    parts = [
+        f"{p}: hit {r['hit']['ttft_s']:.2f}s vs recompute {r['recompute']['ttft_s']:.2f}s = "
+        f"{r['hit_over_recompute']:.3f}x (fetch-all {r['hit_fetch_all_over_recompute']:.3f}x), "
+        f"first token {'same' if r['first_token_equal'] else 'DIFFERS'}, goal {'met' if r['goal_met'] else 'MISSED'}"
+        for p, r in results.items()
+    ]
     if handoff is not None:
-        parts.append(f"decode restore via object refs {handoff['handoff']['restore_s']:.2f}s vs store "
-                     f"{handoff['store']['restore_s']:.2f}s = {handoff['handoff_over_store_restore']:.2f}x")
+        parts.append(
+            f"decode restore via object refs {handoff['handoff']['restore_s']:.2f}s vs store "
+            f"{handoff['store']['restore_s']:.2f}s = {handoff['handoff_over_store_restore']:.2f}x"
+        )
     print(f"prefix_reuse {args.prompt_tokens} tokens ({args.prefix_tokens} shared): " + "; ".join(parts))
     return 0
 

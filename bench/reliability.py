@@ -70,8 +70,17 @@ SERVICE = "/kvstore.v1.KVStore/"
 C = grpc.StatusCode
 #: Statuses a server chooses on purpose. UNKNOWN, INTERNAL (a bug or an unhandled
 #: exception), UNAVAILABLE and DEADLINE_EXCEEDED (server down or hung) never count as precise.
-PRECISE = frozenset({C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.RESOURCE_EXHAUSTED, C.DATA_LOSS,
-                     C.PERMISSION_DENIED, C.UNAUTHENTICATED})
+PRECISE = frozenset(
+    {
+        C.OK,
+        C.INVALID_ARGUMENT,
+        C.NOT_FOUND,
+        C.RESOURCE_EXHAUSTED,
+        C.DATA_LOSS,
+        C.PERMISSION_DENIED,
+        C.UNAUTHENTICATED,
+    }
+)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -112,11 +121,33 @@ class Case:
     metadata: tuple[tuple[str, str], ...] | None = None  # None: the valid token's
 
 
-_REQUEST_TYPES = {"Lookup": pb.LookupRequest, "Put": pb.PutRequest, "Get": pb.GetRequest,
-                  "Delete": pb.DeleteRequest, "Stats": pb.StatsRequest}
-_BAD_NAMESPACES = ["", "a", "a/b", "a/b/c/d", "/m/p", "t//p", "t/m/", "../../etc/passwd", "t/m/p\x00",
-                   "tén/m/p", "t m/m/p", "t/m/p\n", "*/*/*", "t/m/" + "p" * 65, "t" * 65 + "/m/p",
-                   "t/" + "m" * 129 + "/p", "t\\m\\p", "%2e%2e/m/p"]
+_REQUEST_TYPES = {
+    "Lookup": pb.LookupRequest,
+    "Put": pb.PutRequest,
+    "Get": pb.GetRequest,
+    "Delete": pb.DeleteRequest,
+    "Stats": pb.StatsRequest,
+}
+_BAD_NAMESPACES = [
+    "",
+    "a",
+    "a/b",
+    "a/b/c/d",
+    "/m/p",
+    "t//p",
+    "t/m/",
+    "../../etc/passwd",
+    "t/m/p\x00",
+    "tén/m/p",
+    "t m/m/p",
+    "t/m/p\n",
+    "*/*/*",
+    "t/m/" + "p" * 65,
+    "t" * 65 + "/m/p",
+    "t/" + "m" * 129 + "/p",
+    "t\\m\\p",
+    "%2e%2e/m/p",
+]
 
 
 def _bad_namespace(rng: random.Random) -> str:
@@ -124,7 +155,9 @@ def _bad_namespace(rng: random.Random) -> str:
         return rng.choice(_BAD_NAMESPACES)
     alphabet = "ab/\x00\xff \t.:-_%*?\u2603\ud7ff"
     text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
-    return text if text.count("/") != 2 or any(c in text for c in " \x00\xff\t%*?\u2603\ud7ff") else text + "/"
+    return (
+        text if text.count("/") != 2 or any(c in text for c in " \x00\xff\t%*?\u2603\ud7ff") else text + "/"
+    )
 
 
 def _bad_key(rng: random.Random) -> bytes:
@@ -136,7 +169,9 @@ def _bad_key(rng: random.Random) -> bytes:
 
 def _huge(rng: random.Random, floor: int) -> int:
     top = (1 << 32) - 1
-    return min(top, rng.choice([floor, floor + 1, rng.randint(floor, max(floor, 1 << 20)), (1 << 31) - 1, top]))
+    return min(
+        top, rng.choice([floor, floor + 1, rng.randint(floor, max(floor, 1 << 20)), (1 << 31) - 1, top])
+    )
 
 
 class FuzzGenerator:
@@ -146,8 +181,15 @@ class FuzzGenerator:
     ``stored`` are (key, num_layers) chunks present in ``namespace``.
     """
 
-    def __init__(self, rng: random.Random, limits: Limits, namespace: str, foreign: str | None,
-                 stored: Sequence[tuple[bytes, int]], auth: bool) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        limits: Limits,
+        namespace: str,
+        foreign: str | None,
+        stored: Sequence[tuple[bytes, int]],
+        auth: bool,
+    ) -> None:
         self.rng = rng
         self.limits = limits
         self.ns = namespace
@@ -155,11 +197,25 @@ class FuzzGenerator:
         self.stored = list(stored)
         self.auth = auth
         self.makers: list[Callable[[], Case]] = [
-            self.lookup_bad_namespace, self.lookup_bad_keys, self.lookup_layers, self.lookup_too_many_keys,
-            self.put_bad_blob, self.put_bad_layer, self.put_bad_key, self.put_oversize_blob,
-            self.put_oversize_message, self.put_empty, self.put_poisoned_stream, self.get_bad_range,
-            self.get_missing, self.get_present, self.get_no_keys, self.delete_bad, self.raw_random,
-            self.raw_mutated, self.unknown_fields,
+            self.lookup_bad_namespace,
+            self.lookup_bad_keys,
+            self.lookup_layers,
+            self.lookup_too_many_keys,
+            self.put_bad_blob,
+            self.put_bad_layer,
+            self.put_bad_key,
+            self.put_oversize_blob,
+            self.put_oversize_message,
+            self.put_empty,
+            self.put_poisoned_stream,
+            self.get_bad_range,
+            self.get_missing,
+            self.get_present,
+            self.get_no_keys,
+            self.delete_bad,
+            self.raw_random,
+            self.raw_mutated,
+            self.unknown_fields,
         ]
         if foreign:
             self.makers.append(self.foreign_namespace)
@@ -203,17 +259,23 @@ class FuzzGenerator:
     def lookup_too_many_keys(self) -> Case:
         n = self.limits.max_keys_per_request + self.rng.randint(1, 64)
         req = pb.LookupRequest(namespace=self.ns, keys=[self.key() for _ in range(n)], num_layers=1)
-        return Case("lookup_too_many_keys", "Lookup", req, frozenset({C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED}))
+        return Case(
+            "lookup_too_many_keys", "Lookup", req, frozenset({C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED})
+        )
 
     def put_bad_blob(self) -> Case:
         blob = self.rng.randbytes(self.rng.choice([0, 1, 7, 8, 9, self.rng.randint(10, 4096)]))
         if integrity.is_intact(blob):  # astronomically unlikely; keep the expectation exact
             blob = blob[:-1] + bytes([blob[-1] ^ 1])
-        return Case("put_bad_checksum", "Put", [self.put(blob=blob)], frozenset({C.DATA_LOSS, C.INVALID_ARGUMENT}))
+        return Case(
+            "put_bad_checksum", "Put", [self.put(blob=blob)], frozenset({C.DATA_LOSS, C.INVALID_ARGUMENT})
+        )
 
     def put_bad_layer(self) -> Case:
         rng = self.rng
-        num_layers = rng.choice([0, rng.randint(1, self.limits.max_layers), _huge(rng, self.limits.max_layers + 1)])
+        num_layers = rng.choice(
+            [0, rng.randint(1, self.limits.max_layers), _huge(rng, self.limits.max_layers + 1)]
+        )
         layer = rng.choice([num_layers, _huge(rng, max(num_layers, 1))])
         req = self.put(layer=layer, num_layers=num_layers)
         return Case("put_bad_layer", "Put", [req], frozenset({C.INVALID_ARGUMENT}))
@@ -256,9 +318,15 @@ class FuzzGenerator:
     def get_present(self) -> Case:
         key, num_layers = self.rng.choice(self.stored)
         end = self.rng.randint(1, self.limits.max_layers)
-        req = pb.GetRequest(namespace=self.ns, keys=[key], layer_start=self.rng.randint(0, end - 1), layer_end=end)
-        return Case("get_present_any_range", "Get", req,
-                    frozenset({C.OK} if end <= num_layers else {C.OK, C.NOT_FOUND}))
+        req = pb.GetRequest(
+            namespace=self.ns, keys=[key], layer_start=self.rng.randint(0, end - 1), layer_end=end
+        )
+        return Case(
+            "get_present_any_range",
+            "Get",
+            req,
+            frozenset({C.OK} if end <= num_layers else {C.OK, C.NOT_FOUND}),
+        )
 
     def get_no_keys(self) -> Case:
         req = pb.GetRequest(namespace=self.ns, keys=[], layer_start=0, layer_end=1)
@@ -284,14 +352,16 @@ class FuzzGenerator:
 
     def bad_token(self) -> Case:
         rng = self.rng
-        metadata: tuple[tuple[str, str], ...] = rng.choice([
-            (),
-            (("authorization", "Bearer " + rng.randbytes(16).hex()),),
-            (("authorization", "Basic " + rng.randbytes(8).hex()),),
-            (("authorization", "Bearer"),),
-            (("authorization", "bearer  "),),
-            (("x-other", "Bearer nothing"),),
-        ])
+        metadata: tuple[tuple[str, str], ...] = rng.choice(
+            [
+                (),
+                (("authorization", "Bearer " + rng.randbytes(16).hex()),),
+                (("authorization", "Basic " + rng.randbytes(8).hex()),),
+                (("authorization", "Bearer"),),
+                (("authorization", "bearer  "),),
+                (("x-other", "Bearer nothing"),),
+            ]
+        )
         if rng.random() < 0.5:
             method, req = "Lookup", pb.LookupRequest(namespace=self.ns, keys=[self.key()], num_layers=1)
         else:
@@ -318,7 +388,7 @@ class FuzzGenerator:
             if op == 0 and raw:
                 raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
             elif op == 1 and raw:
-                del raw[rng.randrange(len(raw)):]
+                del raw[rng.randrange(len(raw)) :]
             else:
                 raw += rng.randbytes(rng.randint(1, 16))
         return self._raw_case("raw_mutated_message", method, bytes(raw))
@@ -401,32 +471,57 @@ def roundtrip_ok(target: str, namespace: str, token: str | None, credentials: An
         md = bearer_metadata(token) if token else None
         key, blob = os.urandom(KEY_BYTES), integrity.seal(os.urandom(1000))
         try:
-            stub.Put(committed([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
-                     timeout=10, metadata=md)
-            got = list(stub.Get(pb.GetRequest(namespace=namespace, keys=[key], layer_start=0, layer_end=1),
-                                timeout=10, metadata=md))
+            stub.Put(
+                committed([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
+                timeout=10,
+                metadata=md,
+            )
+            got = list(
+                stub.Get(
+                    pb.GetRequest(namespace=namespace, keys=[key], layer_start=0, layer_end=1),
+                    timeout=10,
+                    metadata=md,
+                )
+            )
         except grpc.RpcError:
             return False
         return len(got) == 1 and got[0].blob == blob
 
 
-def seed_chunks(target: str, namespace: str, token: str | None, count: int = 8,
-                num_layers: int = 4) -> list[tuple[bytes, int]]:
+def seed_chunks(
+    target: str, namespace: str, token: str | None, count: int = 8, num_layers: int = 4
+) -> list[tuple[bytes, int]]:
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.KVStoreStub(channel)
         out = []
         for _ in range(count):
             key = os.urandom(KEY_BYTES)
-            reqs = [pb.PutRequest(namespace=namespace, key=key, layer=i, num_layers=num_layers,
-                                  blob=integrity.seal(os.urandom(512))) for i in range(num_layers)]
+            reqs = [
+                pb.PutRequest(
+                    namespace=namespace,
+                    key=key,
+                    layer=i,
+                    num_layers=num_layers,
+                    blob=integrity.seal(os.urandom(512)),
+                )
+                for i in range(num_layers)
+            ]
             stub.Put(committed(reqs), timeout=10, metadata=bearer_metadata(token) if token else None)
             out.append((key, num_layers))
         return out
 
 
-def run_fuzz(target: str, n: int, *, seed: int = 0, token: str | None = None, limits: Limits = Limits(),
-             namespace: str = "fuzz/model/profile", foreign: str | None = "other/model/profile",
-             alive: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+def run_fuzz(
+    target: str,
+    n: int,
+    *,
+    seed: int = 0,
+    token: str | None = None,
+    limits: Limits = Limits(),
+    namespace: str = "fuzz/model/profile",
+    foreign: str | None = "other/model/profile",
+    alive: Callable[[], bool] = lambda: True,
+) -> dict[str, Any]:
     """Send ``n`` fuzz cases; returns counts, violations and whether the server survived."""
     rng = random.Random(seed)
     stored = seed_chunks(target, namespace, token)
@@ -451,9 +546,15 @@ def run_fuzz(target: str, n: int, *, seed: int = 0, token: str | None = None, li
             if code not in case.expect:
                 violation_kinds[f"{case.label} {case.method} -> {code.name}"] += 1
                 if len(violations) < 10:
-                    violations.append({"case": case.label, "method": case.method, "code": code.name,
-                                       "expected": ",".join(sorted(c.name for c in case.expect)),
-                                       "details": details[:200]})
+                    violations.append(
+                        {
+                            "case": case.label,
+                            "method": case.method,
+                            "code": code.name,
+                            "expected": ",".join(sorted(c.name for c in case.expect)),
+                            "details": details[:200],
+                        }
+                    )
     elapsed = time.perf_counter() - started
     survived = alive()
     return {
@@ -477,9 +578,14 @@ def fuzz_server_args(workdir: Path, limits: Limits, token: str, tenant: str) -> 
     import yaml
 
     config = {
-        "server": {"max_blob_bytes": limits.max_blob_bytes, "max_message_bytes": limits.max_message_bytes,
-                   "max_keys_per_request": limits.max_keys_per_request, "max_layers": limits.max_layers,
-                   "workers": 8, "max_put_stream_bytes": limits.max_message_bytes * 4},
+        "server": {
+            "max_blob_bytes": limits.max_blob_bytes,
+            "max_message_bytes": limits.max_message_bytes,
+            "max_keys_per_request": limits.max_keys_per_request,
+            "max_layers": limits.max_layers,
+            "workers": 8,
+            "max_put_stream_bytes": limits.max_message_bytes * 4,
+        },
         "memory": {"max_bytes": 64 << 20},
         "disk": {"enabled": True, "path": str(workdir / "disk"), "fsync": "never"},
         "auth": {"tokens": {token: tenant, "other-token": "other"}},
@@ -601,17 +707,35 @@ class FlipReport:
     baseline_wrong: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"flips": self.flips, "reads": self.reads, "corrupt_served": self.corrupt_served,
-                "repaired": self.repaired, "lost": self.lost,
-                "unrepaired_with_intact_copy": self.unavailable_after_repair,
-                "other_status": dict(self.other_status), "flips_by_tier": dict(self.by_tier),
-                "baseline_reads": self.baseline_reads, "baseline_wrong": self.baseline_wrong}
+        return {
+            "flips": self.flips,
+            "reads": self.reads,
+            "corrupt_served": self.corrupt_served,
+            "repaired": self.repaired,
+            "lost": self.lost,
+            "unrepaired_with_intact_copy": self.unavailable_after_repair,
+            "other_status": dict(self.other_status),
+            "flips_by_tier": dict(self.by_tier),
+            "baseline_reads": self.baseline_reads,
+            "baseline_wrong": self.baseline_wrong,
+        }
 
 
-def run_bitflips(target: str, store: Any, corruptor: TierCorruptor, flips: int, *, seed: int = 0,
-                 namespace: str = "flips/model/profile", num_keys: int = 64, num_layers: int = 2,
-                 blob_bytes: int = 2048, batch: int = 32, all_copies_p: float = 0.25,
-                 tier_weights: dict[str, float] | None = None) -> FlipReport:
+def run_bitflips(
+    target: str,
+    store: Any,
+    corruptor: TierCorruptor,
+    flips: int,
+    *,
+    seed: int = 0,
+    namespace: str = "flips/model/profile",
+    num_keys: int = 64,
+    num_layers: int = 2,
+    blob_bytes: int = 2048,
+    batch: int = 32,
+    all_copies_p: float = 0.25,
+    tier_weights: dict[str, float] | None = None,
+) -> FlipReport:
     """Store blobs in every tier, corrupt copies at random, read each back over gRPC.
 
     Each round picks ``batch`` chunks and one layer of each; for each, a tier T
@@ -629,15 +753,30 @@ def run_bitflips(target: str, store: Any, corruptor: TierCorruptor, flips: int, 
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.KVStoreStub(channel)
         chunks = [os.urandom(KEY_BYTES) for _ in range(num_keys)]
-        truth = {(c, layer): integrity.seal(os.urandom(blob_bytes)) for c in chunks for layer in range(num_layers)}
+        truth = {
+            (c, layer): integrity.seal(os.urandom(blob_bytes)) for c in chunks for layer in range(num_layers)
+        }
 
         def read(c: bytes, layer: int) -> tuple[grpc.StatusCode, bytes | None]:
-            code, _, got = rpc_code(lambda: list(stub.Get(
-                pb.GetRequest(namespace=namespace, keys=[c], layer_start=layer, layer_end=layer + 1), timeout=30)))
+            code, _, got = rpc_code(
+                lambda: list(
+                    stub.Get(
+                        pb.GetRequest(namespace=namespace, keys=[c], layer_start=layer, layer_end=layer + 1),
+                        timeout=30,
+                    )
+                )
+            )
             return code, (got[0].blob if got else None)
 
-        stub.Put(committed([pb.PutRequest(namespace=namespace, key=c, layer=layer, num_layers=num_layers, blob=b)
-                       for (c, layer), b in truth.items()]), timeout=60)
+        stub.Put(
+            committed(
+                [
+                    pb.PutRequest(namespace=namespace, key=c, layer=layer, num_layers=num_layers, blob=b)
+                    for (c, layer), b in truth.items()
+                ]
+            ),
+            timeout=60,
+        )
         for c, layer in rng.sample(list(truth), min(len(truth), 64)):  # baseline: no flips
             code, blob = read(c, layer)
             report.baseline_reads += 1
@@ -682,14 +821,31 @@ def run_bitflips(target: str, store: Any, corruptor: TierCorruptor, flips: int, 
 # ====================================================================== crash + restart
 
 
-def _put_chunk(stub: Any, namespace: str, key: bytes, blobs: Sequence[bytes], timeout_s: float = 10.0) -> None:
-    stub.Put(committed([pb.PutRequest(namespace=namespace, key=key, layer=i, num_layers=len(blobs), blob=b)
-                   for i, b in enumerate(blobs)]), timeout=timeout_s)
+def _put_chunk(
+    stub: Any, namespace: str, key: bytes, blobs: Sequence[bytes], timeout_s: float = 10.0
+) -> None:
+    stub.Put(
+        committed(
+            [
+                pb.PutRequest(namespace=namespace, key=key, layer=i, num_layers=len(blobs), blob=b)
+                for i, b in enumerate(blobs)
+            ]
+        ),
+        timeout=timeout_s,
+    )
 
 
-def run_crash_restart(start: Callable[[], Any], rounds: int, *, seed: int = 0, writers: int = 2,
-                      layers: int = 4, blob_bytes: int = 4096, kill_after_s: tuple[float, float] = (0.3, 0.8),
-                      namespace: str = "crash/model/profile") -> dict[str, Any]:
+def run_crash_restart(
+    start: Callable[[], Any],
+    rounds: int,
+    *,
+    seed: int = 0,
+    writers: int = 2,
+    layers: int = 4,
+    blob_bytes: int = 4096,
+    kill_after_s: tuple[float, float] = (0.3, 0.8),
+    namespace: str = "crash/model/profile",
+) -> dict[str, Any]:
     """``start()`` returns a fresh ServerProcess on the same disk dir each time.
 
     Writers put chunks (and delete some) until the server is SIGKILLed at a random
@@ -754,19 +910,30 @@ def run_crash_restart(start: Callable[[], Any], rounds: int, *, seed: int = 0, w
             figures["kills"] += 1
     finally:
         server.kill()
-    return {**dict(figures), "acked_chunks_checked": len(acked), "acked_blocks_checked": len(acked) * layers,
-            "restart_s_p50": round(percentile(restart_s, 0.5), 2),
-            "restart_s_max": round(max(restart_s, default=0.0), 2)}
+    return {
+        **dict(figures),
+        "acked_chunks_checked": len(acked),
+        "acked_blocks_checked": len(acked) * layers,
+        "restart_s_p50": round(percentile(restart_s, 0.5), 2),
+        "restart_s_max": round(max(restart_s, default=0.0), 2),
+    }
 
 
-def _verify(target: str, namespace: str, acked: dict[bytes, list[bytes]], deleted: set[bytes],
-            layers: int) -> tuple[int, int, int]:
+def _verify(
+    target: str, namespace: str, acked: dict[bytes, list[bytes]], deleted: set[bytes], layers: int
+) -> tuple[int, int, int]:
     lost = corrupt = resurrected = 0
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.KVStoreStub(channel)
         for key, blobs in acked.items():
-            code, _, got = rpc_code(lambda k=key: list(stub.Get(
-                pb.GetRequest(namespace=namespace, keys=[k], layer_start=0, layer_end=layers), timeout=30)))
+            code, _, got = rpc_code(
+                lambda k=key: list(
+                    stub.Get(
+                        pb.GetRequest(namespace=namespace, keys=[k], layer_start=0, layer_end=layers),
+                        timeout=30,
+                    )
+                )
+            )
             if code is not C.OK:
                 lost += layers if code is C.NOT_FOUND else 0
                 corrupt += layers if code is not C.NOT_FOUND else 0
@@ -783,9 +950,18 @@ def _verify(target: str, namespace: str, acked: dict[bytes, list[bytes]], delete
 # ====================================================================== concurrency
 
 
-def run_concurrency(target: str, clients: int, seconds: float, *, seed: int = 0, token: str | None = None,
-                    namespace: str = "conc/model/profile", layers: int = 4, blob_bytes: int = 16 * 1024,
-                    client_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_concurrency(
+    target: str,
+    clients: int,
+    seconds: float,
+    *,
+    seed: int = 0,
+    token: str | None = None,
+    namespace: str = "conc/model/profile",
+    layers: int = 4,
+    blob_bytes: int = 16 * 1024,
+    client_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """``clients`` threads, each with its own KVClient: put a chunk, look it up, read it back, and
     read a chunk another client wrote; every answer is checked against the bytes put."""
     from transfer.client import KVClient, PutItem
@@ -861,9 +1037,18 @@ def run_concurrency(target: str, clients: int, seconds: float, *, seed: int = 0,
 # ====================================================================== backend kill under load
 
 
-def run_backend_kill(target: str, store: Any, redis_proc: Any, s3_proc: Any, seconds: float, *,
-                     clients: int = 4, seed: int = 0, namespace: str = "kill/model/profile",
-                     blob_bytes: int = 4096) -> dict[str, Any]:
+def run_backend_kill(
+    target: str,
+    store: Any,
+    redis_proc: Any,
+    s3_proc: Any,
+    seconds: float,
+    *,
+    clients: int = 4,
+    seed: int = 0,
+    namespace: str = "kill/model/profile",
+    blob_bytes: int = 4096,
+) -> dict[str, Any]:
     """Clients read and write while Redis, then S3, are SIGKILLed and restarted (empty).
 
     Allowed answers: Put OK; Lookup OK; Get OK with the exact bytes put, or NOT_FOUND.
@@ -883,8 +1068,14 @@ def run_backend_kill(target: str, store: Any, redis_proc: Any, s3_proc: Any, sec
             while not stop.is_set():
                 if wrng.random() < 0.4 or not truth:
                     key, blob = wrng.randbytes(KEY_BYTES), integrity.seal(wrng.randbytes(blob_bytes))
-                    code, details, _ = rpc_code(lambda k=key, b=blob: stub.Put(committed([pb.PutRequest(
-                        namespace=namespace, key=k, layer=0, num_layers=1, blob=b)]), timeout=10))
+                    code, details, _ = rpc_code(
+                        lambda k=key, b=blob: stub.Put(
+                            committed(
+                                [pb.PutRequest(namespace=namespace, key=k, layer=0, num_layers=1, blob=b)]
+                            ),
+                            timeout=10,
+                        )
+                    )
                     answers[f"put_{code.name}"] += 1
                     if code is C.OK:
                         with lock:
@@ -894,8 +1085,14 @@ def run_backend_kill(target: str, store: Any, redis_proc: Any, s3_proc: Any, sec
                     continue
                 with lock:
                     key = wrng.choice(list(truth))
-                code, details, got = rpc_code(lambda k=key: list(stub.Get(pb.GetRequest(
-                    namespace=namespace, keys=[k], layer_start=0, layer_end=1), timeout=10)))
+                code, details, got = rpc_code(
+                    lambda k=key: list(
+                        stub.Get(
+                            pb.GetRequest(namespace=namespace, keys=[k], layer_start=0, layer_end=1),
+                            timeout=10,
+                        )
+                    )
+                )
                 answers[f"get_{code.name}"] += 1
                 if code is C.OK:
                     if len(got) != 1 or got[0].blob != truth[key]:
@@ -924,9 +1121,14 @@ def run_backend_kill(target: str, store: Any, redis_proc: Any, s3_proc: Any, sec
             t.join()
     # After the restarts, each tier takes writes and serves reads again.
     recovered = _tiers_recovered(target, store, namespace)
-    return {"seconds": round(time.perf_counter() - t0, 2), "answers": dict(answers),
-            "violations": sum(violations.values()), "violation_examples": dict(violations.most_common(5)),
-            "events": events, "tiers_recovered": recovered}
+    return {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "answers": dict(answers),
+        "violations": sum(violations.values()),
+        "violation_examples": dict(violations.most_common(5)),
+        "events": events,
+        "tiers_recovered": recovered,
+    }
 
 
 def _tiers_recovered(target: str, store: Any, namespace: str, deadline_s: float = 15.0) -> dict[str, bool]:
@@ -940,8 +1142,12 @@ def _tiers_recovered(target: str, store: Any, namespace: str, deadline_s: float 
             key = os.urandom(KEY_BYTES)
             blob = integrity.seal(os.urandom(256))
             with contextlib.suppress(grpc.RpcError):
-                stub.Put(committed([pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]),
-                         timeout=10)
+                stub.Put(
+                    committed(
+                        [pb.PutRequest(namespace=namespace, key=key, layer=0, num_layers=1, blob=blob)]
+                    ),
+                    timeout=10,
+                )
             for name in names:
                 with contextlib.suppress(Exception):
                     ok[name] = ok[name] or store.tier(name).get(BlobKey(namespace, key, 0)) == blob
@@ -959,15 +1165,25 @@ def _wait_breaker_closed(store: Any, name: str, deadline_s: float = 15.0) -> flo
     while time.monotonic() - t0 < deadline_s:
         breaker = getattr(tier, "breaker", None)
         if (breaker is None or breaker.state == "closed") and all(
-                s.healthy for s in store.tier_stats() if s.name == name):
+            s.healthy for s in store.tier_stats() if s.name == name
+        ):
             return round(time.monotonic() - t0, 3)
         time.sleep(0.02)
     return None
 
 
-def run_backend_freeze(target: str, store: Any, procs: dict[str, Any], freeze_s: float, *, clients: int = 4,
-                       seed: int = 0, namespace: str = "freeze/model/profile", blob_bytes: int = 4096,
-                       warmup_s: float = 1.0) -> dict[str, Any]:
+def run_backend_freeze(
+    target: str,
+    store: Any,
+    procs: dict[str, Any],
+    freeze_s: float,
+    *,
+    clients: int = 4,
+    seed: int = 0,
+    namespace: str = "freeze/model/profile",
+    blob_bytes: int = 4096,
+    warmup_s: float = 1.0,
+) -> dict[str, Any]:
     """Clients Put, Get and Lookup while each remote tier in ``procs`` is frozen (SIGSTOP) in turn.
 
     A frozen server accepts connections and never answers, so only the time budget and the
@@ -993,8 +1209,14 @@ def run_backend_freeze(target: str, store: Any, procs: dict[str, Any], freeze_s:
                 t0 = time.monotonic()
                 if roll < 0.35 or not truth:
                     key, blob = wrng.randbytes(KEY_BYTES), integrity.seal(wrng.randbytes(blob_bytes))
-                    code, details, _ = rpc_code(lambda k=key, b=blob: stub.Put(committed([pb.PutRequest(
-                        namespace=namespace, key=k, layer=0, num_layers=1, blob=b)]), timeout=10))
+                    code, details, _ = rpc_code(
+                        lambda k=key, b=blob: stub.Put(
+                            committed(
+                                [pb.PutRequest(namespace=namespace, key=k, layer=0, num_layers=1, blob=b)]
+                            ),
+                            timeout=10,
+                        )
+                    )
                     answer = f"put_{code.name}"
                     if code is C.OK:
                         with lock:
@@ -1004,16 +1226,25 @@ def run_backend_freeze(target: str, store: Any, procs: dict[str, Any], freeze_s:
                 elif roll < 0.5:
                     with lock:
                         keys = wrng.sample(list(truth), min(4, len(truth)))
-                    code, details, _ = rpc_code(lambda k=keys: stub.Lookup(pb.LookupRequest(
-                        namespace=namespace, keys=k, num_layers=1), timeout=10))
+                    code, details, _ = rpc_code(
+                        lambda k=keys: stub.Lookup(
+                            pb.LookupRequest(namespace=namespace, keys=k, num_layers=1), timeout=10
+                        )
+                    )
                     answer = f"lookup_{code.name}"
                     if code is not C.OK:
                         violations[f"lookup {code.name}: {details[:100]}"] += 1
                 else:
                     with lock:
                         key = wrng.choice(list(truth))
-                    code, details, got = rpc_code(lambda k=key: list(stub.Get(pb.GetRequest(
-                        namespace=namespace, keys=[k], layer_start=0, layer_end=1), timeout=10)))
+                    code, details, got = rpc_code(
+                        lambda k=key: list(
+                            stub.Get(
+                                pb.GetRequest(namespace=namespace, keys=[k], layer_start=0, layer_end=1),
+                                timeout=10,
+                            )
+                        )
+                    )
                     answer = f"get_{code.name}"
                     if code is C.OK:
                         if len(got) != 1 or got[0].blob != truth[key]:
@@ -1045,8 +1276,11 @@ def run_backend_freeze(target: str, store: Any, procs: dict[str, Any], freeze_s:
             resumed_at = time.monotonic()
             closed_after = _wait_breaker_closed(store, name)
             with lock:
-                window = [(end - start, answer) for start, end, answer in records
-                          if end >= frozen_at and start <= resumed_at]
+                window = [
+                    (end - start, answer)
+                    for start, end, answer in records
+                    if end >= frozen_at and start <= resumed_at
+                ]
             latencies = [lat for lat, _ in window]
             budget = float(getattr(tier, "budget_s", 0.0))
             freezes[name] = {
@@ -1072,18 +1306,33 @@ def run_backend_freeze(target: str, store: Any, procs: dict[str, Any], freeze_s:
     recovered = _tiers_recovered(target, store, namespace)
     for name in freezes:
         freezes[name]["used_again"] = recovered.get(name, False)
-    return {"freezes": freezes, "answers": dict(Counter(answer for _, _, answer in records)),
-            "violations": sum(violations.values()), "violation_examples": dict(violations.most_common(5))}
+    return {
+        "freezes": freezes,
+        "answers": dict(Counter(answer for _, _, answer in records)),
+        "violations": sum(violations.values()),
+        "violation_examples": dict(violations.most_common(5)),
+    }
 
 
 # ====================================================================== disk recovery after bit flips
 
 #: Where in a disk record a flip lands: (part, offset from the record start, or from the payload).
-_RECORD_PARTS = ("magic", "version", "kind", "name_length", "length", "payload_checksum", "key",
-                 "header_checksum", "payload")
+_RECORD_PARTS = (
+    "magic",
+    "version",
+    "kind",
+    "name_length",
+    "length",
+    "payload_checksum",
+    "key",
+    "header_checksum",
+    "payload",
+)
 
 
-def run_disk_flips(trials: int, *, seed: int = 0, records: int = 40, blob_bytes: int = 3072) -> dict[str, Any]:
+def run_disk_flips(
+    trials: int, *, seed: int = 0, records: int = 40, blob_bytes: int = 3072
+) -> dict[str, Any]:
     """Flip one bit in one record of a disk tier, restart it, count what was lost.
 
     Each trial writes ``records`` blobs over several segments, flips one random bit in one
@@ -1118,10 +1367,17 @@ def run_disk_flips(trials: int, *, seed: int = 0, records: int = 40, blob_bytes:
             path, payload_at, length = places[victim]
             name_len = len(keys[victim].name().encode())
             start = payload_at - (_FIXED.size + name_len + _SUM.size)
-            span = {"magic": (start, 4), "version": (start + 4, 1), "kind": (start + 5, 1),
-                    "name_length": (start + 6, 2), "length": (start + 8, 8), "payload_checksum": (start + 16, 8),
-                    "key": (start + _FIXED.size, name_len), "header_checksum": (start + _FIXED.size + name_len, 8),
-                    "payload": (payload_at, length)}[part]
+            span = {
+                "magic": (start, 4),
+                "version": (start + 4, 1),
+                "kind": (start + 5, 1),
+                "name_length": (start + 6, 2),
+                "length": (start + 8, 8),
+                "payload_checksum": (start + 16, 8),
+                "key": (start + _FIXED.size, name_len),
+                "header_checksum": (start + _FIXED.size + name_len, 8),
+                "payload": (payload_at, length),
+            }[part]
             disk.close()
             at = span[0] + rng.randrange(span[1])
             with open(path, "r+b") as f:
@@ -1148,11 +1404,14 @@ def run_disk_flips(trials: int, *, seed: int = 0, records: int = 40, blob_bytes:
             by_part[part]["counted"] += disk.counters.corrupt_records + disk.counters.integrity_failures
             lost_per_flip.append(lost)
             disk.close()
-    return {"flips": trials, "records_per_trial": records,
-            "other_records_lost_total": sum(lost_per_flip),
-            "other_records_lost_max_per_flip": max(lost_per_flip, default=0),
-            "wrong_bytes_served": wrong_served,
-            "by_part": {p: dict(c) for p, c in by_part.items()}}
+    return {
+        "flips": trials,
+        "records_per_trial": records,
+        "other_records_lost_total": sum(lost_per_flip),
+        "other_records_lost_max_per_flip": max(lost_per_flip, default=0),
+        "wrong_bytes_served": wrong_served,
+        "by_part": {p: dict(c) for p, c in by_part.items()},
+    }
 
 
 # ====================================================================== main
@@ -1165,8 +1424,14 @@ def _bench_fuzz(n: int, seed: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvstore-fuzz-") as tmp:
         server = start_server_process(fuzz_server_args(Path(tmp), limits, "fuzz-token", "fuzz"), workdir=tmp)
         try:
-            return run_fuzz(server.target, n, seed=seed, token="fuzz-token", limits=limits,
-                            alive=lambda: server.proc.poll() is None)
+            return run_fuzz(
+                server.target,
+                n,
+                seed=seed,
+                token="fuzz-token",
+                limits=limits,
+                alive=lambda: server.proc.poll() is None,
+            )
         finally:
             server.kill()
 
@@ -1178,8 +1443,9 @@ def _bench_crash(rounds: int, seed: int) -> dict[str, Any]:
     for fsync in ("always", "batch"):
         with tempfile.TemporaryDirectory(prefix="kvstore-crash-") as tmp:
             args = ["--disk-path", str(Path(tmp) / "disk"), "--fsync", fsync, "--log-level", "WARNING"]
-            out[fsync] = run_crash_restart(lambda a=args, w=tmp: start_server_process(a, workdir=w), rounds,
-                                           seed=seed)
+            out[fsync] = run_crash_restart(
+                lambda a=args, w=tmp: start_server_process(a, workdir=w), rounds, seed=seed
+            )
     return out
 
 
@@ -1187,8 +1453,13 @@ def _in_process_server(tmp: Path, **overrides: Any) -> Any:
     from kvstore.config import load_config
     from kvstore.server import serve
 
-    base = {"server.port": 0, "server.workers": 32, "memory.max_bytes": 256 << 20,
-            "disk.path": str(tmp / "disk"), "disk.fsync": "never"}
+    base = {
+        "server.port": 0,
+        "server.workers": 32,
+        "memory.max_bytes": 256 << 20,
+        "disk.path": str(tmp / "disk"),
+        "disk.fsync": "never",
+    }
     base.update(overrides)
     return serve(load_config(None, environ={}, overrides=base))
 
@@ -1200,31 +1471,57 @@ def _bench_bitflips(flips: int, seed: int, r: Any, s3: Any) -> dict[str, Any]:
     import redis
 
     out: dict[str, Any] = {}
-    phases = [("ram_disk_redis", flips - flips // 10, False, None),
-              ("all_four_tiers", flips // 10, True, {"memory": 0.3, "disk": 0.3, "redis": 0.3, "s3": 1.0})]
+    phases = [
+        ("ram_disk_redis", flips - flips // 10, False, None),
+        ("all_four_tiers", flips // 10, True, {"memory": 0.3, "disk": 0.3, "redis": 0.3, "s3": 1.0}),
+    ]
     for name, count, with_s3, weights in phases:
         with tempfile.TemporaryDirectory(prefix="kvstore-flips-") as tmp:
-            overrides: dict[str, Any] = {"redis.enabled": True, "redis.url": r.url,
-                                         "redis.key_prefix": f"{name}:"}
+            overrides: dict[str, Any] = {
+                "redis.enabled": True,
+                "redis.url": r.url,
+                "redis.key_prefix": f"{name}:",
+            }
             s3_client = None
             if with_s3:
-                overrides.update({"s3.enabled": True, "s3.endpoint_url": s3.endpoint_url, "s3.bucket": name,
-                                  "s3.access_key_id": "test", "s3.secret_access_key": "test"})
-                s3_client = boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1",
-                                         aws_access_key_id="test", aws_secret_access_key="test")
+                overrides.update(
+                    {
+                        "s3.enabled": True,
+                        "s3.endpoint_url": s3.endpoint_url,
+                        "s3.bucket": name,
+                        "s3.access_key_id": "test",
+                        "s3.secret_access_key": "test",
+                    }
+                )
+                s3_client = boto3.client(
+                    "s3",
+                    endpoint_url=s3.endpoint_url,
+                    region_name="us-east-1",
+                    aws_access_key_id="test",
+                    aws_secret_access_key="test",
+                )
             handle = _in_process_server(Path(tmp), **overrides)
             try:
                 corruptor = TierCorruptor(handle.store, redis.Redis.from_url(r.url), s3_client)
                 t0 = time.perf_counter()
-                report = run_bitflips(handle.target, handle.store, corruptor, count, seed=seed,
-                                      tier_weights=weights).as_dict()
+                report = run_bitflips(
+                    handle.target, handle.store, corruptor, count, seed=seed, tier_weights=weights
+                ).as_dict()
                 report["seconds"] = round(time.perf_counter() - t0, 1)
                 out[name] = report
             finally:
                 handle.stop(grace=0)
     total: dict[str, Any] = {}
-    for key in ("flips", "reads", "corrupt_served", "repaired", "lost", "unrepaired_with_intact_copy",
-                "baseline_reads", "baseline_wrong"):
+    for key in (
+        "flips",
+        "reads",
+        "corrupt_served",
+        "repaired",
+        "lost",
+        "unrepaired_with_intact_copy",
+        "baseline_reads",
+        "baseline_wrong",
+    ):
         total[key] = sum(phase[key] for phase in out.values())
     tiers: Counter[str] = Counter()
     for phase in out.values():
@@ -1237,8 +1534,19 @@ def _bench_concurrency(clients: int, seconds: float, seed: int) -> dict[str, Any
     from tests.fixtures.store import start_server_process
 
     with tempfile.TemporaryDirectory(prefix="kvstore-conc-") as tmp:
-        server = start_server_process(["--disk-path", str(Path(tmp) / "disk"), "--fsync", "never",
-                                       "--workers", str(max(16, clients)), "--log-level", "WARNING"], workdir=tmp)
+        server = start_server_process(
+            [
+                "--disk-path",
+                str(Path(tmp) / "disk"),
+                "--fsync",
+                "never",
+                "--workers",
+                str(max(16, clients)),
+                "--log-level",
+                "WARNING",
+            ],
+            workdir=tmp,
+        )
         try:
             baseline = run_concurrency(server.target, 1, min(seconds, 10.0), seed=seed)
             loaded = run_concurrency(server.target, clients, seconds, seed=seed + 1)
@@ -1250,11 +1558,22 @@ def _bench_concurrency(clients: int, seconds: float, seed: int) -> dict[str, Any
 
 def _bench_backend_kill(seconds: float, seed: int, r: Any, s3: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvstore-kill-") as tmp:
-        handle = _in_process_server(Path(tmp), **{
-            "memory.max_bytes": 64 * 1024, "disk.enabled": False,
-            "redis.enabled": True, "redis.url": r.url, "redis.socket_timeout_s": 0.5,
-            "s3.enabled": True, "s3.endpoint_url": s3.endpoint_url, "s3.bucket": "kill", "s3.timeout_s": 1.0,
-            "s3.access_key_id": "test", "s3.secret_access_key": "test"})
+        handle = _in_process_server(
+            Path(tmp),
+            **{
+                "memory.max_bytes": 64 * 1024,
+                "disk.enabled": False,
+                "redis.enabled": True,
+                "redis.url": r.url,
+                "redis.socket_timeout_s": 0.5,
+                "s3.enabled": True,
+                "s3.endpoint_url": s3.endpoint_url,
+                "s3.bucket": "kill",
+                "s3.timeout_s": 1.0,
+                "s3.access_key_id": "test",
+                "s3.secret_access_key": "test",
+            },
+        )
         try:
             out = run_backend_kill(handle.target, handle.store, r, s3, seconds, seed=seed)
             out["server_healthy"] = roundtrip_ok(handle.target, "kill/model/profile", None)
@@ -1272,11 +1591,27 @@ def _legacy_store(r: Any, s3: Any, name: str) -> Any:
     from kvstore.backends.s3 import S3Backend
     from kvstore.backends.tiered import TieredStore
 
-    tiers = [MemoryBackend(max_bytes=64 * 1024),
-             RedisBackend(url=r.url, key_prefix=f"{name}:", socket_timeout_s=1.0, connect_timeout_s=1.0,
-                          budget_s=4.0, breaker=CircuitBreaker("redis", 3, 1.0)),
-             S3Backend(endpoint_url=s3.endpoint_url, bucket=name, access_key_id="test", secret_access_key="test",
-                       timeout_s=5.0, connect_timeout_s=5.0, budget_s=20.0, breaker=CircuitBreaker("s3", 3, 1.0))]
+    tiers = [
+        MemoryBackend(max_bytes=64 * 1024),
+        RedisBackend(
+            url=r.url,
+            key_prefix=f"{name}:",
+            socket_timeout_s=1.0,
+            connect_timeout_s=1.0,
+            budget_s=4.0,
+            breaker=CircuitBreaker("redis", 3, 1.0),
+        ),
+        S3Backend(
+            endpoint_url=s3.endpoint_url,
+            bucket=name,
+            access_key_id="test",
+            secret_access_key="test",
+            timeout_s=5.0,
+            connect_timeout_s=5.0,
+            budget_s=20.0,
+            breaker=CircuitBreaker("s3", 3, 1.0),
+        ),
+    ]
     return TieredStore(tiers, write_through=["redis", "s3"])
 
 
@@ -1289,15 +1624,26 @@ def _bench_backend_freeze(seconds: float, seed: int, r: Any, s3: Any, legacy: bo
     with tempfile.TemporaryDirectory(prefix="kvstore-freeze-") as tmp:
         name = "freeze-legacy" if legacy else "freeze"
         if legacy:
-            config = load_config(None, environ={}, overrides={"server.port": 0, "server.workers": 32,
-                                                              "disk.enabled": False})
+            config = load_config(
+                None, environ={}, overrides={"server.port": 0, "server.workers": 32, "disk.enabled": False}
+            )
             handle = serve(config, store=_legacy_store(r, s3, name))
         else:
-            handle = _in_process_server(Path(tmp), **{
-                "memory.max_bytes": 64 * 1024, "disk.enabled": False,
-                "redis.enabled": True, "redis.url": r.url, "redis.key_prefix": f"{name}:",
-                "s3.enabled": True, "s3.endpoint_url": s3.endpoint_url, "s3.bucket": name,
-                "s3.access_key_id": "test", "s3.secret_access_key": "test"})
+            handle = _in_process_server(
+                Path(tmp),
+                **{
+                    "memory.max_bytes": 64 * 1024,
+                    "disk.enabled": False,
+                    "redis.enabled": True,
+                    "redis.url": r.url,
+                    "redis.key_prefix": f"{name}:",
+                    "s3.enabled": True,
+                    "s3.endpoint_url": s3.endpoint_url,
+                    "s3.bucket": name,
+                    "s3.access_key_id": "test",
+                    "s3.secret_access_key": "test",
+                },
+            )
         try:
             out = run_backend_freeze(handle.target, handle.store, {"redis": r, "s3": s3}, seconds, seed=seed)
             out["server_healthy"] = roundtrip_ok(handle.target, "freeze/model/profile", None)
@@ -1309,21 +1655,36 @@ def _bench_backend_freeze(seconds: float, seed: int, r: Any, s3: Any, legacy: bo
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes, under a minute")
-    parser.add_argument("--only", default="fuzz,bitflips,disk_flips,crash,concurrency,starvation,backend_freeze,"
-                        "backend_freeze_legacy,backend_kill",
-                        help="comma-separated subset of workloads")
+    parser.add_argument(
+        "--only",
+        default="fuzz,bitflips,disk_flips,crash,concurrency,starvation,backend_freeze,"
+        "backend_freeze_legacy,backend_kill",
+        help="comma-separated subset of workloads",
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     q = args.quick
-    sizes = {"fuzz": 1000 if q else 10_000, "flips": 400 if q else 10_000, "crash_rounds": 1 if q else 10,
-             "clients": 16 if q else 64, "conc_s": 3.0 if q else 60.0, "kill_s": 5.0 if q else 30.0,
-             "disk_flips": 36 if q else 360, "freeze_s": 3.0 if q else 10.0}
+    sizes = {
+        "fuzz": 1000 if q else 10_000,
+        "flips": 400 if q else 10_000,
+        "crash_rounds": 1 if q else 10,
+        "clients": 16 if q else 64,
+        "conc_s": 3.0 if q else 60.0,
+        "kill_s": 5.0 if q else 30.0,
+        "disk_flips": 36 if q else 360,
+        "freeze_s": 3.0 if q else 10.0,
+    }
     wanted = set(args.only.split(","))
     results: dict[str, Any] = {"quick": q, "sizes": sizes}
     logging.basicConfig(level=logging.ERROR)  # the faults below make the server warn, by design
     with contextlib.ExitStack() as stack:
         services: list[Any] = []
-        if wanted & {"bitflips", "backend_kill", "backend_freeze", "backend_freeze_legacy"}:  # one Redis and one S3 for both (moto starts slowly)
+        if wanted & {
+            "bitflips",
+            "backend_kill",
+            "backend_freeze",
+            "backend_freeze_legacy",
+        }:  # one Redis and one S3 for both (moto starts slowly)
             from kvstore.testing.services import RedisProcess, S3Process
 
             services = [stack.enter_context(RedisProcess()), stack.enter_context(S3Process())]
@@ -1335,8 +1696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "disk_flips": lambda: run_disk_flips(sizes["disk_flips"], seed=args.seed),
             # SIGSTOP/SIGCONT of the Redis and S3 started above (never any other process).
             "backend_freeze": lambda: _bench_backend_freeze(sizes["freeze_s"], args.seed, *services),
-            "backend_freeze_legacy": lambda: _bench_backend_freeze(sizes["freeze_s"], args.seed, *services,
-                                                                   legacy=True),
+            "backend_freeze_legacy": lambda: _bench_backend_freeze(
+                sizes["freeze_s"], args.seed, *services, legacy=True
+            ),
             "starvation": lambda: _bench_starvation(q, args.seed),
             # Last: it kills and restarts the shared Redis and S3 (they come back empty).
             "backend_kill": lambda: _bench_backend_kill(sizes["kill_s"], args.seed, *services),
@@ -1360,29 +1722,47 @@ def summary(r: dict[str, Any]) -> str:
         b = r["bitflips"]
         parts.append(f"bitflips {b['flips']}: {b['corrupt_served']} corrupt served, {b['repaired']} repaired")
     if "crash" in r:
-        parts.append("crash: " + ", ".join(
-            f"fsync={k} {v.get('acked_blocks_lost', 0)} lost of {v['acked_blocks_checked']}"
-            for k, v in r["crash"].items() if isinstance(v, dict)))
+        parts.append(
+            "crash: "
+            + ", ".join(
+                f"fsync={k} {v.get('acked_blocks_lost', 0)} lost of {v['acked_blocks_checked']}"
+                for k, v in r["crash"].items()
+                if isinstance(v, dict)
+            )
+        )
     if "concurrency" in r:
         c = r["concurrency"]["loaded"]
         b = r["concurrency"]["baseline_1_client"]
-        parts.append(f"{c['clients']} clients: {c['errors']} errors, {c['ops_per_s']} ops/s "
-                     f"(1 client {b['ops_per_s']}), p99 {c['latency_ms_p99']} ms")
+        parts.append(
+            f"{c['clients']} clients: {c['errors']} errors, {c['ops_per_s']} ops/s "
+            f"(1 client {b['ops_per_s']}), p99 {c['latency_ms_p99']} ms"
+        )
     if "disk_flips" in r:
         d = r["disk_flips"]
-        parts.append(f"disk flips {d['flips']}: {d['other_records_lost_total']} other records lost "
-                     f"(max {d['other_records_lost_max_per_flip']}/flip), {d['wrong_bytes_served']} wrong served")
+        parts.append(
+            f"disk flips {d['flips']}: {d['other_records_lost_total']} other records lost "
+            f"(max {d['other_records_lost_max_per_flip']}/flip), {d['wrong_bytes_served']} wrong served"
+        )
     if "backend_freeze" in r:
         fr = r["backend_freeze"]["freezes"]
-        parts.append("freeze: " + ", ".join(
-            f"{n} max {f['latency_ms_max']} ms / p99 {f['latency_ms_p99']} ms vs budget {f['budget_s']:.2f} s, "
-            f"back in {f['breaker_closed_after_resume_s']} s" for n, f in fr.items())
-            + f", {r['backend_freeze']['violations']} bad answers")
+        parts.append(
+            "freeze: "
+            + ", ".join(
+                f"{n} max {f['latency_ms_max']} ms / p99 {f['latency_ms_p99']} ms vs budget {f['budget_s']:.2f} s, "
+                f"back in {f['breaker_closed_after_resume_s']} s"
+                for n, f in fr.items()
+            )
+            + f", {r['backend_freeze']['violations']} bad answers"
+        )
     if "backend_freeze_legacy" in r:
         fr = r["backend_freeze_legacy"]["freezes"]
-        parts.append("pre-budget settings: " + ", ".join(
-            f"{n} max {f['latency_ms_max']} ms / p99 {f['latency_ms_p99']} ms" for n, f in fr.items())
-            + f", {r['backend_freeze_legacy']['violations']} bad answers")
+        parts.append(
+            "pre-budget settings: "
+            + ", ".join(
+                f"{n} max {f['latency_ms_max']} ms / p99 {f['latency_ms_p99']} ms" for n, f in fr.items()
+            )
+            + f", {r['backend_freeze_legacy']['violations']} bad answers"
+        )
     if "backend_kill" in r:
         k = r["backend_kill"]
         back = ",".join(name for name, ok in k["tiers_recovered"].items() if ok) or "none"
@@ -1390,18 +1770,28 @@ def summary(r: dict[str, Any]) -> str:
     if "starvation" in r:
         st = r["starvation"]
         d = st["during_stall_other_tenant"]
-        parts.append(f"starvation {st['streams_attempted']} stalled streams ({st['streams_held']} held, "
-                     f"{st['refused_resource_exhausted']} refused): other tenant p99 {d['latency_ms_p99']} ms, "
-                     f"max {d['latency_ms_max']} ms, {d['failures']} failures, "
-                     f"{st['partial_puts_stored']} partial Puts stored")
+        parts.append(
+            f"starvation {st['streams_attempted']} stalled streams ({st['streams_held']} held, "
+            f"{st['refused_resource_exhausted']} refused): other tenant p99 {d['latency_ms_p99']} ms, "
+            f"max {d['latency_ms_max']} ms, {d['failures']} failures, "
+            f"{st['partial_puts_stored']} partial Puts stored"
+        )
     return "reliability: " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------- starvation (issue 16)
 
 
-def run_starvation(target: str, observer_token: str, *, workers: int, tenant_limit: int, idle_s: float,
-                   probe_s: float, seed: int = 0) -> dict[str, Any]:
+def run_starvation(
+    target: str,
+    observer_token: str,
+    *,
+    workers: int,
+    tenant_limit: int,
+    idle_s: float,
+    probe_s: float,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Tenant "a" stalls 10x ``workers`` streams while tenant "b" keeps calling; what held, how fast.
 
     Half of a's streams are Puts that send one blob and stop (no commit), half are
@@ -1431,11 +1821,13 @@ def run_starvation(target: str, observer_token: str, *, workers: int, tenant_lim
         failures = 0
         with grpc.insecure_channel(target) as ch, KVClient(target, token="tok-b", timeout_s=5) as kv:
             health = health_pb2_grpc.HealthStub(ch)
-            calls = {"health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5),
-                     "lookup": lambda: kv.lookup(ns_b, b_keys, 1),
-                     "get": lambda: list(kv.get_layers(ns_b, b_keys, 0, 1)),
-                     "put": lambda: kv.put(ns_b, [(rng.randbytes(KEY_BYTES), 0, 1, integrity.seal(b"x" * 1000))]),
-                     "stats": lambda: kv.stats()}
+            calls = {
+                "health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5),
+                "lookup": lambda: kv.lookup(ns_b, b_keys, 1),
+                "get": lambda: list(kv.get_layers(ns_b, b_keys, 0, 1)),
+                "put": lambda: kv.put(ns_b, [(rng.randbytes(KEY_BYTES), 0, 1, integrity.seal(b"x" * 1000))]),
+                "stats": lambda: kv.stats(),
+            }
             end = time.monotonic() + seconds
             while time.monotonic() < end:
                 for name, call in calls.items():
@@ -1446,12 +1838,15 @@ def run_starvation(target: str, observer_token: str, *, workers: int, tenant_lim
                         failures += 1
                     lat[name].append(time.perf_counter() - t0)
         every = [x for v in lat.values() for x in v]
-        return {"calls": len(every), "failures": failures,
-                "latency_ms_p50": round(percentile(every, 0.5) * 1e3, 2),
-                "latency_ms_p99": round(percentile(every, 0.99) * 1e3, 2),
-                "latency_ms_max": round(max(every) * 1e3, 2),
-                "max_ms_by_call": {k: round(max(v) * 1e3, 2) for k, v in lat.items() if v},
-                "over_1s": sum(x > 1.0 for x in every)}
+        return {
+            "calls": len(every),
+            "failures": failures,
+            "latency_ms_p50": round(percentile(every, 0.5) * 1e3, 2),
+            "latency_ms_p99": round(percentile(every, 0.99) * 1e3, 2),
+            "latency_ms_max": round(max(every) * 1e3, 2),
+            "max_ms_by_call": {k: round(max(v) * 1e3, 2) for k, v in lat.items() if v},
+            "over_1s": sum(x > 1.0 for x in every),
+        }
 
     baseline = probe(probe_s)
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)]
@@ -1478,12 +1873,21 @@ def run_starvation(target: str, observer_token: str, *, workers: int, tenant_lim
                 future.add_done_callback(lambda _f, opened=opened: end_s.append(time.monotonic() - opened))
                 puts.append(future)
             else:
-                gets.append(stub.Get(pb.GetRequest(namespace=ns_a, keys=big, layer_start=0, layer_end=1,
-                                                   pack_bytes=1 << 20), metadata=md_a))
+                gets.append(
+                    stub.Get(
+                        pb.GetRequest(
+                            namespace=ns_a, keys=big, layer_start=0, layer_end=1, pack_bytes=1 << 20
+                        ),
+                        metadata=md_a,
+                    )
+                )
         time.sleep(0.5)
         with grpc.insecure_channel(target) as ch:
-            held = pb_grpc.KVStoreStub(ch).Stats(pb.StatsRequest(), timeout=5, metadata=bearer_metadata(
-                observer_token)).counters["streams_open"]
+            held = (
+                pb_grpc.KVStoreStub(ch)
+                .Stats(pb.StatsRequest(), timeout=5, metadata=bearer_metadata(observer_token))
+                .counters["streams_open"]
+            )
         during = probe(probe_s)
         ends: Counter[str] = Counter()
         for f in puts:
@@ -1501,11 +1905,19 @@ def run_starvation(target: str, observer_token: str, *, workers: int, tenant_lim
             c.close()
     with KVClient(target, token="tok-a") as a:
         partial = sum(a.lookup(ns_a, [k], 1) for k in stalled_keys)
-    return {"workers": workers, "streams_attempted": attempted, "tenant_limit": tenant_limit,
-            "streams_held": held, "stalled_ends_by_code": dict(ends),
-            "refused_resource_exhausted": ends.get("RESOURCE_EXHAUSTED", 0),
-            "stalled_put_end_s_max": round(max(end_s), 2) if end_s else None, "idle_timeout_s": idle_s,
-            "partial_puts_stored": partial, "baseline_other_tenant": baseline, "during_stall_other_tenant": during}
+    return {
+        "workers": workers,
+        "streams_attempted": attempted,
+        "tenant_limit": tenant_limit,
+        "streams_held": held,
+        "stalled_ends_by_code": dict(ends),
+        "refused_resource_exhausted": ends.get("RESOURCE_EXHAUSTED", 0),
+        "stalled_put_end_s_max": round(max(end_s), 2) if end_s else None,
+        "idle_timeout_s": idle_s,
+        "partial_puts_stored": partial,
+        "baseline_other_tenant": baseline,
+        "during_stall_other_tenant": during,
+    }
 
 
 def _bench_starvation(quick: bool, seed: int) -> dict[str, Any]:
@@ -1513,13 +1925,26 @@ def _bench_starvation(quick: bool, seed: int) -> dict[str, Any]:
     idle_s = 2.0 if quick else 5.0
     tenant_limit = 5 * workers
     with tempfile.TemporaryDirectory(prefix="kvstore-starve-") as tmp:
-        handle = _in_process_server(Path(tmp), **{
-            "server.workers": workers, "auth.tokens": {"tok-a": "a", "tok-b": "b"},
-            "server.max_streams_per_tenant": tenant_limit, "server.max_streams_per_peer": 10 * workers,
-            "server.stream_idle_timeout_s": idle_s})
+        handle = _in_process_server(
+            Path(tmp),
+            **{
+                "server.workers": workers,
+                "auth.tokens": {"tok-a": "a", "tok-b": "b"},
+                "server.max_streams_per_tenant": tenant_limit,
+                "server.max_streams_per_peer": 10 * workers,
+                "server.stream_idle_timeout_s": idle_s,
+            },
+        )
         try:
-            return run_starvation(handle.target, "tok-b", workers=workers, tenant_limit=tenant_limit,
-                                  idle_s=idle_s, probe_s=2.0 if quick else 10.0, seed=seed)
+            return run_starvation(
+                handle.target,
+                "tok-b",
+                workers=workers,
+                tenant_limit=tenant_limit,
+                idle_s=idle_s,
+                probe_s=2.0 if quick else 10.0,
+                seed=seed,
+            )
         finally:
             handle.stop(grace=0)
 

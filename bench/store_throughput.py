@@ -108,16 +108,22 @@ def tcp_baseline(total: int, streams: int) -> dict[str, float]:
     """GB/s of raw loopback TCP, client -> child ('put') and child -> client ('get')."""
     out: dict[str, float] = {}
     for mode, label in (("in", "put_gbps"), ("out", "get_gbps")):
-        proc = subprocess.Popen([sys.executable, "-c", _SINK, mode, str(total), str(streams)],
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SINK, mode, str(total), str(streams)], stdout=subprocess.PIPE, text=True
+        )
         try:
             port = int(proc.stdout.readline())  # type: ignore[union-attr]
             socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
             share = total // streams
             payload = memoryview(b"y" * (4 << 20))
 
-            def one(i: int, socks: list[socket.socket] = socks, mode: str = mode, share: int = share,
-                    blob: memoryview = payload) -> None:
+            def one(
+                i: int,
+                socks: list[socket.socket] = socks,
+                mode: str = mode,
+                share: int = share,
+                blob: memoryview = payload,
+            ) -> None:
                 s = socks[i]
                 if mode == "in":
                     sent = 0
@@ -144,17 +150,35 @@ def tcp_baseline(total: int, streams: int) -> dict[str, float]:
 
 # ---------------------------------------------------------------- kvstore server
 
+
 @contextlib.contextmanager
 def kvstore_server(args: list[str], extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
     """``python -m kvstore serve ARGS`` on a free port; yields its target and pid."""
     with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
         ready = Path(tmp) / "ready.json"
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   **(extra_env or {}))
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            **(extra_env or {}),
+        )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--log-level", "WARNING",
-             "--ready-file", str(ready), "--grace", "1", *args],
-            env=env, cwd=str(ROOT),
+            [
+                sys.executable,
+                "-m",
+                "kvstore",
+                "serve",
+                "--port",
+                "0",
+                "--log-level",
+                "WARNING",
+                "--ready-file",
+                str(ready),
+                "--grace",
+                "1",
+                *args,
+            ],
+            env=env,
+            cwd=str(ROOT),
         )
         try:
             deadline = time.monotonic() + 60
@@ -193,7 +217,9 @@ def grpc_row(target: str, pid: int, size: int, total: int, streams: int, reps: i
 
     def put(i: int) -> None:
         # The real client: trailers checked, Put streams of put_batch_bytes, blobs by kvstore.wire.
-        clients[i].put(NAMESPACE, ((k, layer, NUM_LAYERS, blob) for k in per_stream[i] for layer in range(NUM_LAYERS)))
+        clients[i].put(
+            NAMESPACE, ((k, layer, NUM_LAYERS, blob) for k in per_stream[i] for layer in range(NUM_LAYERS))
+        )
 
     def get(i: int) -> None:
         n = 0
@@ -221,13 +247,17 @@ def grpc_row(target: str, pid: int, size: int, total: int, streams: int, reps: i
             c.close()
     gb = moved / 1e9
     # CPU seconds per GB moved: robust on a shared, loaded machine where wall-clock GB/s is not.
-    return {"put_gbps": gbps(moved, put_s), "get_gbps": gbps(moved, get_s),
-            "put_rewrite_gbps": gbps(moved, rewrite_s), "bytes": moved,
-            "server_cpu_s_per_gb_put": round((cpu1 - cpu0) / gb, 3),
-            "server_cpu_s_per_gb_put_rewrite": round((cpu3 - cpu2) / gb, 3),
-            "server_cpu_s_per_gb_get": round((cpu2 - cpu1) / gb / reps, 3),
-            "client_cpu_s_per_gb_put": round((client1 - client0) / gb, 3),
-            "client_cpu_s_per_gb_get": round((client2 - client1) / gb / reps, 3)}
+    return {
+        "put_gbps": gbps(moved, put_s),
+        "get_gbps": gbps(moved, get_s),
+        "put_rewrite_gbps": gbps(moved, rewrite_s),
+        "bytes": moved,
+        "server_cpu_s_per_gb_put": round((cpu1 - cpu0) / gb, 3),
+        "server_cpu_s_per_gb_put_rewrite": round((cpu3 - cpu2) / gb, 3),
+        "server_cpu_s_per_gb_get": round((cpu2 - cpu1) / gb / reps, 3),
+        "client_cpu_s_per_gb_put": round((client1 - client0) / gb, 3),
+        "client_cpu_s_per_gb_get": round((client2 - client1) / gb / reps, 3),
+    }
 
 
 def direct_redis_row(url: str, size: int, total: int, streams: int) -> dict[str, float]:
@@ -242,30 +272,47 @@ def direct_redis_row(url: str, size: int, total: int, streams: int) -> dict[str,
     rewrite_s = run_parallel(streams, lambda i: [client.set(k, blob) for k in names[i::streams]])
     client.delete(*names)
     client.close()
-    return {"put_gbps": gbps(n * size, put_s), "get_gbps": gbps(n * size, get_s),
-            "put_rewrite_gbps": gbps(n * size, rewrite_s), "bytes": n * size}
+    return {
+        "put_gbps": gbps(n * size, put_s),
+        "get_gbps": gbps(n * size, get_s),
+        "put_rewrite_gbps": gbps(n * size, rewrite_s),
+        "bytes": n * size,
+    }
 
 
 def direct_s3_row(endpoint: str, size: int, total: int, streams: int) -> dict[str, float]:
     import boto3
     from botocore.config import Config
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                      aws_secret_access_key="bench", config=Config(max_pool_connections=streams * 2))
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+        config=Config(max_pool_connections=streams * 2),
+    )
     bucket = "kvbench-direct"
     with contextlib.suppress(Exception):
         s3.create_bucket(Bucket=bucket)
     blob = os.urandom(size)
     n = max(streams, total // size)
     names = [f"direct/{i}" for i in range(n)]
-    put_s = run_parallel(streams, lambda i: [s3.put_object(Bucket=bucket, Key=k, Body=blob)
-                                             for k in names[i::streams]])
-    get_s = run_parallel(streams, lambda i: [s3.get_object(Bucket=bucket, Key=k)["Body"].read()
-                                             for k in names[i::streams]])
-    rewrite_s = run_parallel(streams, lambda i: [s3.put_object(Bucket=bucket, Key=k, Body=blob)
-                                                 for k in names[i::streams]])
-    return {"put_gbps": gbps(n * size, put_s), "get_gbps": gbps(n * size, get_s),
-            "put_rewrite_gbps": gbps(n * size, rewrite_s), "bytes": n * size}
+    put_s = run_parallel(
+        streams, lambda i: [s3.put_object(Bucket=bucket, Key=k, Body=blob) for k in names[i::streams]]
+    )
+    get_s = run_parallel(
+        streams, lambda i: [s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in names[i::streams]]
+    )
+    rewrite_s = run_parallel(
+        streams, lambda i: [s3.put_object(Bucket=bucket, Key=k, Body=blob) for k in names[i::streams]]
+    )
+    return {
+        "put_gbps": gbps(n * size, put_s),
+        "get_gbps": gbps(n * size, get_s),
+        "put_rewrite_gbps": gbps(n * size, rewrite_s),
+        "bytes": n * size,
+    }
 
 
 def server_args(tier: str, tmp: str, services: dict[str, object], prefault: bool = True) -> list[str]:
@@ -277,23 +324,39 @@ def server_args(tier: str, tmp: str, services: dict[str, object], prefault: bool
     if tier == "redis":
         return [*behind_ram, "--no-disk", "--redis-url", services["redis"].url]  # type: ignore[attr-defined]
     if tier == "s3":
-        return [*behind_ram, "--no-disk", "--s3-endpoint", services["s3"].endpoint_url,  # type: ignore[attr-defined]
-                "--s3-bucket", "kvbench"]
+        return [
+            *behind_ram,
+            "--no-disk",
+            "--s3-endpoint",
+            services["s3"].endpoint_url,  # type: ignore[attr-defined]
+            "--s3-bucket",
+            "kvbench",
+        ]
     raise ValueError(f"unknown tier {tier!r} (memory, disk, redis, s3)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="reduced sizes; finishes in well under a minute")
     parser.add_argument("--tiers", default="memory,disk", help="comma list of memory,disk,redis,s3")
     parser.add_argument("--streams", type=int, default=4, help="parallel RPCs (and TCP connections)")
-    parser.add_argument("--total", default=None, help="bytes moved per size and tier (default 512MiB, quick 96MiB)")
+    parser.add_argument(
+        "--total", default=None, help="bytes moved per size and tier (default 512MiB, quick 96MiB)"
+    )
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma list of " + ",".join(SIZES))
-    parser.add_argument("--no-prefault", action="store_true",
-                        help="memory tier without --memory-prefault (its RAM then grows page by page)")
-    parser.add_argument("--hugepages", action="store_true",
-                        help=f"start the server with GLIBC_TUNABLES={HUGEPAGES} (transparent huge pages for "
-                             "its heap; see docs/operations.md)")
+    parser.add_argument(
+        "--no-prefault",
+        action="store_true",
+        help="memory tier without --memory-prefault (its RAM then grows page by page)",
+    )
+    parser.add_argument(
+        "--hugepages",
+        action="store_true",
+        help=f"start the server with GLIBC_TUNABLES={HUGEPAGES} (transparent huge pages for "
+        "its heap; see docs/operations.md)",
+    )
     args = parser.parse_args(argv)
     from kvstore.config import parse_bytes
 
@@ -306,10 +369,17 @@ def main(argv: list[str] | None = None) -> int:
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     sizes = {name: SIZES[name] for name in args.sizes.split(",")}
     result: dict[str, object] = {
-        "benchmark": "store_throughput", "quick": args.quick, "streams": args.streams,
-        "bytes_per_row": total, "cpus": os.cpu_count(), "client_allocator_tuned": tuned,
-        "server_hugepages": args.hugepages, "memory_prefault": not args.no_prefault,
-        "tcp": tcp_baseline(total, args.streams), "grpc": {}, "direct": {},
+        "benchmark": "store_throughput",
+        "quick": args.quick,
+        "streams": args.streams,
+        "bytes_per_row": total,
+        "cpus": os.cpu_count(),
+        "client_allocator_tuned": tuned,
+        "server_hugepages": args.hugepages,
+        "memory_prefault": not args.no_prefault,
+        "tcp": tcp_baseline(total, args.streams),
+        "grpc": {},
+        "direct": {},
     }
     with contextlib.ExitStack() as stack:
         services: dict[str, object] = {}
@@ -325,26 +395,51 @@ def main(argv: list[str] | None = None) -> int:
             tier_total = total if tier in ("memory", "disk") else min(total, 64 * MiB)
             # moto accepts any credentials; the server reads them from its config (here: env).
             creds = {"KVSTORE_S3__ACCESS_KEY_ID": "bench", "KVSTORE_S3__SECRET_ACCESS_KEY": "bench"}
-            env = dict(creds if tier == "s3" else {}, **({"GLIBC_TUNABLES": HUGEPAGES} if args.hugepages else {}))
+            env = dict(
+                creds if tier == "s3" else {}, **({"GLIBC_TUNABLES": HUGEPAGES} if args.hugepages else {})
+            )
             with kvstore_server(server_args(tier, tmp, services, not args.no_prefault), env) as (target, pid):
-                rows = {name: grpc_row(target, pid, size, tier_total, args.streams, reps) for name, size in sizes.items()}
+                rows = {
+                    name: grpc_row(target, pid, size, tier_total, args.streams, reps)
+                    for name, size in sizes.items()
+                }
             result["grpc"][tier] = rows  # type: ignore[index]
             if tier == "redis":
-                result["direct"]["redis"] = {n: direct_redis_row(services["redis"].url, s, tier_total,  # type: ignore
-                                                                 args.streams) for n, s in sizes.items()}
+                result["direct"]["redis"] = {
+                    n: direct_redis_row(
+                        services["redis"].url,
+                        s,
+                        tier_total,  # type: ignore
+                        args.streams,
+                    )
+                    for n, s in sizes.items()
+                }
             if tier == "s3":
-                result["direct"]["s3"] = {n: direct_s3_row(services["s3"].endpoint_url, s, tier_total,  # type: ignore
-                                                           args.streams) for n, s in sizes.items()}
+                result["direct"]["s3"] = {
+                    n: direct_s3_row(
+                        services["s3"].endpoint_url,
+                        s,
+                        tier_total,  # type: ignore
+                        args.streams,
+                    )
+                    for n, s in sizes.items()
+                }
     print(json.dumps(result, indent=2))
     tcp = result["tcp"]
     parts = [f"tcp put {tcp['put_gbps']} / get {tcp['get_gbps']} GB/s"]  # type: ignore[index]
     for tier, rows in result["grpc"].items():  # type: ignore[union-attr]
-        cells = ", ".join(f"{n} {r['put_gbps']}/{r['get_gbps']}/{r['put_rewrite_gbps']}" for n, r in rows.items())
+        cells = ", ".join(
+            f"{n} {r['put_gbps']}/{r['get_gbps']}/{r['put_rewrite_gbps']}" for n, r in rows.items()
+        )
         parts.append(f"{tier} put/get/rewrite GB/s: {cells}")
         direct = result["direct"].get(tier)  # type: ignore[union-attr]
         if direct:
-            parts.append(f"direct {tier}: " + ", ".join(f"{n} {r['put_gbps']}/{r['get_gbps']}/{r['put_rewrite_gbps']}"
-                                                        for n, r in direct.items()))
+            parts.append(
+                f"direct {tier}: "
+                + ", ".join(
+                    f"{n} {r['put_gbps']}/{r['get_gbps']}/{r['put_rewrite_gbps']}" for n, r in direct.items()
+                )
+            )
     print(f"store_throughput ({args.streams} streams, {format_bytes(total)} per row): " + "; ".join(parts))
     return 0
 

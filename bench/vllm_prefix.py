@@ -48,17 +48,24 @@ from transfer.vllm.checkpoint import vllm_checkpoint  # noqa: E402
 from transfer.vllm.harness import EngineProcess, connector_config  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
-QUESTIONS = [" Summarise the text above in one sentence:", " Which obligations does it put on a distributor?",
-             " What happens to a contributor's patent licence?", " List three defined terms it uses:",
-             " Who may grant additional permissions?", " What does it say about trademarks?"]
+QUESTIONS = [
+    " Summarise the text above in one sentence:",
+    " Which obligations does it put on a distributor?",
+    " What happens to a contributor's patent licence?",
+    " List three defined terms it uses:",
+    " Who may grant additional permissions?",
+    " What does it say about trademarks?",
+]
 
 
 def workload(model_dir: str, prefix_tokens: int, n: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    text = "".join((ROOT / "bench" / "data" / name).read_text()
-                   for name in ("prose_license_apache_2_0.txt", "prose_license_gpl_3.txt"))
+    text = "".join(
+        (ROOT / "bench" / "data" / name).read_text()
+        for name in ("prose_license_apache_2_0.txt", "prose_license_gpl_3.txt")
+    )
     prefix = tok(text)["input_ids"][:prefix_tokens]
     if len(prefix) < prefix_tokens:
         raise SystemExit(f"bench data holds only {len(prefix)} tokens")
@@ -95,9 +102,18 @@ class Column:
             "first_tokens": [c.token_ids[0] for c in self.completions],
         }
         if self.before is not None and after is not None:
-            out["connector"] = {k: after[k] - self.before[k] for k in (
-                "hit_tokens", "loaded_tokens", "loaded_bytes", "load_errors", "layer_waits", "layer_wait_s",
-                "lookup_errors")}
+            out["connector"] = {
+                k: after[k] - self.before[k]
+                for k in (
+                    "hit_tokens",
+                    "loaded_tokens",
+                    "loaded_bytes",
+                    "load_errors",
+                    "layer_waits",
+                    "layer_wait_s",
+                    "lookup_errors",
+                )
+            }
             out["saved_bytes_warm"] = self.before["saved_bytes"]
         return out
 
@@ -105,7 +121,9 @@ class Column:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prefix-tokens", type=int, default=2048)
-    ap.add_argument("--requests", type=int, default=3, help="measured requests per column (after one warm-up)")
+    ap.add_argument(
+        "--requests", type=int, default=3, help="measured requests per column (after one warm-up)"
+    )
     ap.add_argument("--profiles", default="lossless,balanced", help="comma-separated codec profiles")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
@@ -115,9 +133,15 @@ def main() -> None:
     kv_bytes_fp = args.prefix_tokens * LAYERS * 2 * KV_HEADS * HEAD_DIM * 2  # bf16/fp16 KV of the prefix
     log_dir = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     common = {"dtype": args.dtype, "max_model_len": max(4096, args.prefix_tokens + 256)}
-    result: dict[str, Any] = {"bench": "vllm_prefix", "prefix_tokens": args.prefix_tokens,
-                              "prompt_tokens": [len(p) for p in prompts], "requests": args.requests,
-                              "kv_bytes_bf16": kv_bytes_fp, "logs": str(log_dir), "store": {}}
+    result: dict[str, Any] = {
+        "bench": "vllm_prefix",
+        "prefix_tokens": args.prefix_tokens,
+        "prompt_tokens": [len(p) for p in prompts],
+        "requests": args.requests,
+        "kv_bytes_bf16": kv_bytes_fp,
+        "logs": str(log_dir),
+        "store": {},
+    }
     # Columns run side by side and are measured interleaved, request by request (recompute, store hit,
     # prefix-cache hit, next prompt, ...), so a burst of load on the machine hits every column alike.
     with start_server_process(["--no-disk", "--memory-bytes", "2GiB"], workdir=log_dir) as store:
@@ -126,8 +150,13 @@ def main() -> None:
         cache.warm(prompts[0])
         recompute.warm_s = 0.0
         for profile in [p for p in args.profiles.split(",") if p]:
-            hit = Column(model_dir, log_dir, f"store-{profile}", kv=connector_config(store.target, profile=profile),
-                         **common)
+            hit = Column(
+                model_dir,
+                log_dir,
+                f"store-{profile}",
+                kv=connector_config(store.target, profile=profile),
+                **common,
+            )
             hit.warm(prompts[0])
             for prompt in prompts[1:]:
                 recompute.measure(prompt)
@@ -150,19 +179,28 @@ def main() -> None:
         col["layer_wait_ms_per_request"] = round(1e3 * conn["layer_wait_s"] / n, 2)
         col["first_token_matches_recompute"] = col["first_tokens"] == rec["first_tokens"][:n]
         if profile == "lossless" and not col["first_token_matches_recompute"]:
-            raise SystemExit(f"lossless hit changed the first token: {col['first_tokens']} vs {rec['first_tokens']}")
+            raise SystemExit(
+                f"lossless hit changed the first token: {col['first_tokens']} vs {rec['first_tokens']}"
+            )
     result["break_even_MBps_bf16"] = round(kv_bytes_fp / rec["ttft_median_s"] / 1e6, 1)
     best = min(result["store"].values(), key=lambda c: c["ratio_to_recompute"]) if result["store"] else None
-    result["goal"] = {"store_hit_ttft_le_x_recompute": 0.15,
-                      "met": bool(best and best["ratio_to_recompute"] <= 0.15)}
+    result["goal"] = {
+        "store_hit_ttft_le_x_recompute": 0.15,
+        "met": bool(best and best["ratio_to_recompute"] <= 0.15),
+    }
     print(json.dumps(result, indent=2))
     parts = [f"recompute {rec['ttft_median_s'] * 1e3:.0f} ms"]
     for profile, col in result["store"].items():
-        parts.append(f"{profile} hit {col['ttft_median_s'] * 1e3:.0f} ms ({col['ratio_to_recompute']:.3f}x, "
-                     f"{col['loaded_MBps']} MB/s)")
+        parts.append(
+            f"{profile} hit {col['ttft_median_s'] * 1e3:.0f} ms ({col['ratio_to_recompute']:.3f}x, "
+            f"{col['loaded_MBps']} MB/s)"
+        )
     parts.append(f"prefix cache {pc['ttft_median_s'] * 1e3:.0f} ms ({pc['ratio_to_recompute']:.3f}x)")
-    print(f"vllm_prefix {args.prefix_tokens} tokens: " + "; ".join(parts)
-          + f"; goal <=0.15x {'met' if result['goal']['met'] else 'not met'}")
+    print(
+        f"vllm_prefix {args.prefix_tokens} tokens: "
+        + "; ".join(parts)
+        + f"; goal <=0.15x {'met' if result['goal']['met'] else 'not met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -113,9 +113,7 @@ class Authenticator:
         if not self.enabled:
             return
         if tenant is None:
-            raise Unauthenticated(
-                "missing bearer token: send gRPC metadata 'authorization: Bearer <token>'"
-            )
+            raise Unauthenticated("missing bearer token: send gRPC metadata 'authorization: Bearer <token>'")
         if namespace.tenant != tenant:
             raise PermissionDenied(
                 f"namespace {str(namespace)!r} belongs to another tenant; your token is for "

@@ -74,27 +74,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvstore",
         description="Store and move LLM KV-cache blocks: a tiered (RAM, disk, Redis, S3), checksummed "
-                    "gRPC store.",
+        "gRPC store.",
         epilog="Run 'kvstore <command> --help' for the options and examples of each command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
     fmt = argparse.RawDescriptionHelpFormatter
-    serve = sub.add_parser("serve", help="run the store server", formatter_class=fmt, epilog=_SERVE_EPILOG,
-                           description="Run the kvstore gRPC server until Ctrl-C or SIGTERM.")
+    serve = sub.add_parser(
+        "serve",
+        help="run the store server",
+        formatter_class=fmt,
+        epilog=_SERVE_EPILOG,
+        description="Run the kvstore gRPC server until Ctrl-C or SIGTERM.",
+    )
     serve.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or TOML (.toml) config file")
     g = serve.add_argument_group("server")
     g.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, help="port to listen on (default 50051; 0 picks a free one)")
     g.add_argument("--workers", type=int, help="threads for blocking store work, tier I/O (default 16)")
-    g.add_argument("--max-blob-bytes", type=_bytes_arg, metavar="SIZE", help="largest blob Put accepts (64MiB)")
-    g.add_argument("--max-message-bytes", type=_bytes_arg, metavar="SIZE",
-                   help="largest gRPC message either way (72MiB); must exceed --max-blob-bytes")
+    g.add_argument(
+        "--max-blob-bytes", type=_bytes_arg, metavar="SIZE", help="largest blob Put accepts (64MiB)"
+    )
+    g.add_argument(
+        "--max-message-bytes",
+        type=_bytes_arg,
+        metavar="SIZE",
+        help="largest gRPC message either way (72MiB); must exceed --max-blob-bytes",
+    )
     g = serve.add_argument_group("tiers")
     g.add_argument("--memory-bytes", type=_bytes_arg, metavar="SIZE", help="RAM tier budget (default 2GiB)")
-    g.add_argument("--memory-prefault", action="store_true",
-                   help="map the RAM tier's whole budget at start-up (faster Puts; RSS starts at the budget)")
+    g.add_argument(
+        "--memory-prefault",
+        action="store_true",
+        help="map the RAM tier's whole budget at start-up (faster Puts; RSS starts at the budget)",
+    )
     g.add_argument("--disk-path", metavar="DIR", help="disk tier directory (default ~/.cache/kvstore/disk)")
     g.add_argument("--disk-bytes", type=_bytes_arg, metavar="SIZE", help="disk tier budget (default 64GiB)")
     g.add_argument("--no-disk", action="store_true", help="run without the disk tier (RAM only)")
@@ -106,30 +120,52 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
     g.add_argument("--grace", type=float, default=10.0, help="seconds to drain RPCs on shutdown (10)")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    g.add_argument("--ready-file", metavar="FILE",
-                   help="once listening, write {\"port\": ..., \"pid\": ...} as JSON here (for scripts/tests)")
+    g.add_argument(
+        "--ready-file",
+        metavar="FILE",
+        help='once listening, write {"port": ..., "pid": ...} as JSON here (for scripts/tests)',
+    )
     g.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
     serve.set_defaults(func=cmd_serve)
 
-    stats = sub.add_parser("stats", help="show a running server's tiers and counters", formatter_class=fmt,
-                           epilog=_STATS_EPILOG, description="Ask a running server for its Stats.")
-    stats.add_argument("--target", default=None, help=f"HOST:PORT of the server, or HOST:PORT,HOST:PORT,... / "
-                       f"dns:///NAME:PORT for every replica and totals (default $KVSTORE_TARGET or {DEFAULT_TARGET})")
+    stats = sub.add_parser(
+        "stats",
+        help="show a running server's tiers and counters",
+        formatter_class=fmt,
+        epilog=_STATS_EPILOG,
+        description="Ask a running server for its Stats.",
+    )
+    stats.add_argument(
+        "--target",
+        default=None,
+        help=f"HOST:PORT of the server, or HOST:PORT,HOST:PORT,... / "
+        f"dns:///NAME:PORT for every replica and totals (default $KVSTORE_TARGET or {DEFAULT_TARGET})",
+    )
     stats.add_argument("--token", default=None, help="bearer token (default $KVSTORE_TOKEN)")
     stats.add_argument("--tls-ca", metavar="FILE", help="CA certificate of a TLS server")
     stats.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (5)")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=cmd_stats)
 
-    bench = sub.add_parser("bench", help="run a benchmark from bench/", formatter_class=fmt, epilog=_BENCH_EPILOG,
-                           description="Run bench/NAME.py with the given arguments.")
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark from bench/",
+        formatter_class=fmt,
+        epilog=_BENCH_EPILOG,
+        description="Run bench/NAME.py with the given arguments.",
+    )
     bench.add_argument("name", metavar="NAME", nargs="?", help="benchmark name, e.g. store_throughput")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     bench.set_defaults(func=cmd_bench)
 
-    demo = sub.add_parser("demo", help="run the prefill/decode demo over Ray and the real model",
-                          formatter_class=fmt, epilog=_DEMO_EPILOG, add_help=False,
-                          description="Run workers.demo with the given arguments (see 'kvstore demo --help').")
+    demo = sub.add_parser(
+        "demo",
+        help="run the prefill/decode demo over Ray and the real model",
+        formatter_class=fmt,
+        epilog=_DEMO_EPILOG,
+        add_help=False,
+        description="Run workers.demo with the given arguments (see 'kvstore demo --help').",
+    )
     demo.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the demo")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -142,6 +178,7 @@ def _version() -> str:
 
 
 # ---------------------------------------------------------------- serve
+
 
 def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags as dotted config overrides; unset flags (None) leave file/env values alone."""
@@ -188,8 +225,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def on_ready(handle: Any) -> None:
         if args.ready_file:
             tmp = Path(args.ready_file + ".tmp")
-            tmp.write_text(json.dumps({"port": handle.port, "pid": os.getpid(), "target": handle.target,
-                                       "metrics_port": handle.metrics.port}))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "port": handle.port,
+                        "pid": os.getpid(),
+                        "target": handle.target,
+                        "metrics_port": handle.metrics.port,
+                    }
+                )
+            )
             tmp.replace(args.ready_file)  # atomic: a poller never reads half a file
 
     try:
@@ -205,8 +250,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- stats
 
-def fetch_stats(target: str, token: str | None = None, tls_ca: str | None = None, timeout: float = 5.0
-                ) -> dict[str, Any]:
+
+def fetch_stats(
+    target: str, token: str | None = None, tls_ca: str | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
     """Stats of the server at ``target`` as a plain dict (what ``--json`` prints)."""
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -214,13 +261,17 @@ def fetch_stats(target: str, token: str | None = None, tls_ca: str | None = None
     from kvstore.auth import bearer_metadata, channel_credentials
     from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
-    channel = (grpc.secure_channel(target, channel_credentials(tls_ca)) if tls_ca
-               else grpc.insecure_channel(target))
+    channel = (
+        grpc.secure_channel(target, channel_credentials(tls_ca)) if tls_ca else grpc.insecure_channel(target)
+    )
     with channel:
         stub = kvstore_pb2_grpc.KVStoreStub(channel)
-        response = stub.Stats(kvstore_pb2.StatsRequest(), timeout=timeout,
-                              metadata=bearer_metadata(token) if token else None)
-    data = MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        response = stub.Stats(
+            kvstore_pb2.StatsRequest(), timeout=timeout, metadata=bearer_metadata(token) if token else None
+        )
+    data = MessageToDict(
+        response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     for tier in data.get("tiers", []):
         for k, v in tier.items():
             if isinstance(v, str) and v.isdigit():
@@ -233,21 +284,44 @@ def fetch_stats(target: str, token: str | None = None, tls_ca: str | None = None
 def format_stats(data: dict[str, Any]) -> str:
     """A table a person can read at a glance."""
     lines = [f"kvstore {data.get('version', '?')} at {data['target']}", ""]
-    header = ("tier", "bytes", "capacity", "objects", "hits", "misses", "hit%", "evict", "errors", "corrupt", "ok")
+    header = (
+        "tier",
+        "bytes",
+        "capacity",
+        "objects",
+        "hits",
+        "misses",
+        "hit%",
+        "evict",
+        "errors",
+        "corrupt",
+        "ok",
+    )
     rows = [header]
     for t in data.get("tiers", []):
         lookups = t["hits"] + t["misses"]
-        rows.append((
-            t["name"], format_bytes(t["bytes"]),
-            format_bytes(t["capacity_bytes"]) if t["capacity_bytes"] else "unbounded",
-            str(t["objects"]), str(t["hits"]), str(t["misses"]),
-            f"{100 * t['hits'] / lookups:.1f}" if lookups else "-",
-            str(t["evictions"]), str(t["errors"]), str(t["integrity_failures"]),
-            "yes" if t["healthy"] else "NO",
-        ))
+        rows.append(
+            (
+                t["name"],
+                format_bytes(t["bytes"]),
+                format_bytes(t["capacity_bytes"]) if t["capacity_bytes"] else "unbounded",
+                str(t["objects"]),
+                str(t["hits"]),
+                str(t["misses"]),
+                f"{100 * t['hits'] / lookups:.1f}" if lookups else "-",
+                str(t["evictions"]),
+                str(t["errors"]),
+                str(t["integrity_failures"]),
+                "yes" if t["healthy"] else "NO",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
     if data.get("counters"):
         lines += ["", "counters:"]
         width = max(len(k) for k in data["counters"])
@@ -255,8 +329,9 @@ def format_stats(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cluster_stats(members: Sequence[str], token: str | None = None, tls_ca: str | None = None,
-                  timeout: float = 5.0) -> dict[str, Any]:
+def cluster_stats(
+    members: Sequence[str], token: str | None = None, tls_ca: str | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
     """Every replica's stats (or its error) and the totals: tiers summed by name, counters summed."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -274,7 +349,9 @@ def cluster_stats(members: Sequence[str], token: str | None = None, tls_ca: str 
     counters: dict[str, int] = {}
     for r in replicas:
         for t in r.get("tiers", []):
-            total = tiers.setdefault(t["name"], {k: (True if k == "healthy" else 0) for k in t if k != "name"})
+            total = tiers.setdefault(
+                t["name"], {k: (True if k == "healthy" else 0) for k in t if k != "name"}
+            )
             for k, v in t.items():
                 if k == "healthy":
                     total[k] = total[k] and v
@@ -282,15 +359,20 @@ def cluster_stats(members: Sequence[str], token: str | None = None, tls_ca: str 
                     total[k] += v
         for k, v in r.get("counters", {}).items():
             counters[k] = counters.get(k, 0) + v
-    totals = {"target": f"{len(members)} replicas, {sum('error' not in r for r in replicas)} answered",
-              "version": ",".join(sorted({r["version"] for r in replicas if r.get("version")})),
-              "tiers": [{"name": n, **t} for n, t in tiers.items()], "counters": dict(sorted(counters.items()))}
+    totals = {
+        "target": f"{len(members)} replicas, {sum('error' not in r for r in replicas)} answered",
+        "version": ",".join(sorted({r["version"] for r in replicas if r.get("version")})),
+        "tiers": [{"name": n, **t} for n, t in tiers.items()],
+        "counters": dict(sorted(counters.items())),
+    }
     return {"replicas": replicas, "totals": totals}
 
 
 def format_cluster_stats(data: dict[str, Any]) -> str:
-    parts = [format_stats(r) if "error" not in r else f"kvstore at {r['target']}: {r['error']}"
-             for r in data["replicas"]]
+    parts = [
+        format_stats(r) if "error" not in r else f"kvstore at {r['target']}: {r['error']}"
+        for r in data["replicas"]
+    ]
     return "\n\n".join([*parts, "totals: " + format_stats(data["totals"])])
 
 
@@ -324,6 +406,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- bench, demo
 
+
 def bench_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "bench"
 
@@ -336,8 +419,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     script = directory / f"{args.name.removesuffix('.py')}.py"
     if not script.is_file():
-        print(f"kvstore bench: no benchmark {args.name!r} in {directory}; available: {', '.join(available)}",
-              file=sys.stderr)
+        print(
+            f"kvstore bench: no benchmark {args.name!r} in {directory}; available: {', '.join(available)}",
+            file=sys.stderr,
+        )
         return 2
     env = dict(os.environ)
     root = str(directory.parent)
@@ -349,8 +434,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         from workers.demo import main as demo_main
     except ImportError as exc:
-        print(f"kvstore demo: cannot import workers.demo ({exc}); the demo needs the kvstore repository "
-              "checkout and the ML extras (pip install 'kvstore[ml]')", file=sys.stderr)
+        print(
+            f"kvstore demo: cannot import workers.demo ({exc}); the demo needs the kvstore repository "
+            "checkout and the ML extras (pip install 'kvstore[ml]')",
+            file=sys.stderr,
+        )
         return 2
     result = demo_main(list(args.args))
     return int(result or 0)

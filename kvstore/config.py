@@ -233,8 +233,14 @@ def validate(config: StoreConfig) -> None:
     if not s.host:
         raise ValueError("server.host must not be empty")
     port("server.port", s.port)
-    for name in ("max_message_bytes", "max_blob_bytes", "max_layers", "max_keys_per_request", "workers",
-                 "max_put_stream_bytes"):
+    for name in (
+        "max_message_bytes",
+        "max_blob_bytes",
+        "max_layers",
+        "max_keys_per_request",
+        "workers",
+        "max_put_stream_bytes",
+    ):
         positive(f"server.{name}", getattr(s, name))
     if s.max_blob_bytes + 64 * KiB > s.max_message_bytes:
         raise ValueError(
@@ -243,7 +249,12 @@ def validate(config: StoreConfig) -> None:
         )
     if s.max_put_stream_bytes < s.max_blob_bytes:
         raise ValueError("server.max_put_stream_bytes must be >= server.max_blob_bytes")
-    for name in ("max_streams_per_tenant", "max_streams_per_peer", "stream_idle_timeout_s", "stream_timeout_s"):
+    for name in (
+        "max_streams_per_tenant",
+        "max_streams_per_peer",
+        "stream_idle_timeout_s",
+        "stream_timeout_s",
+    ):
         positive(f"server.{name}", getattr(s, name))
     if s.ack not in ACK_MODES:
         raise ValueError(f"server.ack must be one of {', '.join(ACK_MODES)}, got {s.ack!r}")
@@ -262,31 +273,55 @@ def validate(config: StoreConfig) -> None:
         raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {r.url!r}")
     for name in ("ttl_seconds", "max_bytes", "budget_s"):
         non_negative(f"redis.{name}", getattr(r, name))
-    for name in ("socket_timeout_s", "connect_timeout_s", "pool_size", "breaker_threshold", "breaker_reset_s"):
+    for name in (
+        "socket_timeout_s",
+        "connect_timeout_s",
+        "pool_size",
+        "breaker_threshold",
+        "breaker_reset_s",
+    ):
         positive(f"redis.{name}", getattr(r, name))
     if r.budget_s and r.budget_s < r.connect_timeout_s + r.socket_timeout_s:
-        raise ValueError(f"redis.budget_s ({r.budget_s}) must be 0 (auto) or >= redis.connect_timeout_s + "
-                         f"redis.socket_timeout_s ({r.connect_timeout_s + r.socket_timeout_s:g})")
-    if r.enabled and r.cluster and (r.url.startswith("unix://") or "{" in r.key_prefix or "}" in r.key_prefix):
-        raise ValueError("redis.cluster needs a redis:// or rediss:// url and a key_prefix without '{' or '}'")
+        raise ValueError(
+            f"redis.budget_s ({r.budget_s}) must be 0 (auto) or >= redis.connect_timeout_s + "
+            f"redis.socket_timeout_s ({r.connect_timeout_s + r.socket_timeout_s:g})"
+        )
+    if (
+        r.enabled
+        and r.cluster
+        and (r.url.startswith("unix://") or "{" in r.key_prefix or "}" in r.key_prefix)
+    ):
+        raise ValueError(
+            "redis.cluster needs a redis:// or rediss:// url and a key_prefix without '{' or '}'"
+        )
     s3 = config.s3
     if s3.enabled and not s3.bucket:
         raise ValueError("s3.bucket must be set when s3.enabled is true")
     if s3.bucket and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", s3.bucket):
-        raise ValueError(f"s3.bucket {s3.bucket!r} is not a bucket name (up to 63 characters of [A-Za-z0-9._-]; "
-                         "AWS itself wants 3-63 of [a-z0-9.-])")
+        raise ValueError(
+            f"s3.bucket {s3.bucket!r} is not a bucket name (up to 63 characters of [A-Za-z0-9._-]; "
+            "AWS itself wants 3-63 of [a-z0-9.-])"
+        )
     if s3.endpoint_url and not re.match(r"^https?://", s3.endpoint_url):
         raise ValueError(f"s3.endpoint_url must start with http:// or https://, got {s3.endpoint_url!r}")
     if (s3.access_key_id is None) != (s3.secret_access_key is None):
         raise ValueError("s3.access_key_id and s3.secret_access_key must be set together")
     non_negative("s3.max_bytes", s3.max_bytes)
     non_negative("s3.budget_s", s3.budget_s)
-    for name in ("timeout_s", "connect_timeout_s", "max_concurrency", "multipart_threshold_bytes",
-                 "breaker_threshold", "breaker_reset_s"):
+    for name in (
+        "timeout_s",
+        "connect_timeout_s",
+        "max_concurrency",
+        "multipart_threshold_bytes",
+        "breaker_threshold",
+        "breaker_reset_s",
+    ):
         positive(f"s3.{name}", getattr(s3, name))
     if s3.budget_s and s3.budget_s < s3.connect_timeout_s + s3.timeout_s:
-        raise ValueError(f"s3.budget_s ({s3.budget_s}) must be 0 (auto) or >= s3.connect_timeout_s + "
-                         f"s3.timeout_s ({s3.connect_timeout_s + s3.timeout_s:g})")
+        raise ValueError(
+            f"s3.budget_s ({s3.budget_s}) must be 0 (auto) or >= s3.connect_timeout_s + "
+            f"s3.timeout_s ({s3.connect_timeout_s + s3.timeout_s:g})"
+        )
     a = config.auth
     for token, name in a.tokens.items():
         if not isinstance(token, str) or not token or any(c.isspace() for c in token):
@@ -435,9 +470,7 @@ def _apply(layers: dict[str, dict[str, Any]], section: str, name: str, value: An
         raise ValueError(f"{source}: unknown config section {section!r} (known: {', '.join(SECTIONS)})")
     hints = _field_hints(SECTIONS[section])
     if name not in hints:
-        raise ValueError(
-            f"{source}: unknown field {section}.{name} (known: {', '.join(hints)})"
-        )
+        raise ValueError(f"{source}: unknown field {section}.{name} (known: {', '.join(hints)})")
     layers.setdefault(section, {})[name] = _coerce(section, name, hints[name], value)
 
 
@@ -484,7 +517,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
-        section, _, name = key[len(ENV_PREFIX):].partition("__")
+        section, _, name = key[len(ENV_PREFIX) :].partition("__")
         out.setdefault(section.lower(), {})[name.lower()] = value
     return out
 
@@ -506,7 +539,13 @@ def load_config(
     env = os.environ if environ is None else environ
     for section, values in env_overrides(env).items():
         for name, value in values.items():
-            _apply(layers, section, name, value, f"environment variable {ENV_PREFIX}{section.upper()}__{name.upper()}")
+            _apply(
+                layers,
+                section,
+                name,
+                value,
+                f"environment variable {ENV_PREFIX}{section.upper()}__{name.upper()}",
+            )
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

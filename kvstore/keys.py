@@ -60,8 +60,9 @@ class Namespace:
         return cls(*m.groups())
 
 
-def model_fingerprint(architecture: str, num_layers: int, num_kv_heads: int, head_dim: int, dtype: str,
-                      weights_digest: str = "") -> str:
+def model_fingerprint(
+    architecture: str, num_layers: int, num_kv_heads: int, head_dim: int, dtype: str, weights_digest: str = ""
+) -> str:
     """A short, stable name for 'KV produced by exactly this model'.
 
     Shape alone is not enough (two fine-tunes share it), so callers pass a digest

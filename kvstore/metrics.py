@@ -19,19 +19,45 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 #: Latency buckets from a RAM hit on loopback (~100 us) to a slow S3 read (~10 s).
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                   1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
-TIER_FIELDS = ("bytes", "objects", "capacity_bytes", "hits", "misses", "evictions", "errors",
-               "integrity_failures")
+TIER_FIELDS = (
+    "bytes",
+    "objects",
+    "capacity_bytes",
+    "hits",
+    "misses",
+    "evictions",
+    "errors",
+    "integrity_failures",
+)
 
 
 def tier_fields(stat: Any) -> dict[str, Any]:
     """Flatten one ``TieredStore.tier_stats()`` record (name, usage, counters, healthy)
     into ``{"name": ..., "bytes": ..., "hits": ..., "healthy": ...}``."""
-    out: dict[str, Any] = {"name": str(stat_value(stat, "name", "?")),
-                           "healthy": bool(stat_value(stat, "healthy", True))}
+    out: dict[str, Any] = {
+        "name": str(stat_value(stat, "name", "?")),
+        "healthy": bool(stat_value(stat, "healthy", True)),
+    }
     sources = [stat, stat_value(stat, "usage", None), stat_value(stat, "counters", None)]
     for name in TIER_FIELDS:
         value = 0
@@ -57,8 +83,16 @@ class TierCollector(Collector):
         ("kvstore_tier_hits", "hits", "Reads served by this tier"),
         ("kvstore_tier_misses", "misses", "Reads this tier could not serve"),
         ("kvstore_tier_evictions", "evictions", "Blobs evicted from this tier to stay in budget"),
-        ("kvstore_tier_errors", "errors", "Failures of this tier's medium (timeouts, refused connections, I/O)"),
-        ("kvstore_integrity_failures", "integrity_failures", "Blobs read from this tier that failed their checksum"),
+        (
+            "kvstore_tier_errors",
+            "errors",
+            "Failures of this tier's medium (timeouts, refused connections, I/O)",
+        ),
+        (
+            "kvstore_integrity_failures",
+            "integrity_failures",
+            "Blobs read from this tier that failed their checksum",
+        ),
     )
     _GAUGES = (
         ("kvstore_tier_bytes", "bytes", "Bytes stored in this tier"),
@@ -90,10 +124,16 @@ class TierCollector(Collector):
 
     #: Counters outside the TierStats message (read from each record's ``counters`` directly).
     _EXTRA_COUNTERS = (
-        ("kvstore_tier_corrupt_records", "corrupt_records",
-         "Records a start-up recovery skipped because they failed their checks (each lost only itself)"),
-        ("kvstore_tier_breaker_trips", "breaker_trips",
-         "Times the tier's circuit breaker opened (a failed or timed-out call; the tier is then skipped)"),
+        (
+            "kvstore_tier_corrupt_records",
+            "corrupt_records",
+            "Records a start-up recovery skipped because they failed their checks (each lost only itself)",
+        ),
+        (
+            "kvstore_tier_breaker_trips",
+            "breaker_trips",
+            "Times the tier's circuit breaker opened (a failed or timed-out call; the tier is then skipped)",
+        ),
     )
 
     def _resilience(self, raw: list[Any]) -> Iterator[Any]:
@@ -112,16 +152,23 @@ class ServerMetrics:
     def __init__(self, tier_stats: Callable[[], Iterable[Any]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "kvstore_requests", "RPCs handled, by method and final status code",
-            ["method", "code"], registry=self.registry,
+            "kvstore_requests",
+            "RPCs handled, by method and final status code",
+            ["method", "code"],
+            registry=self.registry,
         )
         self.duration = Histogram(
-            "kvstore_request_duration_seconds", "Wall time of an RPC, from first byte to final status",
-            ["method"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "kvstore_request_duration_seconds",
+            "Wall time of an RPC, from first byte to final status",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.blob_bytes = Counter(
-            "kvstore_blob_bytes", "Blob bytes accepted by Put (in) and streamed by Get (out)",
-            ["direction"], registry=self.registry,
+            "kvstore_blob_bytes",
+            "Blob bytes accepted by Put (in) and streamed by Get (out)",
+            ["direction"],
+            registry=self.registry,
         )
         self.registry.register(TierCollector(tier_stats))
         self._http: Any = None

@@ -110,8 +110,9 @@ def _tier_enum(name: str) -> int:
         return kvstore_pb2.TIER_UNSPECIFIED
 
 
-async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseException, metrics: ServerMetrics,
-                started: float) -> None:
+async def _fail(
+    context: grpc.aio.ServicerContext, method: str, exc: BaseException, metrics: ServerMetrics, started: float
+) -> None:
     code = status_of(exc)
     if code is grpc.StatusCode.INTERNAL and context.cancelled():
         # The client went away (cancelled, deadline) while we read its stream: not a server bug.
@@ -155,7 +156,9 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return wrap
 
 
-def _take(source: Iterator[Any], max_bytes: int, max_items: int) -> tuple[list[Any], BaseException | None, bool]:
+def _take(
+    source: Iterator[Any], max_bytes: int, max_items: int
+) -> tuple[list[Any], BaseException | None, bool]:
     """Pull Get items on a worker thread: (items, the error that ended the source, source done)."""
     out: list[Any] = []
     size = 0
@@ -178,8 +181,13 @@ class KVStoreServicer:
     ``executor`` so that a slow disk or a remote tier never stalls other RPCs.
     """
 
-    def __init__(self, service: StoreService, metrics: ServerMetrics, limits: ServerConfig,
-                 executor: futures.ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        service: StoreService,
+        metrics: ServerMetrics,
+        limits: ServerConfig,
+        executor: futures.ThreadPoolExecutor,
+    ) -> None:
         self.service = service
         self.metrics = metrics
         self.limits = limits
@@ -193,19 +201,25 @@ class KVStoreServicer:
     @_rpc("Lookup")
     async def Lookup(self, tenant: str | None, request: Any, context: Any) -> kvstore_pb2.LookupResponse:
         request = _well_formed(request)
-        num_present, tiers = await self._work(self.service.lookup, tenant, request.namespace, request.keys,
-                                              request.num_layers)
+        num_present, tiers = await self._work(
+            self.service.lookup, tenant, request.namespace, request.keys, request.num_layers
+        )
         return kvstore_pb2.LookupResponse(num_present=num_present, tiers=[_tier_enum(t) for t in tiers])
 
     @_rpc("Put")
-    async def Put(self, tenant: str | None, request_iterator: AsyncIterator[Any], context: Any
-                  ) -> kvstore_pb2.PutResponse:
+    async def Put(
+        self, tenant: str | None, request_iterator: AsyncIterator[Any], context: Any
+    ) -> kvstore_pb2.PutResponse:
         with self.streams.open("Put", tenant, context.peer()):
             received, ack = await self._read_put(request_iterator)
             durable = self._durable(ack)
-            num_stored, nbytes, tiers, persisted = await self._work(self._store_put, tenant, received, durable)
+            num_stored, nbytes, tiers, persisted = await self._work(
+                self._store_put, tenant, received, durable
+            )
         self.metrics.add_bytes("in", nbytes)
-        return kvstore_pb2.PutResponse(num_stored=num_stored, bytes_stored=nbytes, tiers=tiers, durable=persisted)
+        return kvstore_pb2.PutResponse(
+            num_stored=num_stored, bytes_stored=nbytes, tiers=tiers, durable=persisted
+        )
 
     async def _read_put(self, request_iterator: AsyncIterator[Any]) -> tuple[list[PutRequestView], int]:
         """Buffer a Put stream up to its commit message; only cheap size checks run here."""
@@ -225,7 +239,8 @@ class KVStoreServicer:
                         if total > limit:
                             raise BlobTooLarge(
                                 f"put item {len(received)}: the Put stream exceeds server.max_put_stream_bytes "
-                                f"({limit}); send fewer blobs per Put call")
+                                f"({limit}); send fewer blobs per Put call"
+                            )
                         received.append(request)
                     if request.commit:
                         return received, request.ack
@@ -234,21 +249,26 @@ class KVStoreServicer:
         raise StreamNotCommitted(
             f"Put stream ended after {len(received)} message(s) without a commit message (a PutRequest with "
             "commit = true must end every Put stream); nothing was stored. Update the client, or if it was "
-            "cancelled, retry the whole batch")
+            "cancelled, retry the whole batch"
+        )
 
     def _durable(self, ack: int) -> bool:
         if ack == kvstore_pb2.ACK_UNSPECIFIED:
             return self.default_durable
         if ack not in ACK_NAMES:
-            raise InvalidRequest(f"unknown PutRequest.ack {ack}: use ACK_MEMORY (1) or ACK_DURABLE (2), "
-                                 "or leave it unset for the server's default (server.ack)")
+            raise InvalidRequest(
+                f"unknown PutRequest.ack {ack}: use ACK_MEMORY (1) or ACK_DURABLE (2), "
+                "or leave it unset for the server's default (server.ack)"
+            )
         return ack == kvstore_pb2.ACK_DURABLE
 
-    def _store_put(self, tenant: str | None, received: list[PutRequestView], durable: bool
-                   ) -> tuple[int, int, list[str], bool]:
+    def _store_put(
+        self, tenant: str | None, received: list[PutRequestView], durable: bool
+    ) -> tuple[int, int, list[str], bool]:
         """Validate the whole committed stream, then write it (a worker thread: hashing and tier I/O)."""
         items = self.service.validate_put(
-            tenant, ((r.namespace, r.key, r.layer, r.num_layers, r.blob) for r in received))
+            tenant, ((r.namespace, r.key, r.layer, r.num_layers, r.blob) for r in received)
+        )
         num_stored, nbytes, tiers = self.service.put(tenant, items, durable=durable)
         persistent = getattr(self.service.store, "persistent", None)
         return num_stored, nbytes, tiers, bool(tiers and callable(persistent) and persistent(tiers))
@@ -257,8 +277,9 @@ class KVStoreServicer:
     async def Get(self, tenant: str | None, request: Any, context: Any) -> None:
         request = _well_formed(request)
         with self.streams.open("Get", tenant, context.peer()):
-            ns = self.service.check_get(tenant, request.namespace, request.keys, request.layer_start,
-                                        request.layer_end)
+            ns = self.service.check_get(
+                tenant, request.namespace, request.keys, request.layer_start, request.layer_end
+            )
             source: Iterator[Any] = self.service.get(ns, request.keys, request.layer_start, request.layer_end)
             if request.pack_bytes:
                 source = pack_blobs(source, self.service.pack_limit(request.pack_bytes))
@@ -327,8 +348,10 @@ def _tolerant(parse: Callable[[bytes], Any], message: str) -> Callable[[bytes], 
         try:
             return parse(data)
         except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's
-            return _Malformed(f"malformed {message} ({len(data)} bytes): {type(exc).__name__}: {exc}; "
-                              f"send a serialized kvstore.v1.{message}")
+            return _Malformed(
+                f"malformed {message} ({len(data)} bytes): {type(exc).__name__}: {exc}; "
+                f"send a serialized kvstore.v1.{message}"
+            )
 
     return deserialize
 
@@ -345,20 +368,30 @@ def add_servicer(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
     pb = kvstore_pb2
     handlers = {
         "Lookup": grpc.unary_unary_rpc_method_handler(
-            servicer.Lookup, request_deserializer=_tolerant(pb.LookupRequest.FromString, "LookupRequest"),
-            response_serializer=pb.LookupResponse.SerializeToString),
+            servicer.Lookup,
+            request_deserializer=_tolerant(pb.LookupRequest.FromString, "LookupRequest"),
+            response_serializer=pb.LookupResponse.SerializeToString,
+        ),
         "Put": grpc.stream_unary_rpc_method_handler(
-            servicer.Put, request_deserializer=_tolerant(parse_put_request, "PutRequest"),
-            response_serializer=pb.PutResponse.SerializeToString),
+            servicer.Put,
+            request_deserializer=_tolerant(parse_put_request, "PutRequest"),
+            response_serializer=pb.PutResponse.SerializeToString,
+        ),
         "Get": grpc.unary_stream_rpc_method_handler(
-            servicer.Get, request_deserializer=_tolerant(pb.GetRequest.FromString, "GetRequest"),
-            response_serializer=encode_get_response),
+            servicer.Get,
+            request_deserializer=_tolerant(pb.GetRequest.FromString, "GetRequest"),
+            response_serializer=encode_get_response,
+        ),
         "Delete": grpc.unary_unary_rpc_method_handler(
-            servicer.Delete, request_deserializer=_tolerant(pb.DeleteRequest.FromString, "DeleteRequest"),
-            response_serializer=pb.DeleteResponse.SerializeToString),
+            servicer.Delete,
+            request_deserializer=_tolerant(pb.DeleteRequest.FromString, "DeleteRequest"),
+            response_serializer=pb.DeleteResponse.SerializeToString,
+        ),
         "Stats": grpc.unary_unary_rpc_method_handler(
-            servicer.Stats, request_deserializer=_tolerant(pb.StatsRequest.FromString, "StatsRequest"),
-            response_serializer=pb.StatsResponse.SerializeToString),
+            servicer.Stats,
+            request_deserializer=_tolerant(pb.StatsRequest.FromString, "StatsRequest"),
+            response_serializer=pb.StatsResponse.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -508,7 +541,9 @@ def serve(config: StoreConfig, store: Any | None = None) -> ServerHandle:
     try:
         service = StoreService(store, config.server, authenticator, quotas)
         metrics = ServerMetrics(store.tier_stats)
-        executor = futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="kvstore-io")
+        executor = futures.ThreadPoolExecutor(
+            max_workers=config.server.workers, thread_name_prefix="kvstore-io"
+        )
         servicer = KVStoreServicer(service, metrics, config.server, executor)
         runner = _LoopThread()
         server, port, health_servicer = runner.call(_start(config, servicer, credentials))
@@ -521,13 +556,23 @@ def serve(config: StoreConfig, store: Any | None = None) -> ServerHandle:
             executor.shutdown(wait=False)
         store.close()
         raise
-    return ServerHandle(server=server, port=port, host=config.server.host, config=config, service=service,
-                        metrics=metrics, health=health_servicer, servicer=servicer, executor=executor,
-                        runner=runner)
+    return ServerHandle(
+        server=server,
+        port=port,
+        host=config.server.host,
+        config=config,
+        service=service,
+        metrics=metrics,
+        health=health_servicer,
+        servicer=servicer,
+        executor=executor,
+        runner=runner,
+    )
 
 
-async def _start(config: StoreConfig, servicer: KVStoreServicer, credentials: grpc.ServerCredentials | None
-                 ) -> tuple[grpc.aio.Server, int, health_async.HealthServicer]:
+async def _start(
+    config: StoreConfig, servicer: KVStoreServicer, credentials: grpc.ServerCredentials | None
+) -> tuple[grpc.aio.Server, int, health_async.HealthServicer]:
     """Create and start the asyncio server on the running loop (grpc.aio objects belong to one loop)."""
     server = grpc.aio.server(options=grpc_options(config) + KEEPALIVE)
     try:
@@ -535,7 +580,11 @@ async def _start(config: StoreConfig, servicer: KVStoreServicer, credentials: gr
         health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         host = config.server.host
@@ -558,13 +607,17 @@ async def _start(config: StoreConfig, servicer: KVStoreServicer, credentials: gr
     return server, port, health_servicer
 
 
-def run(config: StoreConfig, grace: float = 10.0, on_ready: Callable[[ServerHandle], None] | None = None) -> None:
+def run(
+    config: StoreConfig, grace: float = 10.0, on_ready: Callable[[ServerHandle], None] | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT, then stop taking RPCs and drain for ``grace`` seconds."""
     tune_allocator()
     if config.memory.prefault:
         started = time.monotonic()
         done = prefault_heap(config.memory.max_bytes)
-        log.info("prefaulted %d MiB of heap for the RAM tier in %.1f s", done >> 20, time.monotonic() - started)
+        log.info(
+            "prefaulted %d MiB of heap for the RAM tier in %.1f s", done >> 20, time.monotonic() - started
+        )
     handle = serve(config)
     stop = threading.Event()
 
@@ -574,9 +627,13 @@ def run(config: StoreConfig, grace: float = 10.0, on_ready: Callable[[ServerHand
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        log.info("kvstore %s serving on %s (tiers: %s)%s", kvstore.__version__, handle.target,
-                 ", ".join(tier_fields(t)["name"] for t in handle.store.tier_stats()),
-                 f", metrics on :{handle.metrics.port}" if handle.metrics.port else "")
+        log.info(
+            "kvstore %s serving on %s (tiers: %s)%s",
+            kvstore.__version__,
+            handle.target,
+            ", ".join(tier_fields(t)["name"] for t in handle.store.tier_stats()),
+            f", metrics on :{handle.metrics.port}" if handle.metrics.port else "",
+        )
         if on_ready is not None:
             on_ready(handle)
         while not stop.wait(0.5):

@@ -61,8 +61,9 @@ class ServerCounters:
 class StoreService:
     """Validates requests, checks auth and quotas, and drives the tiered store."""
 
-    def __init__(self, store: Any, limits: ServerConfig, authenticator: Authenticator,
-                 quotas: QuotaLedger) -> None:
+    def __init__(
+        self, store: Any, limits: ServerConfig, authenticator: Authenticator, quotas: QuotaLedger
+    ) -> None:
         self.store = store
         self.limits = limits
         self.auth = authenticator
@@ -106,8 +107,9 @@ class StoreService:
 
     # ------------------------------------------------------------ RPCs
 
-    def lookup(self, tenant: str | None, namespace: str, keys: Sequence[bytes],
-               num_layers: int) -> tuple[int, list[str]]:
+    def lookup(
+        self, tenant: str | None, namespace: str, keys: Sequence[bytes], num_layers: int
+    ) -> tuple[int, list[str]]:
         ns = self.namespace(namespace, tenant)
         self.check_keys(keys)
         self.check_num_layers(num_layers)
@@ -117,8 +119,9 @@ class StoreService:
         self.counters.add(lookups=1, keys_looked_up=len(keys), keys_present=num_present)
         return int(num_present), list(tiers)
 
-    def validate_put(self, tenant: str | None, items: Iterable[tuple[str, bytes, int, int, bytes]]
-                     ) -> list[PutItem]:
+    def validate_put(
+        self, tenant: str | None, items: Iterable[tuple[str, bytes, int, int, bytes]]
+    ) -> list[PutItem]:
         """Check a whole Put stream; raise on the first bad item, naming its index."""
         namespaces: dict[str, Namespace] = {}
         out: list[PutItem] = []
@@ -133,7 +136,9 @@ class StoreService:
                     raise InvalidRequest(f"{where}: {exc}") from None
                 namespaces[namespace] = ns
             if len(key) != KEY_BYTES:
-                raise InvalidRequest(f"{where}: key is {len(key)} bytes; chunk keys must be exactly {KEY_BYTES} bytes")
+                raise InvalidRequest(
+                    f"{where}: key is {len(key)} bytes; chunk keys must be exactly {KEY_BYTES} bytes"
+                )
             try:
                 self.check_num_layers(num_layers)
             except InvalidRequest as exc:
@@ -164,8 +169,9 @@ class StoreService:
             raise InvalidRequest("empty Put stream: send at least one PutRequest")
         return out
 
-    def put(self, tenant: str | None, items: Sequence[PutItem], *, durable: bool = False
-            ) -> tuple[int, int, list[str]]:
+    def put(
+        self, tenant: str | None, items: Sequence[PutItem], *, durable: bool = False
+    ) -> tuple[int, int, list[str]]:
         """Charge quotas, then write the validated stream; returns (blobs, bytes, tiers written).
 
         Quotas charge what a blob adds: rewriting a block already held (a client
@@ -185,7 +191,9 @@ class StoreService:
             if undo is not None:
                 undo()
             raise
-        self.counters.add(puts=1, blobs_put=len(items), bytes_put=nbytes, **({"puts_durable": 1} if durable else {}))
+        self.counters.add(
+            puts=1, blobs_put=len(items), bytes_put=nbytes, **({"puts_durable": 1} if durable else {})
+        )
         return len(items), nbytes, list(tiers or [])
 
     def _charge(self, items: Sequence[PutItem]) -> Any:
@@ -227,8 +235,9 @@ class StoreService:
             else:
                 self.quotas.set_usage(owner, self.quotas.usage(owner) - delta)  # re-take a shrink
 
-    def check_get(self, tenant: str | None, namespace: str, keys: Sequence[bytes], layer_start: int,
-                  layer_end: int) -> Namespace:
+    def check_get(
+        self, tenant: str | None, namespace: str, keys: Sequence[bytes], layer_start: int, layer_end: int
+    ) -> Namespace:
         ns = self.namespace(namespace, tenant)
         self.check_keys(keys)
         if not keys:
@@ -238,11 +247,14 @@ class StoreService:
                 f"empty layer range [{layer_start}, {layer_end}): layer_end must be > layer_start"
             )
         if layer_end > self.limits.max_layers:
-            raise InvalidRequest(f"layer_end {layer_end} exceeds server.max_layers ({self.limits.max_layers})")
+            raise InvalidRequest(
+                f"layer_end {layer_end} exceeds server.max_layers ({self.limits.max_layers})"
+            )
         return ns
 
-    def get(self, ns: Namespace, keys: Sequence[bytes], layer_start: int, layer_end: int
-            ) -> Iterator[tuple[int, int, bytes]]:
+    def get(
+        self, ns: Namespace, keys: Sequence[bytes], layer_start: int, layer_end: int
+    ) -> Iterator[tuple[int, int, bytes]]:
         """Yield (key_index, layer, blob) in layer order; raise NotFound at the first gap."""
         namespace = str(ns)
         chunks = [bytes(k) for k in keys]
@@ -251,7 +263,7 @@ class StoreService:
             for first in range(0, len(chunks), window):
                 # A bounded window at a time: one Get of a million-token layer
                 # (~4k blobs) must not hold the whole layer in server memory.
-                batch = [BlobKey(namespace, k, layer) for k in chunks[first:first + window]]
+                batch = [BlobKey(namespace, k, layer) for k in chunks[first : first + window]]
                 for i, blob in enumerate(self.store.get_many(batch), start=first):
                     if blob is None:
                         self.counters.add(get_misses=1)

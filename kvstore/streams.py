@@ -39,12 +39,14 @@ class StreamLimiter:
             raise StreamLimitExceeded(
                 f"{method} refused: tenant {tenant!r} already has {self.tenants[tenant]} Put/Get streams open "
                 f"(server.max_streams_per_tenant = {self.per_tenant}); finish or cancel some, or raise "
-                "server.max_streams_per_tenant")
+                "server.max_streams_per_tenant"
+            )
         if self.peers[peer] >= self.per_peer:
             raise StreamLimitExceeded(
                 f"{method} refused: this connection ({peer}) already has {self.peers[peer]} Put/Get streams "
                 f"open (server.max_streams_per_peer = {self.per_peer}); finish or cancel some, open another "
-                "connection, or raise server.max_streams_per_peer")
+                "connection, or raise server.max_streams_per_peer"
+            )
         if tenant is not None:
             self.tenants[tenant] += 1
         self.peers[peer] += 1
@@ -143,8 +145,10 @@ class StreamClock:
         if self._loop.time() >= self.end - 1e-3:
             return StreamTimeout(
                 f"{self.method} stream ran longer than server.stream_timeout_s ({self.total_s:g} s); send "
-                "smaller batches or raise server.stream_timeout_s")
+                "smaller batches or raise server.stream_timeout_s"
+            )
         return StreamTimeout(
             f"{self.method} stream idle: the client was {doing} for server.stream_idle_timeout_s "
             f"({self.idle_s:g} s); the server ended the stream (raise server.stream_idle_timeout_s if the "
-            "client is legitimately slow)")
+            "client is legitimately slow)"
+        )

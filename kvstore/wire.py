@@ -73,8 +73,10 @@ class GetResponseView:
         self.blobs = blobs if blobs is not None else []
 
     def __repr__(self) -> str:
-        return (f"GetResponseView(key_index={self.key_index}, layer={self.layer}, blob=<{len(self.blob)} bytes>, "
-                f"blobs=<{len(self.blobs)}>)")
+        return (
+            f"GetResponseView(key_index={self.key_index}, layer={self.layer}, blob=<{len(self.blob)} bytes>, "
+            f"blobs=<{len(self.blobs)}>)"
+        )
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -155,9 +157,15 @@ def parse_put_request(data: bytes) -> PutRequestView:
         m = pb.PutRequest.FromString(data)
         return PutRequestView(m.namespace, m.key, m.layer, m.num_layers, m.blob, m.commit, m.ack)
     ack = f.get(7, 0) & _U32  # an enum is an int32: protobuf keeps unknown values, sign included
-    return PutRequestView(bytes(f.get(1, b"")).decode("utf-8"), bytes(f.get(2, b"")), f.get(3, 0) & _U32,
-                          f.get(4, 0) & _U32, bytes(f.get(5, b"")), bool(f.get(6, 0)),
-                          ack - (1 << 32) if ack >> 31 else ack)
+    return PutRequestView(
+        bytes(f.get(1, b"")).decode("utf-8"),
+        bytes(f.get(2, b"")),
+        f.get(3, 0) & _U32,
+        f.get(4, 0) & _U32,
+        bytes(f.get(5, b"")),
+        bool(f.get(6, 0)),
+        ack - (1 << 32) if ack >> 31 else ack,
+    )
 
 
 def encode_put_request(request: PutRequestView) -> bytes:

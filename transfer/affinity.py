@@ -39,8 +39,10 @@ class CpuPlan:
 
     def __post_init__(self) -> None:
         if not self.compute or not self.io:
-            raise ValueError(f"a CPU plan needs compute and I/O CPUs; got compute {sorted(self.compute)}, "
-                             f"I/O {sorted(self.io)}")
+            raise ValueError(
+                f"a CPU plan needs compute and I/O CPUs; got compute {sorted(self.compute)}, "
+                f"I/O {sorted(self.io)}"
+            )
         if self.compute & self.io:
             raise ValueError(f"compute and I/O CPUs overlap: {sorted(self.compute & self.io)}")
 
@@ -88,8 +90,10 @@ def plan_for(compute: str | Iterable[int] = "auto", *, available: Iterable[int] 
     else:
         chosen = parse_cpus(compute) if isinstance(compute, str) else frozenset(compute)
     if not chosen <= pool:
-        raise ValueError(f"compute CPUs {sorted(chosen - pool)} are not available to this process "
-                         f"(available: {sorted(pool)})")
+        raise ValueError(
+            f"compute CPUs {sorted(chosen - pool)} are not available to this process "
+            f"(available: {sorted(pool)})"
+        )
     if len(pool) < 2:
         raise ValueError(f"a CPU plan needs at least two CPUs; this process may use {sorted(pool)}")
     return CpuPlan(chosen, pool - chosen)

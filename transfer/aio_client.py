@@ -81,11 +81,13 @@ class AsyncKVClient:
         self._core = ClientCore(target, **options)
         core = self._core
         if core.credentials is not None:
-            self._channel = grpc.aio.secure_channel(target, core.credentials, options=core.options,
-                                                    interceptors=core.interceptors or None)
+            self._channel = grpc.aio.secure_channel(
+                target, core.credentials, options=core.options, interceptors=core.interceptors or None
+            )
         else:
-            self._channel = grpc.aio.insecure_channel(target, options=core.options,
-                                                      interceptors=core.interceptors or None)
+            self._channel = grpc.aio.insecure_channel(
+                target, options=core.options, interceptors=core.interceptors or None
+            )
         self._stub = pb_grpc.KVStoreStub(self._channel)
         self._put, self._get = core.bulk_methods(self._channel)
         self._sleep = asyncio.sleep
@@ -114,7 +116,9 @@ class AsyncKVClient:
         failures = 0
         while True:
             try:
-                return await method(request, timeout=self._core.timeout(timeout_s), metadata=self._core.metadata)
+                return await method(
+                    request, timeout=self._core.timeout(timeout_s), metadata=self._core.metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 err = self._core.error(exc, rpc)
                 failures += 1
@@ -122,8 +126,14 @@ class AsyncKVClient:
                     raise err from None
                 await self._sleep(self._core.retry.delay(failures))
 
-    async def lookup(self, namespace: Namespace | str, keys: Sequence[bytes], num_layers: int, *,
-                     timeout_s: float | None = None) -> int:
+    async def lookup(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        num_layers: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> int:
         ns = self._core.namespace(namespace)
         keys = self._core.check_keys(keys)
         if num_layers < 1:
@@ -132,15 +142,22 @@ class AsyncKVClient:
         for _, window in self._core.windows(keys):
             if not window:
                 break
-            resp = await self._unary("Lookup", pb.LookupRequest(namespace=ns, keys=window, num_layers=num_layers),
-                                     timeout_s)
+            resp = await self._unary(
+                "Lookup", pb.LookupRequest(namespace=ns, keys=window, num_layers=num_layers), timeout_s
+            )
             total += resp.num_present
             if resp.num_present < len(window):
                 break
         return total
 
-    async def put(self, namespace: Namespace | str, items: Iterable[PutItem | tuple] | AsyncIterable[Any], *,
-                  timeout_s: float | None = None, ack: str | None = None) -> PutResult:
+    async def put(
+        self,
+        namespace: Namespace | str,
+        items: Iterable[PutItem | tuple] | AsyncIterable[Any],
+        *,
+        timeout_s: float | None = None,
+        ack: str | None = None,
+    ) -> PutResult:
         """See :meth:`KVClient.put` (commit message per stream, ``ack``)."""
         ns = self._core.namespace(namespace)
         ack_value = self._core.ack_value(ack) if ack is not None else self._core.ack
@@ -161,8 +178,11 @@ class AsyncKVClient:
         failures = 0
         while True:
             try:
-                return await self._put(batch.aattempt(), timeout=self._core.timeout(timeout_s, stream=True),
-                                            metadata=self._core.metadata)
+                return await self._put(
+                    batch.aattempt(),
+                    timeout=self._core.timeout(timeout_s, stream=True),
+                    metadata=self._core.metadata,
+                )
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
                 # A failing request iterator cancels the call; report the iterator's error instead.
                 if batch.error is not None:
@@ -175,8 +195,15 @@ class AsyncKVClient:
                     raise err from None
                 await self._sleep(self._core.retry.delay(failures))
 
-    def get_layers(self, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int, layer_end: int,
-                   *, timeout_s: float | None = None) -> AsyncIterator[tuple[int, list[Blob]]]:
+    def get_layers(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        layer_start: int,
+        layer_end: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[tuple[int, list[Blob]]]:
         """Async iterator of ``(layer, [blob per key])`` in layer order; see :meth:`KVClient.get_layers`."""
         ns = self._core.namespace(namespace)
         keys = self._core.check_keys(keys)
@@ -185,8 +212,9 @@ class AsyncKVClient:
             return self._get_range(ns, keys, layer_start, layer_end, timeout_s)
         return self._get_windowed(ns, keys, layer_start, layer_end, timeout_s)
 
-    async def _get_windowed(self, ns: str, keys: list[bytes], start: int, end: int,
-                            timeout_s: float | None) -> AsyncIterator[tuple[int, list[Blob]]]:
+    async def _get_windowed(
+        self, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+    ) -> AsyncIterator[tuple[int, list[Blob]]]:
         for layer in range(start, end):
             blobs: list[Blob] = []
             for _, window in self._core.windows(keys):
@@ -194,16 +222,20 @@ class AsyncKVClient:
                     blobs.extend(part)
             yield layer, blobs
 
-    async def _get_range(self, ns: str, keys: list[bytes], start: int, end: int,
-                         timeout_s: float | None) -> AsyncIterator[tuple[int, list[Blob]]]:
+    async def _get_range(
+        self, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+    ) -> AsyncIterator[tuple[int, list[Blob]]]:
         if not keys:
             return
         failures = 0
         next_layer = start
         while next_layer < end:
             assembler = LayerAssembler(self._core, ns, keys, next_layer, end)
-            call = self._get(self._core.get_request(ns, keys, next_layer, end),
-                                  timeout=self._core.timeout(timeout_s, stream=True), metadata=self._core.metadata)
+            call = self._get(
+                self._core.get_request(ns, keys, next_layer, end),
+                timeout=self._core.timeout(timeout_s, stream=True),
+                metadata=self._core.metadata,
+            )
             try:
                 async for resp in call:
                     done = assembler.feed(resp)
@@ -222,8 +254,9 @@ class AsyncKVClient:
             finally:
                 call.cancel()
 
-    async def delete(self, namespace: Namespace | str, keys: Sequence[bytes], *,
-                     timeout_s: float | None = None) -> int:
+    async def delete(
+        self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None
+    ) -> int:
         ns = self._core.namespace(namespace)
         keys = self._core.check_keys(keys)
         total = 0

@@ -35,12 +35,24 @@ from transfer.routing import (
 class AsyncClusterKVClient:
     """Non-blocking client of a replicated store; API of :class:`transfer.aio_client.AsyncKVClient`."""
 
-    def __init__(self, membership: Membership, *, token: str | None = None,
-                 replication: int = DEFAULT_REPLICATION, write_ack: str = DEFAULT_WRITE_ACK,
-                 down_s: float = DEFAULT_DOWN_S, **client_options: Any) -> None:
+    def __init__(
+        self,
+        membership: Membership,
+        *,
+        token: str | None = None,
+        replication: int = DEFAULT_REPLICATION,
+        write_ack: str = DEFAULT_WRITE_ACK,
+        down_s: float = DEFAULT_DOWN_S,
+        **client_options: Any,
+    ) -> None:
         self._options = member_options({"token": token, **client_options})
-        self._cluster = ClusterCore(membership, replication=replication, write_ack=write_ack, down_s=down_s,
-                                    check=ClientCore("cluster", **self._options))
+        self._cluster = ClusterCore(
+            membership,
+            replication=replication,
+            write_ack=write_ack,
+            down_s=down_s,
+            check=ClientCore("cluster", **self._options),
+        )
         self._clients: dict[str, AsyncKVClient] = {}
         self._retired: dict[str, float] = {}
         self._pending: set[asyncio.Task[bool]] = set()  # background copies of write_ack="one"
@@ -92,17 +104,26 @@ class AsyncClusterKVClient:
 
     async def wait_ready(self, timeout_s: float = 10.0, *, members: Sequence[str] | None = None) -> None:
         members = (await self._view()).members if members is None else tuple(members)
-        results = await asyncio.gather(*(self._client(m).wait_ready(timeout_s) for m in members),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._client(m).wait_ready(timeout_s) for m in members), return_exceptions=True
+        )
         down = [m for m, r in zip(members, results, strict=True) if isinstance(r, BaseException)]
         if down:
-            raise Unavailable(f"replicas not reachable within {timeout_s} s: {', '.join(down)} "
-                              f"({len(members) - len(down)} of {len(members)} ready)")
+            raise Unavailable(
+                f"replicas not reachable within {timeout_s} s: {', '.join(down)} "
+                f"({len(members) - len(down)} of {len(members)} ready)"
+            )
 
     # -- lookup -----------------------------------------------------------------------------------
 
-    async def lookup(self, namespace: Namespace | str, keys: Sequence[bytes], num_layers: int, *,
-                     timeout_s: float | None = None) -> int:
+    async def lookup(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        num_layers: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> int:
         ns = self.core.namespace(namespace)
         keys = self.core.check_keys(keys)
         if num_layers < 1:
@@ -117,14 +138,20 @@ class AsyncClusterKVClient:
             plan = state.next_plan()
         return state.result()
 
-    async def _ask(self, plan: dict[str, list[int]], ns: str, keys: list[bytes], num_layers: int,
-                   timeout_s: float | None) -> dict[str, int | None]:
-        results = await asyncio.gather(*(self._lookup_one(m, ns, [keys[i] for i in pos], num_layers, timeout_s)
-                                         for m, pos in plan.items()))
+    async def _ask(
+        self, plan: dict[str, list[int]], ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
+    ) -> dict[str, int | None]:
+        results = await asyncio.gather(
+            *(
+                self._lookup_one(m, ns, [keys[i] for i in pos], num_layers, timeout_s)
+                for m, pos in plan.items()
+            )
+        )
         return dict(zip(plan, results, strict=True))
 
-    async def _lookup_one(self, member: str, ns: str, keys: list[bytes], num_layers: int,
-                          timeout_s: float | None) -> int | None:
+    async def _lookup_one(
+        self, member: str, ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
+    ) -> int | None:
         try:
             n = await self._client(member).lookup(ns, keys, num_layers, timeout_s=timeout_s)
         except TransferError as exc:
@@ -136,8 +163,14 @@ class AsyncClusterKVClient:
 
     # -- put --------------------------------------------------------------------------------------
 
-    async def put(self, namespace: Namespace | str, items: Iterable[PutItem | tuple] | AsyncIterable[Any], *,
-                  timeout_s: float | None = None, ack: str | None = None) -> PutResult:
+    async def put(
+        self,
+        namespace: Namespace | str,
+        items: Iterable[PutItem | tuple] | AsyncIterable[Any],
+        *,
+        timeout_s: float | None = None,
+        ack: str | None = None,
+    ) -> PutResult:
         """See :meth:`transfer.cluster.ClusterKVClient.put`."""
         ns = self.core.namespace(namespace)
         stored = nbytes = requests = 0
@@ -153,8 +186,9 @@ class AsyncClusterKVClient:
             await self._drain()
         return acknowledged(stored, nbytes, requests, results)
 
-    async def _batches(self, ns: str, items: Iterable[Any] | AsyncIterable[Any]
-                       ) -> AsyncIterator[list[PutRequestView]]:
+    async def _batches(
+        self, ns: str, items: Iterable[Any] | AsyncIterable[Any]
+    ) -> AsyncIterator[list[PutRequestView]]:
         """Like :meth:`ClusterCore.split_batches`, from a plain or an async iterable."""
         if not isinstance(items, AsyncIterable):
             for batch in self._cluster.split_batches(ns, iter(items)):
@@ -171,11 +205,14 @@ class AsyncClusterKVClient:
         if batch:
             yield batch
 
-    async def _put_batch(self, ns: str, batch: list[PutRequestView], timeout_s: float | None, ack: str | None
-                         ) -> tuple[set[int], int, list[PutResult]]:
+    async def _put_batch(
+        self, ns: str, batch: list[PutRequestView], timeout_s: float | None, ack: str | None
+    ) -> tuple[set[int], int, list[PutResult]]:
         plan = self._cluster.plan_put(batch, await self._view())
-        tasks = {asyncio.ensure_future(self._put_one(m, ns, batch, idx, timeout_s, ack)): idx
-                 for m, idx in plan.items()}
+        tasks = {
+            asyncio.ensure_future(self._put_one(m, ns, batch, idx, timeout_s, ack)): idx
+            for m, idx in plan.items()
+        }
         owners_left = [0] * len(batch)
         for idx in plan.values():
             for i in idx:
@@ -204,11 +241,19 @@ class AsyncClusterKVClient:
         self._pending |= pending
         return acked, len(tasks), answers
 
-    async def _put_one(self, member: str, ns: str, batch: list[PutRequestView], indices: list[int],
-                       timeout_s: float | None, ack: str | None) -> PutResult | None:
+    async def _put_one(
+        self,
+        member: str,
+        ns: str,
+        batch: list[PutRequestView],
+        indices: list[int],
+        timeout_s: float | None,
+        ack: str | None,
+    ) -> PutResult | None:
         try:
-            result = await self._client(member).put(ns, self._cluster.items(batch, indices), timeout_s=timeout_s,
-                                                    ack=ack)
+            result = await self._client(member).put(
+                ns, self._cluster.items(batch, indices), timeout_s=timeout_s, ack=ack
+            )
         except TransferError as exc:
             self._cluster.failed(member, exc)
             self._cluster.count(member, puts_dropped=len(indices))
@@ -223,28 +268,49 @@ class AsyncClusterKVClient:
 
     # -- get --------------------------------------------------------------------------------------
 
-    def get_layers(self, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int, layer_end: int,
-                   *, timeout_s: float | None = None) -> AsyncIterator[tuple[int, list[Blob]]]:
+    def get_layers(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        layer_start: int,
+        layer_end: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[tuple[int, list[Blob]]]:
         """Async iterator of ``(layer, [blob per key])``; see :meth:`ClusterKVClient.get_layers`."""
         ns = self.core.namespace(namespace)
         keys = self.core.check_keys(keys)
         self.core.check_layer_range(layer_start, layer_end)
         return self._get(ns, keys, layer_start, layer_end, timeout_s)
 
-    def _open(self, ns: str, keys: list[bytes], member: str, positions: list[int], layer: int, end: int,
-              timeout_s: float | None, fallback: bool) -> GetShare:
-        source = self._client(member).get_layers(ns, [keys[i] for i in positions], layer, end, timeout_s=timeout_s)
+    def _open(
+        self,
+        ns: str,
+        keys: list[bytes],
+        member: str,
+        positions: list[int],
+        layer: int,
+        end: int,
+        timeout_s: float | None,
+        fallback: bool,
+    ) -> GetShare:
+        source = self._client(member).get_layers(
+            ns, [keys[i] for i in positions], layer, end, timeout_s=timeout_s
+        )
         self._cluster.count(member, gets=1, fallbacks=int(fallback))
         return GetShare(member, positions, source, fallback)
 
-    async def _get(self, ns: str, keys: list[bytes], start: int, end: int,
-                   timeout_s: float | None) -> AsyncIterator[tuple[int, list[Blob]]]:
+    async def _get(
+        self, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+    ) -> AsyncIterator[tuple[int, list[Blob]]]:
         if not keys:
             return
         view = await self._view()
         tried: dict[int, set[str]] = {}
-        streams = [self._open(ns, keys, m, pos, start, end, timeout_s, False)
-                   for m, pos in self._cluster.plan_get(keys, range(len(keys)), view, tried).items()]
+        streams = [
+            self._open(ns, keys, m, pos, start, end, timeout_s, False)
+            for m, pos in self._cluster.plan_get(keys, range(len(keys)), view, tried).items()
+        ]
         try:
             for layer in range(start, end):
                 blobs: list[Blob | None] = [None] * len(keys)
@@ -262,10 +328,14 @@ class AsyncClusterKVClient:
                         for i in stream.positions:
                             tried.setdefault(i, set()).add(stream.member)
                         plan = self._cluster.plan_get(keys, stream.positions, view, tried)
-                        queue += [self._open(ns, keys, m, pos, layer, end, timeout_s, True)
-                                  for m, pos in plan.items()]
+                        queue += [
+                            self._open(ns, keys, m, pos, layer, end, timeout_s, True)
+                            for m, pos in plan.items()
+                        ]
                         continue
-                    self._cluster.count(stream.member, blobs_got=len(part), bytes_got=sum(len(b) for b in part))
+                    self._cluster.count(
+                        stream.member, blobs_got=len(part), bytes_got=sum(len(b) for b in part)
+                    )
                     for i, blob in zip(stream.positions, part, strict=True):
                         blobs[i] = blob
                     streams.append(stream)
@@ -276,12 +346,16 @@ class AsyncClusterKVClient:
 
     # -- delete, stats ------------------------------------------------------------------------------
 
-    async def delete(self, namespace: Namespace | str, keys: Sequence[bytes], *,
-                     timeout_s: float | None = None) -> int:
+    async def delete(
+        self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None
+    ) -> int:
         ns = self.core.namespace(namespace)
         keys = self.core.check_keys(keys)
-        return sum(await asyncio.gather(*(self._delete_one(m, ns, keys, timeout_s)
-                                          for m in (await self._view()).everyone)))
+        return sum(
+            await asyncio.gather(
+                *(self._delete_one(m, ns, keys, timeout_s) for m in (await self._view()).everyone)
+            )
+        )
 
     async def _delete_one(self, member: str, ns: str, keys: list[bytes], timeout_s: float | None) -> int:
         try:
@@ -292,8 +366,9 @@ class AsyncClusterKVClient:
 
     async def replica_stats(self, *, timeout_s: float | None = None) -> dict[str, StoreStats | TransferError]:
         members = (await self._view()).members
-        results = await asyncio.gather(*(self._client(m).stats(timeout_s=timeout_s) for m in members),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._client(m).stats(timeout_s=timeout_s) for m in members), return_exceptions=True
+        )
         out: dict[str, StoreStats | TransferError] = {}
         for m, r in zip(members, results, strict=True):
             if isinstance(r, BaseException) and not isinstance(r, TransferError):
@@ -302,35 +377,53 @@ class AsyncClusterKVClient:
         return out
 
     async def stats(self, *, timeout_s: float | None = None) -> StoreStats:
-        answered = {m: s for m, s in (await self.replica_stats(timeout_s=timeout_s)).items()
-                    if isinstance(s, StoreStats)}
+        answered = {
+            m: s
+            for m, s in (await self.replica_stats(timeout_s=timeout_s)).items()
+            if isinstance(s, StoreStats)
+        }
         if not answered:
             raise Unavailable(f"Stats: no replica answered ({', '.join(self.members())})")
         return ClusterCore.merge_stats(answered)
 
 
-async def connect_async(target: str, *, token: str | None = None, replication: int = DEFAULT_REPLICATION,
-                        write_ack: str = DEFAULT_WRITE_ACK, refresh_s: float = DEFAULT_REFRESH_S,
-                        grace_s: float = DEFAULT_GRACE_S, verify: bool = True,
-                        probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S, resolver: Resolver | None = None,
-                        **client_options: Any) -> AsyncKVClient | AsyncClusterKVClient:
+async def connect_async(
+    target: str,
+    *,
+    token: str | None = None,
+    replication: int = DEFAULT_REPLICATION,
+    write_ack: str = DEFAULT_WRITE_ACK,
+    refresh_s: float = DEFAULT_REFRESH_S,
+    grace_s: float = DEFAULT_GRACE_S,
+    verify: bool = True,
+    probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
+    resolver: Resolver | None = None,
+    **client_options: Any,
+) -> AsyncKVClient | AsyncClusterKVClient:
     """:func:`transfer.cluster.connect` for asyncio (same grammar, same checks; the probes and the
     first DNS resolution run on a thread so the loop stays live)."""
     parsed = parse_target(target)
     if parsed.kind == "single":
         return AsyncKVClient(parsed.members[0], token=token, **client_options)
-    membership = await asyncio.to_thread(make_membership, target, refresh_s=refresh_s, grace_s=grace_s,
-                                         resolver=resolver)
+    membership = await asyncio.to_thread(
+        make_membership, target, refresh_s=refresh_s, grace_s=grace_s, resolver=resolver
+    )
     try:
-        client = AsyncClusterKVClient(membership, token=token, replication=replication, write_ack=write_ack,
-                                      **client_options)
+        client = AsyncClusterKVClient(
+            membership, token=token, replication=replication, write_ack=write_ack, **client_options
+        )
     except BaseException:
         membership.close()
         raise
     if verify:
         try:
-            down = await asyncio.to_thread(verify_members, client.members(), token=token,
-                                           timeout_s=probe_timeout_s, credentials=client.core.credentials)
+            down = await asyncio.to_thread(
+                verify_members,
+                client.members(),
+                token=token,
+                timeout_s=probe_timeout_s,
+                credentials=client.core.credentials,
+            )
             # connect the answering members' channels before the first call
             await client.wait_ready(probe_timeout_s, members=[m for m in client.members() if m not in down])
         except Unavailable:

@@ -201,8 +201,11 @@ class ClientCore:
         #: Client interceptors (tracing, tests that tamper with bytes in transit), outermost first.
         self.interceptors = tuple(interceptors)
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        use_tls = tls if tls is not None else any(
-            x is not None for x in (tls_root_cert, tls_client_cert, tls_server_name))
+        use_tls = (
+            tls
+            if tls is not None
+            else any(x is not None for x in (tls_root_cert, tls_client_cert, tls_server_name))
+        )
         self.credentials: grpc.ChannelCredentials | None = None
         if use_tls:
             self.credentials = grpc.ssl_channel_credentials(
@@ -239,8 +242,10 @@ class ClientCore:
         out = []
         for i, key in enumerate(keys):
             if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
-                raise InvalidArgument(f"key {i} must be {KEY_BYTES} bytes, got {type(key).__name__} "
-                                      f"of length {len(key) if hasattr(key, '__len__') else '?'}")
+                raise InvalidArgument(
+                    f"key {i} must be {KEY_BYTES} bytes, got {type(key).__name__} "
+                    f"of length {len(key) if hasattr(key, '__len__') else '?'}"
+                )
             out.append(bytes(key))
         return out
 
@@ -249,9 +254,16 @@ class ClientCore:
         if not 0 <= layer_start < layer_end <= MAX_LAYERS:
             raise InvalidArgument(f"layer range [{layer_start}, {layer_end}) is empty or out of bounds")
 
-    def get_request(self, namespace: str, keys: list[bytes], layer_start: int, layer_end: int) -> pb.GetRequest:
-        return pb.GetRequest(namespace=namespace, keys=keys, layer_start=layer_start, layer_end=layer_end,
-                             pack_bytes=self.get_pack_bytes)
+    def get_request(
+        self, namespace: str, keys: list[bytes], layer_start: int, layer_end: int
+    ) -> pb.GetRequest:
+        return pb.GetRequest(
+            namespace=namespace,
+            keys=keys,
+            layer_start=layer_start,
+            layer_end=layer_end,
+            pack_bytes=self.get_pack_bytes,
+        )
 
     def windows(self, keys: list[bytes]) -> list[tuple[int, list[bytes]]]:
         """``keys`` cut into (offset, window) pieces the server accepts in one request."""
@@ -268,8 +280,13 @@ class ClientCore:
     def put_result(responses: list[pb.PutResponse]) -> PutResult:
         """The sum of a put()'s streams; durable and tiers only what held for every stream."""
         tiers = [t for t in responses[0].tiers if all(t in r.tiers for r in responses)] if responses else []
-        return PutResult(sum(r.num_stored for r in responses), sum(r.bytes_stored for r in responses),
-                         len(responses), bool(responses) and all(r.durable for r in responses), tuple(tiers))
+        return PutResult(
+            sum(r.num_stored for r in responses),
+            sum(r.bytes_stored for r in responses),
+            len(responses),
+            bool(responses) and all(r.durable for r in responses),
+            tuple(tiers),
+        )
 
     def put_request(self, namespace: str, item: PutItem | tuple) -> PutRequestView:
         """Validated request for one item; checks the trailer so a bad blob never leaves."""
@@ -279,26 +296,36 @@ class ClientCore:
             raise InvalidArgument("put items must be (key, layer, num_layers, blob)") from None
         if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
             raise InvalidArgument(f"put key must be {KEY_BYTES} bytes")
-        if not (isinstance(layer, int) and isinstance(num_layers, int) and 0 <= layer < num_layers <= MAX_LAYERS):
+        if not (
+            isinstance(layer, int) and isinstance(num_layers, int) and 0 <= layer < num_layers <= MAX_LAYERS
+        ):
             raise InvalidArgument(f"put layer {layer} is not in [0, num_layers={num_layers})")
         if not integrity.is_intact(blob):
             raise InvalidArgument(
                 f"blob for key {bytes(key).hex()[:16]}… layer {layer} has no valid integrity trailer; "
-                "encode it with transfer.codec (or seal it with kvstore.integrity.seal)")
+                "encode it with transfer.codec (or seal it with kvstore.integrity.seal)"
+            )
         if len(blob) + 1024 > self.max_message_bytes:
-            raise InvalidArgument(f"blob of {len(blob)} bytes exceeds max_message_bytes={self.max_message_bytes}")
+            raise InvalidArgument(
+                f"blob of {len(blob)} bytes exceeds max_message_bytes={self.max_message_bytes}"
+            )
         # bytes are immutable and kept as they are; anything else is copied, since the batch
         # may be replayed after the caller reused its buffer.
-        return PutRequestView(namespace, bytes(key), layer, num_layers,
-                              blob if type(blob) is bytes else bytes(blob))
+        return PutRequestView(
+            namespace, bytes(key), layer, num_layers, blob if type(blob) is bytes else bytes(blob)
+        )
 
     def bulk_methods(self, channel: Any) -> tuple[Any, Any]:
         """Put and Get callables on ``channel`` (sync or asyncio) that move blobs with
         :mod:`kvstore.wire` instead of protobuf: same bytes on the wire, two fewer copies."""
-        put = channel.stream_unary(PUT_METHOD, request_serializer=encode_put_request,
-                                   response_deserializer=pb.PutResponse.FromString)
-        get = channel.unary_stream(GET_METHOD, request_serializer=pb.GetRequest.SerializeToString,
-                                   response_deserializer=parse_get_response)
+        put = channel.stream_unary(
+            PUT_METHOD, request_serializer=encode_put_request, response_deserializer=pb.PutResponse.FromString
+        )
+        get = channel.unary_stream(
+            GET_METHOD,
+            request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=parse_get_response,
+        )
         return put, get
 
     def check_blob(self, namespace: str, key: bytes, layer: int, blob: Blob) -> Blob:
@@ -308,8 +335,21 @@ class ClientCore:
 
     @staticmethod
     def stats_result(resp: pb.StatsResponse) -> StoreStats:
-        tiers = [TierStats(t.name, t.bytes, t.objects, t.capacity_bytes, t.hits, t.misses, t.evictions,
-                           t.errors, t.integrity_failures, t.healthy) for t in resp.tiers]
+        tiers = [
+            TierStats(
+                t.name,
+                t.bytes,
+                t.objects,
+                t.capacity_bytes,
+                t.hits,
+                t.misses,
+                t.evictions,
+                t.errors,
+                t.integrity_failures,
+                t.healthy,
+            )
+            for t in resp.tiers
+        ]
         return StoreStats(tiers=tiers, counters=dict(resp.counters), version=resp.version)
 
     def timeout(self, override: float | None, *, stream: bool = False) -> float:
@@ -328,8 +368,9 @@ class LayerAssembler:
     so a consumer sees complete, intact layers or an error, never a partial one.
     """
 
-    def __init__(self, core: ClientCore, namespace: str, keys: list[bytes], layer_start: int,
-                 layer_end: int) -> None:
+    def __init__(
+        self, core: ClientCore, namespace: str, keys: list[bytes], layer_start: int, layer_end: int
+    ) -> None:
         self._core = core
         self._namespace = namespace
         self._keys = keys
@@ -352,7 +393,8 @@ class LayerAssembler:
         if resp.layer != self.next_layer or last >= len(self._keys):
             raise TransferError(
                 f"Get: server sent layer {resp.layer} keys {resp.key_index}..{last} while layer "
-                f"{self.next_layer} ({self._filled}/{len(self._keys)} keys) was incomplete; the stream is out of order")
+                f"{self.next_layer} ({self._filled}/{len(self._keys)} keys) was incomplete; the stream is out of order"
+            )
         for index, blob in enumerate(blobs, start=resp.key_index):
             if self._slots[index] is not None:
                 raise TransferError(f"Get: server sent key {index} of layer {resp.layer} twice")
@@ -369,8 +411,9 @@ class LayerAssembler:
     def finish(self) -> None:
         """The stream ended normally: every requested layer must have been seen."""
         if self.next_layer != self._end:
-            raise TransferError(f"Get: stream ended at layer {self.next_layer} of [.., {self._end}) "
-                                "without an error status")
+            raise TransferError(
+                f"Get: stream ended at layer {self.next_layer} of [.., {self._end}) without an error status"
+            )
 
 
 class PutBatch:
@@ -501,8 +544,14 @@ class KVClient:
                     raise err from None
                 self._sleep(self._core.retry.delay(failures))
 
-    def lookup(self, namespace: Namespace | str, keys: Sequence[bytes], num_layers: int, *,
-               timeout_s: float | None = None) -> int:
+    def lookup(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        num_layers: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> int:
         """Number of leading ``keys`` whose layers ``[0, num_layers)`` are all stored."""
         ns = self._core.namespace(namespace)
         keys = self._core.check_keys(keys)
@@ -512,15 +561,22 @@ class KVClient:
         for _, window in self._core.windows(keys):
             if not window:
                 break
-            resp = self._unary("Lookup", pb.LookupRequest(namespace=ns, keys=window, num_layers=num_layers),
-                               timeout_s)
+            resp = self._unary(
+                "Lookup", pb.LookupRequest(namespace=ns, keys=window, num_layers=num_layers), timeout_s
+            )
             total += resp.num_present
             if resp.num_present < len(window):
                 break
         return total
 
-    def put(self, namespace: Namespace | str, items: Iterable[PutItem | tuple], *,
-            timeout_s: float | None = None, ack: str | None = None) -> PutResult:
+    def put(
+        self,
+        namespace: Namespace | str,
+        items: Iterable[PutItem | tuple],
+        *,
+        timeout_s: float | None = None,
+        ack: str | None = None,
+    ) -> PutResult:
         """Store every item, pulling them lazily; one Put stream per ``put_batch_bytes``.
 
         Each stream ends with a commit message; the server stores a stream only
@@ -548,8 +604,11 @@ class KVClient:
         failures = 0
         while True:
             try:
-                return self._put(batch.attempt(), timeout=self._core.timeout(timeout_s, stream=True),
-                                      metadata=self._core.metadata)
+                return self._put(
+                    batch.attempt(),
+                    timeout=self._core.timeout(timeout_s, stream=True),
+                    metadata=self._core.metadata,
+                )
             except grpc.RpcError as exc:
                 if batch.error is not None:
                     raise batch.error from None
@@ -559,8 +618,15 @@ class KVClient:
                     raise err from None
                 self._sleep(self._core.retry.delay(failures))
 
-    def get_layers(self, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int, layer_end: int,
-                   *, timeout_s: float | None = None) -> Iterator[tuple[int, list[Blob]]]:
+    def get_layers(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        layer_start: int,
+        layer_end: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> Iterator[tuple[int, list[Blob]]]:
         """Yield ``(layer, [blob per key])`` for each layer in order, as soon as it is complete.
 
         Arguments are validated at once; every blob's trailer is verified on
@@ -575,8 +641,9 @@ class KVClient:
             return self._get_range(ns, keys, layer_start, layer_end, timeout_s)
         return self._get_windowed(ns, keys, layer_start, layer_end, timeout_s)
 
-    def _get_windowed(self, ns: str, keys: list[bytes], start: int, end: int,
-                      timeout_s: float | None) -> Iterator[tuple[int, list[Blob]]]:
+    def _get_windowed(
+        self, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+    ) -> Iterator[tuple[int, list[Blob]]]:
         # More keys than one request may carry: one Get per (layer, window), still in layer order.
         for layer in range(start, end):
             blobs: list[Blob] = []
@@ -585,14 +652,18 @@ class KVClient:
                     blobs.extend(part)
             yield layer, blobs
 
-    def _get_range(self, ns: str, keys: list[bytes], start: int, end: int,
-                   timeout_s: float | None) -> Iterator[tuple[int, list[Blob]]]:
+    def _get_range(
+        self, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+    ) -> Iterator[tuple[int, list[Blob]]]:
         failures = 0
         next_layer = start
         while next_layer < end:
             assembler = LayerAssembler(self._core, ns, keys, next_layer, end)
-            call = self._get(self._core.get_request(ns, keys, next_layer, end),
-                                  timeout=self._core.timeout(timeout_s, stream=True), metadata=self._core.metadata)
+            call = self._get(
+                self._core.get_request(ns, keys, next_layer, end),
+                timeout=self._core.timeout(timeout_s, stream=True),
+                metadata=self._core.metadata,
+            )
             try:
                 for resp in call:
                     done = assembler.feed(resp)
@@ -611,14 +682,18 @@ class KVClient:
             finally:
                 call.cancel()
 
-    def delete(self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None) -> int:
+    def delete(
+        self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None
+    ) -> int:
         """Delete every layer of each key from every tier; returns the server's count."""
         ns = self._core.namespace(namespace)
         keys = self._core.check_keys(keys)
         total = 0
         for _, window in self._core.windows(keys):
             if window:
-                total += self._unary("Delete", pb.DeleteRequest(namespace=ns, keys=window), timeout_s).num_deleted
+                total += self._unary(
+                    "Delete", pb.DeleteRequest(namespace=ns, keys=window), timeout_s
+                ).num_deleted
         return total
 
     def stats(self, *, timeout_s: float | None = None) -> StoreStats:

@@ -81,8 +81,17 @@ from transfer.routing import (
     member_options,
 )
 
-__all__ = ["WRITE_ACKS", "ClusterKVClient", "ReplicaCounters", "ReplicaMetrics", "StoreClient", "connect",
-           "make_membership", "probe", "verify_members"]
+__all__ = [
+    "WRITE_ACKS",
+    "ClusterKVClient",
+    "ReplicaCounters",
+    "ReplicaMetrics",
+    "StoreClient",
+    "connect",
+    "make_membership",
+    "probe",
+    "verify_members",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +101,22 @@ DEFAULT_PROBE_TIMEOUT_S = 5.0
 class ClusterKVClient:
     """Blocking client of a replicated store (see the module docstring); API of :class:`KVClient`."""
 
-    def __init__(self, membership: Membership, *, token: str | None = None,
-                 replication: int = DEFAULT_REPLICATION, write_ack: str = DEFAULT_WRITE_ACK,
-                 down_s: float = DEFAULT_DOWN_S, max_workers: int = 16, **client_options: Any) -> None:
+    def __init__(
+        self,
+        membership: Membership,
+        *,
+        token: str | None = None,
+        replication: int = DEFAULT_REPLICATION,
+        write_ack: str = DEFAULT_WRITE_ACK,
+        down_s: float = DEFAULT_DOWN_S,
+        max_workers: int = 16,
+        **client_options: Any,
+    ) -> None:
         self._options = member_options({"token": token, **client_options})
         check = ClientCore("cluster", **self._options)
-        self._cluster = ClusterCore(membership, replication=replication, write_ack=write_ack, down_s=down_s,
-                                    check=check)
+        self._cluster = ClusterCore(
+            membership, replication=replication, write_ack=write_ack, down_s=down_s, check=check
+        )
         self._clients: dict[str, KVClient] = {}
         self._retired: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -171,13 +189,21 @@ class ClusterKVClient:
         futures = {m: self._pool.submit(self._client(m).wait_ready, timeout_s) for m in members}
         down = [m for m, f in futures.items() if f.exception() is not None]
         if down:
-            raise Unavailable(f"replicas not reachable within {timeout_s} s: {', '.join(down)} "
-                              f"({len(members) - len(down)} of {len(members)} ready)")
+            raise Unavailable(
+                f"replicas not reachable within {timeout_s} s: {', '.join(down)} "
+                f"({len(members) - len(down)} of {len(members)} ready)"
+            )
 
     # -- lookup -----------------------------------------------------------------------------------
 
-    def lookup(self, namespace: Namespace | str, keys: Sequence[bytes], num_layers: int, *,
-               timeout_s: float | None = None) -> int:
+    def lookup(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        num_layers: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> int:
         """Number of leading ``keys`` whose layers ``[0, num_layers)`` are stored on some owner."""
         ns = self.core.namespace(namespace)
         keys = self.core.check_keys(keys)
@@ -193,22 +219,26 @@ class ClusterKVClient:
             plan = state.next_plan()
         return state.result()
 
-    def _ask(self, plan: dict[str, list[int]], ns: str, keys: list[bytes], num_layers: int,
-             timeout_s: float | None) -> dict[str, int | None]:
+    def _ask(
+        self, plan: dict[str, list[int]], ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
+    ) -> dict[str, int | None]:
         """One Lookup per planned member, side by side: all but one on the pool, the last in this
         thread (one hand-off fewer on the hot path)."""
         if not plan:
             return {}
         calls = [(m, [keys[i] for i in pos]) for m, pos in plan.items()]
-        futures = {m: self._pool.submit(self._lookup_one, m, ns, sent, num_layers, timeout_s)
-                   for m, sent in calls[:-1]}
+        futures = {
+            m: self._pool.submit(self._lookup_one, m, ns, sent, num_layers, timeout_s)
+            for m, sent in calls[:-1]
+        }
         last, sent = calls[-1]
         answers = {last: self._lookup_one(last, ns, sent, num_layers, timeout_s)}
         answers.update((m, f.result()) for m, f in futures.items())
         return answers
 
-    def _lookup_one(self, member: str, ns: str, keys: list[bytes], num_layers: int,
-                    timeout_s: float | None) -> int | None:
+    def _lookup_one(
+        self, member: str, ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
+    ) -> int | None:
         try:
             n = self._client(member).lookup(ns, keys, num_layers, timeout_s=timeout_s)
         except TransferError as exc:
@@ -220,8 +250,14 @@ class ClusterKVClient:
 
     # -- put --------------------------------------------------------------------------------------
 
-    def put(self, namespace: Namespace | str, items: Iterable[PutItem | tuple], *,
-            timeout_s: float | None = None, ack: str | None = None) -> PutResult:
+    def put(
+        self,
+        namespace: Namespace | str,
+        items: Iterable[PutItem | tuple],
+        *,
+        timeout_s: float | None = None,
+        ack: str | None = None,
+    ) -> PutResult:
         """Store every item on its owners; ``num_stored``/``bytes_stored`` count items stored at least once.
 
         ``ack`` ("memory" | "durable") is asked of every owner (see :meth:`KVClient.put`);
@@ -241,11 +277,14 @@ class ClusterKVClient:
             self._drain()
         return acknowledged(stored, nbytes, requests, results)
 
-    def _put_batch(self, ns: str, batch: list[PutRequestView], timeout_s: float | None, ack: str | None
-                   ) -> tuple[set[int], int, list[PutResult]]:
+    def _put_batch(
+        self, ns: str, batch: list[PutRequestView], timeout_s: float | None, ack: str | None
+    ) -> tuple[set[int], int, list[PutResult]]:
         plan = self._cluster.plan_put(batch, self._view())
-        futures = {self._pool.submit(self._put_one, m, ns, batch, idx, timeout_s, ack): idx
-                   for m, idx in plan.items()}
+        futures = {
+            self._pool.submit(self._put_one, m, ns, batch, idx, timeout_s, ack): idx
+            for m, idx in plan.items()
+        }
         owners_left = [0] * len(batch)  # per item: owners not yet answered
         for idx in plan.values():
             for i in idx:
@@ -270,10 +309,19 @@ class ClusterKVClient:
             self._pending.extend(pending)
         return acked, len(futures), answers
 
-    def _put_one(self, member: str, ns: str, batch: list[PutRequestView], indices: list[int],
-                 timeout_s: float | None, ack: str | None) -> PutResult | None:
+    def _put_one(
+        self,
+        member: str,
+        ns: str,
+        batch: list[PutRequestView],
+        indices: list[int],
+        timeout_s: float | None,
+        ack: str | None,
+    ) -> PutResult | None:
         try:
-            result = self._client(member).put(ns, self._cluster.items(batch, indices), timeout_s=timeout_s, ack=ack)
+            result = self._client(member).put(
+                ns, self._cluster.items(batch, indices), timeout_s=timeout_s, ack=ack
+            )
         except TransferError as exc:
             self._cluster.failed(member, exc)
             self._cluster.count(member, puts_dropped=len(indices))
@@ -289,8 +337,15 @@ class ClusterKVClient:
 
     # -- get --------------------------------------------------------------------------------------
 
-    def get_layers(self, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int, layer_end: int,
-                   *, timeout_s: float | None = None) -> Iterator[tuple[int, list[Blob]]]:
+    def get_layers(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        layer_start: int,
+        layer_end: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> Iterator[tuple[int, list[Blob]]]:
         """Yield ``(layer, [blob per key])`` in layer order, each key from its first healthy owner.
 
         A replica failing or missing a key mid-stream is replaced by the key's
@@ -304,18 +359,32 @@ class ClusterKVClient:
             return iter(())
         return self._get(ns, keys, layer_start, layer_end, timeout_s)
 
-    def _open(self, ns: str, keys: list[bytes], member: str, positions: list[int], layer: int, end: int,
-              timeout_s: float | None, fallback: bool) -> GetShare:
-        source = self._client(member).get_layers(ns, [keys[i] for i in positions], layer, end, timeout_s=timeout_s)
+    def _open(
+        self,
+        ns: str,
+        keys: list[bytes],
+        member: str,
+        positions: list[int],
+        layer: int,
+        end: int,
+        timeout_s: float | None,
+        fallback: bool,
+    ) -> GetShare:
+        source = self._client(member).get_layers(
+            ns, [keys[i] for i in positions], layer, end, timeout_s=timeout_s
+        )
         self._cluster.count(member, gets=1, fallbacks=int(fallback))
         return GetShare(member, positions, source, fallback)
 
-    def _get(self, ns: str, keys: list[bytes], start: int, end: int,
-             timeout_s: float | None) -> Iterator[tuple[int, list[Blob]]]:
+    def _get(
+        self, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+    ) -> Iterator[tuple[int, list[Blob]]]:
         view = self._view()
         tried: dict[int, set[str]] = {}
-        streams = [self._open(ns, keys, m, pos, start, end, timeout_s, False)
-                   for m, pos in self._cluster.plan_get(keys, range(len(keys)), view, tried).items()]
+        streams = [
+            self._open(ns, keys, m, pos, start, end, timeout_s, False)
+            for m, pos in self._cluster.plan_get(keys, range(len(keys)), view, tried).items()
+        ]
         try:
             for layer in range(start, end):
                 blobs: list[Blob | None] = [None] * len(keys)
@@ -334,10 +403,14 @@ class ClusterKVClient:
                         for i in stream.positions:
                             tried.setdefault(i, set()).add(stream.member)
                         plan = self._cluster.plan_get(keys, stream.positions, view, tried)
-                        queue += [self._open(ns, keys, m, pos, layer, end, timeout_s, True)
-                                  for m, pos in plan.items()]
+                        queue += [
+                            self._open(ns, keys, m, pos, layer, end, timeout_s, True)
+                            for m, pos in plan.items()
+                        ]
                         continue
-                    self._cluster.count(stream.member, blobs_got=len(part), bytes_got=sum(len(b) for b in part))
+                    self._cluster.count(
+                        stream.member, blobs_got=len(part), bytes_got=sum(len(b) for b in part)
+                    )
                     for i, blob in zip(stream.positions, part, strict=True):
                         blobs[i] = blob
                     streams.append(stream)
@@ -348,7 +421,9 @@ class ClusterKVClient:
 
     # -- delete, stats ------------------------------------------------------------------------------
 
-    def delete(self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None) -> int:
+    def delete(
+        self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None
+    ) -> int:
         """Delete every layer of each key from every replica that may hold it (all current and, in a
         grace window, previous members); returns the copies deleted. Down replicas are skipped."""
         ns = self.core.namespace(namespace)
@@ -377,7 +452,9 @@ class ClusterKVClient:
 
     def stats(self, *, timeout_s: float | None = None) -> StoreStats:
         """The reachable replicas' stats as one store (tiers and counters summed)."""
-        answered = {m: s for m, s in self.replica_stats(timeout_s=timeout_s).items() if isinstance(s, StoreStats)}
+        answered = {
+            m: s for m, s in self.replica_stats(timeout_s=timeout_s).items() if isinstance(s, StoreStats)
+        }
         if not answered:
             raise Unavailable(f"Stats: no replica answered ({', '.join(self.members())})")
         return ClusterCore.merge_stats(answered)
@@ -401,8 +478,11 @@ class ReplicaMetrics:
 
         snapshot = self._client.replica_counters()
         for name in COUNTER_FIELDS:
-            family = CounterMetricFamily(f"{self._prefix}_{name}", f"cluster client: {name.replace('_', ' ')} "
-                                         "per replica", labels=["replica"])
+            family = CounterMetricFamily(
+                f"{self._prefix}_{name}",
+                f"cluster client: {name.replace('_', ' ')} per replica",
+                labels=["replica"],
+            )
             for member, counters in snapshot.items():
                 family.add_metric([member], counters[name])
             yield family
@@ -414,18 +494,29 @@ class ReplicaMetrics:
 StoreClient = KVClient | ClusterKVClient
 
 
-def make_membership(target: str, *, refresh_s: float = DEFAULT_REFRESH_S, grace_s: float = DEFAULT_GRACE_S,
-                    resolver: Resolver | None = None) -> Membership:
+def make_membership(
+    target: str,
+    *,
+    refresh_s: float = DEFAULT_REFRESH_S,
+    grace_s: float = DEFAULT_GRACE_S,
+    resolver: Resolver | None = None,
+) -> Membership:
     """The membership a list or ``dns:///`` target names (a single ``host:port`` is a list of one)."""
     parsed = parse_target(target)
     if parsed.kind == "dns":
-        return DnsMembership(parsed.host, parsed.port, refresh_s=refresh_s, grace_s=grace_s,
-                             resolver=resolver or resolve_host)
+        return DnsMembership(
+            parsed.host, parsed.port, refresh_s=refresh_s, grace_s=grace_s, resolver=resolver or resolve_host
+        )
     return StaticMembership(parsed.members, grace_s=grace_s)
 
 
-def probe(member: str, *, token: str | None = None, timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
-          credentials: grpc.ChannelCredentials | None = None) -> str | None:
+def probe(
+    member: str,
+    *,
+    token: str | None = None,
+    timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> str | None:
     """Ask ``member`` for its Stats once: ``None`` if it answered as a kvstore, ``"down"`` if nothing
     listens there (a replica not started yet: allowed), else raise :class:`NotAKVStore`."""
     channel = grpc.secure_channel(member, credentials) if credentials else grpc.insecure_channel(member)
@@ -451,24 +542,37 @@ def probe(member: str, *, token: str | None = None, timeout_s: float = DEFAULT_P
     raise NotAKVStore(f"{member} is not a kvstore server: {why}; check the port (kvstore serve --port)")
 
 
-def verify_members(members: Sequence[str], *, token: str | None = None,
-                   timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
-                   credentials: grpc.ChannelCredentials | None = None) -> list[str]:
+def verify_members(
+    members: Sequence[str],
+    *,
+    token: str | None = None,
+    timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> list[str]:
     """Probe every member in parallel; returns those down, raises :class:`NotAKVStore` for a wrong one."""
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(members)))) as pool:
-        results = list(pool.map(lambda m: probe(m, token=token, timeout_s=timeout_s, credentials=credentials),
-                                members))
+        results = list(
+            pool.map(lambda m: probe(m, token=token, timeout_s=timeout_s, credentials=credentials), members)
+        )
     down = [m for m, r in zip(members, results, strict=True) if r == "down"]
     for m in down:
         log.warning("kvstore cluster: %s is not reachable; it is treated as down until it answers", m)
     return down
 
 
-def connect(target: str, *, token: str | None = None, replication: int = DEFAULT_REPLICATION,
-            write_ack: str = DEFAULT_WRITE_ACK, refresh_s: float = DEFAULT_REFRESH_S,
-            grace_s: float = DEFAULT_GRACE_S, verify: bool = True,
-            probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S, resolver: Resolver | None = None,
-            **client_options: Any) -> KVClient | ClusterKVClient:
+def connect(
+    target: str,
+    *,
+    token: str | None = None,
+    replication: int = DEFAULT_REPLICATION,
+    write_ack: str = DEFAULT_WRITE_ACK,
+    refresh_s: float = DEFAULT_REFRESH_S,
+    grace_s: float = DEFAULT_GRACE_S,
+    verify: bool = True,
+    probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
+    resolver: Resolver | None = None,
+    **client_options: Any,
+) -> KVClient | ClusterKVClient:
     """The client for ``target``: ``host:port`` gives a plain :class:`KVClient` (as before; one
     server holds one copy, ``replication`` does not apply), a member list or ``dns:///name:port``
     a :class:`ClusterKVClient`.
@@ -484,15 +588,17 @@ def connect(target: str, *, token: str | None = None, replication: int = DEFAULT
         return KVClient(parsed.members[0], token=token, **client_options)
     membership = make_membership(target, refresh_s=refresh_s, grace_s=grace_s, resolver=resolver)
     try:
-        client = ClusterKVClient(membership, token=token, replication=replication, write_ack=write_ack,
-                                 **client_options)
+        client = ClusterKVClient(
+            membership, token=token, replication=replication, write_ack=write_ack, **client_options
+        )
     except BaseException:
         membership.close()
         raise
     if verify:
         try:
-            down = verify_members(client.members(), token=token, timeout_s=probe_timeout_s,
-                                  credentials=client.core.credentials)
+            down = verify_members(
+                client.members(), token=token, timeout_s=probe_timeout_s, credentials=client.core.credentials
+            )
             # connect the answering members' channels before the first call
             client.wait_ready(probe_timeout_s, members=[m for m in client.members() if m not in down])
         except Unavailable:

@@ -100,8 +100,16 @@ class DeadlineExceeded(TransferError):
 
 _BY_CODE: dict[grpc.StatusCode, type[TransferError]] = {
     cls.code: cls
-    for cls in (NotFound, InvalidArgument, DataLoss, ResourceExhausted, Unauthenticated,
-                PermissionDenied, Unavailable, DeadlineExceeded)
+    for cls in (
+        NotFound,
+        InvalidArgument,
+        DataLoss,
+        ResourceExhausted,
+        Unauthenticated,
+        PermissionDenied,
+        Unavailable,
+        DeadlineExceeded,
+    )
 }
 
 

@@ -42,22 +42,37 @@ def profile_of(namespace: Namespace | str) -> str:
     return Namespace.parse(str(namespace)).profile
 
 
-def encode_chunk(chunk_kv: Sequence[LayerKV], key: bytes, *, profile: str, token_offset: int,
-                 num_layers: int | None = None, context_end: int | None = None) -> Iterator[PutItem]:
+def encode_chunk(
+    chunk_kv: Sequence[LayerKV],
+    key: bytes,
+    *,
+    profile: str,
+    token_offset: int,
+    num_layers: int | None = None,
+    context_end: int | None = None,
+) -> Iterator[PutItem]:
     """PutItems for one chunk, layer 0 first; each layer is encoded only when pulled."""
     total = num_layers if num_layers is not None else len(chunk_kv)
     if len(chunk_kv) != total:
         raise ValueError(f"chunk has {len(chunk_kv)} layers, expected {total}")
     # the chunk's layers encode side by side on the codec threads
-    for layer, blob in enumerate(encode_chunk_layers(list(chunk_kv), profile, token_offset=token_offset,
-                                                     context_end=context_end)):
+    for layer, blob in enumerate(
+        encode_chunk_layers(list(chunk_kv), profile, token_offset=token_offset, context_end=context_end)
+    ):
         yield PutItem(key, layer, total, blob)
 
 
-def context_items(namespace: Namespace | str, keys: Sequence[bytes], layers_kv: Sequence[LayerKV], *,
-                  profile: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                  start_chunk: int = 0, saliency: torch.Tensor | None = None,
-                  context_end: int | None = None) -> Iterator[PutItem]:
+def context_items(
+    namespace: Namespace | str,
+    keys: Sequence[bytes],
+    layers_kv: Sequence[LayerKV],
+    *,
+    profile: str | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    start_chunk: int = 0,
+    saliency: torch.Tensor | None = None,
+    context_end: int | None = None,
+) -> Iterator[PutItem]:
     """Lazily encoded PutItems for chunks ``start_chunk..len(keys)`` of an in-memory context.
 
     ``layers_kv[l]`` holds the KV of tokens ``0..`` of the context (at least
@@ -71,21 +86,36 @@ def context_items(namespace: Namespace | str, keys: Sequence[bytes], layers_kv: 
     needed = len(keys) * chunk_tokens
     for layer, (k, v) in enumerate(layers_kv):
         if k.shape != v.shape or k.dim() != 3 or k.shape[1] < needed:
-            raise ValueError(f"layer {layer}: K {tuple(k.shape)} / V {tuple(v.shape)} must be "
-                             f"[kv_heads, >= {needed} tokens, head_dim] and equal")
+            raise ValueError(
+                f"layer {layer}: K {tuple(k.shape)} / V {tuple(v.shape)} must be "
+                f"[kv_heads, >= {needed} tokens, head_dim] and equal"
+            )
     for chunk in range(start_chunk, len(keys)):
         a, b = chunk * chunk_tokens, (chunk + 1) * chunk_tokens
         sal = saliency[..., a:b] if saliency is not None else None
         # the chunk's layers encode side by side on the codec threads (one chunk of frames at a time)
-        blobs = encode_chunk_layers([(k[:, a:b], v[:, a:b]) for k, v in layers_kv], profile, saliency=sal,
-                                    token_offset=a, context_end=context_end)
+        blobs = encode_chunk_layers(
+            [(k[:, a:b], v[:, a:b]) for k, v in layers_kv],
+            profile,
+            saliency=sal,
+            token_offset=a,
+            context_end=context_end,
+        )
         for layer, blob in enumerate(blobs):
             yield PutItem(keys[chunk], layer, num_layers, blob)
 
 
-def put_context(client: KVClient, namespace: Namespace | str, token_ids: Sequence[int],
-                layers_kv: Sequence[LayerKV], profile: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                start_chunk: int = 0, *, saliency: torch.Tensor | None = None) -> tuple[list[ChunkKey], PutResult]:
+def put_context(
+    client: KVClient,
+    namespace: Namespace | str,
+    token_ids: Sequence[int],
+    layers_kv: Sequence[LayerKV],
+    profile: str | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    start_chunk: int = 0,
+    *,
+    saliency: torch.Tensor | None = None,
+) -> tuple[list[ChunkKey], PutResult]:
     """Encode and store every full chunk of a context from ``start_chunk`` on.
 
     Returns the context's chunk keys (all of them, for later lookups) and what
@@ -93,14 +123,30 @@ def put_context(client: KVClient, namespace: Namespace | str, token_ids: Sequenc
     change when the context grows.
     """
     keys = chunk_keys(token_ids, namespace, chunk_tokens)
-    items = context_items(namespace, keys, layers_kv, profile=profile, chunk_tokens=chunk_tokens,
-                          start_chunk=start_chunk, saliency=saliency, context_end=len(token_ids))
+    items = context_items(
+        namespace,
+        keys,
+        layers_kv,
+        profile=profile,
+        chunk_tokens=chunk_tokens,
+        start_chunk=start_chunk,
+        saliency=saliency,
+        context_end=len(token_ids),
+    )
     return keys, client.put(namespace, items)
 
 
-def put_chunks(client: KVClient, namespace: Namespace | str, keys: Sequence[bytes],
-               chunks: Iterable[Sequence[LayerKV]], *, profile: str | None = None, start_chunk: int = 0,
-               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, context_end: int | None = None) -> PutResult:
+def put_chunks(
+    client: KVClient,
+    namespace: Namespace | str,
+    keys: Sequence[bytes],
+    chunks: Iterable[Sequence[LayerKV]],
+    *,
+    profile: str | None = None,
+    start_chunk: int = 0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    context_end: int | None = None,
+) -> PutResult:
     """Store a context produced chunk by chunk, holding one chunk (plus one Put batch) at a time.
 
     ``chunks`` yields, for chunks ``start_chunk, start_chunk + 1, ...``, the
@@ -117,16 +163,27 @@ def put_chunks(client: KVClient, namespace: Namespace | str, keys: Sequence[byte
                 raise ValueError(f"more chunks than keys ({len(keys)})")
             for layer, (k, _) in enumerate(chunk_kv):
                 if k.shape[1] != chunk_tokens:
-                    raise ValueError(f"chunk {index} layer {layer} has {k.shape[1]} tokens, "
-                                     f"expected {chunk_tokens}")
-            yield from encode_chunk(chunk_kv, keys[index], profile=profile, token_offset=index * chunk_tokens,
-                                    context_end=context_end)
+                    raise ValueError(
+                        f"chunk {index} layer {layer} has {k.shape[1]} tokens, expected {chunk_tokens}"
+                    )
+            yield from encode_chunk(
+                chunk_kv,
+                keys[index],
+                profile=profile,
+                token_offset=index * chunk_tokens,
+                context_end=context_end,
+            )
 
     return client.put(namespace, items())
 
 
-def decode_blobs(blobs: Sequence[bytes], *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, threads: int | None = None) -> LayerKV:
+def decode_blobs(
+    blobs: Sequence[bytes],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    threads: int | None = None,
+) -> LayerKV:
     """One layer's blobs (one per chunk, in order) as ``(k, v)`` over all their tokens.
 
     ``threads``: codec threads to use (default all; see :func:`transfer.codec.decode_many`).
@@ -134,9 +191,16 @@ def decode_blobs(blobs: Sequence[bytes], *, device: str | torch.device = "cpu",
     return decode_concat(blobs, device=device, dtype=dtype, threads=threads)
 
 
-def iter_layers(client: KVClient, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int,
-                layer_end: int, *, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def iter_layers(
+    client: KVClient,
+    namespace: Namespace | str,
+    keys: Sequence[bytes],
+    layer_start: int,
+    layer_end: int,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(layer, k, v)`` over all ``keys``, one decoded layer at a time, in layer order."""
     for layer, blobs in client.get_layers(namespace, keys, layer_start, layer_end):
         k, v = decode_blobs(blobs, device=device, dtype=dtype)
@@ -162,9 +226,17 @@ class FetchedPrefix:
         return cache
 
 
-def fetch_prefix(client: KVClient, namespace: Namespace | str, token_ids: Sequence[int], num_layers: int, *,
-                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, max_chunks: int | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FetchedPrefix:
+def fetch_prefix(
+    client: KVClient,
+    namespace: Namespace | str,
+    token_ids: Sequence[int],
+    num_layers: int,
+    *,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    max_chunks: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> FetchedPrefix:
     """Look up the longest stored prefix of ``token_ids`` and fetch all its layers.
 
     ``max_chunks`` caps what is reused (a caller that must recompute the last
@@ -176,6 +248,8 @@ def fetch_prefix(client: KVClient, namespace: Namespace | str, token_ids: Sequen
     n = client.lookup(namespace, keys, num_layers) if keys else 0
     if n == 0:
         return FetchedPrefix(keys, 0, 0, [])
-    layers = [(k, v) for _, k, v in iter_layers(client, namespace, keys[:n], 0, num_layers,
-                                                  device=device, dtype=dtype)]
+    layers = [
+        (k, v)
+        for _, k, v in iter_layers(client, namespace, keys[:n], 0, num_layers, device=device, dtype=dtype)
+    ]
     return FetchedPrefix(keys, n, n * chunk_tokens, layers)

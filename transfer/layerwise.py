@@ -81,7 +81,9 @@ class _StreamedLayer(DynamicLayer):
             return
         owner = self._owner()
         if owner is None:  # only reachable through a layer kept after its cache was dropped
-            raise TransferError(f"layer {self._index}: its LayerwiseCache is gone; keep the cache, not its layers")
+            raise TransferError(
+                f"layer {self._index}: its LayerwiseCache is gone; keep the cache, not its layers"
+            )
         k, v = owner._take(self._index)
         if like is not None and (k.dtype != like.dtype or k.device != like.device):
             k, v = k.to(like.device, like.dtype), v.to(like.device, like.dtype)
@@ -90,8 +92,9 @@ class _StreamedLayer(DynamicLayer):
         self.is_initialized = True
         self._installed = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._ensure(key_states)
         return super().update(key_states, value_states, *args, **kwargs)
 
@@ -128,9 +131,18 @@ class LayerwiseCache(DynamicCache):
     Python-heavy and cores are scarce (``bench/layerwise.py`` measures both).
     """
 
-    def __init__(self, source: Iterable[tuple[int, Sequence[bytes]]], num_layers: int, prefix_tokens: int, *,
-                 decode: Decoder, prefetch_depth: int = 2, wait_timeout_s: float = 120.0,
-                 decode_in_loader: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        source: Iterable[tuple[int, Sequence[bytes]]],
+        num_layers: int,
+        prefix_tokens: int,
+        *,
+        decode: Decoder,
+        prefetch_depth: int = 2,
+        wait_timeout_s: float = 120.0,
+        decode_in_loader: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if num_layers < 1 or prefix_tokens < 0:
             raise ValueError("num_layers must be >= 1 and prefix_tokens >= 0")
         if prefetch_depth < 1:
@@ -152,16 +164,27 @@ class LayerwiseCache(DynamicCache):
         self._stopped = False
         self._error: BaseException | None = None
         self.events: list[LayerEvent] = []
-        self._thread = threading.Thread(target=self._load, args=(iter(source),), name="layerwise-loader",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._load, args=(iter(source),), name="layerwise-loader", daemon=True
+        )
         self._thread.start()
 
     @classmethod
-    def from_store(cls, client: Any, namespace: Namespace | str, keys: Sequence[bytes], num_layers: int, *,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, prefetch_depth: int = 2,
-                   wait_timeout_s: float = 120.0, decode_in_loader: bool = True,
-                   decode_threads: int = 1) -> LayerwiseCache:
+    def from_store(
+        cls,
+        client: Any,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        num_layers: int,
+        *,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        prefetch_depth: int = 2,
+        wait_timeout_s: float = 120.0,
+        decode_in_loader: bool = True,
+        decode_threads: int = 1,
+    ) -> LayerwiseCache:
         """Start streaming every layer of ``keys`` (a stored prefix) from a :class:`KVClient`.
 
         ``decode_threads``: codec threads the loader decodes with. One by default: the
@@ -174,11 +197,15 @@ class LayerwiseCache(DynamicCache):
         if not keys:
             raise ValueError("no stored chunks to stream; use a plain DynamicCache")
         source = client.get_layers(namespace, keys, 0, num_layers)
-        return cls(source, num_layers, len(keys) * chunk_tokens,
-                   decode=lambda blobs: decode_blobs(blobs, device=device, dtype=dtype,
-                                                     threads=decode_threads),
-                   prefetch_depth=prefetch_depth, wait_timeout_s=wait_timeout_s,
-                   decode_in_loader=decode_in_loader)
+        return cls(
+            source,
+            num_layers,
+            len(keys) * chunk_tokens,
+            decode=lambda blobs: decode_blobs(blobs, device=device, dtype=dtype, threads=decode_threads),
+            prefetch_depth=prefetch_depth,
+            wait_timeout_s=wait_timeout_s,
+            decode_in_loader=decode_in_loader,
+        )
 
     # -- loader thread ----------------------------------------------------------------------------
 
@@ -195,8 +222,10 @@ class LayerwiseCache(DynamicCache):
             while expected < self.num_layers:
                 with self._cond:
                     if not self._cond.wait_for(self._may_pull, timeout=self.wait_timeout_s):
-                        raise DeadlineExceeded(f"layer {expected - self.prefetch_depth} was not consumed "
-                                               f"within {self.wait_timeout_s} s; cache abandoned?")
+                        raise DeadlineExceeded(
+                            f"layer {expected - self.prefetch_depth} was not consumed "
+                            f"within {self.wait_timeout_s} s; cache abandoned?"
+                        )
                     if self._stopped:
                         return
                 item = next(source, None)
@@ -228,8 +257,10 @@ class LayerwiseCache(DynamicCache):
     def _decoded(self, layer: int, blobs: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._decode(blobs)
         if k.dim() != 3 or k.shape[1] != self.prefix_tokens or k.shape != v.shape:
-            raise TransferError(f"layer {layer} decoded to K {tuple(k.shape)} / V {tuple(v.shape)}; "
-                                f"expected [kv_heads, {self.prefix_tokens}, head_dim]")
+            raise TransferError(
+                f"layer {layer} decoded to K {tuple(k.shape)} / V {tuple(v.shape)}; "
+                f"expected [kv_heads, {self.prefix_tokens}, head_dim]"
+            )
         return k.unsqueeze(0), v.unsqueeze(0)
 
     # -- consumer side (the model's thread) -------------------------------------------------------

@@ -66,9 +66,16 @@ class LayerWindow(NamedTuple):
 # ----------------------------------------------------------------------------- writing
 
 
-def offload_frames(client: KVClient, namespace: Namespace | str, keys: Sequence[bytes],
-                   frames: Iterable[Sequence[bytes]], *, start_chunk: int = 0,
-                   batch_bytes: int = DEFAULT_BATCH_BYTES, parallel: int = DEFAULT_PARALLEL) -> OffloadResult:
+def offload_frames(
+    client: KVClient,
+    namespace: Namespace | str,
+    keys: Sequence[bytes],
+    frames: Iterable[Sequence[bytes]],
+    *,
+    start_chunk: int = 0,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    parallel: int = DEFAULT_PARALLEL,
+) -> OffloadResult:
     """Store already-encoded chunks: ``frames`` yields, per chunk, one blob per layer (layer 0 first).
 
     Chunks are zipped with ``keys[start_chunk:]``; more chunks than keys is a
@@ -119,8 +126,13 @@ def offload_frames(client: KVClient, namespace: Namespace | str, keys: Sequence[
     return OffloadResult(totals["chunks"], totals["blobs"], totals["bytes"], totals["requests"])
 
 
-def encode_chunks(chunks: Iterable[Sequence[tuple[Any, Any]]], *, profile: str, start_chunk: int = 0,
-                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[list[bytes]]:
+def encode_chunks(
+    chunks: Iterable[Sequence[tuple[Any, Any]]],
+    *,
+    profile: str,
+    start_chunk: int = 0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> Iterator[list[bytes]]:
     """Encode a stream of chunks (per layer ``(k, v)`` of ``[kv_heads, chunk_tokens, head_dim]``) lazily."""
     from transfer.codec import encode_chunk
 
@@ -128,28 +140,47 @@ def encode_chunks(chunks: Iterable[Sequence[tuple[Any, Any]]], *, profile: str, 
         offset = (start_chunk + i) * chunk_tokens
         for layer, (k, _) in enumerate(chunk_kv):
             if k.shape[1] != chunk_tokens:
-                raise ValueError(f"chunk {start_chunk + i} layer {layer} has {k.shape[1]} tokens, "
-                                 f"expected {chunk_tokens}")
-        yield encode_chunk(list(chunk_kv), profile, token_offset=offset)  # layers side by side on the codec threads
+                raise ValueError(
+                    f"chunk {start_chunk + i} layer {layer} has {k.shape[1]} tokens, expected {chunk_tokens}"
+                )
+        yield encode_chunk(
+            list(chunk_kv), profile, token_offset=offset
+        )  # layers side by side on the codec threads
 
 
-def offload_context(client: KVClient, namespace: Namespace | str, keys: Sequence[bytes],
-                    chunks: Iterable[Sequence[tuple[Any, Any]]], *, profile: str | None = None,
-                    start_chunk: int = 0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                    batch_bytes: int = DEFAULT_BATCH_BYTES, parallel: int = DEFAULT_PARALLEL) -> OffloadResult:
+def offload_context(
+    client: KVClient,
+    namespace: Namespace | str,
+    keys: Sequence[bytes],
+    chunks: Iterable[Sequence[tuple[Any, Any]]],
+    *,
+    profile: str | None = None,
+    start_chunk: int = 0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    parallel: int = DEFAULT_PARALLEL,
+) -> OffloadResult:
     """Encode and store a context produced chunk by chunk; the profile defaults to the namespace's."""
     profile = profile or Namespace.parse(str(namespace)).profile
     frames = encode_chunks(chunks, profile=profile, start_chunk=start_chunk, chunk_tokens=chunk_tokens)
-    return offload_frames(client, namespace, keys, frames, start_chunk=start_chunk, batch_bytes=batch_bytes,
-                          parallel=parallel)
+    return offload_frames(
+        client, namespace, keys, frames, start_chunk=start_chunk, batch_bytes=batch_bytes, parallel=parallel
+    )
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def stream_layers(client: KVClient, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int,
-                  layer_end: int, *, window_keys: int = DEFAULT_WINDOW_KEYS,
-                  prefetch: int = DEFAULT_PREFETCH) -> Iterator[LayerWindow]:
+def stream_layers(
+    client: KVClient,
+    namespace: Namespace | str,
+    keys: Sequence[bytes],
+    layer_start: int,
+    layer_end: int,
+    *,
+    window_keys: int = DEFAULT_WINDOW_KEYS,
+    prefetch: int = DEFAULT_PREFETCH,
+) -> Iterator[LayerWindow]:
     """Yield :class:`LayerWindow` s in layer order, then chunk order, with bounded read-ahead.
 
     Every blob's integrity trailer is checked by the client on arrival. Closing
@@ -162,7 +193,11 @@ def stream_layers(client: KVClient, namespace: Namespace | str, keys: Sequence[b
         raise ValueError(f"empty layer range [{layer_start}, {layer_end})")
     ns = str(namespace)
     keys = [bytes(k) for k in keys]
-    plan = [(layer, first) for layer in range(layer_start, layer_end) for first in range(0, len(keys), window_keys)]
+    plan = [
+        (layer, first)
+        for layer in range(layer_start, layer_end)
+        for first in range(0, len(keys), window_keys)
+    ]
     return _stream(client, ns, keys, plan, window_keys, prefetch)
 
 
@@ -173,8 +208,9 @@ def _fetch(client: KVClient, ns: str, keys: list[bytes], layer: int) -> list[byt
     return blobs
 
 
-def _stream(client: KVClient, ns: str, keys: list[bytes], plan: list[tuple[int, int]], window_keys: int,
-            prefetch: int) -> Iterator[LayerWindow]:
+def _stream(
+    client: KVClient, ns: str, keys: list[bytes], plan: list[tuple[int, int]], window_keys: int, prefetch: int
+) -> Iterator[LayerWindow]:
     if not plan:
         return
     if prefetch == 0:
@@ -186,7 +222,9 @@ def _stream(client: KVClient, ns: str, keys: list[bytes], plan: list[tuple[int, 
     steps = iter(plan)
     try:
         for layer, first in steps:
-            pending.append((layer, first, pool.submit(_fetch, client, ns, keys[first : first + window_keys], layer)))
+            pending.append(
+                (layer, first, pool.submit(_fetch, client, ns, keys[first : first + window_keys], layer))
+            )
             if len(pending) >= prefetch:
                 break
         while pending:
@@ -204,10 +242,19 @@ def _stream(client: KVClient, ns: str, keys: list[bytes], plan: list[tuple[int, 
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def read_layers(client: KVClient, namespace: Namespace | str, keys: Sequence[bytes], layer_start: int,
-                layer_end: int, *, num_tokens: int | None = None, dtype: Any = None,
-                chunk_tokens: int = DEFAULT_CHUNK_TOKENS, window_keys: int = DEFAULT_WINDOW_KEYS,
-                prefetch: int = DEFAULT_PREFETCH) -> Iterator[tuple[int, Any, Any]]:
+def read_layers(
+    client: KVClient,
+    namespace: Namespace | str,
+    keys: Sequence[bytes],
+    layer_start: int,
+    layer_end: int,
+    *,
+    num_tokens: int | None = None,
+    dtype: Any = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    window_keys: int = DEFAULT_WINDOW_KEYS,
+    prefetch: int = DEFAULT_PREFETCH,
+) -> Iterator[tuple[int, Any, Any]]:
     """Yield ``(layer, k, v)`` over the whole context, each ``[kv_heads, tokens, head_dim]``.
 
     Windows are decoded as they arrive and copied into one tensor per layer,
@@ -222,8 +269,9 @@ def read_layers(client: KVClient, namespace: Namespace | str, keys: Sequence[byt
     k_out = v_out = None
     current = -1
     filled = 0
-    for window in stream_layers(client, namespace, keys, layer_start, layer_end, window_keys=window_keys,
-                                prefetch=prefetch):
+    for window in stream_layers(
+        client, namespace, keys, layer_start, layer_end, window_keys=window_keys, prefetch=prefetch
+    ):
         if window.layer != current:
             if k_out is not None:
                 yield current, k_out, v_out

@@ -102,12 +102,13 @@ def parse_target(target: str) -> Target:
     """Parse the target grammar (see the module docstring); raises :class:`InvalidTarget`."""
     text = (target or "").strip()
     if not text:
-        raise InvalidTarget("the store target is empty: give HOST:PORT, HOST:PORT,HOST:PORT,... "
-                            "or dns:///NAME:PORT")
+        raise InvalidTarget(
+            "the store target is empty: give HOST:PORT, HOST:PORT,HOST:PORT,... or dns:///NAME:PORT"
+        )
     if text.startswith("dns:"):
         if not text.startswith(DNS_SCHEME):
             raise InvalidTarget(f"target {text!r}: write a DNS target as dns:///NAME:PORT (three slashes)")
-        host, port = _split_host_port(text[len(DNS_SCHEME):], "DNS target")
+        host, port = _split_host_port(text[len(DNS_SCHEME) :], "DNS target")
         return Target("dns", host=host, port=port)
     if "," not in text:
         _split_host_port(text, "target")
@@ -120,8 +121,10 @@ def parse_target(target: str) -> Target:
     seen: set[str] = set()
     dups = sorted({m for m in members if m in seen or seen.add(m)})  # type: ignore[func-returns-value]
     if dups:
-        raise InvalidTarget(f"member list {text!r} names {', '.join(dups)} more than once; list each "
-                            "replica once (a duplicate would hold both copies of a key)")
+        raise InvalidTarget(
+            f"member list {text!r} names {', '.join(dups)} more than once; list each "
+            "replica once (a duplicate would hold both copies of a key)"
+        )
     return Target("static", members=tuple(members))
 
 
@@ -140,8 +143,13 @@ def resolve_host(host: str, port: int) -> list[str]:
 class Membership:
     """Base: a member set that may change; subclasses call :meth:`_set` on a change."""
 
-    def __init__(self, members: Sequence[str], *, grace_s: float = DEFAULT_GRACE_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        members: Sequence[str],
+        *,
+        grace_s: float = DEFAULT_GRACE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {grace_s}")
         self.grace_s = grace_s
@@ -190,9 +198,17 @@ class StaticMembership(Membership):
 class DnsMembership(Membership):
     """The addresses of a DNS name (a headless Service), re-resolved every ``refresh_s``."""
 
-    def __init__(self, host: str, port: int, *, refresh_s: float = DEFAULT_REFRESH_S,
-                 grace_s: float = DEFAULT_GRACE_S, resolver: Resolver = resolve_host,
-                 clock: Callable[[], float] = time.monotonic, background: bool = True) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        refresh_s: float = DEFAULT_REFRESH_S,
+        grace_s: float = DEFAULT_GRACE_S,
+        resolver: Resolver = resolve_host,
+        clock: Callable[[], float] = time.monotonic,
+        background: bool = True,
+    ) -> None:
         if refresh_s <= 0:
             raise ValueError(f"refresh_s must be > 0, got {refresh_s}")
         self.host, self.port, self.refresh_s = host, port, refresh_s
@@ -200,11 +216,15 @@ class DnsMembership(Membership):
         try:
             first = resolver(host, port)
         except (OSError, UnicodeError) as exc:
-            raise UnresolvableTarget(f"dns:///{host}:{port}: cannot resolve {host!r} ({exc}); check the "
-                                     "Service name and namespace (NAME.NAMESPACE.svc)") from None
+            raise UnresolvableTarget(
+                f"dns:///{host}:{port}: cannot resolve {host!r} ({exc}); check the "
+                "Service name and namespace (NAME.NAMESPACE.svc)"
+            ) from None
         if not first:
-            raise UnresolvableTarget(f"dns:///{host}:{port}: {host!r} has no address records; is the "
-                                     "headless Service's selector matching ready pods?")
+            raise UnresolvableTarget(
+                f"dns:///{host}:{port}: {host!r} has no address records; is the "
+                "headless Service's selector matching ready pods?"
+            )
         super().__init__(first, grace_s=grace_s, clock=clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -221,12 +241,19 @@ class DnsMembership(Membership):
         try:
             found = self._resolver(self.host, self.port)
         except (OSError, UnicodeError) as exc:
-            log.warning("kvstore membership: re-resolving %s failed (%s); keeping %d members",
-                        self.host, exc, len(self._members))
+            log.warning(
+                "kvstore membership: re-resolving %s failed (%s); keeping %d members",
+                self.host,
+                exc,
+                len(self._members),
+            )
             return False
         if not found:
-            log.warning("kvstore membership: %s resolved to nothing; keeping %d members",
-                        self.host, len(self._members))
+            log.warning(
+                "kvstore membership: %s resolved to nothing; keeping %d members",
+                self.host,
+                len(self._members),
+            )
             return False
         return self._set(found)
 
@@ -238,4 +265,3 @@ class DnsMembership(Membership):
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-

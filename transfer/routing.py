@@ -45,8 +45,12 @@ DEFAULT_SUSPECT_S = 30.0
 OWNERS_CACHE_SIZE = 1 << 16
 
 #: Errors that are the caller's to fix; every replica would answer the same, so they are raised.
-CALLER_ERRORS: tuple[type[TransferError], ...] = (InvalidArgument, Unauthenticated, PermissionDenied,
-                                                  ResourceExhausted)
+CALLER_ERRORS: tuple[type[TransferError], ...] = (
+    InvalidArgument,
+    Unauthenticated,
+    PermissionDenied,
+    ResourceExhausted,
+)
 #: Errors that say the replica itself is unreachable or stuck: it is marked down for a while.
 TRANSPORT_ERRORS: tuple[type[TransferError], ...] = (Unavailable, DeadlineExceeded)
 
@@ -95,17 +99,26 @@ class GetShare:
 class ClusterCore:
     """Everything of a cluster client that does not depend on sync vs async I/O."""
 
-    def __init__(self, membership: Membership, *, replication: int = DEFAULT_REPLICATION,
-                 write_ack: str = DEFAULT_WRITE_ACK, down_s: float = DEFAULT_DOWN_S,
-                 check: ClientCore, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        membership: Membership,
+        *,
+        replication: int = DEFAULT_REPLICATION,
+        write_ack: str = DEFAULT_WRITE_ACK,
+        down_s: float = DEFAULT_DOWN_S,
+        check: ClientCore,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if write_ack not in WRITE_ACKS:
             raise ValueError(f"write_ack must be one of {', '.join(WRITE_ACKS)}, got {write_ack!r}")
         if replication < 1:
             raise ReplicationError(f"replication must be >= 1, got {replication}")
         size = len(membership.view().members)
         if membership.is_static and replication > size:
-            raise ReplicationError(f"replication {replication} is above the member count {size}: list more "
-                                   f"replicas or lower the replication factor (KVSTORE_REPLICATION)")
+            raise ReplicationError(
+                f"replication {replication} is above the member count {size}: list more "
+                f"replicas or lower the replication factor (KVSTORE_REPLICATION)"
+            )
         if down_s < 0:
             raise ValueError(f"down_s must be >= 0, got {down_s}")
         self.membership = membership
@@ -140,8 +153,9 @@ class ClusterCore:
         if found is None:
             if len(cache) >= OWNERS_CACHE_SIZE:
                 cache.clear()
-            found = cache[(key, members)] = placement.owners(key, members, min(self.replication,
-                                                                              max(len(members), 1)))
+            found = cache[(key, members)] = placement.owners(
+                key, members, min(self.replication, max(len(members), 1))
+            )
         return list(found)
 
     def candidates(self, key: bytes, view: View) -> list[str]:
@@ -155,8 +169,10 @@ class ClusterCore:
         """The members down now and those suspect now (one lock for a whole plan)."""
         with self._lock:
             now = self._clock()
-            return (frozenset(m for m, t in self._down_until.items() if now < t),
-                    frozenset(m for m, t in self._suspect_until.items() if now < t))
+            return (
+                frozenset(m for m, t in self._down_until.items() if now < t),
+                frozenset(m for m, t in self._suspect_until.items() if now < t),
+            )
 
     def failed(self, member: str, exc: BaseException) -> None:
         """Account a failure at ``member``; re-raise it when it is the caller's to fix."""
@@ -188,8 +204,9 @@ class ClusterCore:
 
     # -- lookup -----------------------------------------------------------------------------------
 
-    def cover(self, options: Sequence[Sequence[str]], tiebreak: bytes,
-              already: Iterable[str] = ()) -> list[str]:
+    def cover(
+        self, options: Sequence[Sequence[str]], tiebreak: bytes, already: Iterable[str] = ()
+    ) -> list[str]:
         """One member per item, from its options, using few members (greedy set cover).
 
         Each extra replica in a fan-out costs a whole RPC of client and server
@@ -228,8 +245,9 @@ class ClusterCore:
 
     # -- get --------------------------------------------------------------------------------------
 
-    def plan_get(self, keys: Sequence[bytes], positions: Sequence[int], view: View,
-                 tried: dict[int, set[str]]) -> dict[str, list[int]]:
+    def plan_get(
+        self, keys: Sequence[bytes], positions: Sequence[int], view: View, tried: dict[int, set[str]]
+    ) -> dict[str, list[int]]:
         """Group ``positions`` by one candidate each has not tried yet: a trusted healthy owner if there
         is one, else any healthy candidate (few streams: see :meth:`cover`).
 
@@ -240,8 +258,10 @@ class ClusterCore:
         for i in positions:
             left = [m for m in self.candidates(keys[i], view) if m not in tried.get(i, ())]
             if not left:
-                raise NotFound(f"Get: chunk {keys[i].hex()[:16]}… is on no reachable replica (tried "
-                               f"{', '.join(sorted(tried.get(i, ())))}); recompute it")
+                raise NotFound(
+                    f"Get: chunk {keys[i].hex()[:16]}… is on no reachable replica (tried "
+                    f"{', '.join(sorted(tried.get(i, ())))}); recompute it"
+                )
             healthy = [m for m in left if m not in down]
             trusted = [m for m in self.trusted(keys[i], view, suspect) if m in healthy]
             options.append(trusted or [m for m in healthy if m not in suspect] or healthy or left)
@@ -299,11 +319,22 @@ class ClusterCore:
         for s in per_member.values():
             for t in s.tiers:
                 prev = tiers.get(t.name)
-                tiers[t.name] = t if prev is None else TierStats(
-                    t.name, prev.bytes + t.bytes, prev.objects + t.objects,
-                    prev.capacity_bytes + t.capacity_bytes, prev.hits + t.hits, prev.misses + t.misses,
-                    prev.evictions + t.evictions, prev.errors + t.errors,
-                    prev.integrity_failures + t.integrity_failures, prev.healthy and t.healthy)
+                tiers[t.name] = (
+                    t
+                    if prev is None
+                    else TierStats(
+                        t.name,
+                        prev.bytes + t.bytes,
+                        prev.objects + t.objects,
+                        prev.capacity_bytes + t.capacity_bytes,
+                        prev.hits + t.hits,
+                        prev.misses + t.misses,
+                        prev.evictions + t.evictions,
+                        prev.errors + t.errors,
+                        prev.integrity_failures + t.integrity_failures,
+                        prev.healthy and t.healthy,
+                    )
+                )
             for k, v in s.counters.items():
                 counters[k] = counters.get(k, 0) + v
         versions = sorted({s.version for s in per_member.values() if s.version})
@@ -408,5 +439,6 @@ def acknowledged(num_stored: int, nbytes: int, num_requests: int, answers: Seque
     """A cluster Put's result: ``durable`` and ``tiers`` only as far as every acknowledged copy said so
     (a copy on a RAM-only replica makes the whole put not durable, whatever the other owner did)."""
     tiers = [t for t in answers[0].tiers if all(t in a.tiers for a in answers)] if answers else []
-    return PutResult(num_stored, nbytes, num_requests, bool(answers) and all(a.durable for a in answers),
-                     tuple(tiers))
+    return PutResult(
+        num_stored, nbytes, num_requests, bool(answers) and all(a.durable for a in answers), tuple(tiers)
+    )

@@ -68,11 +68,13 @@ def handed_over_cache(prefix: Iterable[LayerKV], num_layers: int, num_tokens: in
 class DecodeWorker:
     """Greedy decoding from a stored prompt cache (see the module docstring)."""
 
-    def __init__(self, config: WorkerConfig, *, runner: ModelRunner | None = None,
-                 client: StoreClient | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, *, runner: ModelRunner | None = None, client: StoreClient | None = None
+    ) -> None:
         self.config = config
-        self.runner = runner if runner is not None else ModelRunner(config.model_path,
-                                                                    num_threads=config.num_threads)
+        self.runner = (
+            runner if runner is not None else ModelRunner(config.model_path, num_threads=config.num_threads)
+        )
         self.client = client if client is not None else config.connect()
         self.cpu_plan = config.apply_cpu_plan()  # after the client: its gRPC threads move to the I/O CPUs
 
@@ -83,8 +85,9 @@ class DecodeWorker:
         """Seconds spent compiling/loading the codec kernels of ``profiles`` (see ModelRunner.warm_up)."""
         return self.runner.warm_up(profiles, self.config.chunk_tokens)
 
-    def stream(self, handle: PrefillHandle, max_new_tokens: int, *,
-               prefix: Iterable[LayerKV] | None = None) -> Iterator[TokenEvent | DecodeSummary]:
+    def stream(
+        self, handle: PrefillHandle, max_new_tokens: int, *, prefix: Iterable[LayerKV] | None = None
+    ) -> Iterator[TokenEvent | DecodeSummary]:
         """Generate for ``handle``; ``prefix`` (per-layer KV of ``[0, boundary)``, pulled lazily in
         layer order) replaces the store when prefill handed its KV over directly."""
         if max_new_tokens < 1:
@@ -100,9 +103,16 @@ class DecodeWorker:
         else:
             keys = handle.prefix_keys
             present = self.client.lookup(handle.namespace, keys, runner.shape.num_layers) if keys else 0
-            out, reused = prefill_from_store(self.client, runner, handle.namespace, keys[:present],
-                                             handle.token_ids, c, handle.boundary,
-                                             layerwise=self.config.layerwise)
+            out, reused = prefill_from_store(
+                self.client,
+                runner,
+                handle.namespace,
+                keys[:present],
+                handle.token_ids,
+                c,
+                handle.boundary,
+                layerwise=self.config.layerwise,
+            )
             past = reused * c
         t_ready = time.perf_counter()
         tokens: list[int] = []
@@ -111,8 +121,11 @@ class DecodeWorker:
             yield TokenEvent(handle.request_id, i, token, time.perf_counter() - start)
         t_end = time.perf_counter()
         yield DecodeSummary(
-            request_id=handle.request_id, tokens=tuple(tokens), num_fetched_tokens=past,
-            num_recomputed_tokens=out.num_computed, first_token_match=out.first_token == handle.first_token,
+            request_id=handle.request_id,
+            tokens=tuple(tokens),
+            num_fetched_tokens=past,
+            num_recomputed_tokens=out.num_computed,
+            first_token_match=out.first_token == handle.first_token,
             timings={"restore_s": t_ready - start, "generate_s": t_end - t_ready, "total_s": t_end - start},
         )
 

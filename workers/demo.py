@@ -94,7 +94,9 @@ class ProfileReport:
             "stored_bytes": self.stored_bytes,
             "fp16_bytes": self.fp16_bytes,
             "stored_vs_fp16": self.stored_bytes / self.fp16_bytes if self.fp16_bytes else None,
-            "decode_tokens_per_s": statistics.fmean(self.decode_tokens_per_s) if self.decode_tokens_per_s else 0.0,
+            "decode_tokens_per_s": statistics.fmean(self.decode_tokens_per_s)
+            if self.decode_tokens_per_s
+            else 0.0,
             "first_token_agreement": self.first_token_agree / self.num_requests if self.num_requests else 0.0,
         }
 
@@ -132,50 +134,86 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
     """The demo's whole configuration: flags win over the environment (``environ``, default
     ``os.environ``), which wins over defaults. Nothing after this reads the environment."""
     env = os.environ if environ is None else environ
-    p = argparse.ArgumentParser(prog="kvstore demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="small",
-                   help="documents x questions: " + ", ".join(f"{k}={d}x{q}" for k, (d, q) in SIZES.items()))
+    p = argparse.ArgumentParser(
+        prog="kvstore demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="small",
+        help="documents x questions: " + ", ".join(f"{k}={d}x{q}" for k, (d, q) in SIZES.items()),
+    )
     p.add_argument("--docs", type=int, help="number of documents (overrides --size)")
     p.add_argument("--questions", type=int, help="questions per document (overrides --size)")
-    p.add_argument("--profiles", default="lossless,balanced",
-                   help="comma-separated codec profiles, one pass each (lossless, int8, balanced, dense)")
+    p.add_argument(
+        "--profiles",
+        default="lossless,balanced",
+        help="comma-separated codec profiles, one pass each (lossless, int8, balanced, dense)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--chunk-tokens", type=int, default=128, help="tokens per stored chunk")
     p.add_argument("--model", help="local HF model directory (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--routing", choices=("least_loaded", "round_robin"), default="least_loaded")
-    p.add_argument("--ray-address",
-                   help="join this Ray cluster ('auto', 'host:port' or 'ray://host:port'); "
-                        "default $RAY_ADDRESS; unset: start a local Ray")
-    p.add_argument("--num-cpus", type=int,
-                   help="CPUs given to the local Ray (default 2; not with --ray-address)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0,
-                   help="CPUs Ray reserves per worker actor (also its torch threads)")
-    p.add_argument("--pin-roles", action="store_true",
-                   help="require the Ray custom resources {'prefill': 1} / {'decode': 1} per actor, as the "
-                        "KubeRay worker groups advertise them (a local Ray gets them added)")
-    p.add_argument("--store-target",
-                   help="HOST:PORT of an existing kvstore server (or HOST:PORT,HOST:PORT,... / dns:///NAME:PORT "
-                        "for a cluster); default $KVSTORE_TARGET; unset: start one "
-                        "in this process")
+    p.add_argument(
+        "--ray-address",
+        help="join this Ray cluster ('auto', 'host:port' or 'ray://host:port'); "
+        "default $RAY_ADDRESS; unset: start a local Ray",
+    )
+    p.add_argument(
+        "--num-cpus", type=int, help="CPUs given to the local Ray (default 2; not with --ray-address)"
+    )
+    p.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=1.0,
+        help="CPUs Ray reserves per worker actor (also its torch threads)",
+    )
+    p.add_argument(
+        "--pin-roles",
+        action="store_true",
+        help="require the Ray custom resources {'prefill': 1} / {'decode': 1} per actor, as the "
+        "KubeRay worker groups advertise them (a local Ray gets them added)",
+    )
+    p.add_argument(
+        "--store-target",
+        help="HOST:PORT of an existing kvstore server (or HOST:PORT,HOST:PORT,... / dns:///NAME:PORT "
+        "for a cluster); default $KVSTORE_TARGET; unset: start one "
+        "in this process",
+    )
     p.add_argument("--token", help="bearer token for the store (default $KVSTORE_TOKEN)")
-    p.add_argument("--replication", type=int,
-                   help="copies of each chunk when the target lists several replicas or is dns:///NAME:PORT "
-                        "(default $KVSTORE_REPLICATION or 2)")
-    p.add_argument("--write-ack", choices=("one", "all"),
-                   help="a put returns once one / all owners stored it (default $KVSTORE_WRITE_ACK or all)")
+    p.add_argument(
+        "--replication",
+        type=int,
+        help="copies of each chunk when the target lists several replicas or is dns:///NAME:PORT "
+        "(default $KVSTORE_REPLICATION or 2)",
+    )
+    p.add_argument(
+        "--write-ack",
+        choices=("one", "all"),
+        help="a put returns once one / all owners stored it (default $KVSTORE_WRITE_ACK or all)",
+    )
     p.add_argument("--tenant", default="demo", help="namespace tenant (with auth: the token's tenant)")
     p.add_argument("--no-baseline", action="store_true", help="skip the no-reuse TTFT baseline pass")
     p.add_argument("--no-layerwise", action="store_true", help="fetch whole prefixes before computing")
-    p.add_argument("--overlap", action="store_true",
-                   help="prefill the next request while the previous one decodes (faster; TTFTs then "
-                        "include contention with decode, so they no longer compare with the baseline)")
-    p.add_argument("--handoff", action="store_true",
-                   help="decode gets the prompt's KV as Ray object refs from prefill instead of from the store")
-    p.add_argument("--store-dir", help="disk tier directory of the in-process store (default: a temporary "
-                                       "one, removed at exit)")
+    p.add_argument(
+        "--overlap",
+        action="store_true",
+        help="prefill the next request while the previous one decodes (faster; TTFTs then "
+        "include contention with decode, so they no longer compare with the baseline)",
+    )
+    p.add_argument(
+        "--handoff",
+        action="store_true",
+        help="decode gets the prompt's KV as Ray object refs from prefill instead of from the store",
+    )
+    p.add_argument(
+        "--store-dir",
+        help="disk tier directory of the in-process store (default: a temporary one, removed at exit)",
+    )
     p.add_argument("--memory-bytes", default="512MiB", help="RAM tier budget of the in-process store")
     p.add_argument("--quiet", action="store_true", help="do not stream generated text")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -203,15 +241,19 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
     if args.write_ack not in ("one", "all"):
         p.error(f"KVSTORE_WRITE_ACK must be 'one' or 'all', got {args.write_ack!r}")
     if args.ray_address and args.num_cpus is not None:
-        p.error("--num-cpus sizes a local Ray; it cannot be used when joining a cluster (--ray-address "
-                "or $RAY_ADDRESS)")
+        p.error(
+            "--num-cpus sizes a local Ray; it cannot be used when joining a cluster (--ray-address "
+            "or $RAY_ADDRESS)"
+        )
     if args.num_cpus is not None and args.num_cpus < 1:
         p.error("--num-cpus must be >= 1")
     if args.cpus_per_actor <= 0:
         p.error("--cpus-per-actor must be positive")
     if args.store_target and args.store_dir:
-        p.error("--store-dir configures the in-process store; it cannot be used with --store-target "
-                "(or $KVSTORE_TARGET)")
+        p.error(
+            "--store-dir configures the in-process store; it cannot be used with --store-target "
+            "(or $KVSTORE_TARGET)"
+        )
     return args
 
 
@@ -230,8 +272,12 @@ def pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
     """``Pipeline`` keyword arguments for the parsed flags."""
     from workers.pipeline import ROLE_RESOURCES
 
-    options: dict[str, Any] = {"num_prefill": args.prefill_workers, "num_decode": args.decode_workers,
-                               "routing": args.routing, "num_cpus_per_actor": args.cpus_per_actor}
+    options: dict[str, Any] = {
+        "num_prefill": args.prefill_workers,
+        "num_decode": args.decode_workers,
+        "routing": args.routing,
+        "num_cpus_per_actor": args.cpus_per_actor,
+    }
     if args.pin_roles:
         options["prefill_resources"] = ROLE_RESOURCES["prefill"]
         options["decode_resources"] = ROLE_RESOURCES["decode"]
@@ -242,9 +288,16 @@ def start_store(store_dir: Path, memory_bytes: str) -> Any:
     from kvstore.config import load_config
     from kvstore.server import serve
 
-    config = load_config(None, environ={}, overrides={
-        "server.port": 0, "memory.max_bytes": memory_bytes, "disk.path": str(store_dir / "disk"),
-        "disk.fsync": "never"})
+    config = load_config(
+        None,
+        environ={},
+        overrides={
+            "server.port": 0,
+            "memory.max_bytes": memory_bytes,
+            "disk.path": str(store_dir / "disk"),
+            "disk.fsync": "never",
+        },
+    )
     return serve(config)
 
 
@@ -254,14 +307,22 @@ def run_baseline(pipeline: Any, prompts: Sequence[DemoPrompt], tqdm: Any) -> dic
 
     out = {}
     for p in tqdm(prompts, desc="baseline: prefill without reuse", unit="req", leave=False):
-        handle = pipeline.prefill(PrefillRequest(f"baseline/{p.request_id}", p.token_ids, reuse=False,
-                                                 store=False))
+        handle = pipeline.prefill(
+            PrefillRequest(f"baseline/{p.request_id}", p.token_ids, reuse=False, store=False)
+        )
         out[p.request_id] = handle.timings["ttft_s"]
     return out
 
 
-def run_profile(pipeline: Any, prompts: Sequence[DemoPrompt], profile: str, args: argparse.Namespace,
-                tokenizer: Any, baseline: dict[str, float], tqdm: Any) -> ProfileReport:
+def run_profile(
+    pipeline: Any,
+    prompts: Sequence[DemoPrompt],
+    profile: str,
+    args: argparse.Namespace,
+    tokenizer: Any,
+    baseline: dict[str, float],
+    tqdm: Any,
+) -> ProfileReport:
     from workers.prefill import PrefillRequest
 
     report = ProfileReport(profile)
@@ -277,7 +338,7 @@ def run_profile(pipeline: Any, prompts: Sequence[DemoPrompt], profile: str, args
             return
         before = tokenizer.decode(streamed, skip_special_tokens=True)
         streamed.append(event.token)
-        sys.stdout.write(tokenizer.decode(streamed, skip_special_tokens=True)[len(before):])
+        sys.stdout.write(tokenizer.decode(streamed, skip_special_tokens=True)[len(before) :])
         sys.stdout.flush()
 
     def on_handle(h: Any) -> None:
@@ -285,14 +346,17 @@ def run_profile(pipeline: Any, prompts: Sequence[DemoPrompt], profile: str, args
         base = baseline.get(p.request_id)
         if args.quiet:
             return
-        print(f"[{profile} {report.num_requests + 1}/{len(requests)}] {p.document}, {h.num_tokens} tokens: "
-              f"reused {h.num_cached_tokens}, prefilled {h.num_prefilled_tokens}, TTFT {h.timings['ttft_s']:.2f}s"
-              + (f" (no reuse {base:.2f}s)" if base is not None else ""))
+        print(
+            f"[{profile} {report.num_requests + 1}/{len(requests)}] {p.document}, {h.num_tokens} tokens: "
+            f"reused {h.num_cached_tokens}, prefilled {h.num_prefilled_tokens}, TTFT {h.timings['ttft_s']:.2f}s"
+            + (f" (no reuse {base:.2f}s)" if base is not None else "")
+        )
         sys.stdout.write(f"  Q: {p.question}\n  A: ")
         sys.stdout.flush()
 
-    for result in pipeline.run(requests, args.max_new_tokens, on_token, on_handle, overlap=args.overlap,
-                                handoff=args.handoff):
+    for result in pipeline.run(
+        requests, args.max_new_tokens, on_token, on_handle, overlap=args.overlap, handoff=args.handoff
+    ):
         h, s = result.handle, result.summary
         streamed.clear()
         c = h.chunk_tokens
@@ -312,8 +376,10 @@ def run_profile(pipeline: Any, prompts: Sequence[DemoPrompt], profile: str, args
         report.decode_tokens_per_s.append(s.tokens_per_s)
         report.first_token_agree += int(s.first_token_match)
         if not args.quiet:
-            print(f"\n    ({len(s.tokens)} tokens, {s.tokens_per_s:.1f} tok/s; decode fetched "
-                  f"{s.num_fetched_tokens} prompt tokens from the store, recomputed {s.num_recomputed_tokens})\n")
+            print(
+                f"\n    ({len(s.tokens)} tokens, {s.tokens_per_s:.1f} tok/s; decode fetched "
+                f"{s.num_fetched_tokens} prompt tokens from the store, recomputed {s.num_recomputed_tokens})\n"
+            )
         bar.update(1)
     bar.close()
     return report
@@ -330,21 +396,50 @@ def print_table(rows: list[dict[str, Any]], fp16_note: str) -> None:
             n /= 1024
         return str(n)
 
-    header = ["profile", "reqs", "hit rate", "reused", "prefilled", "TTFT no reuse", "TTFT reuse",
-              "hits: reuse/none", "speedup", "stored", "fp16", "vs fp16", "decode", "1st tok"]
+    header = [
+        "profile",
+        "reqs",
+        "hit rate",
+        "reused",
+        "prefilled",
+        "TTFT no reuse",
+        "TTFT reuse",
+        "hits: reuse/none",
+        "speedup",
+        "stored",
+        "fp16",
+        "vs fp16",
+        "decode",
+        "1st tok",
+    ]
     lines = [header]
     for r in rows:
-        lines.append([
-            r["profile"], str(r["requests"]), f"{100 * r['chunk_hit_rate']:.0f}%", str(r["tokens_reused"]),
-            str(r["tokens_prefilled"]), fmt_s(r["ttft_no_reuse_s"]), fmt_s(r["ttft_with_reuse_s"]),
-            f"{fmt_s(r['ttft_hit_requests_s'])}/{fmt_s(r['ttft_hit_requests_no_reuse_s'])}",
-            "-" if r["hit_speedup"] is None else f"{r['hit_speedup']:.1f}x", fmt_b(r["stored_bytes"]), fmt_b(r["fp16_bytes"]),
-            "-" if r["stored_vs_fp16"] is None else f"{r['stored_vs_fp16']:.2f}x",
-            f"{r['decode_tokens_per_s']:.1f} t/s", f"{100 * r['first_token_agreement']:.0f}%",
-        ])
+        lines.append(
+            [
+                r["profile"],
+                str(r["requests"]),
+                f"{100 * r['chunk_hit_rate']:.0f}%",
+                str(r["tokens_reused"]),
+                str(r["tokens_prefilled"]),
+                fmt_s(r["ttft_no_reuse_s"]),
+                fmt_s(r["ttft_with_reuse_s"]),
+                f"{fmt_s(r['ttft_hit_requests_s'])}/{fmt_s(r['ttft_hit_requests_no_reuse_s'])}",
+                "-" if r["hit_speedup"] is None else f"{r['hit_speedup']:.1f}x",
+                fmt_b(r["stored_bytes"]),
+                fmt_b(r["fp16_bytes"]),
+                "-" if r["stored_vs_fp16"] is None else f"{r['stored_vs_fp16']:.2f}x",
+                f"{r['decode_tokens_per_s']:.1f} t/s",
+                f"{100 * r['first_token_agreement']:.0f}%",
+            ]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     for i, row in enumerate(lines):
-        print("  ".join(cell.rjust(w) if j else cell.ljust(w) for j, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        print(
+            "  ".join(
+                cell.rjust(w) if j else cell.ljust(w)
+                for j, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print(fp16_note)
@@ -380,25 +475,36 @@ def main(argv: list[str] | None = None) -> int:
             target = args.store_target
         steps.update(1)
         steps.set_description(f"store on {target}; loading the model in each worker")
-        config = WorkerConfig(store_target=target, token=args.token, replication=args.replication,
-                              write_ack=args.write_ack, model_path=args.model,
-                              profile=args.profiles[0], tenant=args.tenant, chunk_tokens=args.chunk_tokens,
-                              layerwise=not args.no_layerwise)
+        config = WorkerConfig(
+            store_target=target,
+            token=args.token,
+            replication=args.replication,
+            write_ack=args.write_ack,
+            model_path=args.model,
+            profile=args.profiles[0],
+            tenant=args.tenant,
+            chunk_tokens=args.chunk_tokens,
+            layerwise=not args.no_layerwise,
+        )
         pipeline = Pipeline(config, **pipeline_options(args))
         fingerprint = pipeline.wait_ready()
         steps.update(1)
         steps.close()
         lengths = [len(p.token_ids) for p in prompts]
-        print(f"kvstore demo: {len(prompts)} requests ({args.docs} documents x {args.questions} questions, "
-              f"{min(lengths)}-{max(lengths)} prompt tokens, chunks of {args.chunk_tokens}), model {fingerprint}, "
-              f"store {target}{'' if own_store else ' (external)'}, Ray "
-              f"{args.ray_address or 'local'}, {args.prefill_workers} prefill + {args.decode_workers} decode "
-              f"workers{' pinned to their roles' if args.pin_roles else ''}")
+        print(
+            f"kvstore demo: {len(prompts)} requests ({args.docs} documents x {args.questions} questions, "
+            f"{min(lengths)}-{max(lengths)} prompt tokens, chunks of {args.chunk_tokens}), model {fingerprint}, "
+            f"store {target}{'' if own_store else ' (external)'}, Ray "
+            f"{args.ray_address or 'local'}, {args.prefill_workers} prefill + {args.decode_workers} decode "
+            f"workers{' pinned to their roles' if args.pin_roles else ''}"
+        )
         # A fresh machine compiles the codec kernels on first use (~9 s): warm every worker before the
         # first timed request, or the first profile's TTFT reports that compilation as the codec's speed.
         warm_s = pipeline.warm_up(args.profiles)
-        print(f"warm-up: codec kernels ({', '.join(args.profiles)}) and model ready in every worker in "
-              f"{warm_s:.1f}s (not part of any timing below)")
+        print(
+            f"warm-up: codec kernels ({', '.join(args.profiles)}) and model ready in every worker in "
+            f"{warm_s:.1f}s (not part of any timing below)"
+        )
         baseline = {} if args.no_baseline else run_baseline(pipeline, prompts, tqdm)
         base_mean = statistics.fmean(baseline.values()) if baseline else None
         rows = []
@@ -406,10 +512,13 @@ def main(argv: list[str] | None = None) -> int:
             report = run_profile(pipeline, prompts, profile, args, tokenizer, baseline, tqdm)
             rows.append(report.as_dict(base_mean))
         print()
-        print_table(rows, "TTFT: mean on the prefill worker (lookup + fetch + compute). 'hits' compares, for "
-                          "the requests that reused a prefix, their TTFT with reuse and in the no-reuse baseline. "
-                          "'vs fp16': stored bytes over raw fp16 K+V of the same chunks (the model is fp32, so "
-                          "lossless is ~1.8x). '1st tok': decode's recompute of the tail agreed with prefill.")
+        print_table(
+            rows,
+            "TTFT: mean on the prefill worker (lookup + fetch + compute). 'hits' compares, for "
+            "the requests that reused a prefix, their TTFT with reuse and in the no-reuse baseline. "
+            "'vs fp16': stored bytes over raw fp16 K+V of the same chunks (the model is fp32, so "
+            "lossless is ~1.8x). '1st tok': decode's recompute of the tail agreed with prefill.",
+        )
         stats = _store_summary(config)
         print(f"store: {stats}; total {time.perf_counter() - t0:.0f}s")
         if args.json:

@@ -90,8 +90,9 @@ def converted_checkpoint(gguf: Path | None = None) -> Path:
     return target
 
 
-def load_model(path: str | os.PathLike[str] | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str = "cpu") -> tuple[Any, Any]:
+def load_model(
+    path: str | os.PathLike[str] | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode; ``path`` is any local HF model directory, default the bundled one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -45,8 +45,9 @@ ROLE_RESOURCES: dict[str, dict[str, float]] = {"prefill": {"prefill": 1.0}, "dec
 DEFAULT_LOCAL_CPUS = 2
 
 
-def ray_init_kwargs(num_cpus: int | None = None, *, address: str | None = None,
-                    **options: Any) -> dict[str, Any]:
+def ray_init_kwargs(
+    num_cpus: int | None = None, *, address: str | None = None, **options: Any
+) -> dict[str, Any]:
     """The ``ray.init`` arguments :func:`init_ray` uses; a pure function, so it can be checked without Ray.
 
     ``address=None`` starts a new local Ray (``address="local"``, so a stray
@@ -69,8 +70,11 @@ def ray_init_kwargs(num_cpus: int | None = None, *, address: str | None = None,
     else:
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env_vars["PYTHONPATH"] = pythonpath
-        kwargs.update(address="local", num_cpus=DEFAULT_LOCAL_CPUS if num_cpus is None else num_cpus,
-                      include_dashboard=False)
+        kwargs.update(
+            address="local",
+            num_cpus=DEFAULT_LOCAL_CPUS if num_cpus is None else num_cpus,
+            include_dashboard=False,
+        )
     kwargs["runtime_env"] = {"env_vars": env_vars}
     kwargs.update(options)
     return kwargs
@@ -108,8 +112,9 @@ class RayPrefillWorker(PrefillWorker):
 class RayDecodeWorker(DecodeWorker):
     """DecodeWorker as an actor; ``stream_refs`` pulls the prefix from object refs, layer by layer."""
 
-    def stream_refs(self, handle: PrefillHandle, refs: list[Any],
-                    max_new_tokens: int) -> Iterator[TokenEvent | DecodeSummary]:
+    def stream_refs(
+        self, handle: PrefillHandle, refs: list[Any], max_new_tokens: int
+    ) -> Iterator[TokenEvent | DecodeSummary]:
         import ray
 
         # ``refs`` arrive unresolved (nested in a list), so each layer is fetched only when the
@@ -202,10 +207,17 @@ class Pipeline:
     stays pending, and :meth:`wait_ready` times out.
     """
 
-    def __init__(self, config: WorkerConfig, *, num_prefill: int = 1, num_decode: int = 1,
-                 routing: str = "least_loaded", num_cpus_per_actor: float = 1.0,
-                 prefill_resources: Mapping[str, float] | None = None,
-                 decode_resources: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        num_prefill: int = 1,
+        num_decode: int = 1,
+        routing: str = "least_loaded",
+        num_cpus_per_actor: float = 1.0,
+        prefill_resources: Mapping[str, float] | None = None,
+        decode_resources: Mapping[str, float] | None = None,
+    ) -> None:
         import ray
 
         if num_prefill < 1 or num_decode < 1:
@@ -266,8 +278,9 @@ class Pipeline:
         """Tokens of ``handle`` as a decode actor produces them, then the summary."""
         return self._stream(self.decode_pool.acquire(), handle, max_new_tokens)
 
-    def _stream(self, index: int, handle: PrefillHandle, max_new_tokens: int,
-                refs: list[Any] | None = None) -> Iterator[TokenEvent | DecodeSummary]:
+    def _stream(
+        self, index: int, handle: PrefillHandle, max_new_tokens: int, refs: list[Any] | None = None
+    ) -> Iterator[TokenEvent | DecodeSummary]:
         import ray
 
         actor = self.decode_pool.actors[index]
@@ -281,15 +294,27 @@ class Pipeline:
         finally:
             self.decode_pool.release(index)
 
-    def generate(self, request: PrefillRequest, max_new_tokens: int,
-                 on_token: Callable[[TokenEvent], None] | None = None, *, handoff: bool = False) -> RequestResult:
+    def generate(
+        self,
+        request: PrefillRequest,
+        max_new_tokens: int,
+        on_token: Callable[[TokenEvent], None] | None = None,
+        *,
+        handoff: bool = False,
+    ) -> RequestResult:
         """Prefill then decode one request, calling ``on_token`` for each streamed token."""
         return next(iter(self.run([request], max_new_tokens, on_token, handoff=handoff)))
 
-    def run(self, requests: Sequence[PrefillRequest], max_new_tokens: int,
-            on_token: Callable[[TokenEvent], None] | None = None,
-            on_handle: Callable[[PrefillHandle], None] | None = None, *,
-            overlap: bool = True, handoff: bool = False) -> Iterator[RequestResult]:
+    def run(
+        self,
+        requests: Sequence[PrefillRequest],
+        max_new_tokens: int,
+        on_token: Callable[[TokenEvent], None] | None = None,
+        on_handle: Callable[[PrefillHandle], None] | None = None,
+        *,
+        overlap: bool = True,
+        handoff: bool = False,
+    ) -> Iterator[RequestResult]:
         """Run a batch in order; results come back in request order.
 
         With ``overlap`` every prefill is submitted at once, so prefill of later
@@ -331,8 +356,9 @@ class Pipeline:
                         on_token(item)
                 if summary is None:
                     raise RuntimeError(f"decode of {request.request_id!r} ended without a summary")
-                yield RequestResult(handle, summary, index, decode_index,
-                                    time.perf_counter() - start[request.request_id])
+                yield RequestResult(
+                    handle, summary, index, decode_index, time.perf_counter() - start[request.request_id]
+                )
         finally:
             for _, index, _ in pending:  # abandoned: the refs are dropped, counts put back
                 self.prefill_pool.release(index)

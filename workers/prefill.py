@@ -67,8 +67,10 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         if not self.store_target:
-            raise ValueError("store_target must be 'host:port' of a kvstore server, a list "
-                             "'host:port,host:port,...' or 'dns:///name:port'")
+            raise ValueError(
+                "store_target must be 'host:port' of a kvstore server, a list "
+                "'host:port,host:port,...' or 'dns:///name:port'"
+            )
         from transfer.cluster import WRITE_ACKS
         from transfer.membership import parse_target
 
@@ -88,8 +90,9 @@ class WorkerConfig:
         """The store client for ``store_target`` (one server, or a cluster with placement)."""
         from transfer.cluster import connect
 
-        return connect(self.store_target, token=self.token, replication=self.replication,
-                       write_ack=self.write_ack)
+        return connect(
+            self.store_target, token=self.token, replication=self.replication, write_ack=self.write_ack
+        )
 
     def apply_cpu_plan(self) -> affinity.CpuPlan | None:
         """Pin the calling thread (the model's) and this process's I/O threads as ``compute_cpus`` says."""
@@ -142,15 +145,22 @@ class PrefillHandle:
     @property
     def tail_tokens(self) -> tuple[int, ...]:
         """Prompt tokens after the last reusable chunk; decode recomputes them."""
-        return self.token_ids[self.boundary:]
+        return self.token_ids[self.boundary :]
 
     @property
     def prefix_keys(self) -> tuple[ChunkKey, ...]:
         return self.keys[: self.boundary // self.chunk_tokens]
 
 
-def open_prefix_cache(client: StoreClient, runner: ModelRunner, namespace: str, keys: Sequence[bytes],
-                      chunk_tokens: int, *, layerwise: bool) -> Any:
+def open_prefix_cache(
+    client: StoreClient,
+    runner: ModelRunner,
+    namespace: str,
+    keys: Sequence[bytes],
+    chunk_tokens: int,
+    *,
+    layerwise: bool,
+) -> Any:
     """A transformers cache holding the stored chunks ``keys``; ``None`` when there are none."""
     if not keys:
         return None
@@ -168,9 +178,17 @@ def open_prefix_cache(client: StoreClient, runner: ModelRunner, namespace: str, 
 STORE_MISSES = (NotFound, DataLoss, Unavailable)
 
 
-def prefill_from_store(client: StoreClient, runner: ModelRunner, namespace: str, keys: Sequence[bytes],
-                       token_ids: Sequence[int], chunk_tokens: int, boundary: int, *,
-                       layerwise: bool) -> tuple[Any, int]:
+def prefill_from_store(
+    client: StoreClient,
+    runner: ModelRunner,
+    namespace: str,
+    keys: Sequence[bytes],
+    token_ids: Sequence[int],
+    chunk_tokens: int,
+    boundary: int,
+    *,
+    layerwise: bool,
+) -> tuple[Any, int]:
     """Run the model over ``token_ids`` reusing the stored chunks ``keys``; returns the output and the
     number of chunks reused (0 when the store could not deliver them and everything was recomputed)."""
     if keys:
@@ -186,7 +204,9 @@ def prefill_from_store(client: StoreClient, runner: ModelRunner, namespace: str,
     return runner.prefill(token_ids, None, past_tokens=0, boundary=boundary), 0
 
 
-def _iter_layers(client: StoreClient, namespace: str, keys: Sequence[bytes], num_layers: int) -> Iterator[Any]:
+def _iter_layers(
+    client: StoreClient, namespace: str, keys: Sequence[bytes], num_layers: int
+) -> Iterator[Any]:
     from transfer.kvio import iter_layers
 
     return iter_layers(client, namespace, list(keys), 0, num_layers)
@@ -202,11 +222,13 @@ def close_cache(cache: Any) -> None:
 class PrefillWorker:
     """Prefill with prefix reuse over a kvstore server (see the module docstring)."""
 
-    def __init__(self, config: WorkerConfig, *, runner: ModelRunner | None = None,
-                 client: StoreClient | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, *, runner: ModelRunner | None = None, client: StoreClient | None = None
+    ) -> None:
         self.config = config
-        self.runner = runner if runner is not None else ModelRunner(config.model_path,
-                                                                    num_threads=config.num_threads)
+        self.runner = (
+            runner if runner is not None else ModelRunner(config.model_path, num_threads=config.num_threads)
+        )
         self.client = client if client is not None else config.connect()
         self.cpu_plan = config.apply_cpu_plan()  # after the client: its gRPC threads move to the I/O CPUs
 
@@ -232,7 +254,9 @@ class PrefillWorker:
         """
         handle, cache = self._prefill(request)
         b = handle.boundary
-        return handle, [(k[:, :b].contiguous(), v[:, :b].contiguous()) for k, v in self.runner.cache_layers(cache)]
+        return handle, [
+            (k[:, :b].contiguous(), v[:, :b].contiguous()) for k, v in self.runner.cache_layers(cache)
+        ]
 
     def _prefill(self, request: PrefillRequest) -> tuple[PrefillHandle, Any]:
         start = time.perf_counter()
@@ -248,8 +272,9 @@ class PrefillWorker:
         cached = min(present, boundary // c) if request.reuse else 0
         t_lookup = time.perf_counter()
 
-        out, cached = prefill_from_store(self.client, runner, ns, keys[:cached], ids, c, boundary,
-                                         layerwise=cfg.layerwise)
+        out, cached = prefill_from_store(
+            self.client, runner, ns, keys[:cached], ids, c, boundary, layerwise=cfg.layerwise
+        )
         t_first = time.perf_counter()
 
         stored_chunks = stored_bytes = 0
@@ -258,8 +283,14 @@ class PrefillWorker:
             from transfer.kvio import context_items  # the codec loads only where KV is encoded
 
             sizes: list[int] = []
-            items = context_items(ns, keys, runner.cache_layers(out.cache), profile=profile, chunk_tokens=c,
-                                  start_chunk=first_new)
+            items = context_items(
+                ns,
+                keys,
+                runner.cache_layers(out.cache),
+                profile=profile,
+                chunk_tokens=c,
+                start_chunk=first_new,
+            )
             self.client.put(ns, _counting(items, sizes))
             stored_chunks, stored_bytes = len(keys) - first_new, sum(sizes)
         t_end = time.perf_counter()
@@ -267,12 +298,25 @@ class PrefillWorker:
         shape = runner.shape
         fp16 = stored_chunks * num_layers * 2 * shape.num_kv_heads * c * shape.head_dim * FP16_BYTES
         handle = PrefillHandle(
-            request_id=request.request_id, namespace=ns, keys=tuple(keys), token_ids=ids, chunk_tokens=c,
-            boundary=boundary, num_cached_tokens=cached * c, num_prefilled_tokens=out.num_computed,
-            first_token=out.first_token, num_stored_chunks=stored_chunks, stored_bytes=stored_bytes,
+            request_id=request.request_id,
+            namespace=ns,
+            keys=tuple(keys),
+            token_ids=ids,
+            chunk_tokens=c,
+            boundary=boundary,
+            num_cached_tokens=cached * c,
+            num_prefilled_tokens=out.num_computed,
+            first_token=out.first_token,
+            num_stored_chunks=stored_chunks,
+            stored_bytes=stored_bytes,
             fp16_bytes=fp16,
-            timings={"lookup_s": t_lookup - start, "compute_s": t_first - t_lookup, "ttft_s": t_first - start,
-                     "store_s": t_end - t_first, "total_s": t_end - start},
+            timings={
+                "lookup_s": t_lookup - start,
+                "compute_s": t_first - t_lookup,
+                "ttft_s": t_first - start,
+                "store_s": t_end - t_first,
+                "total_s": t_end - start,
+            },
         )
         return handle, out.cache
 
@@ -284,5 +328,3 @@ def _counting(items: Iterator[PutItem], sizes: list[int]) -> Iterator[PutItem]:
     for item in items:
         sizes.append(len(item.blob))
         yield item
-
-

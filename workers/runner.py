@@ -55,6 +55,7 @@ def chat_prompt_ids(tokenizer: Any, system: str, *user_parts: str) -> list[int]:
     leading token ids exactly; tokenising the whole string at once could merge
     tokens across a part boundary and break the shared prefix.
     """
+
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -95,9 +96,16 @@ class ModelRunner:
     actor should use the CPUs it was given, not every core of the machine).
     """
 
-    def __init__(self, model_path: str | os.PathLike[str] | None = None, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, num_threads: int | None = None,
-                 model: Any = None, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        num_threads: int | None = None,
+        model: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         # Dequantised GGUF weights yield subnormal activations that are ~100x slower on x86 FPUs;
@@ -111,9 +119,14 @@ class ModelRunner:
         self.shape: KVShape = kv_shape(model)
         src = Path(model_path) if model_path is not None else getattr(model, "name_or_path", None)
         arch = (model.config.architectures or [type(model).__name__])[0]
-        self.fingerprint = model_fingerprint(arch, self.shape.num_layers, self.shape.num_kv_heads,
-                                             self.shape.head_dim, str(dtype).removeprefix("torch."),
-                                             _weights_digest(Path(src) if src else None))
+        self.fingerprint = model_fingerprint(
+            arch,
+            self.shape.num_layers,
+            self.shape.num_kv_heads,
+            self.shape.head_dim,
+            str(dtype).removeprefix("torch."),
+            _weights_digest(Path(src) if src else None),
+        )
         eos = tokenizer.eos_token_id
         self.stop_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
@@ -124,8 +137,13 @@ class ModelRunner:
         from transfer.codec.warmup import warm_up
 
         started = time.perf_counter()
-        warm_up(profiles, heads=self.shape.num_kv_heads, head_dim=self.shape.head_dim,
-                chunk_tokens=chunk_tokens, num_layers=min(2, self.shape.num_layers))
+        warm_up(
+            profiles,
+            heads=self.shape.num_kv_heads,
+            head_dim=self.shape.head_dim,
+            chunk_tokens=chunk_tokens,
+            num_layers=min(2, self.shape.num_layers),
+        )
         self.prefill(self.encode("Warm-up."))
         return time.perf_counter() - started
 
@@ -164,8 +182,14 @@ class ModelRunner:
         out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].float()
 
-    def prefill(self, token_ids: Sequence[int], cache: Any = None, *, past_tokens: int = 0,
-                boundary: int | None = None) -> PrefillOutput:
+    def prefill(
+        self,
+        token_ids: Sequence[int],
+        cache: Any = None,
+        *,
+        past_tokens: int = 0,
+        boundary: int | None = None,
+    ) -> PrefillOutput:
         """Complete the cache of a prompt whose first ``past_tokens`` are already in ``cache``.
 
         Runs ``[past_tokens, boundary)`` then ``[max(past_tokens, boundary), N)``
@@ -185,8 +209,9 @@ class ModelRunner:
         return PrefillOutput(cache, logits, int(torch.argmax(logits)), n - past_tokens)
 
     @torch.inference_mode()
-    def iter_decode(self, cache: Any, first_token: int, max_new_tokens: int,
-                    stop_ids: frozenset[int] | None = None) -> Iterator[int]:
+    def iter_decode(
+        self, cache: Any, first_token: int, max_new_tokens: int, stop_ids: frozenset[int] | None = None
+    ) -> Iterator[int]:
         """Greedy continuation: yields ``first_token`` then each next token, extending ``cache``.
 
         Stops after ``max_new_tokens`` tokens or right after yielding a stop token.
@@ -201,8 +226,9 @@ class ModelRunner:
                 return
             token = int(torch.argmax(self.forward([token], cache)))
 
-    def generate(self, token_ids: Sequence[int], max_new_tokens: int, *,
-                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[int]:
+    def generate(
+        self, token_ids: Sequence[int], max_new_tokens: int, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    ) -> list[int]:
         """Local reference: prefill and greedy decode in this process, no store.
 
         Splits the prompt at the same reuse boundary the workers use, so its

@@ -50,7 +50,9 @@ class ProbingBreaker(_CallerProbeBreaker):
     ) -> None:
         if probe_interval_s <= 0:
             raise ValueError("probe_interval_s must be > 0")
-        super().__init__(name, failure_threshold=failure_threshold, reset_timeout_s=probe_interval_s, clock=clock)
+        super().__init__(
+            name, failure_threshold=failure_threshold, reset_timeout_s=probe_interval_s, clock=clock
+        )
         self.probe = probe
         self.probe_interval_s = probe_interval_s
         self.on_open = on_open
@@ -71,7 +73,9 @@ class ProbingBreaker(_CallerProbeBreaker):
         with self._lock:
             if self._state == self.CLOSED:
                 return
-        raise BackendUnavailable(f"{self.name}: circuit open (tier failed or timed out; probing in the background)")
+        raise BackendUnavailable(
+            f"{self.name}: circuit open (tier failed or timed out; probing in the background)"
+        )
 
     def record_success(self) -> None:
         with self._lock:
@@ -94,8 +98,12 @@ class ProbingBreaker(_CallerProbeBreaker):
         if opened and self.on_open is not None:
             self.on_open()
         if opened:
-            log.warning("tier %s: circuit open after a failed call (%s); skipping it, probing every %.2f s",
-                        self.name, self.last_error or "failure", self.probe_interval_s)
+            log.warning(
+                "tier %s: circuit open after a failed call (%s); skipping it, probing every %.2f s",
+                self.name,
+                self.last_error or "failure",
+                self.probe_interval_s,
+            )
         if self.probe is not None and self.state != self.CLOSED:
             self._start_prober()
 
@@ -103,8 +111,9 @@ class ProbingBreaker(_CallerProbeBreaker):
         with self._lock:
             if self._stop.is_set() or self._prober is not None:
                 return
-            self._prober = threading.Thread(target=self._probe_loop, name=f"kvstore-breaker-{self.name}",
-                                            daemon=True)
+            self._prober = threading.Thread(
+                target=self._probe_loop, name=f"kvstore-breaker-{self.name}", daemon=True
+            )
             self._prober.start()
 
     def _probe_loop(self) -> None:

@@ -163,7 +163,9 @@ class DiskBackend(Backend):
         self._lock_fd = -1
         try:
             os.makedirs(self.path, exist_ok=True)
-            self._lock_fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._lock_fd = os.open(
+                os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._recover()
             self._active = self._new_segment(max(self._segments, default=0) + 1)
@@ -219,7 +221,9 @@ class DiskBackend(Backend):
     def usage(self) -> BackendUsage:
         """``bytes`` is the size of the segment files (what the budget limits), headers and dead records included."""
         with self._lock:
-            return BackendUsage(bytes=self._disk_bytes, objects=len(self._index), capacity_bytes=self.max_bytes)
+            return BackendUsage(
+                bytes=self._disk_bytes, objects=len(self._index), capacity_bytes=self.max_bytes
+            )
 
     def healthy(self) -> bool:
         if self._closed:
@@ -251,7 +255,9 @@ class DiskBackend(Backend):
             self._check_medium()
             too_large = [r for r in records if self.max_bytes and len(r[2]) + len(r[3]) > self.max_bytes]
             if too_large:
-                records = [r for r in records if not (self.max_bytes and len(r[2]) + len(r[3]) > self.max_bytes)]
+                records = [
+                    r for r in records if not (self.max_bytes and len(r[2]) + len(r[3]) > self.max_bytes)
+                ]
                 self.counters.add(evictions=len(too_large))
                 self._delete_locked([r[1] for r in too_large])
             for group in self._groups(records):
@@ -376,8 +382,9 @@ class DiskBackend(Backend):
             present = [k for k in keys if k in self._index]
         if not present:
             return 0
-        records = [(KIND_TOMBSTONE, k, encode_header(KIND_TOMBSTONE, k.name().encode(), b""), b"")
-                   for k in present]
+        records = [
+            (KIND_TOMBSTONE, k, encode_header(KIND_TOMBSTONE, k.name().encode(), b""), b"") for k in present
+        ]
         self._make_room(sum(len(r[2]) for r in records))
         self._publish(records, self._append(records))
         return len(present)
@@ -433,7 +440,9 @@ class DiskBackend(Backend):
             self._publish([rec], self._append([rec]))  # hot flag starts clear again
             kept += entry.length
         with self._lock:
-            dropped = [k for k in victim.live if self._index.get(k) is not None and self._index[k].seg is victim]
+            dropped = [
+                k for k in victim.live if self._index.get(k) is not None and self._index[k].seg is victim
+            ]
             for key in dropped:
                 del self._index[key]
             victim.live.clear()
@@ -458,7 +467,10 @@ class DiskBackend(Backend):
             with self._lock:
                 keep = [k for k in seg.tombstones if k not in self._index]
             if keep:
-                recs = [(KIND_TOMBSTONE, k, encode_header(KIND_TOMBSTONE, k.name().encode(), b""), b"") for k in keep]
+                recs = [
+                    (KIND_TOMBSTONE, k, encode_header(KIND_TOMBSTONE, k.name().encode(), b""), b"")
+                    for k in keep
+                ]
                 self._publish(recs, self._append(recs))
         self._remove_segment(seg)
 
@@ -544,8 +556,12 @@ class DiskBackend(Backend):
             if end < size:
                 # A torn tail (crash mid-append) or a corrupt last record: nothing valid follows it.
                 self.counters.add(corrupt_records=1)
-                log.warning("disk tier: %s: discarding %d bytes of torn or garbled records at offset %d",
-                            path, size - end, end)
+                log.warning(
+                    "disk tier: %s: discarding %d bytes of torn or garbled records at offset %d",
+                    path,
+                    size - end,
+                    end,
+                )
                 os.ftruncate(fd, end)
                 os.fsync(fd)
             if end == 0:
@@ -556,8 +572,9 @@ class DiskBackend(Backend):
             self._segments[seg_id] = seg
             self._disk_bytes += end
 
-    def _record_at(self, seg: _Segment, offset: int, size: int, verify_payload: bool
-                   ) -> tuple[int, BlobKey, int, int] | None:
+    def _record_at(
+        self, seg: _Segment, offset: int, size: int, verify_payload: bool
+    ) -> tuple[int, BlobKey, int, int] | None:
         """The record starting at ``offset`` as (kind, key, payload offset, length), or None if it fails
         any check: magic, version, kind, name length, header checksum, length within the file, a
         parseable name and, with ``verify_payload``, the payload checksum."""
@@ -633,8 +650,14 @@ class DiskBackend(Backend):
                 if nxt is None:
                     break
                 self.counters.add(corrupt_records=1)
-                log.warning("disk tier: %s: corrupt record at offset %d skipped (%d bytes); resynchronised at "
-                            "offset %d, later records kept", seg.path, offset, nxt - offset, nxt)
+                log.warning(
+                    "disk tier: %s: corrupt record at offset %d skipped (%d bytes); resynchronised at "
+                    "offset %d, later records kept",
+                    seg.path,
+                    offset,
+                    nxt - offset,
+                    nxt,
+                )
                 if verify_payloads and os.pread(seg.fd, len(MAGIC), offset) == MAGIC:
                     # A good header over a bad payload: once this segment is sealed its payloads are
                     # no longer re-hashed at start-up, so unmark the record now or a later restart

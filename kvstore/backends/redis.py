@@ -174,8 +174,9 @@ class RedisBackend(Backend):
         attempt_s = connect_timeout_s + socket_timeout_s
         budget_s = budget_s or round(attempt_s + 0.15, 6)
         if budget_s < attempt_s:
-            raise ValueError(f"redis budget_s ({budget_s}) must be >= connect_timeout_s + socket_timeout_s "
-                             f"({attempt_s})")
+            raise ValueError(
+                f"redis budget_s ({budget_s}) must be >= connect_timeout_s + socket_timeout_s ({attempt_s})"
+            )
         self.budget_s = budget_s
         self.url = url
         self.key_prefix = key_prefix
@@ -205,8 +206,12 @@ class RedisBackend(Backend):
         # Opens on the first failed call; while open no request touches Redis, a daemon
         # thread PINGs it (same timeouts) and closes the circuit when it answers.
         self.breaker = breaker or ProbingBreaker(
-            "redis", self._probe, breaker_threshold, breaker_reset_s,
-            on_open=lambda: self.counters.add(breaker_trips=1))
+            "redis",
+            self._probe,
+            breaker_threshold,
+            breaker_reset_s,
+            on_open=lambda: self.counters.add(breaker_trips=1),
+        )
         # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
         self._guard = Guard(retry, self.breaker, translate_redis_error)
 
@@ -270,7 +275,9 @@ class RedisBackend(Backend):
         def run() -> None:
             pipe = self._client.pipeline(transaction=False)
             for key in missing:
-                pipe.evalsha(self._delete_sha, 4, self._key(key), self._sizes, self._lru, self._meta, key.name(), "1")
+                pipe.evalsha(
+                    self._delete_sha, 4, self._key(key), self._sizes, self._lru, self._meta, key.name(), "1"
+                )
             pipe.execute()
 
         with contextlib.suppress(BackendUnavailable):  # housekeeping; the read already succeeded
@@ -331,7 +338,9 @@ class RedisBackend(Backend):
         def run() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
-                pipe.evalsha(self._delete_sha, 4, self._key(key), self._sizes, self._lru, self._meta, key.name(), "0")
+                pipe.evalsha(
+                    self._delete_sha, 4, self._key(key), self._sizes, self._lru, self._meta, key.name(), "0"
+                )
             return pipe.execute()
 
         return sum(int(n) for n in self._guard(lambda: self._with_scripts(run)))
@@ -342,9 +351,7 @@ class RedisBackend(Backend):
         start = len(self.key_prefix)
         cursor: int = 0
         while True:
-            cursor, names = self._guard(
-                lambda c=cursor: self._client.scan(cursor=c, match=match, count=1000)
-            )
+            cursor, names = self._guard(lambda c=cursor: self._client.scan(cursor=c, match=match, count=1000))
             for raw in names:
                 key = _parse_name(raw.decode("utf-8", "replace")[start:])
                 if key is not None and (namespace is None or key.namespace == namespace):

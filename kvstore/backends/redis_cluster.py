@@ -112,7 +112,9 @@ def parse_startup_nodes(url: str, cluster_nodes: str = "") -> list[tuple[str, in
     duplicates are dropped. Raises ValueError with what to fix.
     """
     if url.startswith("unix://"):
-        raise ValueError("redis.cluster needs TCP nodes: redis.url must be redis:// or rediss://, not unix://")
+        raise ValueError(
+            "redis.cluster needs TCP nodes: redis.url must be redis:// or rediss://, not unix://"
+        )
     entries = [url, *(part.strip() for part in cluster_nodes.split(",") if part.strip())]
     nodes: list[tuple[str, int]] = []
     for entry in entries:
@@ -148,11 +150,19 @@ class RedisClusterBackend(RedisBackend):
         if buckets <= 0:
             raise ValueError("redis cluster buckets must be > 0")
         if "{" in key_prefix or "}" in key_prefix:
-            raise ValueError(f"redis.key_prefix {key_prefix!r} must not contain '{{' or '}}' in cluster mode "
-                             "(the backend adds its own hash tag)")
+            raise ValueError(
+                f"redis.key_prefix {key_prefix!r} must not contain '{{' or '}}' in cluster mode "
+                "(the backend adds its own hash tag)"
+            )
         nodes = parse_startup_nodes(url, cluster_nodes)
-        super().__init__(url=url, key_prefix=key_prefix, socket_timeout_s=socket_timeout_s, pool_size=pool_size,
-                         connect_timeout_s=connect_timeout_s, **kwargs)
+        super().__init__(
+            url=url,
+            key_prefix=key_prefix,
+            socket_timeout_s=socket_timeout_s,
+            pool_size=pool_size,
+            connect_timeout_s=connect_timeout_s,
+            **kwargs,
+        )
         self._pool.disconnect()  # the standalone pool is never used in cluster mode
         self.buckets = buckets
         self.bucket_max_bytes = -(-self.max_bytes // buckets) if self.max_bytes else 0
@@ -175,8 +185,13 @@ class RedisClusterBackend(RedisBackend):
     @classmethod
     def from_config(cls, section: Any) -> Backend:
         """Fields of ``section`` named by this constructor or by :class:`RedisBackend`'s."""
-        accepted = {*inspect.signature(cls.__init__).parameters, *inspect.signature(RedisBackend.__init__).parameters}
-        fields = {name: getattr(section, name) for name in accepted if name != "self" and hasattr(section, name)}
+        accepted = {
+            *inspect.signature(cls.__init__).parameters,
+            *inspect.signature(RedisBackend.__init__).parameters,
+        }
+        fields = {
+            name: getattr(section, name) for name in accepted if name != "self" and hasattr(section, name)
+        }
         fields.pop("cluster", None)
         return cls(**fields)
 
@@ -284,8 +299,12 @@ class RedisClusterBackend(RedisBackend):
                 names = [self._key(fitting[i][0]) for i in positions]
                 for name, i in zip(names, positions, strict=True):
                     pipe.set(name, fitting[i][1], px=self.ttl_ms or None)
-                self._evalsha(pipe, _ACCOUNT_BUCKET, [*self._book(bucket), *names],
-                              [now, limit, *(fitting[i][0].name() for i in positions)])
+                self._evalsha(
+                    pipe,
+                    _ACCOUNT_BUCKET,
+                    [*self._book(bucket), *names],
+                    [now, limit, *(fitting[i][0].name() for i in positions)],
+                )
             return pipe.execute()
 
         evicted = 0
@@ -295,7 +314,9 @@ class RedisClusterBackend(RedisBackend):
             at = 0
             for bucket, positions in groups.items():
                 at += len(positions) + 1  # the SETs, then the script's reply
-                victims += [(bucket, v.decode() if isinstance(v, bytes) else v) for v in replies[at - 1] or ()]
+                victims += [
+                    (bucket, v.decode() if isinstance(v, bytes) else v) for v in replies[at - 1] or ()
+                ]
             if victims:
                 self._evict_blobs(victims)
                 evicted += len(victims)
@@ -326,8 +347,12 @@ class RedisClusterBackend(RedisBackend):
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
                 bucket = self.bucket_of(key)
-                self._evalsha(pipe, _DELETE, [self._tag(bucket) + key.name(), *self._book(bucket)],
-                              [key.name(), "1" if only_if_gone else "0"])
+                self._evalsha(
+                    pipe,
+                    _DELETE,
+                    [self._tag(bucket) + key.name(), *self._book(bucket)],
+                    [key.name(), "1" if only_if_gone else "0"],
+                )
             return pipe.execute()
 
         try:
@@ -339,20 +364,28 @@ class RedisClusterBackend(RedisBackend):
 
     # -- listing and accounting ----------------------------------------------------------
     def iter_keys(self, namespace: str | None = None) -> Iterator[BlobKey]:
-        match = _glob_escape(self.key_prefix) + "{*}" + (_glob_escape(f"{namespace}/") if namespace else "") + "*"
+        match = (
+            _glob_escape(self.key_prefix) + "{*}" + (_glob_escape(f"{namespace}/") if namespace else "") + "*"
+        )
         start = len(self.key_prefix)
         seen: set[BlobKey] = set()  # a failover mid-scan may show a key on two masters
         for node in self._run(self._client.get_primaries):
             server = self._client.get_redis_connection(node)  # SCAN cursors are per node
             cursor: int = 0
             while True:
-                cursor, names = self._run(lambda c=cursor, r=server: r.scan(cursor=c, match=match, count=1000))
+                cursor, names = self._run(
+                    lambda c=cursor, r=server: r.scan(cursor=c, match=match, count=1000)
+                )
                 for raw in names:
                     text = raw.decode("utf-8", "replace")[start:]
                     if not text.startswith("{") or "}" not in text:
                         continue
                     key = _parse_name(text.split("}", 1)[1])
-                    if key is not None and (namespace is None or key.namespace == namespace) and key not in seen:
+                    if (
+                        key is not None
+                        and (namespace is None or key.namespace == namespace)
+                        and key not in seen
+                    ):
                         seen.add(key)
                         yield key
                 if cursor == 0:
@@ -374,7 +407,9 @@ class RedisClusterBackend(RedisBackend):
 
     def healthy(self) -> bool:
         try:
-            return bool(self._run(lambda: self._client.ping(target_nodes=redis.cluster.RedisCluster.PRIMARIES)))
+            return bool(
+                self._run(lambda: self._client.ping(target_nodes=redis.cluster.RedisCluster.PRIMARIES))
+            )
         except (BackendUnavailable, redis.exceptions.RedisError):
             return False
 

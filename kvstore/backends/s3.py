@@ -68,7 +68,14 @@ _MIN_PART_BYTES = 5 << 20
 #: Conditional writes that lost to a concurrent writer are redone this many times (with backoff).
 _RACE_ATTEMPTS = 16  # S3's minimum multipart part size
 _RETRYABLE_CODES = frozenset(
-    {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "Throttling"}
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "ServiceUnavailable",
+        "InternalError",
+        "Throttling",
+    }
 )
 
 
@@ -168,7 +175,9 @@ def _is_missing(exc: BaseException) -> bool:
 
 
 def _is_precondition_failed(exc: BaseException) -> bool:
-    return _error_code(exc) in {"PreconditionFailed", "412", "ConditionalRequestConflict"} or _status(exc) in {
+    return _error_code(exc) in {"PreconditionFailed", "412", "ConditionalRequestConflict"} or _status(
+        exc
+    ) in {
         409,
         412,
     }
@@ -299,7 +308,9 @@ class S3Backend(Backend):
         attempt_s = connect_timeout_s + timeout_s
         budget_s = budget_s or round(attempt_s + 0.05, 6)
         if budget_s < attempt_s:
-            raise ValueError(f"s3: budget_s ({budget_s}) must be >= connect_timeout_s + timeout_s ({attempt_s})")
+            raise ValueError(
+                f"s3: budget_s ({budget_s}) must be >= connect_timeout_s + timeout_s ({attempt_s})"
+            )
         self.budget_s = budget_s
         self.bucket = bucket
         self.prefix = prefix
@@ -348,8 +359,12 @@ class S3Backend(Backend):
         # Opens on the first failed call; while open no request touches S3, a daemon thread
         # asks for the bucket (same timeouts) and closes the circuit when S3 answers.
         self.breaker = breaker or ProbingBreaker(
-            "s3", self._probe, breaker_threshold, breaker_reset_s,
-            on_open=lambda: self.counters.add(breaker_trips=1))
+            "s3",
+            self._probe,
+            breaker_threshold,
+            breaker_reset_s,
+            on_open=lambda: self.counters.add(breaker_trips=1),
+        )
         # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
         self._guard = Guard(retry, self.breaker, translate_s3_error)
         # S3 down at start-up: the server still starts; the bucket is made on first use.
@@ -433,7 +448,9 @@ class S3Backend(Backend):
             self._indexes.move_to_end(obj)
             return index
 
-    def _remember(self, obj: str, etag: str, entries: dict[int, tuple[int, int]], header_bytes: int) -> ChunkIndex:
+    def _remember(
+        self, obj: str, etag: str, entries: dict[int, tuple[int, int]], header_bytes: int
+    ) -> ChunkIndex:
         index = ChunkIndex(etag, entries, header_bytes, time.monotonic())
         with self._index_lock:
             self._indexes[obj] = index
@@ -589,7 +606,8 @@ class S3Backend(Backend):
                     continue
                 head, base = span, start
             return {
-                layer: head[index.entries[layer][0] - base : sum(index.entries[layer]) - base] for layer in present
+                layer: head[index.entries[layer][0] - base : sum(index.entries[layer]) - base]
+                for layer in present
             }
         return {}
 
@@ -668,7 +686,9 @@ class S3Backend(Backend):
                     return
             else:
                 stored, numbers, etag = base
-                body = layers if numbers <= layers.keys() else None if stored is None else {**stored, **layers}
+                body = (
+                    layers if numbers <= layers.keys() else None if stored is None else {**stored, **layers}
+                )
                 if body is not None and self._write(obj, body, etag=etag):
                     return
             loaded = self._load(obj)

@@ -106,8 +106,12 @@ class TieredStore:
                     found.append((keys[i], blob))
             tier.counters.add(hits=len(found), misses=len(still) - len(bad), integrity_failures=len(bad))
             if bad:
-                log.warning("tier %s held %d corrupt blob(s), e.g. %s; deleting them", tier.name, len(bad),
-                            bad[0].name())
+                log.warning(
+                    "tier %s held %d corrupt blob(s), e.g. %s; deleting them",
+                    tier.name,
+                    len(bad),
+                    bad[0].name(),
+                )
                 self._call(tier, "delete", lambda t=tier, b=bad: t.delete_many(b))
             if found and level:
                 promote.append((level, found))
@@ -124,8 +128,9 @@ class TieredStore:
             raise err
         return results
 
-    def exists_chunks(self, namespace: str, chunk_keys: Sequence[bytes],
-                      num_layers: int) -> tuple[int, list[str]]:
+    def exists_chunks(
+        self, namespace: str, chunk_keys: Sequence[bytes], num_layers: int
+    ) -> tuple[int, list[str]]:
         """Leading chunks whose layers ``[0, num_layers)`` are all stored somewhere.
 
         Returns that count and, for each of those chunks, the name of the fastest
@@ -166,8 +171,9 @@ class TieredStore:
     def put(self, key: BlobKey, blob: bytes) -> None:
         self.put_many([(key, blob)])
 
-    def put_many(self, items: Sequence[tuple[BlobKey, bytes]], *, verified: bool = False,
-                 durable: bool = False) -> list[str]:
+    def put_many(
+        self, items: Sequence[tuple[BlobKey, bytes]], *, verified: bool = False, durable: bool = False
+    ) -> list[str]:
         """Verify every blob, then store them in tier 0 and the write-through tiers.
 
         Returns the names of the tiers that took the whole write, in tier order,
@@ -210,7 +216,9 @@ class TieredStore:
         """Whether any of the named tiers keeps data across a restart (disk, Redis, S3)."""
         return any(t.persistent for t in self.tiers if t.name in names)
 
-    def delete_chunks(self, namespace: str, chunk_keys: Sequence[bytes], num_layers: int | None = None) -> int:
+    def delete_chunks(
+        self, namespace: str, chunk_keys: Sequence[bytes], num_layers: int | None = None
+    ) -> int:
         """Delete every layer of each chunk from every tier; return how many chunks had something deleted.
 
         With ``num_layers`` the blobs are addressed directly; without it each tier

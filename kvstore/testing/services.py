@@ -214,7 +214,9 @@ class RedisProcess(_ServerProcess):
 
     kind = "redis"
 
-    def __init__(self, port: int | None = None, start_timeout_s: float = 15.0, binary: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, start_timeout_s: float = 15.0, binary: str | None = None
+    ) -> None:
         self.binary = binary or shutil.which("redis-server") or ""
         if not self.binary:
             raise ServiceError("redis-server not found on PATH; run scripts/bootstrap.sh (apt: redis-server)")
@@ -257,7 +259,9 @@ class S3Process(_ServerProcess):
     def __init__(self, port: int | None = None, start_timeout_s: float = 60.0) -> None:
         missing = [m for m in ("moto.server", "flask", "flask_cors") if importlib.util.find_spec(m) is None]
         if missing:
-            raise ServiceError(f"moto server mode needs {missing}; install 'moto[server]' (scripts/bootstrap.sh)")
+            raise ServiceError(
+                f"moto server mode needs {missing}; install 'moto[server]' (scripts/bootstrap.sh)"
+            )
         super().__init__(port, start_timeout_s)
 
     @property
@@ -377,7 +381,9 @@ class RedisClusterProcess:
         self.masters_count = masters
         self.replicas_per_master = replicas
         self.start_timeout_s = start_timeout_s
-        self.nodes = [RedisClusterNode(node_timeout_ms=node_timeout_ms) for _ in range(masters * (1 + replicas))]
+        self.nodes = [
+            RedisClusterNode(node_timeout_ms=node_timeout_ms) for _ in range(masters * (1 + replicas))
+        ]
 
     # -- addresses -----------------------------------------------------------------
     @property
@@ -401,7 +407,9 @@ class RedisClusterProcess:
                 capture_output=True, text=True, timeout=self.start_timeout_s, check=False,
             )  # fmt: skip
             if done.returncode != 0:
-                raise ServiceError(f"redis-cli --cluster create failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+                raise ServiceError(
+                    f"redis-cli --cluster create failed: {done.stdout[-2000:]} {done.stderr[-2000:]}"
+                )
             self.wait_ok(self.start_timeout_s)
         except BaseException:
             self.close()
@@ -436,7 +444,9 @@ class RedisClusterProcess:
         while time.monotonic() < deadline:
             try:
                 infos = [self._info(node) for node in self.nodes if node.answering]
-                settled = all(i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384" for i in infos)
+                settled = all(
+                    i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384" for i in infos
+                )
                 if settled and len(self.masters()) >= want and self._replicas_synced():
                     return time.monotonic() - start
                 last = repr([i.get("cluster_state") for i in infos])
@@ -451,7 +461,9 @@ class RedisClusterProcess:
         for node in self.nodes:
             if not node.answering:
                 continue
-            info = dict(line.split(":", 1) for line in node.command("INFO", "replication").splitlines() if ":" in line)
+            info = dict(
+                line.split(":", 1) for line in node.command("INFO", "replication").splitlines() if ":" in line
+            )
             if info.get("role") == "slave" and info.get("master_link_status") != "up":
                 return False
         return True

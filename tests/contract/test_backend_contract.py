@@ -31,7 +31,9 @@ def _make(name: str, request: pytest.FixtureRequest, tmp_path: os.PathLike[str])
     if name == "memory":
         return cls(max_bytes=256 << 20)
     if name == "disk":
-        return cls(path=os.path.join(tmp_path, "disk"), max_bytes=1 << 30, fsync="batch", segment_bytes=64 << 20)
+        return cls(
+            path=os.path.join(tmp_path, "disk"), max_bytes=1 << 30, fsync="batch", segment_bytes=64 << 20
+        )
     if name == "redis":
         server = request.getfixturevalue("redis_server")
         return cls(url=server.url, key_prefix=f"test-{tag}:")
@@ -39,11 +41,17 @@ def _make(name: str, request: pytest.FixtureRequest, tmp_path: os.PathLike[str])
         from kvstore.backends.redis_cluster import RedisClusterBackend
 
         cluster = request.getfixturevalue("redis_cluster")
-        return RedisClusterBackend(url=cluster.url, cluster_nodes=",".join(cluster.startup_nodes[1:]),
-                                   key_prefix=f"test-{tag}:")
+        return RedisClusterBackend(
+            url=cluster.url, cluster_nodes=",".join(cluster.startup_nodes[1:]), key_prefix=f"test-{tag}:"
+        )
     server = request.getfixturevalue("s3_server")
-    return cls(endpoint_url=server.endpoint_url, bucket=f"test-{tag}", access_key_id="test",
-               secret_access_key="test", region="us-east-1")
+    return cls(
+        endpoint_url=server.endpoint_url,
+        bucket=f"test-{tag}",
+        access_key_id="test",
+        secret_access_key="test",
+        region="us-east-1",
+    )
 
 
 @pytest.fixture(params=["memory", "disk", "redis", "redis-cluster", "s3"])

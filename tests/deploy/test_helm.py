@@ -48,7 +48,9 @@ KUBE_VERSION = "1.35.0"
 SCHEMA_VERSIONS = ("1.27.0", KUBE_VERSION)
 RELEASE = "kvs"
 NAMESPACE = "kvstore"
-STORE_CONFIG = f"{RELEASE}-kvstore"  # the server's ConfigMap; {RELEASE}-kvstore-client holds the client settings
+STORE_CONFIG = (
+    f"{RELEASE}-kvstore"  # the server's ConfigMap; {RELEASE}-kvstore-client holds the client settings
+)
 
 # The metric names kvstore/metrics.py exports (the contract with the server).
 COUNTERS = {
@@ -113,13 +115,20 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "cluster-dns": {"replicaCount": 4, "cluster": {"replication": 3, "writeAck": "all"}},
     "cluster-static": {
         "replicaCount": 2,
-        "cluster": {"membership": "static", "staticMembers": ["store-a.example:50051", "store-b.example:50051"]},
+        "cluster": {
+            "membership": "static",
+            "staticMembers": ["store-a.example:50051", "store-b.example:50051"],
+        },
     },
     "cluster-off": {"replicaCount": 3, "cluster": {"enabled": False, "clientConfigMap": False}},
     "redis-cluster": {
         "replicaCount": 3,
-        "redis": {"enabled": True, "url": "redis://redis-cluster-0.redis-cluster:6379", "cluster": True,
-                  "clusterNodes": ["redis-cluster-1.redis-cluster:6379", "redis-cluster-2.redis-cluster:6379"]},
+        "redis": {
+            "enabled": True,
+            "url": "redis://redis-cluster-0.redis-cluster:6379",
+            "cluster": True,
+            "clusterNodes": ["redis-cluster-1.redis-cluster:6379", "redis-cluster-2.redis-cluster:6379"],
+        },
     },
 }
 
@@ -503,7 +512,15 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
 
 def test_default_render_has_the_expected_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert kinds(rendered["default"]) == sorted(
-        ["ConfigMap", "ConfigMap", "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"]
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "PodDisruptionBudget",
+            "Service",
+            "Service",
+            "ServiceAccount",
+            "StatefulSet",
+        ]
     )
 
 
@@ -892,7 +909,10 @@ def test_install_notes(helm: dict[str, str], tmp_path: Path) -> None:
         and "/metrics" not in text
     )
     text = notes({"replicaCount": 2, "cluster": {"enabled": False}})
-    assert "private RAM and disk cache" in text and "KVSTORE_TARGET=kvstore.kvstore.svc.cluster.local:50051" in text
+    assert (
+        "private RAM and disk cache" in text
+        and "KVSTORE_TARGET=kvstore.kvstore.svc.cluster.local:50051" in text
+    )
 
 
 def test_release_named_kvstore_gets_the_membership_the_workers_use(
@@ -915,9 +935,7 @@ def test_release_named_kvstore_gets_the_membership_the_workers_use(
         assert {k: env[k]["value"] for k in client} == client
 
 
-def test_cluster_membership_and_replication_follow_values(
-    rendered: dict[str, list[dict[str, Any]]]
-) -> None:
+def test_cluster_membership_and_replication_follow_values(rendered: dict[str, list[dict[str, Any]]]) -> None:
     def client(scenario: str) -> dict[str, str]:
         return one(rendered[scenario], "ConfigMap", f"{RELEASE}-kvstore-client")["data"]
 
@@ -932,7 +950,10 @@ def test_cluster_membership_and_replication_follow_values(
         "KVSTORE_REPLICATION": "1",  # R=2 by default, capped at the 1 replica there is
         "KVSTORE_WRITE_ACK": "one",
     }
-    assert (client("cluster-dns")["KVSTORE_REPLICATION"], client("cluster-dns")["KVSTORE_WRITE_ACK"]) == ("3", "all")
+    assert (client("cluster-dns")["KVSTORE_REPLICATION"], client("cluster-dns")["KVSTORE_WRITE_ACK"]) == (
+        "3",
+        "all",
+    )
     assert client("observability")["KVSTORE_REPLICATION"] == "2"  # autoscaling: minReplicas 2 bounds R
     assert client("cluster-static")["KVSTORE_TARGET"] == "store-a.example:50051,store-b.example:50051"
     assert client("cluster-static")["KVSTORE_REPLICATION"] == "2"
@@ -1003,12 +1024,16 @@ def test_compose_file_is_pinned_and_its_store_env_is_a_valid_config() -> None:
     assert all(r["environment"] == store["environment"] for r in replicas)
     assert len({r["volumes"][0].split(":")[0] for r in replicas}) == 3
     host_ports = [p.rsplit(":", 2)[1] for r in replicas for p in r["ports"]]
-    assert len(host_ports) == len(set(host_ports)) and all(p.startswith("127.0.0.1:") for r in replicas
-                                                          for p in r["ports"])
+    assert len(host_ports) == len(set(host_ports)) and all(
+        p.startswith("127.0.0.1:") for r in replicas for p in r["ports"]
+    )
     worker = services["worker"]["environment"]
     members = worker["KVSTORE_TARGET"].split(",")
     assert members == [f"{name}:{cfg.server.port}" for name in ("store", "store-1", "store-2")]
-    assert 1 <= int(worker["KVSTORE_REPLICATION"]) <= len(members) and worker["KVSTORE_WRITE_ACK"] in ("one", "all")
+    assert 1 <= int(worker["KVSTORE_REPLICATION"]) <= len(members) and worker["KVSTORE_WRITE_ACK"] in (
+        "one",
+        "all",
+    )
     assert set(services["worker"]["depends_on"]) == {"store", "store-1", "store-2"}
 
 

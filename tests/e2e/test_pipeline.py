@@ -25,18 +25,24 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 CHUNK = 32
 MAX_NEW = 12
 MAX_NEW_LOSSY = 24  # a bigger sample: at 97% one disagreement in ~33 tokens decides pass or fail
-SYSTEM = ("You are a careful assistant that answers questions about the document the user gives you. "
-          "Answer in one short sentence using only facts from the document.")
-DOC = ("Redistribution and use in source and binary forms, with or without modification, are permitted "
-       "provided that the following conditions are met: redistributions of source code must retain the "
-       "above copyright notice, this list of conditions and the following disclaimer; redistributions in "
-       "binary form must reproduce the above copyright notice in the documentation and other materials "
-       "provided with the distribution; and neither the name of the University nor the names of its "
-       "contributors may be used to endorse or promote products derived from this software without "
-       "specific prior written permission.")
-QUESTIONS = ("What must redistributions of source code retain?",
-             "May the name of the University be used to promote products?",
-             "What must binary redistributions reproduce?")
+SYSTEM = (
+    "You are a careful assistant that answers questions about the document the user gives you. "
+    "Answer in one short sentence using only facts from the document."
+)
+DOC = (
+    "Redistribution and use in source and binary forms, with or without modification, are permitted "
+    "provided that the following conditions are met: redistributions of source code must retain the "
+    "above copyright notice, this list of conditions and the following disclaimer; redistributions in "
+    "binary form must reproduce the above copyright notice in the documentation and other materials "
+    "provided with the distribution; and neither the name of the University nor the names of its "
+    "contributors may be used to endorse or promote products derived from this software without "
+    "specific prior written permission."
+)
+QUESTIONS = (
+    "What must redistributions of source code retain?",
+    "May the name of the University be used to promote products?",
+    "What must binary redistributions reproduce?",
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +99,17 @@ def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return n
 
 
-def run(pipe: Pipeline, request: PrefillRequest, max_new: int = MAX_NEW) -> tuple[RequestResult, list[TokenEvent]]:
+def run(
+    pipe: Pipeline, request: PrefillRequest, max_new: int = MAX_NEW
+) -> tuple[RequestResult, list[TokenEvent]]:
     events: list[TokenEvent] = []
     result = pipe.generate(request, max_new, on_token=events.append)
     return result, events
 
 
-def test_lossless_disaggregated_generation_equals_local(pipeline: Pipeline, local: ModelRunner,
-                                                        server: object) -> None:
+def test_lossless_disaggregated_generation_equals_local(
+    pipeline: Pipeline, local: ModelRunner, server: object
+) -> None:
     ids = prompt(local, QUESTIONS[0])
     result, events = run(pipeline, PrefillRequest("lossless-0", ids))
     h, s = result.handle, result.summary

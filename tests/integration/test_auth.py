@@ -45,10 +45,15 @@ def _code(fn) -> tuple[grpc.StatusCode, str]:
         return exc.code(), exc.details()
 
 
-def _put(stub: pb_grpc.KVStoreStub, ns: str, key: bytes, token: str | None, blob: bytes | None = None) -> None:
+def _put(
+    stub: pb_grpc.KVStoreStub, ns: str, key: bytes, token: str | None, blob: bytes | None = None
+) -> None:
     blob = blob or integrity.seal(os.urandom(256))
-    stub.Put(committed([pb.PutRequest(namespace=ns, key=key, layer=0, num_layers=1, blob=blob)]), timeout=10,
-             metadata=bearer_metadata(token) if token else None)
+    stub.Put(
+        committed([pb.PutRequest(namespace=ns, key=key, layer=0, num_layers=1, blob=blob)]),
+        timeout=10,
+        metadata=bearer_metadata(token) if token else None,
+    )
 
 
 @pytest.fixture
@@ -74,8 +79,13 @@ def test_authenticator_maps_tokens_to_tenants_and_says_what_to_send() -> None:
     assert auth.enabled
     assert auth.tenant_of([("authorization", "Bearer token-alice")]) == "alice"
     assert auth.tenant_of([("authorization", b"bearer token-bob")]) == "bob"
-    for metadata in ([], [("authorization", "Bearer nope")], [("authorization", "Basic token-alice")],
-                     [("authorization", "Bearer")], [("x-token", "token-alice")]):
+    for metadata in (
+        [],
+        [("authorization", "Bearer nope")],
+        [("authorization", "Basic token-alice")],
+        [("authorization", "Bearer")],
+        [("x-token", "token-alice")],
+    ):
         with pytest.raises(Unauthenticated, match="authorization: Bearer <token>"):
             auth.tenant_of(metadata)
     auth.authorize("alice", Namespace.parse(NS_A))
@@ -99,11 +109,18 @@ def test_authenticator_rejects_unusable_config() -> None:
 def test_missing_or_unknown_token_is_unauthenticated_on_every_rpc(stub: pb_grpc.KVStoreStub) -> None:
     key = os.urandom(32)
     calls = {
-        "Lookup": lambda md: stub.Lookup(pb.LookupRequest(namespace=NS_A, keys=[key], num_layers=1), metadata=md),
-        "Put": lambda md: stub.Put(committed([pb.PutRequest(namespace=NS_A, key=key, layer=0, num_layers=1,
-                                                       blob=integrity.seal(b"x"))]), metadata=md),
-        "Get": lambda md: list(stub.Get(pb.GetRequest(namespace=NS_A, keys=[key], layer_start=0, layer_end=1),
-                                        metadata=md)),
+        "Lookup": lambda md: stub.Lookup(
+            pb.LookupRequest(namespace=NS_A, keys=[key], num_layers=1), metadata=md
+        ),
+        "Put": lambda md: stub.Put(
+            committed(
+                [pb.PutRequest(namespace=NS_A, key=key, layer=0, num_layers=1, blob=integrity.seal(b"x"))]
+            ),
+            metadata=md,
+        ),
+        "Get": lambda md: list(
+            stub.Get(pb.GetRequest(namespace=NS_A, keys=[key], layer_start=0, layer_end=1), metadata=md)
+        ),
         "Delete": lambda md: stub.Delete(pb.DeleteRequest(namespace=NS_A, keys=[key]), metadata=md),
         "Stats": lambda md: stub.Stats(pb.StatsRequest(), metadata=md),
     }
@@ -114,8 +131,13 @@ def test_missing_or_unknown_token_is_unauthenticated_on_every_rpc(stub: pb_grpc.
             assert "Bearer" in details, details
     # And the valid token works for the same calls.
     _put(stub, NS_A, key, "token-alice")
-    assert stub.Lookup(pb.LookupRequest(namespace=NS_A, keys=[key], num_layers=1),
-                       metadata=bearer_metadata("token-alice")).num_present == 1
+    assert (
+        stub.Lookup(
+            pb.LookupRequest(namespace=NS_A, keys=[key], num_layers=1),
+            metadata=bearer_metadata("token-alice"),
+        ).num_present
+        == 1
+    )
 
 
 def test_tenant_cannot_touch_or_probe_another_tenants_namespace(stub: pb_grpc.KVStoreStub) -> None:
@@ -126,9 +148,18 @@ def test_tenant_cannot_touch_or_probe_another_tenants_namespace(stub: pb_grpc.KV
 
     def answers(key: bytes) -> list[tuple[grpc.StatusCode, str]]:
         return [
-            _code(lambda: stub.Lookup(pb.LookupRequest(namespace=NS_B, keys=[key], num_layers=1), metadata=alice)),
-            _code(lambda: list(stub.Get(pb.GetRequest(namespace=NS_B, keys=[key], layer_start=0, layer_end=1),
-                                        metadata=alice))),
+            _code(
+                lambda: stub.Lookup(
+                    pb.LookupRequest(namespace=NS_B, keys=[key], num_layers=1), metadata=alice
+                )
+            ),
+            _code(
+                lambda: list(
+                    stub.Get(
+                        pb.GetRequest(namespace=NS_B, keys=[key], layer_start=0, layer_end=1), metadata=alice
+                    )
+                )
+            ),
             _code(lambda: stub.Delete(pb.DeleteRequest(namespace=NS_B, keys=[key]), metadata=alice)),
             _code(lambda: _put(stub, NS_B, key, "token-alice")),
         ]
@@ -138,12 +169,19 @@ def test_tenant_cannot_touch_or_probe_another_tenants_namespace(stub: pb_grpc.KV
     # No existence oracle: identical status and message whether bob's prefix exists or not.
     assert with_data == without_data
     # A namespace nobody ever used answers the same too.
-    _, never_used = _code(lambda: stub.Lookup(pb.LookupRequest(namespace="carol/m/p", keys=[present],
-                                                               num_layers=1), metadata=alice))
+    _, never_used = _code(
+        lambda: stub.Lookup(
+            pb.LookupRequest(namespace="carol/m/p", keys=[present], num_layers=1), metadata=alice
+        )
+    )
     assert never_used.replace("carol", "bob") == with_data[0][1]
     # Bob's data is untouched by alice's attempts (her Put and Delete were refused).
-    got = list(stub.Get(pb.GetRequest(namespace=NS_B, keys=[present], layer_start=0, layer_end=1),
-                        metadata=bearer_metadata("token-bob")))
+    got = list(
+        stub.Get(
+            pb.GetRequest(namespace=NS_B, keys=[present], layer_start=0, layer_end=1),
+            metadata=bearer_metadata("token-bob"),
+        )
+    )
     assert got[0].blob == blob
 
 
@@ -189,19 +227,28 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 
 
 def _tls_server(tmp_path: Path, pki: TestPKI, mtls: bool) -> ServerHandle:
-    overrides = {"server.host": "127.0.0.1", "auth.tokens": TOKENS, "auth.tls_cert": pki.server_cert,
-                 "auth.tls_key": pki.server_key}
+    overrides = {
+        "server.host": "127.0.0.1",
+        "auth.tokens": TOKENS,
+        "auth.tls_cert": pki.server_cert,
+        "auth.tls_key": pki.server_key,
+    }
     if mtls:
         overrides["auth.tls_client_ca"] = pki.ca_cert
     return serve(store_config(tmp_path, **overrides))
 
 
 def _stats_code(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
-    channel = (grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", "localhost")])
-               if credentials else grpc.insecure_channel(target))
+    channel = (
+        grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", "localhost")])
+        if credentials
+        else grpc.insecure_channel(target)
+    )
     with channel:
         stub = pb_grpc.KVStoreStub(channel)
-        code, _ = _code(lambda: stub.Stats(pb.StatsRequest(), timeout=5, metadata=bearer_metadata("token-alice")))
+        code, _ = _code(
+            lambda: stub.Stats(pb.StatsRequest(), timeout=5, metadata=bearer_metadata("token-alice"))
+        )
         return code
 
 
@@ -212,8 +259,9 @@ def test_tls_server_serves_tls_clients_only(tmp_path: Path, pki: TestPKI) -> Non
         assert _stats_code(handle.target, channel_credentials(pki.ca_cert)) is C.OK
         assert _stats_code(handle.target, None) is C.UNAVAILABLE  # plaintext cannot talk to it
         assert _stats_code(handle.target, channel_credentials(pki.rogue_ca_cert)) is C.UNAVAILABLE  # wrong CA
-        with KVClient(handle.target, token="token-alice", tls_root_cert=pki.ca_cert,
-                      tls_server_name="localhost") as client:
+        with KVClient(
+            handle.target, token="token-alice", tls_root_cert=pki.ca_cert, tls_server_name="localhost"
+        ) as client:
             key, blob = os.urandom(32), integrity.seal(b"over tls")
             client.put(NS_A, [(key, 0, 1, blob)])
             assert client.lookup(NS_A, [key], 1) == 1
@@ -230,12 +278,25 @@ def test_mtls_requires_a_client_certificate_from_the_ca(tmp_path: Path, pki: Tes
         assert _stats_code(handle.target, channel_credentials(pki.ca_cert)) is C.UNAVAILABLE  # no cert
         rogue = channel_credentials(pki.ca_cert, pki.rogue_client_cert, pki.rogue_client_key)
         assert _stats_code(handle.target, rogue) is C.UNAVAILABLE  # cert from another CA
-        with KVClient(handle.target, token="token-alice", tls_root_cert=pki.ca_cert,
-                      tls_client_cert=pki.client_cert, tls_client_key=pki.client_key,
-                      tls_server_name="localhost") as client:
+        with KVClient(
+            handle.target,
+            token="token-alice",
+            tls_root_cert=pki.ca_cert,
+            tls_client_cert=pki.client_cert,
+            tls_client_key=pki.client_key,
+            tls_server_name="localhost",
+        ) as client:
             assert client.lookup(NS_A, [os.urandom(32)], 1) == 0
-        with KVClient(handle.target, token="token-alice", tls_root_cert=pki.ca_cert, tls_server_name="localhost",
-                      timeout_s=3.0) as no_cert, pytest.raises(Unavailable):
+        with (
+            KVClient(
+                handle.target,
+                token="token-alice",
+                tls_root_cert=pki.ca_cert,
+                tls_server_name="localhost",
+                timeout_s=3.0,
+            ) as no_cert,
+            pytest.raises(Unavailable),
+        ):
             no_cert.lookup(NS_A, [os.urandom(32)], 1)
     finally:
         handle.stop(grace=0)
@@ -250,6 +311,8 @@ def test_tls_config_errors_are_caught_at_startup(pki: TestPKI) -> None:
     with pytest.raises(ValueError, match="mTLS"):
         server_credentials(SimpleNamespace(tls_cert=None, tls_key=None, tls_client_ca=pki.ca_cert))
     with pytest.raises(ValueError, match="cannot read"):
-        server_credentials(SimpleNamespace(tls_cert="/nonexistent.pem", tls_key=pki.server_key, tls_client_ca=None))
+        server_credentials(
+            SimpleNamespace(tls_cert="/nonexistent.pem", tls_key=pki.server_key, tls_client_ca=None)
+        )
     with pytest.raises(ValueError, match="together"):
         channel_credentials(pki.ca_cert, client_cert=pki.client_cert)

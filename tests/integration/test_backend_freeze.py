@@ -26,14 +26,25 @@ SLACK_S = 0.75
 
 
 @pytest.fixture
-def freezable_server(tmp_path: Path, fresh_redis_server: RedisProcess, fresh_s3_server: S3Process
-                     ) -> Iterator[ServerHandle]:
-    handle = serve(store_config(tmp_path, **{
-        "memory.max_bytes": 64 * 1024, "disk.enabled": False,
-        "redis.enabled": True, "redis.url": fresh_redis_server.url,
-        "s3.enabled": True, "s3.endpoint_url": fresh_s3_server.endpoint_url, "s3.bucket": "freezeme",
-        "s3.access_key_id": "test", "s3.secret_access_key": "test",
-    }))
+def freezable_server(
+    tmp_path: Path, fresh_redis_server: RedisProcess, fresh_s3_server: S3Process
+) -> Iterator[ServerHandle]:
+    handle = serve(
+        store_config(
+            tmp_path,
+            **{
+                "memory.max_bytes": 64 * 1024,
+                "disk.enabled": False,
+                "redis.enabled": True,
+                "redis.url": fresh_redis_server.url,
+                "s3.enabled": True,
+                "s3.endpoint_url": fresh_s3_server.endpoint_url,
+                "s3.bucket": "freezeme",
+                "s3.access_key_id": "test",
+                "s3.secret_access_key": "test",
+            },
+        )
+    )
     try:
         yield handle
     finally:
@@ -47,12 +58,18 @@ def test_default_budgets_are_at_most_half_a_second() -> None:
 
 
 def test_frozen_redis_then_s3_cost_at_most_the_budget_and_recover(
-        freezable_server: ServerHandle, fresh_redis_server: RedisProcess, fresh_s3_server: S3Process) -> None:
+    freezable_server: ServerHandle, fresh_redis_server: RedisProcess, fresh_s3_server: S3Process
+) -> None:
     store = freezable_server.store
     assert store.tier("redis").budget_s <= 0.5 and store.tier("s3").budget_s <= 0.5
-    report = run_backend_freeze(freezable_server.target, store,
-                                {"redis": fresh_redis_server, "s3": fresh_s3_server},
-                                freeze_s=3.0, clients=4, seed=5)
+    report = run_backend_freeze(
+        freezable_server.target,
+        store,
+        {"redis": fresh_redis_server, "s3": fresh_s3_server},
+        freeze_s=3.0,
+        clients=4,
+        seed=5,
+    )
     assert report["violations"] == 0, report
     for name, freeze in report["freezes"].items():
         budget = freeze["budget_s"]
@@ -72,7 +89,8 @@ def test_frozen_redis_then_s3_cost_at_most_the_budget_and_recover(
 
 
 def test_frozen_tier_shows_unhealthy_in_stats_while_open(
-        freezable_server: ServerHandle, fresh_redis_server: RedisProcess) -> None:
+    freezable_server: ServerHandle, fresh_redis_server: RedisProcess
+) -> None:
     store = freezable_server.store
     redis_tier = store.tier("redis")
     assert roundtrip_ok(freezable_server.target, "freeze/model/profile", None)

@@ -21,25 +21,51 @@ from tests.fixtures.store import store_config
 
 
 @pytest.fixture
-def fragile_server(tmp_path: Path, fresh_redis_server: RedisProcess, fresh_s3_server: S3Process
-                   ) -> Iterator[ServerHandle]:
-    handle = serve(store_config(tmp_path, **{
-        "memory.max_bytes": 64 * 1024, "disk.enabled": False,
-        "redis.enabled": True, "redis.url": fresh_redis_server.url, "redis.socket_timeout_s": 0.5,
-        "s3.enabled": True, "s3.endpoint_url": fresh_s3_server.endpoint_url, "s3.bucket": "killme",
-        "s3.timeout_s": 1.0, "s3.access_key_id": "test", "s3.secret_access_key": "test",
-    }))
+def fragile_server(
+    tmp_path: Path, fresh_redis_server: RedisProcess, fresh_s3_server: S3Process
+) -> Iterator[ServerHandle]:
+    handle = serve(
+        store_config(
+            tmp_path,
+            **{
+                "memory.max_bytes": 64 * 1024,
+                "disk.enabled": False,
+                "redis.enabled": True,
+                "redis.url": fresh_redis_server.url,
+                "redis.socket_timeout_s": 0.5,
+                "s3.enabled": True,
+                "s3.endpoint_url": fresh_s3_server.endpoint_url,
+                "s3.bucket": "killme",
+                "s3.timeout_s": 1.0,
+                "s3.access_key_id": "test",
+                "s3.secret_access_key": "test",
+            },
+        )
+    )
     try:
         yield handle
     finally:
         handle.stop(grace=0)
 
 
-def test_redis_and_s3_killed_and_restarted_under_load(fragile_server: ServerHandle, fresh_redis_server: RedisProcess,
-                                                      fresh_s3_server: S3Process) -> None:
-    report = run_backend_kill(fragile_server.target, fragile_server.store, fresh_redis_server, fresh_s3_server,
-                              seconds=5.0, clients=4, seed=9)
-    assert [e for _, e in report["events"]] == ["redis killed", "redis restarted", "s3 killed", "s3 restarted"]
+def test_redis_and_s3_killed_and_restarted_under_load(
+    fragile_server: ServerHandle, fresh_redis_server: RedisProcess, fresh_s3_server: S3Process
+) -> None:
+    report = run_backend_kill(
+        fragile_server.target,
+        fragile_server.store,
+        fresh_redis_server,
+        fresh_s3_server,
+        seconds=5.0,
+        clients=4,
+        seed=9,
+    )
+    assert [e for _, e in report["events"]] == [
+        "redis killed",
+        "redis restarted",
+        "s3 killed",
+        "s3 restarted",
+    ]
     assert report["violations"] == 0, report
     answers = report["answers"]
     assert answers.get("put_OK", 0) > 0 and answers.get("get_OK", 0) > 0, answers

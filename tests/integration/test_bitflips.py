@@ -22,22 +22,36 @@ from kvstore.testing.services import RedisProcess, S3Process
 from tests.fixtures.store import committed, store_config
 
 
-def _server(tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process | None,
-            name: str) -> tuple[ServerHandle, TierCorruptor]:
+def _server(
+    tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process | None, name: str
+) -> tuple[ServerHandle, TierCorruptor]:
     overrides = {"redis.enabled": True, "redis.url": redis_server.url, "redis.key_prefix": f"{name}:"}
     raw_s3 = None
     if s3_server is not None:
-        overrides.update({"s3.enabled": True, "s3.endpoint_url": s3_server.endpoint_url, "s3.bucket": name,
-                          "s3.access_key_id": "test", "s3.secret_access_key": "test"})
-        raw_s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
-                              aws_access_key_id="test", aws_secret_access_key="test")
+        overrides.update(
+            {
+                "s3.enabled": True,
+                "s3.endpoint_url": s3_server.endpoint_url,
+                "s3.bucket": name,
+                "s3.access_key_id": "test",
+                "s3.secret_access_key": "test",
+            }
+        )
+        raw_s3 = boto3.client(
+            "s3",
+            endpoint_url=s3_server.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
     handle = serve(store_config(tmp_path, **overrides))
     return handle, TierCorruptor(handle.store, redis.Redis.from_url(redis_server.url), raw_s3)
 
 
 @pytest.fixture
-def local_tiers(tmp_path: Path, redis_server: RedisProcess, unique_name: str
-                ) -> Iterator[tuple[ServerHandle, TierCorruptor]]:
+def local_tiers(
+    tmp_path: Path, redis_server: RedisProcess, unique_name: str
+) -> Iterator[tuple[ServerHandle, TierCorruptor]]:
     """RAM + disk + Redis: cheap flips, so most of them run here."""
     handle, corruptor = _server(tmp_path, redis_server, None, unique_name)
     try:
@@ -48,8 +62,9 @@ def local_tiers(tmp_path: Path, redis_server: RedisProcess, unique_name: str
 
 
 @pytest.fixture
-def all_tiers(tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process, unique_name: str
-              ) -> Iterator[tuple[ServerHandle, TierCorruptor]]:
+def all_tiers(
+    tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process, unique_name: str
+) -> Iterator[tuple[ServerHandle, TierCorruptor]]:
     """RAM + disk + Redis + S3 (each S3 flip costs ~7 requests to moto, so fewer of them)."""
     handle, corruptor = _server(tmp_path, redis_server, s3_server, unique_name)
     try:
@@ -74,7 +89,9 @@ def _check(handle: ServerHandle, report: FlipReport, flips: int, tiers: set[str]
     assert sum(failures.values()) > 0, failures
 
 
-def test_bit_flips_in_ram_disk_redis_are_never_served(local_tiers: tuple[ServerHandle, TierCorruptor]) -> None:
+def test_bit_flips_in_ram_disk_redis_are_never_served(
+    local_tiers: tuple[ServerHandle, TierCorruptor],
+) -> None:
     handle, corruptor = local_tiers
     assert corruptor.names() == ["memory", "disk", "redis"]
     report = run_bitflips(handle.target, handle.store, corruptor, 300, seed=3, num_keys=32, batch=32)
@@ -84,8 +101,16 @@ def test_bit_flips_in_ram_disk_redis_are_never_served(local_tiers: tuple[ServerH
 def test_bit_flips_in_s3_are_never_served(all_tiers: tuple[ServerHandle, TierCorruptor]) -> None:
     handle, corruptor = all_tiers
     assert corruptor.names() == ["memory", "disk", "redis", "s3"]
-    report = run_bitflips(handle.target, handle.store, corruptor, 40, seed=5, num_keys=16, batch=16,
-                          tier_weights={"memory": 0.2, "disk": 0.2, "redis": 0.2, "s3": 1.0})
+    report = run_bitflips(
+        handle.target,
+        handle.store,
+        corruptor,
+        40,
+        seed=5,
+        num_keys=16,
+        batch=16,
+        tier_weights={"memory": 0.2, "disk": 0.2, "redis": 0.2, "s3": 1.0},
+    )
     _check(handle, report, 40, {"memory", "disk", "redis", "s3"})
     assert report.by_tier["s3"] >= 10, report.as_dict()
 

@@ -283,8 +283,11 @@ class _BreakAt(_Tampered):
 def test_get_resumes_at_the_first_missing_layer_after_unavailable(kvstore_server: Any) -> None:
     keys = _keys(3, salt=520)
     dropper = _DropGetAfterFirstLayer()
-    with KVClient(kvstore_server.target, interceptors=[dropper],
-                  retry=RetryPolicy(backoff=CountingBackoff(), max_attempts=2)) as c:
+    with KVClient(
+        kvstore_server.target,
+        interceptors=[dropper],
+        retry=RetryPolicy(backoff=CountingBackoff(), max_attempts=2),
+    ) as c:
         c.put(NS, _items(keys, 4))
         got = list(c.get_layers(NS, keys, 0, 4))
     assert [layer for layer, _ in got] == [0, 1, 2, 3]
@@ -316,8 +319,11 @@ def test_put_batch_is_replayed_whole_after_unavailable(kvstore_server: Any) -> N
             yield item
 
     dropper = _DropFirstPut()
-    with KVClient(kvstore_server.target, interceptors=[dropper],
-                  retry=RetryPolicy(backoff=CountingBackoff(), max_attempts=2)) as c:
+    with KVClient(
+        kvstore_server.target,
+        interceptors=[dropper],
+        retry=RetryPolicy(backoff=CountingBackoff(), max_attempts=2),
+    ) as c:
         result = c.put(NS, items())
         assert c.lookup(NS, keys, 2) == 3
     assert dropper.attempts == 2 and result.num_stored == 6
@@ -332,7 +338,9 @@ def _free_port() -> int:
 
 def test_unavailable_is_retried_with_backoff_then_raised() -> None:
     backoff = CountingBackoff()
-    dead = KVClient(f"127.0.0.1:{_free_port()}", timeout_s=2, retry=RetryPolicy(backoff=backoff, max_attempts=3))
+    dead = KVClient(
+        f"127.0.0.1:{_free_port()}", timeout_s=2, retry=RetryPolicy(backoff=backoff, max_attempts=3)
+    )
     with dead as c, pytest.raises(errors.Unavailable):
         c.lookup(NS, _keys(1), 1)
     assert backoff.calls == 2
@@ -341,11 +349,14 @@ def test_unavailable_is_retried_with_backoff_then_raised() -> None:
 def test_retry_succeeds_once_the_server_is_up(tmp_path: Any) -> None:
     port = _free_port()
     handles = []
-    backoff = CountingBackoff(on_first=lambda: handles.append(serve(store_config(tmp_path, **{"server.port": port}))),
-                               delay_s=0.2)
+    backoff = CountingBackoff(
+        on_first=lambda: handles.append(serve(store_config(tmp_path, **{"server.port": port}))), delay_s=0.2
+    )
     keys = _keys(3, salt=600)
     try:
-        with KVClient(f"127.0.0.1:{port}", timeout_s=5, retry=RetryPolicy(backoff=backoff, max_attempts=5)) as c:
+        with KVClient(
+            f"127.0.0.1:{port}", timeout_s=5, retry=RetryPolicy(backoff=backoff, max_attempts=5)
+        ) as c:
             result = c.put(NS, _items(keys, 2))  # the first Put stream fails: no server yet
             assert result.num_stored == 6 and backoff.calls >= 1
             assert c.lookup(NS, keys, 2) == 3
@@ -355,7 +366,9 @@ def test_retry_succeeds_once_the_server_is_up(tmp_path: Any) -> None:
 
 
 def test_bearer_token_and_tenant_are_enforced(tmp_path: Any) -> None:
-    handle = serve(store_config(tmp_path, **{"auth.tokens": {"secret-a": "tenant-a", "secret-b": "tenant-b"}}))
+    handle = serve(
+        store_config(tmp_path, **{"auth.tokens": {"secret-a": "tenant-a", "secret-b": "tenant-b"}})
+    )
     keys = _keys(1, salt=700)
     try:
         with KVClient(handle.target, token="secret-a") as c:
@@ -376,19 +389,38 @@ def test_mutual_tls_with_bearer_token(tmp_path: Any) -> None:
     from kvstore.testing.certs import generate_test_pki
 
     pki = generate_test_pki(tmp_path / "pki")
-    handle = serve(store_config(tmp_path, **{
-        "auth.tls_cert": pki.server_cert, "auth.tls_key": pki.server_key, "auth.tls_client_ca": pki.ca_cert,
-        "auth.tokens": {"secret-a": "tenant-a"}}))
+    handle = serve(
+        store_config(
+            tmp_path,
+            **{
+                "auth.tls_cert": pki.server_cert,
+                "auth.tls_key": pki.server_key,
+                "auth.tls_client_ca": pki.ca_cert,
+                "auth.tokens": {"secret-a": "tenant-a"},
+            },
+        )
+    )
     target = f"localhost:{handle.port}"
     keys = _keys(2, salt=750)
     try:
-        with KVClient(target, token="secret-a", tls_root_cert=pki.ca_cert, tls_client_cert=pki.client_cert,
-                      tls_client_key=pki.client_key) as c:
+        with KVClient(
+            target,
+            token="secret-a",
+            tls_root_cert=pki.ca_cert,
+            tls_client_cert=pki.client_cert,
+            tls_client_key=pki.client_key,
+        ) as c:
             assert c.put(NS, _items(keys, 2)).num_stored == 4
             assert [layer for layer, _ in c.get_layers(NS, keys, 0, 2)] == [0, 1]
-        rogue = KVClient(target, token="secret-a", tls_root_cert=pki.ca_cert, timeout_s=3,
-                         tls_client_cert=pki.rogue_client_cert, tls_client_key=pki.rogue_client_key,
-                         retry=RetryPolicy(max_attempts=1))
+        rogue = KVClient(
+            target,
+            token="secret-a",
+            tls_root_cert=pki.ca_cert,
+            timeout_s=3,
+            tls_client_cert=pki.rogue_client_cert,
+            tls_client_key=pki.rogue_client_key,
+            retry=RetryPolicy(max_attempts=1),
+        )
         with rogue as c, pytest.raises(errors.Unavailable):  # handshake refused: no RPC ever ran
             c.lookup(NS, keys, 2)
     finally:

@@ -97,7 +97,10 @@ def test_prefix_put_through_one_client_is_found_whole_by_another(replicas: list[
         registry.register(ReplicaMetrics(reader))
         text = generate_latest(registry).decode()
         for member, c in counters.items():
-            assert f'kvstore_client_replica_blobs_got_total{{replica="{member}"}} {float(c["blobs_got"])}' in text
+            assert (
+                f'kvstore_client_replica_blobs_got_total{{replica="{member}"}} {float(c["blobs_got"])}'
+                in text
+            )
     members = [p.target for p in replicas]
     for key in prefix.keys:  # each chunk on exactly its two owners
         assert holders(replicas, prefix.ns, key) == set(placement.owners(key, members, 2))
@@ -127,7 +130,9 @@ def test_endpoints_that_are_not_kvstore_are_refused(replicas: list[ServerProcess
     silent.listen(8)
     try:
         good = replicas[0].target
-        with pytest.raises(NotAKVStore, match=f"127.0.0.1:{web.server_address[1]} is not a kvstore server.*gRPC"):
+        with pytest.raises(
+            NotAKVStore, match=f"127.0.0.1:{web.server_address[1]} is not a kvstore server.*gRPC"
+        ):
             connect(f"{good},127.0.0.1:{web.server_address[1]}")
         with pytest.raises(NotAKVStore, match="did not answer"):
             connect(f"{good},127.0.0.1:{silent.getsockname()[1]}", probe_timeout_s=0.5)
@@ -201,9 +206,11 @@ def test_sigkill_a_replica_under_mixed_load(replicas: list[ServerProcess], tmp_p
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=reader, args=(stored, 2, "r2_short", 1)),
-               threading.Thread(target=reader, args=(single, 1, "r1_short", 2)),
-               threading.Thread(target=writer)]
+    threads = [
+        threading.Thread(target=reader, args=(stored, 2, "r2_short", 1)),
+        threading.Thread(target=reader, args=(single, 1, "r1_short", 2)),
+        threading.Thread(target=writer),
+    ]
     for t in threads:
         t.start()
     time.sleep(1.0)  # load before the crash
@@ -261,8 +268,9 @@ def _hit_rate(client: ClusterKVClient, prefixes: list[Prefix]) -> float:
     return sum(client.lookup(p.ns, p.keys, LAYERS) for p in prefixes) / sum(len(p.keys) for p in prefixes)
 
 
-def test_adding_a_replica_keeps_the_hit_rate_in_the_grace_window(replicas: list[ServerProcess],
-                                                                 tmp_path: Path) -> None:
+def test_adding_a_replica_keeps_the_hit_rate_in_the_grace_window(
+    replicas: list[ServerProcess], tmp_path: Path
+) -> None:
     listed = [p.target for p in replicas]
 
     def resolver(host: str, port: int) -> list[str]:
@@ -271,7 +279,10 @@ def test_adding_a_replica_keeps_the_hit_rate_in_the_grace_window(replicas: list[
     with_grace = DnsMembership("svc", 1, resolver=resolver, grace_s=60, background=False)
     no_grace = DnsMembership("svc", 1, resolver=resolver, grace_s=0, background=False)
     prefixes = [Prefix("t/m/grow", seed=300 + i, chunks=8) for i in range(30)]
-    with ClusterKVClient(with_grace, replication=1) as client, ClusterKVClient(no_grace, replication=1) as bare:
+    with (
+        ClusterKVClient(with_grace, replication=1) as client,
+        ClusterKVClient(no_grace, replication=1) as bare,
+    ):
         client.wait_ready()
         bare.wait_ready()
         for p in prefixes:
@@ -299,7 +310,9 @@ def test_adding_a_replica_keeps_the_hit_rate_in_the_grace_window(replicas: list[
 
 def test_membership_change_keeps_in_flight_calls(replicas: list[ServerProcess]) -> None:
     listed = [p.target for p in replicas]
-    membership = DnsMembership("svc", 1, resolver=lambda host, port: list(listed), grace_s=60, background=False)
+    membership = DnsMembership(
+        "svc", 1, resolver=lambda host, port: list(listed), grace_s=60, background=False
+    )
     prefix = Prefix("t/m/inflight", seed=21, chunks=24)
     with ClusterKVClient(membership, replication=2, write_ack="one") as client:
         client.wait_ready()
@@ -311,8 +324,11 @@ def test_membership_change_keeps_in_flight_calls(replicas: list[ServerProcess]) 
         assert membership.refresh() and len(client.members()) == 2
         got = {layer: first, **dict(stream)}
         assert sorted(got) == list(range(LAYERS))
-        assert all(bytes(b) == prefix.blobs[k, layer] for layer, blobs in got.items()
-                   for k, b in zip(prefix.keys, blobs, strict=True))
+        assert all(
+            bytes(b) == prefix.blobs[k, layer]
+            for layer, blobs in got.items()
+            for k, b in zip(prefix.keys, blobs, strict=True)
+        )
         # in the grace window the previous owners (the dropped pod included) still answer
         assert client.lookup(prefix.ns, prefix.keys, LAYERS) == 24
 
@@ -339,7 +355,9 @@ def test_async_cluster_client(replicas: list[ServerProcess]) -> None:
             assert await client.lookup(prefix.ns, prefix.keys, LAYERS) == 20
             wrong = 0
             async for layer, blobs in client.get_layers(prefix.ns, prefix.keys, 0, LAYERS):
-                wrong += sum(bytes(b) != prefix.blobs[k, layer] for k, b in zip(prefix.keys, blobs, strict=True))
+                wrong += sum(
+                    bytes(b) != prefix.blobs[k, layer] for k, b in zip(prefix.keys, blobs, strict=True)
+                )
             assert wrong == 0
             assert (await client.stats()).tiers[0].objects >= 20 * LAYERS
             assert await client.delete(prefix.ns, prefix.keys[:2]) >= 2
@@ -368,7 +386,9 @@ def test_async_client_serves_through_a_killed_replica(replicas: list[ServerProce
             present = await client.lookup(prefix.ns, prefix.keys, LAYERS)
             wrong = 0
             async for layer, blobs in client.get_layers(prefix.ns, prefix.keys, 0, LAYERS):
-                wrong += sum(bytes(b) != prefix.blobs[k, layer] for k, b in zip(prefix.keys, blobs, strict=True))
+                wrong += sum(
+                    bytes(b) != prefix.blobs[k, layer] for k, b in zip(prefix.keys, blobs, strict=True)
+                )
             return victim.target, present, wrong, client.replica_counters()
 
     victim, present, wrong, counters = asyncio.run(run())

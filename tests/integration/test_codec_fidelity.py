@@ -39,8 +39,11 @@ def fidelity():
     def measure(method) -> dict[str, float]:
         per = [bench.evaluate(model, case, method) for case in cases]
         bits = sum(r["bits"] for r in per) / sum(r["elements"] for r in per)
-        return {"ratio": 16 / bits, "kl": sum(r["kl"] for r in per) / len(per),
-                "top1": sum(r["top1"] for r in per) / len(per)}
+        return {
+            "ratio": 16 / bits,
+            "kl": sum(r["kl"] for r in per) / len(per),
+            "top1": sum(r["top1"] for r in per) / len(per),
+        }
 
     yield bench, measure
     torch.set_grad_enabled(True)

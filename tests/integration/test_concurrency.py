@@ -16,7 +16,9 @@ from kvstore.server import ServerHandle
 
 
 def test_sixteen_concurrent_clients_see_no_errors(kvstore_server: ServerHandle) -> None:
-    report = run_concurrency(kvstore_server.target, clients=16, seconds=3.0, seed=4, layers=4, blob_bytes=8192)
+    report = run_concurrency(
+        kvstore_server.target, clients=16, seconds=3.0, seed=4, layers=4, blob_bytes=8192
+    )
     assert report["errors"] == 0, report["error_examples"]
     assert report["wrong_answers"] == 0, report
     assert report["ops"] >= 16 * 4, report  # every client completed at least one full cycle
@@ -24,7 +26,9 @@ def test_sixteen_concurrent_clients_see_no_errors(kvstore_server: ServerHandle) 
     assert counters.get("rejected", 0) == 0, counters
 
 
-def test_concurrent_clients_with_auth_stay_in_their_tenant(kvstore_config_factory: Callable[..., StoreConfig]) -> None:
+def test_concurrent_clients_with_auth_stay_in_their_tenant(
+    kvstore_config_factory: Callable[..., StoreConfig],
+) -> None:
     """Clients of two tenants at once: each only ever sees its own bytes, none is refused."""
     import threading
 
@@ -36,9 +40,16 @@ def test_concurrent_clients_with_auth_stay_in_their_tenant(kvstore_config_factor
         results: dict[str, dict] = {}
 
         def run(tenant: str, token: str) -> None:
-            results[tenant] = run_concurrency(handle.target, clients=4, seconds=2.0, seed=ord(tenant),
-                                              token=token, namespace=f"{tenant}/model/profile", layers=2,
-                                              blob_bytes=4096)
+            results[tenant] = run_concurrency(
+                handle.target,
+                clients=4,
+                seconds=2.0,
+                seed=ord(tenant),
+                token=token,
+                namespace=f"{tenant}/model/profile",
+                layers=2,
+                blob_bytes=4096,
+            )
 
         threads = [threading.Thread(target=run, args=(t, f"tok-{t}")) for t in ("a", "b")]
         for t in threads:

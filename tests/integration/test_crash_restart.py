@@ -18,8 +18,16 @@ from tests.fixtures.store import ServerProcess, start_server_process
 
 
 def test_sigkill_loses_no_acknowledged_block(tmp_path: Path) -> None:
-    args = ["--disk-path", str(tmp_path / "disk"), "--fsync", "always", "--log-level", "WARNING",
-            "--memory-bytes", "64MiB"]
+    args = [
+        "--disk-path",
+        str(tmp_path / "disk"),
+        "--fsync",
+        "always",
+        "--log-level",
+        "WARNING",
+        "--memory-bytes",
+        "64MiB",
+    ]
 
     def start() -> ServerProcess:
         return start_server_process(args, workdir=tmp_path)

@@ -36,8 +36,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def items(i: int) -> list[tuple[BlobKey, bytes]]:
-    return [(BlobKey(NS, i.to_bytes(4, "big") * 8, layer), seal(bytes([i % 256, layer]) * 1500))
-            for layer in range(LAYERS)]
+    return [
+        (BlobKey(NS, i.to_bytes(4, "big") * 8, layer), seal(bytes([i % 256, layer]) * 1500))
+        for layer in range(LAYERS)
+    ]
 
 
 def keys(i: int) -> list[BlobKey]:
@@ -75,10 +77,17 @@ def make_stack(tmp_path: Path, unique_name: str) -> Iterator[Callable[[RedisProc
         memory = MemoryBackend(max_bytes=64 << 20)
         disk = DiskBackend(path=tmp_path / "disk", max_bytes=0)
         # Short timeouts and cool-downs: a dead tier must not stall the suite.
-        rds = RedisBackend(url=redis_server.url, key_prefix=f"{unique_name}:", socket_timeout_s=0.5,
-                           breaker_reset_s=0.2)
-        s3 = S3Backend(endpoint_url=s3_server.endpoint_url, bucket=unique_name, access_key_id="test",
-                       secret_access_key="test", timeout_s=1.0, breaker_reset_s=0.2)
+        rds = RedisBackend(
+            url=redis_server.url, key_prefix=f"{unique_name}:", socket_timeout_s=0.5, breaker_reset_s=0.2
+        )
+        s3 = S3Backend(
+            endpoint_url=s3_server.endpoint_url,
+            bucket=unique_name,
+            access_key_id="test",
+            secret_access_key="test",
+            timeout_s=1.0,
+            breaker_reset_s=0.2,
+        )
         stack = Stack(memory, disk, rds, s3, TieredStore([memory, disk, rds, s3]))
         built.append(stack)
         return stack
@@ -214,7 +223,6 @@ def test_both_remote_tiers_down_store_still_reads_and_writes(
     assert st.s3.get_many(keys(33)) == blobs(33)
 
 
-
 def test_full_redis_refuses_writes_store_keeps_writing_elsewhere(
     fresh_redis_server: RedisProcess, s3_server: S3Process, make_stack: Callable[..., Stack]
 ) -> None:
@@ -237,6 +245,7 @@ def test_full_redis_refuses_writes_store_keeps_writing_elsewhere(
     finally:
         raw.close()
 
+
 # -- the retry objects themselves, on a fake clock (no servers, no sleeping) -------------
 
 
@@ -255,8 +264,13 @@ class FakeClock:
 
 def test_retry_backs_off_exponentially_and_stops_at_max_attempts() -> None:
     clock = FakeClock()
-    retry = Retry(ExponentialBackoff(base_s=0.1, cap_s=0.3, jitter=False), max_attempts=4,
-                  retry_on=(ConnectionError,), sleep=clock.sleep, clock=clock)
+    retry = Retry(
+        ExponentialBackoff(base_s=0.1, cap_s=0.3, jitter=False),
+        max_attempts=4,
+        retry_on=(ConnectionError,),
+        sleep=clock.sleep,
+        clock=clock,
+    )
     calls = 0
 
     def always_down() -> None:
@@ -272,8 +286,14 @@ def test_retry_backs_off_exponentially_and_stops_at_max_attempts() -> None:
 
 def test_retry_respects_deadline_and_ignores_other_errors() -> None:
     clock = FakeClock()
-    retry = Retry(ExponentialBackoff(base_s=1.0, cap_s=1.0, jitter=False), max_attempts=10, deadline_s=2.5,
-                  retry_on=(ConnectionError,), sleep=clock.sleep, clock=clock)
+    retry = Retry(
+        ExponentialBackoff(base_s=1.0, cap_s=1.0, jitter=False),
+        max_attempts=10,
+        deadline_s=2.5,
+        retry_on=(ConnectionError,),
+        sleep=clock.sleep,
+        clock=clock,
+    )
     with pytest.raises(ConnectionError):
         retry(lambda: (_ for _ in ()).throw(ConnectionError("down")))
     assert clock.sleeps == [1.0, 1.0]  # a third wait would pass the deadline
@@ -300,8 +320,11 @@ def test_jitter_stays_within_half_to_full_delay() -> None:
 def test_breaker_opens_fails_fast_probes_once_and_closes() -> None:
     clock = FakeClock()
     breaker = CircuitBreaker("t", failure_threshold=2, reset_timeout_s=5.0, clock=clock)
-    guard = Guard(Retry(NoBackoff(), max_attempts=1, retry_on=(ConnectionError,)), breaker,
-                  lambda exc: BackendUnavailable(str(exc)) if isinstance(exc, ConnectionError) else None)
+    guard = Guard(
+        Retry(NoBackoff(), max_attempts=1, retry_on=(ConnectionError,)),
+        breaker,
+        lambda exc: BackendUnavailable(str(exc)) if isinstance(exc, ConnectionError) else None,
+    )
     calls = 0
     up = False
 

@@ -26,13 +26,15 @@ COUNT = 40
 
 
 @pytest.mark.parametrize(("part", "where"), [("length", "sealed"), ("key", "newest"), ("magic", "newest")])
-def test_flipped_header_bit_loses_only_its_record_across_a_server_restart(tmp_path: Path, part: str,
-                                                                         where: str) -> None:
+def test_flipped_header_bit_loses_only_its_record_across_a_server_restart(
+    tmp_path: Path, part: str, where: str
+) -> None:
     disk_dir = tmp_path / "disk"
     config = tmp_path / "kv.yaml"
     # A RAM tier far too small to hold the chunks, so reads after the restart come from disk anyway.
-    config.write_text(f"memory:\n  max_bytes: 4096\ndisk:\n  path: {disk_dir}\n  fsync: always\n"
-                      "  segment_bytes: 48KiB\n")
+    config.write_text(
+        f"memory:\n  max_bytes: 4096\ndisk:\n  path: {disk_dir}\n  fsync: always\n  segment_bytes: 48KiB\n"
+    )
     keys = [os.urandom(32) for _ in range(COUNT)]
     blobs = [make_blob(3000) for _ in range(COUNT)]
     server = start_server_process(config, workdir=tmp_path)

@@ -24,8 +24,14 @@ LIMITS = Limits()
 def test_fuzz_cases_get_precise_statuses_and_server_survives(tmp_path: Path) -> None:
     server = start_server_process(fuzz_server_args(tmp_path, LIMITS, "fuzz-token", "fuzz"), workdir=tmp_path)
     try:
-        report = run_fuzz(server.target, 1200, seed=7, token="fuzz-token", limits=LIMITS,
-                          alive=lambda: server.proc.poll() is None)
+        report = run_fuzz(
+            server.target,
+            1200,
+            seed=7,
+            token="fuzz-token",
+            limits=LIMITS,
+            alive=lambda: server.proc.poll() is None,
+        )
     finally:
         alive = server.proc.poll() is None
         server.kill()

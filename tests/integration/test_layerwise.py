@@ -44,9 +44,15 @@ def prompt(smollm2: Any) -> dict[str, Any]:
         layers = cache_to_layers(model(prefix, use_cache=True).cache)
     fp = model_fingerprint("llama", shape.num_layers, shape.num_kv_heads, shape.head_dim, "f32")
     ns = f"tenant-a/{fp}/lossless"
-    return {"ids": ids, "prefix": prefix[0].tolist(), "suffix": ids[:, PREFIX_CHUNKS * CHUNK:],
-            "layers": layers, "ns": ns, "num_layers": shape.num_layers,
-            "keys": chunk_keys(prefix[0].tolist(), ns, CHUNK)}
+    return {
+        "ids": ids,
+        "prefix": prefix[0].tolist(),
+        "suffix": ids[:, PREFIX_CHUNKS * CHUNK :],
+        "layers": layers,
+        "ns": ns,
+        "num_layers": shape.num_layers,
+        "keys": chunk_keys(prefix[0].tolist(), ns, CHUNK),
+    }
 
 
 @pytest.fixture
@@ -72,8 +78,9 @@ def _reference_logits(model: Any, client: KVClient, prompt: dict[str, Any]) -> t
 def test_layerwise_logits_equal_dynamic_cache(smollm2: Any, stored: KVClient, prompt: dict[str, Any]) -> None:
     model, _ = smollm2
     ref_logits, ref_cache = _reference_logits(model, stored, prompt)
-    cache = LayerwiseCache.from_store(stored, prompt["ns"], prompt["keys"], prompt["num_layers"],
-                                      chunk_tokens=CHUNK, prefetch_depth=3)
+    cache = LayerwiseCache.from_store(
+        stored, prompt["ns"], prompt["keys"], prompt["num_layers"], chunk_tokens=CHUNK, prefetch_depth=3
+    )
     assert cache.get_seq_length() == PREFIX_CHUNKS * CHUNK  # known before any layer arrived
     with torch.no_grad():
         logits = model(prompt["suffix"], cache=cache, use_cache=True).logits
@@ -89,8 +96,9 @@ def test_layerwise_logits_equal_dynamic_cache(smollm2: Any, stored: KVClient, pr
 
 
 @pytest.mark.slow
-def test_layer0_is_consumed_before_the_last_layer_arrives(smollm2: Any, stored: KVClient,
-                                                          prompt: dict[str, Any]) -> None:
+def test_layer0_is_consumed_before_the_last_layer_arrives(
+    smollm2: Any, stored: KVClient, prompt: dict[str, Any]
+) -> None:
     model, _ = smollm2
     num_layers = prompt["num_layers"]
     holder: dict[str, LayerwiseCache] = {}
@@ -107,8 +115,9 @@ def test_layer0_is_consumed_before_the_last_layer_arrives(smollm2: Any, stored: 
     from transfer.kvio import decode_blobs
 
     depth = 2
-    cache = LayerwiseCache(gated(), num_layers, PREFIX_CHUNKS * CHUNK, decode=decode_blobs,
-                           prefetch_depth=depth)
+    cache = LayerwiseCache(
+        gated(), num_layers, PREFIX_CHUNKS * CHUNK, decode=decode_blobs, prefetch_depth=depth
+    )
     holder["cache"] = cache
     built.set()
     with torch.no_grad():
@@ -127,16 +136,19 @@ def test_layer0_is_consumed_before_the_last_layer_arrives(smollm2: Any, stored: 
 
 
 @pytest.mark.slow
-def test_store_error_mid_stream_surfaces_in_the_model(smollm2: Any, kvstore_server: Any,
-                                                      prompt: dict[str, Any]) -> None:
+def test_store_error_mid_stream_surfaces_in_the_model(
+    smollm2: Any, kvstore_server: Any, prompt: dict[str, Any]
+) -> None:
     from transfer.kvio import context_items
 
     model, _ = smollm2
     keys = prompt["keys"]
     missing_from = 10  # the last chunk has layers 0..9 only
-    items = (it for it in context_items(prompt["ns"], keys, prompt["layers"], profile="lossless",
-                                        chunk_tokens=CHUNK)
-             if not (it.key == keys[-1] and it.layer >= missing_from))
+    items = (
+        it
+        for it in context_items(prompt["ns"], keys, prompt["layers"], profile="lossless", chunk_tokens=CHUNK)
+        if not (it.key == keys[-1] and it.layer >= missing_from)
+    )
     with KVClient(kvstore_server.target) as c:
         c.put(prompt["ns"], items)
         assert c.lookup(prompt["ns"], keys, prompt["num_layers"]) == PREFIX_CHUNKS - 1
@@ -207,7 +219,9 @@ def test_a_used_cache_is_freed_without_the_cyclic_gc() -> None:
 
     def run() -> tuple[weakref.ref[LayerwiseCache], torch.Tensor]:
         source = ((layer, [bytes([layer])]) for layer in range(3))
-        cache = LayerwiseCache(source, 3, 2, decode=lambda blobs: (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)))
+        cache = LayerwiseCache(
+            source, 3, 2, decode=lambda blobs: (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+        )
         for layer in range(3):
             k, _ = cache.layers[layer].update(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
         assert cache.wait_loaded(10)

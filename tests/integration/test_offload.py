@@ -41,12 +41,20 @@ MiB = 1 << 20
 def _config(tmp_path: Path) -> Path:
     """RAM tier of 4 MiB (everything lands on disk), 32 MiB segments, fsync=batch."""
     path = tmp_path / "kvstore.yaml"
-    path.write_text(yaml.safe_dump({
-        "server": {"workers": 8},
-        "memory": {"max_bytes": 4 * MiB},
-        "disk": {"path": str(tmp_path / "disk"), "fsync": "batch", "segment_bytes": 32 * MiB,
-                 "max_bytes": 8 << 30},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"workers": 8},
+                "memory": {"max_bytes": 4 * MiB},
+                "disk": {
+                    "path": str(tmp_path / "disk"),
+                    "fsync": "batch",
+                    "segment_bytes": 32 * MiB,
+                    "max_bytes": 8 << 30,
+                },
+            }
+        )
+    )
     return path
 
 
@@ -81,9 +89,16 @@ def _real_chunks(count: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     g = torch.Generator().manual_seed(11)
     scale = torch.rand(KV_HEADS, 1, HEAD_DIM, generator=g) * 2 + 0.1
     scale[:, :, 5] = 20.0
-    return [[((torch.randn(KV_HEADS, CHUNK, HEAD_DIM, generator=g) * scale).half(),
-              torch.randn(KV_HEADS, CHUNK, HEAD_DIM, generator=g).half()) for _ in range(NUM_LAYERS)]
-            for _ in range(count)]
+    return [
+        [
+            (
+                (torch.randn(KV_HEADS, CHUNK, HEAD_DIM, generator=g) * scale).half(),
+                torch.randn(KV_HEADS, CHUNK, HEAD_DIM, generator=g).half(),
+            )
+            for _ in range(NUM_LAYERS)
+        ]
+        for _ in range(count)
+    ]
 
 
 def _read_all(client: KVClient, keys: list[bytes], codec_chunks: int) -> tuple[int, int]:
@@ -92,13 +107,17 @@ def _read_all(client: KVClient, keys: list[bytes], codec_chunks: int) -> tuple[i
     expected = [(layer, first) for layer in range(NUM_LAYERS) for first in range(0, len(keys), window_keys)]
     seen: list[tuple[int, int]] = []
     blobs = nbytes = 0
-    for window in longctx.stream_layers(client, NAMESPACE, keys, 0, NUM_LAYERS, window_keys=window_keys, prefetch=2):
+    for window in longctx.stream_layers(
+        client, NAMESPACE, keys, 0, NUM_LAYERS, window_keys=window_keys, prefetch=2
+    ):
         seen.append((window.layer, window.first_chunk))
         assert len(window.blobs) == min(window_keys, len(keys) - window.first_chunk)
         for j, blob in enumerate(window.blobs):
             chunk = window.first_chunk + j
             if chunk >= codec_chunks:
-                assert blob == _tagged_blob(chunk, window.layer), f"chunk {chunk} layer {window.layer} differs"
+                assert blob == _tagged_blob(chunk, window.layer), (
+                    f"chunk {chunk} layer {window.layer} differs"
+                )
             blobs += 1
             nbytes += len(blob)
     assert seen == expected, "windows must arrive layer by layer, chunks in order within a layer"
@@ -130,10 +149,18 @@ def _offload_and_read(target: str, disk_dir: str) -> dict[str, int]:
         if not longctx.reset_peak_rss():
             raise AssertionError("cannot reset VmHWM via /proc/self/clear_refs on this kernel")
         # The first chunks go through the codec (lossless), the rest as pre-encoded frames.
-        head = longctx.offload_context(client, NAMESPACE, keys, (c for c in real), profile="lossless",
-                                       batch_bytes=4 * MiB, parallel=2)
-        tail = longctx.offload_frames(client, NAMESPACE, keys, _tagged_frames(CODEC_CHUNKS, OFFLOAD_CHUNKS),
-                                      start_chunk=CODEC_CHUNKS, batch_bytes=4 * MiB, parallel=2)
+        head = longctx.offload_context(
+            client, NAMESPACE, keys, (c for c in real), profile="lossless", batch_bytes=4 * MiB, parallel=2
+        )
+        tail = longctx.offload_frames(
+            client,
+            NAMESPACE,
+            keys,
+            _tagged_frames(CODEC_CHUNKS, OFFLOAD_CHUNKS),
+            start_chunk=CODEC_CHUNKS,
+            batch_bytes=4 * MiB,
+            parallel=2,
+        )
         assert (head.num_chunks, tail.num_chunks) == (CODEC_CHUNKS, OFFLOAD_CHUNKS - CODEC_CHUNKS)
         assert head.num_blobs + tail.num_blobs == OFFLOAD_CHUNKS * NUM_LAYERS
         assert tail.num_requests > 10, "a 4 MiB batch limit must split the context into many Put streams"
@@ -147,26 +174,42 @@ def _offload_and_read(target: str, disk_dir: str) -> dict[str, int]:
 
         blobs, nbytes = _read_all(client, keys, CODEC_CHUNKS)
         assert blobs == OFFLOAD_CHUNKS * NUM_LAYERS
-        decoded = list(longctx.read_layers(client, NAMESPACE, keys[:CODEC_CHUNKS], 0, NUM_LAYERS, window_keys=1))
+        decoded = list(
+            longctx.read_layers(client, NAMESPACE, keys[:CODEC_CHUNKS], 0, NUM_LAYERS, window_keys=1)
+        )
         assert [layer for layer, _, _ in decoded] == list(range(NUM_LAYERS))
         for layer, k, v in decoded:
             assert torch.equal(k, torch.cat([real[c][layer][0] for c in range(CODEC_CHUNKS)], dim=1))
             assert torch.equal(v, torch.cat([real[c][layer][1] for c in range(CODEC_CHUNKS)], dim=1))
-        return {"client_growth": longctx.peak_rss_bytes() - client_start_rss, "blobs": blobs, "nbytes": nbytes}
+        return {
+            "client_growth": longctx.peak_rss_bytes() - client_start_rss,
+            "blobs": blobs,
+            "nbytes": nbytes,
+        }
 
 
 def _in_fresh_process(fn_name: str, *args: str) -> dict[str, int]:
     """Run ``fn_name(*args)`` of this module in a new Python process; its JSON result, or the test fails."""
-    code = ("import json, sys\n"
-            f"from tests.integration.test_offload import {fn_name}\n"
-            f"print('RESULT ' + json.dumps({fn_name}(*sys.argv[1:])))")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    code = (
+        "import json, sys\n"
+        f"from tests.integration.test_offload import {fn_name}\n"
+        f"print('RESULT ' + json.dumps({fn_name}(*sys.argv[1:])))"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
         pytest.fail(f"{fn_name} failed in its process:\n{proc.stderr[-4000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_offload_streams_in_bounded_memory_and_survives_restart(tmp_path: Path) -> None:
@@ -180,8 +223,12 @@ def test_offload_streams_in_bounded_memory_and_survives_restart(tmp_path: Path) 
         server_growth = longctx.peak_rss_bytes(server.proc.pid) - server_start_rss
         client_growth = result["client_growth"]
         # Holding the context (or one whole layer of it, twice over) would show up here.
-        assert client_growth < data_bytes / 4, f"client peak RSS grew {client_growth >> 20} MiB for {data_bytes >> 20} MiB"
-        assert server_growth < data_bytes / 4, f"server peak RSS grew {server_growth >> 20} MiB for {data_bytes >> 20} MiB"
+        assert client_growth < data_bytes / 4, (
+            f"client peak RSS grew {client_growth >> 20} MiB for {data_bytes >> 20} MiB"
+        )
+        assert server_growth < data_bytes / 4, (
+            f"server peak RSS grew {server_growth >> 20} MiB for {data_bytes >> 20} MiB"
+        )
     finally:
         server.kill()  # a crash: nothing flushed or drained; the page cache still holds what was written
 
@@ -203,13 +250,18 @@ def test_corrupt_blob_on_disk_costs_only_that_blob(tmp_path: Path) -> None:
     server = _start(tmp_path)
     try:
         with _client(server) as client:
-            longctx.offload_frames(client, NAMESPACE, keys, _tagged_frames(0, num_chunks), batch_bytes=4 * MiB)
+            longctx.offload_frames(
+                client, NAMESPACE, keys, _tagged_frames(0, num_chunks), batch_bytes=4 * MiB
+            )
     finally:
         server.kill()
     victim_chunk, victim_layer = 3, 7
     tag = _tagged_blob(victim_chunk, victim_layer)[:16]
-    hits = [(seg, data.find(tag)) for seg in sorted((tmp_path / "disk").glob("*.seg"))
-            if (data := seg.read_bytes()).find(tag) >= 0]
+    hits = [
+        (seg, data.find(tag))
+        for seg in sorted((tmp_path / "disk").glob("*.seg"))
+        if (data := seg.read_bytes()).find(tag) >= 0
+    ]
     assert len(hits) == 1, "the victim blob must be on disk exactly once"
     seg, offset = hits[0]
     with open(seg, "r+b") as f:  # flip one byte in the middle of the blob's payload
@@ -229,17 +281,18 @@ def test_corrupt_blob_on_disk_costs_only_that_blob(tmp_path: Path) -> None:
                     chunk += chunk >= victim_chunk
                     assert blob == _tagged_blob(chunk, window.layer)
             victim = [keys[victim_chunk]]
-            assert [w.layer for w in longctx.stream_layers(client, NAMESPACE, victim, 0, victim_layer)] == \
-                list(range(victim_layer))
+            assert [
+                w.layer for w in longctx.stream_layers(client, NAMESPACE, victim, 0, victim_layer)
+            ] == list(range(victim_layer))
             with pytest.raises(DataLoss):
                 list(longctx.stream_layers(client, NAMESPACE, victim, victim_layer, victim_layer + 1))
             # The bad copy was dropped: next time it is a plain miss, to be recomputed and re-stored.
             with pytest.raises(NotFound):
                 list(longctx.stream_layers(client, NAMESPACE, victim, victim_layer, victim_layer + 1))
             assert client.lookup(NAMESPACE, keys, NUM_LAYERS) == victim_chunk
-            assert list(longctx.stream_layers(client, NAMESPACE, victim, victim_layer + 1, NUM_LAYERS,
-                                              window_keys=1))[0].blobs == [_tagged_blob(victim_chunk,
-                                                                                         victim_layer + 1)]
+            assert list(
+                longctx.stream_layers(client, NAMESPACE, victim, victim_layer + 1, NUM_LAYERS, window_keys=1)
+            )[0].blobs == [_tagged_blob(victim_chunk, victim_layer + 1)]
     finally:
         server.kill()
 

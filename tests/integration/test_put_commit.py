@@ -35,8 +35,10 @@ LAYERS = 4
 
 
 def _requests(key: bytes) -> list[pb.PutRequest]:
-    return [pb.PutRequest(namespace=NS, key=key, layer=layer, num_layers=LAYERS, blob=make_blob(2000 + layer))
-            for layer in range(LAYERS)]
+    return [
+        pb.PutRequest(namespace=NS, key=key, layer=layer, num_layers=LAYERS, blob=make_blob(2000 + layer))
+        for layer in range(LAYERS)
+    ]
 
 
 def _present(stub: pb_grpc.KVStoreStub, key: bytes) -> int:
@@ -93,7 +95,9 @@ def test_a_stream_that_ends_without_commit_is_aborted_and_stores_nothing(server:
         with pytest.raises(grpc.RpcError) as err:
             stub.Put(iter(_requests(key)), timeout=10)
         assert err.value.code() is grpc.StatusCode.ABORTED
-        assert "without a commit message" in err.value.details() and "nothing was stored" in err.value.details()
+        assert (
+            "without a commit message" in err.value.details() and "nothing was stored" in err.value.details()
+        )
         assert _present(stub, key) == 0
         # A commit on the last blob's own message works as well as a bare commit message.
         last = _requests(key)
@@ -143,13 +147,22 @@ def test_unknown_ack_value_is_invalid_argument(server: ServerHandle) -> None:
         stub = pb_grpc.KVStoreStub(channel)
         with pytest.raises(grpc.RpcError) as err:
             stub.Put(committed(_requests(os.urandom(32)), ack=9), timeout=10)
-        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "PutRequest.ack" in err.value.details()
+        assert (
+            err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "PutRequest.ack" in err.value.details()
+        )
 
 
 def test_durable_ack_with_redis_killed_and_no_disk(tmp_path: Path) -> None:
     redis = RedisProcess().start()
-    config = store_config(tmp_path, **{"disk.enabled": False, "redis.enabled": True, "redis.url": redis.url,
-                                       "redis.socket_timeout_s": 0.5})
+    config = store_config(
+        tmp_path,
+        **{
+            "disk.enabled": False,
+            "redis.enabled": True,
+            "redis.url": redis.url,
+            "redis.socket_timeout_s": 0.5,
+        },
+    )
     handle = serve(config)
     try:
         with KVClient(handle.target, retry=RetryPolicy(max_attempts=1)) as kv:

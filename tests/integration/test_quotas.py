@@ -86,15 +86,25 @@ def quota_server(tmp_path: Path) -> Iterator[ServerHandle]:
 
 
 def _put(stub: pb_grpc.KVStoreStub, tenant: str, key: bytes, nbytes: int, layers: int = 1) -> None:
-    reqs = [pb.PutRequest(namespace=f"{tenant}/m/p", key=key, layer=i, num_layers=layers,
-                          blob=integrity.seal(os.urandom(nbytes - integrity.TRAILER_BYTES)))
-            for i in range(layers)]
+    reqs = [
+        pb.PutRequest(
+            namespace=f"{tenant}/m/p",
+            key=key,
+            layer=i,
+            num_layers=layers,
+            blob=integrity.seal(os.urandom(nbytes - integrity.TRAILER_BYTES)),
+        )
+        for i in range(layers)
+    ]
     stub.Put(committed(reqs), timeout=10, metadata=bearer_metadata(f"tok-{tenant}"))
 
 
 def _present(stub: pb_grpc.KVStoreStub, tenant: str, key: bytes) -> int:
-    return stub.Lookup(pb.LookupRequest(namespace=f"{tenant}/m/p", keys=[key], num_layers=1), timeout=10,
-                       metadata=bearer_metadata(f"tok-{tenant}")).num_present
+    return stub.Lookup(
+        pb.LookupRequest(namespace=f"{tenant}/m/p", keys=[key], num_layers=1),
+        timeout=10,
+        metadata=bearer_metadata(f"tok-{tenant}"),
+    ).num_present
 
 
 def test_over_quota_put_is_refused_clearly_and_stores_nothing(quota_server: ServerHandle) -> None:
@@ -118,8 +128,11 @@ def test_over_quota_put_is_refused_clearly_and_stores_nothing(quota_server: Serv
         assert quota_server.service.quotas.usage("big") == 200_000
 
         # Deleting gives the bytes back; the refused Put now fits.
-        deleted = stub.Delete(pb.DeleteRequest(namespace="small/m/p", keys=[first]), timeout=10,
-                              metadata=bearer_metadata("tok-small"))
+        deleted = stub.Delete(
+            pb.DeleteRequest(namespace="small/m/p", keys=[first]),
+            timeout=10,
+            metadata=bearer_metadata("tok-small"),
+        )
         assert deleted.num_deleted == 1
         assert quota_server.service.quotas.usage("small") == 0
         _put(stub, "small", second, 10_000, layers=3)
@@ -134,8 +147,11 @@ def test_quota_applies_without_auth_by_namespace_tenant(tmp_path: Path) -> None:
         with grpc.insecure_channel(handle.target) as channel:
             stub = pb_grpc.KVStoreStub(channel)
             blob = integrity.seal(os.urandom(6_000))
-            put = lambda ns: stub.Put(committed([pb.PutRequest(namespace=ns, key=os.urandom(32), layer=0,  # noqa: E731
-                                                          num_layers=1, blob=blob)]), timeout=10)
+
+            def put(ns: str) -> None:
+                request = pb.PutRequest(namespace=ns, key=os.urandom(32), layer=0, num_layers=1, blob=blob)
+                stub.Put(committed([request]), timeout=10)
+
             put("x/m/p")
             with pytest.raises(grpc.RpcError) as err:
                 put("x/m/p")
@@ -152,8 +168,10 @@ def test_rewriting_the_same_blocks_is_not_charged_twice(quota_server: ServerHand
         stub = pb_grpc.KVStoreStub(channel)
         key = os.urandom(32)
         blobs = [integrity.seal(os.urandom(20_000 - integrity.TRAILER_BYTES)) for _ in range(2)]
-        reqs = [pb.PutRequest(namespace="small/m/p", key=key, layer=i, num_layers=2, blob=b)
-                for i, b in enumerate(blobs)]
+        reqs = [
+            pb.PutRequest(namespace="small/m/p", key=key, layer=i, num_layers=2, blob=b)
+            for i, b in enumerate(blobs)
+        ]
         for _ in range(4):  # 4 x 40,000 bytes would exceed 100,000 if each replay were charged
             stub.Put(committed(reqs), timeout=10, metadata=bearer_metadata("tok-small"))
         assert quota_server.service.quotas.usage("small") == 40_000

@@ -40,8 +40,9 @@ def chunk(i: int) -> bytes:
 
 
 def make(cluster: RedisClusterProcess, prefix: str, **kwargs: object) -> RedisClusterBackend:
-    return RedisClusterBackend(url=cluster.url, cluster_nodes=",".join(cluster.startup_nodes[1:]),
-                               key_prefix=f"{prefix}:", **kwargs)  # type: ignore[arg-type]
+    return RedisClusterBackend(
+        url=cluster.url, cluster_nodes=",".join(cluster.startup_nodes[1:]), key_prefix=f"{prefix}:", **kwargs
+    )  # type: ignore[arg-type]
 
 
 def slot(cluster: RedisClusterProcess, key: str) -> int:
@@ -61,8 +62,11 @@ def test_layers_and_bookkeeping_share_a_slot_and_chunks_spread_over_masters(
         # 96 more chunks land on every master, each holding a real share of this test's blobs.
         backend.put_many([(BlobKey(NS, chunk(1000 + i), 0), integrity.seal(b"v" * 64)) for i in range(96)])
         per_master = {
-            node.port: sum(1 for line in node.command("--scan", "--pattern", f"{unique_name}:*").splitlines()
-                           if "#" not in line)
+            node.port: sum(
+                1
+                for line in node.command("--scan", "--pattern", f"{unique_name}:*").splitlines()
+                if "#" not in line
+            )
             for node in redis_cluster.masters()
         }
         assert len(per_master) == 3 and sum(per_master.values()) == 100, per_master
@@ -138,18 +142,26 @@ def test_ttl_expires_blobs_and_their_accounting(redis_cluster: RedisClusterProce
 def test_config_selects_cluster_mode_and_rejects_bad_cluster_settings(
     redis_cluster: RedisClusterProcess, tmp_path: Path, unique_name: str
 ) -> None:
-    config = load_config(None, environ={"KVSTORE_REDIS__CLUSTER": "true",
-                                        "KVSTORE_REDIS__URL": redis_cluster.url,
-                                        "KVSTORE_REDIS__CLUSTER_NODES": ",".join(redis_cluster.startup_nodes[1:]),
-                                        "KVSTORE_REDIS__KEY_PREFIX": f"{unique_name}:"})
+    config = load_config(
+        None,
+        environ={
+            "KVSTORE_REDIS__CLUSTER": "true",
+            "KVSTORE_REDIS__URL": redis_cluster.url,
+            "KVSTORE_REDIS__CLUSTER_NODES": ",".join(redis_cluster.startup_nodes[1:]),
+            "KVSTORE_REDIS__KEY_PREFIX": f"{unique_name}:",
+        },
+    )
     backend = RedisBackend.from_config(config.redis)
     try:
         assert isinstance(backend, RedisClusterBackend) and backend.healthy()
     finally:
         backend.close()
     with pytest.raises(ValueError, match="key_prefix"):
-        load_config(None, environ={}, overrides={"redis.enabled": True, "redis.cluster": True,
-                                                 "redis.key_prefix": "{x}:"})
+        load_config(
+            None,
+            environ={},
+            overrides={"redis.enabled": True, "redis.cluster": True, "redis.key_prefix": "{x}:"},
+        )
     with pytest.raises(ValueError, match="unix://"):
         parse_startup_nodes("unix:///tmp/redis.sock")
     with pytest.raises(ValueError, match="port must be a number"):
@@ -159,7 +171,9 @@ def test_config_selects_cluster_mode_and_rejects_bad_cluster_settings(
     assert parse_startup_nodes("redis://a:1", "b:2, a:1,redis://c:3") == [("a", 1), ("b", 2), ("c", 3)]
 
 
-def test_hung_master_costs_bounded_time_then_its_replica_serves(fresh_redis_cluster: RedisClusterProcess) -> None:
+def test_hung_master_costs_bounded_time_then_its_replica_serves(
+    fresh_redis_cluster: RedisClusterProcess,
+) -> None:
     """SIGSTOP a master: a call gives up within seconds instead of hanging (measured ~3 s with a 0.5 s
     socket timeout: up to three attempts, each a slot-map refresh that may ask the hung node plus the
     command; the bound asserted is a generous liveness deadline), and once the replica is promoted
@@ -201,11 +215,20 @@ def test_hung_master_costs_bounded_time_then_its_replica_serves(fresh_redis_clus
 @pytest.fixture
 def cluster_server(tmp_path: Path, fresh_redis_cluster: RedisClusterProcess) -> Iterator[ServerHandle]:
     # A tiny RAM tier and no disk: reads really go to the Redis Cluster.
-    handle = serve(store_config(tmp_path, **{
-        "memory.max_bytes": 64 * 1024, "disk.enabled": False,
-        "redis.enabled": True, "redis.cluster": True, "redis.url": fresh_redis_cluster.url,
-        "redis.cluster_nodes": ",".join(fresh_redis_cluster.startup_nodes[1:]), "redis.socket_timeout_s": 0.5,
-    }))
+    handle = serve(
+        store_config(
+            tmp_path,
+            **{
+                "memory.max_bytes": 64 * 1024,
+                "disk.enabled": False,
+                "redis.enabled": True,
+                "redis.cluster": True,
+                "redis.url": fresh_redis_cluster.url,
+                "redis.cluster_nodes": ",".join(fresh_redis_cluster.startup_nodes[1:]),
+                "redis.socket_timeout_s": 0.5,
+            },
+        )
+    )
     try:
         yield handle
     finally:
@@ -239,8 +262,12 @@ def test_master_killed_under_load_store_stays_up_and_recovers(
                 if n % 3 != 0 or not truth:
                     key = f"w{idx}-{n}".encode().ljust(32, b".")
                     blob = integrity.seal(bytes([n % 251]) * 4096)
-                    code, details, _ = rpc(lambda k=key, b=blob: stub.Put(committed([pb.PutRequest(
-                        namespace=NS, key=k, layer=0, num_layers=1, blob=b)]), timeout=10))
+                    code, details, _ = rpc(
+                        lambda k=key, b=blob: stub.Put(
+                            committed([pb.PutRequest(namespace=NS, key=k, layer=0, num_layers=1, blob=b)]),
+                            timeout=10,
+                        )
+                    )
                     answers[f"put_{code.name}"] += 1
                     if code is C.OK:
                         with lock:
@@ -250,8 +277,13 @@ def test_master_killed_under_load_store_stays_up_and_recovers(
                     continue
                 with lock:
                     key = list(truth)[(n * 7919) % len(truth)]
-                code, details, got = rpc(lambda k=key: list(stub.Get(pb.GetRequest(
-                    namespace=NS, keys=[k], layer_start=0, layer_end=1), timeout=10)))
+                code, details, got = rpc(
+                    lambda k=key: list(
+                        stub.Get(
+                            pb.GetRequest(namespace=NS, keys=[k], layer_start=0, layer_end=1), timeout=10
+                        )
+                    )
+                )
                 answers[f"get_{code.name}"] += 1
                 if code is C.OK:
                     if len(got) != 1 or got[0].blob != truth[key]:  # type: ignore[arg-type]
@@ -285,7 +317,9 @@ def test_master_killed_under_load_store_stays_up_and_recovers(
         stop.set()
         for t in threads:
             t.join()
-    print(f"\nfailover: recovered in {recovered_s and round(recovered_s, 2)}s; answers {dict(answers)}; tier errors {tier.counters.errors}")
+    print(
+        f"\nfailover: recovered in {recovered_s and round(recovered_s, 2)}s; answers {dict(answers)}; tier errors {tier.counters.errors}"
+    )
     assert recovered_s is not None, "the Redis tier never took writes again after the failover"
     assert violations == Counter(), (violations, answers)
     assert answers["put_OK"] > 0 and answers["get_OK"] > 0, answers
@@ -297,7 +331,10 @@ def test_master_killed_under_load_store_stays_up_and_recovers(
     with grpc.insecure_channel(cluster_server.target) as channel:
         stub = pb_grpc.KVStoreStub(channel)
         for key, blob in after.items():
-            stub.Put(committed([pb.PutRequest(namespace=NS, key=key, layer=0, num_layers=1, blob=blob)]), timeout=10)
+            stub.Put(
+                committed([pb.PutRequest(namespace=NS, key=key, layer=0, num_layers=1, blob=blob)]),
+                timeout=10,
+            )
         for key, blob in after.items():
             (got,) = stub.Get(pb.GetRequest(namespace=NS, keys=[key], layer_start=0, layer_end=1), timeout=10)
             assert got.blob == blob

@@ -34,11 +34,23 @@ def stub(kvstore_server: ServerHandle) -> Iterator[kvstore_pb2_grpc.KVStoreStub]
         yield kvstore_pb2_grpc.KVStoreStub(channel)
 
 
-def put_chunks(stub: kvstore_pb2_grpc.KVStoreStub, keys: list[bytes], layers: range | list[int],
-               num_layers: int = LAYERS, size: int = 1000, ns: str = NS) -> dict[tuple[int, int], bytes]:
+def put_chunks(
+    stub: kvstore_pb2_grpc.KVStoreStub,
+    keys: list[bytes],
+    layers: range | list[int],
+    num_layers: int = LAYERS,
+    size: int = 1000,
+    ns: str = NS,
+) -> dict[tuple[int, int], bytes]:
     blobs = {(i, layer): make_blob(size + i * 10 + layer) for i in range(len(keys)) for layer in layers}
-    reply = stub.Put(committed([pb.PutRequest(namespace=ns, key=keys[i], layer=layer, num_layers=num_layers, blob=b)
-                           for (i, layer), b in blobs.items()]))
+    reply = stub.Put(
+        committed(
+            [
+                pb.PutRequest(namespace=ns, key=keys[i], layer=layer, num_layers=num_layers, blob=b)
+                for (i, layer), b in blobs.items()
+            ]
+        )
+    )
     assert reply.num_stored == len(blobs)
     assert reply.bytes_stored == sum(len(b) for b in blobs.values())
     return blobs
@@ -51,16 +63,20 @@ def keys_for(n: int, salt: int = 0) -> list[bytes]:
 def test_put_then_get_round_trips_bytes_exactly(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
     keys = keys_for(2)
     blobs = put_chunks(stub, keys, range(LAYERS), size=300_000)
-    got = {(r.key_index, r.layer): r.blob
-           for r in stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS))}
+    got = {
+        (r.key_index, r.layer): r.blob
+        for r in stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS))
+    }
     assert got == blobs
 
 
 def test_get_streams_in_layer_order(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
     keys = keys_for(3)
     put_chunks(stub, keys, range(LAYERS))
-    order = [(r.key_index, r.layer)
-             for r in stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=1, layer_end=LAYERS))]
+    order = [
+        (r.key_index, r.layer)
+        for r in stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=1, layer_end=LAYERS))
+    ]
     assert order == [(k, layer) for layer in range(1, LAYERS) for k in range(3)]
 
 
@@ -69,8 +85,14 @@ def test_packed_get_sends_the_same_blobs_in_fewer_messages(stub: kvstore_pb2_grp
     blobs = put_chunks(stub, keys, range(LAYERS))  # 1,000-1,070 bytes each
 
     def get(pack_bytes: int, **kw: int) -> list[pb.GetResponse]:
-        return list(stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS,
-                                           pack_bytes=pack_bytes), **kw))
+        return list(
+            stub.Get(
+                pb.GetRequest(
+                    namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS, pack_bytes=pack_bytes
+                ),
+                **kw,
+            )
+        )
 
     one_by_one = get(0)
     assert len(one_by_one) == 5 * LAYERS and all(not r.blobs for r in one_by_one)
@@ -82,17 +104,23 @@ def test_packed_get_sends_the_same_blobs_in_fewer_messages(stub: kvstore_pb2_grp
 
 
 def test_packed_get_never_exceeds_the_servers_message_limit(tmp_path: Path) -> None:
-    server = start_server_process(["--no-disk", "--max-blob-bytes", "1MiB", "--max-message-bytes", "2MiB"],
-                                  workdir=tmp_path)
+    server = start_server_process(
+        ["--no-disk", "--max-blob-bytes", "1MiB", "--max-message-bytes", "2MiB"], workdir=tmp_path
+    )
     try:
         keys = keys_for(6)
-        with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 2 << 20),
-                                                           ("grpc.max_send_message_length", 2 << 20)]) as ch:
+        with grpc.insecure_channel(
+            server.target,
+            options=[("grpc.max_receive_message_length", 2 << 20), ("grpc.max_send_message_length", 2 << 20)],
+        ) as ch:
             stub = kvstore_pb2_grpc.KVStoreStub(ch)
             for key in keys:  # one Put per key: 2 x 900 KiB would not fit one 2 MiB Put message limit anyway
                 put_chunks(stub, [key], [0], num_layers=1, size=900 * 1024)
-            messages = list(stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=1,
-                                                   pack_bytes=2**32 - 1)))  # asks for everything in one
+            messages = list(
+                stub.Get(
+                    pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=1, pack_bytes=2**32 - 1)
+                )
+            )  # asks for everything in one
         assert [len(r.blobs) for r in messages] == [2, 2, 2]  # 2 MiB - 64 KiB holds two 900 KiB blobs
         assert all(r.ByteSize() <= 2 << 20 for r in messages)
     finally:
@@ -127,8 +155,12 @@ def test_lookup_counts_the_leading_chunks_with_all_layers(stub: kvstore_pb2_grpc
     assert lookup(keys[1:], LAYERS).num_present == 1
     assert lookup([keys[3], *keys[:2]], LAYERS).num_present == 0  # a prefix, not a set
     assert lookup(keys, LAYERS).num_present == 2
-    assert stub.Lookup(pb.LookupRequest(namespace="acme/other-model/fp16", keys=keys,
-                                        num_layers=LAYERS)).num_present == 0
+    assert (
+        stub.Lookup(
+            pb.LookupRequest(namespace="acme/other-model/fp16", keys=keys, num_layers=LAYERS)
+        ).num_present
+        == 0
+    )
     assert lookup([], LAYERS).num_present == 0
 
 
@@ -140,13 +172,16 @@ def test_delete_removes_every_layer_and_only_those_keys(stub: kvstore_pb2_grpc.K
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=1)))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    rest = [r.blob for r in stub.Get(pb.GetRequest(namespace=NS, keys=[keys[1]], layer_start=0, layer_end=LAYERS))]
+    rest = [
+        r.blob for r in stub.Get(pb.GetRequest(namespace=NS, keys=[keys[1]], layer_start=0, layer_end=LAYERS))
+    ]
     assert rest == [blobs[(1, layer)] for layer in range(LAYERS)]
     assert stub.Delete(pb.DeleteRequest(namespace=NS, keys=[keys[0]])).num_deleted == 0  # idempotent
 
 
-def test_reads_fall_back_to_disk_when_ram_forgets(kvstore_server: ServerHandle,
-                                                 stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+def test_reads_fall_back_to_disk_when_ram_forgets(
+    kvstore_server: ServerHandle, stub: kvstore_pb2_grpc.KVStoreStub
+) -> None:
     keys = keys_for(1, salt=3)
     blobs = put_chunks(stub, keys, range(LAYERS))
     kvstore_server.store.tier("memory").close()  # drop everything held in RAM
@@ -178,17 +213,24 @@ def test_health_reports_serving(kvstore_server: ServerHandle) -> None:
 def test_reflection_lists_the_service(kvstore_server: ServerHandle) -> None:
     with grpc.insecure_channel(kvstore_server.target) as channel:
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = list(refl.ServerReflectionInfo(iter([
-            reflection_pb2.ServerReflectionRequest(list_services=""),
-            reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
-        ])))
+        replies = list(
+            refl.ServerReflectionInfo(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(list_services=""),
+                        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+                    ]
+                )
+            )
+        )
     names = {s.name for s in replies[0].list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
     assert replies[1].file_descriptor_response.file_descriptor_proto  # clients can discover the schema
 
 
-def test_metrics_count_requests_bytes_and_tiers(kvstore_server: ServerHandle,
-                                                stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+def test_metrics_count_requests_bytes_and_tiers(
+    kvstore_server: ServerHandle, stub: kvstore_pb2_grpc.KVStoreStub
+) -> None:
     keys = keys_for(1)
     blobs = put_chunks(stub, keys, range(LAYERS))
     list(stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS)))
@@ -203,8 +245,13 @@ def test_metrics_count_requests_bytes_and_tiers(kvstore_server: ServerHandle,
     assert 'kvstore_request_duration_seconds_count{method="Get"} 1.0' in text
     assert f'kvstore_tier_objects{{tier="memory"}} {float(LAYERS)}' in text
     assert f'kvstore_tier_hits_total{{tier="memory"}} {float(LAYERS)}' in text
-    for name in ("kvstore_tier_misses_total", "kvstore_tier_bytes", "kvstore_tier_evictions_total",
-                 "kvstore_tier_errors_total", "kvstore_integrity_failures_total"):
+    for name in (
+        "kvstore_tier_misses_total",
+        "kvstore_tier_bytes",
+        "kvstore_tier_evictions_total",
+        "kvstore_tier_errors_total",
+        "kvstore_integrity_failures_total",
+    ):
         assert f'{name}{{tier="disk"}}' in text
 
 
@@ -227,8 +274,14 @@ def test_a_taken_port_is_an_error_not_a_shared_port(kvstore_server: ServerHandle
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run([sys.executable, "-m", "kvstore", *args], capture_output=True, text=True,
-                          timeout=60, env=env, cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO_ROOT,
+    )
 
 
 def test_serve_subprocess_stats_cli_and_graceful_restart(tmp_path: Path) -> None:
@@ -252,8 +305,12 @@ def test_serve_subprocess_stats_cli_and_graceful_restart(tmp_path: Path) -> None
     again = start_server_process(["--disk-path", disk, "--port", str(port)], workdir=tmp_path)
     try:
         with grpc.insecure_channel(again.target) as channel:
-            got = {(r.key_index, r.layer): r.blob for r in kvstore_pb2_grpc.KVStoreStub(channel).Get(
-                pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS))}
+            got = {
+                (r.key_index, r.layer): r.blob
+                for r in kvstore_pb2_grpc.KVStoreStub(channel).Get(
+                    pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS)
+                )
+            }
         assert got == blobs
     finally:
         again.kill()
@@ -268,8 +325,9 @@ def _rss_bytes(pid: int) -> int:
 
 def test_memory_prefault_maps_the_budget_before_serving(tmp_path: Path) -> None:
     plain = start_server_process(["--no-disk", "--memory-bytes", "256MiB"], workdir=tmp_path)
-    prefaulted = start_server_process(["--no-disk", "--memory-bytes", "256MiB", "--memory-prefault"],
-                                      workdir=tmp_path)
+    prefaulted = start_server_process(
+        ["--no-disk", "--memory-bytes", "256MiB", "--memory-prefault"], workdir=tmp_path
+    )
     try:
         # Ready means prefaulted: the whole budget is resident before the first RPC (a plain server is not).
         assert _rss_bytes(prefaulted.proc.pid) - _rss_bytes(plain.proc.pid) >= 200 * MiB
@@ -277,8 +335,10 @@ def test_memory_prefault_maps_the_budget_before_serving(tmp_path: Path) -> None:
         with grpc.insecure_channel(prefaulted.target) as channel:
             stub = kvstore_pb2_grpc.KVStoreStub(channel)
             blobs = put_chunks(stub, keys, range(LAYERS), size=MiB)
-            got = {(r.key_index, r.layer): r.blob for r in stub.Get(
-                pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS))}
+            got = {
+                (r.key_index, r.layer): r.blob
+                for r in stub.Get(pb.GetRequest(namespace=NS, keys=keys, layer_start=0, layer_end=LAYERS))
+            }
         assert got == blobs
     finally:
         plain.kill()
@@ -303,13 +363,17 @@ def test_help_has_examples() -> None:
         assert result.returncode == 0 and "examples:" in result.stdout, command
 
 
-def test_a_malformed_put_message_fails_the_rpc_and_nothing_else(kvstore_server: ServerHandle,
-                                                                 stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+def test_a_malformed_put_message_fails_the_rpc_and_nothing_else(
+    kvstore_server: ServerHandle, stub: kvstore_pb2_grpc.KVStoreStub
+) -> None:
     keys = keys_for(1)
     blobs = put_chunks(stub, keys, range(LAYERS))
     with grpc.insecure_channel(kvstore_server.target) as channel:
-        raw_put = channel.stream_unary("/kvstore.v1.KVStore/Put", request_serializer=lambda b: b,
-                                       response_deserializer=pb.PutResponse.FromString)
+        raw_put = channel.stream_unary(
+            "/kvstore.v1.KVStore/Put",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.PutResponse.FromString,
+        )
         with pytest.raises(grpc.RpcError) as err:
             raw_put(iter([b"\x2a\xff\xff\x03abc"]))  # blob field claiming 65535 bytes, 3 present
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # the caller's bytes, not a server fault

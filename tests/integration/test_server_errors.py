@@ -30,12 +30,20 @@ Stub = kvstore_pb2_grpc.KVStoreStub
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerHandle, Stub, dict[int, bytes]]]:
+def limited(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ServerHandle, Stub, dict[int, bytes]]]:
     """A server with small limits and a canary chunk stored before any bad request."""
-    config = store_config(tmp_path_factory.mktemp("errors"), **{
-        "server.max_blob_bytes": 256 * KiB, "server.max_message_bytes": 512 * KiB, "server.max_layers": 16,
-        "server.max_keys_per_request": 8, "server.max_put_stream_bytes": 1024 * KiB,
-    })
+    config = store_config(
+        tmp_path_factory.mktemp("errors"),
+        **{
+            "server.max_blob_bytes": 256 * KiB,
+            "server.max_message_bytes": 512 * KiB,
+            "server.max_layers": 16,
+            "server.max_keys_per_request": 8,
+            "server.max_put_stream_bytes": 1024 * KiB,
+        },
+    )
     handle = serve(config)
     channel = grpc.insecure_channel(handle.target)
     stub = kvstore_pb2_grpc.KVStoreStub(channel)
@@ -50,10 +58,17 @@ def put(key: bytes, layer: int, blob: bytes, num_layers: int = LAYERS, ns: str =
     return pb.PutRequest(namespace=ns, key=key, layer=layer, num_layers=num_layers, blob=blob)
 
 
-def get_all(stub: Stub, keys: list[bytes], start: int = 0, end: int = LAYERS, ns: str = NS,
-            metadata: list[tuple[str, str]] | None = None) -> list[pb.GetResponse]:
-    return list(stub.Get(pb.GetRequest(namespace=ns, keys=keys, layer_start=start, layer_end=end),
-                         metadata=metadata))
+def get_all(
+    stub: Stub,
+    keys: list[bytes],
+    start: int = 0,
+    end: int = LAYERS,
+    ns: str = NS,
+    metadata: list[tuple[str, str]] | None = None,
+) -> list[pb.GetResponse]:
+    return list(
+        stub.Get(pb.GetRequest(namespace=ns, keys=keys, layer_start=start, layer_end=end), metadata=metadata)
+    )
 
 
 def corrupt(blob: bytes) -> bytes:
@@ -66,67 +81,152 @@ def assert_still_serving(stub: Stub, canary: dict[int, bytes]) -> None:
 
 
 CASES: list[tuple[str, Callable[[Stub], object], grpc.StatusCode, str]] = [
-    ("short key in Lookup",
-     lambda s: s.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY, KEY, KEY[:31]], num_layers=1)),
-     grpc.StatusCode.INVALID_ARGUMENT, "keys[2] is 31 bytes; chunk keys must be exactly 32 bytes"),
-    ("long key in Get", lambda s: get_all(s, [KEY + b"x"]),
-     grpc.StatusCode.INVALID_ARGUMENT, "keys[0] is 33 bytes"),
-    ("short key in Put", lambda s: s.Put(committed([put(KEY, 0, make_blob(10)), put(KEY[:8], 0, make_blob(10))])),
-     grpc.StatusCode.INVALID_ARGUMENT, "put item 1: key is 8 bytes"),
-    ("bad namespace", lambda s: s.Lookup(pb.LookupRequest(namespace="acme/model", keys=[KEY], num_layers=1)),
-     grpc.StatusCode.INVALID_ARGUMENT, "invalid namespace 'acme/model'"),
-    ("bad namespace in Put", lambda s: s.Put(committed([put(KEY, 0, make_blob(10), ns="a b/c/d")])),
-     grpc.StatusCode.INVALID_ARGUMENT, "put item 0: invalid namespace"),
-    ("bad namespace in Delete", lambda s: s.Delete(pb.DeleteRequest(namespace="", keys=[KEY])),
-     grpc.StatusCode.INVALID_ARGUMENT, "invalid namespace"),
-    ("layer >= num_layers", lambda s: s.Put(committed([put(KEY, 4, make_blob(10))])),
-     grpc.StatusCode.INVALID_ARGUMENT, "layer 4 is out of range for num_layers 4"),
-    ("num_layers > max_layers in Put", lambda s: s.Put(committed([put(KEY, 0, make_blob(10), num_layers=17)])),
-     grpc.StatusCode.INVALID_ARGUMENT, "num_layers 17 exceeds server.max_layers (16)"),
-    ("num_layers > max_layers in Lookup",
-     lambda s: s.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY], num_layers=17)),
-     grpc.StatusCode.INVALID_ARGUMENT, "num_layers 17 exceeds server.max_layers (16)"),
-    ("num_layers 0 in Lookup", lambda s: s.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY])),
-     grpc.StatusCode.INVALID_ARGUMENT, "num_layers must be >= 1"),
-    ("layer_end > max_layers", lambda s: get_all(s, [CANARY], 0, 17),
-     grpc.StatusCode.INVALID_ARGUMENT, "layer_end 17 exceeds server.max_layers (16)"),
-    ("empty layer range", lambda s: get_all(s, [CANARY], 2, 2),
-     grpc.StatusCode.INVALID_ARGUMENT, "empty layer range [2, 2)"),
-    ("Get without keys", lambda s: get_all(s, []),
-     grpc.StatusCode.INVALID_ARGUMENT, "at least one key"),
-    ("empty Put stream", lambda s: s.Put(committed([])),
-     grpc.StatusCode.INVALID_ARGUMENT, "empty Put stream"),
-    ("too many keys", lambda s: s.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY] * 9, num_layers=1)),
-     grpc.StatusCode.INVALID_ARGUMENT, "too many keys: 9 > server.max_keys_per_request (8)"),
-    ("blob over max_blob_bytes", lambda s: s.Put(committed([put(KEY, 0, make_blob(300 * KiB))])),
-     grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds server.max_blob_bytes (262144)"),
-    ("message over grpc's limit", lambda s: s.Put(committed([put(KEY, 0, make_blob(600 * KiB))])),
-     grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
-    ("Put stream over max_put_stream_bytes",
-     lambda s: s.Put(committed([put(KEY, layer % LAYERS, make_blob(200 * KiB)) for layer in range(6)])),
-     grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds server.max_put_stream_bytes"),
-    ("corrupt blob", lambda s: s.Put(committed([put(KEY, 0, corrupt(make_blob(1000)))])),
-     grpc.StatusCode.DATA_LOSS, "checksum mismatch on put (put item 0, layer 0"),
-    ("blob shorter than its trailer", lambda s: s.Put(committed([put(KEY, 0, b"abc")])),
-     grpc.StatusCode.DATA_LOSS, "re-encode and retry"),
-    ("missing blob", lambda s: get_all(s, [CANARY, KEY], 0, LAYERS),
-     grpc.StatusCode.NOT_FOUND, "no blob for keys[1] layer 0"),
-    ("missing layer", lambda s: get_all(s, [CANARY], 0, LAYERS + 1),
-     grpc.StatusCode.NOT_FOUND, f"no blob for keys[0] layer {LAYERS}"),
+    (
+        "short key in Lookup",
+        lambda s: s.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY, KEY, KEY[:31]], num_layers=1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "keys[2] is 31 bytes; chunk keys must be exactly 32 bytes",
+    ),
+    (
+        "long key in Get",
+        lambda s: get_all(s, [KEY + b"x"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "keys[0] is 33 bytes",
+    ),
+    (
+        "short key in Put",
+        lambda s: s.Put(committed([put(KEY, 0, make_blob(10)), put(KEY[:8], 0, make_blob(10))])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "put item 1: key is 8 bytes",
+    ),
+    (
+        "bad namespace",
+        lambda s: s.Lookup(pb.LookupRequest(namespace="acme/model", keys=[KEY], num_layers=1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid namespace 'acme/model'",
+    ),
+    (
+        "bad namespace in Put",
+        lambda s: s.Put(committed([put(KEY, 0, make_blob(10), ns="a b/c/d")])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "put item 0: invalid namespace",
+    ),
+    (
+        "bad namespace in Delete",
+        lambda s: s.Delete(pb.DeleteRequest(namespace="", keys=[KEY])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid namespace",
+    ),
+    (
+        "layer >= num_layers",
+        lambda s: s.Put(committed([put(KEY, 4, make_blob(10))])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "layer 4 is out of range for num_layers 4",
+    ),
+    (
+        "num_layers > max_layers in Put",
+        lambda s: s.Put(committed([put(KEY, 0, make_blob(10), num_layers=17)])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "num_layers 17 exceeds server.max_layers (16)",
+    ),
+    (
+        "num_layers > max_layers in Lookup",
+        lambda s: s.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY], num_layers=17)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "num_layers 17 exceeds server.max_layers (16)",
+    ),
+    (
+        "num_layers 0 in Lookup",
+        lambda s: s.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "num_layers must be >= 1",
+    ),
+    (
+        "layer_end > max_layers",
+        lambda s: get_all(s, [CANARY], 0, 17),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "layer_end 17 exceeds server.max_layers (16)",
+    ),
+    (
+        "empty layer range",
+        lambda s: get_all(s, [CANARY], 2, 2),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "empty layer range [2, 2)",
+    ),
+    ("Get without keys", lambda s: get_all(s, []), grpc.StatusCode.INVALID_ARGUMENT, "at least one key"),
+    (
+        "empty Put stream",
+        lambda s: s.Put(committed([])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "empty Put stream",
+    ),
+    (
+        "too many keys",
+        lambda s: s.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY] * 9, num_layers=1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "too many keys: 9 > server.max_keys_per_request (8)",
+    ),
+    (
+        "blob over max_blob_bytes",
+        lambda s: s.Put(committed([put(KEY, 0, make_blob(300 * KiB))])),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "exceeds server.max_blob_bytes (262144)",
+    ),
+    (
+        "message over grpc's limit",
+        lambda s: s.Put(committed([put(KEY, 0, make_blob(600 * KiB))])),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "larger than max",
+    ),
+    (
+        "Put stream over max_put_stream_bytes",
+        lambda s: s.Put(committed([put(KEY, layer % LAYERS, make_blob(200 * KiB)) for layer in range(6)])),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "exceeds server.max_put_stream_bytes",
+    ),
+    (
+        "corrupt blob",
+        lambda s: s.Put(committed([put(KEY, 0, corrupt(make_blob(1000)))])),
+        grpc.StatusCode.DATA_LOSS,
+        "checksum mismatch on put (put item 0, layer 0",
+    ),
+    (
+        "blob shorter than its trailer",
+        lambda s: s.Put(committed([put(KEY, 0, b"abc")])),
+        grpc.StatusCode.DATA_LOSS,
+        "re-encode and retry",
+    ),
+    (
+        "missing blob",
+        lambda s: get_all(s, [CANARY, KEY], 0, LAYERS),
+        grpc.StatusCode.NOT_FOUND,
+        "no blob for keys[1] layer 0",
+    ),
+    (
+        "missing layer",
+        lambda s: get_all(s, [CANARY], 0, LAYERS + 1),
+        grpc.StatusCode.NOT_FOUND,
+        f"no blob for keys[0] layer {LAYERS}",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("call", "code", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_gets_its_status_and_the_server_keeps_serving(
-        limited: tuple[ServerHandle, Stub, dict[int, bytes]], call: Callable[[Stub], object],
-        code: grpc.StatusCode, message: str) -> None:
+    limited: tuple[ServerHandle, Stub, dict[int, bytes]],
+    call: Callable[[Stub], object],
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
     handle, stub, canary = limited
     with pytest.raises(grpc.RpcError) as err:
         call(stub)
     assert err.value.code() == code, err.value.details()
     assert message in err.value.details()
     assert_still_serving(stub, canary)
-    assert stub.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY], num_layers=1)).num_present == 0  # nothing leaked
+    assert (
+        stub.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY], num_layers=1)).num_present == 0
+    )  # nothing leaked
     if code != grpc.StatusCode.RESOURCE_EXHAUSTED or "larger than max" not in message:
         assert f'code="{code.name}"' in handle.metrics.render().decode()
 
@@ -145,7 +245,9 @@ def test_put_is_all_or_nothing_per_stream(limited: tuple[ServerHandle, Stub, dic
     assert_still_serving(stub, canary)
 
 
-def test_corrupt_copies_are_data_loss_or_repaired(limited: tuple[ServerHandle, Stub, dict[int, bytes]]) -> None:
+def test_corrupt_copies_are_data_loss_or_repaired(
+    limited: tuple[ServerHandle, Stub, dict[int, bytes]],
+) -> None:
     handle, stub, canary = limited
     key = bytes(range(200, 232))
     good = make_blob(2000)
@@ -182,8 +284,10 @@ def test_no_tier_taking_a_write_is_unavailable(tmp_path: Path) -> None:
 
 @pytest.fixture
 def secured(tmp_path: Path) -> Iterator[tuple[Stub, ServerHandle]]:
-    config = store_config(tmp_path, **{"auth.tokens": {"tok-acme": "acme", "tok-beta": "beta"},
-                                       "quotas.per_tenant": {"acme": 20 * KiB}})
+    config = store_config(
+        tmp_path,
+        **{"auth.tokens": {"tok-acme": "acme", "tok-beta": "beta"}, "quotas.per_tenant": {"acme": 20 * KiB}},
+    )
     handle = serve(config)
     with grpc.insecure_channel(handle.target) as channel:
         yield kvstore_pb2_grpc.KVStoreStub(channel), handle
@@ -194,9 +298,11 @@ def test_auth_codes(secured: tuple[Stub, ServerHandle]) -> None:
     stub, _ = secured
     acme, beta = bearer_metadata("tok-acme"), bearer_metadata("tok-beta")
     request = pb.LookupRequest(namespace=NS, keys=[KEY], num_layers=1)
-    for metadata, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
-                           (bearer_metadata("wrong"), grpc.StatusCode.UNAUTHENTICATED),
-                           (beta, grpc.StatusCode.PERMISSION_DENIED)):
+    for metadata, code in (
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        (bearer_metadata("wrong"), grpc.StatusCode.UNAUTHENTICATED),
+        (beta, grpc.StatusCode.PERMISSION_DENIED),
+    ):
         with pytest.raises(grpc.RpcError) as err:
             stub.Lookup(request, metadata=metadata)
         assert err.value.code() == code
@@ -208,9 +314,13 @@ def test_auth_codes(secured: tuple[Stub, ServerHandle]) -> None:
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert stub.Stats(pb.StatsRequest(), metadata=beta).version  # server-wide: any authenticated caller
     assert stub.Put(committed([put(KEY, 0, make_blob(10))]), metadata=acme).num_stored == 1
-    assert stub.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY], num_layers=1), metadata=acme).num_present == 1
+    assert (
+        stub.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY], num_layers=1), metadata=acme).num_present == 1
+    )
     with pytest.raises(grpc.RpcError) as err:
-        get_all(stub, [KEY], 0, 1, ns="beta/model-x/fp16", metadata=acme)  # own token, someone else's namespace
+        get_all(
+            stub, [KEY], 0, 1, ns="beta/model-x/fp16", metadata=acme
+        )  # own token, someone else's namespace
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -219,11 +329,15 @@ def test_quota_is_resource_exhausted_and_released_by_delete(secured: tuple[Stub,
     acme = bearer_metadata("tok-acme")
     stub.Put(committed([put(KEY, layer, make_blob(4 * KiB)) for layer in range(LAYERS)]), metadata=acme)
     with pytest.raises(grpc.RpcError) as err:
-        stub.Put(committed([put(CANARY, layer, make_blob(4 * KiB)) for layer in range(LAYERS)]), metadata=acme)
+        stub.Put(
+            committed([put(CANARY, layer, make_blob(4 * KiB)) for layer in range(LAYERS)]), metadata=acme
+        )
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "over its storage quota" in err.value.details()
-    assert stub.Lookup(pb.LookupRequest(namespace=NS, keys=[CANARY], num_layers=1),
-                       metadata=acme).num_present == 0  # refused stream stored nothing
+    assert (
+        stub.Lookup(pb.LookupRequest(namespace=NS, keys=[CANARY], num_layers=1), metadata=acme).num_present
+        == 0
+    )  # refused stream stored nothing
     assert len(get_all(stub, [KEY], metadata=acme)) == LAYERS  # earlier data intact
     assert stub.Delete(pb.DeleteRequest(namespace=NS, keys=[KEY]), metadata=acme).num_deleted == 1
     assert handle.service.quotas.usage("acme") == 0
@@ -249,20 +363,28 @@ def test_a_put_abandoned_midway_stores_nothing(limited: tuple[ServerHandle, Stub
     # The server sees the cancel, or a stream that ended without its commit message (gRPC may hand
     # it the cancel as a clean end of stream): either way it stores nothing, deterministically.
     deadline = time.monotonic() + 10
-    while not any(f'code="{code}",method="Put"' in handle.metrics.render().decode()
-                  for code in ("CANCELLED", "ABORTED")):
+    while not any(
+        f'code="{code}",method="Put"' in handle.metrics.render().decode() for code in ("CANCELLED", "ABORTED")
+    ):
         assert time.monotonic() < deadline, "server did not record the abandoned Put as CANCELLED or ABORTED"
         time.sleep(0.02)
     assert stub.Lookup(pb.LookupRequest(namespace=NS, keys=[KEY], num_layers=1)).num_present == 0
     assert_still_serving(stub, canary)
 
 
-@pytest.mark.parametrize("method,kind", [
-    ("Lookup", "unary_unary"), ("Delete", "unary_unary"), ("Stats", "unary_unary"),
-    ("Get", "unary_stream"), ("Put", "stream_unary"),
-])
+@pytest.mark.parametrize(
+    "method,kind",
+    [
+        ("Lookup", "unary_unary"),
+        ("Delete", "unary_unary"),
+        ("Stats", "unary_unary"),
+        ("Get", "unary_stream"),
+        ("Put", "stream_unary"),
+    ],
+)
 def test_bytes_that_are_no_message_are_invalid_argument(
-        limited: tuple[ServerHandle, Stub, dict[int, bytes]], method: str, kind: str) -> None:
+    limited: tuple[ServerHandle, Stub, dict[int, bytes]], method: str, kind: str
+) -> None:
     """A request that does not even parse is the caller's fault, not INTERNAL."""
     handle, stub, canary = limited
     garbage = b"\x0a\xff\xff\xff\xff\x0f" + b"junk"  # field 1, length far past the end

@@ -41,10 +41,18 @@ LIVE_S = 1.0  # every call of tenant B and the health check must answer within t
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerHandle]:
-    handle = serve(store_config(tmp_path, **{
-        "server.workers": WORKERS, "auth.tokens": TOKENS, "server.max_streams_per_tenant": TENANT_LIMIT,
-        "server.max_streams_per_peer": 1000, "server.stream_idle_timeout_s": IDLE_S,
-    }))
+    handle = serve(
+        store_config(
+            tmp_path,
+            **{
+                "server.workers": WORKERS,
+                "auth.tokens": TOKENS,
+                "server.max_streams_per_tenant": TENANT_LIMIT,
+                "server.max_streams_per_peer": 1000,
+                "server.stream_idle_timeout_s": IDLE_S,
+            },
+        )
+    )
     try:
         yield handle
     finally:
@@ -72,7 +80,9 @@ class StalledPut:
 
 
 def _streams_open(stub: pb_grpc.KVStoreStub) -> int:
-    return stub.Stats(pb.StatsRequest(), timeout=5, metadata=bearer_metadata("tok-b")).counters["streams_open"]
+    return stub.Stats(pb.StatsRequest(), timeout=5, metadata=bearer_metadata("tok-b")).counters[
+        "streams_open"
+    ]
 
 
 def _wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
@@ -106,10 +116,16 @@ def test_stalled_streams_of_one_tenant_starve_no_one(server: ServerHandle) -> No
         for i, key in enumerate(stalled_keys):
             puts.append(StalledPut(stubs[i % 4], key))
         for i in range(TENANT_LIMIT - len(puts)):
-            gets.append(stubs[i % 4].Get(pb.GetRequest(namespace=NS_A, keys=big, layer_start=0, layer_end=1,
-                                                       pack_bytes=1 << 20), metadata=bearer_metadata("tok-a")))
-        _wait_for(lambda: _streams_open(observer) == TENANT_LIMIT and all(p.sent.is_set() for p in puts),
-                  "tenant A's streams did not all open")
+            gets.append(
+                stubs[i % 4].Get(
+                    pb.GetRequest(namespace=NS_A, keys=big, layer_start=0, layer_end=1, pack_bytes=1 << 20),
+                    metadata=bearer_metadata("tok-a"),
+                )
+            )
+        _wait_for(
+            lambda: _streams_open(observer) == TENANT_LIMIT and all(p.sent.is_set() for p in puts),
+            "tenant A's streams did not all open",
+        )
 
         # Past the tenant limit: refused at once, the message names the limit and its field.
         refused = 0
@@ -119,8 +135,13 @@ def test_stalled_streams_of_one_tenant_starve_no_one(server: ServerHandle) -> No
                 if extra is not None:
                     extra.future.result(timeout=5)
                 else:
-                    next(stubs[i % 4].Get(pb.GetRequest(namespace=NS_A, keys=big[:1], layer_start=0, layer_end=1),
-                                          timeout=5, metadata=bearer_metadata("tok-a")))
+                    next(
+                        stubs[i % 4].Get(
+                            pb.GetRequest(namespace=NS_A, keys=big[:1], layer_start=0, layer_end=1),
+                            timeout=5,
+                            metadata=bearer_metadata("tok-a"),
+                        )
+                    )
             except grpc.RpcError as exc:
                 assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, (exc.code(), exc.details())
                 assert "server.max_streams_per_tenant" in exc.details() and "'a'" in exc.details()
@@ -153,7 +174,9 @@ def test_stalled_streams_of_one_tenant_starve_no_one(server: ServerHandle) -> No
             with pytest.raises(grpc.RpcError) as err:
                 p.future.result(timeout=IDLE_S + 20)
             assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            assert "server.stream_idle_timeout_s" in err.value.details() and "not sending" in err.value.details()
+            assert (
+                "server.stream_idle_timeout_s" in err.value.details() and "not sending" in err.value.details()
+            )
         # An unread Get sends nothing more after the timeout; its client, reading again, gets what
         # was in flight and then the status (never the rest of the stream, never a clean end).
         time.sleep(IDLE_S)
@@ -164,7 +187,9 @@ def test_stalled_streams_of_one_tenant_starve_no_one(server: ServerHandle) -> No
                     received += 1
             assert received < len(big) * 256 * 1024 // (1 << 20)
             assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            assert "server.stream_idle_timeout_s" in err.value.details() and "not reading" in err.value.details()
+            assert (
+                "server.stream_idle_timeout_s" in err.value.details() and "not reading" in err.value.details()
+            )
         _wait_for(lambda: _streams_open(observer) == 0, "stalled streams still counted as open")
 
         # Nothing of the stalled Puts was stored; A may open streams again and finish them.
@@ -182,12 +207,16 @@ def test_stalled_streams_of_one_tenant_starve_no_one(server: ServerHandle) -> No
 
 
 def test_connection_limit_names_its_field_and_frees_slots(tmp_path: Path) -> None:
-    handle = serve(store_config(tmp_path, **{"server.max_streams_per_peer": 3, "server.stream_idle_timeout_s": 30}))
+    handle = serve(
+        store_config(tmp_path, **{"server.max_streams_per_peer": 3, "server.stream_idle_timeout_s": 30})
+    )
     try:
         # A channel of its own subchannel pool: a second connection (same-target channels share one otherwise).
         separate = [("grpc.use_local_subchannel_pool", 1)]
-        with grpc.insecure_channel(handle.target) as channel, \
-                grpc.insecure_channel(handle.target, options=separate) as other:
+        with (
+            grpc.insecure_channel(handle.target) as channel,
+            grpc.insecure_channel(handle.target, options=separate) as other,
+        ):
             stub = pb_grpc.KVStoreStub(channel)
             held = [StalledPut(stub, os.urandom(32)) for _ in range(3)]
             try:
@@ -195,21 +224,52 @@ def test_connection_limit_names_its_field_and_frees_slots(tmp_path: Path) -> Non
                     assert p.sent.wait(10)
                 _wait_for(lambda: _streams_open(stub) == 3, "streams did not open")
                 with pytest.raises(grpc.RpcError) as err:
-                    stub.Put(committed([pb.PutRequest(namespace=NS_A, key=os.urandom(32), layer=0, num_layers=1,
-                                                      blob=make_blob(10))]), timeout=5)
+                    stub.Put(
+                        committed(
+                            [
+                                pb.PutRequest(
+                                    namespace=NS_A,
+                                    key=os.urandom(32),
+                                    layer=0,
+                                    num_layers=1,
+                                    blob=make_blob(10),
+                                )
+                            ]
+                        ),
+                        timeout=5,
+                    )
                 assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "server.max_streams_per_peer" in err.value.details()
                 # Another connection is not affected.
-                reply = pb_grpc.KVStoreStub(other).Put(committed([pb.PutRequest(
-                    namespace=NS_A, key=os.urandom(32), layer=0, num_layers=1, blob=make_blob(10))]), timeout=5)
+                reply = pb_grpc.KVStoreStub(other).Put(
+                    committed(
+                        [
+                            pb.PutRequest(
+                                namespace=NS_A, key=os.urandom(32), layer=0, num_layers=1, blob=make_blob(10)
+                            )
+                        ]
+                    ),
+                    timeout=5,
+                )
                 assert reply.num_stored == 1
             finally:
                 for p in held:
                     p.future.cancel()
                     p.release.set()
             _wait_for(lambda: _streams_open(stub) == 0, "cancelled streams still counted as open")
-            assert stub.Put(committed([pb.PutRequest(namespace=NS_A, key=os.urandom(32), layer=0, num_layers=1,
-                                                     blob=make_blob(10))]), timeout=5).num_stored == 1
+            assert (
+                stub.Put(
+                    committed(
+                        [
+                            pb.PutRequest(
+                                namespace=NS_A, key=os.urandom(32), layer=0, num_layers=1, blob=make_blob(10)
+                            )
+                        ]
+                    ),
+                    timeout=5,
+                ).num_stored
+                == 1
+            )
     finally:
         handle.stop(grace=0)
 
@@ -227,8 +287,12 @@ def test_client_sees_resource_exhausted_as_its_error_class(tmp_path: Path) -> No
                 assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert isinstance(from_rpc_error(err.value, rpc="Put"), ResourceExhausted)
                 # Unary calls are not streams: the same connection still answers them.
-                assert pb_grpc.KVStoreStub(channel).Lookup(pb.LookupRequest(
-                    namespace=NS_A, keys=[os.urandom(32)], num_layers=1), timeout=5).num_present == 0
+                assert (
+                    pb_grpc.KVStoreStub(channel)
+                    .Lookup(pb.LookupRequest(namespace=NS_A, keys=[os.urandom(32)], num_layers=1), timeout=5)
+                    .num_present
+                    == 0
+                )
             finally:
                 held.future.cancel()
                 held.release.set()

@@ -61,22 +61,42 @@ class Tiers:
         return [self.memory, self.disk, self.redis, self.s3]
 
 
-def _build(tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process, name: str, **budgets: int) -> Tiers:
+def _build(
+    tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process, name: str, **budgets: int
+) -> Tiers:
     return Tiers(
         memory=MemoryBackend(max_bytes=budgets.get("memory", 64 << 20)),
         disk=DiskBackend(path=tmp_path / "disk", max_bytes=budgets.get("disk", 0)),
-        redis=RedisBackend(url=redis_server.url, key_prefix=f"{name}:", max_bytes=budgets.get("redis", 0),
-                           socket_timeout_s=1.0),
-        s3=S3Backend(endpoint_url=s3_server.endpoint_url, bucket=name, access_key_id="test",
-                     secret_access_key="test", region="us-east-1", max_bytes=budgets.get("s3", 0), timeout_s=10.0),
+        redis=RedisBackend(
+            url=redis_server.url,
+            key_prefix=f"{name}:",
+            max_bytes=budgets.get("redis", 0),
+            socket_timeout_s=1.0,
+        ),
+        s3=S3Backend(
+            endpoint_url=s3_server.endpoint_url,
+            bucket=name,
+            access_key_id="test",
+            secret_access_key="test",
+            region="us-east-1",
+            max_bytes=budgets.get("s3", 0),
+            timeout_s=10.0,
+        ),
         redis_raw=redis.Redis.from_url(redis_server.url),
-        s3_raw=boto3.client("s3", endpoint_url=s3_server.endpoint_url, aws_access_key_id="test",
-                            aws_secret_access_key="test", region_name="us-east-1"),
+        s3_raw=boto3.client(
+            "s3",
+            endpoint_url=s3_server.endpoint_url,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        ),
     )
 
 
 @pytest.fixture
-def tiers(tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process, unique_name: str) -> Iterator[Tiers]:
+def tiers(
+    tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process, unique_name: str
+) -> Iterator[Tiers]:
     t = _build(tmp_path, redis_server, s3_server, unique_name)
     yield t
     for backend in t.all:
@@ -126,8 +146,15 @@ def test_per_tier_budgets_evict_oldest(
 ) -> None:
     layer_bytes, per_chunk = 4096, 4
     chunk_bytes = layer_bytes * per_chunk
-    t = _build(tmp_path, redis_server, s3_server, unique_name,
-               memory=2 * chunk_bytes, redis=3 * chunk_bytes, s3=5 * chunk_bytes)
+    t = _build(
+        tmp_path,
+        redis_server,
+        s3_server,
+        unique_name,
+        memory=2 * chunk_bytes,
+        redis=3 * chunk_bytes,
+        s3=5 * chunk_bytes,
+    )
     try:
         store = TieredStore(t.all)
         for i in range(8):
@@ -220,8 +247,12 @@ def test_corrupt_s3_index_is_a_miss_and_is_removed(tiers: Tiers, unique_name: st
     data = bytearray(tiers.s3_raw.get_object(Bucket=unique_name, Key=obj)["Body"].read())
     data[14] ^= 0xFF  # inside the layer index
     tiers.s3_raw.put_object(Bucket=unique_name, Key=obj, Body=bytes(data))
-    fresh = S3Backend(endpoint_url=tiers.s3.client.meta.endpoint_url, bucket=unique_name,
-                      access_key_id="test", secret_access_key="test")
+    fresh = S3Backend(
+        endpoint_url=tiers.s3.client.meta.endpoint_url,
+        bucket=unique_name,
+        access_key_id="test",
+        secret_access_key="test",
+    )
     try:
         assert fresh.get(key) is None
         assert fresh.counters.integrity_failures == 1
@@ -263,14 +294,22 @@ def test_s3_requests_per_chunk_are_constant(tiers: Tiers, unique_name: str) -> N
     tiers.s3.put_many(items)
     assert counter.take() == 1  # rewriting every layer: one conditional PUT
 
-    cold = S3Backend(endpoint_url=tiers.s3.client.meta.endpoint_url, bucket=unique_name,
-                     access_key_id="test", secret_access_key="test")
+    cold = S3Backend(
+        endpoint_url=tiers.s3.client.meta.endpoint_url,
+        bucket=unique_name,
+        access_key_id="test",
+        secret_access_key="test",
+    )
     try:
         cold_counter = _RequestCounter(cold)
         assert cold.get_many(keys) == [b for _, b in items]
         assert cold_counter.take() == 1  # no index yet: one GET of the whole object
-        other = S3Backend(endpoint_url=tiers.s3.client.meta.endpoint_url, bucket=unique_name,
-                          access_key_id="test", secret_access_key="test")
+        other = S3Backend(
+            endpoint_url=tiers.s3.client.meta.endpoint_url,
+            bucket=unique_name,
+            access_key_id="test",
+            secret_access_key="test",
+        )
         try:
             other_counter = _RequestCounter(other)
             assert other.get(keys[29]) == items[29][1]
@@ -300,8 +339,13 @@ def test_s3_batch_over_many_chunks_runs_one_request_per_chunk(tiers: Tiers) -> N
 
 
 def test_s3_multipart_upload_for_large_chunks(tiers: Tiers, s3_server: S3Process, unique_name: str) -> None:
-    backend = S3Backend(endpoint_url=s3_server.endpoint_url, bucket=unique_name + "-mp", access_key_id="test",
-                        secret_access_key="test", multipart_threshold_bytes=1 << 20)
+    backend = S3Backend(
+        endpoint_url=s3_server.endpoint_url,
+        bucket=unique_name + "-mp",
+        access_key_id="test",
+        secret_access_key="test",
+        multipart_threshold_bytes=1 << 20,
+    )
     try:
         names: list[str] = []
         backend.client.meta.events.register("before-send.s3.*", lambda **kw: names.append(kw["event_name"]))
@@ -359,8 +403,12 @@ def test_s3_writers_in_two_processes_never_lose_each_others_layers(
     They share no locks, so only the conditional writes (If-None-Match / If-Match) keep
     one writer's read-modify-write from dropping the other's layers.
     """
-    kwargs = {"endpoint_url": s3_server.endpoint_url, "bucket": unique_name, "access_key_id": "test",
-              "secret_access_key": "test"}
+    kwargs = {
+        "endpoint_url": s3_server.endpoint_url,
+        "bucket": unique_name,
+        "access_key_id": "test",
+        "secret_access_key": "test",
+    }
     a, b, reader = S3Backend(**kwargs), S3Backend(**kwargs), S3Backend(**kwargs)
     chunks = [400 + i for i in range(4)]
     errors: list[BaseException] = []
@@ -373,8 +421,10 @@ def test_s3_writers_in_two_processes_never_lose_each_others_layers(
             errors.append(exc)
 
     try:
-        threads = [threading.Thread(target=write, args=(a, range(0, 6))),
-                   threading.Thread(target=write, args=(b, range(6, 12)))]
+        threads = [
+            threading.Thread(target=write, args=(a, range(0, 6))),
+            threading.Thread(target=write, args=(b, range(6, 12))),
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -27,10 +27,14 @@ def runner(smollm2: tuple[Any, Any]) -> Iterator[ModelRunner]:
 
 
 @pytest.mark.parametrize("layerwise", [True, False])
-def test_prefix_gone_between_lookup_and_get_is_recomputed(runner: ModelRunner, kvstore_server: ServerHandle,
-                                                          layerwise: bool) -> None:
-    ids = runner.chat_ids("You are terse.", "The store keeps attention KV so prefixes are reused.",
-                          "\n\nQuestion: what is reused?")
+def test_prefix_gone_between_lookup_and_get_is_recomputed(
+    runner: ModelRunner, kvstore_server: ServerHandle, layerwise: bool
+) -> None:
+    ids = runner.chat_ids(
+        "You are terse.",
+        "The store keeps attention KV so prefixes are reused.",
+        "\n\nQuestion: what is reused?",
+    )
     boundary = reuse_boundary(len(ids), CHUNK)
     ns = "t/recompute/lossless"
     keys = chunk_keys(ids, ns, CHUNK)[: boundary // CHUNK]

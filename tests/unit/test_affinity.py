@@ -20,7 +20,9 @@ from transfer.layerwise import LayerwiseCache
 @pytest.fixture(autouse=True)
 def _need_linux() -> None:
     if not affinity.supported():
-        pytest.fail("CPU plans need Linux (sched_setaffinity, /proc/self/task); CI and dev machines are Linux")
+        pytest.fail(
+            "CPU plans need Linux (sched_setaffinity, /proc/self/task); CI and dev machines are Linux"
+        )
 
 
 @pytest.fixture
@@ -49,7 +51,9 @@ def test_parse_cpus() -> None:
 
 
 def test_plan_for_splits_what_the_process_may_use() -> None:
-    assert affinity.plan_for("auto", available=[2, 5, 7]) == affinity.CpuPlan(frozenset({2}), frozenset({5, 7}))
+    assert affinity.plan_for("auto", available=[2, 5, 7]) == affinity.CpuPlan(
+        frozenset({2}), frozenset({5, 7})
+    )
     assert affinity.plan_for("5-7", available=[2, 5, 6, 7]).io == {2}
     with pytest.raises(ValueError, match="not available"):
         affinity.plan_for("9", available=[0, 1])
@@ -97,8 +101,9 @@ def test_apply_pins_the_caller_and_moves_every_other_thread(two_cpus: affinity.C
     assert affinity.active() is None and _affinity_of(0) == set(two_cpus.compute | two_cpus.io)
 
 
-def test_the_layerwise_loader_and_codec_threads_run_on_the_io_cpus(two_cpus: affinity.CpuPlan,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_layerwise_loader_and_codec_threads_run_on_the_io_cpus(
+    two_cpus: affinity.CpuPlan, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     affinity.apply(two_cpus)
@@ -114,7 +119,9 @@ def test_the_layerwise_loader_and_codec_threads_run_on_the_io_cpus(two_cpus: aff
     assert where == [set(two_cpus.io)] * 3
     # the codec pool's initializer moves its threads too (run here in a fresh thread, as the pool would)
     got: list[set[int]] = []
-    worker = threading.Thread(target=lambda: (parallel._one_torch_thread(), got.append(os.sched_getaffinity(0))))
+    worker = threading.Thread(
+        target=lambda: (parallel._one_torch_thread(), got.append(os.sched_getaffinity(0)))
+    )
     worker.start()
     worker.join(10)
     assert got == [set(two_cpus.io)]

@@ -33,8 +33,11 @@ def test_opens_on_first_failure_fails_fast_and_closes_after_a_background_probe()
             raise ConnectionError("still down")
 
     breaker = ProbingBreaker("t", probe, probe_interval_s=0.05, on_open=lambda: opened.append(1))
-    guard = Guard(Retry(NoBackoff(), max_attempts=1, retry_on=(ConnectionError,)), breaker,
-                  lambda exc: BackendUnavailable(str(exc)) if isinstance(exc, ConnectionError) else None)
+    guard = Guard(
+        Retry(NoBackoff(), max_attempts=1, retry_on=(ConnectionError,)),
+        breaker,
+        lambda exc: BackendUnavailable(str(exc)) if isinstance(exc, ConnectionError) else None,
+    )
     calls = 0
 
     def call() -> str:

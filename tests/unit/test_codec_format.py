@@ -38,8 +38,20 @@ def _kv(dtype: torch.dtype = torch.float16, heads: int = 3, tokens: int = 256, d
 
 def _special(dtype: torch.dtype) -> torch.Tensor:
     info = torch.finfo(dtype)
-    vals = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), info.max, -info.max, info.tiny,
-            info.tiny / 4, info.eps, 1.0, -1.5]
+    vals = [
+        0.0,
+        -0.0,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        info.max,
+        -info.max,
+        info.tiny,
+        info.tiny / 4,
+        info.eps,
+        1.0,
+        -1.5,
+    ]
     return torch.tensor(vals, dtype=torch.float32).to(dtype)
 
 
@@ -170,7 +182,9 @@ def test_bad_saliency_is_shape_mismatch() -> None:
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 @pytest.mark.parametrize("shape", [(3, 256, 64), (1, 7, 12), (2, 40, 32)])
-def test_encode_layers_gives_the_same_frames_as_encode_layer(profile: str, shape: tuple[int, int, int]) -> None:
+def test_encode_layers_gives_the_same_frames_as_encode_layer(
+    profile: str, shape: tuple[int, int, int]
+) -> None:
     layers = [_kv(torch.float16, *shape, seed=i) for i in range(4)]
     layers[2] = (torch.zeros_like(layers[2][0]), layers[2][1])  # a layer with all-zero keys
     for offset, end in [(0, None), (256, 300)]:

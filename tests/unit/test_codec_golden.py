@@ -72,16 +72,20 @@ def compute() -> dict[str, list[str]]:
         for dname, dtype in DTYPES.items():
             k, v = _inputs((3, 256, 64), dtype, 99, outliers=True)
             results[f"outliers/{dname}/{prof}"] = _record(
-                [encode_layer(k, v, prof, token_offset=0, context_end=256)])
+                [encode_layer(k, v, prof, token_offset=0, context_end=256)]
+            )
             sal = torch.linspace(0, 1, 256).roll(37)
             results[f"saliency/{dname}/{prof}"] = _record(
-                [encode_layer(k, v, prof, saliency=sal, token_offset=512, context_end=1000)])
+                [encode_layer(k, v, prof, saliency=sal, token_offset=512, context_end=1000)]
+            )
             layers = [_inputs((3, 256, 64), dtype, 200 + i, outliers=i == 1) for i in range(4)]
             results[f"layers/{dname}/{prof}"] = _record(
-                encode_layers(layers, prof, token_offset=256, context_end=700))
+                encode_layers(layers, prof, token_offset=256, context_end=700)
+            )
             layers = [_inputs((3, 100, 64), dtype, 300 + i) for i in range(3)]
             results[f"layers-sal/{dname}/{prof}"] = _record(
-                encode_layers(layers, prof, saliency=sal[:100], token_offset=0, context_end=None))
+                encode_layers(layers, prof, saliency=sal[:100], token_offset=0, context_end=None)
+            )
     return results
 
 

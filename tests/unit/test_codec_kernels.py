@@ -70,8 +70,12 @@ def _same(a, b) -> bool:
     if isinstance(a, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, torch.Tensor):  # bitwise, so -0.0 vs 0.0 and NaN payloads count
-        return a.dtype == b.dtype and a.shape == b.shape and bytes(a.contiguous().view(torch.uint8).numpy()) == \
-            bytes(b.contiguous().view(torch.uint8).numpy())
+        return (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and bytes(a.contiguous().view(torch.uint8).numpy())
+            == bytes(b.contiguous().view(torch.uint8).numpy())
+        )
     return a == b
 
 
@@ -87,10 +91,20 @@ def _profiles() -> Iterator[Profile]:
     yield from (p for p in PROFILES.values() if not p.lossless)
     base = PROFILES["balanced"]
     for kb, vb in ((1, 8), (2, 5), (5, 1), (6, 7), (7, 2), (8, 6)):
-        yield replace(base, name=f"k{kb}v{vb}", profile_id=200 + kb,
-                      tiers=(Tier(TOKEN, 8, TOKEN, 8), Tier(CHANNEL, kb, TOKEN, vb)), group=7 + kb)
-    yield replace(base, name="k-token-v-channel", profile_id=210,
-                  tiers=(Tier(CHANNEL, 8, CHANNEL, 6), Tier(TOKEN, 3, CHANNEL, 3)), rotate_v=False)
+        yield replace(
+            base,
+            name=f"k{kb}v{vb}",
+            profile_id=200 + kb,
+            tiers=(Tier(TOKEN, 8, TOKEN, 8), Tier(CHANNEL, kb, TOKEN, vb)),
+            group=7 + kb,
+        )
+    yield replace(
+        base,
+        name="k-token-v-channel",
+        profile_id=210,
+        tiers=(Tier(CHANNEL, 8, CHANNEL, 6), Tier(TOKEN, 3, CHANNEL, 3)),
+        rotate_v=False,
+    )
     yield replace(PROFILES["int8"], name="int3-rot", profile_id=211, tiers=(Tier(TOKEN, 3, TOKEN, 3),))
 
 
@@ -103,8 +117,11 @@ def test_kernels_write_and_read_what_torch_does(profile: Profile) -> None:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             k, v = _kv(shape, dtype, 17 * i + 3)
             for offset, end in ((0, shape[1]), (512, None), (2, 40)):
-                fast, ref = _both(lambda k=k, v=v, o=offset, e=end: encode_layer(k, v, profile, token_offset=o,
-                                                                                   context_end=e))
+                fast, ref = _both(
+                    lambda k=k, v=v, o=offset, e=end: encode_layer(
+                        k, v, profile, token_offset=o, context_end=e
+                    )
+                )
                 assert _same(fast, ref), (profile.name, shape, dtype, offset, end)
                 dec = _both(lambda r=ref: decode_layer(r))
                 assert _same(*dec), (profile.name, shape, dtype, offset, end)
@@ -137,7 +154,9 @@ def _body_mutations(blob: bytes) -> Iterator[bytes]:
     if header.flags & 1:  # work on the raw body so every byte means something
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().decompress(bytes(payload[HEADER_BYTES:]), max_output_size=header.raw_len)
+        raw = zstandard.ZstdDecompressor().decompress(
+            bytes(payload[HEADER_BYTES:]), max_output_size=header.raw_len
+        )
         payload = bytearray(payload[:HEADER_BYTES]) + bytearray(raw)
         struct.pack_into("<B", payload, 7, header.flags & ~1)  # flags byte: no zstd
         struct.pack_into("<I", payload, HEADER_BYTES - 4, len(raw))  # stored length
@@ -188,7 +207,9 @@ def test_imap_ordered_keeps_order_and_raises_in_place() -> None:
 
 @pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
 def test_decode_many_equals_one_by_one(dtype) -> None:
-    blobs = [encode_layer(*_kv((3, 64, 64), torch.float16, s), "balanced", token_offset=64 * s) for s in range(7)]
+    blobs = [
+        encode_layer(*_kv((3, 64, 64), torch.float16, s), "balanced", token_offset=64 * s) for s in range(7)
+    ]
     blobs += [encode_layer(*_kv((3, 64, 64), torch.bfloat16, 9), "dense", token_offset=64)]  # another dtype
     blobs += [encode_layer(*_kv((2, 30, 64), torch.float16, 8), "lossless")]  # another shape, lossless
     blobs += [encode_layer(*_kv((3, 64, 64), torch.float16, 10), "int8", token_offset=0, context_end=64)]
@@ -265,12 +286,16 @@ def test_fp16_conversions_match_torch() -> None:
     import numpy as np
 
     gen = np.random.default_rng(1)
-    bits = np.concatenate([
-        gen.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32),
-        np.arange(0x33000000 - 3000, 0x33000000 + 3000, dtype=np.uint32),  # around fp16's smallest subnormal
-        np.arange(0x387FC000 - 3000, 0x38800000 + 3000, dtype=np.uint32),  # subnormal -> normal boundary
-        np.arange(0x477FE000 - 3000, 0x477FF000 + 3000, dtype=np.uint32),  # around fp16 max -> inf
-    ])
+    bits = np.concatenate(
+        [
+            gen.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32),
+            np.arange(
+                0x33000000 - 3000, 0x33000000 + 3000, dtype=np.uint32
+            ),  # around fp16's smallest subnormal
+            np.arange(0x387FC000 - 3000, 0x38800000 + 3000, dtype=np.uint32),  # subnormal -> normal boundary
+            np.arange(0x477FE000 - 3000, 0x477FF000 + 3000, dtype=np.uint32),  # around fp16 max -> inf
+        ]
+    )
     bits = np.concatenate([bits, bits | np.uint32(0x80000000)])
     values = bits.view(np.float32)
     values = values[~np.isnan(values)]
@@ -331,8 +356,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decode_concat_writes_lossless_chunks_in_place_bit_exact(dtype: torch.dtype, threads: int,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_concat_writes_lossless_chunks_in_place_bit_exact(
+    dtype: torch.dtype, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A layer's lossless chunks land in one tensor, bit for bit what per-chunk decode + cat gives."""
     monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
     tokens = (64, 64, 17, 1)  # uneven chunks: every slice offset differs
@@ -347,19 +373,25 @@ def test_decode_concat_writes_lossless_chunks_in_place_bit_exact(dtype: torch.dt
     assert k.shape == v.shape == (3, sum(tokens), 20) and k.dtype == dtype and k.is_contiguous()
     assert torch.equal(_bits(k), _bits(torch.cat([k for k, _ in parts], dim=1)))
     assert torch.equal(_bits(v), _bits(torch.cat([v for _, v in parts], dim=1)))
-    k32, _ = parallel.decode_concat(blobs, dtype=torch.float32, threads=threads)  # a cast after, like decode_many
+    k32, _ = parallel.decode_concat(
+        blobs, dtype=torch.float32, threads=threads
+    )  # a cast after, like decode_many
     assert k32.dtype == torch.float32
     torch.testing.assert_close(k32, k.float(), rtol=0, atol=0, equal_nan=True)
 
 
 def test_decode_concat_takes_the_general_path_where_it_must() -> None:
-    lossy = [encode_layer(*_kv((3, 32, 64), torch.float16, s), "balanced", token_offset=32 * s) for s in range(3)]
+    lossy = [
+        encode_layer(*_kv((3, 32, 64), torch.float16, s), "balanced", token_offset=32 * s) for s in range(3)
+    ]
     expected = decode_many(lossy)
     k, v = parallel.decode_concat(lossy)
     assert torch.equal(k, torch.cat([a for a, _ in expected], dim=1))
     assert torch.equal(v, torch.cat([b for _, b in expected], dim=1))
-    mixed = [encode_layer(*_kv((3, 8, 16), torch.float16, 1), "lossless"),
-             encode_layer(*_kv((3, 8, 16), torch.float32, 2), "lossless")]  # dtypes differ: no shared output
+    mixed = [
+        encode_layer(*_kv((3, 8, 16), torch.float16, 1), "lossless"),
+        encode_layer(*_kv((3, 8, 16), torch.float32, 2), "lossless"),
+    ]  # dtypes differ: no shared output
     k, _ = parallel.decode_concat(mixed, dtype=torch.float32)
     assert k.shape == (3, 16, 16)
     with pytest.raises(ValueError, match="at least one"):
@@ -386,7 +418,12 @@ def test_decode_lossless_into_checks_its_outputs() -> None:
     header, raw = open_frame(encode_layer(*_kv((2, 8, 4), torch.float32, 3), "lossless"))
     good = torch.empty(2, 10, 4)
     decode_lossless_into(header, raw, good, torch.empty_like(good), 2)
-    for k_out, offset in ((torch.empty(2, 10, 4, dtype=torch.float16), 0), (torch.empty(3, 10, 4), 0),
-                          (torch.empty(2, 4, 10).transpose(1, 2), 0), (good, 3), (good, -1)):
+    for k_out, offset in (
+        (torch.empty(2, 10, 4, dtype=torch.float16), 0),
+        (torch.empty(3, 10, 4), 0),
+        (torch.empty(2, 4, 10).transpose(1, 2), 0),
+        (good, 3),
+        (good, -1),
+    ):
         with pytest.raises(ShapeMismatch):
             decode_lossless_into(header, raw, k_out, torch.empty_like(k_out), offset)

@@ -51,15 +51,16 @@ def test_scales_never_clip_and_are_tight() -> None:
 
 def test_precision_map_tiers() -> None:
     base = get_profile("balanced")
-    prof = dataclasses.replace(base, tiers=(base.tiers[0], Tier(CHANNEL, 5, TOKEN, 4), base.tiers[-1]),
-                               salient_fraction=0.1)
+    prof = dataclasses.replace(
+        base, tiers=(base.tiers[0], Tier(CHANNEL, 5, TOKEN, 4), base.tiers[-1]), salient_fraction=0.1
+    )
     k = torch.randn(3, 256, 64)
     first = precision_map(k, prof, None, token_offset=0, context_end=None)
-    assert first[: prof.sink_tokens].eq(0).all() and first[prof.sink_tokens:].ne(0).all()
+    assert first[: prof.sink_tokens].eq(0).all() and first[prof.sink_tokens :].ne(0).all()
     middle = precision_map(k, prof, None, token_offset=256, context_end=None)
     assert middle.ne(0).all()
     last = precision_map(k, prof, None, token_offset=256, context_end=512)
-    assert last[-prof.recent_tokens:].eq(0).all() and last[:-prof.recent_tokens].ne(0).all()
+    assert last[-prof.recent_tokens :].eq(0).all() and last[: -prof.recent_tokens].ne(0).all()
     saliency = torch.zeros(256)
     saliency[100:110] = 1.0
     chosen = precision_map(k, prof, saliency, token_offset=256, context_end=None)

@@ -17,8 +17,11 @@ from transfer.codec.warmup import warm_up
 
 
 def _compiled() -> dict[str, int]:
-    kernels = {name: obj for name, obj in vars(cpu_kernels).items()
-               if isinstance(obj, numba.core.registry.CPUDispatcher)}
+    kernels = {
+        name: obj
+        for name, obj in vars(cpu_kernels).items()
+        if isinstance(obj, numba.core.registry.CPUDispatcher)
+    }
     assert kernels, "no numba kernels found in transfer.codec.cpu_kernels"
     return {name: len(k.signatures) for name, k in kernels.items()}
 
@@ -31,7 +34,9 @@ def test_a_request_after_warm_up_compiles_nothing(profile: str) -> None:
     assert sum(before.values()) > 0
     gen = torch.Generator().manual_seed(1)
     # A real request's shape: SmolLM2's 3 KV heads x 64, a 256-token chunk, 30 layers.
-    layers = [(torch.randn(3, 256, 64, generator=gen), torch.randn(3, 256, 64, generator=gen)) for _ in range(30)]
+    layers = [
+        (torch.randn(3, 256, 64, generator=gen), torch.randn(3, 256, 64, generator=gen)) for _ in range(30)
+    ]
     chunks = [encode_chunk(layers, profile, token_offset=i * 256) for i in range(2)]
     decode_concat([chunks[0][5], chunks[1][5]])
     decode_many(chunks[0])

@@ -38,10 +38,14 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
     assert from_env.server.port == 6000 and from_env.redis.enabled
     assert from_env.server.workers == 4  # untouched by env: still from the file
 
-    assert not from_env.memory.prefault and load_config(path, environ={"KVSTORE_MEMORY__PREFAULT": "true"}).memory.prefault
+    assert (
+        not from_env.memory.prefault
+        and load_config(path, environ={"KVSTORE_MEMORY__PREFAULT": "true"}).memory.prefault
+    )
 
-    args = build_parser().parse_args(["serve", "--port", "5000", "--memory-bytes", "512MiB", "--no-disk",
-                                      "--memory-prefault"])
+    args = build_parser().parse_args(
+        ["serve", "--port", "5000", "--memory-bytes", "512MiB", "--no-disk", "--memory-prefault"]
+    )
     final = load_config(path, environ=env, overrides=serve_overrides(args))
     assert final.server.port == 5000 and final.memory.max_bytes == 512 * MiB and final.memory.prefault
     assert not final.disk.enabled and final.redis.enabled and final.server.workers == 4
@@ -61,10 +65,18 @@ def test_redis_and_s3_flags_enable_their_tiers() -> None:
     assert config.s3.enabled and config.s3.endpoint_url == "http://h:2"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("1048576", MiB), ("64MiB", 64 * MiB), ("2GiB", 2 * GiB), ("2 gib", 2 * GiB), ("500MB", 500_000_000),
-    ("1.5KiB", 1536), ("4k", 4096),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1048576", MiB),
+        ("64MiB", 64 * MiB),
+        ("2GiB", 2 * GiB),
+        ("2 gib", 2 * GiB),
+        ("500MB", 500_000_000),
+        ("1.5KiB", 1536),
+        ("4k", 4096),
+    ],
+)
 def test_parse_bytes(text: str, expected: int) -> None:
     assert parse_bytes(text) == expected
 
@@ -75,22 +87,27 @@ def test_parse_bytes_rejects_garbage(text: str) -> None:
         parse_bytes(text)
 
 
-@pytest.mark.parametrize(("env", "message"), [
-    ({"KVSTORE_SERVER__PORT": "70000"}, "server.port must be a TCP port"),
-    ({"KVSTORE_SERVER__PORT": "http"}, "server.port: invalid value 'http'"),
-    ({"KVSTORE_SERVER__WORKERS": "0"}, "server.workers must be > 0"),
-    ({"KVSTORE_SERVER__MAX_BLOB_BYTES": "80MiB"}, "server.max_message_bytes"),
-    ({"KVSTORE_DISK__FSYNC": "sometimes"}, "disk.fsync must be one of"),
-    ({"KVSTORE_REDIS__ENABLED": "maybe"}, "redis.enabled: invalid value"),
-    ({"KVSTORE_REDIS__ENABLED": "1", "KVSTORE_REDIS__URL": "http://x"}, "redis.url must start with"),
-    ({"KVSTORE_S3__ENDPOINT_URL": "minio:9000"}, "s3.endpoint_url must start with"),
-    ({"KVSTORE_S3__ACCESS_KEY_ID": "AK"}, "must be set together"),
-    ({"KVSTORE_AUTH__TLS_CERT": "/nonexistent.pem", "KVSTORE_AUTH__TLS_KEY": "/nonexistent.key"},
-     "no such file"),
-    ({"KVSTORE_SERVER__NOPE": "1"}, "unknown field server.nope"),
-    ({"KVSTORE_NOPE__PORT": "1"}, "unknown config section 'nope'"),
-    ({"KVSTORE_MEMORY__MAX_BYTES": "plenty"}, "memory.max_bytes: invalid value"),
-])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KVSTORE_SERVER__PORT": "70000"}, "server.port must be a TCP port"),
+        ({"KVSTORE_SERVER__PORT": "http"}, "server.port: invalid value 'http'"),
+        ({"KVSTORE_SERVER__WORKERS": "0"}, "server.workers must be > 0"),
+        ({"KVSTORE_SERVER__MAX_BLOB_BYTES": "80MiB"}, "server.max_message_bytes"),
+        ({"KVSTORE_DISK__FSYNC": "sometimes"}, "disk.fsync must be one of"),
+        ({"KVSTORE_REDIS__ENABLED": "maybe"}, "redis.enabled: invalid value"),
+        ({"KVSTORE_REDIS__ENABLED": "1", "KVSTORE_REDIS__URL": "http://x"}, "redis.url must start with"),
+        ({"KVSTORE_S3__ENDPOINT_URL": "minio:9000"}, "s3.endpoint_url must start with"),
+        ({"KVSTORE_S3__ACCESS_KEY_ID": "AK"}, "must be set together"),
+        (
+            {"KVSTORE_AUTH__TLS_CERT": "/nonexistent.pem", "KVSTORE_AUTH__TLS_KEY": "/nonexistent.key"},
+            "no such file",
+        ),
+        ({"KVSTORE_SERVER__NOPE": "1"}, "unknown field server.nope"),
+        ({"KVSTORE_NOPE__PORT": "1"}, "unknown config section 'nope'"),
+        ({"KVSTORE_MEMORY__MAX_BYTES": "plenty"}, "memory.max_bytes: invalid value"),
+    ],
+)
 def test_invalid_values_name_the_field(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_config(environ=env)
@@ -130,14 +147,25 @@ def test_backends_are_built_from_their_config_sections(tmp_path: Path) -> None:
     from kvstore.backends.disk import DiskBackend
     from kvstore.backends.memory import MemoryBackend
 
-    config = load_config(None, environ={}, overrides={
-        "memory.max_bytes": "3MiB", "disk.path": str(tmp_path / "d"), "disk.max_bytes": "1GiB",
-        "disk.fsync": "always", "disk.segment_bytes": "8MiB",
-    })
+    config = load_config(
+        None,
+        environ={},
+        overrides={
+            "memory.max_bytes": "3MiB",
+            "disk.path": str(tmp_path / "d"),
+            "disk.max_bytes": "1GiB",
+            "disk.fsync": "always",
+            "disk.segment_bytes": "8MiB",
+        },
+    )
     assert MemoryBackend.from_config(config.memory).max_bytes == 3 * MiB
     disk = DiskBackend.from_config(config.disk)  # `enabled` is not a constructor parameter
     try:
         assert (disk.path, disk.max_bytes, disk.fsync, disk.segment_bytes) == (
-            str(tmp_path / "d"), GiB, "always", 8 * MiB)
+            str(tmp_path / "d"),
+            GiB,
+            "always",
+            8 * MiB,
+        )
     finally:
         disk.close()

@@ -56,8 +56,14 @@ def _serve(config: Path, home: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     env["PYTHONPATH"] = str(REPO)
     env["XDG_CACHE_HOME"] = str(home)  # never touch the user's disk tier, even if a case slipped through
-    return subprocess.run([sys.executable, "-m", "kvstore", "serve", "--config", str(config), "--port", "0"],
-                          capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore", "serve", "--config", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_every_invalid_field_is_one_line_naming_it_and_exit_2(tmp_path: Path) -> None:
@@ -66,7 +72,9 @@ def test_every_invalid_field_is_one_line_naming_it_and_exit_2(tmp_path: Path) ->
         files[name] = tmp_path / f"{name}.yaml"
         files[name].write_text(text)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = dict(zip(files, pool.map(lambda f: _serve(f, tmp_path / "home"), files.values()), strict=True))
+        results = dict(
+            zip(files, pool.map(lambda f: _serve(f, tmp_path / "home"), files.values()), strict=True)
+        )
     for name, (_, field) in CASES.items():
         proc = results[name]
         lines = proc.stderr.strip().splitlines()
@@ -79,17 +87,24 @@ def test_every_invalid_field_is_one_line_naming_it_and_exit_2(tmp_path: Path) ->
         assert "tok-1" not in results[name].stderr, results[name].stderr
 
 
-@pytest.mark.parametrize("env", [
-    {"KVSTORE_AUTH__TOKENS": "tok-1=bad tenant!"},
-    {"KVSTORE_QUOTAS__PER_TENANT": "bad tenant!=1GiB"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"KVSTORE_AUTH__TOKENS": "tok-1=bad tenant!"},
+        {"KVSTORE_QUOTAS__PER_TENANT": "bad tenant!=1GiB"},
+    ],
+)
 def test_maps_from_the_environment_are_checked_too(tmp_path: Path, env: dict[str, str]) -> None:
     config = tmp_path / "ok.yaml"
     config.write_text("server:\n  port: 0\n")
-    proc = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path)},
-                          cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvstore", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path)},
+        cwd=REPO,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "invalid tenant name 'bad tenant!'" in proc.stderr

@@ -52,8 +52,17 @@ def _part_offset(rec_start: int, name_len: int, payload_at: int, length: int, pa
     }[part]
 
 
-PARTS = ["magic", "version", "kind", "name_length", "length", "payload_checksum", "key", "header_checksum",
-         "payload"]
+PARTS = [
+    "magic",
+    "version",
+    "kind",
+    "name_length",
+    "length",
+    "payload_checksum",
+    "key",
+    "header_checksum",
+    "payload",
+]
 
 
 def _flip(path: str, offset: int, bit: int = 3) -> None:

@@ -23,8 +23,14 @@ def test_keys_are_identical_in_another_process() -> None:
         "ks = chunk_keys(list(range(1000, 1000 + 4 * 256 + 17)), Namespace('acme', 'smollm2-L30', 'fp16'));"
         "print(','.join(k.hex() for k in ks))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=ROOT, env={"PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={"PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)},
+    )
     assert out.stdout.strip().split(",") == [k.hex() for k in chunk_keys(TOKENS, NS)]
 
 
@@ -38,8 +44,11 @@ def test_keys_are_32_bytes_and_only_full_chunks_get_one() -> None:
 
 def test_namespaces_never_share_keys() -> None:
     base = chunk_keys(TOKENS, NS)
-    for other in (Namespace("other", NS.model, NS.profile), Namespace(NS.tenant, "llama", NS.profile),
-                  Namespace(NS.tenant, NS.model, "int4")):
+    for other in (
+        Namespace("other", NS.model, NS.profile),
+        Namespace(NS.tenant, "llama", NS.profile),
+        Namespace(NS.tenant, NS.model, "int4"),
+    ):
         assert set(chunk_keys(TOKENS, other)).isdisjoint(base)
     assert chunk_keys(TOKENS, str(NS)) == base  # the str form is the same namespace
 

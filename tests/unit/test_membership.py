@@ -25,16 +25,19 @@ def test_target_grammar() -> None:
     assert parse_target("[::1]:5000,[::1]:5001").members == ("[::1]:5000", "[::1]:5001")
 
 
-@pytest.mark.parametrize(("target", "message"), [
-    ("", "empty"),
-    ("a:1,,b:2", "empty entry"),
-    ("a:1,b:2,a:1", "more than once"),
-    ("a:1,b", "HOST:PORT"),
-    ("host", "HOST:PORT"),
-    ("a:99999", "1..65535"),
-    ("dns://name:1", "three slashes"),
-    ("dns:///name", "HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("", "empty"),
+        ("a:1,,b:2", "empty entry"),
+        ("a:1,b:2,a:1", "more than once"),
+        ("a:1,b", "HOST:PORT"),
+        ("host", "HOST:PORT"),
+        ("a:99999", "1..65535"),
+        ("dns://name:1", "three slashes"),
+        ("dns:///name", "HOST:PORT"),
+    ],
+)
 def test_bad_targets_say_what_to_fix(target: str, message: str) -> None:
     with pytest.raises(InvalidTarget, match=message):
         parse_target(target)

@@ -242,7 +242,9 @@ def test_fsync_never_leaves_it_to_the_os(tmp_path: Path, monkeypatch: pytest.Mon
     assert spy.calls == 0
 
 
-def test_fsync_batch_syncs_in_background_and_on_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fsync_batch_syncs_in_background_and_on_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spy = FsyncSpy(monkeypatch)
     disk = DiskBackend(tmp_path, max_bytes=0, fsync="batch", fsync_interval_ms=20)
     try:

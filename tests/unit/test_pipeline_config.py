@@ -22,8 +22,15 @@ from workers.pipeline import (
 
 # What Ray refuses when joining an existing cluster (ray/_private/worker.py, "When connecting to an
 # existing cluster, ...") plus what only means something to a Ray this process starts.
-LOCAL_ONLY = {"num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "_system_config",
-              "include_dashboard"}
+LOCAL_ONLY = {
+    "num_cpus",
+    "num_gpus",
+    "resources",
+    "labels",
+    "object_store_memory",
+    "_system_config",
+    "include_dashboard",
+}
 
 
 def test_local_ray_starts_its_own_with_two_cpus_and_the_checkout_on_the_path() -> None:
@@ -78,13 +85,20 @@ def test_demo_defaults_are_a_local_ray_and_an_in_process_store() -> None:
     args = parse_args([], environ={})
     assert (args.ray_address, args.store_target, args.token, args.tenant) == (None, None, None, "demo")
     assert ray_options(args) == {"num_cpus": None}  # init_ray's local default (2)
-    assert pipeline_options(args) == {"num_prefill": 1, "num_decode": 1, "routing": "least_loaded",
-                                      "num_cpus_per_actor": 1.0}
+    assert pipeline_options(args) == {
+        "num_prefill": 1,
+        "num_decode": 1,
+        "routing": "least_loaded",
+        "num_cpus_per_actor": 1.0,
+    }
 
 
 def test_demo_takes_the_cluster_and_store_from_the_environment() -> None:
-    env = {"RAY_ADDRESS": "auto", "KVSTORE_TARGET": "kvstore.kvstore.svc.cluster.local:50051",
-           "KVSTORE_TOKEN": "s3cret"}
+    env = {
+        "RAY_ADDRESS": "auto",
+        "KVSTORE_TARGET": "kvstore.kvstore.svc.cluster.local:50051",
+        "KVSTORE_TOKEN": "s3cret",
+    }
     args = parse_args(["--pin-roles", "--prefill-workers", "2", "--cpus-per-actor", "4"], environ=env)
     assert args.store_target == "kvstore.kvstore.svc.cluster.local:50051" and args.token == "s3cret"
     assert ray_options(args) == {"address": "auto"}
@@ -92,7 +106,9 @@ def test_demo_takes_the_cluster_and_store_from_the_environment() -> None:
     assert options["prefill_resources"] == {"prefill": 1.0} and options["decode_resources"] == {"decode": 1.0}
     assert (options["num_prefill"], options["num_cpus_per_actor"]) == (2, 4.0)
     # Flags win over the environment; an empty variable counts as unset.
-    args = parse_args(["--ray-address", "ray://head:10001", "--store-target", "h:1", "--token", "t"], environ=env)
+    args = parse_args(
+        ["--ray-address", "ray://head:10001", "--store-target", "h:1", "--token", "t"], environ=env
+    )
     assert (args.ray_address, args.store_target, args.token) == ("ray://head:10001", "h:1", "t")
     args = parse_args([], environ={"RAY_ADDRESS": "", "KVSTORE_TARGET": "", "KVSTORE_TOKEN": ""})
     assert (args.ray_address, args.store_target, args.token) == (None, None, None)
@@ -101,17 +117,24 @@ def test_demo_takes_the_cluster_and_store_from_the_environment() -> None:
 def test_demo_takes_the_cluster_client_settings_from_the_environment() -> None:
     args = parse_args([], environ={})
     assert (args.replication, args.write_ack) == (2, "all")
-    env = {"KVSTORE_TARGET": "dns:///kvstore-headless.kvstore.svc:50051", "KVSTORE_REPLICATION": "3",
-           "KVSTORE_WRITE_ACK": "one"}
+    env = {
+        "KVSTORE_TARGET": "dns:///kvstore-headless.kvstore.svc:50051",
+        "KVSTORE_REPLICATION": "3",
+        "KVSTORE_WRITE_ACK": "one",
+    }
     args = parse_args([], environ=env)
     assert (args.store_target, args.replication, args.write_ack) == (
-        "dns:///kvstore-headless.kvstore.svc:50051", 3, "one")
+        "dns:///kvstore-headless.kvstore.svc:50051",
+        3,
+        "one",
+    )
     args = parse_args(["--replication", "1", "--write-ack", "all"], environ=env)  # flags win
     assert (args.replication, args.write_ack) == (1, "all")
 
 
-@pytest.mark.parametrize("env", [{"KVSTORE_REPLICATION": "two"}, {"KVSTORE_REPLICATION": "0"},
-                                 {"KVSTORE_WRITE_ACK": "quorum"}])
+@pytest.mark.parametrize(
+    "env", [{"KVSTORE_REPLICATION": "two"}, {"KVSTORE_REPLICATION": "0"}, {"KVSTORE_WRITE_ACK": "quorum"}]
+)
 def test_demo_rejects_bad_cluster_settings(env: dict[str, str]) -> None:
     with pytest.raises(SystemExit):
         parse_args([], environ=env)
@@ -135,13 +158,16 @@ def test_demo_pins_roles_on_a_local_ray_by_advertising_the_resources() -> None:
     assert ray_options(args) == {"num_cpus": 3, "resources": {"prefill": 1.0, "decode": 2.0}}
 
 
-@pytest.mark.parametrize("argv, env", [
-    (["--num-cpus", "2"], {"RAY_ADDRESS": "auto"}),  # Ray refuses num_cpus when joining
-    (["--num-cpus", "2", "--ray-address", "auto"], {}),
-    (["--store-dir", "/tmp/x"], {"KVSTORE_TARGET": "h:1"}),  # no in-process store to put it in
-    (["--num-cpus", "0"], {}),
-    (["--cpus-per-actor", "0"], {}),
-])
+@pytest.mark.parametrize(
+    "argv, env",
+    [
+        (["--num-cpus", "2"], {"RAY_ADDRESS": "auto"}),  # Ray refuses num_cpus when joining
+        (["--num-cpus", "2", "--ray-address", "auto"], {}),
+        (["--store-dir", "/tmp/x"], {"KVSTORE_TARGET": "h:1"}),  # no in-process store to put it in
+        (["--num-cpus", "0"], {}),
+        (["--cpus-per-actor", "0"], {}),
+    ],
+)
 def test_demo_rejects_flags_that_do_not_fit_the_mode(argv: list[str], env: dict[str, str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv, environ=env)

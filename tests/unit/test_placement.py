@@ -75,9 +75,18 @@ def test_removing_a_member_moves_only_its_keys() -> None:
 
 def test_same_owners_in_another_process() -> None:
     keys = _keys(50, seed=3)
-    code = ("import json,sys; from transfer import placement; ks=[bytes.fromhex(h) for h in json.load(sys.stdin)]; "
-            f"print(json.dumps([placement.owners(k, {MEMBERS!r}, 2) for k in ks]))")
+    code = (
+        "import json,sys; from transfer import placement; ks=[bytes.fromhex(h) for h in json.load(sys.stdin)]; "
+        f"print(json.dumps([placement.owners(k, {MEMBERS!r}, 2) for k in ks]))"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps([k.hex() for k in keys]),
-                         capture_output=True, text=True, env=env, check=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps([k.hex() for k in keys]),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=REPO,
+    )
     assert json.loads(out.stdout) == [placement.owners(k, MEMBERS, 2) for k in keys]

@@ -18,8 +18,9 @@ MEMBERS = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
 KEYS = [hashlib.blake2b(str(i).encode(), digest_size=32).digest() for i in range(24)]
 
 
-def answer(plan: dict[str, list[int]], holds: dict[str, set[int]], down: set[str] = frozenset()
-           ) -> dict[str, int | None]:
+def answer(
+    plan: dict[str, list[int]], holds: dict[str, set[int]], down: set[str] = frozenset()
+) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
     for m, positions in plan.items():
         if m in down:

@@ -17,8 +17,10 @@ from workers.runner import ModelRunner, PrefillOutput, chat_prompt_ids, reuse_bo
 CHUNK = 16
 NEW = 6
 SYSTEM = "You are a concise assistant. Answer in one short sentence."
-DOC = ("The kvstore service keeps the attention key and value cache of a language model so that a "
-       "prompt prefix computed once can be reused by later requests on other machines.")
+DOC = (
+    "The kvstore service keeps the attention key and value cache of a language model so that a "
+    "prompt prefix computed once can be reused by later requests on other machines."
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +73,16 @@ def test_chat_prompts_share_their_prefix(runner: ModelRunner) -> None:
 
 
 @pytest.mark.slow
-def test_prefill_on_restored_prefix_matches_full_prefill(runner: ModelRunner, prompt: list[int],
-                                                         reference: tuple[PrefillOutput, list[int]]) -> None:
+def test_prefill_on_restored_prefix_matches_full_prefill(
+    runner: ModelRunner, prompt: list[int], reference: tuple[PrefillOutput, list[int]]
+) -> None:
     full, _ = reference
     boundary = reuse_boundary(len(prompt), CHUNK)
     assert boundary >= 2 * CHUNK  # the prompt spans several chunks
     assert full.num_computed == len(prompt)
-    resumed = runner.prefill(prompt, clone_cache(runner, full.cache, boundary), past_tokens=boundary,
-                             boundary=boundary)
+    resumed = runner.prefill(
+        prompt, clone_cache(runner, full.cache, boundary), past_tokens=boundary, boundary=boundary
+    )
     assert resumed.num_computed == len(prompt) - boundary
     assert resumed.first_token == full.first_token
     # Same forward passes on the same numbers: bit-identical logits.
@@ -90,32 +94,37 @@ def test_prefill_on_restored_prefix_matches_full_prefill(runner: ModelRunner, pr
 
 
 @pytest.mark.slow
-def test_decode_from_restored_cache_equals_local_generate(runner: ModelRunner, prompt: list[int],
-                                                          reference: tuple[PrefillOutput, list[int]]) -> None:
+def test_decode_from_restored_cache_equals_local_generate(
+    runner: ModelRunner, prompt: list[int], reference: tuple[PrefillOutput, list[int]]
+) -> None:
     full, local = reference
     assert 1 <= len(local) <= NEW
     boundary = reuse_boundary(len(prompt), CHUNK)
-    out = runner.prefill(prompt, clone_cache(runner, full.cache, boundary), past_tokens=boundary,
-                         boundary=boundary)
+    out = runner.prefill(
+        prompt, clone_cache(runner, full.cache, boundary), past_tokens=boundary, boundary=boundary
+    )
     assert list(runner.iter_decode(out.cache, out.first_token, NEW)) == local
     assert runner.generate(prompt, 2, chunk_tokens=CHUNK) == local[:2]
 
 
 @pytest.mark.slow
-def test_decode_stops_at_limit_and_stop_token(runner: ModelRunner, prompt: list[int],
-                                              reference: tuple[PrefillOutput, list[int]]) -> None:
+def test_decode_stops_at_limit_and_stop_token(
+    runner: ModelRunner, prompt: list[int], reference: tuple[PrefillOutput, list[int]]
+) -> None:
     full, local = reference
     cache = clone_cache(runner, full.cache, len(prompt))
     assert list(runner.iter_decode(cache, full.first_token, 1, stop_ids=frozenset())) == [full.first_token]
     assert list(runner.iter_decode(cache, full.first_token, 5, stop_ids=frozenset([full.first_token]))) == [
-        full.first_token]
+        full.first_token
+    ]
     with pytest.raises(ValueError):
         list(runner.iter_decode(cache, full.first_token, 0))
 
 
 @pytest.mark.slow
-def test_teacher_forced_top1(runner: ModelRunner, prompt: list[int],
-                             reference: tuple[PrefillOutput, list[int]]) -> None:
+def test_teacher_forced_top1(
+    runner: ModelRunner, prompt: list[int], reference: tuple[PrefillOutput, list[int]]
+) -> None:
     _, local = reference
     assert len(local) >= 2
     assert runner.teacher_forced_top1(prompt, local) == 1.0

@@ -15,12 +15,18 @@ from kvstore.streams import StreamClock, StreamLimiter
 def test_limiter_refuses_past_each_limit_naming_the_field_and_frees_slots() -> None:
     limiter = StreamLimiter(ServerConfig(max_streams_per_tenant=2, max_streams_per_peer=3))
     with limiter.open("Put", "a", "p1"), limiter.open("Get", "a", "p2"):
-        with pytest.raises(StreamLimitExceeded, match=r"tenant 'a' .*\(server\.max_streams_per_tenant = 2\)"), \
-                limiter.open("Put", "a", "p3"):
+        with (
+            pytest.raises(StreamLimitExceeded, match=r"tenant 'a' .*\(server\.max_streams_per_tenant = 2\)"),
+            limiter.open("Put", "a", "p3"),
+        ):
             pass
         with limiter.open("Put", "b", "p1"), limiter.open("Put", None, "p1"):  # auth off: no tenant limit
-            with pytest.raises(StreamLimitExceeded, match=r"connection \(p1\) .*server\.max_streams_per_peer = 3"), \
-                    limiter.open("Put", "c", "p1"):
+            with (
+                pytest.raises(
+                    StreamLimitExceeded, match=r"connection \(p1\) .*server\.max_streams_per_peer = 3"
+                ),
+                limiter.open("Put", "c", "p1"),
+            ):
                 pass
             assert limiter.open_streams() == 4
     assert limiter.open_streams() == 0 and not limiter.tenants and not limiter.peers
@@ -63,10 +69,16 @@ def test_clock_does_not_count_server_work_and_reports_the_total_limit() -> None:
     assert "server.stream_timeout_s (0.5 s)" in message
 
 
-@pytest.mark.parametrize("field,value", [
-    ("max_streams_per_tenant", 0), ("max_streams_per_peer", -1), ("stream_idle_timeout_s", 0.0),
-    ("stream_timeout_s", -5.0), ("ack", "sometimes"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_streams_per_tenant", 0),
+        ("max_streams_per_peer", -1),
+        ("stream_idle_timeout_s", 0.0),
+        ("stream_timeout_s", -5.0),
+        ("ack", "sometimes"),
+    ],
+)
 def test_invalid_stream_and_ack_settings_name_their_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"server.{field}"):
         StoreConfig().replace(server={field: value})

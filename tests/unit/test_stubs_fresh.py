@@ -32,13 +32,26 @@ def _without_stamps(code: bytes) -> bytes:
 
 def test_stubs_match_the_proto(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Iproto", f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", "proto/kvstore/v1/kvstore.proto"],
-        cwd=ROOT, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iproto",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            "proto/kvstore/v1/kvstore.proto",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
-    stale = [name for name in GENERATED
-             if _without_stamps((tmp_path / "kvstore/v1" / name).read_bytes())
-             != _without_stamps((ROOT / "kvstore/v1" / name).read_bytes())]
+    stale = [
+        name
+        for name in GENERATED
+        if _without_stamps((tmp_path / "kvstore/v1" / name).read_bytes())
+        != _without_stamps((ROOT / "kvstore/v1" / name).read_bytes())
+    ]
     assert not stale, f"kvstore/v1/{', '.join(stale)} are stale: run `make proto` and commit the result"
 
 
@@ -46,4 +59,6 @@ def test_version_stamps_are_all_that_is_ignored() -> None:
     """A changed message must still count as stale: only the stamps are masked."""
     committed = (ROOT / "kvstore/v1/kvstore_pb2_grpc.py").read_bytes()
     assert _without_stamps(committed.replace(b"1.", b"9.", 1)) == _without_stamps(committed)
-    assert _without_stamps(committed.replace(b"LookupRequest", b"LookupRequestX", 1)) != _without_stamps(committed)
+    assert _without_stamps(committed.replace(b"LookupRequest", b"LookupRequestX", 1)) != _without_stamps(
+        committed
+    )

@@ -18,14 +18,17 @@ def test_defaults_and_overrides():
     assert ConnectorSettings.from_extra(None).profile == "lossless"
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"profil": "lossless"}, "unknown key"),
-    ({"profile": "lossy"}, "choose one of"),
-    ({"chunk_blocks": 0}, "chunk_blocks"),
-    ({"load_timeout_s": 0}, "load_timeout_s"),
-    ({"target": "nohost"}, "host:port"),
-    ({"tenant": "a/b"}, "invalid namespace"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"profil": "lossless"}, "unknown key"),
+        ({"profile": "lossy"}, "choose one of"),
+        ({"chunk_blocks": 0}, "chunk_blocks"),
+        ({"load_timeout_s": 0}, "load_timeout_s"),
+        ({"target": "nohost"}, "host:port"),
+        ({"tenant": "a/b"}, "invalid namespace"),
+    ],
+)
 def test_bad_settings_name_what_to_fix(extra, message):
     with pytest.raises(ValueError, match=message):
         ConnectorSettings.from_extra(extra)

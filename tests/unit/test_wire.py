@@ -50,7 +50,9 @@ def test_both_messages_are_byte_identical_to_protobuf_both_ways(number: int, siz
 
 def test_put_encoder_takes_any_bytes_like_blob() -> None:
     blob = os.urandom(1000)
-    expected = pb.PutRequest(namespace=NS, key=b"k" * 32, layer=2, num_layers=4, blob=blob).SerializeToString()
+    expected = pb.PutRequest(
+        namespace=NS, key=b"k" * 32, layer=2, num_layers=4, blob=blob
+    ).SerializeToString()
     for like in (bytearray(blob), memoryview(blob)):
         assert encode_put_request(PutRequestView(NS, b"k" * 32, 2, 4, like)) == expected
 
@@ -89,7 +91,10 @@ def test_packed_get_response_is_byte_identical_to_protobuf(sizes: list[int]) -> 
     blobs = [os.urandom(n) for n in sizes]
     for key_index, layer in ((0, 0), (5, 2), (4095, 300)):
         message = pb.GetResponse(key_index=key_index, layer=layer, blobs=blobs)
-        assert encode_get_response((key_index, layer, [memoryview(b) for b in blobs])) == message.SerializeToString()
+        assert (
+            encode_get_response((key_index, layer, [memoryview(b) for b in blobs]))
+            == message.SerializeToString()
+        )
         view = parse_get_response(message.SerializeToString())
         assert (view.key_index, view.layer, bytes(view.blob)) == (key_index, layer, b"")
         assert [bytes(b) for b in view.blobs] == blobs
@@ -108,8 +113,15 @@ def test_packed_blobs_parse_as_views_and_fall_back_like_the_rest() -> None:
 @pytest.mark.parametrize("commit", [False, True])
 def test_commit_and_ack_fields_match_protobuf(commit: bool, ack: int) -> None:
     for item in ((NS, b"k" * 32, 2, 4, os.urandom(300)), ("", b"", 0, 0, b"")):
-        put = pb.PutRequest(namespace=item[0], key=item[1], layer=item[2], num_layers=item[3], blob=item[4],
-                            commit=commit, ack=ack)
+        put = pb.PutRequest(
+            namespace=item[0],
+            key=item[1],
+            layer=item[2],
+            num_layers=item[3],
+            blob=item[4],
+            commit=commit,
+            ack=ack,
+        )
         view = PutRequestView(*item, commit, ack)
         assert encode_put_request(view) == put.SerializeToString()
         parsed = parse_put_request(put.SerializeToString())

@@ -12,6 +12,11 @@ if importlib.util.find_spec("vllm") is None:
     collect_ignore_glob = ["test_*.py"]
 
 # Offline, small KV cache: set before vLLM is imported anywhere in this process.
-for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("VLLM_CPU_KVCACHE_SPACE", "1"),
-                      ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
+for _name, _value in (
+    ("HF_HUB_OFFLINE", "1"),
+    ("TRANSFORMERS_OFFLINE", "1"),
+    ("VLLM_CPU_KVCACHE_SPACE", "1"),
+    ("VLLM_NO_USAGE_STATS", "1"),
+    ("DO_NOT_TRACK", "1"),
+):
     os.environ.setdefault(_name, _value)

@@ -47,9 +47,13 @@ def prompts(model_dir: str) -> dict[str, list[int]]:
     a, b, c = ids("prose_license_apache_2_0.txt"), ids("prose_license_mpl_2_0.txt"), ids("code_argparse.txt")
     q1 = tok(" Summarise the section above in one sentence:")["input_ids"]
     q2 = tok(" Which obligations does it put on a distributor?")["input_ids"]
-    return {"shared1": a[:PREFIX + 40] + q1, "shared2": a[:PREFIX + 40] + q2,
-            "corrupt": b[:PREFIX + 30] + q1, "balanced1": c[:PREFIX + 30] + q1,
-            "balanced2": b[:PREFIX + 30] + q2}
+    return {
+        "shared1": a[: PREFIX + 40] + q1,
+        "shared2": a[: PREFIX + 40] + q2,
+        "corrupt": b[: PREFIX + 30] + q1,
+        "balanced1": c[: PREFIX + 30] + q1,
+        "balanced2": b[: PREFIX + 30] + q2,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +130,18 @@ def test_corrupt_stored_block_is_recomputed_and_counted(reader, reference, promp
         payload = bytearray(integrity.payload_of(blobs[7]))
         payload[0] ^= 0xFF
         client.delete(ns, [keys[1]])
-        client.put(ns, [(keys[1], layer, NUM_LAYERS,
-                         integrity.seal(bytes(payload)) if layer == 7 else bytes(blobs[layer]))
-                        for layer in range(NUM_LAYERS)])
+        client.put(
+            ns,
+            [
+                (
+                    keys[1],
+                    layer,
+                    NUM_LAYERS,
+                    integrity.seal(bytes(payload)) if layer == 7 else bytes(blobs[layer]),
+                )
+                for layer in range(NUM_LAYERS)
+            ],
+        )
         assert client.lookup(ns, keys, NUM_LAYERS) == 2
     before = reader.stats()
     (comp,) = reader.generate([prompts["corrupt"]], max_tokens=16)
@@ -148,7 +161,9 @@ def test_corrupt_stored_block_is_recomputed_and_counted(reader, reference, promp
 
 def test_balanced_profile_first_token_and_size(model_dir, store, prompts, tmp_path_factory):
     log = tmp_path_factory.mktemp("balanced") / "engine.log"
-    with EngineProcess(model_dir, kv=connector_config(store.target, profile="balanced"), log_path=str(log)) as eng:
+    with EngineProcess(
+        model_dir, kv=connector_config(store.target, profile="balanced"), log_path=str(log)
+    ) as eng:
         names = ["balanced1", "balanced2"]
         computed = eng.generate([prompts[n] for n in names], max_tokens=1)  # computes and saves
         saved = eng.stats()
@@ -160,7 +175,9 @@ def test_balanced_profile_first_token_and_size(model_dir, store, prompts, tmp_pa
     for a, b in zip(computed, loaded, strict=True):
         assert b.num_cached_tokens == PREFIX
         assert a.token_ids[0] == b.token_ids[0]
-    fp16_bytes = saved["saved_tokens"] * NUM_LAYERS * 2 * KV_HEADS * HEAD_DIM * torch.finfo(torch.float16).bits // 8
+    fp16_bytes = (
+        saved["saved_tokens"] * NUM_LAYERS * 2 * KV_HEADS * HEAD_DIM * torch.finfo(torch.float16).bits // 8
+    )
     assert saved["saved_tokens"] == len(names) * PREFIX
     assert fp16_bytes / saved["saved_bytes"] >= 4.0, (fp16_bytes, saved["saved_bytes"])
 

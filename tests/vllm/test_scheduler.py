@@ -27,25 +27,39 @@ CHUNK = 2 * BLOCK
 
 
 def make_scheduler(target: str, *, max_batched: int = 2048, profile: str = "lossless") -> Scheduler:
-    args = EngineArgs(model=str(vllm_checkpoint()), dtype="bfloat16", max_model_len=2048, block_size=BLOCK,
-                      enable_prefix_caching=False, max_num_batched_tokens=max_batched, enforce_eager=True,
-                      kv_transfer_config=KVTransferConfig(
-                          kv_connector="KVStoreConnector", kv_connector_module_path="transfer.vllm.connector",
-                          kv_role="kv_both", kv_load_failure_policy="recompute",
-                          kv_connector_extra_config={"target": target, "profile": profile}))
+    args = EngineArgs(
+        model=str(vllm_checkpoint()),
+        dtype="bfloat16",
+        max_model_len=2048,
+        block_size=BLOCK,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=max_batched,
+        enforce_eager=True,
+        kv_transfer_config=KVTransferConfig(
+            kv_connector="KVStoreConnector",
+            kv_connector_module_path="transfer.vllm.connector",
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config={"target": target, "profile": profile},
+        ),
+    )
     config = args.create_engine_config()
     config.cache_config.num_gpu_blocks = 64
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=DIM, dtype=torch.bfloat16)
-    kv_cache_config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[
-        KVCacheGroupSpec([f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)], spec)])
+    kv_cache_config = KVCacheConfig(
+        num_blocks=64,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec([f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)], spec)],
+    )
     return Scheduler(config, kv_cache_config, StructuredOutputManager(config), block_size=BLOCK)
 
 
 def namespaces(scheduler: Scheduler) -> tuple[str, str]:
     """The documented namespaces, derived independently of the connector instance."""
     settings = ConnectorSettings.from_extra({"target": "x:1"})
-    shape = EngineShape("LlamaForCausalLM", LAYERS, HEADS, DIM, "bfloat16", BLOCK,
-                        scheduler.vllm_config.model_config.model)
+    shape = EngineShape(
+        "LlamaForCausalLM", LAYERS, HEADS, DIM, "bfloat16", BLOCK, scheduler.vllm_config.model_config.model
+    )
     return str(key_namespace(settings, shape)), str(rank_namespace(settings, shape))
 
 
@@ -55,8 +69,14 @@ def store_chunks(target: str, scheduler: Scheduler, prompt: list[int], n: int) -
     gen = torch.Generator().manual_seed(0)
     kv = torch.randn(2, HEADS, CHUNK, DIM, generator=gen).to(torch.bfloat16)
     with KVClient(target) as client:
-        client.put(ns, [(key, layer, LAYERS, encode_layer(kv[0], kv[1], "lossless"))
-                        for key in keys for layer in range(LAYERS)])
+        client.put(
+            ns,
+            [
+                (key, layer, LAYERS, encode_layer(kv[0], kv[1], "lossless"))
+                for key in keys
+                for layer in range(LAYERS)
+            ],
+        )
     return keys
 
 
@@ -116,9 +136,15 @@ def test_whole_prompt_stored_still_leaves_a_token_to_compute(store):
 def step(sched: Scheduler, out, sampled: list[int], invalid: set[int] | None = None) -> None:
     """What the model runner would report for a one-request step (``sampled``: [] while prefilling)."""
     (req_id,) = out.num_scheduled_tokens
-    sched.update_from_output(out, ModelRunnerOutput(
-        req_ids=[req_id], req_id_to_index={req_id: 0}, sampled_token_ids=[sampled],
-        kv_connector_output=KVConnectorOutput(invalid_block_ids=invalid or set())))
+    sched.update_from_output(
+        out,
+        ModelRunnerOutput(
+            req_ids=[req_id],
+            req_id_to_index={req_id: 0},
+            sampled_token_ids=[sampled],
+            kv_connector_output=KVConnectorOutput(invalid_block_ids=invalid or set()),
+        ),
+    )
 
 
 def test_chunked_prefill_saves_each_chunk_once_it_is_computed(store):

@@ -28,8 +28,9 @@ _TABLE = _SCALE_TABLE.numpy()
 _NO_HALF = np.empty((0, 0, 0), np.uint16)
 
 
-def decode_quantized(body: np.ndarray, header: FrameHeader,
-                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_quantized(
+    body: np.ndarray, header: FrameHeader, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, V) [heads, tokens, head_dim] from a quantized frame body (uint8 array).
 
     fp16 is produced inside the kernel (no separate cast); other dtypes are
@@ -58,7 +59,7 @@ def _message(status: int, value: int, body: np.ndarray) -> str:
         return f"body ends at {body.size} bytes, needed {value}"
     if status == cpu_kernels.ERR_TABLE:
         n = int(body[0])
-        table = body[1:1 + 4 * n].reshape(n, 4).tolist()
+        table = body[1 : 1 + 4 * n].reshape(n, 4).tolist()
         return f"bad tier table {table} (group {int(body[1 + 4 * n])})"
     if status == cpu_kernels.ERR_MAP:
         return "precision map names a tier the table does not have"
@@ -69,8 +70,9 @@ def _message(status: int, value: int, body: np.ndarray) -> str:
     return f"undecodable body (status {status})"
 
 
-def decode_batch(opened: list[tuple[FrameHeader, bytes | memoryview]],
-                 dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def decode_batch(
+    opened: list[tuple[FrameHeader, bytes | memoryview]], dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Frames of one shape and seed (quantized, already opened) decoded in a single kernel call.
 
     Why: each compiled call releases and retakes the GIL, and on a busy
@@ -85,7 +87,7 @@ def decode_batch(opened: list[tuple[FrameHeader, bytes | memoryview]],
     np.cumsum(sizes, out=offsets[1:])
     bodies = np.empty(int(offsets[-1]), np.uint8)
     for i, (_, raw) in enumerate(opened):
-        bodies[offsets[i]:offsets[i + 1]] = np.frombuffer(raw, np.uint8)
+        bodies[offsets[i] : offsets[i + 1]] = np.frombuffer(raw, np.uint8)
     flags = np.fromiter((hd.flags for hd, _ in opened), np.int64, n)
     half = dtype == torch.float16
     shape, unused = (n, h, t, d), (1, 0, 0, 0)
@@ -95,9 +97,11 @@ def decode_batch(opened: list[tuple[FrameHeader, bytes | memoryview]],
     hv = np.empty(shape if half else unused, np.uint16)
     signs, scale = fwht_params(d, header.seed)
     err = np.zeros(2, np.int64)
-    bad = cpu_kernels.decode_frames(bodies, offsets, h, t, d, flags, signs, scale, _TABLE, k, v, half, hk, hv, err)
+    bad = cpu_kernels.decode_frames(
+        bodies, offsets, h, t, d, flags, signs, scale, _TABLE, k, v, half, hk, hv, err
+    )
     if bad >= 0:
-        raise CorruptFrame(_message(int(err[0]), int(err[1]), bodies[offsets[bad]:offsets[bad + 1]]))
+        raise CorruptFrame(_message(int(err[0]), int(err[1]), bodies[offsets[bad] : offsets[bad + 1]]))
     if half:
         tk, tv = torch.from_numpy(hk).view(torch.float16), torch.from_numpy(hv).view(torch.float16)
     else:

@@ -25,8 +25,13 @@ _TABLE = _SCALE_TABLE.numpy()
 
 def handles(prof: Profile, x: torch.Tensor) -> bool:
     """Whether this encoder covers the profile and input (else the torch encoder runs)."""
-    return (x.device.type == "cpu" and cpu_kernels.enabled() and not prof.center_k and not prof.center_v
-            and prof.clip == 1.0)
+    return (
+        x.device.type == "cpu"
+        and cpu_kernels.enabled()
+        and not prof.center_k
+        and not prof.center_v
+        and prof.clip == 1.0
+    )
 
 
 def _tier_size(scheme: int, bits: int, h: int, n: int, d: int, group: int) -> int:
@@ -36,18 +41,30 @@ def _tier_size(scheme: int, bits: int, h: int, n: int, d: int, group: int) -> in
     return 2 * h * d + 2 * h * groups * d + packed_size(h * n * d, bits)
 
 
-def encode_body(k: torch.Tensor, v: torch.Tensor, prof: Profile, head: torch.Tensor,
-                order: list[torch.Tensor], rotate: tuple[bool, bool], layers: int, seed: int) -> np.ndarray:
+def encode_body(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prof: Profile,
+    head: torch.Tensor,
+    order: list[torch.Tensor],
+    rotate: tuple[bool, bool],
+    layers: int,
+    seed: int,
+) -> np.ndarray:
     """Body rows [layers, bytes] for K and V stacked as [layers*heads, tokens, dim]."""
     rows, t, d = k.shape
     h = rows // layers
     table = [(tier.k_scheme, tier.k_bits, tier.v_scheme, tier.v_bits) for tier in prof.tiers]
     idx = [i.numpy() for i in order]
     head_np = head.numpy()
-    total = head_np.size + sum(_tier_size(row[col], row[col + 1], h, i.size, d, prof.group)
-                               for col in (0, 2) for row, i in zip(table, idx, strict=True) if i.size)
+    total = head_np.size + sum(
+        _tier_size(row[col], row[col + 1], h, i.size, d, prof.group)
+        for col in (0, 2)
+        for row, i in zip(table, idx, strict=True)
+        if i.size
+    )
     body = np.empty((layers, total), np.uint8)
-    body[:, :head_np.size] = head_np
+    body[:, : head_np.size] = head_np
     off = head_np.size
     for slot, (x, col, rot) in enumerate(((k, 0, rotate[0]), (v, 2, rotate[1]))):
         xs = _as_float32(x, slot)
@@ -75,7 +92,9 @@ def _as_float32(x: torch.Tensor, slot: int) -> np.ndarray:
     """
     out = cpu_kernels.scratch(tuple(x.shape), f"encode-{slot}")
     if x.dtype == torch.float16:
-        cpu_kernels.from_half(x.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1), out.reshape(-1))
+        cpu_kernels.from_half(
+            x.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1), out.reshape(-1)
+        )
     else:
         np.copyto(out, x.contiguous().to(torch.float32).numpy())
     return out

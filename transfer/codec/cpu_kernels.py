@@ -67,15 +67,19 @@ if numba is not None:
     @_intrinsic
     def _half_bits(typingctx, x):  # pragma: no cover - compiled
         """float32 -> fp16 bits by LLVM's ``fptrunc`` (round to nearest even; F16C ``vcvtps2ph`` on x86)."""
+
         def codegen(context, builder, signature, args):
             return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
+
         return _types.uint16(_types.float32), codegen
 
     @_intrinsic
     def _half_value(typingctx, b):  # pragma: no cover - compiled
         """fp16 bits -> float32 by LLVM's ``fpext`` (exact)."""
+
         def codegen(context, builder, signature, args):
             return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
+
         return _types.float32(_types.uint16), codegen
 
 
@@ -280,9 +284,12 @@ def _row_codes(body, cpos, bits, c0, d, rowc):  # pragma: no cover - compiled (i
 
 
 if numba is not None:
-    _words_row = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy",
-                            inline="always")(_words_row)
-    _row_codes = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")(_row_codes)
+    _words_row = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")(
+        _words_row
+    )
+    _row_codes = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", inline="always")(
+        _row_codes
+    )
 
 
 @_jit
@@ -352,7 +359,7 @@ def channel_tier(body, pos, bits, h, n, d, group, cmax, idx, out):  # pragma: no
 def _emit(codes, bits, out):  # pragma: no cover - compiled
     """Codes into ``out``: packed, or copied as bytes at 8 bits."""
     if bits == 8:
-        out[:codes.size] = codes
+        out[: codes.size] = codes
     else:
         pack(codes, bits, out)
 
@@ -447,7 +454,7 @@ def token_encode(x, xbits, h, idx, bits, table, body, off):  # pragma: no cover 
                     q = lo_c if q < lo_c else q
                     q = hi_c if q > hi_c else q
                     codes[c0 + j] = np.uint8(np.int32(q + half))
-        _emit(codes, bits, body[layer, off + 1 + h * n:])
+        _emit(codes, bits, body[layer, off + 1 + h * n :])
 
 
 @_jit
@@ -500,7 +507,7 @@ def channel_encode(x, h, idx, bits, group, gmin, gmax, cmax, body, off):  # prag
                         q = zero if q < zero else q
                         q = levels if q > levels else q
                         codes[c0 + j] = np.uint8(np.int32(q))
-        _emit(codes, bits, out[hi_pos + h * groups * d:])
+        _emit(codes, bits, out[hi_pos + h * groups * d :])
 
 
 # ---------------------------------------------------------------- one call per frame (decode)
@@ -536,8 +543,9 @@ def _packed(count, bits):  # pragma: no cover - compiled
 
 
 @_jit
-def _decode_tiers(body, pos, size, col, table, n_tiers, group, counts, order, starts, h, d,
-                  scales, out, err):  # pragma: no cover - compiled
+def _decode_tiers(
+    body, pos, size, col, table, n_tiers, group, counts, order, starts, h, d, scales, out, err
+):  # pragma: no cover - compiled
     """The tiers of K (col 0) or V (col 2) into ``out``; returns the new position, or -1 with ``err`` set."""
     for tier in range(n_tiers):
         n = counts[tier]
@@ -545,7 +553,7 @@ def _decode_tiers(body, pos, size, col, table, n_tiers, group, counts, order, st
             continue
         scheme = table[tier, col]
         bits = table[tier, col + 1]
-        idx = order[starts[tier]:starts[tier] + n]
+        idx = order[starts[tier] : starts[tier] + n]
         count = h * n * d
         if scheme == 0:  # TOKEN: base, scale bytes, codes
             need = pos + 1 + h * n + _packed(count, bits)
@@ -584,8 +592,9 @@ def _bits_pow2(exponent):  # pragma: no cover - compiled
 
 
 @_jit
-def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_k, half_v,
-                 err):  # pragma: no cover - compiled
+def decode_frame(
+    body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_k, half_v, err
+):  # pragma: no cover - compiled
     """A whole quantized frame body into float32 ``out_k``/``out_v`` [h, t, d] in one call.
 
     When ``half_k``/``half_v`` are not empty, the result is written there as fp16
@@ -627,7 +636,7 @@ def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_
         return ERR_SHORT
     tiers = np.empty(t, np.uint8)
     if t:
-        unpack(body[pos:pos + map_bytes], 4, t, tiers)
+        unpack(body[pos : pos + map_bytes], 4, t, tiers)
     pos += map_bytes
     counts = np.zeros(16, np.int64)
     for i in range(t):
@@ -652,8 +661,9 @@ def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_
                 return ERR_SHORT
             mean_pos = pos
             pos += h * d * 2
-        pos = _decode_tiers(body, pos, size, col, table, n_tiers, group, counts, order, starts, h, d,
-                            scales, out, err)
+        pos = _decode_tiers(
+            body, pos, size, col, table, n_tiers, group, counts, order, starts, h, d, scales, out, err
+        )
         if pos < 0:
             return err[0]
         if flags & rotate_flag:
@@ -683,8 +693,9 @@ def decode_frame(body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_
 
 
 @_jit
-def decode_frames(bodies, offsets, h, t, d, flags, signs, scale, scales, out_k, out_v, want_half, half_k, half_v,
-                  err):  # pragma: no cover - compiled
+def decode_frames(
+    bodies, offsets, h, t, d, flags, signs, scale, scales, out_k, out_v, want_half, half_k, half_v, err
+):  # pragma: no cover - compiled
     """:func:`decode_frame` for ``n`` same-shaped frames in one call (one GIL release for all of them).
 
     ``bodies`` holds the raw bodies back to back, frame ``i`` at
@@ -697,13 +708,15 @@ def decode_frames(bodies, offsets, h, t, d, flags, signs, scale, scales, out_k, 
     scratch_k = np.empty((h, t, d), np.float32)  # fp16 output: float32 only as per-frame scratch, reused
     scratch_v = np.empty((h, t, d), np.float32)
     for i in range(offsets.size - 1):
-        body = bodies[offsets[i]:offsets[i + 1]]
+        body = bodies[offsets[i] : offsets[i + 1]]
         if want_half:
-            status = decode_frame(body, h, t, d, flags[i], signs, scale, scales, scratch_k, scratch_v,
-                                  half_k[i], half_v[i], err)
+            status = decode_frame(
+                body, h, t, d, flags[i], signs, scale, scales, scratch_k, scratch_v, half_k[i], half_v[i], err
+            )
         else:
-            status = decode_frame(body, h, t, d, flags[i], signs, scale, scales, out_k[i], out_v[i], none, none,
-                                  err)
+            status = decode_frame(
+                body, h, t, d, flags[i], signs, scale, scales, out_k[i], out_v[i], none, none, err
+            )
         if status != OK:
             return i
     return -1
@@ -878,23 +891,27 @@ def unshuffle4(src, dst):  # pragma: no cover - compiled
 @_jit
 def _planes2_to_words(src, start, plane, dst, at, count):  # pragma: no cover - compiled
     # Slices, not index arithmetic in the loop: numba vectorizes this form (20x faster, measured).
-    p0 = src[start:start + count]
-    p1 = src[start + plane:start + plane + count]
-    d = dst[at:at + count]
+    p0 = src[start : start + count]
+    p1 = src[start + plane : start + plane + count]
+    d = dst[at : at + count]
     for j in range(count):
         d[j] = np.uint16(p0[j]) | (np.uint16(p1[j]) << np.uint16(8))
 
 
 @_jit
 def _planes4_to_words(src, start, plane, dst, at, count):  # pragma: no cover - compiled
-    p0 = src[start:start + count]
-    p1 = src[start + plane:start + plane + count]
-    p2 = src[start + 2 * plane:start + 2 * plane + count]
-    p3 = src[start + 3 * plane:start + 3 * plane + count]
-    d = dst[at:at + count]
+    p0 = src[start : start + count]
+    p1 = src[start + plane : start + plane + count]
+    p2 = src[start + 2 * plane : start + 2 * plane + count]
+    p3 = src[start + 3 * plane : start + 3 * plane + count]
+    d = dst[at : at + count]
     for j in range(count):
-        d[j] = (np.uint32(p0[j]) | (np.uint32(p1[j]) << np.uint32(8)) | (np.uint32(p2[j]) << np.uint32(16))
-                | (np.uint32(p3[j]) << np.uint32(24)))
+        d[j] = (
+            np.uint32(p0[j])
+            | (np.uint32(p1[j]) << np.uint32(8))
+            | (np.uint32(p2[j]) << np.uint32(16))
+            | (np.uint32(p3[j]) << np.uint32(24))
+        )
 
 
 @_jit

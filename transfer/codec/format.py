@@ -84,17 +84,28 @@ class FrameHeader:
         return (self.heads, self.tokens, self.head_dim)
 
     def pack(self) -> bytes:
-        return _HEADER.pack(MAGIC, self.version, self.profile_id, DTYPE_CODES[self.dtype], self.flags,
-                            self.heads, self.tokens, self.head_dim, self.seed,
-                            self.raw_len, self.stored_len)
+        return _HEADER.pack(
+            MAGIC,
+            self.version,
+            self.profile_id,
+            DTYPE_CODES[self.dtype],
+            self.flags,
+            self.heads,
+            self.tokens,
+            self.head_dim,
+            self.seed,
+            self.raw_len,
+            self.stored_len,
+        )
 
 
 def parse_header(payload: bytes | memoryview) -> FrameHeader:
     """Parse and sanity-check the header of a payload (trailer already stripped)."""
     if len(payload) < HEADER_BYTES:
         raise TruncatedFrame(f"frame of {len(payload)} bytes is shorter than its {HEADER_BYTES}-byte header")
-    (magic, version, profile_id, dtype_code, flags, heads, tokens, head_dim, seed,
-     raw_len, stored_len) = _HEADER.unpack_from(payload, 0)
+    (magic, version, profile_id, dtype_code, flags, heads, tokens, head_dim, seed, raw_len, stored_len) = (
+        _HEADER.unpack_from(payload, 0)
+    )
     if magic != MAGIC:
         raise CorruptFrame(f"bad magic {bytes(magic)!r}: not a kvstore codec frame")
     if version != FORMAT_VERSION:
@@ -107,5 +118,15 @@ def parse_header(payload: bytes | memoryview) -> FrameHeader:
         raise CorruptFrame(f"unknown source dtype code {dtype_code}")
     if flags & ~_KNOWN_FLAGS:
         raise CorruptFrame(f"unknown flag bits {flags & ~_KNOWN_FLAGS:#x}")
-    return FrameHeader(version, profile_id, DTYPES_BY_CODE[dtype_code], flags, heads, tokens, head_dim,
-                       seed, raw_len, stored_len)
+    return FrameHeader(
+        version,
+        profile_id,
+        DTYPES_BY_CODE[dtype_code],
+        flags,
+        heads,
+        tokens,
+        head_dim,
+        seed,
+        raw_len,
+        stored_len,
+    )

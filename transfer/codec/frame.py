@@ -64,8 +64,9 @@ def _check_inputs(k: torch.Tensor, v: torch.Tensor) -> None:
     if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
         raise ShapeMismatch("k and v must be torch tensors")
     if k.dim() != 3 or k.shape != v.shape:
-        raise ShapeMismatch(f"k and v must both be [kv_heads, tokens, head_dim]; got {tuple(k.shape)} "
-                            f"and {tuple(v.shape)}")
+        raise ShapeMismatch(
+            f"k and v must both be [kv_heads, tokens, head_dim]; got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if k.dtype != v.dtype or k.dtype not in DTYPE_CODES:
         raise ShapeMismatch(f"k and v must share a dtype among fp16/bf16/fp32; got {k.dtype} and {v.dtype}")
     if k.device != v.device:
@@ -75,9 +76,15 @@ def _check_inputs(k: torch.Tensor, v: torch.Tensor) -> None:
         raise ShapeMismatch(f"shape {tuple(k.shape)} does not fit a frame")
 
 
-def encode_layer(k: torch.Tensor, v: torch.Tensor, profile: str | Profile = "balanced", *,
-                 saliency: torch.Tensor | None = None, token_offset: int = 0,
-                 context_end: int | None = None) -> bytes:
+def encode_layer(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    profile: str | Profile = "balanced",
+    *,
+    saliency: torch.Tensor | None = None,
+    token_offset: int = 0,
+    context_end: int | None = None,
+) -> bytes:
     """Encode one chunk-layer of K and V ([kv_heads, tokens, head_dim]) into a sealed frame.
 
     ``token_offset`` is the position of the chunk's first token in the context
@@ -98,9 +105,14 @@ def encode_layer(k: torch.Tensor, v: torch.Tensor, profile: str | Profile = "bal
     return _seal_frames(body, prof, k, flags)[0]
 
 
-def encode_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], profile: str | Profile = "balanced", *,
-                  saliency: torch.Tensor | None = None, token_offset: int = 0,
-                  context_end: int | None = None) -> list[bytes]:
+def encode_layers(
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    profile: str | Profile = "balanced",
+    *,
+    saliency: torch.Tensor | None = None,
+    token_offset: int = 0,
+    context_end: int | None = None,
+) -> list[bytes]:
     """Encode the layers of one chunk at once: the same frames as ``encode_layer`` on each.
 
     Every quantizer works per head row or per (head, channel), so stacking the
@@ -117,8 +129,10 @@ def encode_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], profile: 
     prof = get_profile(profile)
     key_dependent = len(prof.tiers) > 2 and prof.salient_fraction > 0 and saliency is None
     if prof.lossless or key_dependent:  # per-layer precision maps: no shared pass
-        return [encode_layer(k, v, prof, saliency=saliency, token_offset=token_offset, context_end=context_end)
-                for k, v in layers]
+        return [
+            encode_layer(k, v, prof, saliency=saliency, token_offset=token_offset, context_end=context_end)
+            for k, v in layers
+        ]
     h, t, d = k0.shape
     n = len(layers)
     ks = torch.stack([k for k, _ in layers]).reshape(n * h, t, d)
@@ -140,8 +154,9 @@ def _seal_frames(body: torch.Tensor, prof: Profile, k: torch.Tensor, flags: int)
             packed = _compressor(prof.zstd_level).compress(raw)
             if len(packed) < prof.zstd_max_ratio * len(raw):
                 stored, row_flags = packed, flags | FLAG_ZSTD
-        header = FrameHeader(FORMAT_VERSION, prof.profile_id, k.dtype, row_flags, h, t, d, ROTATION_SEED,
-                             len(raw), len(stored))
+        header = FrameHeader(
+            FORMAT_VERSION, prof.profile_id, k.dtype, row_flags, h, t, d, ROTATION_SEED, len(raw), len(stored)
+        )
         out.append(seal(header.pack() + stored))
     return out
 
@@ -187,21 +202,27 @@ def _unshuffle_np(src: np.ndarray, width: int) -> np.ndarray:
 def _layout(prof: Profile, tiers: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The body's head (tier table, group, packed precision map) and the token indices of each tier."""
     table = [(t.k_scheme, t.k_bits, t.v_scheme, t.v_bits) for t in prof.tiers]
-    head = torch.cat([_bytes_of([len(table), *[b for row in table for b in row], prof.group], tiers.device),
-                      pack_bits(tiers, 4)])
+    head = torch.cat(
+        [
+            _bytes_of([len(table), *[b for row in table for b in row], prof.group], tiers.device),
+            pack_bits(tiers, 4),
+        ]
+    )
     return head, [torch.nonzero(tiers == i).reshape(-1) for i in range(len(table))]
 
 
 @functools.lru_cache(maxsize=256)
-def _position_layout(prof: Profile, tokens: int, token_offset: int, context_end: int | None,
-                     device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _position_layout(
+    prof: Profile, tokens: int, token_offset: int, context_end: int | None, device: torch.device
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Layouts that depend only on positions, computed once: every chunk-layer of a context reuses them."""
     probe = torch.empty((1, tokens, 0), device=device)  # precision_map reads only the shape and device
     return _layout(prof, precision_map(probe, prof, None, token_offset, context_end))
 
 
-def _layout_for(k: torch.Tensor, prof: Profile, saliency: torch.Tensor | None, token_offset: int,
-                context_end: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _layout_for(
+    k: torch.Tensor, prof: Profile, saliency: torch.Tensor | None, token_offset: int, context_end: int | None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     if saliency is None and not (len(prof.tiers) > 2 and prof.salient_fraction > 0):
         return _position_layout(prof, k.shape[1], token_offset, context_end, k.device)
     return _layout(prof, precision_map(k, prof, saliency, token_offset, context_end))
@@ -211,8 +232,12 @@ def _encode_quantized(k, v, prof, layout, layers):
     """Body rows [layers, bytes] for K and V of ``layers`` frames stacked as [layers*heads, tokens, dim]."""
     dim = k.shape[-1]
     rot_k, rot_v = prof.rotate_k and can_rotate(dim), prof.rotate_v and can_rotate(dim)
-    flags = ((FLAG_ROTATE_K if rot_k else 0) | (FLAG_ROTATE_V if rot_v else 0)
-             | (FLAG_CENTER_K if prof.center_k else 0) | (FLAG_CENTER_V if prof.center_v else 0))
+    flags = (
+        (FLAG_ROTATE_K if rot_k else 0)
+        | (FLAG_ROTATE_V if rot_v else 0)
+        | (FLAG_CENTER_K if prof.center_k else 0)
+        | (FLAG_CENTER_V if prof.center_v else 0)
+    )
     table = [(t.k_scheme, t.k_bits, t.v_scheme, t.v_bits) for t in prof.tiers]
     head, order = layout
     if cpu_encode.handles(prof, k):
@@ -247,45 +272,59 @@ def _pack_rows(codes: torch.Tensor, bits: int, layers: int) -> torch.Tensor:
 def _encode_tier(x: torch.Tensor, scheme: int, bits: int, prof: Profile, layers: int) -> list[torch.Tensor]:
     if scheme == TOKEN:
         codes, u, base = qz.quantize(x, bits, prof.clip, layers)
-        return [_u8(base.to(torch.int8)).view(layers, 1), u.reshape(layers, -1), _pack_rows(codes, bits, layers)]
+        return [
+            _u8(base.to(torch.int8)).view(layers, 1),
+            u.reshape(layers, -1),
+            _pack_rows(codes, bits, layers),
+        ]
     if scheme == CHANNEL:
         codes, cmax, lo, hi = qz.quantize_channels(x, bits, prof.group)
-        return [_u8(cmax).view(layers, -1), _u8(lo).view(layers, -1), _u8(hi).view(layers, -1),
-                _pack_rows(codes, bits, layers)]
+        return [
+            _u8(cmax).view(layers, -1),
+            _u8(lo).view(layers, -1),
+            _u8(hi).view(layers, -1),
+            _pack_rows(codes, bits, layers),
+        ]
     raise ValueError(f"unknown quantization scheme {scheme}")
 
 
 def read_header(blob: bytes | memoryview) -> FrameHeader:
     """Shape, dtype, profile and version of a frame without decoding (or verifying) it."""
-    return parse_header(memoryview(blob)[:-TRAILER_BYTES] if len(blob) >= HEADER_BYTES + TRAILER_BYTES
-                        else memoryview(blob))
+    return parse_header(
+        memoryview(blob)[:-TRAILER_BYTES] if len(blob) >= HEADER_BYTES + TRAILER_BYTES else memoryview(blob)
+    )
 
 
 def _verified_header(blob: bytes | memoryview) -> FrameHeader:
     size = len(blob)
     if size < HEADER_BYTES + TRAILER_BYTES:
-        raise TruncatedFrame(f"frame of {size} bytes is shorter than header and trailer "
-                             f"({HEADER_BYTES + TRAILER_BYTES} bytes)")
+        raise TruncatedFrame(
+            f"frame of {size} bytes is shorter than header and trailer ({HEADER_BYTES + TRAILER_BYTES} bytes)"
+        )
     if not is_intact(blob):
         try:
             header = parse_header(memoryview(blob))
         except Exception:
             header = None
         if header is not None and HEADER_BYTES + header.stored_len + TRAILER_BYTES > size:
-            raise TruncatedFrame(f"frame of {size} bytes is shorter than the "
-                                 f"{HEADER_BYTES + header.stored_len + TRAILER_BYTES} bytes its header declares")
+            raise TruncatedFrame(
+                f"frame of {size} bytes is shorter than the "
+                f"{HEADER_BYTES + header.stored_len + TRAILER_BYTES} bytes its header declares"
+            )
         raise CorruptFrame("frame checksum mismatch (XXH3-64 trailer does not match its content)")
     header = parse_header(memoryview(blob)[:-TRAILER_BYTES])
     if HEADER_BYTES + header.stored_len + TRAILER_BYTES != size:
-        raise CorruptFrame(f"frame is {size} bytes but its header declares "
-                           f"{HEADER_BYTES + header.stored_len + TRAILER_BYTES}")
+        raise CorruptFrame(
+            f"frame is {size} bytes but its header declares "
+            f"{HEADER_BYTES + header.stored_len + TRAILER_BYTES}"
+        )
     return header
 
 
 def open_frame(blob: bytes | memoryview) -> tuple[FrameHeader, bytes | memoryview]:
     """Verify a frame's checksum and lengths and return its header and raw (decompressed) body."""
     header = _verified_header(blob)
-    stored = memoryview(blob)[HEADER_BYTES:HEADER_BYTES + header.stored_len]
+    stored = memoryview(blob)[HEADER_BYTES : HEADER_BYTES + header.stored_len]
     if header.flags & FLAG_ZSTD:
         try:
             raw = _decompressor().decompress(stored, max_output_size=header.raw_len)
@@ -298,15 +337,20 @@ def open_frame(blob: bytes | memoryview) -> tuple[FrameHeader, bytes | memoryvie
     return header, raw
 
 
-def decode_layer(blob: bytes | memoryview, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_layer(
+    blob: bytes | memoryview, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify and decode a frame into (K, V) on ``device``, in ``dtype`` (default: the source dtype)."""
     header, raw = open_frame(blob)
     return decode_opened(header, raw, device, dtype)
 
 
-def decode_opened(header: FrameHeader, raw: bytes | memoryview, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_opened(
+    header: FrameHeader,
+    raw: bytes | memoryview,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a body that :func:`open_frame` has verified (checksum, lengths, zstd)."""
     out_dtype = dtype or header.dtype
     if not header.flags & FLAG_LOSSLESS and cpu_kernels.enabled():
@@ -347,8 +391,10 @@ def _decode_lossless_cpu(body: np.ndarray, header: FrameHeader) -> tuple[torch.T
 
 
 #: Lossless element widths whose words the CPU kernels move: torch view dtype, numpy word dtype, kernel.
-_INTO_KERNELS = {2: (torch.int16, np.uint16, cpu_kernels.unshuffle2_into),
-                 4: (torch.int32, np.uint32, cpu_kernels.unshuffle4_into)}
+_INTO_KERNELS = {
+    2: (torch.int16, np.uint16, cpu_kernels.unshuffle2_into),
+    4: (torch.int32, np.uint32, cpu_kernels.unshuffle4_into),
+}
 
 
 def lossless_into_supported(header: FrameHeader) -> bool:
@@ -357,8 +403,13 @@ def lossless_into_supported(header: FrameHeader) -> bool:
     return bool(header.flags & FLAG_LOSSLESS) and width in _INTO_KERNELS and cpu_kernels.enabled()
 
 
-def decode_lossless_into(header: FrameHeader, raw: bytes | memoryview, k_out: torch.Tensor,
-                         v_out: torch.Tensor, token_offset: int = 0) -> None:
+def decode_lossless_into(
+    header: FrameHeader,
+    raw: bytes | memoryview,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    token_offset: int = 0,
+) -> None:
     """Unshuffle a verified lossless body (from :func:`open_frame`) straight into ``k_out``/``v_out``.
 
     The outputs are a whole layer's contiguous CPU tensors ``[heads, T, head_dim]``
@@ -368,16 +419,28 @@ def decode_lossless_into(header: FrameHeader, raw: bytes | memoryview, k_out: to
     """
     width = torch.empty(0, dtype=header.dtype).element_size()
     if not lossless_into_supported(header):
-        raise ValueError("decode_lossless_into takes lossless frames of 16- or 32-bit elements, with CPU kernels on")
+        raise ValueError(
+            "decode_lossless_into takes lossless frames of 16- or 32-bit elements, with CPU kernels on"
+        )
     heads, tokens, dim = header.shape
     for name, out in (("k_out", k_out), ("v_out", v_out)):
-        if (out.dim() != 3 or out.shape[0] != heads or out.shape[2] != dim or out.dtype != header.dtype
-                or out.device.type != "cpu" or not out.is_contiguous()):
-            raise ShapeMismatch(f"{name} is {tuple(out.shape)} {out.dtype} on {out.device}; the frame needs a "
-                                f"contiguous CPU [{heads}, T, {dim}] {header.dtype} tensor")
+        if (
+            out.dim() != 3
+            or out.shape[0] != heads
+            or out.shape[2] != dim
+            or out.dtype != header.dtype
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+        ):
+            raise ShapeMismatch(
+                f"{name} is {tuple(out.shape)} {out.dtype} on {out.device}; the frame needs a "
+                f"contiguous CPU [{heads}, T, {dim}] {header.dtype} tensor"
+            )
     if not 0 <= token_offset <= k_out.shape[1] - tokens or k_out.shape != v_out.shape:
-        raise ShapeMismatch(f"tokens {token_offset}..{token_offset + tokens} do not fit outputs "
-                            f"{tuple(k_out.shape)} / {tuple(v_out.shape)}")
+        raise ShapeMismatch(
+            f"tokens {token_offset}..{token_offset + tokens} do not fit outputs "
+            f"{tuple(k_out.shape)} / {tuple(v_out.shape)}"
+        )
     body = np.frombuffer(raw, dtype=np.uint8)
     n = heads * tokens * dim
     if body.size != 2 * n * width:
@@ -385,8 +448,14 @@ def decode_lossless_into(header: FrameHeader, raw: bytes | memoryview, k_out: to
     if n == 0:
         return
     view_dtype, word, kernel = _INTO_KERNELS[width]
-    kernel(body, k_out.view(view_dtype).numpy().view(word).reshape(-1),
-           v_out.view(view_dtype).numpy().view(word).reshape(-1), heads, k_out.shape[1] * dim, token_offset * dim)
+    kernel(
+        body,
+        k_out.view(view_dtype).numpy().view(word).reshape(-1),
+        v_out.view(view_dtype).numpy().view(word).reshape(-1),
+        heads,
+        k_out.shape[1] * dim,
+        token_offset * dim,
+    )
 
 
 class _Reader:
@@ -398,7 +467,7 @@ class _Reader:
     def take(self, count: int) -> torch.Tensor:
         if self.pos + count > self.body.numel():
             raise CorruptFrame(f"body ends at {self.body.numel()} bytes, needed {self.pos + count}")
-        out = self.body[self.pos:self.pos + count]
+        out = self.body[self.pos : self.pos + count]
         self.pos += count
         return out
 
@@ -409,8 +478,17 @@ def _decode_quantized(body: torch.Tensor, header: FrameHeader) -> tuple[torch.Te
     n_tiers = int(r.take(1).item())
     table = r.take(4 * n_tiers).view(n_tiers, 4).tolist()
     group = int(r.take(1).item())
-    if n_tiers == 0 or group == 0 or any(row[0] not in (TOKEN, CHANNEL) or row[2] not in (TOKEN, CHANNEL)
-                                         or not 1 <= row[1] <= 8 or not 1 <= row[3] <= 8 for row in table):
+    if (
+        n_tiers == 0
+        or group == 0
+        or any(
+            row[0] not in (TOKEN, CHANNEL)
+            or row[2] not in (TOKEN, CHANNEL)
+            or not 1 <= row[1] <= 8
+            or not 1 <= row[3] <= 8
+            for row in table
+        )
+    ):
         raise CorruptFrame(f"bad tier table {table} (group {group})")
     tiers = unpack_bits(r.take(packed_size(t, 4)), 4, t)
     if t and int(tiers.max().item()) >= n_tiers:

@@ -62,8 +62,9 @@ def _shared_pool() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=codec_threads(), thread_name_prefix=_THREAD_PREFIX,
-                                       initializer=_one_torch_thread)
+            _pool = ThreadPoolExecutor(
+                max_workers=codec_threads(), thread_name_prefix=_THREAD_PREFIX, initializer=_one_torch_thread
+            )
         return _pool
 
 
@@ -109,9 +110,13 @@ def imap_ordered(fn: Callable[[T], R], items: Iterable[T], *, ahead: int | None 
             future.cancel()
 
 
-def decode_many(blobs: Sequence[bytes | memoryview], *, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None, threads: int | None = None
-                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def decode_many(
+    blobs: Sequence[bytes | memoryview],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    threads: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`decode_layer` of every blob, in order, using every codec thread (or ``threads`` of them).
 
     On CPU the blobs are cut into one contiguous part per thread and each part
@@ -131,7 +136,7 @@ def decode_many(blobs: Sequence[bytes | memoryview], *, device: str | torch.devi
         return list(imap_ordered(lambda b: decode_layer(b, device=device, dtype=dtype), blobs))
     parts = min(workers, len(blobs))
     bounds = [len(blobs) * i // parts for i in range(parts + 1)]
-    pieces = [blobs[bounds[i]:bounds[i + 1]] for i in range(parts)]
+    pieces = [blobs[bounds[i] : bounds[i + 1]] for i in range(parts)]
     if parts == 1:
         return _decode_part(pieces[0], dtype)
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -140,9 +145,13 @@ def decode_many(blobs: Sequence[bytes | memoryview], *, device: str | torch.devi
     return out
 
 
-def decode_concat(blobs: Sequence[bytes | memoryview], *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None, threads: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_concat(
+    blobs: Sequence[bytes | memoryview],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's frames (consecutive chunks, same heads) as one ``(K, V)`` over all their tokens.
 
     Lossless 16/32-bit frames on the CPU are unshuffled straight into their
@@ -197,17 +206,29 @@ def _lossless_plan(blobs: Sequence[bytes | memoryview]) -> list[FrameHeader] | N
     except Exception:  # noqa: BLE001 - the general path raises the precise error for this frame
         return None
     first = headers[0]
-    if not all(lossless_into_supported(h) and h.heads == first.heads and h.head_dim == first.head_dim
-               and h.dtype == first.dtype for h in headers):
+    if not all(
+        lossless_into_supported(h)
+        and h.heads == first.heads
+        and h.head_dim == first.head_dim
+        and h.dtype == first.dtype
+        for h in headers
+    ):
         return None
     return headers
 
 
-def _decode_part(blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _decode_part(
+    blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     opened = [open_frame(b) for b in blobs]
     first = opened[0][0]
-    same = all(not hd.flags & FLAG_LOSSLESS and hd.shape == first.shape and hd.seed == first.seed
-               and hd.dtype == first.dtype for hd, _ in opened)
+    same = all(
+        not hd.flags & FLAG_LOSSLESS
+        and hd.shape == first.shape
+        and hd.seed == first.seed
+        and hd.dtype == first.dtype
+        for hd, _ in opened
+    )
     if not same:
         return [decode_opened(hd, raw, dtype=dtype) for hd, raw in opened]
     out_dtype = dtype or first.dtype
@@ -217,8 +238,14 @@ def _decode_part(blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None)
     return pairs
 
 
-def encode_chunk(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], profile: str, *, token_offset: int = 0,
-                 context_end: int | None = None, saliency: torch.Tensor | None = None) -> list[bytes]:
+def encode_chunk(
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    profile: str,
+    *,
+    token_offset: int = 0,
+    context_end: int | None = None,
+    saliency: torch.Tensor | None = None,
+) -> list[bytes]:
     """The frames of one chunk's layers (what ``encode_layer`` gives for each), using every codec thread.
 
     The layers are cut into one contiguous part per thread and each part goes
@@ -232,6 +259,9 @@ def encode_chunk(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], profile: s
     if parts == 1:
         return encode_layers(layers, profile, **kwargs)
     bounds = [len(layers) * i // parts for i in range(parts + 1)]
-    pieces = [layers[bounds[i]:bounds[i + 1]] for i in range(parts)]
-    return [blob for part in imap_ordered(lambda piece: encode_layers(piece, profile, **kwargs), pieces)
-            for blob in part]
+    pieces = [layers[bounds[i] : bounds[i + 1]] for i in range(parts)]
+    return [
+        blob
+        for part in imap_ordered(lambda piece: encode_layers(piece, profile, **kwargs), pieces)
+        for blob in part
+    ]

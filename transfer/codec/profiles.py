@@ -59,16 +59,20 @@ class Profile:
     #: pays"): decoding a compressed body costs about a third of a quantized frame's decode.
     zstd_max_ratio: float = 0.97
 
-
     def __post_init__(self) -> None:
         if not self.lossless:
             if not 1 <= len(self.tiers) <= 15:
                 raise ValueError(f"profile {self.name}: 1..15 tiers, got {len(self.tiers)}")
-            if any(s not in (TOKEN, CHANNEL) or not 1 <= b <= 8 for t in self.tiers
-                   for s, b in ((t.k_scheme, t.k_bits), (t.v_scheme, t.v_bits))):
+            if any(
+                s not in (TOKEN, CHANNEL) or not 1 <= b <= 8
+                for t in self.tiers
+                for s, b in ((t.k_scheme, t.k_bits), (t.v_scheme, t.v_bits))
+            ):
                 raise ValueError(f"profile {self.name}: bad tier table {self.tiers}")
         if not 0.0 < self.zstd_max_ratio <= 1.0:
-            raise ValueError(f"profile {self.name}: zstd_max_ratio must be in (0, 1], got {self.zstd_max_ratio}")
+            raise ValueError(
+                f"profile {self.name}: zstd_max_ratio must be in (0, 1], got {self.zstd_max_ratio}"
+            )
         if not 1 <= self.group <= 255:
             raise ValueError(f"profile {self.name}: group must be 1..255 tokens, got {self.group}")
         if not 0 <= self.profile_id <= 255:
@@ -84,12 +88,22 @@ PROFILES: dict[str, Profile] = {
         Profile("int8", 1, tiers=(Tier(TOKEN, 8, TOKEN, 8),), rotate_k=True, zstd_max_ratio=0.90),
         # sinks + 32 recent at 8 bits, the 224 tokens before them at K4/V4, the bulk at K4 (per channel,
         # groups of 64 tokens) / V3 (rotated, per token)
-        Profile("balanced", 2, tiers=(Tier(TOKEN, 8, TOKEN, 8), Tier(CHANNEL, 4, TOKEN, 4),
-                                      Tier(CHANNEL, 4, TOKEN, 3)),
-                recent_tokens=32, warm_tokens=224, group=64),
+        Profile(
+            "balanced",
+            2,
+            tiers=(Tier(TOKEN, 8, TOKEN, 8), Tier(CHANNEL, 4, TOKEN, 4), Tier(CHANNEL, 4, TOKEN, 3)),
+            recent_tokens=32,
+            warm_tokens=224,
+            group=64,
+        ),
         # sinks + 32 recent at K8/V4, the bulk at K3 (per channel, groups of 128 tokens) / V2
-        Profile("dense", 3, tiers=(Tier(TOKEN, 8, TOKEN, 4), Tier(CHANNEL, 3, TOKEN, 2)),
-                recent_tokens=32, group=128),
+        Profile(
+            "dense",
+            3,
+            tiers=(Tier(TOKEN, 8, TOKEN, 4), Tier(CHANNEL, 3, TOKEN, 2)),
+            recent_tokens=32,
+            group=128,
+        ),
     )
 }
 PROFILE_BY_ID: dict[int, Profile] = {p.profile_id: p for p in PROFILES.values()}

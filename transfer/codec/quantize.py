@@ -21,7 +21,9 @@ import functools
 import torch
 
 SCALE_STEPS_PER_OCTAVE = 16
-_SCALE_TABLE = torch.pow(2.0, torch.arange(256, dtype=torch.float64) / SCALE_STEPS_PER_OCTAVE).to(torch.float32)
+_SCALE_TABLE = torch.pow(2.0, torch.arange(256, dtype=torch.float64) / SCALE_STEPS_PER_OCTAVE).to(
+    torch.float32
+)
 _MIN_BASE, _MAX_BASE = -100, 100  # 2**base stays a normal float32
 
 
@@ -69,8 +71,9 @@ def encode_scales(scales: torch.Tensor, base: torch.Tensor | int) -> torch.Tenso
 
 def decode_scales(u: torch.Tensor, base: torch.Tensor | int) -> torch.Tensor:
     rows = u.shape[0]
-    return (_table(u.device)[u.to(torch.int64)].reshape(rows, -1)
-            * _row_factor(base, rows, u.device)).reshape(u.shape)
+    return (
+        _table(u.device)[u.to(torch.int64)].reshape(rows, -1) * _row_factor(base, rows, u.device)
+    ).reshape(u.shape)
 
 
 def _half(bits: torch.Tensor | int) -> torch.Tensor | float:
@@ -84,8 +87,9 @@ def _half(bits: torch.Tensor | int) -> torch.Tensor | float:
     return torch.pow(2.0, bits.to(torch.float32) - 1).view(1, -1, 1)
 
 
-def quantize(x: torch.Tensor, bits: torch.Tensor | int, clip: float = 1.0,
-             layers: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor, bits: torch.Tensor | int, clip: float = 1.0, layers: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` [rows, tokens, dim] with ``bits`` [tokens] per token (or one int for all).
 
     Rows are heads, or ``layers`` stacks of heads (layer-major) when several
@@ -105,7 +109,9 @@ def quantize(x: torch.Tensor, bits: torch.Tensor | int, clip: float = 1.0,
     return q.to(torch.uint8), u, base
 
 
-def dequantize(codes: torch.Tensor, u: torch.Tensor, base: torch.Tensor | int, bits: torch.Tensor | int) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, u: torch.Tensor, base: torch.Tensor | int, bits: torch.Tensor | int
+) -> torch.Tensor:
     """Inverse of :func:`quantize` up to quantization error, as float32."""
     half = _half(bits)
     s = decode_scales(u, base).unsqueeze(-1)
@@ -165,8 +171,9 @@ def _channel_codes(xg, lo_q, hi_q, unit, bits):
     return torch.sub(xg, lo).div_(step).round_().clamp_(0, levels).to(torch.uint8)
 
 
-def dequantize_channels(codes: torch.Tensor, cmax: torch.Tensor, lo_q: torch.Tensor, hi_q: torch.Tensor,
-                        bits: int, group: int) -> torch.Tensor:
+def dequantize_channels(
+    codes: torch.Tensor, cmax: torch.Tensor, lo_q: torch.Tensor, hi_q: torch.Tensor, bits: int, group: int
+) -> torch.Tensor:
     """Inverse of :func:`quantize_channels` up to quantization error, as float32."""
     h, t, d = codes.shape
     groups = lo_q.shape[1]

@@ -84,7 +84,6 @@ def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
     return _apply(y, seed, True)
 
 
-
 @functools.lru_cache(maxsize=64)
 def fwht_params(dim: int, seed: int):
     """The CPU kernels' view of the rotation: +-1 signs as a float64 numpy array and 1/sqrt(dim).

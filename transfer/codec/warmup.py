@@ -25,8 +25,15 @@ from transfer.codec.parallel import decode_concat, decode_many, encode_chunk
 from transfer.codec.profiles import PROFILES
 
 
-def warm_up(profiles: Iterable[str] = tuple(PROFILES), *, heads: int = 3, head_dim: int = 64,
-            chunk_tokens: int = 256, num_layers: int = 2, dtype: torch.dtype = torch.float32) -> float:
+def warm_up(
+    profiles: Iterable[str] = tuple(PROFILES),
+    *,
+    heads: int = 3,
+    head_dim: int = 64,
+    chunk_tokens: int = 256,
+    num_layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> float:
     """Encode and decode one small chunk per profile; returns the seconds it took.
 
     Two chunks of ``num_layers`` layers are enough to reach every kernel a real
@@ -40,11 +47,20 @@ def warm_up(profiles: Iterable[str] = tuple(PROFILES), *, heads: int = 3, head_d
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     shape = (heads, chunk_tokens, head_dim)
-    chunks = [[(torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype),
-                torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)) for _ in range(num_layers)]
-              for _ in range(2)]
+    chunks = [
+        [
+            (
+                torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype),
+                torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype),
+            )
+            for _ in range(num_layers)
+        ]
+        for _ in range(2)
+    ]
     for profile in names:
-        frames = [encode_chunk(layers, profile, token_offset=i * chunk_tokens) for i, layers in enumerate(chunks)]
+        frames = [
+            encode_chunk(layers, profile, token_offset=i * chunk_tokens) for i, layers in enumerate(chunks)
+        ]
         for layer in range(num_layers):
             decode_concat([frames[0][layer], frames[1][layer]])
         decode_many([blob for chunk in frames for blob in chunk])

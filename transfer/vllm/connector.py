@@ -76,6 +76,7 @@ def _codec() -> Any:
 
     return transfer.codec
 
+
 _CODEC_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -90,9 +91,22 @@ class _Totals:
     a process can read about itself (tests, benchmarks, debugging).
     """
 
-    FIELDS = ("lookups", "lookup_errors", "hit_tokens", "loads", "load_errors", "loaded_tokens",
-              "loaded_bytes", "layer_waits", "layer_wait_s", "saves", "save_errors", "saved_tokens",
-              "saved_bytes", "corrupt_deleted")
+    FIELDS = (
+        "lookups",
+        "lookup_errors",
+        "hit_tokens",
+        "loads",
+        "load_errors",
+        "loaded_tokens",
+        "loaded_bytes",
+        "layer_waits",
+        "layer_wait_s",
+        "saves",
+        "save_errors",
+        "saved_tokens",
+        "saved_bytes",
+        "corrupt_deleted",
+    )
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -123,8 +137,15 @@ class KVStoreConnectorStats(KVConnectorStats):
             self.reset()
 
     def reset(self) -> None:
-        self.data = {"loaded_tokens": 0, "loaded_bytes": 0, "load_errors": 0, "saved_tokens": 0,
-                     "saved_bytes": 0, "save_errors": 0, "layer_wait_s": []}
+        self.data = {
+            "loaded_tokens": 0,
+            "loaded_bytes": 0,
+            "load_errors": 0,
+            "saved_tokens": 0,
+            "saved_bytes": 0,
+            "save_errors": 0,
+            "layer_wait_s": [],
+        }
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for name, value in other.data.items():
@@ -144,14 +165,20 @@ class KVStoreConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not self.data.get("layer_wait_s") and not any(
-            v for v in self.data.values() if not isinstance(v, list))
+            v for v in self.data.values() if not isinstance(v, list)
+        )
 
 
 class KVStorePromMetrics(KVConnectorPromMetrics):
     """The connector's Prometheus metrics, registered by vLLM next to its own."""
 
-    def __init__(self, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
-                 per_engine_labelvalues: dict[int, list[object]]) -> None:
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         counters = {
             "loaded_tokens": "Prompt tokens whose KV was loaded from kvstore instead of computed.",
@@ -169,7 +196,8 @@ class KVStorePromMetrics(KVConnectorPromMetrics):
             name="vllm:kvstore_layer_load_wait_seconds",
             documentation="Time the forward pass waited for one layer of a kvstore load.",
             labelnames=labelnames,
-            buckets=[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
+            buckets=[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+        )
         self._wait = {i: wait.labels(*v) for i, v in per_engine_labelvalues.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
@@ -253,15 +281,16 @@ class _LayerLoad:
         try:
             if owner._kv5 is None:
                 raise RuntimeError("no paged KV cache registered in a layout the connector understands")
-            stream = owner._client.get_layers(owner._namespace, keys, 0, owner._shape.num_layers,
-                                              timeout_s=owner._settings.load_timeout_s)
+            stream = owner._client.get_layers(
+                owner._namespace, keys, 0, owner._shape.num_layers, timeout_s=owner._settings.load_timeout_s
+            )
             for layer, blobs in stream:
                 if self.cancelled.is_set():
                     break
                 for i, spec in enumerate(self.specs):
                     if i in self.failed:
                         continue
-                    part = blobs[bounds[i][0]:bounds[i][1]]
+                    part = blobs[bounds[i][0] : bounds[i][1]]
                     try:
                         self._write(layer, spec, part)
                     except Exception as exc:  # undecodable, wrong shape: this request recomputes
@@ -287,16 +316,18 @@ class _LayerLoad:
         for blob in blobs:
             k, v = _codec().decode_layer(blob, dtype=owner._dtype)
             if tuple(k.shape) != (heads, owner._chunk_tokens, dim):
-                raise ValueError(f"stored frame has shape {tuple(k.shape)}, this engine needs "
-                                 f"{(heads, owner._chunk_tokens, dim)}")
+                raise ValueError(
+                    f"stored frame has shape {tuple(k.shape)}, this engine needs "
+                    f"{(heads, owner._chunk_tokens, dim)}"
+                )
             ks.append(k)
             vs.append(v)
             self.loaded_bytes += len(blob)
-        k = torch.cat(ks, dim=1).view(heads, -1, bs, dim).permute(1, 0, 2, 3)[spec.first_block:]
-        v = torch.cat(vs, dim=1).view(heads, -1, bs, dim).permute(1, 0, 2, 3)[spec.first_block:]
+        k = torch.cat(ks, dim=1).view(heads, -1, bs, dim).permute(1, 0, 2, 3)[spec.first_block :]
+        v = torch.cat(vs, dim=1).view(heads, -1, bs, dim).permute(1, 0, 2, 3)[spec.first_block :]
         if self.cancelled.is_set():
             return
-        idx = torch.tensor(spec.block_ids[spec.first_block:len(blobs) * owner._settings.chunk_blocks])
+        idx = torch.tensor(spec.block_ids[spec.first_block : len(blobs) * owner._settings.chunk_blocks])
         kv5 = owner._kv5[layer]
         kv5[idx, :, 0] = k
         kv5[idx, :, 1] = v
@@ -322,9 +353,13 @@ class _LayerLoad:
         bad: set[int] = set()
         for i, reason in self.failed.items():
             spec = self.specs[i]
-            log.warning("kvstore: load of request %s failed (%s); vLLM recomputes its %d blocks",
-                        spec.req_id, reason, len(spec.block_ids) - spec.first_block)
-            bad.update(spec.block_ids[spec.first_block:])
+            log.warning(
+                "kvstore: load of request %s failed (%s); vLLM recomputes its %d blocks",
+                spec.req_id,
+                reason,
+                len(spec.block_ids) - spec.first_block,
+            )
+            bad.update(spec.block_ids[spec.first_block :])
         return bad
 
 
@@ -360,12 +395,16 @@ class _StreamedSave:
             pos = 0
             for spec in self.specs:
                 for c, key in enumerate(spec.keys):
-                    sel = kv5[pos:pos + m]
+                    sel = kv5[pos : pos + m]
                     pos += m
                     k = sel[:, :, 0].permute(1, 0, 2, 3).reshape(heads, m * bs, dim)
                     v = sel[:, :, 1].permute(1, 0, 2, 3).reshape(heads, m * bs, dim)
-                    blob = _codec().encode_layer(k, v, owner._settings.profile,
-                                        token_offset=(spec.first_chunk + c) * owner._chunk_tokens)
+                    blob = _codec().encode_layer(
+                        k,
+                        v,
+                        owner._settings.profile,
+                        token_offset=(spec.first_chunk + c) * owner._chunk_tokens,
+                    )
                     self.saved_bytes += len(blob)
                     if layer == 0:
                         self.saved_tokens += owner._chunk_tokens
@@ -373,8 +412,9 @@ class _StreamedSave:
 
     def _run(self) -> None:
         try:
-            self.owner._client.put(self.owner._namespace, self._items(),
-                                   timeout_s=self.owner._settings.save_timeout_s)
+            self.owner._client.put(
+                self.owner._namespace, self._items(), timeout_s=self.owner._settings.save_timeout_s
+            )
         except BaseException as exc:  # recorded, counted and logged by finish()
             self.error = exc
 
@@ -384,8 +424,9 @@ class _StreamedSave:
         if self.thread.is_alive():
             self.error = self.error or TimeoutError(f"save not done within save_timeout_s={timeout_s}")
         if self.error is not None:
-            log.warning("kvstore: save of %d chunk(s) failed: %s", sum(len(s.keys) for s in self.specs),
-                        self.error)
+            log.warning(
+                "kvstore: save of %d chunk(s) failed: %s", sum(len(s.keys) for s in self.specs), self.error
+            )
             return False
         return True
 
@@ -396,8 +437,9 @@ class _StreamedSave:
 class KVStoreConnector(KVConnectorBase_V1):
     """vLLM v1 KV connector over a kvstore server; see the module docstring."""
 
-    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
-                 kv_cache_config: KVCacheConfig | None = None) -> None:
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None
+    ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._settings = ConnectorSettings.from_extra(self._kv_transfer_config.kv_connector_extra_config)
         self._shape = self._engine_shape(vllm_config, role)
@@ -417,9 +459,14 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._invalid: set[int] = set()
         self._stats = KVStoreConnectorStats()
         self._stats_lock = threading.Lock()
-        log.info("kvstore connector (%s): store %s, namespace %s, chunk %d tokens, profile %s",
-                 role.name.lower(), self._settings.target, self._namespace, self._chunk_tokens,
-                 self._settings.profile)
+        log.info(
+            "kvstore connector (%s): store %s, namespace %s, chunk %d tokens, profile %s",
+            role.name.lower(),
+            self._settings.target,
+            self._namespace,
+            self._chunk_tokens,
+            self._settings.profile,
+        )
 
     @staticmethod
     def _engine_shape(vllm_config: VllmConfig, role: KVConnectorRole) -> EngineShape:
@@ -436,10 +483,17 @@ class KVStoreConnector(KVConnectorBase_V1):
 
             rank = get_tensor_model_parallel_rank()
         archs = getattr(model.hf_config, "architectures", None) or [model.hf_config.model_type]
-        return EngineShape(architecture=str(archs[0]), num_layers=model.get_num_layers(parallel),
-                           num_kv_heads=model.get_num_kv_heads(parallel), head_dim=model.get_head_size(),
-                           kv_dtype=dtype_name, block_size=cache.block_size, model_name=str(model.model),
-                           tp_rank=rank, tp_size=parallel.tensor_parallel_size)
+        return EngineShape(
+            architecture=str(archs[0]),
+            num_layers=model.get_num_layers(parallel),
+            num_kv_heads=model.get_num_kv_heads(parallel),
+            head_dim=model.get_head_size(),
+            kv_dtype=dtype_name,
+            block_size=cache.block_size,
+            model_name=str(model.model),
+            tp_rank=rank,
+            tp_size=parallel.tensor_parallel_size,
+        )
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -447,7 +501,9 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         try:
             state = self._requests.get(request.request_id)
             if state is None:
@@ -467,17 +523,25 @@ class KVStoreConnector(KVConnectorBase_V1):
         if usable:
             TOTALS.add(lookups=1)
             try:
-                found = min(self._client.lookup(str(rank_namespace(self._settings, self._shape, r)),
-                                                keys[:usable], self._shape.num_layers,
-                                                timeout_s=self._settings.lookup_timeout_s)
-                            for r in range(self._shape.tp_size))
+                found = min(
+                    self._client.lookup(
+                        str(rank_namespace(self._settings, self._shape, r)),
+                        keys[:usable],
+                        self._shape.num_layers,
+                        timeout_s=self._settings.lookup_timeout_s,
+                    )
+                    for r in range(self._shape.tp_size)
+                )
             except TransferError as exc:
                 TOTALS.add(lookup_errors=1)
-                log.warning("kvstore: lookup failed (%s); request %s computes its prompt", exc,
-                            request.request_id)
+                log.warning(
+                    "kvstore: lookup failed (%s); request %s computes its prompt", exc, request.request_id
+                )
         return _RequestState(prompt_len=len(prompt), keys=keys, stored_chunks=found)
 
-    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
         if num_external_tokens <= 0:
             return
         state = self._requests.get(request.request_id)
@@ -522,12 +586,13 @@ class KVStoreConnector(KVConnectorBase_V1):
             if req_id in self._pending_loads:
                 local, hit = self._pending_loads[req_id]
                 n = hit // self._chunk_tokens
-                meta.loads.append(LoadSpec(req_id, state.keys[:n], state.block_ids[:n * m], local // bs))
+                meta.loads.append(LoadSpec(req_id, state.keys[:n], state.block_ids[: n * m], local // bs))
             done = min(computed_after, state.prompt_len) // self._chunk_tokens
             if done > state.stored_chunks and len(state.block_ids) >= done * m:
                 first = state.stored_chunks
-                meta.saves.append(SaveSpec(req_id, state.keys[first:done], state.block_ids[first * m:done * m],
-                                           first))
+                meta.saves.append(
+                    SaveSpec(req_id, state.keys[first:done], state.block_ids[first * m : done * m], first)
+                )
                 state.stored_chunks = done
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -553,13 +618,17 @@ class KVStoreConnector(KVConnectorBase_V1):
                 t = kv_caches[name]
                 want = (shape.num_kv_heads, shape.block_size, 2 * shape.head_dim)
                 if t.dim() != 4 or tuple(t.shape[1:]) != want or t.dtype != self._dtype:
-                    raise ValueError(f"layer {name}: paged KV {tuple(t.shape)} {t.dtype}; the connector "
-                                     f"handles vLLM's CPU layout [blocks, {want[0]}, {want[1]}, {want[2]}] "
-                                     f"in {self._dtype}")
+                    raise ValueError(
+                        f"layer {name}: paged KV {tuple(t.shape)} {t.dtype}; the connector "
+                        f"handles vLLM's CPU layout [blocks, {want[0]}, {want[1]}, {want[2]}] "
+                        f"in {self._dtype}"
+                    )
                 # CPU layout: per block and head, block_size rows of K then block_size rows of V.
                 views.append(t.view(t.shape[0], shape.num_kv_heads, 2, shape.block_size, shape.head_dim))
             if len(views) != shape.num_layers:
-                raise ValueError(f"{len(views)} attention layers with KV, the model config says {shape.num_layers}")
+                raise ValueError(
+                    f"{len(views)} attention layers with KV, the model config says {shape.num_layers}"
+                )
             self._kv5 = views
         except Exception as exc:
             self._kv5 = None
@@ -591,7 +660,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         except Exception:
             log.exception("kvstore: wait_for_layer_load failed")
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
         try:
             meta = self._connector_metadata
             if not isinstance(meta, KVStoreConnectorMetadata) or not meta.saves or self._kv5 is None:
@@ -637,8 +708,12 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._stats.data["loaded_tokens"] += tokens
             self._stats.data["loaded_bytes"] += load.loaded_bytes
             self._stats.data["load_errors"] += len(load.failed)
-        TOTALS.add(loads=len(load.specs), load_errors=len(load.failed), loaded_tokens=tokens,
-                   loaded_bytes=load.loaded_bytes)
+        TOTALS.add(
+            loads=len(load.specs),
+            load_errors=len(load.failed),
+            loaded_tokens=tokens,
+            loaded_bytes=load.loaded_bytes,
+        )
 
     def _drop_corrupt(self, spec: LoadSpec, blobs: list[Any]) -> None:
         """Delete the chunks of a load that did not decode, so later requests recompute and re-save them."""
@@ -672,8 +747,13 @@ class KVStoreConnector(KVConnectorBase_V1):
         return KVStoreConnectorStats(data=dict(data)) if data is not None else KVStoreConnectorStats()
 
     @classmethod
-    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
-                           per_engine_labelvalues: dict[int, list[object]]) -> KVConnectorPromMetrics | None:
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
         return KVStorePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:

@@ -47,12 +47,17 @@ class Completion:
     seconds: float
 
 
-def connector_config(target: str, *, profile: str = "lossless", policy: str = "recompute",
-                     **extra: Any) -> dict[str, Any]:
+def connector_config(
+    target: str, *, profile: str = "lossless", policy: str = "recompute", **extra: Any
+) -> dict[str, Any]:
     """kv_transfer_config (as keyword arguments of ``KVTransferConfig``) for the kvstore connector."""
-    return {"kv_connector": "KVStoreConnector", "kv_connector_module_path": "transfer.vllm.connector",
-            "kv_role": "kv_both", "kv_load_failure_policy": policy,
-            "kv_connector_extra_config": {"target": target, "profile": profile, **extra}}
+    return {
+        "kv_connector": "KVStoreConnector",
+        "kv_connector_module_path": "transfer.vllm.connector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": policy,
+        "kv_connector_extra_config": {"target": target, "profile": profile, **extra},
+    }
 
 
 def _child(conn: Any) -> None:
@@ -97,8 +102,9 @@ def _child(conn: Any) -> None:
                 metrics = {}
                 for m in llm.get_metrics():
                     if m.name.startswith(args):
-                        metrics[m.name] = getattr(m, "value", None) if hasattr(m, "value") else getattr(
-                            m, "count", None)
+                        metrics[m.name] = (
+                            getattr(m, "value", None) if hasattr(m, "value") else getattr(m, "count", None)
+                        )
                 conn.send(("ok", metrics))
             else:
                 conn.send(("error", f"unknown command {cmd!r}"))
@@ -109,24 +115,48 @@ def _child(conn: Any) -> None:
 class EngineProcess:
     """One vLLM engine (``vllm.LLM``) in its own process."""
 
-    def __init__(self, model: str, *, kv: dict[str, Any] | None = None, prefix_caching: bool = False,
-                 max_model_len: int = 4096, dtype: str = "bfloat16", log_path: str | None = None,
-                 start_timeout_s: float = 300.0, **engine_kwargs: Any) -> None:
-        kwargs = {"model": model, "dtype": dtype, "max_model_len": max_model_len,
-                  "enable_prefix_caching": prefix_caching, "enforce_eager": True, "seed": 0,
-                  "disable_log_stats": False,
-                  **engine_kwargs}
+    def __init__(
+        self,
+        model: str,
+        *,
+        kv: dict[str, Any] | None = None,
+        prefix_caching: bool = False,
+        max_model_len: int = 4096,
+        dtype: str = "bfloat16",
+        log_path: str | None = None,
+        start_timeout_s: float = 300.0,
+        **engine_kwargs: Any,
+    ) -> None:
+        kwargs = {
+            "model": model,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "enable_prefix_caching": prefix_caching,
+            "enforce_eager": True,
+            "seed": 0,
+            "disable_log_stats": False,
+            **engine_kwargs,
+        }
         repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self._dir = tempfile.mkdtemp(prefix="vllm-engine-")
         address = os.path.join(self._dir, "engine.sock")
         authkey = os.urandom(16)
         listener = Listener(address, family="AF_UNIX", authkey=authkey)
-        env = {**os.environ, **CHILD_ENV, "KVSTORE_HARNESS_KEY": authkey.hex(),
-               "PYTHONPATH": repo_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {
+            **os.environ,
+            **CHILD_ENV,
+            "KVSTORE_HARNESS_KEY": authkey.hex(),
+            "PYTHONPATH": repo_root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
         self.log_path = log_path or os.path.join(self._dir, "engine.log")
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen([sys.executable, "-m", "transfer.vllm.harness", address], env=env,
-                                          cwd=repo_root, stdout=log, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "transfer.vllm.harness", address],
+                env=env,
+                cwd=repo_root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         accepted: list[Any] = []
         waiter = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
         waiter.start()
@@ -134,7 +164,9 @@ class EngineProcess:
             waiter.join(0.5)
             if self._proc.poll() is not None and waiter.is_alive():
                 listener.close()
-                raise RuntimeError(f"vLLM engine process exited (code {self._proc.returncode}); log: {self.log_path}")
+                raise RuntimeError(
+                    f"vLLM engine process exited (code {self._proc.returncode}); log: {self.log_path}"
+                )
         listener.close()
         self._conn = accepted[0]
         self._conn.send((kwargs, kv))
@@ -144,7 +176,9 @@ class EngineProcess:
         deadline = time.monotonic() + timeout_s
         while not self._conn.poll(1.0):
             if self._proc.poll() is not None:
-                raise RuntimeError(f"vLLM engine process exited (code {self._proc.returncode}); log: {self.log_path}")
+                raise RuntimeError(
+                    f"vLLM engine process exited (code {self._proc.returncode}); log: {self.log_path}"
+                )
             if time.monotonic() > deadline:
                 self.close(kill=True)
                 raise TimeoutError(f"vLLM engine did not answer within {timeout_s} s (log: {self.log_path})")
@@ -155,7 +189,9 @@ class EngineProcess:
 
     def _call(self, cmd: str, args: Any = None, timeout_s: float = 600.0) -> Any:
         if self._proc.poll() is not None:
-            raise RuntimeError(f"vLLM engine process exited (code {self._proc.returncode}); log: {self.log_path}")
+            raise RuntimeError(
+                f"vLLM engine process exited (code {self._proc.returncode}); log: {self.log_path}"
+            )
         self._conn.send((cmd, args))
         return self._reply(timeout_s)
 

@@ -55,24 +55,31 @@ class ConnectorSettings:
         extra = dict(extra or {})
         unknown = sorted(set(extra) - set(DEFAULTS))
         if unknown:
-            raise ValueError(f"kv_connector_extra_config: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
+            raise ValueError(
+                f"kv_connector_extra_config: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}"
+            )
         merged = {**DEFAULTS, **extra}
         # Imported here, not at module level: transfer.codec loads numba, and a numba imported before
         # vLLM's worker has started breaks vLLM's kernel-registry scan (vLLM 0.32, CPU).
         from transfer.codec.profiles import PROFILES
 
         if merged["profile"] not in PROFILES:
-            raise ValueError(f"kv_connector_extra_config.profile={merged['profile']!r}; "
-                             f"choose one of {sorted(PROFILES)}")
+            raise ValueError(
+                f"kv_connector_extra_config.profile={merged['profile']!r}; choose one of {sorted(PROFILES)}"
+            )
         for name in ("chunk_blocks", "replication"):
             if not isinstance(merged[name], int) or merged[name] < 1:
-                raise ValueError(f"kv_connector_extra_config.{name} must be an integer >= 1, got {merged[name]!r}")
+                raise ValueError(
+                    f"kv_connector_extra_config.{name} must be an integer >= 1, got {merged[name]!r}"
+                )
         for name in ("lookup_timeout_s", "load_timeout_s", "save_timeout_s"):
             merged[name] = float(merged[name])
             if merged[name] <= 0:
                 raise ValueError(f"kv_connector_extra_config.{name} must be > 0")
         if not isinstance(merged["target"], str) or ":" not in merged["target"]:
-            raise ValueError(f"kv_connector_extra_config.target must be 'host:port', got {merged['target']!r}")
+            raise ValueError(
+                f"kv_connector_extra_config.target must be 'host:port', got {merged['target']!r}"
+            )
         Namespace(str(merged["tenant"]), "m", merged["profile"])  # validates the tenant's characters
         return cls(**merged)
 
@@ -99,11 +106,17 @@ def _safe(text: str, limit: int) -> str:
 def key_namespace(settings: ConnectorSettings, shape: EngineShape) -> Namespace:
     """Rank-free namespace the chunk keys are chained over."""
     digest = hashlib.blake2b(shape.model_name.encode(), digest_size=6).hexdigest()
-    model = settings.model_tag or model_fingerprint(shape.architecture, shape.num_layers,
-                                                    shape.num_kv_heads * shape.tp_size, shape.head_dim,
-                                                    shape.kv_dtype, digest)
-    return Namespace(settings.tenant, _safe(f"{model}.bs{shape.block_size}x{settings.chunk_blocks}", 110),
-                     settings.profile)
+    model = settings.model_tag or model_fingerprint(
+        shape.architecture,
+        shape.num_layers,
+        shape.num_kv_heads * shape.tp_size,
+        shape.head_dim,
+        shape.kv_dtype,
+        digest,
+    )
+    return Namespace(
+        settings.tenant, _safe(f"{model}.bs{shape.block_size}x{settings.chunk_blocks}", 110), settings.profile
+    )
 
 
 def rank_namespace(settings: ConnectorSettings, shape: EngineShape, rank: int | None = None) -> Namespace:
@@ -121,6 +134,7 @@ def open_store(settings: ConnectorSettings) -> Any:
     """
     try:
         from transfer import cluster  # type: ignore[attr-defined]
+
         connect = getattr(cluster, "connect", None)
     except ImportError:
         connect = None
@@ -129,6 +143,10 @@ def open_store(settings: ConnectorSettings) -> Any:
     from transfer.client import KVClient, RetryPolicy
 
     # One quick retry: a store that is down must cost the engine a miss, not seconds of backoff.
-    return KVClient(settings.target, token=settings.token, timeout_s=settings.lookup_timeout_s,
-                    stream_timeout_s=max(settings.load_timeout_s, settings.save_timeout_s),
-                    retry=RetryPolicy(max_attempts=2))
+    return KVClient(
+        settings.target,
+        token=settings.token,
+        timeout_s=settings.lookup_timeout_s,
+        stream_timeout_s=max(settings.load_timeout_s, settings.save_timeout_s),
+        retry=RetryPolicy(max_attempts=2),
+    )
