@@ -9,7 +9,7 @@ help:
 	@echo "make test-vllm only the vLLM connector's tests (vLLM's CPU build in .venv-vllm)"
 	@echo "make bench     run every benchmark (JSON on stdout)"
 	@echo "make proto     regenerate gRPC stubs from proto/"
-	@echo "make lint      ruff"
+	@echo "make lint      ruff check, and ruff format --check (fails on drift; make fmt fixes it)"
 
 install:
 	@bash scripts/bootstrap.sh
@@ -42,4 +42,8 @@ proto:
 
 lint:
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check . || true
+	$(PYTHON) -m ruff format --check .
+
+fmt:
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
