@@ -62,3 +62,30 @@ def test_ranks_share_keys_but_not_blobs():
     keys1 = chunk_keys(tokens, key_namespace(s, replace(shape, tp_rank=1)), 256)
     assert keys0 == keys1 and len(keys0) == 2  # the scheduler computes one key list for every rank
     assert rank_namespace(s, shape, 0) != rank_namespace(s, shape, 1)
+
+
+@pytest.mark.parametrize("target", ["a:1,a:1", "dns:///", "a:1,", 7])
+def test_bad_cluster_targets_are_refused_at_engine_start(target):
+    with pytest.raises(ValueError, match="kv_connector_extra_config.target"):
+        ConnectorSettings.from_extra({"target": target})
+
+
+def test_store_client_is_a_cluster_client_for_a_member_list(tmp_path):
+    # Real servers: a member list gives the replicated client with the connector's quick-retry policy.
+    from kvstore.server import serve
+    from tests.fixtures.store import store_config
+    from transfer.client import KVClient
+    from transfer.cluster import ClusterKVClient
+    from transfer.vllm.settings import open_store
+
+    servers = [serve(store_config(tmp_path / str(i))) for i in range(2)]
+    try:
+        single = open_store(ConnectorSettings.from_extra({"target": servers[0].target}))
+        with single:
+            assert isinstance(single, KVClient) and single.core.retry.max_attempts == 2
+        listed = ",".join(s.target for s in servers)
+        with open_store(ConnectorSettings.from_extra({"target": listed})) as cluster:
+            assert isinstance(cluster, ClusterKVClient) and cluster.cluster.replication == 2
+    finally:
+        for s in servers:
+            s.stop(grace=0)

@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "tenant": "default",
     "profile": "lossless",  # codec profile: lossless, int8, balanced, dense
     "chunk_blocks": 2,  # vLLM blocks per stored chunk
-    "replication": 1,  # replicas per chunk (used once the cluster client lands)
+    "replication": 2,  # copies per chunk on a replicated store (ignored for one host:port)
     "lookup_timeout_s": 2.0,  # the scheduler's one Lookup per request
     "load_timeout_s": 30.0,  # bound on a whole layer-wise load
     "save_timeout_s": 60.0,  # bound on wait_for_save
@@ -76,10 +76,17 @@ class ConnectorSettings:
             merged[name] = float(merged[name])
             if merged[name] <= 0:
                 raise ValueError(f"kv_connector_extra_config.{name} must be > 0")
-        if not isinstance(merged["target"], str) or ":" not in merged["target"]:
+        from transfer.membership import InvalidTarget, parse_target
+
+        try:
+            if not isinstance(merged["target"], str):
+                raise InvalidTarget(f"a string is needed, got {type(merged['target']).__name__}")
+            parse_target(merged["target"])
+        except InvalidTarget as exc:
             raise ValueError(
-                f"kv_connector_extra_config.target must be 'host:port', got {merged['target']!r}"
-            )
+                f"kv_connector_extra_config.target must be 'host:port', 'host:port,host:port,...' or "
+                f"'dns:///name:port', got {merged['target']!r}: {exc}"
+            ) from None
         Namespace(str(merged["tenant"]), "m", merged["profile"])  # validates the tenant's characters
         return cls(**merged)
 
@@ -127,25 +134,19 @@ def rank_namespace(settings: ConnectorSettings, shape: EngineShape, rank: int | 
 
 
 def open_store(settings: ConnectorSettings) -> Any:
-    """The one place the connector opens its store client.
+    """The one place the connector opens its store client: one server (``host:port``) or a
+    replicated store (``a:p,b:p`` or ``dns:///name:port``, see :func:`transfer.cluster.connect`).
 
-    Until ``transfer.cluster.connect(target, token=..., replication=...)`` lands
-    (same API as :class:`transfer.client.KVClient`), a single server is used.
+    One quick retry and the connector's own deadlines: a store that is down must cost the
+    engine a miss, not seconds of backoff.
     """
-    try:
-        from transfer import cluster  # type: ignore[attr-defined]
+    from transfer.client import RetryPolicy
+    from transfer.cluster import connect
 
-        connect = getattr(cluster, "connect", None)
-    except ImportError:
-        connect = None
-    if connect is not None:
-        return connect(settings.target, token=settings.token, replication=settings.replication)
-    from transfer.client import KVClient, RetryPolicy
-
-    # One quick retry: a store that is down must cost the engine a miss, not seconds of backoff.
-    return KVClient(
+    return connect(
         settings.target,
         token=settings.token,
+        replication=settings.replication,
         timeout_s=settings.lookup_timeout_s,
         stream_timeout_s=max(settings.load_timeout_s, settings.save_timeout_s),
         retry=RetryPolicy(max_attempts=2),
