@@ -39,6 +39,7 @@ def test_a_request_after_warm_up_compiles_nothing(profile: str) -> None:
     ]
     chunks = [encode_chunk(layers, profile, token_offset=i * 256) for i in range(2)]
     decode_concat([chunks[0][5], chunks[1][5]])
+    decode_concat([chunks[1][6]])  # one frame: its own kernel (decode_frame), a prefix of one chunk
     decode_many(chunks[0])
     assert _compiled() == before
 

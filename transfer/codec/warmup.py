@@ -9,9 +9,12 @@ showed balanced prefix reuse at 0.5x recompute, the second run at 2.2x).
 
 :func:`warm_up` runs each profile once through the same entries the data path
 uses (``encode_chunk`` for a chunk's layers, ``decode_concat`` for a layer of
-consecutive chunks, ``decode_many`` for the per-frame path), on a layer of the
-caller's shape, and returns how long that took so callers can report it
-separately from their timings.
+one and of several consecutive chunks, ``decode_many`` for the per-frame path),
+on a layer of the caller's shape, and returns how long that took so callers can
+report it separately from their timings. One frame and several frames are
+decoded by different kernels (``decode_frame`` / ``decode_frames``): a warm-up
+that skipped the single frame left a 9 s compilation in the first demo request
+that reused exactly one chunk.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def warm_up(
             encode_chunk(layers, profile, token_offset=i * chunk_tokens) for i, layers in enumerate(chunks)
         ]
         for layer in range(num_layers):
+            decode_concat([frames[0][layer]])
             decode_concat([frames[0][layer], frames[1][layer]])
         decode_many([blob for chunk in frames for blob in chunk])
     return time.perf_counter() - started
