@@ -45,14 +45,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from kvstore import integrity
+from kvstore.keys import chunk_keys
+from transfer.client import KVClient
+from transfer.cluster import ClusterKVClient, connect
 
-from kvstore import integrity  # noqa: E402
-from kvstore.keys import chunk_keys  # noqa: E402
-from transfer.client import KVClient  # noqa: E402
-from transfer.cluster import ClusterKVClient, connect  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 NAMESPACE = "bench/cluster/lossless"
 GOAL_HIT_POINTS = 2.0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfer.codec import decode_layer, encode_layer  # noqa: E402
+from transfer.codec import decode_layer, encode_layer
 
 DATA = Path(__file__).resolve().parent / "data"
 PREFIX, SUFFIX, CHUNK = 1024, 64, 256

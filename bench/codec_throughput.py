@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kvstore.allocator import tune_allocator  # noqa: E402
-from kvstore.integrity import is_intact, payload_of, seal  # noqa: E402
-from transfer.codec import (  # noqa: E402
+from kvstore.allocator import tune_allocator
+from kvstore.integrity import is_intact, payload_of, seal
+from transfer.codec import (
     PROFILES,
     codec_threads,
     cpu_kernels,

@@ -41,18 +41,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from kvstore.allocator import tune_allocator
+from kvstore.keys import model_fingerprint
+from transfer import affinity
+from transfer.client import KVClient
+from transfer.kvio import FetchedPrefix, decode_blobs, iter_layers, put_context
+from transfer.layerwise import CONSUMED, LayerwiseCache
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from kvstore.allocator import tune_allocator  # noqa: E402
-from kvstore.keys import model_fingerprint  # noqa: E402
-from transfer import affinity  # noqa: E402
-from transfer.client import KVClient  # noqa: E402
-from transfer.kvio import FetchedPrefix, decode_blobs, iter_layers, put_context  # noqa: E402
-from transfer.layerwise import CONSUMED, LayerwiseCache  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 

@@ -51,15 +51,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from kvstore import integrity
+from kvstore.keys import DEFAULT_CHUNK_TOKENS, chunk_keys
+from transfer import longctx
+from transfer.client import KVClient
+from transfer.codec import codec_threads
 
-from kvstore import integrity  # noqa: E402
-from kvstore.keys import DEFAULT_CHUNK_TOKENS, chunk_keys  # noqa: E402
-from transfer import longctx  # noqa: E402
-from transfer.client import KVClient  # noqa: E402
-from transfer.codec import codec_threads  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MiB = 1 << 20
 GiB = 1 << 30

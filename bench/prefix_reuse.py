@@ -35,12 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from workers.prefill import PrefillRequest, PrefillWorker, WorkerConfig
+from workers.runner import ModelRunner
 
-from workers.prefill import PrefillRequest, PrefillWorker, WorkerConfig  # noqa: E402
-from workers.runner import ModelRunner  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DATA = ROOT / "workers" / "data"
 GOAL = 0.2

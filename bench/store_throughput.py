@@ -35,14 +35,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from kvstore import integrity
+from kvstore.allocator import tune_allocator
+from kvstore.config import MiB, format_bytes
+from transfer.client import KVClient
 
-from kvstore import integrity  # noqa: E402
-from kvstore.allocator import tune_allocator  # noqa: E402
-from kvstore.config import MiB, format_bytes  # noqa: E402
-from transfer.client import KVClient  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {"64KiB": 64 * 1024, "1MiB": MiB, "4MiB": 4 * MiB}
 NUM_LAYERS = 8

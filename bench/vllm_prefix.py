@@ -38,14 +38,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("vllm") is None and __name__ == "__main__":
     venv_python = ROOT / ".venv-vllm" / "bin" / "python"
     if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
-        os.execv(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]])
+        # The venv has no kvstore install of its own: it imports this checkout.
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        os.execve(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]], env)
     sys.exit("vLLM is not installed: run `make install-vllm` (it makes .venv-vllm)")
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from tests.fixtures.store import start_server_process  # noqa: E402
-from transfer.vllm.checkpoint import vllm_checkpoint  # noqa: E402
+from kvstore.testing.store import start_server_process  # noqa: E402
 from transfer.vllm.harness import EngineProcess, connector_config  # noqa: E402
+from workers.vllm_checkpoint import vllm_checkpoint  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 QUESTIONS = [

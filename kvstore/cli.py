@@ -3,18 +3,24 @@
 Configuration is resolved here and only here (file < environment < flags) and
 handed down as one frozen StoreConfig; nothing below reads the environment.
 Heavy imports (grpc server, Ray, torch) happen inside the subcommand that needs
-them, so ``kvstore --help`` is instant.
+them, so ``kvstore --help`` is instant. Subcommands implemented outside this
+package (``demo``, on the workers' side, with Ray and torch) are named in one table,
+:data:`EXTERNAL_COMMANDS`, and loaded by module path only when chosen: importing
+this module, or running ``kvstore serve``, never imports workers, Ray or torch
+(tests/unit/test_layering.py checks it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -430,27 +436,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *args.args], env=env)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class ExternalCommand:
+    """A subcommand whose code lives outside kvstore/: ``module:function(argv) -> exit code``."""
+
+    module: str
+    function: str
+    #: What the import needs, said when it fails.
+    needs: str
+
+
+#: Subcommands implemented outside the kvstore package, imported only when run.
+EXTERNAL_COMMANDS: dict[str, ExternalCommand] = {
+    "demo": ExternalCommand(
+        "workers.demo",
+        "main",
+        "the kvstore repository checkout and the ML extras (pip install 'kvstore[ml]')",
+    ),
+}
+
+
+def run_external(name: str, argv: Sequence[str]) -> int:
+    """Import the module of an :data:`EXTERNAL_COMMANDS` entry and run it with ``argv``."""
+    command = EXTERNAL_COMMANDS[name]
     try:
-        from workers.demo import main as demo_main
+        module = importlib.import_module(command.module)
     except ImportError as exc:
         print(
-            f"kvstore demo: cannot import workers.demo ({exc}); the demo needs the kvstore repository "
-            "checkout and the ML extras (pip install 'kvstore[ml]')",
+            f"kvstore {name}: cannot import {command.module} ({exc}); the {name} needs {command.needs}",
             file=sys.stderr,
         )
         return 2
-    result = demo_main(list(args.args))
+    result = getattr(module, command.function)(list(argv))
     return int(result or 0)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_external("demo", args.args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] == "demo":
-        # Everything after 'demo' belongs to the demo, including --help (argparse's
+    if argv and argv[0] in EXTERNAL_COMMANDS:
+        # Everything after the name belongs to the command, including --help (argparse's
         # REMAINDER would not take a leading option).
-        return cmd_demo(argparse.Namespace(args=argv[1:]))
+        return run_external(argv[0], argv[1:])
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

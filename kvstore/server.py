@@ -48,20 +48,7 @@ import kvstore
 from kvstore.allocator import prefault_heap, tune_allocator
 from kvstore.auth import Authenticator, server_credentials
 from kvstore.config import ServerConfig, StoreConfig
-from kvstore.errors import (
-    BackendUnavailable,
-    BlobTooLarge,
-    IntegrityError,
-    InvalidRequest,
-    KVStoreError,
-    NotFound,
-    PermissionDenied,
-    QuotaExceeded,
-    StreamLimitExceeded,
-    StreamNotCommitted,
-    StreamTimeout,
-    Unauthenticated,
-)
+from kvstore.errors import BlobTooLarge, InvalidRequest, StreamNotCommitted, status_of
 from kvstore.metrics import ServerMetrics, tier_fields
 from kvstore.quotas import QuotaLedger
 from kvstore.service import StoreService, pack_blobs
@@ -73,34 +60,12 @@ log = logging.getLogger("kvstore.server")
 
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 
-#: The one mapping from project errors to wire status codes (first match wins).
-STATUS_OF: tuple[tuple[type[KVStoreError], grpc.StatusCode], ...] = (
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (IntegrityError, grpc.StatusCode.DATA_LOSS),
-    (BlobTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (StreamLimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (StreamTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (StreamNotCommitted, grpc.StatusCode.ABORTED),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
-)
-
 #: Bytes of Get blobs read from the tiers per trip to the worker pool: large enough that the
 #: thread hop is amortised over many messages, small enough to bound a stalled Get's memory.
 GET_BATCH_BYTES = 8 * 1024 * 1024
 GET_BATCH_ITEMS = 256
 
 ACK_NAMES = {kvstore_pb2.ACK_MEMORY: "memory", kvstore_pb2.ACK_DURABLE: "durable"}
-
-
-def status_of(exc: BaseException) -> grpc.StatusCode:
-    for cls, code in STATUS_OF:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
 
 
 def _tier_enum(name: str) -> int:

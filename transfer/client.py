@@ -39,8 +39,8 @@ from typing import Any, NamedTuple
 import grpc
 
 from kvstore import integrity
-from kvstore.backends.retry import Backoff, ExponentialBackoff
 from kvstore.keys import KEY_BYTES, Namespace
+from kvstore.retry import Backoff, ExponentialBackoff
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire import (

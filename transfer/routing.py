@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvstore.backends.retry import ExponentialBackoff
+from kvstore.retry import ExponentialBackoff
 from kvstore.wire import PutRequestView
 from transfer import placement
 from transfer.client import ClientCore, PutItem, PutResult, RetryPolicy, StoreStats, TierStats

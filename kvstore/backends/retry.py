@@ -17,103 +17,25 @@ Remote tiers (Redis, S3) fail in two ways that call for different answers:
 :class:`Guard` composes the two with an error translator, so a backend's call
 sites read ``self._guard(lambda: client.get(name))`` and never loop themselves.
 The same shape as redis-py's ``redis/retry.py`` + ``redis/backoff.py``.
+
+The shared pieces (:class:`Backoff`, :class:`ExponentialBackoff`, :class:`NoBackoff`,
+:class:`Retry`) live in the shared core, :mod:`kvstore.retry`, because the client uses
+them too; they are re-exported here so backends import one module.
 """
 
 from __future__ import annotations
 
-import random
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TypeVar
 
 from kvstore.errors import BackendUnavailable
+from kvstore.retry import Backoff, ExponentialBackoff, NoBackoff, Retry
+
+__all__ = ["Backoff", "CircuitBreaker", "ExponentialBackoff", "Guard", "NoBackoff", "Retry"]
 
 T = TypeVar("T")
-
-
-class Backoff(ABC):
-    """How long to wait after the ``failures``-th failed attempt (1 for the first retry)."""
-
-    @abstractmethod
-    def compute(self, failures: int) -> float: ...
-
-
-class NoBackoff(Backoff):
-    def compute(self, failures: int) -> float:
-        return 0.0
-
-
-class ExponentialBackoff(Backoff):
-    """``base * 2**(n-1)`` capped at ``cap``, with "equal jitter" (half fixed, half random).
-
-    Jitter spreads the retries of many clients so a recovering server is not hit
-    by all of them in the same millisecond.
-    """
-
-    def __init__(self, base_s: float = 0.01, cap_s: float = 0.5, jitter: bool = True) -> None:
-        if base_s < 0 or cap_s < 0:
-            raise ValueError("backoff base_s and cap_s must be >= 0")
-        self.base_s = base_s
-        self.cap_s = cap_s
-        self.jitter = jitter
-
-    def compute(self, failures: int) -> float:
-        delay = min(self.cap_s, self.base_s * (2 ** max(0, failures - 1)))
-        if self.jitter:
-            delay = delay / 2 + random.uniform(0, delay / 2)
-        return delay
-
-
-class Retry:
-    """Run a callable up to ``max_attempts`` times while it raises one of ``retry_on``.
-
-    ``retry_if`` narrows ``retry_on`` further (an S3 ``ClientError`` is worth a
-    retry for a 503, not for a 404). Stops early when the next wait would pass
-    ``deadline_s`` (measured from the first attempt), then re-raises the last error
-    unchanged: translating it is the caller's job (see :class:`Guard`), so this
-    class knows nothing of any library.
-    """
-
-    def __init__(
-        self,
-        backoff: Backoff,
-        max_attempts: int = 3,
-        deadline_s: float | None = None,
-        retry_on: tuple[type[BaseException], ...] = (),
-        retry_if: Callable[[BaseException], bool] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-        self.backoff = backoff
-        self.max_attempts = max_attempts
-        self.deadline_s = deadline_s
-        self.retry_on = retry_on
-        self.retry_if = retry_if
-        self._sleep = sleep
-        self._clock = clock
-
-    def __call__(self, fn: Callable[[], T], on_retry: Callable[[BaseException], None] | None = None) -> T:
-        start = self._clock()
-        failures = 0
-        while True:
-            try:
-                return fn()
-            except self.retry_on as exc:
-                if self.retry_if is not None and not self.retry_if(exc):
-                    raise
-                failures += 1
-                if failures >= self.max_attempts:
-                    raise
-                delay = self.backoff.compute(failures)
-                if self.deadline_s is not None and self._clock() - start + delay > self.deadline_s:
-                    raise
-                if on_retry is not None:
-                    on_retry(exc)
-                self._sleep(delay)
 
 
 class CircuitBreaker:

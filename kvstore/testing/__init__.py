@@ -1,7 +1,10 @@
 """Helpers for tests and benchmarks: real servers on free loopback ports.
 
 Nothing here is imported by the server; it is shipped in the package so that the
-test suite, ``bench/`` and downstream projects start Redis and S3 the same way.
+test suite, ``bench/`` and downstream projects start Redis and S3 the same way
+(:mod:`.services`), run a kvstore server in or out of process (:mod:`.store`) and
+run the same reliability workloads (:mod:`.reliability`), without tests and bench
+importing each other.
 """
 
 from __future__ import annotations

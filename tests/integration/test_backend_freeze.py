@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.reliability import roundtrip_ok, run_backend_freeze
 from kvstore.config import RedisConfig, S3Config
 from kvstore.server import ServerHandle, serve
+from kvstore.testing.reliability import roundtrip_ok, run_backend_freeze
 from kvstore.testing.services import RedisProcess, S3Process
 from tests.fixtures.store import store_config
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.reliability import roundtrip_ok, run_backend_kill
 from kvstore.server import ServerHandle, serve
+from kvstore.testing.reliability import roundtrip_ok, run_backend_kill
 from kvstore.testing.services import RedisProcess, S3Process
 from tests.fixtures.store import store_config
 

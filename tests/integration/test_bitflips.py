@@ -16,8 +16,8 @@ import boto3
 import pytest
 import redis
 
-from bench.reliability import FlipReport, TierCorruptor, run_bitflips
 from kvstore.server import ServerHandle, serve
+from kvstore.testing.reliability import FlipReport, TierCorruptor, run_bitflips
 from kvstore.testing.services import RedisProcess, S3Process
 from tests.fixtures.store import committed, store_config
 

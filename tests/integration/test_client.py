@@ -20,8 +20,8 @@ import torch
 
 from kvstore import integrity
 from kvstore.backends.base import BlobKey
-from kvstore.backends.retry import Backoff
 from kvstore.keys import chunk_keys, model_fingerprint
+from kvstore.retry import Backoff
 from kvstore.server import serve
 from tests.fixtures.store import make_blob, store_config
 from transfer import errors

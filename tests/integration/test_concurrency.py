@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bench.reliability import run_concurrency
 from kvstore.config import StoreConfig
 from kvstore.server import ServerHandle
+from kvstore.testing.reliability import run_concurrency
 
 
 def test_sixteen_concurrent_clients_see_no_errors(kvstore_server: ServerHandle) -> None:

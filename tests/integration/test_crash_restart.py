@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.reliability import run_crash_restart
+from kvstore.testing.reliability import run_crash_restart
 from tests.fixtures.store import ServerProcess, start_server_process
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.reliability import PRECISE, FuzzGenerator, Limits, RawCaller, fuzz_server_args, run_fuzz
+from kvstore.testing.reliability import PRECISE, FuzzGenerator, Limits, RawCaller, fuzz_server_args, run_fuzz
 from kvstore.v1 import kvstore_pb2 as pb
 from tests.fixtures.store import start_server_process
 

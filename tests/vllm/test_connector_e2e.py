@@ -18,9 +18,9 @@ from kvstore import integrity
 from kvstore.keys import chunk_keys
 from tests.fixtures.store import start_server_process
 from transfer.client import KVClient
-from transfer.vllm.checkpoint import vllm_checkpoint
 from transfer.vllm.harness import EngineProcess, connector_config
 from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace
+from workers.vllm_checkpoint import vllm_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -18,9 +18,9 @@ from vllm.v1.structured_output import StructuredOutputManager
 from kvstore.keys import chunk_keys
 from transfer.client import KVClient
 from transfer.codec import encode_layer
-from transfer.vllm.checkpoint import vllm_checkpoint
 from transfer.vllm.connector import TOTALS, KVStoreConnector, KVStoreConnectorMetadata
 from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace
+from workers.vllm_checkpoint import vllm_checkpoint
 
 BLOCK, LAYERS, HEADS, DIM = 128, 30, 3, 64
 CHUNK = 2 * BLOCK

@@ -5,7 +5,9 @@
 - :mod:`transfer.vllm.settings`: the connector's typed settings (from
   ``kv_connector_extra_config``), its namespaces and the one function that opens
   the store client.
-- :mod:`transfer.vllm.checkpoint`: the bundled model as a local checkpoint vLLM loads.
+
+The bundled model as a local checkpoint vLLM loads is made on the workers' side
+(:mod:`workers.vllm_checkpoint`): it needs the model code, which the client never imports.
 
 Only ``connector`` imports vLLM; the rest works without it. See docs/vllm.md.
 """

@@ -1,0 +1,202 @@
+"""The layering rules of docs/architecture.md, checked on the source (ast) and at import time.
+
+Static rules read every ``import`` statement of the tree, including the ones inside
+functions (a lazy import is still a dependency). Import-time rules start a fresh
+interpreter and look at ``sys.modules``, which also catches what a string passed to
+``importlib`` would pull in.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kvstore.cli import EXTERNAL_COMMANDS
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("kvstore", "transfer", "workers", "bench", "tests")
+
+#: The shared core: what both the server and the client may import.
+CORE = ("kvstore", "kvstore.errors", "kvstore.retry", "kvstore.keys", "kvstore.integrity", "kvstore.wire")
+CORE_PACKAGES = ("kvstore.v1",)  # generated stubs
+
+#: Entry points above both sides, allowed to import the client: the ``kvstore`` CLI (``stats`` of a
+#: cluster reads the cluster client's member grammar) and the test/benchmark harness.
+ENTRY_POINTS = ("kvstore.cli", "kvstore.testing")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module an ``import`` statement in ``path`` names (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                stem = ".".join([*base, node.module] if node.module else base)
+            else:
+                stem = node.module or ""
+            found.add(stem)
+            # ``from kvstore import integrity`` imports the module kvstore.integrity.
+            found.update(f"{stem}.{alias.name}" for alias in node.names if alias.name != "*")
+    return found
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _project_imports() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "_pb2" in path.name:
+                continue
+            out[module_name(path)] = {
+                name for name in imports_of(path) if name.split(".")[0] in (*PACKAGES, "torch", "ray")
+            }
+    return out
+
+
+IMPORTS = _project_imports()
+
+
+def _is_core(name: str) -> bool:
+    return name in CORE or any(_within(name, p) for p in CORE_PACKAGES)
+
+
+def _is_project_module(name: str) -> bool:
+    """``from kvstore import integrity`` names a module; ``from kvstore.keys import Namespace`` does not."""
+    return name in IMPORTS
+
+
+def violations(rule: str, modules: list[str], bad: Callable[[str], bool]) -> list[str]:
+    return [f"{m} imports {name} ({rule})" for m in modules for name in sorted(IMPORTS[m]) if bad(name)]
+
+
+def test_the_tree_was_read() -> None:
+    # A rule over an empty set of modules would pass whatever the code does.
+    assert {
+        "kvstore.server",
+        "kvstore.errors",
+        "transfer.client",
+        "workers.demo",
+        "bench.reliability",
+    } <= set(IMPORTS)
+    assert "kvstore.errors" in IMPORTS["kvstore.backends.tiered"]
+    assert "kvstore.retry" in IMPORTS["transfer.client"]
+
+
+def test_the_shared_core_imports_only_the_shared_core() -> None:
+    core = [m for m in IMPORTS if _is_core(m)]
+    assert "kvstore.errors" in core and "kvstore.retry" in core
+    found = violations(
+        "the shared core stands alone", core, lambda n: _is_project_module(n) and not _is_core(n)
+    ) + violations("no torch or ray in the core", core, lambda n: n.split(".")[0] in ("torch", "ray"))
+    assert not found, "\n".join(found)
+
+
+def test_the_client_imports_only_the_shared_core_of_kvstore() -> None:
+    client = [m for m in IMPORTS if _within(m, "transfer")]
+    found = violations(
+        "the client reaches kvstore only through the shared core",
+        client,
+        lambda n: n.split(".")[0] == "kvstore" and _is_project_module(n) and not _is_core(n),
+    )
+    found += violations(
+        "the client never imports the server's internals",
+        client,
+        lambda n: (
+            _within(n, "kvstore.backends") or _within(n, "kvstore.server") or _within(n, "kvstore.service")
+        ),
+    )
+    found += violations(
+        "the client is below workers, bench and tests",
+        client,
+        lambda n: n.split(".")[0] in ("workers", "bench", "tests"),
+    )
+    assert not found, "\n".join(found)
+
+
+def test_the_server_never_imports_the_client_workers_or_ml() -> None:
+    server = [m for m in IMPORTS if _within(m, "kvstore") and not any(_within(m, e) for e in ENTRY_POINTS)]
+    found = violations(
+        "the server is below the client",
+        server,
+        lambda n: n.split(".")[0] in ("transfer", "workers", "bench", "tests", "torch", "ray"),
+    )
+    found += violations(
+        "nothing in the server imports the test harness", server, lambda n: _within(n, "kvstore.testing")
+    )
+    entry = [m for m in IMPORTS if any(_within(m, e) for e in ENTRY_POINTS)]
+    found += violations(
+        "kvstore's entry points load workers only through the command table, and never torch or ray",
+        entry,
+        lambda n: n.split(".")[0] in ("workers", "bench", "tests", "torch", "ray"),
+    )
+    assert not found, "\n".join(found)
+
+
+def test_nothing_imports_bench_and_only_tests_import_tests() -> None:
+    everything = list(IMPORTS)
+    found = violations("bench/ is a leaf", everything, lambda n: n.split(".")[0] == "bench")
+    found += violations(
+        "only tests import tests",
+        [m for m in everything if not _within(m, "tests")],
+        lambda n: n.split(".")[0] == "tests",
+    )
+    assert not found, "\n".join(found)
+
+
+def test_external_commands_live_outside_kvstore() -> None:
+    assert EXTERNAL_COMMANDS, "the CLI names no external command: the demo is gone?"
+    for name, command in EXTERNAL_COMMANDS.items():
+        assert not _within(command.module, "kvstore"), f"{name}: {command.module} belongs outside kvstore/"
+        assert command.module in IMPORTS, f"{name}: no module {command.module} in the tree"
+        assert f"def {command.function}(" in (ROOT / (command.module.replace(".", "/") + ".py")).read_text()
+
+
+def _loaded_after(statement: str) -> list[str]:
+    code = (
+        f"import json, sys; {statement}; "
+        "print(json.dumps(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('torch', 'ray', 'workers', 'transfer', 'bench', 'tests') "
+        "or m.startswith('kvstore.backends') or m in ('kvstore.server', 'kvstore.service'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("statement", "allowed_prefixes"),
+    [
+        # The CLI module: no workers, Ray, torch, client or server at import time.
+        ("import kvstore.cli; kvstore.cli.build_parser()", ()),
+        # The server: its backends, never the client, workers, Ray or torch.
+        ("import kvstore.server", ("kvstore.backends", "kvstore.server", "kvstore.service")),
+        # The client and the cluster client: never the server's backends or workers.
+        ("import transfer.client, transfer.cluster, transfer.aio_client", ("transfer",)),
+    ],
+)
+def test_import_time_dependencies(statement: str, allowed_prefixes: tuple[str, ...]) -> None:
+    loaded = _loaded_after(statement)
+    unexpected = [m for m in loaded if not any(_within(m, p) for p in allowed_prefixes)]
+    assert not unexpected, f"{statement!r} loaded {unexpected}"
