@@ -38,7 +38,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from typing import Any
 
 from kvstore import integrity
 from kvstore.keys import chunk_keys
+from kvstore.testing.store import ServerProcess, start_server_process
 from transfer.client import KVClient
 from transfer.cluster import ClusterKVClient, connect
 
@@ -56,45 +56,8 @@ NAMESPACE = "bench/cluster/lossless"
 GOAL_HIT_POINTS = 2.0
 GOAL_MAX_OVER_MEAN = 1.25
 GOAL_P99_RATIO = 2.0
-
-
-def start_server(workdir: Path, index: int) -> tuple[subprocess.Popen[bytes], str]:
-    """``kvstore serve`` on a free port, RAM tier only; returns once its ready file exists."""
-    ready = workdir / f"ready-{index}.json"
-    log_path = workdir / f"serve-{index}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kvstore",
-                "serve",
-                "--port",
-                "0",
-                "--no-disk",
-                "--memory-bytes",
-                "512MiB",
-                "--workers",
-                "8",
-                "--ready-file",
-                str(ready),
-                "--grace",
-                "0",
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=str(ROOT),
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"kvstore serve did not start:\n{log_path.read_text()}")
-        time.sleep(0.02)
-    return proc, f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+#: Each replica: RAM tier only, 8 workers, quiet logs.
+SERVE_ARGS = ["--no-disk", "--memory-bytes", "512MiB", "--workers", "8", "--log-level", "WARNING"]
 
 
 def build_requests(args: argparse.Namespace) -> list[list[bytes]]:
@@ -235,16 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     requests = build_requests(args)
     blob = integrity.seal(os.urandom(args.blob_bytes))
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-cluster-"))
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[ServerProcess] = []
     configs: list[Config] = []
     try:
         # Every arm's replicas run at once and every request goes through every arm in turn, so
         # the arms share whatever else loads the machine (the comparison is side by side).
         for n in range(1, args.max_replicas + 1):
             for mode in ("placement", "pinned"):
-                started = [start_server(workdir, len(procs) + i) for i in range(n)]
-                procs += [p for p, _ in started]
-                configs.append(Config(args, [t for _, t in started], mode))
+                started = [start_server_process(SERVE_ARGS, workdir=workdir) for _ in range(n)]
+                procs += started
+                configs.append(Config(args, [p.target for p in started], mode))
         for i, keys in enumerate(requests):
             for config in configs:
                 config.request(i, keys, args.layers, blob)
@@ -258,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
             c.close()
         for proc in procs:
             proc.kill()
-            proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
     def run(n: int, mode: str) -> dict[str, Any]:

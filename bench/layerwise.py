@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,6 +42,7 @@ import torch
 
 from kvstore.allocator import tune_allocator
 from kvstore.keys import model_fingerprint
+from kvstore.testing.store import start_server_process
 from transfer import affinity
 from transfer.client import KVClient
 from transfer.kvio import FetchedPrefix, decode_blobs, iter_layers, put_context
@@ -53,50 +51,6 @@ from transfer.layerwise import CONSUMED, LayerwiseCache
 ROOT = Path(__file__).resolve().parent.parent
 
 DATA = ROOT / "bench" / "data"
-
-
-def start_server(workdir: Path, cpus: frozenset[int] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """``kvstore serve`` on a free port, RAM tier only; returns once its ready file exists.
-
-    ``cpus``: the CPUs it may run on. With a CPU plan the server, which stands in
-    for a store on other machines, gets the I/O side: it never runs on the
-    model's core, as a remote one would not, but it shares the I/O core with the
-    client's threads, which a remote one would not either.
-    """
-    ready = workdir / "ready.json"
-    log = open(workdir / "serve.log", "wb")  # noqa: SIM115 - lives as long as the child
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvstore",
-            "serve",
-            "--port",
-            "0",
-            "--no-disk",
-            "--memory-bytes",
-            "4GiB",
-            "--ready-file",
-            str(ready),
-            "--grace",
-            "0",
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=str(ROOT),
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-    )
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"kvstore serve did not start:\n{(workdir / 'serve.log').read_text()}")
-        time.sleep(0.02)
-    port = json.loads(ready.read_text())["port"]
-    return proc, f"127.0.0.1:{port}"
 
 
 def prompt_ids(tokenizer: Any, num_tokens: int) -> list[int]:
@@ -169,7 +123,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del out
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-layerwise-"))
-    proc, target = start_server(workdir, plan.io if plan else None)
+    # With a CPU plan the server, which stands in for a store on other machines, gets the I/O side:
+    # it never runs on the model's core, as a remote one would not, but it shares the I/O core with
+    # the client's threads, which a remote one would not either.
+    server = start_server_process(
+        ["--no-disk", "--memory-bytes", "4GiB", "--log-level", "WARNING"],
+        workdir=workdir,
+        cpus=plan.io if plan else None,
+    )
+    target = server.target
     try:
         with KVClient(target) as client:
             client.wait_ready(30)
@@ -284,8 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     samples["compute"].append(timed(run)[0])
                 samples["compute_next_to_decoding"].append(compute_next_to_decoding())
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop()
         if plan:
             affinity.release()
 

@@ -53,6 +53,7 @@ from typing import Any
 
 from kvstore import integrity
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, chunk_keys
+from kvstore.testing.store import start_server_process
 from transfer import longctx
 from transfer.client import KVClient
 from transfer.codec import codec_threads
@@ -238,55 +239,27 @@ def server_process(
     disk_dir: str, disk_bytes: int, run_dir: str
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``kvstore serve`` with a 16 MiB RAM tier and the disk tier in ``disk_dir``; yields (target, proc)."""
-    ready = Path(run_dir) / f"ready-{time.monotonic_ns()}.json"
-    log_path = Path(run_dir) / "serve.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kvstore",
-                "serve",
-                "--port",
-                "0",
-                "--ready-file",
-                str(ready),
-                "--grace",
-                "1",
-                "--memory-bytes",
-                str(16 * MiB),
-                "--disk-path",
-                disk_dir,
-                "--disk-bytes",
-                str(disk_bytes),
-                "--fsync",
-                "batch",
-                "--workers",
-                "8",
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(ROOT),
-        )
+    server = start_server_process(
+        [
+            "--memory-bytes",
+            str(16 * MiB),
+            "--disk-path",
+            disk_dir,
+            "--disk-bytes",
+            str(disk_bytes),
+            "--fsync",
+            "batch",
+            "--workers",
+            "8",
+            "--log-level",
+            "WARNING",
+        ],
+        workdir=run_dir,
+    )
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"kvstore serve did not start:\n{log_path.read_text(errors='replace')}")
-            time.sleep(0.02)
-        yield f"127.0.0.1:{json.loads(ready.read_text())['port']}", proc
+        yield server.target, server.proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        server.stop()
 
 
 def drop_segments(disk_dir: str) -> int:

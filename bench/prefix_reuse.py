@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from kvstore.testing.store import start_server_process
 from workers.prefill import PrefillRequest, PrefillWorker, WorkerConfig
 from workers.runner import ModelRunner
 
@@ -42,43 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 DATA = ROOT / "workers" / "data"
 GOAL = 0.2
-
-
-def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``kvstore serve`` on a free port, RAM tier only; returns once its ready file exists."""
-    ready = workdir / "ready.json"
-    log_path = workdir / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kvstore",
-                "serve",
-                "--port",
-                "0",
-                "--no-disk",
-                "--memory-bytes",
-                "2GiB",
-                "--ready-file",
-                str(ready),
-                "--grace",
-                "0",
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=str(ROOT),
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"kvstore serve did not start:\n{log_path.read_text()}")
-        time.sleep(0.02)
-    return proc, f"127.0.0.1:{json.loads(ready.read_text())['port']}"
 
 
 def text_ids(runner: ModelRunner, num_tokens: int, skip: int = 0) -> list[int]:
@@ -224,7 +185,10 @@ def run_handoff(args: argparse.Namespace, target: str, runner: ModelRunner) -> d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
-    proc, target = start_server(workdir)
+    server = start_server_process(
+        ["--no-disk", "--memory-bytes", "2GiB", "--log-level", "WARNING"], workdir=workdir
+    )
+    target = server.target
     handoff = None
     try:
         runner = ModelRunner(args.model, num_threads=args.threads)
@@ -233,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.handoff:
             handoff = run_handoff(args, target, runner)
     finally:
-        proc.kill()
-        proc.wait()
+        server.kill()
         shutil.rmtree(workdir, ignore_errors=True)
     report = {
         "benchmark": "prefix_reuse",

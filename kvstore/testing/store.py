@@ -132,13 +132,15 @@ def start_server_process(
     deadline_s: float = 60.0,
     workdir: str | os.PathLike[str] | None = None,
     credentials: grpc.ChannelCredentials | None = None,
+    cpus: frozenset[int] | None = None,
 ) -> ServerProcess:
     """Run ``python -m kvstore serve`` and return once it is SERVING.
 
     ``config_or_args`` is a config file path or a list of ``serve`` flags. Unless
     the flags say otherwise the server binds a free port (``--port 0``); pass
     ``--port N`` to restart a server on the port of a killed one. ``credentials``:
-    channel credentials for the readiness probe of a TLS server.
+    channel credentials for the readiness probe of a TLS server. ``cpus``: the
+    CPUs the server may run on (benchmarks keep it off the model's core).
     """
     if config_or_args is None:
         args: list[str] = []
@@ -165,6 +167,7 @@ def start_server_process(
             stderr=subprocess.STDOUT,
             env=child_env,
             cwd=str(REPO_ROOT),
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
     deadline = time.monotonic() + deadline_s
     while not ready.exists():
