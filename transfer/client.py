@@ -10,7 +10,7 @@ What the client promises on top of the wire:
   computed once, there); the server verifies every trailer once on Put, before
   storing anything of the stream, and a bad blob fails the whole Put with
   :class:`InvalidArgument` naming the item (the client does not hash it again on
-  the way out: that pass cost ~10% of a Put's client CPU, see docs/benchmarks.md).
+  the way out: that pass cost ~0.02 CPU s per GB, see docs/benchmarks.md).
   After a Get the client verifies every blob (one damaged in transit raises
   :class:`BlobIntegrityError`, never reaches the decoder).
 * **Bounded memory.** :meth:`put` pulls items from an iterator and sends them in
