@@ -239,7 +239,7 @@ def grpc_row(target: str, pid: int, size: int, total: int, streams: int, reps: i
         # grown (new pages cost a fault and a clear each), as in a RAM tier at its budget evicting LRU.
         rewrite_s = run_parallel(streams, put)
         cpu3 = cpu_seconds(pid)
-        clients[0].delete(NAMESPACE, keys)
+        clients[0].delete(NAMESPACE, keys, num_layers=NUM_LAYERS)
     finally:
         for c in clients:
             c.close()

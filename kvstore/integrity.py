@@ -18,9 +18,9 @@ def checksum(payload: bytes | memoryview) -> bytes:
     return xxhash.xxh3_64_digest(payload)[::-1]  # xxhash digests are big-endian
 
 
-def seal(payload: bytes | memoryview) -> bytes:
-    """Return ``payload`` with its trailer appended."""
-    return bytes(payload) + checksum(payload)
+def seal(payload: bytes | bytearray | memoryview) -> bytes:
+    """Return ``payload`` with its trailer appended (one copy of the payload, whatever its type)."""
+    return b"".join((payload, checksum(payload)))
 
 
 def is_intact(blob: bytes | memoryview) -> bool:

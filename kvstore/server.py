@@ -281,7 +281,9 @@ class KVStoreServicer:
     @_rpc("Delete")
     async def Delete(self, tenant: str | None, request: Any, context: Any) -> kvstore_pb2.DeleteResponse:
         request = _well_formed(request)
-        num = await self._work(self.service.delete, tenant, request.namespace, request.keys)
+        num = await self._work(
+            self.service.delete, tenant, request.namespace, request.keys, request.num_layers
+        )
         return kvstore_pb2.DeleteResponse(num_deleted=num)
 
     @_rpc("Stats")

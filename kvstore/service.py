@@ -278,24 +278,44 @@ class StoreService:
         """Bytes per packed Get message: what the caller asked for, within the message size limit."""
         return max(1, min(requested, self.limits.max_message_bytes - PACK_HEADROOM))
 
-    def delete(self, tenant: str | None, namespace: str, keys: Sequence[bytes]) -> int:
+    def delete(self, tenant: str | None, namespace: str, keys: Sequence[bytes], num_layers: int = 0) -> int:
+        """Delete layers ``[0, num_layers)`` of each key from every tier; return the chunks deleted.
+
+        ``num_layers`` 0 (an older client) deletes every layer the tiers hold, which
+        makes each tier list the namespace to find them: one scan of the RAM and disk
+        indexes, and on S3 a listing plus an index read per stored chunk. With the
+        layer count the blobs are addressed directly.
+        """
         ns = self.namespace(namespace, tenant)
         self.check_keys(keys)
+        if num_layers:
+            self.check_num_layers(num_layers)
         if not keys:
             return 0
         chunks = [bytes(k) for k in keys]
-        freed = self._forget(str(ns), chunks) if self.quotas.enabled else 0
-        num_deleted = int(self.store.delete_chunks(str(ns), chunks))
+        freed = self._forget(str(ns), chunks, num_layers) if self.quotas.enabled else 0
+        num_deleted = int(self.store.delete_chunks(str(ns), chunks, num_layers or None))
         if freed:
             self.quotas.release(ns.tenant, freed)
-        self.counters.add(deletes=1, chunks_deleted=num_deleted)
+        self.counters.add(
+            deletes=1, chunks_deleted=num_deleted, **({} if num_layers else {"deletes_scanned": 1})
+        )
         return num_deleted
 
-    def _forget(self, namespace: str, chunks: Sequence[bytes]) -> int:
-        """Drop the charged sizes of every layer of ``chunks``; return the bytes freed."""
-        wanted = set(chunks)
+    def _forget(self, namespace: str, chunks: Sequence[bytes], num_layers: int = 0) -> int:
+        """Drop the charged sizes of the deleted layers of ``chunks`` (all when ``num_layers`` is 0);
+        return the bytes freed."""
         with self._quota_lock:
-            gone = [k for k in self._charged if k.namespace == namespace and k.chunk in wanted]
+            if num_layers:
+                gone = [
+                    k
+                    for c in dict.fromkeys(chunks)
+                    for layer in range(num_layers)
+                    if (k := BlobKey(namespace, c, layer)) in self._charged
+                ]
+            else:
+                wanted = set(chunks)
+                gone = [k for k in self._charged if k.namespace == namespace and k.chunk in wanted]
             return sum(self._charged.pop(k) for k in gone)
 
 

@@ -26,6 +26,10 @@ from kvstore.v1 import kvstore_pb2 as pb
 #: (GetRequest.pack_bytes is capped at the limit minus this, by the server and by the clients).
 PACK_HEADROOM = 64 * 1024
 
+#: Bytes a received Put message may hold beyond its blob for the server to keep a view of the message
+#: instead of a copy of the blob (parse_put_request); real messages carry well under 100.
+PIN_SLACK = 4096
+
 #: A blob as the clients hand it out: ``bytes``, or a read-only view into a received message.
 Blob: TypeAlias = bytes | memoryview
 
@@ -150,19 +154,31 @@ _GET_KINDS = {1: _UINT32, 2: _UINT32, 3: _BYTES, 4: _REPEATED_BYTES}
 
 
 def parse_put_request(data: bytes) -> PutRequestView:
-    """Server side: the blob is copied once into its own ``bytes`` (the store keeps it, not the message)."""
+    """Server side: no copy; the blob is a read-only memoryview into ``data``.
+
+    The store keeps that view as the blob (the RAM tier holds it as it is): the
+    message it pins is the blob plus a header of well under a hundred bytes
+    (namespace, key, two varints), so a copy here would cost a full pass over
+    every blob for nothing (measured: docs/benchmarks.md, "Lean store path").
+    A message carrying much more than its blob (unknown fields, a repeated blob
+    field) gets its blob copied out instead, so a stored blob never pins more
+    than :data:`PIN_SLACK` bytes beyond its own size.
+    """
     try:
         f = _scan(data, _PUT_KINDS)
     except (IndexError, ValueError):  # unusual encodings: let protobuf decide (and explain)
         m = pb.PutRequest.FromString(data)
         return PutRequestView(m.namespace, m.key, m.layer, m.num_layers, m.blob, m.commit, m.ack)
     ack = f.get(7, 0) & _U32  # an enum is an int32: protobuf keeps unknown values, sign included
+    blob = f.get(5, b"")
+    if len(data) - len(blob) > PIN_SLACK:
+        blob = bytes(blob)
     return PutRequestView(
         bytes(f.get(1, b"")).decode("utf-8"),
         bytes(f.get(2, b"")),
         f.get(3, 0) & _U32,
         f.get(4, 0) & _U32,
-        bytes(f.get(5, b"")),
+        blob,
         bool(f.get(6, 0)),
         ack - (1 << 32) if ack >> 31 else ack,
     )

@@ -255,14 +255,24 @@ class AsyncKVClient:
                 call.cancel()
 
     async def delete(
-        self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        *,
+        num_layers: int | None = None,
+        timeout_s: float | None = None,
     ) -> int:
+        """Like :meth:`transfer.client.KVClient.delete` (pass ``num_layers``: without it every tier
+        is searched)."""
         ns = self._core.namespace(namespace)
         keys = self._core.check_keys(keys)
+        layers = self._core.delete_layers(num_layers)
         total = 0
         for _, window in self._core.windows(keys):
             if window:
-                resp = await self._unary("Delete", pb.DeleteRequest(namespace=ns, keys=window), timeout_s)
+                resp = await self._unary(
+                    "Delete", pb.DeleteRequest(namespace=ns, keys=window, num_layers=layers), timeout_s
+                )
                 total += resp.num_deleted
         return total
 

@@ -347,19 +347,28 @@ class AsyncClusterKVClient:
     # -- delete, stats ------------------------------------------------------------------------------
 
     async def delete(
-        self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        *,
+        num_layers: int | None = None,
+        timeout_s: float | None = None,
     ) -> int:
+        """Like :meth:`transfer.cluster.ClusterKVClient.delete` (pass ``num_layers``)."""
         ns = self.core.namespace(namespace)
         keys = self.core.check_keys(keys)
+        self.core.delete_layers(num_layers)
         return sum(
             await asyncio.gather(
-                *(self._delete_one(m, ns, keys, timeout_s) for m in (await self._view()).everyone)
+                *(self._delete_one(m, ns, keys, num_layers, timeout_s) for m in (await self._view()).everyone)
             )
         )
 
-    async def _delete_one(self, member: str, ns: str, keys: list[bytes], timeout_s: float | None) -> int:
+    async def _delete_one(
+        self, member: str, ns: str, keys: list[bytes], num_layers: int | None, timeout_s: float | None
+    ) -> int:
         try:
-            return await self._client(member).delete(ns, keys, timeout_s=timeout_s)
+            return await self._client(member).delete(ns, keys, num_layers=num_layers, timeout_s=timeout_s)
         except TransferError as exc:
             self._cluster.failed(member, exc)
             return 0

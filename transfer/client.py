@@ -6,10 +6,13 @@ Every call carries a deadline and, when configured, the bearer token.
 
 What the client promises on top of the wire:
 
-* **Integrity end to end.** Blobs are checked against their trailer before a Put
-  (a bad blob is refused locally with :class:`InvalidArgument`) and again after
-  a Get (a blob damaged in transit raises :class:`BlobIntegrityError`, never
-  reaches the decoder).
+* **Integrity end to end.** The encoder seals each blob (its XXH3 trailer is
+  computed once, there); the server verifies every trailer once on Put, before
+  storing anything of the stream, and a bad blob fails the whole Put with
+  :class:`InvalidArgument` naming the item (the client does not hash it again on
+  the way out: that pass cost ~0.02 CPU s per GB, see docs/benchmarks.md).
+  After a Get the client verifies every blob (one damaged in transit raises
+  :class:`BlobIntegrityError`, never reaches the decoder).
 * **Bounded memory.** :meth:`put` pulls items from an iterator and sends them in
   Put streams of at most ``put_batch_bytes``; only the current batch is kept
   (so it can be replayed on a retry). :meth:`get_layers` yields each layer as
@@ -271,6 +274,15 @@ class ClientCore:
         return [(i, keys[i : i + n]) for i in range(0, len(keys), n)] or [(0, [])]
 
     @staticmethod
+    def delete_layers(num_layers: int | None) -> int:
+        """DeleteRequest.num_layers for a delete() argument (0: the server searches every tier)."""
+        if num_layers is None:
+            return 0
+        if not isinstance(num_layers, int) or not 1 <= num_layers <= MAX_LAYERS:
+            raise InvalidArgument(f"num_layers must be in [1, {MAX_LAYERS}] or None, got {num_layers!r}")
+        return num_layers
+
+    @staticmethod
     def ack_value(ack: str | None) -> int:
         if ack not in ACKS:
             raise ValueError(f"ack must be 'memory', 'durable' or None (the server's default), got {ack!r}")
@@ -289,7 +301,13 @@ class ClientCore:
         )
 
     def put_request(self, namespace: str, item: PutItem | tuple) -> PutRequestView:
-        """Validated request for one item; checks the trailer so a bad blob never leaves."""
+        """Validated request for one item.
+
+        The blob's trailer is not hashed here: the encoder just computed it and the
+        server checks it once, refusing the whole stream if it does not match
+        (DATA_LOSS, raised as InvalidArgument by :meth:`error`). Only a blob too short
+        to carry a trailer at all is refused here.
+        """
         try:
             key, layer, num_layers, blob = item
         except (TypeError, ValueError):
@@ -300,7 +318,7 @@ class ClientCore:
             isinstance(layer, int) and isinstance(num_layers, int) and 0 <= layer < num_layers <= MAX_LAYERS
         ):
             raise InvalidArgument(f"put layer {layer} is not in [0, num_layers={num_layers})")
-        if not integrity.is_intact(blob):
+        if len(blob) < integrity.TRAILER_BYTES:
             raise InvalidArgument(
                 f"blob for key {bytes(key).hex()[:16]}… layer {layer} has no valid integrity trailer; "
                 "encode it with transfer.codec (or seal it with kvstore.integrity.seal)"
@@ -358,7 +376,16 @@ class ClientCore:
         return self.stream_timeout_s if stream else self.timeout_s
 
     def error(self, err: grpc.RpcError, rpc: str) -> TransferError:
-        return from_rpc_error(err, rpc=rpc)
+        out = from_rpc_error(err, rpc=rpc)
+        if rpc == "Put" and out.code is grpc.StatusCode.DATA_LOSS:
+            # The server's one check of the trailers (see put_request): a blob the caller handed in
+            # was not sealed, or was changed after sealing. The caller's to fix, like any bad argument.
+            return InvalidArgument(
+                f"Put: a blob has no valid integrity trailer, nothing of its Put stream was stored; encode "
+                f"blobs with transfer.codec (or seal them with kvstore.integrity.seal). Server: {out.details}",
+                details=out.details,
+            )
+        return out
 
 
 class LayerAssembler:
@@ -683,16 +710,28 @@ class KVClient:
                 call.cancel()
 
     def delete(
-        self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        *,
+        num_layers: int | None = None,
+        timeout_s: float | None = None,
     ) -> int:
-        """Delete every layer of each key from every tier; returns the server's count."""
+        """Delete layers ``[0, num_layers)`` of each key from every tier; returns the chunks deleted.
+
+        Pass ``num_layers`` (the model's layer count): without it the server finds
+        the layers by listing the namespace on every tier, which is slow on remote
+        tiers (S3: a listing and an index read per stored chunk), and deletes every
+        layer it finds.
+        """
         ns = self._core.namespace(namespace)
         keys = self._core.check_keys(keys)
+        layers = self._core.delete_layers(num_layers)
         total = 0
         for _, window in self._core.windows(keys):
             if window:
                 total += self._unary(
-                    "Delete", pb.DeleteRequest(namespace=ns, keys=window), timeout_s
+                    "Delete", pb.DeleteRequest(namespace=ns, keys=window, num_layers=layers), timeout_s
                 ).num_deleted
         return total
 

@@ -422,18 +422,30 @@ class ClusterKVClient:
     # -- delete, stats ------------------------------------------------------------------------------
 
     def delete(
-        self, namespace: Namespace | str, keys: Sequence[bytes], *, timeout_s: float | None = None
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        *,
+        num_layers: int | None = None,
+        timeout_s: float | None = None,
     ) -> int:
-        """Delete every layer of each key from every replica that may hold it (all current and, in a
-        grace window, previous members); returns the copies deleted. Down replicas are skipped."""
+        """Delete layers ``[0, num_layers)`` of each key (every layer when None: slow, each server
+        searches its tiers) from every replica that may hold it (all current and, in a grace window,
+        previous members); returns the copies deleted. Down replicas are skipped."""
         ns = self.core.namespace(namespace)
         keys = self.core.check_keys(keys)
-        futures = [self._pool.submit(self._delete_one, m, ns, keys, timeout_s) for m in self._view().everyone]
+        self.core.delete_layers(num_layers)
+        futures = [
+            self._pool.submit(self._delete_one, m, ns, keys, num_layers, timeout_s)
+            for m in self._view().everyone
+        ]
         return sum(f.result() for f in futures)
 
-    def _delete_one(self, member: str, ns: str, keys: list[bytes], timeout_s: float | None) -> int:
+    def _delete_one(
+        self, member: str, ns: str, keys: list[bytes], num_layers: int | None, timeout_s: float | None
+    ) -> int:
         try:
-            return self._client(member).delete(ns, keys, timeout_s=timeout_s)
+            return self._client(member).delete(ns, keys, num_layers=num_layers, timeout_s=timeout_s)
         except TransferError as exc:
             self._cluster.failed(member, exc)
             return 0

@@ -8,8 +8,10 @@ GB), so the write path is a few large sequential writes and the read path one
   (``<path>/<id:010d>.seg``); once it reaches ``segment_bytes`` a new one is
   started. Each record carries a header with a magic, the blob's name, its
   length, a checksum of the payload and a checksum of the header itself (format
-  in docs/storage.md). A put writes header and blob with one ``pwritev``, so the
-  blob is never copied in user space.
+  in docs/storage.md). For blobs the tiered store has verified, the payload
+  checksum is the blob's own XXH3 trailer, so a put hashes nothing. A put
+  writes header and blob with one ``pwritev``, so the blob is never copied in
+  user space.
 * The index ``BlobKey -> (segment, offset, length)`` lives in memory and is
   rebuilt on open by walking the record headers of every segment. The newest
   segment is the only one a crash can leave half-written (older ones were
@@ -59,6 +61,12 @@ MAGIC = b"KVS1"
 FORMAT_VERSION = 1
 KIND_PUT = 1
 KIND_TOMBSTONE = 2
+#: A put of a sealed blob (``payload || XXH3-64(payload)``, kvstore/integrity.py) whose trailer the
+#: tiered store has verified: the record's payload checksum *is* that trailer, so a write hashes
+#: nothing; recovery checks the blob against its own trailer and the trailer against the header.
+KIND_PUT_SEALED = 3
+_PUT_KINDS = (KIND_PUT, KIND_PUT_SEALED)
+_TRAILER = 8  # kvstore.integrity.TRAILER_BYTES (not imported: the disk tier does not interpret blobs)
 #: magic, format version, kind, name length, payload length, payload XXH3-64.
 _FIXED = struct.Struct("<4sBBHQQ")
 _SUM = struct.Struct("<Q")
@@ -69,10 +77,33 @@ FSYNC_MODES = ("always", "batch", "never")
 
 
 def encode_header(kind: int, name: bytes, payload: bytes | memoryview) -> bytes:
-    """Record header: fixed fields, the key name, then XXH3-64 of both."""
-    psum = xxhash.xxh3_64_intdigest(payload) if len(payload) else 0
+    """Record header: fixed fields, the key name, then XXH3-64 of both.
+
+    The payload checksum is XXH3-64 of the payload, except for ``KIND_PUT_SEALED``
+    where it is read from the blob's own trailer (no pass over the payload).
+    """
+    if kind == KIND_PUT_SEALED:
+        if len(payload) < _TRAILER:
+            raise ValueError(
+                f"a sealed blob is at least its {_TRAILER}-byte trailer long, got {len(payload)}"
+            )
+        psum = int.from_bytes(payload[-_TRAILER:], "little")
+    else:
+        psum = xxhash.xxh3_64_intdigest(payload) if len(payload) else 0
     head = _FIXED.pack(MAGIC, FORMAT_VERSION, kind, len(name), len(payload), psum) + name
     return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
+
+
+def _payload_intact(kind: int, data: bytes, psum: int) -> bool:
+    """Whether a record's payload matches the checksum in its (already verified) header."""
+    if kind == KIND_PUT_SEALED:
+        view = memoryview(data)
+        return (
+            len(data) >= _TRAILER
+            and int.from_bytes(view[-_TRAILER:], "little") == psum
+            and xxhash.xxh3_64_intdigest(view[:-_TRAILER]) == psum
+        )
+    return xxhash.xxh3_64_intdigest(data) == psum
 
 
 def _parse_name(name: str) -> BlobKey:
@@ -244,12 +275,21 @@ class DiskBackend(Backend):
         self.put_many([(key, blob)])
 
     def put_many(self, items: Sequence[tuple[BlobKey, bytes]]) -> None:
+        self._put_records(items, KIND_PUT)
+
+    def put_sealed_many(self, items: Sequence[tuple[BlobKey, bytes]]) -> None:
+        """Like :meth:`put_many` for blobs whose integrity trailer the caller has verified (the tiered
+        store does, for every write and promotion): the record checksum is the blob's own trailer, so
+        the write does not hash the blob again. Recovery still checks it (``KIND_PUT_SEALED``)."""
+        self._put_records(items, KIND_PUT_SEALED)
+
+    def _put_records(self, items: Sequence[tuple[BlobKey, bytes]], kind: int) -> None:
         records = []
         for key, blob in items:
             name = key.name().encode()
             if len(name) > MAX_NAME_BYTES:
                 raise ValueError(f"blob name longer than {MAX_NAME_BYTES} bytes: {name[:80]!r}...")
-            records.append((KIND_PUT, key, encode_header(KIND_PUT, name, blob), blob))
+            records.append((kind, key, encode_header(kind, name, blob), blob))
         with self._write_lock:
             self._check_open()
             self._check_medium()
@@ -370,7 +410,7 @@ class DiskBackend(Backend):
                 old = self._index.pop(key, None)
                 if old is not None:
                     old.seg.live.discard(key)
-                if kind == KIND_PUT:
+                if kind in _PUT_KINDS:
                     self._index[key] = _Entry(seg, offset, length)
                     seg.live.add(key)
                     seg.put_bytes += length
@@ -585,7 +625,7 @@ class DiskBackend(Backend):
         if len(head) < fixed + _SUM.size:
             return None
         magic, version, kind, name_len, length, psum = _FIXED.unpack_from(head)
-        if magic != MAGIC or version != FORMAT_VERSION or kind not in (KIND_PUT, KIND_TOMBSTONE):
+        if magic != MAGIC or version != FORMAT_VERSION or kind not in (*_PUT_KINDS, KIND_TOMBSTONE):
             return None
         if name_len == 0 or name_len > MAX_NAME_BYTES:
             return None
@@ -597,11 +637,11 @@ class DiskBackend(Backend):
         if xxhash.xxh3_64_intdigest(head[: fixed + name_len]) != _SUM.unpack_from(head, fixed + name_len)[0]:
             return None
         payload_at = offset + header_len
-        if payload_at + length > size:
+        if payload_at + length > size or (kind == KIND_PUT_SEALED and length < _TRAILER):
             return None
         if verify_payload and length:
             data = os.pread(seg.fd, length, payload_at)
-            if len(data) != length or xxhash.xxh3_64_intdigest(data) != psum:
+            if len(data) != length or not _payload_intact(kind, data, psum):
                 return None
         try:
             key = _parse_name(head[fixed : fixed + name_len].decode())
@@ -670,7 +710,7 @@ class DiskBackend(Backend):
             old = self._index.pop(key, None)
             if old is not None:
                 old.seg.live.discard(key)
-            if kind == KIND_PUT:
+            if kind in _PUT_KINDS:
                 self._index[key] = _Entry(seg, payload_at, length)
                 seg.live.add(key)
                 seg.put_bytes += length

@@ -1,9 +1,11 @@
 """RAM tier: a byte-bounded LRU of immutable blobs.
 
 The fastest tier and the first one every read tries, so every operation is a
-dict operation under one short lock. Blobs are stored as the ``bytes`` objects
-callers hand in (no copy for ``bytes``); a ``get`` returns the same object, which
-is safe because ``bytes`` is immutable.
+dict operation under one short lock. Blobs are stored as the objects callers
+hand in when those are immutable: ``bytes``, or a read-only memoryview of
+``bytes`` (the server's Put hands in views into the received message, see
+kvstore/wire.py); anything else (a bytearray, a view of one) is copied. A ``get``
+returns the stored object, which is safe because it cannot change.
 """
 
 from __future__ import annotations
@@ -15,6 +17,19 @@ from collections.abc import Iterator, Sequence
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
 
 DEFAULT_MAX_BYTES = 2 << 30
+
+
+def _immutable(blob: object) -> bool:
+    """True for ``bytes`` and for a read-only memoryview of ``bytes``: safe to keep without a copy."""
+    if type(blob) is bytes:
+        return True
+    return (
+        type(blob) is memoryview
+        and type(blob.obj) is bytes
+        and blob.readonly
+        and blob.contiguous
+        and blob.itemsize == 1
+    )
 
 
 class MemoryBackend(Backend):
@@ -33,7 +48,7 @@ class MemoryBackend(Backend):
         if max_bytes < 0:
             raise ValueError(f"memory max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._blobs: OrderedDict[BlobKey, bytes] = OrderedDict()
+        self._blobs: OrderedDict[BlobKey, bytes | memoryview] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -61,7 +76,7 @@ class MemoryBackend(Backend):
         evicted = 0
         with self._lock:
             for key, blob in items:
-                data = blob if type(blob) is bytes else bytes(blob)
+                data = blob if _immutable(blob) else bytes(blob)
                 old = self._blobs.pop(key, None)
                 if old is not None:
                     self._bytes -= len(old)

@@ -37,6 +37,16 @@ log = logging.getLogger(__name__)
 _LOOKUP_WINDOW = 64
 
 
+def _put_intact(tier: Backend, items: Sequence[tuple[BlobKey, bytes]]) -> None:
+    """Write blobs whose trailers are verified; a tier that can use that (the disk tier takes the
+    trailer as its record checksum) does not hash them again."""
+    put_sealed = getattr(tier, "put_sealed_many", None)
+    if put_sealed is not None:
+        put_sealed(items)
+    else:
+        tier.put_many(items)
+
+
 class TierStat(NamedTuple):
     name: str
     usage: BackendUsage
@@ -118,7 +128,7 @@ class TieredStore:
             pending = still
         for level, found in promote:
             for upper in self.tiers[:level]:
-                self._call(upper, "promote", lambda u=upper, f=found: u.put_many(f))
+                self._call(upper, "promote", lambda u=upper, f=found: _put_intact(u, f))
         lost = [keys[i] for i in pending if i in corrupt]
         if lost:
             err = IntegrityError(
@@ -181,7 +191,8 @@ class TieredStore:
         before storing anything if a blob is corrupt, and BackendUnavailable if no
         tier accepted the write. ``verified=True`` is for callers that have just
         checked every trailer themselves (the server's Put validation), so the
-        hot path hashes each blob once.
+        hot path hashes each blob once; no tier hashes it again (the disk tier
+        takes the verified trailer as its record checksum: ``put_sealed_many``).
 
         ``durable=True`` (the ``ack: durable`` policy) writes the persistent
         tiers first and fails with BackendUnavailable, storing nothing, when none
@@ -203,7 +214,7 @@ class TieredStore:
                 missing = "; ".join(failures) or "no persistent tier (disk, redis, s3) is configured"
                 raise BackendUnavailable(f"durable write refused: no persistent tier took it ({missing})")
             try:
-                tier.put_many(items)
+                _put_intact(tier, items)
                 accepted.add(tier.name)
             except Exception as exc:
                 self._tier_error(tier, "put", exc)

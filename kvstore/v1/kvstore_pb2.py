@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/kvstore.proto\x12\nkvstore.v1\"D\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x12\n\nnum_layers\x18\x03 \x01(\r\"F\n\x0eLookupResponse\x12\x13\n\x0bnum_present\x18\x01 \x01(\r\x12\x1f\n\x05tiers\x18\x02 \x03(\x0e\x32\x10.kvstore.v1.Tier\"\x8b\x01\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x0c\n\x04\x62lob\x18\x05 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x06 \x01(\x08\x12\x1c\n\x03\x61\x63k\x18\x07 \x01(\x0e\x32\x0f.kvstore.v1.Ack\"W\n\x0bPutResponse\x12\x12\n\nnum_stored\x18\x01 \x01(\r\x12\x14\n\x0c\x62ytes_stored\x18\x02 \x01(\x04\x12\r\n\x05tiers\x18\x03 \x03(\t\x12\x0f\n\x07\x64urable\x18\x04 \x01(\x08\"i\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x12\n\npack_bytes\x18\x05 \x01(\r\"L\n\x0bGetResponse\x12\x11\n\tkey_index\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0c\n\x04\x62lob\x18\x03 \x01(\x0c\x12\r\n\x05\x62lobs\x18\x04 \x03(\x0c\"0\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"%\n\x0e\x44\x65leteResponse\x12\x13\n\x0bnum_deleted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xbf\x01\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0f\n\x07objects\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x04\x12\x1a\n\x12integrity_failures\x18\t \x01(\x04\x12\x0f\n\x07healthy\x18\n \x01(\x08\"\xb2\x01\n\rStatsResponse\x12$\n\x05tiers\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x39\n\x08\x63ounters\x18\x02 \x03(\x0b\x32\'.kvstore.v1.StatsResponse.CountersEntry\x12\x0f\n\x07version\x18\x03 \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*Y\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_MEMORY\x10\x01\x12\r\n\tTIER_DISK\x10\x02\x12\x0e\n\nTIER_REDIS\x10\x03\x12\x0b\n\x07TIER_S3\x10\x04*;\n\x03\x41\x63k\x12\x13\n\x0f\x41\x43K_UNSPECIFIED\x10\x00\x12\x0e\n\nACK_MEMORY\x10\x01\x12\x0f\n\x0b\x41\x43K_DURABLE\x10\x02\x32\xbd\x02\n\x07KVStore\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x38\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse(\x01\x12\x38\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse0\x01\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/kvstore.proto\x12\nkvstore.v1\"D\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x12\n\nnum_layers\x18\x03 \x01(\r\"F\n\x0eLookupResponse\x12\x13\n\x0bnum_present\x18\x01 \x01(\r\x12\x1f\n\x05tiers\x18\x02 \x03(\x0e\x32\x10.kvstore.v1.Tier\"\x8b\x01\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x0c\n\x04\x62lob\x18\x05 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x06 \x01(\x08\x12\x1c\n\x03\x61\x63k\x18\x07 \x01(\x0e\x32\x0f.kvstore.v1.Ack\"W\n\x0bPutResponse\x12\x12\n\nnum_stored\x18\x01 \x01(\r\x12\x14\n\x0c\x62ytes_stored\x18\x02 \x01(\x04\x12\r\n\x05tiers\x18\x03 \x03(\t\x12\x0f\n\x07\x64urable\x18\x04 \x01(\x08\"i\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x12\n\npack_bytes\x18\x05 \x01(\r\"L\n\x0bGetResponse\x12\x11\n\tkey_index\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0c\n\x04\x62lob\x18\x03 \x01(\x0c\x12\r\n\x05\x62lobs\x18\x04 \x03(\x0c\"D\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x12\n\nnum_layers\x18\x03 \x01(\r\"%\n\x0e\x44\x65leteResponse\x12\x13\n\x0bnum_deleted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xbf\x01\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0f\n\x07objects\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x04\x12\x1a\n\x12integrity_failures\x18\t \x01(\x04\x12\x0f\n\x07healthy\x18\n \x01(\x08\"\xb2\x01\n\rStatsResponse\x12$\n\x05tiers\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x39\n\x08\x63ounters\x18\x02 \x03(\x0b\x32\'.kvstore.v1.StatsResponse.CountersEntry\x12\x0f\n\x07version\x18\x03 \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*Y\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_MEMORY\x10\x01\x12\r\n\tTIER_DISK\x10\x02\x12\x0e\n\nTIER_REDIS\x10\x03\x12\x0b\n\x07TIER_S3\x10\x04*;\n\x03\x41\x63k\x12\x13\n\x0f\x41\x43K_UNSPECIFIED\x10\x00\x12\x0e\n\nACK_MEMORY\x10\x01\x12\x0f\n\x0b\x41\x43K_DURABLE\x10\x02\x32\xbd\x02\n\x07KVStore\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12\x38\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse(\x01\x12\x38\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse0\x01\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATSRESPONSE_COUNTERSENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_TIER']._serialized_start=1078
-  _globals['_TIER']._serialized_end=1167
-  _globals['_ACK']._serialized_start=1169
-  _globals['_ACK']._serialized_end=1228
+  _globals['_TIER']._serialized_start=1098
+  _globals['_TIER']._serialized_end=1187
+  _globals['_ACK']._serialized_start=1189
+  _globals['_ACK']._serialized_end=1248
   _globals['_LOOKUPREQUEST']._serialized_start=40
   _globals['_LOOKUPREQUEST']._serialized_end=108
   _globals['_LOOKUPRESPONSE']._serialized_start=110
@@ -50,17 +50,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETRESPONSE']._serialized_start=520
   _globals['_GETRESPONSE']._serialized_end=596
   _globals['_DELETEREQUEST']._serialized_start=598
-  _globals['_DELETEREQUEST']._serialized_end=646
-  _globals['_DELETERESPONSE']._serialized_start=648
-  _globals['_DELETERESPONSE']._serialized_end=685
-  _globals['_STATSREQUEST']._serialized_start=687
-  _globals['_STATSREQUEST']._serialized_end=701
-  _globals['_TIERSTATS']._serialized_start=704
-  _globals['_TIERSTATS']._serialized_end=895
-  _globals['_STATSRESPONSE']._serialized_start=898
-  _globals['_STATSRESPONSE']._serialized_end=1076
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=1029
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=1076
-  _globals['_KVSTORE']._serialized_start=1231
-  _globals['_KVSTORE']._serialized_end=1548
+  _globals['_DELETEREQUEST']._serialized_end=666
+  _globals['_DELETERESPONSE']._serialized_start=668
+  _globals['_DELETERESPONSE']._serialized_end=705
+  _globals['_STATSREQUEST']._serialized_start=707
+  _globals['_STATSREQUEST']._serialized_end=721
+  _globals['_TIERSTATS']._serialized_start=724
+  _globals['_TIERSTATS']._serialized_end=915
+  _globals['_STATSRESPONSE']._serialized_start=918
+  _globals['_STATSRESPONSE']._serialized_end=1096
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=1049
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=1096
+  _globals['_KVSTORE']._serialized_start=1251
+  _globals['_KVSTORE']._serialized_end=1568
 # @@protoc_insertion_point(module_scope)

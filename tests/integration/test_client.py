@@ -114,6 +114,11 @@ def test_many_keys_are_split_into_windows(kvstore_server: Any) -> None:
         assert got[1][1][4][:2] == bytes([4, 1])
         assert c.delete(NS, keys[:5]) == 5
         assert c.lookup(NS, keys, 2) == 0
+        c.put(NS, _items(keys[:5], 2))
+        assert c.delete(NS, keys[:4], num_layers=2) == 4  # by address, windowed like the rest
+        assert c.lookup(NS, keys[4:], 2) == 1 and c.lookup(NS, keys, 2) == 0
+        with pytest.raises(errors.InvalidArgument, match="num_layers"):
+            c.delete(NS, keys, num_layers=0)
 
 
 def test_missing_blob_is_not_found(client: KVClient) -> None:
@@ -454,7 +459,7 @@ def test_async_client_matches_the_sync_client(kvstore_server: Any) -> None:
             with pytest.raises(errors.InvalidArgument, match="integrity trailer"):
                 await c.put(NS, bad())
             assert await c.lookup(NS, keys, 10) == 0
-            out["deleted"] = await c.delete(NS, keys[2:])
+            out["deleted"] = await c.delete(NS, keys[2:3]) + await c.delete(NS, keys[3:], num_layers=3)
             out["after"] = await c.lookup(NS, keys, 3)
             return out
 

@@ -140,6 +140,26 @@ def test_over_quota_put_is_refused_clearly_and_stores_nothing(quota_server: Serv
         assert quota_server.service.quotas.usage("small") == 30_000
 
 
+def test_delete_with_num_layers_gives_back_exactly_those_layers(quota_server: ServerHandle) -> None:
+    with grpc.insecure_channel(quota_server.target) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        key = os.urandom(32)
+        _put(stub, "small", key, 20_000, layers=4)
+        assert quota_server.service.quotas.usage("small") == 80_000
+
+        def delete(**extra: int) -> int:
+            return stub.Delete(
+                pb.DeleteRequest(namespace="small/m/p", keys=[key], **extra),
+                timeout=10,
+                metadata=bearer_metadata("tok-small"),
+            ).num_deleted
+
+        assert delete(num_layers=3) == 1  # layers 0..2: 60,000 bytes back, layer 3 still charged
+        assert quota_server.service.quotas.usage("small") == 20_000
+        assert delete() == 1  # no layer count: whatever is left, found by searching the tiers
+        assert quota_server.service.quotas.usage("small") == 0
+
+
 def test_quota_applies_without_auth_by_namespace_tenant(tmp_path: Path) -> None:
     """With auth off the tenant is the namespace's first part; quotas still hold."""
     handle = serve(store_config(tmp_path, **{"quotas.default_max_bytes": 10_000}))

@@ -179,6 +179,40 @@ def test_delete_removes_every_layer_and_only_those_keys(stub: kvstore_pb2_grpc.K
     assert stub.Delete(pb.DeleteRequest(namespace=NS, keys=[keys[0]])).num_deleted == 0  # idempotent
 
 
+def test_delete_with_num_layers_deletes_those_layers_by_address(stub: kvstore_pb2_grpc.KVStoreStub) -> None:
+    keys = keys_for(3, salt=11)
+    blobs = put_chunks(stub, keys, range(LAYERS))
+
+    def counters() -> dict[str, int]:
+        return dict(stub.Stats(pb.StatsRequest()).counters)
+
+    before = counters()
+    reply = stub.Delete(pb.DeleteRequest(namespace=NS, keys=[keys[0]], num_layers=LAYERS))
+    assert reply.num_deleted == 1
+    assert stub.Lookup(pb.LookupRequest(namespace=NS, keys=keys[:1], num_layers=1)).num_present == 0
+    assert stub.Lookup(pb.LookupRequest(namespace=NS, keys=keys[1:], num_layers=LAYERS)).num_present == 2
+    # Layers [0, 2) only: the rest of the chunk stays, on RAM and disk alike.
+    assert stub.Delete(pb.DeleteRequest(namespace=NS, keys=[keys[1]], num_layers=2)).num_deleted == 1
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Get(pb.GetRequest(namespace=NS, keys=[keys[1]], layer_start=1, layer_end=2)))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    rest = [
+        r.blob for r in stub.Get(pb.GetRequest(namespace=NS, keys=[keys[1]], layer_start=2, layer_end=LAYERS))
+    ]
+    assert rest == [blobs[(1, 2)], blobs[(1, 3)]]
+    after = counters()
+    assert after["deletes"] - before.get("deletes", 0) == 2
+    assert after.get("deletes_scanned", 0) == before.get("deletes_scanned", 0)  # no tier was listed
+    # num_layers 0 (an older client): the server searches the tiers and deletes what is left.
+    assert stub.Delete(pb.DeleteRequest(namespace=NS, keys=[keys[1]])).num_deleted == 1
+    assert counters()["deletes_scanned"] == before.get("deletes_scanned", 0) + 1
+    assert stub.Lookup(pb.LookupRequest(namespace=NS, keys=keys[2:], num_layers=LAYERS)).num_present == 1
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Delete(pb.DeleteRequest(namespace=NS, keys=[keys[2]], num_layers=1 << 30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_layers" in err.value.details()
+    assert stub.Lookup(pb.LookupRequest(namespace=NS, keys=keys[2:], num_layers=LAYERS)).num_present == 1
+
+
 def test_reads_fall_back_to_disk_when_ram_forgets(
     kvstore_server: ServerHandle, stub: kvstore_pb2_grpc.KVStoreStub
 ) -> None:

@@ -116,6 +116,39 @@ def test_write_through_lands_in_configured_tiers_only(tiers: Tiers) -> None:
     assert tiers.redis.get_many(keys) == [None] * 4
 
 
+def test_blobs_put_over_grpc_land_intact_in_every_tier_and_delete_by_address(
+    tiers: Tiers, tmp_path: Path
+) -> None:
+    """The server hands the tiers views into the received Put messages (no copy): every tier must
+    still store exactly the blob, and a Delete with num_layers must find it in each of them."""
+    from kvstore.server import serve
+    from tests.fixtures.store import store_config
+    from transfer.client import KVClient
+
+    store = TieredStore(tiers.all)
+    handle = serve(store_config(tmp_path), store=store)
+    items = [
+        (BlobKey(NS, chunk(300 + c), layer), blob(300 + c, layer, 100_000))
+        for c in range(3)
+        for layer in range(4)
+    ]
+    try:
+        with KVClient(handle.target) as client:
+            client.put(NS, [(k.chunk, k.layer, 4, b) for k, b in items])
+            for tier in tiers.all:
+                assert [tier.get(k) == b for k, b in items] == [True] * len(items), tier.name
+            got = list(client.get_layers(NS, [chunk(300 + c) for c in range(3)], 0, 4))
+            assert [bytes(b) for _, blobs in got for b in blobs] == [
+                b for layer in range(4) for (k, b) in items if k.layer == layer
+            ]
+            assert client.delete(NS, [chunk(300), chunk(301)], num_layers=4) == 2
+            for tier in tiers.all:
+                assert not any(tier.exists(k) for k, _ in items[:8]), tier.name
+                assert all(tier.exists(k) for k, _ in items[8:]), tier.name
+    finally:
+        handle.stop(grace=0)
+
+
 def test_read_from_lowest_tier_promotes_into_every_faster_tier(tiers: Tiers) -> None:
     store = TieredStore(tiers.all)
     items = layers_of(2, num_layers=3)

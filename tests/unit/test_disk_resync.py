@@ -73,17 +73,25 @@ def _flip(path: str, offset: int, bit: int = 3) -> None:
         f.write(bytes([byte ^ (1 << bit)]))
 
 
-def _fill(path: Path) -> DiskBackend:
+def _fill(path: Path, trailer_sum: bool = False) -> DiskBackend:
+    """Records as a direct put writes them, or (``trailer_sum``) as the tiered store does: the record's
+    payload checksum taken from the blob's verified trailer (KIND_PUT_SEALED)."""
     disk = DiskBackend(path, max_bytes=0, fsync="always", segment_bytes=48 * KIB)
     for i in range(COUNT):
-        disk.put(key(i), blob(i))
+        if trailer_sum:
+            disk.put_sealed_many([(key(i), blob(i))])
+        else:
+            disk.put(key(i), blob(i))
     return disk
 
 
+@pytest.mark.parametrize("trailer_sum", [False, True], ids=["put", "put_sealed"])
 @pytest.mark.parametrize("where", ["sealed", "newest", "newest_last"])
 @pytest.mark.parametrize("part", PARTS)
-def test_one_flipped_bit_loses_only_its_record(tmp_path: Path, part: str, where: str) -> None:
-    disk = _fill(tmp_path)
+def test_one_flipped_bit_loses_only_its_record(
+    tmp_path: Path, part: str, where: str, trailer_sum: bool
+) -> None:
+    disk = _fill(tmp_path, trailer_sum)
     places = {i: disk.locate(key(i)) for i in range(COUNT)}
     segments = sorted({p[0] for p in places.values() if p is not None})
     assert len(segments) >= 3, segments

@@ -55,7 +55,61 @@ def test_memory_refuses_blob_larger_than_budget_without_flushing() -> None:
     assert mem.counters.evictions == 1
 
 
+def test_memory_keeps_immutable_views_and_copies_mutable_buffers() -> None:
+    """The server hands the RAM tier read-only views into received messages: kept as they are (no copy);
+    anything that could change under the store is copied."""
+    mem = MemoryBackend(max_bytes=0)
+    message = b"header" + blob(1)
+    view = memoryview(message)[6:]
+    buffer = bytearray(blob(2))
+    mem.put_many([(key(1), view), (key(2), buffer), (key(3), memoryview(buffer))])
+    assert mem.get(key(1)) is view and mem.usage().bytes == 3 * len(blob(1))
+    buffer[:] = bytes(len(buffer))  # the caller reuses its buffer
+    assert mem.get(key(2)) == blob(2) and mem.get(key(3)) == blob(2)
+    assert type(mem.get(key(2))) is bytes and type(mem.get(key(3))) is bytes
+
+
 # ------------------------------------------------------------------ disk basics
+def test_disk_sealed_put_takes_the_trailer_as_its_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """put_sealed_many (the tiered store's writes of verified blobs) hashes no payload on the way in;
+    a restart still checks the newest segment's payloads against their trailers."""
+    import kvstore.backends.disk as disk_module
+
+    hashed: list[int] = []
+    real = disk_module.xxhash.xxh3_64_intdigest
+
+    class _Counting:
+        @staticmethod
+        def xxh3_64_intdigest(data: bytes | memoryview) -> int:
+            hashed.append(len(data))
+            return real(data)
+
+    disk = DiskBackend(tmp_path, max_bytes=0, fsync="always")
+    items = [(key(c), blob(c, 16 * KIB)) for c in range(3)]
+    monkeypatch.setattr(disk_module, "xxhash", _Counting)
+    disk.put_sealed_many(items)
+    assert hashed and max(hashed) < 1 * KIB  # record headers only, never a 16 KiB payload
+    disk.put(key(9), blob(9, 16 * KIB))  # a direct put (a blob the tier knows nothing about) hashes it
+    assert max(hashed) == 16 * KIB
+    path, offset, length = disk.locate(key(1))
+    disk.close()
+    with open(path, "r+b") as f:  # one flipped payload bit in the newest segment
+        f.seek(offset + length // 2)
+        byte = f.read(1)[0]
+        f.seek(offset + length // 2)
+        f.write(bytes([byte ^ 0x10]))
+    disk = DiskBackend(tmp_path, max_bytes=0, fsync="always")
+    try:
+        assert disk.counters.corrupt_records == 1  # caught at recovery by the blob's own trailer
+        assert disk.get(key(1)) is None
+        assert [disk.get(k) == b for k, b in items if k != key(1)] == [True, True]
+        assert disk.get(key(9)) == blob(9, 16 * KIB)
+    finally:
+        disk.close()
+
+
 def test_disk_restart_rebuilds_index(tmp_path: Path) -> None:
     disk = DiskBackend(tmp_path, max_bytes=0, fsync="always", segment_bytes=64 * KIB)
     items = [(key(c, layer), blob(c * 100 + layer, 10 * KIB)) for c in range(4) for layer in range(6)]

@@ -203,6 +203,33 @@ def test_delete_chunks_removes_every_layer_everywhere(tiers: tuple) -> None:
     assert store.get(BlobKey("other/m/p", chunks[0], 0)) == blob(1)
 
 
+def test_delete_chunks_with_the_layer_count_lists_no_tier(tiers: tuple) -> None:
+    """With num_layers every tier is asked by address; only without it does each tier list the namespace
+    (on S3: a listing plus an index read per stored chunk)."""
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk, cold])
+    listed: list[str] = []
+    for tier in (mem, disk, cold):
+        real = tier.iter_keys
+        tier.iter_keys = lambda namespace=None, real=real, name=tier.name: (
+            listed.append(name) or real(namespace)
+        )
+    chunks = [key(60 + c).chunk for c in range(3)]
+    store.put_many([(BlobKey(NS, c, layer), blob(layer)) for c in chunks for layer in range(4)])
+    assert store.delete_chunks(NS, chunks[:2], num_layers=2) == 2
+    assert listed == []
+    # Layers [0, 2) went from every tier; layers 2 and 3 stay (the caller said the model has 2).
+    assert not any(
+        t.exists(BlobKey(NS, c, layer)) for t in (mem, disk, cold) for c in chunks[:2] for layer in (0, 1)
+    )
+    assert all(t.exists(BlobKey(NS, c, 3)) for t in (mem, disk, cold) for c in chunks)
+    assert store.delete_chunks(NS, chunks) == 3  # no layer count: every tier lists the namespace
+    assert listed == ["memory", "disk", "cold"]
+    assert not any(
+        t.exists(BlobKey(NS, c, layer)) for t in (mem, disk, cold) for c in chunks for layer in range(4)
+    )
+
+
 def test_tier_stats_report_usage_and_counters(tiers: tuple) -> None:
     mem, disk, _ = tiers
     store = TieredStore([mem, disk])

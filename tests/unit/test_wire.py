@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError
 
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import (
+    PIN_SLACK,
     GetResponseView,
     PutRequestView,
     encode_get_response,
@@ -82,8 +83,24 @@ def test_get_blob_is_a_view_into_the_received_message_not_a_copy() -> None:
     view = parse_get_response(data)
     assert isinstance(view.blob, memoryview) and view.blob.readonly
     assert view.blob.obj is data  # zero copy: the client hands the decoder gRPC's own buffer
-    put = parse_put_request(pb.PutRequest(namespace=NS, key=b"k" * 32, blob=b"b" * 64).SerializeToString())
-    assert type(put.blob) is bytes  # the server keeps blobs: its own bytes, not a view pinning the message
+    message = pb.PutRequest(namespace=NS, key=b"k" * 32, blob=b"b" * 64).SerializeToString()
+    put = parse_put_request(message)
+    # The server keeps a Put's blob as a view of the received message: no copy, and the message it
+    # pins is the blob plus a header of a few dozen bytes.
+    assert isinstance(put.blob, memoryview) and put.blob.readonly and put.blob.obj is message
+    assert bytes(put.blob) == b"b" * 64 and len(message) - len(put.blob) < 100
+
+
+def test_put_blob_is_copied_out_of_a_message_carrying_much_more_than_it() -> None:
+    """A stored blob must never pin a large message: unknown fields or a repeated blob field beyond
+    PIN_SLACK bytes get the blob its own bytes (the RAM tier's budget counts blob bytes only)."""
+    blob = os.urandom(1000)
+    padded = pb.PutRequest(namespace=NS, key=b"k" * 32, blob=os.urandom(PIN_SLACK)).SerializeToString()
+    padded += pb.PutRequest(blob=blob).SerializeToString()  # the blob field twice: the last one wins
+    padded += b"\x5a" + bytes([0x80, 0x40]) + bytes(8192)  # field 11, unknown, 8 KiB
+    put = parse_put_request(padded)
+    assert type(put.blob) is bytes and put.blob == blob
+    assert _put_fields(put) == _put_fields(pb.PutRequest.FromString(padded))
 
 
 @pytest.mark.parametrize("sizes", [[0], [1], [5, 0, 7], [70_000, 3, 200]])
