@@ -51,7 +51,8 @@ from kvstore.allocator import tune_allocator  # noqa: E402
 from kvstore.keys import model_fingerprint  # noqa: E402
 from transfer import affinity  # noqa: E402
 from transfer.client import KVClient  # noqa: E402
-from transfer.kvio import FetchedPrefix, decode_blobs, iter_layers, put_context  # noqa: E402
+from transfer.codec import decode_into  # noqa: E402
+from transfer.kvio import FetchedPrefix, iter_layers, put_context  # noqa: E402
 from transfer.layerwise import CONSUMED, LayerwiseCache  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return logits[0, -1].argmax(), logits
 
             def fetch_one() -> Any:
-                return [decode_blobs(b) for _, b in client.get_layers(ns, keys, 0, 1)]
+                return [decode_into(b) for _, b in client.get_layers(ns, keys, 0, 1)]
 
             def fetch_all_only() -> Any:
                 return [k for _, k, _ in iter_layers(client, ns, keys, 0, num_layers)]
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     affinity.enter_io()  # where the loader would run
                     while not stop.is_set():
                         for blobs in raw_layers:
-                            decode_blobs(blobs, threads=1)
+                            decode_into(blobs, threads=1)
                             if stop.is_set():
                                 break
 
