@@ -402,7 +402,7 @@ def test_decode_into_takes_the_general_path_where_it_must() -> None:
 @pytest.mark.parametrize("profile", ["lossless", "balanced", "int8"])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
 def test_decode_into_fills_a_callers_destination_at_its_offset(profile: str, out_dtype: torch.dtype) -> None:
-    """Frames land in ``dest[:, token_offset:]``, the same values an allocating decode gives; the rest is untouched."""
+    """Frames land in ``dest[:, token_offset:]``, as an allocating decode gives them; the rest untouched."""
     tokens = (32, 32, 9)
     blobs = [
         encode_layer(*_kv((3, t, 64), torch.float16, 40 + i), profile, token_offset=32 * i)
@@ -419,6 +419,19 @@ def test_decode_into_fills_a_callers_destination_at_its_offset(profile: str, out
     for t in (1, 2):  # window by window, as longctx.read_layers fills a layer
         decode_into(blobs, (k_out, v_out), token_offset=0, threads=t)
         assert torch.equal(_bits(k_out[:, :73]), _bits(expected_k))
+    same = [  # frames of one shape: one kernel call and one copy per part on the quantized path
+        encode_layer(*_kv((3, 16, 64), torch.float16, 50 + i), profile, token_offset=16 * i) for i in range(5)
+    ]
+    for t in (1, 2):
+        k_out.fill_(7)
+        decode_into(same, (k_out, v_out), token_offset=3, threads=t)
+        assert torch.equal(
+            _bits(k_out[:, 3:83]), _bits(torch.cat([decode_layer(b, dtype=out_dtype)[0] for b in same], 1))
+        )
+        assert torch.equal(
+            _bits(v_out[:, 3:83]), _bits(torch.cat([decode_layer(b, dtype=out_dtype)[1] for b in same], 1))
+        )
+        assert torch.all(k_out[:, :3] == 7) and torch.all(k_out[:, 83:] == 7)
 
 
 def test_decode_into_refuses_a_destination_that_does_not_fit() -> None:

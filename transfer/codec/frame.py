@@ -1,4 +1,4 @@
-"""The frame pipeline: the layers of one chunk to sealed frames (encode_group) and one frame back (decode_layer).
+"""The frame pipeline: one chunk's layers to sealed frames (encode_group), one frame back (decode_layer).
 
 The public entries (transfer.codec.encode / decode_into, in parallel.py) spread
 these over the codec threads; this module is what one thread runs.

@@ -243,7 +243,7 @@ def decode_into(
     pairs = decode_frames(blobs, device=k_out.device, dtype=k_out.dtype, threads=threads)
     at = token_offset
     for index, (k, v) in enumerate(pairs):
-        _check_fits(index, k, k_out, at)
+        _check_fits(index, tuple(k.shape), k_out, at)
         k_out[:, at : at + k.shape[1]].copy_(k)
         v_out[:, at : at + k.shape[1]].copy_(v)
         at += k.shape[1]
@@ -264,7 +264,7 @@ def _headers(blobs: Sequence[bytes | memoryview]) -> list[FrameHeader] | None:
 
 
 def _one_layer(headers: list[FrameHeader], dtype: torch.dtype | None) -> bool:
-    """Whether the frames fill one output tensor (same heads and head_dim; one dtype unless a cast is asked)."""
+    """Whether the frames fill one output (same heads and head_dim; one dtype unless a cast is asked)."""
     first = headers[0]
     return all(
         h.heads == first.heads
@@ -274,11 +274,12 @@ def _one_layer(headers: list[FrameHeader], dtype: torch.dtype | None) -> bool:
     )
 
 
-def _check_fits(index: int, k: torch.Tensor, k_out: torch.Tensor, at: int) -> None:
-    n = k.shape[1]
-    if k.shape[0] != k_out.shape[0] or k.shape[2] != k_out.shape[2] or not 0 <= at <= k_out.shape[1] - n:
+def _check_fits(index: int, shape: tuple[int, ...], k_out: torch.Tensor, at: int) -> None:
+    """Frames from ``index`` on, of ``shape`` (heads, tokens, head_dim) together, fit ``k_out`` at ``at``."""
+    heads, n, dim = shape
+    if heads != k_out.shape[0] or dim != k_out.shape[2] or not 0 <= at <= k_out.shape[1] - n:
         raise ShapeMismatch(
-            f"frame {index} ({tuple(k.shape)}) does not fit dest {tuple(k_out.shape)} at token {at}"
+            f"frame {index} ({heads}, {n}, {dim}) does not fit dest {tuple(k_out.shape)} at token {at}"
         )
 
 
@@ -322,11 +323,19 @@ def _fill(
         def run_part(bounds: tuple[int, int]) -> None:
             lo, hi = bounds
             if cpu_kernels.enabled():
-                pairs = _decode_part(blobs[lo:hi], k_out.dtype)
+                out = _decode_stacked(blobs[lo:hi], k_out.dtype)
+                if isinstance(out, tuple):  # one copy per part: [n, h, t, d] into h rows of n*t tokens
+                    k, v = out
+                    n, h, t, d = k.shape
+                    _check_fits(lo, (h, n * t, d), k_out, starts[lo])
+                    k_out[:, starts[lo] : starts[lo] + n * t].view(h, n, t, d).copy_(k.transpose(0, 1))
+                    v_out[:, starts[lo] : starts[lo] + n * t].view(h, n, t, d).copy_(v.transpose(0, 1))
+                    return
+                pairs = out
             else:
                 pairs = [decode_layer(b, dtype=k_out.dtype) for b in blobs[lo:hi]]
             for index, (k, v) in enumerate(pairs, lo):
-                _check_fits(index, k, k_out, starts[index])
+                _check_fits(index, tuple(k.shape), k_out, starts[index])
                 k_out[:, starts[index] : starts[index] + k.shape[1]].copy_(k)
                 v_out[:, starts[index] : starts[index] + k.shape[1]].copy_(v)
 
@@ -349,7 +358,7 @@ def decode_frames(
     dtype: torch.dtype | None = None,
     threads: int | None = None,
 ) -> list[LayerKV]:
-    """:func:`decode_layer` of every blob, in order, on the codec threads: the stage under :func:`decode_into`.
+    """:func:`decode_layer` of every blob, in order, on the codec threads (the stage under decode_into).
 
     On CPU the blobs are cut into one contiguous part per thread and each part
     is decoded by one kernel call (cpu_decode.decode_batch) when its frames
@@ -377,6 +386,18 @@ def decode_frames(
 
 
 def _decode_part(blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None) -> list[LayerKV]:
+    out = _decode_stacked(blobs, dtype)
+    if isinstance(out, list):
+        return out
+    k, v = out
+    return [(k[i], v[i]) for i in range(k.shape[0])]
+
+
+def _decode_stacked(
+    blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor] | list[LayerKV]:
+    """A part's frames as stacked K, V ``[n, heads, tokens, head_dim]`` in one kernel call, when they share
+    shape, seed and dtype and are quantized; else one ``(k, v)`` per frame."""
     opened = [open_frame(b) for b in blobs]
     first = opened[0][0]
     same = all(
@@ -389,7 +410,7 @@ def _decode_part(blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None)
     if not same:
         return [decode_opened(hd, raw, dtype=dtype) for hd, raw in opened]
     out_dtype = dtype or first.dtype
-    pairs = cpu_decode.decode_batch(opened, out_dtype)
-    if pairs and pairs[0][0].dtype != out_dtype:
-        pairs = [(k.to(out_dtype), v.to(out_dtype)) for k, v in pairs]
-    return pairs
+    k, v = cpu_decode.decode_batch(opened, out_dtype)
+    if k.dtype != out_dtype:
+        k, v = k.to(out_dtype), v.to(out_dtype)
+    return k, v

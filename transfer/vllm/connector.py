@@ -316,9 +316,8 @@ class _LayerLoad:
         for blob in blobs:  # the header alone says whether a frame fits this engine
             got = codec.read_header(blob).shape
             if tuple(got) != (heads, owner._chunk_tokens, dim):
-                raise ValueError(
-                    f"stored frame has shape {tuple(got)}, this engine needs {(heads, owner._chunk_tokens, dim)}"
-                )
+                need = (heads, owner._chunk_tokens, dim)
+                raise ValueError(f"stored frame has shape {tuple(got)}, this engine needs {need}")
         # the request's chunks of this layer as one tensor; on this thread only (it runs beside the model)
         k, v = codec.decode_into(blobs, dtype=owner._dtype, threads=1)
         self.loaded_bytes += sum(len(blob) for blob in blobs)
