@@ -45,7 +45,8 @@ from kvstore.keys import model_fingerprint
 from kvstore.testing.store import start_server_process
 from transfer import affinity
 from transfer.client import KVClient
-from transfer.kvio import FetchedPrefix, decode_blobs, iter_layers, put_context
+from transfer.codec import decode_into
+from transfer.kvio import FetchedPrefix, iter_layers, put_context
 from transfer.layerwise import CONSUMED, LayerwiseCache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return logits[0, -1].argmax(), logits
 
             def fetch_one() -> Any:
-                return [decode_blobs(b) for _, b in client.get_layers(ns, keys, 0, 1)]
+                return [decode_into(b) for _, b in client.get_layers(ns, keys, 0, 1)]
 
             def fetch_all_only() -> Any:
                 return [k for _, k, _ in iter_layers(client, ns, keys, 0, num_layers)]
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     affinity.enter_io()  # where the loader would run
                     while not stop.is_set():
                         for blobs in raw_layers:
-                            decode_blobs(blobs, threads=1)
+                            decode_into(blobs, threads=1)
                             if stop.is_set():
                                 break
 

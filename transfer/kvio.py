@@ -31,10 +31,7 @@ import torch
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, ChunkKey, Namespace, chunk_keys
 from transfer.client import KVClient, PutItem, PutResult
-from transfer.codec import decode_concat
-from transfer.codec import encode_chunk as encode_chunk_layers
-
-LayerKV = tuple[torch.Tensor, torch.Tensor]
+from transfer.codec import LayerKV, decode_into, encode
 
 
 def profile_of(namespace: Namespace | str) -> str:
@@ -42,7 +39,7 @@ def profile_of(namespace: Namespace | str) -> str:
     return Namespace.parse(str(namespace)).profile
 
 
-def encode_chunk(
+def chunk_items(
     chunk_kv: Sequence[LayerKV],
     key: bytes,
     *,
@@ -57,7 +54,7 @@ def encode_chunk(
         raise ValueError(f"chunk has {len(chunk_kv)} layers, expected {total}")
     # the chunk's layers encode side by side on the codec threads
     for layer, blob in enumerate(
-        encode_chunk_layers(list(chunk_kv), profile, token_offset=token_offset, context_end=context_end)
+        encode(list(chunk_kv), profile, token_offset=token_offset, context_end=context_end)
     ):
         yield PutItem(key, layer, total, blob)
 
@@ -94,7 +91,7 @@ def context_items(
         a, b = chunk * chunk_tokens, (chunk + 1) * chunk_tokens
         sal = saliency[..., a:b] if saliency is not None else None
         # the chunk's layers encode side by side on the codec threads (one chunk of frames at a time)
-        blobs = encode_chunk_layers(
+        blobs = encode(
             [(k[:, a:b], v[:, a:b]) for k, v in layers_kv],
             profile,
             saliency=sal,
@@ -166,7 +163,7 @@ def put_chunks(
                     raise ValueError(
                         f"chunk {index} layer {layer} has {k.shape[1]} tokens, expected {chunk_tokens}"
                     )
-            yield from encode_chunk(
+            yield from chunk_items(
                 chunk_kv,
                 keys[index],
                 profile=profile,
@@ -175,20 +172,6 @@ def put_chunks(
             )
 
     return client.put(namespace, items())
-
-
-def decode_blobs(
-    blobs: Sequence[bytes],
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    threads: int | None = None,
-) -> LayerKV:
-    """One layer's blobs (one per chunk, in order) as ``(k, v)`` over all their tokens.
-
-    ``threads``: codec threads to use (default all; see :func:`transfer.codec.decode_many`).
-    """
-    return decode_concat(blobs, device=device, dtype=dtype, threads=threads)
 
 
 def iter_layers(
@@ -203,7 +186,7 @@ def iter_layers(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(layer, k, v)`` over all ``keys``, one decoded layer at a time, in layer order."""
     for layer, blobs in client.get_layers(namespace, keys, layer_start, layer_end):
-        k, v = decode_blobs(blobs, device=device, dtype=dtype)
+        k, v = decode_into(blobs, device=device, dtype=dtype)
         yield layer, k, v
 
 

@@ -15,9 +15,10 @@ chunk; this module adds what only matters at that scale:
   3,907 chunk keys of one layer would make the server load ~770 MB of one layer
   before sending the first byte; windows keep both sides at
   ``(prefetch + 1) * window_keys`` blobs.
-* :func:`read_layers` decodes those windows into one preallocated tensor per
-  layer, for a consumer that wants whole layers (one layer of a 1M-token context
-  is 768 MB of fp16 K+V; only the layer being yielded is alive here).
+* :func:`read_layers` decodes those windows straight into one preallocated tensor
+  per layer (:func:`transfer.codec.decode_into` with a destination), for a
+  consumer that wants whole layers (one layer of a 1M-token context is 768 MB
+  of fp16 K+V; only the layer being yielded is alive here).
 * :func:`peak_rss_bytes` / :func:`reset_peak_rss` read and reset a process's
   ``VmHWM``: how the test suite and ``bench/offload_1m.py`` check the promise.
 
@@ -134,7 +135,7 @@ def encode_chunks(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> Iterator[list[bytes]]:
     """Encode a stream of chunks (per layer ``(k, v)`` of ``[kv_heads, chunk_tokens, head_dim]``) lazily."""
-    from transfer.codec import encode_chunk
+    from transfer.codec import encode
 
     for i, chunk_kv in enumerate(chunks):
         offset = (start_chunk + i) * chunk_tokens
@@ -143,9 +144,7 @@ def encode_chunks(
                 raise ValueError(
                     f"chunk {start_chunk + i} layer {layer} has {k.shape[1]} tokens, expected {chunk_tokens}"
                 )
-        yield encode_chunk(
-            list(chunk_kv), profile, token_offset=offset
-        )  # layers side by side on the codec threads
+        yield encode(list(chunk_kv), profile, token_offset=offset)  # layers side by side on the codec threads
 
 
 def offload_context(
@@ -257,13 +256,14 @@ def read_layers(
 ) -> Iterator[tuple[int, Any, Any]]:
     """Yield ``(layer, k, v)`` over the whole context, each ``[kv_heads, tokens, head_dim]``.
 
-    Windows are decoded as they arrive and copied into one tensor per layer,
-    allocated when the layer's first window is decoded; ``dtype`` defaults to
-    the decoder's. ``num_tokens`` (default ``len(keys) * chunk_tokens``) sizes it.
+    Windows are decoded as they arrive into one tensor per layer, allocated
+    when the layer's first window arrives (heads and head_dim from its first
+    frame's header); ``dtype`` defaults to the frames'. ``num_tokens`` (default
+    ``len(keys) * chunk_tokens``) sizes it.
     """
     import torch
 
-    from transfer.codec import decode_many
+    from transfer.codec import decode_into, read_header
 
     total = num_tokens if num_tokens is not None else len(keys) * chunk_tokens
     k_out = v_out = None
@@ -277,15 +277,15 @@ def read_layers(
                 yield current, k_out, v_out
             k_out = v_out = None
             current, filled = window.layer, 0
-        for k, v in decode_many(window.blobs, dtype=dtype):  # a window's blobs decode side by side
-            if k_out is None:
-                shape = (k.shape[0], total, k.shape[2])
-                k_out = torch.empty(shape, dtype=k.dtype)
-                v_out = torch.empty(shape, dtype=v.dtype)
-            n = k.shape[1]
-            k_out[:, filled : filled + n].copy_(k)
-            v_out[:, filled : filled + n].copy_(v)  # type: ignore[index]
-            filled += n
+        if not window.blobs:
+            continue
+        headers = [read_header(b) for b in window.blobs]  # sizes only: decode_into verifies each frame
+        if k_out is None:
+            first = headers[0]
+            k_out = torch.empty((first.heads, total, first.head_dim), dtype=dtype or first.dtype)
+            v_out = torch.empty_like(k_out)
+        decode_into(window.blobs, (k_out, v_out), token_offset=filled)  # a window's frames side by side
+        filled += sum(h.tokens for h in headers)
     if k_out is not None:
         yield current, k_out, v_out
 

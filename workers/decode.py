@@ -23,11 +23,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transfer.cluster import StoreClient
 from workers.prefill import PrefillHandle, WorkerConfig, close_cache, prefill_from_store
-from workers.runner import LayerKV, ModelRunner
+from workers.runner import ModelRunner
+
+if TYPE_CHECKING:
+    from transfer.codec import LayerKV
 
 
 @dataclass(frozen=True)

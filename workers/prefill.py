@@ -22,14 +22,17 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, ChunkKey, Namespace, chunk_keys
 from transfer import affinity
 from transfer.client import PutItem
 from transfer.cluster import StoreClient
 from transfer.errors import DataLoss, NotFound, Unavailable
-from workers.runner import LayerKV, ModelRunner, reuse_boundary
+from workers.runner import ModelRunner, reuse_boundary
+
+if TYPE_CHECKING:
+    from transfer.codec import LayerKV
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +144,6 @@ class PrefillHandle:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def tail_tokens(self) -> tuple[int, ...]:
-        """Prompt tokens after the last reusable chunk; decode recomputes them."""
-        return self.token_ids[self.boundary :]
 
     @property
     def prefix_keys(self) -> tuple[ChunkKey, ...]:

@@ -24,14 +24,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, model_fingerprint
 from workers.model import KVShape, cache_to_layers, kv_shape, layers_to_cache, load_model
 
-LayerKV = tuple[torch.Tensor, torch.Tensor]
+if TYPE_CHECKING:  # annotations only: importing the codec loads numba, which workers defer
+    from transfer.codec import LayerKV
 
 
 def reuse_boundary(num_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:

@@ -112,11 +112,11 @@ def test_layer0_is_consumed_before_the_last_layer_arrives(
                 gate_opened.set()
             yield layer, blobs
 
-    from transfer.kvio import decode_blobs
+    from transfer.codec import decode_into
 
     depth = 2
     cache = LayerwiseCache(
-        gated(), num_layers, PREFIX_CHUNKS * CHUNK, decode=decode_blobs, prefetch_depth=depth
+        gated(), num_layers, PREFIX_CHUNKS * CHUNK, decode=decode_into, prefetch_depth=depth
     )
     holder["cache"] = cache
     built.set()

@@ -19,8 +19,8 @@ from transfer.codec import (
     UnknownProfile,
     UnknownVersion,
     decode_layer,
+    encode,
     encode_layer,
-    encode_layers,
     read_header,
 )
 from transfer.codec.format import FLAG_ZSTD, HEADER_BYTES
@@ -182,21 +182,25 @@ def test_bad_saliency_is_shape_mismatch() -> None:
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 @pytest.mark.parametrize("shape", [(3, 256, 64), (1, 7, 12), (2, 40, 32)])
-def test_encode_layers_gives_the_same_frames_as_encode_layer(
+def test_encode_in_one_pass_gives_the_same_frames_as_encode_layer(
     profile: str, shape: tuple[int, int, int]
 ) -> None:
     layers = [_kv(torch.float16, *shape, seed=i) for i in range(4)]
     layers[2] = (torch.zeros_like(layers[2][0]), layers[2][1])  # a layer with all-zero keys
     for offset, end in [(0, None), (256, 300)]:
-        batched = encode_layers(layers, profile, token_offset=offset, context_end=end)
+        batched = encode(layers, profile, token_offset=offset, context_end=end, threads=1)
         single = [encode_layer(k, v, profile, token_offset=offset, context_end=end) for k, v in layers]
         assert batched == single
 
 
-def test_encode_layers_rejects_mixed_layers() -> None:
+def test_encode_rejects_mixed_layers() -> None:
     with pytest.raises(ShapeMismatch):
-        encode_layers([_kv(), _kv(tokens=8)], "balanced")
-    assert encode_layers([], "balanced") == []
+        encode([_kv(), _kv(tokens=8)], "balanced", threads=1)
+    with pytest.raises(ShapeMismatch):
+        encode([_kv(), _kv(tokens=8)], "balanced")  # split over the codec threads: still refused
+    assert encode([], "balanced") == []
+    with pytest.raises(ValueError, match="threads"):
+        encode([_kv()], "balanced", threads=0)
 
 
 def test_zstd_is_kept_only_where_the_profile_says_it_pays() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer.codec import PROFILES, cpu_kernels, decode_layer, encode_layer, encode_layers
+from transfer.codec import PROFILES, cpu_kernels, decode_layer, encode, encode_layer
 
 GOLDEN = Path(__file__).parent / "data" / "codec_golden.json"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -80,11 +80,11 @@ def compute() -> dict[str, list[str]]:
             )
             layers = [_inputs((3, 256, 64), dtype, 200 + i, outliers=i == 1) for i in range(4)]
             results[f"layers/{dname}/{prof}"] = _record(
-                encode_layers(layers, prof, token_offset=256, context_end=700)
+                encode(layers, prof, token_offset=256, context_end=700, threads=1)
             )
             layers = [_inputs((3, 100, 64), dtype, 300 + i) for i in range(3)]
             results[f"layers-sal/{dname}/{prof}"] = _record(
-                encode_layers(layers, prof, saliency=sal[:100], token_offset=0, context_end=None)
+                encode(layers, prof, saliency=sal[:100], token_offset=0, context_end=None, threads=1)
             )
     return results
 

@@ -29,11 +29,10 @@ from transfer.codec import (
     Profile,
     codec_threads,
     cpu_kernels,
+    decode_into,
     decode_layer,
-    decode_many,
-    encode_chunk,
+    encode,
     encode_layer,
-    encode_layers,
     imap_ordered,
     parallel,
 )
@@ -132,7 +131,7 @@ def test_kernels_write_and_read_what_torch_does(profile: Profile) -> None:
 @pytest.mark.parametrize("profile", ["balanced", "dense", "int8"])
 def test_batched_layers_match_torch(profile: str) -> None:
     layers = [_kv((3, 100, 64), torch.float16, 40 + i) for i in range(5)]
-    assert _same(*_both(lambda: encode_layers(layers, profile, token_offset=256, context_end=400)))
+    assert _same(*_both(lambda: encode(layers, profile, token_offset=256, context_end=400, threads=1)))
 
 
 def test_zero_heads_and_outliers_match_torch() -> None:
@@ -206,21 +205,25 @@ def test_imap_ordered_keeps_order_and_raises_in_place() -> None:
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
-def test_decode_many_equals_one_by_one(dtype) -> None:
+def test_decode_frames_equals_one_by_one(dtype) -> None:
     blobs = [
         encode_layer(*_kv((3, 64, 64), torch.float16, s), "balanced", token_offset=64 * s) for s in range(7)
     ]
     blobs += [encode_layer(*_kv((3, 64, 64), torch.bfloat16, 9), "dense", token_offset=64)]  # another dtype
     blobs += [encode_layer(*_kv((2, 30, 64), torch.float16, 8), "lossless")]  # another shape, lossless
     blobs += [encode_layer(*_kv((3, 64, 64), torch.float16, 10), "int8", token_offset=0, context_end=64)]
-    many = decode_many(blobs, dtype=dtype)
+    many = parallel.decode_frames(blobs, dtype=dtype)
     assert _same(many, [decode_layer(b, dtype=dtype) for b in blobs])
     same_shape = blobs[:7]  # one kernel call per part
-    assert _same(decode_many(same_shape, dtype=dtype), [decode_layer(b, dtype=dtype) for b in same_shape])
-    assert _same(decode_many(blobs, dtype=dtype, threads=1), many)  # the caller's thread alone: same tensors
+    assert _same(
+        parallel.decode_frames(same_shape, dtype=dtype), [decode_layer(b, dtype=dtype) for b in same_shape]
+    )
+    assert _same(
+        parallel.decode_frames(blobs, dtype=dtype, threads=1), many
+    )  # the caller's thread alone: same tensors
 
 
-def test_decode_many_with_one_thread_stays_in_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_frames_with_one_thread_stays_in_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
     blobs = [encode_layer(*_kv((3, 32, 64), torch.float16, s), "balanced", token_offset=32) for s in range(4)]
     seen: set[str] = set()
@@ -231,13 +234,13 @@ def test_decode_many_with_one_thread_stays_in_the_calling_thread(monkeypatch: py
         return real(*args, **kwargs)
 
     monkeypatch.setattr(parallel, "_decode_part", spy)
-    decode_many(blobs, threads=1)
+    parallel.decode_frames(blobs, threads=1)
     assert seen == {threading.current_thread().name}
     seen.clear()
-    decode_many(blobs)
+    parallel.decode_frames(blobs)
     assert seen and all(name.startswith("kvstore-codec") for name in seen)  # the default: pool threads
     with pytest.raises(ValueError, match="threads"):
-        decode_many(blobs, threads=0)
+        parallel.decode_frames(blobs, threads=0)
 
 
 def test_codec_calls_nest_without_deadlock(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -245,18 +248,18 @@ def test_codec_calls_nest_without_deadlock(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
     blobs = [encode_layer(*_kv((3, 32, 64), torch.float16, s), "balanced", token_offset=32) for s in range(4)]
     expected = [decode_layer(b) for b in blobs]
-    nested = list(imap_ordered(lambda _: decode_many(blobs), range(6)))  # more tasks than threads
+    nested = list(imap_ordered(lambda _: parallel.decode_frames(blobs), range(6)))  # more tasks than threads
     assert all(_same(got, expected) for got in nested)
 
 
-def test_decode_many_refuses_a_bad_frame_among_good_ones() -> None:
+def test_decode_frames_refuses_a_bad_frame_among_good_ones() -> None:
     blobs = [encode_layer(*_kv((3, 64, 64), torch.float16, s), "balanced", token_offset=64) for s in range(6)]
     for bad in (seal(blobs[4][:-TRAILER_BYTES][:-3]), blobs[4][:-1] + bytes([blobs[4][-1] ^ 1])):
         with pytest.raises(CodecError):
-            decode_many(blobs[:4] + [bad] + blobs[5:])
+            parallel.decode_frames(blobs[:4] + [bad] + blobs[5:])
     body_lie = next(iter(_body_mutations(blobs[2])))
     with pytest.raises(CodecError):
-        decode_many(blobs[:2] + [body_lie] + blobs[3:])
+        parallel.decode_frames(blobs[:2] + [body_lie] + blobs[3:])
 
 
 def test_codec_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -328,14 +331,14 @@ def _elementwise(kernel, values, out_dtype):
 
 
 @pytest.mark.parametrize("profile", ["balanced", "dense", "int8", "lossless"])
-def test_encode_chunk_gives_each_layers_frame(profile: str) -> None:
+def test_encode_gives_each_layers_frame(profile: str) -> None:
     layers = [_kv((3, 64, 64), torch.float16, 60 + i) for i in range(7)]
     expected = [encode_layer(k, v, profile, token_offset=0, context_end=64) for k, v in layers]
-    assert encode_chunk(layers, profile, token_offset=0, context_end=64) == expected
+    assert encode(layers, profile, token_offset=0, context_end=64) == expected
     sal = torch.linspace(0, 1, 64)
     expected = [encode_layer(k, v, profile, saliency=sal, token_offset=128) for k, v in layers]
-    assert encode_chunk(layers, profile, saliency=sal, token_offset=128) == expected
-    assert encode_chunk([], profile) == []
+    assert encode(layers, profile, saliency=sal, token_offset=128) == expected
+    assert encode([], profile) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -356,7 +359,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decode_concat_writes_lossless_chunks_in_place_bit_exact(
+def test_decode_into_writes_lossless_chunks_in_place_bit_exact(
     dtype: torch.dtype, threads: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A layer's lossless chunks land in one tensor, bit for bit what per-chunk decode + cat gives."""
@@ -368,46 +371,100 @@ def test_decode_concat_writes_lossless_chunks_in_place_bit_exact(
     writes: list[int] = []
     real = parallel.decode_lossless_into
     monkeypatch.setattr(parallel, "decode_lossless_into", lambda *a, **kw: writes.append(1) or real(*a, **kw))
-    k, v = parallel.decode_concat(blobs, threads=threads)
+    k, v = decode_into(blobs, threads=threads)
     assert len(writes) == len(blobs)  # the in-place path ran, once per frame
     assert k.shape == v.shape == (3, sum(tokens), 20) and k.dtype == dtype and k.is_contiguous()
     assert torch.equal(_bits(k), _bits(torch.cat([k for k, _ in parts], dim=1)))
     assert torch.equal(_bits(v), _bits(torch.cat([v for _, v in parts], dim=1)))
-    k32, _ = parallel.decode_concat(
-        blobs, dtype=torch.float32, threads=threads
-    )  # a cast after, like decode_many
+    k32, _ = decode_into(blobs, dtype=torch.float32, threads=threads)  # a cast after, like decode_frames
     assert k32.dtype == torch.float32
     torch.testing.assert_close(k32, k.float(), rtol=0, atol=0, equal_nan=True)
 
 
-def test_decode_concat_takes_the_general_path_where_it_must() -> None:
+def test_decode_into_takes_the_general_path_where_it_must() -> None:
     lossy = [
         encode_layer(*_kv((3, 32, 64), torch.float16, s), "balanced", token_offset=32 * s) for s in range(3)
     ]
-    expected = decode_many(lossy)
-    k, v = parallel.decode_concat(lossy)
+    expected = parallel.decode_frames(lossy)
+    k, v = decode_into(lossy)
     assert torch.equal(k, torch.cat([a for a, _ in expected], dim=1))
     assert torch.equal(v, torch.cat([b for _, b in expected], dim=1))
     mixed = [
         encode_layer(*_kv((3, 8, 16), torch.float16, 1), "lossless"),
         encode_layer(*_kv((3, 8, 16), torch.float32, 2), "lossless"),
     ]  # dtypes differ: no shared output
-    k, _ = parallel.decode_concat(mixed, dtype=torch.float32)
+    k, _ = decode_into(mixed, dtype=torch.float32)
     assert k.shape == (3, 16, 16)
     with pytest.raises(ValueError, match="at least one"):
-        parallel.decode_concat([])
+        decode_into([])
 
 
-def test_decode_concat_refuses_a_bad_lossless_frame_like_the_general_path() -> None:
+@pytest.mark.parametrize("profile", ["lossless", "balanced", "int8"])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+def test_decode_into_fills_a_callers_destination_at_its_offset(profile: str, out_dtype: torch.dtype) -> None:
+    """Frames land in ``dest[:, token_offset:]``, as an allocating decode gives them; the rest untouched."""
+    tokens = (32, 32, 9)
+    blobs = [
+        encode_layer(*_kv((3, t, 64), torch.float16, 40 + i), profile, token_offset=32 * i)
+        for i, t in enumerate(tokens)
+    ]
+    expected_k, expected_v = decode_into(blobs, dtype=out_dtype)
+    k_out = torch.full((3, 100, 64), 7.0, dtype=out_dtype)
+    v_out = torch.full((3, 100, 64), 7.0, dtype=out_dtype)
+    got = decode_into(blobs, (k_out, v_out), token_offset=20)
+    assert got[0] is k_out and got[1] is v_out
+    assert torch.equal(_bits(k_out[:, 20:93]), _bits(expected_k))
+    assert torch.equal(_bits(v_out[:, 20:93]), _bits(expected_v))
+    assert torch.all(k_out[:, :20] == 7) and torch.all(k_out[:, 93:] == 7) and torch.all(v_out[:, 93:] == 7)
+    for t in (1, 2):  # window by window, as longctx.read_layers fills a layer
+        decode_into(blobs, (k_out, v_out), token_offset=0, threads=t)
+        assert torch.equal(_bits(k_out[:, :73]), _bits(expected_k))
+    same = [  # frames of one shape: one kernel call and one copy per part on the quantized path
+        encode_layer(*_kv((3, 16, 64), torch.float16, 50 + i), profile, token_offset=16 * i) for i in range(5)
+    ]
+    for t in (1, 2):
+        k_out.fill_(7)
+        decode_into(same, (k_out, v_out), token_offset=3, threads=t)
+        assert torch.equal(
+            _bits(k_out[:, 3:83]), _bits(torch.cat([decode_layer(b, dtype=out_dtype)[0] for b in same], 1))
+        )
+        assert torch.equal(
+            _bits(v_out[:, 3:83]), _bits(torch.cat([decode_layer(b, dtype=out_dtype)[1] for b in same], 1))
+        )
+        assert torch.all(k_out[:, :3] == 7) and torch.all(k_out[:, 83:] == 7)
+
+
+def test_decode_into_refuses_a_destination_that_does_not_fit() -> None:
+    from transfer.codec.errors import ShapeMismatch
+
+    lossless = [encode_layer(*_kv((3, 16, 32), torch.float32, s), "lossless") for s in range(2)]
+    lossy = [encode_layer(*_kv((3, 16, 32), torch.float32, s), "balanced") for s in range(2)]
+    for blobs in (lossless, lossy):
+        for dest, offset in (
+            ((torch.empty(3, 31, 32), torch.empty(3, 31, 32)), 0),  # one token short
+            ((torch.empty(3, 40, 32), torch.empty(3, 40, 32)), 9),  # runs past the end
+            ((torch.empty(2, 40, 32), torch.empty(2, 40, 32)), 0),  # other heads
+            ((torch.empty(3, 40, 16), torch.empty(3, 40, 16)), 0),  # other head_dim
+            ((torch.empty(3, 40, 32), torch.empty(3, 41, 32)), 0),  # K and V differ
+        ):
+            with pytest.raises(ShapeMismatch):
+                decode_into(blobs, dest, token_offset=offset)
+    with pytest.raises(ValueError, match="dest"):
+        decode_into(lossless, token_offset=3)
+    with pytest.raises(ValueError, match="threads"):
+        decode_into(lossless, threads=0)
+
+
+def test_decode_into_refuses_a_bad_lossless_frame_like_the_general_path() -> None:
     blobs = [encode_layer(*_kv((3, 16, 32), torch.float32, s), "lossless") for s in range(4)]
     flipped = bytearray(blobs[2])
     flipped[HEADER_BYTES + 5] ^= 0x10  # body bit: the plan reads the header fine, the checksum catches it
     truncated = blobs[2][: len(blobs[2]) // 2]
     for bad in (bytes(flipped), truncated):
         with pytest.raises(CodecError) as in_place:
-            parallel.decode_concat(blobs[:2] + [bad] + blobs[3:], threads=1)
+            decode_into(blobs[:2] + [bad] + blobs[3:], threads=1)
         with pytest.raises(CodecError) as general:
-            decode_many(blobs[:2] + [bad] + blobs[3:], threads=1)
+            parallel.decode_frames(blobs[:2] + [bad] + blobs[3:], threads=1)
         assert type(in_place.value) is type(general.value) and str(in_place.value) == str(general.value)
 
 

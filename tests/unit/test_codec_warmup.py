@@ -11,8 +11,7 @@ import numba
 import pytest
 import torch
 
-from transfer.codec import cpu_kernels
-from transfer.codec.parallel import decode_concat, decode_many, encode_chunk
+from transfer.codec import cpu_kernels, decode_into, decode_layer, encode
 from transfer.codec.warmup import warm_up
 
 
@@ -37,10 +36,13 @@ def test_a_request_after_warm_up_compiles_nothing(profile: str) -> None:
     layers = [
         (torch.randn(3, 256, 64, generator=gen), torch.randn(3, 256, 64, generator=gen)) for _ in range(30)
     ]
-    chunks = [encode_chunk(layers, profile, token_offset=i * 256) for i in range(2)]
-    decode_concat([chunks[0][5], chunks[1][5]])
-    decode_concat([chunks[1][6]])  # one frame: its own kernel (decode_frame), a prefix of one chunk
-    decode_many(chunks[0])
+    chunks = [encode(layers, profile, token_offset=i * 256) for i in range(2)]
+    k, v = decode_into([chunks[0][5], chunks[1][5]])
+    decode_into([chunks[1][6], chunks[0][6]], (torch.empty_like(k), torch.empty_like(v)))
+    window = (torch.empty(3, 4096, 64, dtype=torch.float16), torch.empty(3, 4096, 64, dtype=torch.float16))
+    decode_into(chunks[0][:4], window, token_offset=256)  # frames of one chunk, as any 4 same-shaped frames
+    decode_layer(chunks[1][0])
+    decode_into([chunks[1][6]])  # one frame of a one-chunk prefix: its own kernel (decode_frame)
     assert _compiled() == before
 
 

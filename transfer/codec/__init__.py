@@ -1,10 +1,12 @@
 """KV codec: one (chunk, layer) of K and V <-> one self-describing, checksummed frame.
 
-Public API::
+Public API (one entry per direction, plus the same entry at size one)::
 
-    blob = encode_layer(k, v, profile="balanced", saliency=None, token_offset=0, context_end=None)
-    blobs = encode_layers([(k0, v0), (k1, v1), ...], profile, ...)   # one chunk, all layers, same bytes
-    k, v = decode_layer(blob, device="cpu", dtype=None)
+    blobs = encode([(k0, v0), (k1, v1), ...], profile, token_offset=0, context_end=None)  # one chunk
+    k, v = decode_into(blobs_of_one_layer)                       # allocated: [heads, all tokens, dim]
+    decode_into(blobs_of_one_layer, (k_out, v_out), token_offset=t)  # into the caller's tensors
+    blob = encode_layer(k, v, profile, ...)                      # encode([(k, v)], ...)[0]
+    k, v = decode_layer(blob, device="cpu", dtype=None)          # decode_into([blob], ...)
     header = read_header(blob)
 
 Profiles (``PROFILES``): ``lossless`` (bit-exact), ``int8``, ``balanced``, ``dense``.
@@ -22,8 +24,8 @@ from transfer.codec.errors import (
     UnknownVersion,
 )
 from transfer.codec.format import FORMAT_VERSION, FrameHeader
-from transfer.codec.frame import decode_layer, encode_layer, encode_layers, read_header
-from transfer.codec.parallel import codec_threads, decode_concat, decode_many, encode_chunk, imap_ordered
+from transfer.codec.frame import LayerKV, decode_layer, read_header
+from transfer.codec.parallel import codec_threads, decode_into, encode, encode_layer, imap_ordered
 from transfer.codec.profiles import PROFILES, Profile
 
 __all__ = [
@@ -32,18 +34,17 @@ __all__ = [
     "CodecError",
     "CorruptFrame",
     "FrameHeader",
+    "LayerKV",
     "Profile",
     "ShapeMismatch",
     "TruncatedFrame",
     "UnknownProfile",
     "UnknownVersion",
     "codec_threads",
+    "decode_into",
     "decode_layer",
-    "decode_concat",
-    "decode_many",
-    "encode_chunk",
+    "encode",
     "encode_layer",
-    "encode_layers",
     "imap_ordered",
     "read_header",
 ]

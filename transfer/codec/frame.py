@@ -1,10 +1,18 @@
-"""encode_layer / decode_layer: one (chunk, layer) of K and V to one sealed frame and back.
+"""The frame pipeline: one chunk's layers to sealed frames (encode_group), one frame back (decode_layer).
+
+The public entries (transfer.codec.encode / decode_into, in parallel.py) spread
+these over the codec threads; this module is what one thread runs.
 
 The pipeline is a row of small stages (see the sibling modules): choose the
 precision map (saliency), center and rotate (rotate), quantize (quantize),
 bit-pack (pack), lay out and entropy-code (format, zstd), seal (kvstore.integrity).
-All tensor work stays in torch on the input's device; the only host step is
-turning the final uint8 tensor into bytes, so CUDA input never detours via numpy.
+Where it runs (docs/codec.md, "What runs where"): encoding CPU input uses the
+compiled kernels (cpu_encode), CUDA input the torch stages on the device, whose
+only host step is the final uint8 tensor -> bytes. Decoding a quantized frame
+always runs the CPU kernels (cpu_decode) and moves the result to the requested
+device; a lossless frame is unshuffled by a CPU kernel for CPU output and by
+torch on the device otherwise. With ``KVSTORE_CODEC_KERNELS=torch`` every stage
+is torch on the requested device.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ from transfer.codec.pack import pack_bits, packed_size, unpack_bits
 from transfer.codec.profiles import CHANNEL, TOKEN, Profile, get_profile
 from transfer.codec.rotate import can_rotate, rotate, unrotate
 from transfer.codec.saliency import precision_map
+
+#: One layer's K and V, each ``[kv_heads, tokens, head_dim]``: what the codec takes and gives.
+LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 ROTATION_SEED = 0x4B5643  # fixed per format version; written in every frame anyway
 _local = threading.local()  # zstd contexts are not thread-safe; one per thread
@@ -76,47 +87,20 @@ def _check_inputs(k: torch.Tensor, v: torch.Tensor) -> None:
         raise ShapeMismatch(f"shape {tuple(k.shape)} does not fit a frame")
 
 
-def encode_layer(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    profile: str | Profile = "balanced",
-    *,
-    saliency: torch.Tensor | None = None,
-    token_offset: int = 0,
-    context_end: int | None = None,
-) -> bytes:
-    """Encode one chunk-layer of K and V ([kv_heads, tokens, head_dim]) into a sealed frame.
-
-    ``token_offset`` is the position of the chunk's first token in the context
-    (the first ``sink_tokens`` positions are kept at high precision), and
-    ``context_end``, the context's length, keeps its ``recent_tokens`` (and
-    ``warm_tokens``) at higher precision; ``None`` when the end is unknown.
-    ``saliency`` ([tokens] or [heads, tokens], higher = more important) ranks
-    the other tokens for profiles with a salient tier; without it the key norm
-    is the proxy.
-    """
-    _check_inputs(k, v)
-    prof = get_profile(profile)
-    if prof.lossless:
-        body = _shuffle(torch.cat([_u8(k), _u8(v)]), k.element_size())
-        return _seal_frames(body.view(1, -1), prof, k, FLAG_LOSSLESS)[0]
-    layout = _layout_for(k, prof, saliency, token_offset, context_end)
-    flags, body = _encode_quantized(k, v, prof, layout, 1)
-    return _seal_frames(body, prof, k, flags)[0]
-
-
-def encode_layers(
-    layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+def encode_group(
+    layers: Sequence[LayerKV],
     profile: str | Profile = "balanced",
     *,
     saliency: torch.Tensor | None = None,
     token_offset: int = 0,
     context_end: int | None = None,
 ) -> list[bytes]:
-    """Encode the layers of one chunk at once: the same frames as ``encode_layer`` on each.
+    """Encode the layers of one chunk in one pass on the calling thread: one sealed frame per layer.
 
-    Every quantizer works per head row or per (head, channel), so stacking the
-    layers into the head dimension gives the same numbers with ~1/L of the
+    This is one codec thread's share of :func:`transfer.codec.encode` (the
+    public entry, which documents the arguments). Every quantizer works per
+    head row or per (head, channel), so stacking the layers into the head
+    dimension gives the same bytes as encoding each alone, with ~1/L of the
     per-call overhead (which dominates at 256 tokens per frame).
     """
     if not layers:
@@ -127,16 +111,23 @@ def encode_layers(
     if any(k.shape != k0.shape or k.dtype != k0.dtype or k.device != k0.device for k, _ in layers):
         raise ShapeMismatch("all layers of a chunk must share shape, dtype and device")
     prof = get_profile(profile)
-    key_dependent = len(prof.tiers) > 2 and prof.salient_fraction > 0 and saliency is None
-    if prof.lossless or key_dependent:  # per-layer precision maps: no shared pass
-        return [
-            encode_layer(k, v, prof, saliency=saliency, token_offset=token_offset, context_end=context_end)
-            for k, v in layers
-        ]
-    h, t, d = k0.shape
+    if prof.lossless:  # byte planes of each layer's K and V, no shared pass
+        return [_seal_frames(_shuffle_kv(k, v).view(1, -1), prof, k, FLAG_LOSSLESS)[0] for k, v in layers]
     n = len(layers)
-    ks = torch.stack([k for k, _ in layers]).reshape(n * h, t, d)
-    vs = torch.stack([v for _, v in layers]).reshape(n * h, t, d)
+    key_dependent = len(prof.tiers) > 2 and prof.salient_fraction > 0 and saliency is None
+    if key_dependent and n > 1:  # per-layer precision maps: no shared pass
+        return [
+            encode_group(
+                [layer], prof, saliency=saliency, token_offset=token_offset, context_end=context_end
+            )[0]
+            for layer in layers
+        ]
+    if n == 1:  # nothing to stack
+        ks, vs = layers[0]
+    else:
+        h, t, d = k0.shape
+        ks = torch.stack([k for k, _ in layers]).reshape(n * h, t, d)
+        vs = torch.stack([v for _, v in layers]).reshape(n * h, t, d)
     layout = _layout_for(k0, prof, saliency, token_offset, context_end)
     flags, body = _encode_quantized(ks, vs, prof, layout, n)
     return _seal_frames(body, prof, k0, flags)
@@ -159,6 +150,10 @@ def _seal_frames(body: torch.Tensor, prof: Profile, k: torch.Tensor, flags: int)
         )
         out.append(seal(header.pack() + stored))
     return out
+
+
+def _shuffle_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _shuffle(torch.cat([_u8(k), _u8(v)]), k.element_size())
 
 
 def _shuffle(data: torch.Tensor, width: int) -> torch.Tensor:
@@ -339,8 +334,11 @@ def open_frame(blob: bytes | memoryview) -> tuple[FrameHeader, bytes | memoryvie
 
 def decode_layer(
     blob: bytes | memoryview, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verify and decode a frame into (K, V) on ``device``, in ``dtype`` (default: the source dtype)."""
+) -> LayerKV:
+    """Verify and decode one frame into (K, V) on ``device``, in ``dtype`` (default: the source dtype).
+
+    :func:`transfer.codec.decode_into` of a single frame without a destination is exactly this.
+    """
     header, raw = open_frame(blob)
     return decode_opened(header, raw, device, dtype)
 

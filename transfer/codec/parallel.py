@@ -1,4 +1,11 @@
-"""Frames encoded and decoded on every core: one shared thread pool, order kept, memory bounded.
+"""The codec's two entries, ``encode`` and ``decode_into``, run on every core.
+
+``encode(layers, profile, ...)`` turns one chunk's layers into one sealed frame
+per layer; ``decode_into(blobs, dest)`` turns one layer's frames (consecutive
+chunks) back into one ``(K, V)`` over all their tokens, written into the
+caller's tensors or into new ones. ``encode_layer`` and ``decode_layer`` are the
+same entries for a single frame. Everything that moves KV (kvio, longctx, the
+layer-wise cache, the vLLM connector, warm-up) goes through these.
 
 Why threads work here: the CPU kernels (cpu_kernels), zstd and torch's casts
 all release the GIL, so frames of a chunk or a layer run side by side; the
@@ -15,23 +22,25 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from kvstore.integrity import TRAILER_BYTES
 from transfer import affinity
 from transfer.codec import cpu_decode, cpu_kernels
-from transfer.codec.errors import CorruptFrame
+from transfer.codec.errors import CorruptFrame, ShapeMismatch
 from transfer.codec.format import FLAG_LOSSLESS, FrameHeader, parse_header
 from transfer.codec.frame import (
+    LayerKV,
     decode_layer,
     decode_lossless_into,
     decode_opened,
-    encode_layers,
+    encode_group,
     lossless_into_supported,
     open_frame,
 )
+from transfer.codec.profiles import Profile
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -110,20 +119,251 @@ def imap_ordered(fn: Callable[[T], R], items: Iterable[T], *, ahead: int | None 
             future.cancel()
 
 
-def decode_many(
+def encode(
+    layers: Sequence[LayerKV],
+    profile: str | Profile = "balanced",
+    *,
+    saliency: torch.Tensor | None = None,
+    token_offset: int = 0,
+    context_end: int | None = None,
+    threads: int | None = None,
+) -> list[bytes]:
+    """One chunk's layers (each ``(k, v)`` of ``[kv_heads, tokens, head_dim]``) -> one sealed frame per layer.
+
+    ``token_offset`` is the position of the chunk's first token in the context
+    (the first ``sink_tokens`` positions are kept at high precision), and
+    ``context_end``, the context's length, keeps its ``recent_tokens`` (and
+    ``warm_tokens``) at higher precision; ``None`` when the end is unknown.
+    ``saliency`` ([tokens] or [heads, tokens], higher = more important) ranks
+    the other tokens for profiles with a salient tier; without it the key norm
+    is the proxy. The layers must share shape, dtype and device.
+
+    The layers are cut into one contiguous part per codec thread (``threads``
+    caps them; 1 keeps the work on the calling thread) and each part is encoded
+    in one pass (frame.encode_group: one kernel call per tier for all its
+    layers), so a thread takes and releases the GIL a few times per part, not
+    per frame. The bytes do not depend on the split.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    kwargs = {"token_offset": token_offset, "context_end": context_end, "saliency": saliency}
+    if len(layers) < 2 or threads == 1:
+        return encode_group(layers, profile, **kwargs)
+    parts = min(codec_threads() if threads is None else min(threads, codec_threads()), len(layers))
+    if parts == 1:
+        return encode_group(layers, profile, **kwargs)
+    k0 = layers[0][0]
+    if any(  # each part checks its own layers; the parts must agree too, whatever the split
+        not isinstance(k, torch.Tensor) or k.shape != k0.shape or k.dtype != k0.dtype or k.device != k0.device
+        for k, _ in layers
+    ):
+        raise ShapeMismatch("all layers of a chunk must share shape, dtype and device")
+    bounds = [len(layers) * i // parts for i in range(parts + 1)]
+    pieces = [layers[bounds[i] : bounds[i + 1]] for i in range(parts)]
+    return [
+        blob
+        for part in imap_ordered(lambda piece: encode_group(piece, profile, **kwargs), pieces)
+        for blob in part
+    ]
+
+
+def encode_layer(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    profile: str | Profile = "balanced",
+    *,
+    saliency: torch.Tensor | None = None,
+    token_offset: int = 0,
+    context_end: int | None = None,
+) -> bytes:
+    """:func:`encode` of a single layer: the sealed frame of one (chunk, layer)."""
+    return encode_group(
+        [(k, v)], profile, saliency=saliency, token_offset=token_offset, context_end=context_end
+    )[0]
+
+
+def decode_into(
+    blobs: Sequence[bytes | memoryview],
+    dest: LayerKV | None = None,
+    *,
+    token_offset: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    threads: int | None = None,
+) -> LayerKV:
+    """One layer's frames (consecutive chunks, same heads and head_dim) as one ``(K, V)`` over their tokens.
+
+    Without ``dest`` the output is allocated: ``[heads, total tokens, head_dim]``
+    on ``device``, in ``dtype`` (default: the frames' dtype). With ``dest =
+    (k_out, v_out)`` (``[heads, T, head_dim]``, any dtype and device) the
+    frames' tokens are written to ``[:, token_offset : token_offset + total]``
+    and ``dest`` is returned; ``device`` and ``dtype`` are then taken from it.
+    Every frame's checksum is verified before anything is written from it.
+
+    Lossless 16/32-bit frames into a CPU output of their dtype are unshuffled
+    straight into their token slice (no per-chunk tensors, no concatenation).
+    Every other case decodes the frames on the codec threads (quantized frames
+    of one shape in one kernel call per thread) and copies them into place.
+    ``threads`` caps the codec threads used; 1 keeps the work on the calling
+    thread (for a caller running next to model compute).
+    """
+    if not blobs:
+        raise ValueError("decode_into needs at least one frame")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if dest is None:
+        if token_offset != 0:
+            raise ValueError("token_offset places frames in a destination; pass dest with it")
+        if len(blobs) == 1:
+            return decode_layer(blobs[0], device=device, dtype=dtype)
+        headers = _headers(blobs) if torch.device(device).type == "cpu" else None
+        if headers is None or not _one_layer(headers, dtype):
+            parts = decode_frames(blobs, device=device, dtype=dtype, threads=threads)
+            return torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+        first = headers[0]
+        # lossless frames go in place in their own dtype (cast after); others decode straight to ``dtype``
+        lossless = all(lossless_into_supported(h) for h in headers)
+        out_dtype = first.dtype if lossless or dtype is None else dtype
+        k_out = torch.empty((first.heads, sum(h.tokens for h in headers), first.head_dim), dtype=out_dtype)
+        v_out = torch.empty_like(k_out)
+        _fill(blobs, headers, k_out, v_out, 0, threads)
+        if dtype is not None and dtype != out_dtype:
+            return k_out.to(dtype), v_out.to(dtype)
+        return k_out, v_out
+    k_out, v_out = dest
+    if k_out.dim() != 3 or k_out.shape != v_out.shape or k_out.dtype != v_out.dtype:
+        raise ShapeMismatch(
+            f"dest must be two equal [kv_heads, tokens, head_dim] tensors; got "
+            f"{tuple(k_out.shape)} {k_out.dtype} and {tuple(v_out.shape)} {v_out.dtype}"
+        )
+    headers = _headers(blobs) if k_out.device.type == v_out.device.type == "cpu" else None
+    if headers is not None:
+        _fill(blobs, headers, k_out, v_out, token_offset, threads)
+        return k_out, v_out
+    pairs = decode_frames(blobs, device=k_out.device, dtype=k_out.dtype, threads=threads)
+    at = token_offset
+    for index, (k, v) in enumerate(pairs):
+        _check_fits(index, tuple(k.shape), k_out, at)
+        k_out[:, at : at + k.shape[1]].copy_(k)
+        v_out[:, at : at + k.shape[1]].copy_(v)
+        at += k.shape[1]
+    return k_out, v_out
+
+
+def _headers(blobs: Sequence[bytes | memoryview]) -> list[FrameHeader] | None:
+    """Every frame's header, read without verifying (sizes only), or None when one does not parse.
+
+    None sends the caller to the per-frame path, which raises the precise error
+    for that frame; a frame that parses here but lies fails verification in
+    ``open_frame`` before anything is written from it.
+    """
+    try:
+        return [parse_header(memoryview(b)[:-TRAILER_BYTES]) for b in blobs]
+    except Exception:  # noqa: BLE001 - the per-frame path raises the precise error for this frame
+        return None
+
+
+def _one_layer(headers: list[FrameHeader], dtype: torch.dtype | None) -> bool:
+    """Whether the frames fill one output (same heads and head_dim; one dtype unless a cast is asked)."""
+    first = headers[0]
+    return all(
+        h.heads == first.heads
+        and h.head_dim == first.head_dim
+        and (dtype is not None or h.dtype == first.dtype)
+        for h in headers
+    )
+
+
+def _check_fits(index: int, shape: tuple[int, ...], k_out: torch.Tensor, at: int) -> None:
+    """Frames from ``index`` on, of ``shape`` (heads, tokens, head_dim) together, fit ``k_out`` at ``at``."""
+    heads, n, dim = shape
+    if heads != k_out.shape[0] or dim != k_out.shape[2] or not 0 <= at <= k_out.shape[1] - n:
+        raise ShapeMismatch(
+            f"frame {index} ({heads}, {n}, {dim}) does not fit dest {tuple(k_out.shape)} at token {at}"
+        )
+
+
+def _fill(
+    blobs: Sequence[bytes | memoryview],
+    headers: list[FrameHeader],
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    token_offset: int,
+    threads: int | None,
+) -> None:
+    """Decode the frames into their token slices of the CPU tensors ``k_out``/``v_out``, on the codec threads.
+
+    Lossless 16/32-bit frames of the output's dtype are unshuffled straight into
+    place (no per-chunk tensors: on a 2,048-token fp32 layer a decode + cat was
+    two of its four passes over memory). Other frames are decoded one part per
+    thread (one kernel call per part) and each thread copies its part into place
+    while its output is still in cache.
+    """
+    starts = [token_offset]
+    for h in headers:
+        starts.append(starts[-1] + h.tokens)
+    workers = 1 if threads == 1 else min(codec_threads() if threads is None else threads, len(blobs))
+    in_place = (
+        k_out.is_contiguous()
+        and v_out.is_contiguous()
+        and all(lossless_into_supported(h) and h.dtype == k_out.dtype for h in headers)
+    )
+    if in_place:
+
+        def fill(index: int) -> None:
+            header, raw = open_frame(blobs[index])  # verifies the checksum; the plan only read the header
+            if header != headers[index]:
+                raise CorruptFrame(f"frame {index}: header changed between planning and decoding")
+            decode_lossless_into(header, raw, k_out, v_out, starts[index])
+
+        tasks: Sequence[tuple[int, int]] | range = range(len(blobs))
+        run: Callable[[Any], None] = fill
+    else:
+
+        def run_part(bounds: tuple[int, int]) -> None:
+            lo, hi = bounds
+            if cpu_kernels.enabled():
+                out = _decode_stacked(blobs[lo:hi], k_out.dtype)
+                if isinstance(out, tuple):  # one copy per part: [n, h, t, d] into h rows of n*t tokens
+                    k, v = out
+                    n, h, t, d = k.shape
+                    _check_fits(lo, (h, n * t, d), k_out, starts[lo])
+                    k_out[:, starts[lo] : starts[lo] + n * t].view(h, n, t, d).copy_(k.transpose(0, 1))
+                    v_out[:, starts[lo] : starts[lo] + n * t].view(h, n, t, d).copy_(v.transpose(0, 1))
+                    return
+                pairs = out
+            else:
+                pairs = [decode_layer(b, dtype=k_out.dtype) for b in blobs[lo:hi]]
+            for index, (k, v) in enumerate(pairs, lo):
+                _check_fits(index, tuple(k.shape), k_out, starts[index])
+                k_out[:, starts[index] : starts[index] + k.shape[1]].copy_(k)
+                v_out[:, starts[index] : starts[index] + k.shape[1]].copy_(v)
+
+        parts = min(workers, len(blobs))
+        cuts = [len(blobs) * i // parts for i in range(parts + 1)]
+        tasks = [(cuts[i], cuts[i + 1]) for i in range(parts)]
+        run = run_part
+    if workers == 1 or len(tasks) == 1:
+        for task in tasks:
+            run(task)
+    else:
+        for _ in imap_ordered(run, tasks):
+            pass
+
+
+def decode_frames(
     blobs: Sequence[bytes | memoryview],
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     threads: int | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`decode_layer` of every blob, in order, using every codec thread (or ``threads`` of them).
+) -> list[LayerKV]:
+    """:func:`decode_layer` of every blob, in order, on the codec threads (the stage under decode_into).
 
     On CPU the blobs are cut into one contiguous part per thread and each part
     is decoded by one kernel call (cpu_decode.decode_batch) when its frames
     share a shape; the tensors of a part are views of one allocation.
-    ``threads=1`` decodes in the calling thread only: for a caller that runs
-    next to model compute and should not take its cores.
+    ``threads=1`` decodes in the calling thread only.
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -139,87 +379,25 @@ def decode_many(
     pieces = [blobs[bounds[i] : bounds[i + 1]] for i in range(parts)]
     if parts == 1:
         return _decode_part(pieces[0], dtype)
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out: list[LayerKV] = []
     for part in imap_ordered(lambda piece: _decode_part(piece, dtype), pieces):
         out.extend(part)
     return out
 
 
-def decode_concat(
-    blobs: Sequence[bytes | memoryview],
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    threads: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's frames (consecutive chunks, same heads) as one ``(K, V)`` over all their tokens.
-
-    Lossless 16/32-bit frames on the CPU are unshuffled straight into their
-    token slice of the output: no per-chunk tensors and no concatenation after
-    (on a 2,048-token fp32 layer that was two of the decode's four passes over
-    memory, and this runs next to model compute in the layer-wise loader).
-    Every other case decodes each frame and concatenates; both give the same
-    tensors, and a frame that fails verification raises the same error.
-    """
-    if not blobs:
-        raise ValueError("decode_concat needs at least one frame")
-    plan = _lossless_plan(blobs) if torch.device(device).type == "cpu" else None
-    if plan is None:
-        parts = decode_many(blobs, device=device, dtype=dtype, threads=threads)
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
-    first = plan[0]
-    total = sum(h.tokens for h in plan)
-    k_out = torch.empty((first.heads, total, first.head_dim), dtype=first.dtype)
-    v_out = torch.empty_like(k_out)
-    starts = [0]
-    for h in plan:
-        starts.append(starts[-1] + h.tokens)
-
-    def fill(index: int) -> None:
-        header, raw = open_frame(blobs[index])  # verifies the checksum; the plan only read the header
-        if header != plan[index]:
-            raise CorruptFrame(f"frame {index}: header changed between planning and decoding")
-        decode_lossless_into(header, raw, k_out, v_out, starts[index])
-
-    workers = 1 if threads == 1 else min(codec_threads() if threads is None else threads, len(blobs))
-    if workers == 1:
-        for index in range(len(blobs)):
-            fill(index)
-    else:
-        for _ in imap_ordered(fill, range(len(blobs))):
-            pass
-    if dtype is not None and dtype != first.dtype:
-        return k_out.to(dtype), v_out.to(dtype)
-    return k_out, v_out
+def _decode_part(blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None) -> list[LayerKV]:
+    out = _decode_stacked(blobs, dtype)
+    if isinstance(out, list):
+        return out
+    k, v = out
+    return [(k[i], v[i]) for i in range(k.shape[0])]
 
 
-def _lossless_plan(blobs: Sequence[bytes | memoryview]) -> list[FrameHeader] | None:
-    """The headers of frames that :func:`decode_concat` can write in place, or None (take the general path).
-
-    Read without verifying the checksum: a frame that lies here fails
-    verification in ``open_frame`` before anything is written from it.
-    """
-    try:
-        headers = [parse_header(memoryview(b)[:-TRAILER_BYTES]) for b in blobs]
-    except Exception:  # noqa: BLE001 - the general path raises the precise error for this frame
-        return None
-    first = headers[0]
-    if not all(
-        lossless_into_supported(h)
-        and h.heads == first.heads
-        and h.head_dim == first.head_dim
-        and h.dtype == first.dtype
-        for h in headers
-    ):
-        return None
-    return headers
-
-
-def _decode_part(
+def _decode_stacked(
     blobs: Sequence[bytes | memoryview], dtype: torch.dtype | None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor] | list[LayerKV]:
+    """A part's frames as stacked K, V ``[n, heads, tokens, head_dim]`` in one kernel call, when they share
+    shape, seed and dtype and are quantized; else one ``(k, v)`` per frame."""
     opened = [open_frame(b) for b in blobs]
     first = opened[0][0]
     same = all(
@@ -232,36 +410,7 @@ def _decode_part(
     if not same:
         return [decode_opened(hd, raw, dtype=dtype) for hd, raw in opened]
     out_dtype = dtype or first.dtype
-    pairs = cpu_decode.decode_batch(opened, out_dtype)
-    if pairs and pairs[0][0].dtype != out_dtype:
-        pairs = [(k.to(out_dtype), v.to(out_dtype)) for k, v in pairs]
-    return pairs
-
-
-def encode_chunk(
-    layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    profile: str,
-    *,
-    token_offset: int = 0,
-    context_end: int | None = None,
-    saliency: torch.Tensor | None = None,
-) -> list[bytes]:
-    """The frames of one chunk's layers (what ``encode_layer`` gives for each), using every codec thread.
-
-    The layers are cut into one contiguous part per thread and each part goes
-    through :func:`encode_layers` (one kernel call per tier for all its layers),
-    so a thread takes and releases the GIL a few times per part, not per frame.
-    """
-    if not layers:
-        return []
-    parts = min(codec_threads(), len(layers))
-    kwargs = {"token_offset": token_offset, "context_end": context_end, "saliency": saliency}
-    if parts == 1:
-        return encode_layers(layers, profile, **kwargs)
-    bounds = [len(layers) * i // parts for i in range(parts + 1)]
-    pieces = [layers[bounds[i] : bounds[i + 1]] for i in range(parts)]
-    return [
-        blob
-        for part in imap_ordered(lambda piece: encode_layers(piece, profile, **kwargs), pieces)
-        for blob in part
-    ]
+    k, v = cpu_decode.decode_batch(opened, out_dtype)
+    if k.dtype != out_dtype:
+        k, v = k.to(out_dtype), v.to(out_dtype)
+    return k, v

@@ -50,11 +50,6 @@ def scale_bases(scales: torch.Tensor, layers: int = 1) -> torch.Tensor:
     return torch.where(finite, base, torch.full_like(base, _MIN_BASE))
 
 
-def scale_base(scales: torch.Tensor) -> int:
-    """The base exponent of one frame's scales."""
-    return int(scale_bases(scales, 1).item())
-
-
 def _row_factor(base: torch.Tensor | int, rows: int, device: torch.device) -> torch.Tensor:
     b = torch.as_tensor(base, dtype=torch.int64, device=device).reshape(-1)
     return pow2(b).repeat_interleave(rows // b.numel()).view(rows, 1)

@@ -44,11 +44,6 @@ def _signed_hadamard(dim: int, seed: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _matrix(dim: int, seed: int, device: torch.device) -> torch.Tensor:  # one copy per device
-    return _signed_hadamard(dim, seed).to(device)
-
-
-@functools.lru_cache(maxsize=64)
 def _scaled(dim: int, seed: int, device: torch.device, transpose: bool) -> tuple[torch.Tensor, float]:
     """The matrix to multiply by and the factor still to apply afterwards.
 

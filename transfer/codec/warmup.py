@@ -7,13 +7,14 @@ the cache. A demo or benchmark that times its first request would report that
 one-off cost as the codec's speed (the first ``make demo`` on a fresh machine
 showed balanced prefix reuse at 0.5x recompute, the second run at 2.2x).
 
-:func:`warm_up` runs each profile once through the same entries the data path
-uses (``encode_chunk`` for a chunk's layers, ``decode_concat`` for a layer of
-one and of several consecutive chunks, ``decode_many`` for the per-frame path),
-on a layer of the caller's shape, and returns how long that took so callers can
-report it separately from their timings. One frame and several frames are
-decoded by different kernels (``decode_frame`` / ``decode_frames``): a warm-up
-that skipped the single frame left a 9 s compilation in the first demo request
+:func:`warm_up` runs each profile once through the codec's entries as the data
+path calls them (``encode`` for a chunk's layers, ``decode_into`` for a layer of
+consecutive chunks, both allocating and into a caller's tensors, and
+``decode_layer`` and ``decode_into`` for a single frame), on a layer of the
+caller's shape, and returns how long that took so callers can report it
+separately from their timings. One frame and several frames are decoded by
+different kernels (``decode_frame`` / ``decode_frames``): a warm-up that
+skipped the single frame left a 9 s compilation in the first demo request
 that reused exactly one chunk.
 """
 
@@ -24,7 +25,8 @@ from collections.abc import Iterable
 
 import torch
 
-from transfer.codec.parallel import decode_concat, decode_many, encode_chunk
+from transfer.codec.frame import decode_layer
+from transfer.codec.parallel import decode_into, encode
 from transfer.codec.profiles import PROFILES
 
 
@@ -61,11 +63,11 @@ def warm_up(
         for _ in range(2)
     ]
     for profile in names:
-        frames = [
-            encode_chunk(layers, profile, token_offset=i * chunk_tokens) for i, layers in enumerate(chunks)
-        ]
+        frames = [encode(layers, profile, token_offset=i * chunk_tokens) for i, layers in enumerate(chunks)]
         for layer in range(num_layers):
-            decode_concat([frames[0][layer]])
-            decode_concat([frames[0][layer], frames[1][layer]])
-        decode_many([blob for chunk in frames for blob in chunk])
+            decode_into([frames[0][layer]])  # one frame: its own kernel (decode_frame)
+            k, v = decode_into([frames[0][layer], frames[1][layer]])
+            decode_into([frames[0][layer], frames[1][layer]], (torch.empty_like(k), torch.empty_like(v)))
+        for blob in frames[0]:
+            decode_layer(blob)
     return time.perf_counter() - started

@@ -312,19 +312,17 @@ class _LayerLoad:
         owner = self.owner
         shape = owner._shape
         heads, dim, bs = shape.num_kv_heads, shape.head_dim, shape.block_size
-        ks, vs = [], []
-        for blob in blobs:
-            k, v = _codec().decode_layer(blob, dtype=owner._dtype)
-            if tuple(k.shape) != (heads, owner._chunk_tokens, dim):
-                raise ValueError(
-                    f"stored frame has shape {tuple(k.shape)}, this engine needs "
-                    f"{(heads, owner._chunk_tokens, dim)}"
-                )
-            ks.append(k)
-            vs.append(v)
-            self.loaded_bytes += len(blob)
-        k = torch.cat(ks, dim=1).view(heads, -1, bs, dim).permute(1, 0, 2, 3)[spec.first_block :]
-        v = torch.cat(vs, dim=1).view(heads, -1, bs, dim).permute(1, 0, 2, 3)[spec.first_block :]
+        codec = _codec()
+        for blob in blobs:  # the header alone says whether a frame fits this engine
+            got = codec.read_header(blob).shape
+            if tuple(got) != (heads, owner._chunk_tokens, dim):
+                need = (heads, owner._chunk_tokens, dim)
+                raise ValueError(f"stored frame has shape {tuple(got)}, this engine needs {need}")
+        # the request's chunks of this layer as one tensor; on this thread only (it runs beside the model)
+        k, v = codec.decode_into(blobs, dtype=owner._dtype, threads=1)
+        self.loaded_bytes += sum(len(blob) for blob in blobs)
+        k = k.view(heads, -1, bs, dim).permute(1, 0, 2, 3)[spec.first_block :]
+        v = v.view(heads, -1, bs, dim).permute(1, 0, 2, 3)[spec.first_block :]
         if self.cancelled.is_set():
             return
         idx = torch.tensor(spec.block_ids[spec.first_block : len(blobs) * owner._settings.chunk_blocks])
