@@ -48,6 +48,8 @@ TIER_FIELDS = (
     "evictions",
     "errors",
     "integrity_failures",
+    "corrupt_records",
+    "breaker_trips",
 )
 
 
@@ -93,6 +95,16 @@ class TierCollector(Collector):
             "integrity_failures",
             "Blobs read from this tier that failed their checksum",
         ),
+        (
+            "kvstore_tier_corrupt_records",
+            "corrupt_records",
+            "Records a start-up recovery skipped because they failed their checks (each lost only itself)",
+        ),
+        (
+            "kvstore_tier_breaker_trips",
+            "breaker_trips",
+            "Times the tier's circuit breaker opened (a failed or timed-out call; the tier is then skipped)",
+        ),
     )
     _GAUGES = (
         ("kvstore_tier_bytes", "bytes", "Bytes stored in this tier"),
@@ -106,10 +118,9 @@ class TierCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         try:
-            raw = list(self._tier_stats())
-            tiers = [tier_fields(t) for t in raw]
+            tiers = [tier_fields(t) for t in self._tier_stats()]
         except Exception:  # a scrape must never take the server down
-            raw, tiers = [], []
+            tiers = []
         for metric, attr, doc in self._COUNTERS:
             family = CounterMetricFamily(metric, doc, labels=["tier"])
             for t in tiers:
@@ -119,30 +130,6 @@ class TierCollector(Collector):
             family = GaugeMetricFamily(metric, doc, labels=["tier"])
             for t in tiers:
                 family.add_metric([t["name"]], float(t[attr]))
-            yield family
-        yield from self._resilience(raw)
-
-    #: Counters outside the TierStats message (read from each record's ``counters`` directly).
-    _EXTRA_COUNTERS = (
-        (
-            "kvstore_tier_corrupt_records",
-            "corrupt_records",
-            "Records a start-up recovery skipped because they failed their checks (each lost only itself)",
-        ),
-        (
-            "kvstore_tier_breaker_trips",
-            "breaker_trips",
-            "Times the tier's circuit breaker opened (a failed or timed-out call; the tier is then skipped)",
-        ),
-    )
-
-    def _resilience(self, raw: list[Any]) -> Iterator[Any]:
-        for metric, attr, doc in self._EXTRA_COUNTERS:
-            family = CounterMetricFamily(metric, doc, labels=["tier"])
-            for stat in raw:
-                counters = stat_value(stat, "counters", None)
-                value = stat_value(counters, attr, 0) if counters is not None else 0
-                family.add_metric([str(stat_value(stat, "name", "?"))], float(value or 0))
             yield family
 
 

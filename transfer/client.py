@@ -108,6 +108,10 @@ class TierStats:
     errors: int
     integrity_failures: int
     healthy: bool
+    #: Records a start-up recovery skipped as corrupt (each lost only itself).
+    corrupt_records: int = 0
+    #: Times the tier's circuit breaker opened.
+    breaker_trips: int = 0
 
 
 @dataclass(frozen=True)
@@ -365,6 +369,8 @@ class ClientCore:
                 t.errors,
                 t.integrity_failures,
                 t.healthy,
+                t.corrupt_records,
+                t.breaker_trips,
             )
             for t in resp.tiers
         ]

@@ -333,6 +333,8 @@ class ClusterCore:
                         prev.errors + t.errors,
                         prev.integrity_failures + t.integrity_failures,
                         prev.healthy and t.healthy,
+                        prev.corrupt_records + t.corrupt_records,
+                        prev.breaker_trips + t.breaker_trips,
                     )
                 )
             for k, v in s.counters.items():

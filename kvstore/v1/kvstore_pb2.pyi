@@ -124,7 +124,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("name", "bytes", "objects", "capacity_bytes", "hits", "misses", "evictions", "errors", "integrity_failures", "healthy")
+    __slots__ = ("name", "bytes", "objects", "capacity_bytes", "hits", "misses", "evictions", "errors", "integrity_failures", "healthy", "corrupt_records", "breaker_trips")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,8 @@ class TierStats(_message.Message):
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     INTEGRITY_FAILURES_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_TRIPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     bytes: int
     objects: int
@@ -145,7 +147,9 @@ class TierStats(_message.Message):
     errors: int
     integrity_failures: int
     healthy: bool
-    def __init__(self, name: _Optional[str] = ..., bytes: _Optional[int] = ..., objects: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., errors: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    corrupt_records: int
+    breaker_trips: int
+    def __init__(self, name: _Optional[str] = ..., bytes: _Optional[int] = ..., objects: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., errors: _Optional[int] = ..., integrity_failures: _Optional[int] = ..., healthy: _Optional[bool] = ..., corrupt_records: _Optional[int] = ..., breaker_trips: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("tiers", "counters", "version")

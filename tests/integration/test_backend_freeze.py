@@ -20,6 +20,7 @@ from kvstore.server import ServerHandle, serve
 from kvstore.testing.reliability import roundtrip_ok, run_backend_freeze
 from kvstore.testing.services import RedisProcess, S3Process
 from tests.fixtures.store import store_config
+from transfer.client import KVClient
 
 #: Scheduling slack on a loaded 2-core CI machine, on top of the configured budget.
 SLACK_S = 0.75
@@ -104,6 +105,9 @@ def test_frozen_tier_shows_unhealthy_in_stats_while_open(
         assert 'kvstore_tier_healthy{tier="redis"} 0.0' in metrics
         assert 'kvstore_tier_breaker_trips_total{tier="redis"} 1.0' in metrics
         assert redis_tier.counters.breaker_trips == 1
+        with KVClient(freezable_server.target) as client:  # and over gRPC, for `kvstore stats`
+            remote = {t.name: t for t in client.stats().tiers}["redis"]
+            assert (remote.breaker_trips, remote.healthy) == (1, False)
     finally:
         fresh_redis_server.resume()
     redis_tier.breaker.probe_interval_s = 0.1

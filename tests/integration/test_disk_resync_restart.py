@@ -75,6 +75,9 @@ def test_flipped_header_bit_loses_only_its_record_across_a_server_restart(
                 got = list(client.get_layers(NS, [k], 0, 1))
                 assert len(got) == 1 and bytes(got[0][1][0]) == b, i
             assert client.lookup(NS, [keys[victim]], 1) == 0
+            # The skipped record is counted where operators look: Stats over gRPC.
+            disk = {t.name: t for t in client.stats().tiers}["disk"]
+            assert disk.corrupt_records == 1
     finally:
         server.stop()
     assert "corrupt record at offset" in server.log(), server.log()[-2000:]
