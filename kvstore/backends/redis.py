@@ -224,6 +224,11 @@ class RedisBackend(Backend):
             return RedisClusterBackend.from_config(section)
         return super().from_config(section)
 
+    def _run(self, fn: Callable[[], T]) -> T:
+        """Every call to Redis goes through here: the retry policy and breaker (the cluster
+        backend adds its own error handling on top, so the shared methods serve both)."""
+        return self._guard(fn)
+
     def _key(self, key: BlobKey) -> str:
         return self.key_prefix + key.name()
 
@@ -260,9 +265,9 @@ class RedisBackend(Backend):
                 pipe.zadd(self._lru, touch, xx=True)
                 return pipe.execute()[0]
 
-            blobs: list[bytes | None] = self._guard(run)
+            blobs: list[bytes | None] = self._run(run)
         else:
-            blobs = self._guard(lambda: self._client.mget(names))
+            blobs = self._run(lambda: self._client.mget(names))
         if self.ttl_ms:
             self._reap([k for k, b in zip(keys, blobs, strict=True) if b is None])
         return blobs
@@ -281,7 +286,7 @@ class RedisBackend(Backend):
             pipe.execute()
 
         with contextlib.suppress(BackendUnavailable):  # housekeeping; the read already succeeded
-            self._guard(lambda: self._with_scripts(run))
+            self._run(lambda: self._with_scripts(run))
 
     def exists(self, key: BlobKey) -> bool:
         return self.exists_many([key])[0]
@@ -296,7 +301,7 @@ class RedisBackend(Backend):
                 pipe.exists(self._key(key))
             return pipe.execute()
 
-        return [bool(n) for n in self._guard(run)]
+        return [bool(n) for n in self._run(run)]
 
     # -- writes --------------------------------------------------------------------
     def put(self, key: BlobKey, blob: bytes) -> None:
@@ -320,7 +325,7 @@ class RedisBackend(Backend):
             )  # fmt: skip
             return pipe.execute()[-1:]
 
-        evicted = sum(self._guard(lambda: self._with_scripts(run))) if fitting else 0
+        evicted = sum(self._run(lambda: self._with_scripts(run))) if fitting else 0
         if too_big:
             # Like the RAM tier: a blob over the whole budget is not cached (and an old copy goes).
             self.delete_many(too_big)
@@ -343,7 +348,7 @@ class RedisBackend(Backend):
                 )
             return pipe.execute()
 
-        return sum(int(n) for n in self._guard(lambda: self._with_scripts(run)))
+        return sum(int(n) for n in self._run(lambda: self._with_scripts(run)))
 
     # -- listing and accounting ----------------------------------------------------
     def iter_keys(self, namespace: str | None = None) -> Iterator[BlobKey]:
@@ -351,7 +356,7 @@ class RedisBackend(Backend):
         start = len(self.key_prefix)
         cursor: int = 0
         while True:
-            cursor, names = self._guard(lambda c=cursor: self._client.scan(cursor=c, match=match, count=1000))
+            cursor, names = self._run(lambda c=cursor: self._client.scan(cursor=c, match=match, count=1000))
             for raw in names:
                 key = _parse_name(raw.decode("utf-8", "replace")[start:])
                 if key is not None and (namespace is None or key.namespace == namespace):
@@ -366,7 +371,7 @@ class RedisBackend(Backend):
             pipe.hlen(self._sizes)
             return pipe.execute()
 
-        total, count = self._guard(run)
+        total, count = self._run(run)
         return BackendUsage(bytes=int(total or 0), objects=int(count), capacity_bytes=self.max_bytes)
 
     def _probe(self) -> None:
@@ -375,7 +380,7 @@ class RedisBackend(Backend):
 
     def healthy(self) -> bool:
         try:
-            return bool(self._guard(self._client.ping))
+            return bool(self._run(self._client.ping))
         except BackendUnavailable:
             return False
 

@@ -271,18 +271,6 @@ class RedisClusterBackend(RedisBackend):
         if missing:
             self._delete(missing, only_if_gone=True, quiet=True)
 
-    def exists_many(self, keys: Sequence[BlobKey]) -> list[bool]:
-        if not keys:
-            return []
-
-        def run() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(self._key(key))
-            return pipe.execute()
-
-        return [bool(n) for n in self._run(run)]
-
     # -- writes --------------------------------------------------------------------------
     def put_many(self, items: Sequence[tuple[BlobKey, bytes]]) -> None:
         if not items:
