@@ -35,8 +35,11 @@ GET_WINDOW_KEYS = 64
 
 
 @dataclass(frozen=True)
-class PutItem:
-    """One validated layer blob of a Put stream."""
+class StagedBlob:
+    """One validated layer blob of a Put stream, held until the stream commits.
+
+    (The client's item is :class:`transfer.core.PutItem`; this is the server's side of it.)
+    """
 
     key: BlobKey
     blob: bytes
@@ -121,10 +124,10 @@ class StoreService:
 
     def validate_put(
         self, tenant: str | None, items: Iterable[tuple[str, bytes, int, int, bytes]]
-    ) -> list[PutItem]:
+    ) -> list[StagedBlob]:
         """Check a whole Put stream; raise on the first bad item, naming its index."""
         namespaces: dict[str, Namespace] = {}
-        out: list[PutItem] = []
+        out: list[StagedBlob] = []
         total = 0
         for i, (namespace, key, layer, num_layers, blob) in enumerate(items):
             where = f"put item {i}"
@@ -164,13 +167,13 @@ class StoreService:
                 )
             if len(out) >= self.limits.max_keys_per_request * self.limits.max_layers:
                 raise InvalidRequest(f"{where}: too many items in one Put stream")
-            out.append(PutItem(BlobKey(str(ns), bytes(key), int(layer)), blob))
+            out.append(StagedBlob(BlobKey(str(ns), bytes(key), int(layer)), blob))
         if not out:
             raise InvalidRequest("empty Put stream: send at least one PutRequest")
         return out
 
     def put(
-        self, tenant: str | None, items: Sequence[PutItem], *, durable: bool = False
+        self, tenant: str | None, items: Sequence[StagedBlob], *, durable: bool = False
     ) -> tuple[int, int, list[str]]:
         """Charge quotas, then write the validated stream; returns (blobs, bytes, tiers written).
 
@@ -196,7 +199,7 @@ class StoreService:
         )
         return len(items), nbytes, list(tiers or [])
 
-    def _charge(self, items: Sequence[PutItem]) -> Any:
+    def _charge(self, items: Sequence[StagedBlob]) -> Any:
         """Charge each owner the growth its blobs cause; return a callable that undoes it."""
         with self._quota_lock:
             sizes = {item.key: len(item.blob) for item in items}  # last write of a key wins

@@ -6,8 +6,10 @@
 takes a client (kvio, the layer-wise cache, the workers, the demo) works over a
 cluster unchanged. :func:`connect` picks the client from a target string
 (:mod:`transfer.membership` has the grammar); :mod:`transfer.aio_cluster` is
-the asyncio twin. Both share :class:`transfer.routing.ClusterCore`, which holds every decision
-(owners, health, plans, counters), so they cannot drift apart.
+the asyncio front-end. Both run the operations of :mod:`transfer.cluster_ops` over
+:class:`transfer.routing.ClusterCore`, which holds every decision (owners,
+health, plans, counters); the front-ends only carry out the I/O, so they cannot
+drift apart.
 
 Promises:
 
@@ -46,16 +48,18 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from kvstore.keys import Namespace
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from kvstore.wire import Blob, PutRequestView
-from transfer.client import ClientCore, KVClient, PutItem, PutResult, StoreStats
-from transfer.errors import InvalidArgument, NotFound, TransferError, Unavailable
+from kvstore.wire import Blob
+from transfer import cluster_ops as cops
+from transfer.client import KVClient
+from transfer.core import ClientCore, PutItem, PutResult, StoreStats
+from transfer.errors import TransferError, Unavailable
 from transfer.membership import (
     DEFAULT_GRACE_S,
     DEFAULT_REFRESH_S,
@@ -68,6 +72,7 @@ from transfer.membership import (
     parse_target,
     resolve_host,
 )
+from transfer.ops import END, Op, drive, get_args, run
 from transfer.routing import (
     COUNTER_FIELDS,
     DEFAULT_DOWN_S,
@@ -75,9 +80,7 @@ from transfer.routing import (
     DEFAULT_WRITE_ACK,
     WRITE_ACKS,
     ClusterCore,
-    GetShare,
     ReplicaCounters,
-    acknowledged,
     member_options,
 )
 
@@ -94,12 +97,18 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_PROBE_TIMEOUT_S = 5.0
 
 
 class ClusterKVClient:
-    """Blocking client of a replicated store (see the module docstring); API of :class:`KVClient`."""
+    """Blocking client of a replicated store (see the module docstring); API of :class:`KVClient`.
+
+    The operations are those of :mod:`transfer.cluster_ops`; this class carries
+    their effects out: member calls side by side on a thread pool, member Get
+    streams as iterators.
+    """
 
     def __init__(
         self,
@@ -153,22 +162,14 @@ class ClusterKVClient:
             self._retired.pop(member, None)
             return client
 
-    def _retire(self, view: View) -> None:
-        """Close clients of members gone from the view once no call can still use them: a call
-        never outlives its deadline, so after ``stream_timeout_s`` none is in flight."""
-        now = time.monotonic()
-        linger = self._cluster.check.stream_timeout_s
-        with self._lock:
-            for member in list(self._clients):
-                if member in view.everyone:
-                    self._retired.pop(member, None)
-                elif now - self._retired.setdefault(member, now) > linger:
-                    self._clients.pop(member).close()
-                    del self._retired[member]
-
     def _view(self) -> View:
+        """The current view; clients of members gone from it are closed once no call can still use
+        them (a call never outlives its deadline, so after ``stream_timeout_s`` none is in flight)."""
         view = self._cluster.view()
-        self._retire(view)
+        now = time.monotonic()
+        with self._lock:
+            for member in retired(self._clients, self._retired, view, now, self.core.stream_timeout_s):
+                self._clients.pop(member).close()
         return view
 
     def close(self) -> None:
@@ -182,19 +183,58 @@ class ClusterKVClient:
                 client.close()
             self._clients.clear()
 
+    def drain(self) -> None:
+        """Wait for the background copies of ``write_ack="one"`` puts (their failures were counted)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for f in pending:
+            f.exception()  # a background copy's failure was counted; caller errors surface on the ack path
+
+    # -- the effects of transfer.cluster_ops, carried out with threads -----------------------------
+
+    def _run(self, op: Op[T]) -> T:
+        return run(op, self._perform, self._error, _close)
+
+    def _perform(self, effect: Any) -> Any:
+        kind = type(effect)
+        if kind is cops.Next:
+            return next(effect.source, END)
+        if kind is cops.Member:
+            return getattr(self._client(effect.member), effect.method)(*effect.args, **effect.kwargs)
+        if kind is cops.Fan:
+            # all but one on the pool, the last in this thread (one hand-off fewer on the hot path)
+            futures = [self._pool.submit(self._run, op) for op in effect.ops[:-1]]
+            last = [self._run(effect.ops[-1])] if effect.ops else []
+            return [f.result() for f in futures] + last
+        if kind is cops.CurrentView:
+            return self._view()
+        if kind is cops.OpenLayers:
+            return self._client(effect.member).get_layers(*effect.args, **effect.kwargs)
+        if kind is cops.Close:
+            return _close(effect.source)
+        if kind is cops.Spawn:
+            return self._pool.submit(self._run, effect.op)
+        if kind is cops.WaitAny:
+            done, pending = wait(effect.tasks, return_when=FIRST_COMPLETED)
+            return [(f, f.result()) for f in done], frozenset(pending)
+        if kind is cops.Detach:
+            with self._lock:  # the client may be shared by threads: keep every thread's stragglers
+                self._pending.extend(effect.tasks)
+            return None
+        if kind is cops.Drain:
+            return self.drain()
+        raise TypeError(f"ClusterKVClient cannot perform {effect!r}")
+
+    @staticmethod
+    def _error(effect: Any, exc: Exception) -> Exception | None:
+        return exc if isinstance(exc, TransferError) and isinstance(effect, cops.FALLIBLE) else None
+
+    # -- the API -----------------------------------------------------------------------------------
+
     def wait_ready(self, timeout_s: float = 10.0, *, members: Sequence[str] | None = None) -> None:
         """Block until every current member (or each of ``members``) is connected; :class:`Unavailable`
         names those that are not."""
-        members = self._view().members if members is None else tuple(members)
-        futures = {m: self._pool.submit(self._client(m).wait_ready, timeout_s) for m in members}
-        down = [m for m, f in futures.items() if f.exception() is not None]
-        if down:
-            raise Unavailable(
-                f"replicas not reachable within {timeout_s} s: {', '.join(down)} "
-                f"({len(members) - len(down)} of {len(members)} ready)"
-            )
-
-    # -- lookup -----------------------------------------------------------------------------------
+        self._run(cops.wait_ready(self._cluster, timeout_s, members))
 
     def lookup(
         self,
@@ -205,50 +245,7 @@ class ClusterKVClient:
         timeout_s: float | None = None,
     ) -> int:
         """Number of leading ``keys`` whose layers ``[0, num_layers)`` are stored on some owner."""
-        ns = self.core.namespace(namespace)
-        keys = self.core.check_keys(keys)
-        if num_layers < 1:
-            raise InvalidArgument(f"num_layers must be >= 1, got {num_layers}")
-        if not keys:
-            return 0
-        view = self._view()
-        state = self._cluster.start_lookup(keys, view)
-        plan = state.first_plan()
-        while plan:
-            state.absorb(plan, self._ask(plan, ns, keys, num_layers, timeout_s))
-            plan = state.next_plan()
-        return state.result()
-
-    def _ask(
-        self, plan: dict[str, list[int]], ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
-    ) -> dict[str, int | None]:
-        """One Lookup per planned member, side by side: all but one on the pool, the last in this
-        thread (one hand-off fewer on the hot path)."""
-        if not plan:
-            return {}
-        calls = [(m, [keys[i] for i in pos]) for m, pos in plan.items()]
-        futures = {
-            m: self._pool.submit(self._lookup_one, m, ns, sent, num_layers, timeout_s)
-            for m, sent in calls[:-1]
-        }
-        last, sent = calls[-1]
-        answers = {last: self._lookup_one(last, ns, sent, num_layers, timeout_s)}
-        answers.update((m, f.result()) for m, f in futures.items())
-        return answers
-
-    def _lookup_one(
-        self, member: str, ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
-    ) -> int | None:
-        try:
-            n = self._client(member).lookup(ns, keys, num_layers, timeout_s=timeout_s)
-        except TransferError as exc:
-            self._cluster.failed(member, exc)
-            return None
-        self._cluster.succeeded(member)
-        self._cluster.count(member, lookups=1, lookup_keys=len(keys), lookup_present=n)
-        return n
-
-    # -- put --------------------------------------------------------------------------------------
+        return self._run(cops.lookup(self._cluster, namespace, keys, num_layers, timeout_s))
 
     def put(
         self,
@@ -263,79 +260,7 @@ class ClusterKVClient:
         ``ack`` ("memory" | "durable") is asked of every owner (see :meth:`KVClient.put`);
         ``durable`` and ``tiers`` of the result hold for every copy that was acknowledged.
         """
-        ns = self.core.namespace(namespace)
-        stored = nbytes = requests = 0
-        results: list[PutResult] = []
-        for batch in self._cluster.split_batches(ns, iter(items)):
-            self._drain()  # at most one batch of background copies in memory
-            acked, sent, answers = self._put_batch(ns, batch, timeout_s, ack)
-            stored += len(acked)
-            nbytes += sum(len(batch[i].blob) for i in acked)
-            requests += sent
-            results += answers
-        if self._cluster.write_ack == "all":
-            self._drain()
-        return acknowledged(stored, nbytes, requests, results)
-
-    def _put_batch(
-        self, ns: str, batch: list[PutRequestView], timeout_s: float | None, ack: str | None
-    ) -> tuple[set[int], int, list[PutResult]]:
-        plan = self._cluster.plan_put(batch, self._view())
-        futures = {
-            self._pool.submit(self._put_one, m, ns, batch, idx, timeout_s, ack): idx
-            for m, idx in plan.items()
-        }
-        owners_left = [0] * len(batch)  # per item: owners not yet answered
-        for idx in plan.values():
-            for i in idx:
-                owners_left[i] += 1
-        acked: set[int] = set()
-        answers: list[PutResult] = []
-        pending = set(futures)
-        need_all = self._cluster.write_ack == "all"
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                ok = f.result()  # raises caller errors only
-                if ok is not None:
-                    answers.append(ok)
-                for i in futures[f]:
-                    owners_left[i] -= 1
-                    if ok is not None:
-                        acked.add(i)
-            if not need_all and all(i in acked or owners_left[i] == 0 for i in range(len(batch))):
-                break
-        with self._lock:  # the client may be shared by threads: keep every thread's stragglers
-            self._pending.extend(pending)
-        return acked, len(futures), answers
-
-    def _put_one(
-        self,
-        member: str,
-        ns: str,
-        batch: list[PutRequestView],
-        indices: list[int],
-        timeout_s: float | None,
-        ack: str | None,
-    ) -> PutResult | None:
-        try:
-            result = self._client(member).put(
-                ns, self._cluster.items(batch, indices), timeout_s=timeout_s, ack=ack
-            )
-        except TransferError as exc:
-            self._cluster.failed(member, exc)
-            self._cluster.count(member, puts_dropped=len(indices))
-            return None
-        self._cluster.put_done(member, batch, indices)
-        return result
-
-    def _drain(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for f in pending:
-            f.exception()  # a background copy's failure was counted; caller errors surface on the ack path
-
-    # -- get --------------------------------------------------------------------------------------
+        return self._run(cops.put(self._cluster, namespace, iter(items), ack, timeout_s))
 
     def get_layers(
         self,
@@ -352,74 +277,9 @@ class ClusterKVClient:
         next owner from the current layer on; :class:`NotFound` only when no
         candidate of a key has it.
         """
-        ns = self.core.namespace(namespace)
-        keys = self.core.check_keys(keys)
-        self.core.check_layer_range(layer_start, layer_end)
-        if not keys:
-            return iter(())
-        return self._get(ns, keys, layer_start, layer_end, timeout_s)
-
-    def _open(
-        self,
-        ns: str,
-        keys: list[bytes],
-        member: str,
-        positions: list[int],
-        layer: int,
-        end: int,
-        timeout_s: float | None,
-        fallback: bool,
-    ) -> GetShare:
-        source = self._client(member).get_layers(
-            ns, [keys[i] for i in positions], layer, end, timeout_s=timeout_s
-        )
-        self._cluster.count(member, gets=1, fallbacks=int(fallback))
-        return GetShare(member, positions, source, fallback)
-
-    def _get(
-        self, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
-    ) -> Iterator[tuple[int, list[Blob]]]:
-        view = self._view()
-        tried: dict[int, set[str]] = {}
-        streams = [
-            self._open(ns, keys, m, pos, start, end, timeout_s, False)
-            for m, pos in self._cluster.plan_get(keys, range(len(keys)), view, tried).items()
-        ]
-        try:
-            for layer in range(start, end):
-                blobs: list[Blob | None] = [None] * len(keys)
-                queue = list(streams)
-                streams = []
-                while queue:
-                    stream = queue.pop(0)
-                    try:
-                        got, part = next(stream.source)
-                        if got != layer:
-                            raise NotFound(f"Get: {stream.member} sent layer {got}, expected {layer}")
-                    except (TransferError, StopIteration) as exc:
-                        stream.source.close()
-                        err = exc if isinstance(exc, TransferError) else NotFound("Get: stream ended early")
-                        self._cluster.failed(stream.member, err)
-                        for i in stream.positions:
-                            tried.setdefault(i, set()).add(stream.member)
-                        plan = self._cluster.plan_get(keys, stream.positions, view, tried)
-                        queue += [
-                            self._open(ns, keys, m, pos, layer, end, timeout_s, True)
-                            for m, pos in plan.items()
-                        ]
-                        continue
-                    self._cluster.count(
-                        stream.member, blobs_got=len(part), bytes_got=sum(len(b) for b in part)
-                    )
-                    for i, blob in zip(stream.positions, part, strict=True):
-                        blobs[i] = blob
-                    streams.append(stream)
-                yield layer, blobs  # type: ignore[misc]
-        finally:
-            for stream in streams:
-                stream.source.close()
-
-    # -- delete, stats ------------------------------------------------------------------------------
+        ns, keys = get_args(self.core, namespace, keys, layer_start, layer_end)
+        op = cops.get_layers(self._cluster, ns, keys, layer_start, layer_end, timeout_s)
+        return drive(op, self._perform, self._error, _close)
 
     def delete(
         self,
@@ -432,44 +292,34 @@ class ClusterKVClient:
         """Delete layers ``[0, num_layers)`` of each key (every layer when None: slow, each server
         searches its tiers) from every replica that may hold it (all current and, in a grace window,
         previous members); returns the copies deleted. Down replicas are skipped."""
-        ns = self.core.namespace(namespace)
-        keys = self.core.check_keys(keys)
-        self.core.delete_layers(num_layers)
-        futures = [
-            self._pool.submit(self._delete_one, m, ns, keys, num_layers, timeout_s)
-            for m in self._view().everyone
-        ]
-        return sum(f.result() for f in futures)
-
-    def _delete_one(
-        self, member: str, ns: str, keys: list[bytes], num_layers: int | None, timeout_s: float | None
-    ) -> int:
-        try:
-            return self._client(member).delete(ns, keys, num_layers=num_layers, timeout_s=timeout_s)
-        except TransferError as exc:
-            self._cluster.failed(member, exc)
-            return 0
+        return self._run(cops.delete(self._cluster, namespace, keys, num_layers, timeout_s))
 
     def replica_stats(self, *, timeout_s: float | None = None) -> dict[str, StoreStats | TransferError]:
         """Each current member's own stats, or the error it answered with."""
-        members = self._view().members
-        futures = {m: self._pool.submit(self._client(m).stats, timeout_s=timeout_s) for m in members}
-        out: dict[str, StoreStats | TransferError] = {}
-        for m, f in futures.items():
-            exc = f.exception()
-            if exc is not None and not isinstance(exc, TransferError):
-                raise exc
-            out[m] = exc if exc is not None else f.result()  # type: ignore[assignment]
-        return out
+        return self._run(cops.replica_stats(self._cluster, timeout_s))
 
     def stats(self, *, timeout_s: float | None = None) -> StoreStats:
         """The reachable replicas' stats as one store (tiers and counters summed)."""
-        answered = {
-            m: s for m, s in self.replica_stats(timeout_s=timeout_s).items() if isinstance(s, StoreStats)
-        }
-        if not answered:
-            raise Unavailable(f"Stats: no replica answered ({', '.join(self.members())})")
-        return ClusterCore.merge_stats(answered)
+        return self._run(cops.stats(self._cluster, timeout_s))
+
+
+def _close(source: Any) -> None:
+    source.close()
+
+
+def retired(
+    clients: dict[str, Any], since: dict[str, float], view: View, now: float, linger_s: float
+) -> list[str]:
+    """Members whose clients may be closed: gone from ``view`` for longer than ``linger_s`` (``since``
+    records when each was first seen gone, and forgets those that came back)."""
+    out = []
+    for member in list(clients):
+        if member in view.everyone:
+            since.pop(member, None)
+        elif now - since.setdefault(member, now) > linger_s:
+            del since[member]
+            out.append(member)
+    return out
 
 
 class ReplicaMetrics:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from kvstore.retry import ExponentialBackoff
 from kvstore.wire import PutRequestView
 from transfer import placement
-from transfer.client import ClientCore, PutItem, PutResult, RetryPolicy, StoreStats, TierStats
+from transfer.core import ClientCore, PutItem, PutResult, RetryPolicy, StoreStats, TierStats
 from transfer.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -286,20 +286,6 @@ class ClusterCore:
             for m in up:
                 plan.setdefault(m, []).append(i)
         return plan
-
-    def split_batches(self, namespace: str, items: Iterator[Any]) -> Iterator[list[PutRequestView]]:
-        """Validated requests in batches of at most ``put_batch_bytes`` (one batch in memory)."""
-        batch: list[PutRequestView] = []
-        size = 0
-        for item in items:
-            req = self.check.put_request(namespace, item)
-            batch.append(req)
-            size += len(req.blob)
-            if size >= self.check.put_batch_bytes:
-                yield batch
-                batch, size = [], 0
-        if batch:
-            yield batch
 
     @staticmethod
     def items(batch: Sequence[PutRequestView], indices: Sequence[int]) -> list[PutItem]:

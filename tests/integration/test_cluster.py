@@ -319,7 +319,7 @@ def test_membership_change_keeps_in_flight_calls(replicas: list[ServerProcess]) 
     with ClusterKVClient(membership, replication=2, write_ack="one") as client:
         client.wait_ready()
         client.put(prefix.ns, prefix.items())
-        client._drain()  # write_ack="one": wait for the second copies before reading them back
+        client.drain()  # write_ack="one": wait for the second copies before reading them back
         stream = client.get_layers(prefix.ns, prefix.keys, 0, LAYERS)
         layer, first = next(stream)
         listed.remove(replicas[2].target)  # the Service drops a pod while a Get is in flight
@@ -353,7 +353,7 @@ def test_async_cluster_client(replicas: list[ServerProcess]) -> None:
         async with client:
             result = await client.put(prefix.ns, items())
             assert result.num_stored == 20 * LAYERS
-            await client._drain()  # the second copies (write_ack="one") have landed
+            await client.drain()  # the second copies (write_ack="one") have landed
             assert await client.lookup(prefix.ns, prefix.keys, LAYERS) == 20
             wrong = 0
             async for layer, blobs in client.get_layers(prefix.ns, prefix.keys, 0, LAYERS):

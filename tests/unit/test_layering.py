@@ -100,7 +100,7 @@ def test_the_tree_was_read() -> None:
         "bench.reliability",
     } <= set(IMPORTS)
     assert "kvstore.errors" in IMPORTS["kvstore.backends.tiered"]
-    assert "kvstore.retry" in IMPORTS["transfer.client"]
+    assert "kvstore.retry" in IMPORTS["transfer.core"]
 
 
 def test_the_shared_core_imports_only_the_shared_core() -> None:

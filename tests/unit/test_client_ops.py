@@ -1,0 +1,399 @@
+"""The client's operations (transfer.ops, transfer.cluster_ops) driven by scripted effects.
+
+The integration tests run the same operations through real servers; these pin
+down the decisions themselves (how many attempts, where a Get resumes, when a
+Put batch closes, which replica takes over) with exact sequences of effects, and
+check that the blocking and asyncio drivers agree on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from kvstore import integrity
+from kvstore.retry import ExponentialBackoff
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire import GetResponseView
+from transfer import cluster_ops as cops
+from transfer import ops
+from transfer.core import ClientCore, PutItem, RetryPolicy
+from transfer.errors import BlobIntegrityError, InvalidArgument, NotFound, TransferError, Unavailable
+from transfer.membership import StaticMembership
+from transfer.routing import ClusterCore
+
+NS = "t/m/c"
+KEYS = [bytes([i]) * 32 for i in range(5)]
+
+
+def blob(key: int, layer: int) -> bytes:
+    return integrity.seal(bytes([key, layer]) * 8)
+
+
+def core(**options: Any) -> ClientCore:
+    policy = RetryPolicy(ExponentialBackoff(base_s=0.01, cap_s=0.01, jitter=False), max_attempts=3)
+    return ClientCore("scripted", retry=options.pop("retry", policy), **options)
+
+
+class Script:
+    """A driver's ``perform`` that answers effects from a list of handlers and records them."""
+
+    def __init__(self, handle: Callable[[Any], Any]) -> None:
+        self.handle = handle
+        self.effects: list[Any] = []
+
+    def __call__(self, effect: Any) -> Any:
+        self.effects.append(effect)
+        return self.handle(effect)
+
+    def kinds(self) -> list[str]:
+        return [type(e).__name__ for e in self.effects]
+
+
+def passthrough(effect: Any, exc: BaseException) -> BaseException | None:
+    return exc if isinstance(exc, TransferError) else None
+
+
+class Stream:
+    """A scripted Get stream: messages, then an error or the end."""
+
+    def __init__(self, messages: list[GetResponseView], fail: TransferError | None = None) -> None:
+        self.messages = list(messages)
+        self.fail = fail
+        self.cancelled = False
+
+    def receive(self) -> Any:
+        if self.messages:
+            return self.messages.pop(0)
+        if self.fail is not None:
+            raise self.fail
+        return ops.END
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def layer_messages(keys: int, start: int, end: int) -> list[GetResponseView]:
+    return [GetResponseView(k, layer, blob(k, layer)) for layer in range(start, end) for k in range(keys)]
+
+
+# -- retry --------------------------------------------------------------------------------------------
+
+
+def test_unary_retries_unavailable_then_succeeds() -> None:
+    answers: list[Any] = [Unavailable("down"), Unavailable("down"), pb.LookupResponse(num_present=2)]
+
+    def handle(effect: Any) -> Any:
+        if isinstance(effect, ops.Sleep):
+            return None
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    script = Script(handle)
+    assert ops.run(ops.lookup(core(), NS, KEYS[:2], 3, None), script, passthrough) == 2
+    assert script.kinds() == ["Call", "Sleep", "Call", "Sleep", "Call"]
+
+
+def test_unary_gives_up_after_max_attempts_and_never_retries_caller_errors() -> None:
+    script = Script(lambda e: None if isinstance(e, ops.Sleep) else (_ for _ in ()).throw(Unavailable("x")))
+    with pytest.raises(Unavailable):
+        ops.run(ops.lookup(core(), NS, KEYS[:1], 1, None), script, passthrough)
+    assert script.kinds().count("Call") == 3
+
+    script = Script(lambda e: (_ for _ in ()).throw(InvalidArgument("bad")))
+    with pytest.raises(InvalidArgument):
+        ops.run(ops.lookup(core(), NS, KEYS[:1], 1, None), script, passthrough)
+    assert script.kinds() == ["Call"]
+
+
+# -- lookup windowing ---------------------------------------------------------------------------------
+
+
+def test_lookup_windows_stop_at_the_first_incomplete_window() -> None:
+    present = {0: 2, 2: 1}  # first window whole, second only its first key
+
+    def handle(effect: Any) -> Any:
+        first = KEYS.index(effect.request.keys[0])
+        return pb.LookupResponse(num_present=present[first])
+
+    script = Script(handle)
+    assert ops.run(ops.lookup(core(max_keys_per_request=2), NS, KEYS, 1, None), script, passthrough) == 3
+    assert [list(e.request.keys) for e in script.effects] == [KEYS[0:2], KEYS[2:4]]
+
+
+def test_lookup_validates_before_any_call() -> None:
+    script = Script(lambda e: pytest.fail("no call expected"))
+    with pytest.raises(InvalidArgument, match="key 1 must be 32 bytes"):
+        ops.run(ops.lookup(core(), NS, [KEYS[0], b"short"], 1, None), script, passthrough)
+    with pytest.raises(InvalidArgument, match="num_layers"):
+        ops.run(ops.lookup(core(), NS, KEYS, 0, None), script, passthrough)
+    assert script.effects == []
+
+
+# -- get: assembly, resume, cancellation -------------------------------------------------------------
+
+
+def get_script(streams: list[Stream]) -> Script:
+    queue = list(streams)
+
+    def handle(effect: Any) -> Any:
+        if isinstance(effect, ops.OpenGet):
+            return queue.pop(0)
+        if isinstance(effect, ops.Receive):
+            return effect.stream.receive()
+        if isinstance(effect, ops.Cancel):
+            return effect.stream.cancel()
+        return None  # Sleep
+
+    return Script(handle)
+
+
+def test_get_resumes_at_the_first_layer_not_yet_emitted() -> None:
+    first = Stream(layer_messages(3, 0, 2) + layer_messages(1, 2, 3), fail=Unavailable("reset"))
+    second = Stream(layer_messages(3, 2, 4))
+    script = get_script([first, second])
+    ns, keys = ops.get_args(core(), NS, KEYS[:3], 0, 4)
+    got = list(ops.drive(ops.get_layers(core(), ns, keys, 0, 4, None), script, passthrough))
+    assert [layer for layer, _ in got] == [0, 1, 2, 3]
+    assert all(bytes(b) == blob(k, layer) for layer, blobs in got for k, b in enumerate(blobs))
+    opens = [e.request for e in script.effects if isinstance(e, ops.OpenGet)]
+    assert [(r.layer_start, r.layer_end) for r in opens] == [(0, 4), (2, 4)]
+    assert first.cancelled and second.cancelled
+
+
+def test_get_refuses_a_damaged_blob_and_cancels_the_stream() -> None:
+    bad = GetResponseView(1, 0, blob(1, 0)[:-1] + b"\x00")
+    stream = Stream([GetResponseView(0, 0, blob(0, 0)), bad])
+    ns, keys = ops.get_args(core(), NS, KEYS[:2], 0, 1)
+    with pytest.raises(BlobIntegrityError):
+        list(ops.drive(ops.get_layers(core(), ns, keys, 0, 1, None), get_script([stream]), passthrough))
+    assert stream.cancelled
+
+
+def test_get_out_of_order_stream_is_an_error_not_a_retry() -> None:
+    stream = Stream([GetResponseView(0, 1, blob(0, 1))])
+    ns, keys = ops.get_args(core(), NS, KEYS[:1], 0, 2)
+    with pytest.raises(TransferError, match="out of order"):
+        list(ops.drive(ops.get_layers(core(), ns, keys, 0, 2, None), get_script([stream]), passthrough))
+
+
+def test_get_abandoned_by_its_consumer_cancels_the_stream() -> None:
+    stream = Stream(layer_messages(2, 0, 3))
+    ns, keys = ops.get_args(core(), NS, KEYS[:2], 0, 3)
+    layers = ops.drive(ops.get_layers(core(), ns, keys, 0, 3, None), get_script([stream]), passthrough)
+    assert next(layers)[0] == 0
+    layers.close()
+    assert stream.cancelled
+
+
+def test_get_windows_keys_per_layer() -> None:
+    # 5 keys, 2 per request: one Get per (layer, window), layers still in order
+    streams = [Stream(layer_messages(n, layer, layer + 1)) for layer in range(2) for n in (2, 2, 1)]
+    script = get_script(streams)
+    c = core(max_keys_per_request=2)
+    ns, keys = ops.get_args(c, NS, KEYS, 0, 2)
+    got = list(ops.drive(ops.get_layers(c, ns, keys, 0, 2, None), script, passthrough))
+    assert [(layer, len(blobs)) for layer, blobs in got] == [(0, 5), (1, 5)]
+    assert len([e for e in script.effects if isinstance(e, ops.OpenGet)]) == 6
+
+
+# -- put: batching, replay, a failing source ---------------------------------------------------------
+
+
+def put_items(n: int, size: int = 64) -> list[PutItem]:
+    return [PutItem(KEYS[i % 5], i // 5, 8, integrity.seal(bytes(size))) for i in range(n)]
+
+
+def test_put_closes_a_batch_at_put_batch_bytes_and_replays_it_whole() -> None:
+    c = core(put_batch_bytes=200)  # 72-byte blobs: three per batch
+    sent: list[list[Any]] = []
+    fail_once = [True]
+
+    def handle(effect: Any) -> Any:
+        if isinstance(effect, ops.FirstItem):
+            return effect.batch.step(0)
+        if isinstance(effect, ops.Sleep):
+            return None
+        requests = list(effect.batch.attempt())
+        sent.append(requests)
+        if fail_once.pop() if fail_once else False:
+            raise Unavailable("reset mid-stream")
+        return pb.PutResponse(num_stored=len(requests) - 1, bytes_stored=0, durable=True, tiers=["ram"])
+
+    result = ops.run(ops.put(c, NS, iter(put_items(7)), None, None), Script(handle), passthrough)
+    # batches of 3, 3, 1 items (+ commit each); the first one sent twice
+    assert [len(r) for r in sent] == [4, 4, 4, 2]
+    assert sent[0] == sent[1]
+    assert result.num_stored == 7 and result.num_requests == 3 and result.durable
+
+
+def test_put_raises_the_sources_own_error_and_commits_nothing() -> None:
+    def items() -> Any:
+        yield from put_items(2)
+        raise KeyError("the caller's iterator broke")
+
+    commits: list[bool] = []
+
+    def handle(effect: Any) -> Any:
+        if isinstance(effect, ops.FirstItem):
+            return effect.batch.step(0)
+        requests = list(effect.batch.attempt())
+        commits.append(any(getattr(r, "commit", False) for r in requests))
+        raise TransferError("cancelled: the request iterator failed")
+
+    with pytest.raises(KeyError, match="iterator broke"):
+        ops.run(ops.put(core(), NS, items(), None, None), Script(handle), passthrough)
+    assert commits == [False]
+
+
+def test_put_validates_items() -> None:
+    with pytest.raises(InvalidArgument, match="no valid integrity trailer"):
+        ops.run(
+            ops.put(core(), NS, iter([PutItem(KEYS[0], 0, 1, b"x")]), None, None),
+            Script(lambda e: e.batch.step(0) if isinstance(e, ops.FirstItem) else None),
+            passthrough,
+        )
+
+
+# -- the asyncio driver runs the same decisions ----------------------------------------------------
+
+
+def test_async_driver_makes_the_same_calls() -> None:
+    first = Stream(layer_messages(2, 0, 1), fail=Unavailable("reset"))
+    second = Stream(layer_messages(2, 1, 3))
+    sync_script = get_script(
+        [Stream(layer_messages(2, 0, 1), fail=Unavailable("reset")), Stream(layer_messages(2, 1, 3))]
+    )
+    async_script = get_script([first, second])
+    c = core()
+    ns, keys = ops.get_args(c, NS, KEYS[:2], 0, 3)
+    sync_layers = [
+        layer for layer, _ in ops.drive(ops.get_layers(c, ns, keys, 0, 3, None), sync_script, passthrough)
+    ]
+
+    async def perform(effect: Any) -> Any:
+        return async_script(effect)
+
+    async def main() -> list[int]:
+        return [
+            layer
+            async for layer, _ in ops.adrive(ops.get_layers(c, ns, keys, 0, 3, None), perform, passthrough)
+        ]
+
+    assert asyncio.run(main()) == sync_layers == [0, 1, 2]
+    assert async_script.kinds() == sync_script.kinds()
+    assert first.cancelled and second.cancelled
+
+
+# -- cluster operations ---------------------------------------------------------------------------------
+
+
+def cluster(members: list[str], replication: int = 2) -> ClusterCore:
+    return ClusterCore(StaticMembership(members), replication=replication, check=core(), clock=lambda: 0.0)
+
+
+class ClusterScript:
+    """Carries out cluster effects in order: Fan runs its sub-operations one after the other, member
+    calls and member Get streams come from the test's handlers."""
+
+    def __init__(
+        self,
+        cluster: ClusterCore,
+        member: Callable[[cops.Member], Any] = lambda e: None,
+        opens: Callable[[cops.OpenLayers], Any] = lambda e: iter(()),
+    ) -> None:
+        self.cluster = cluster
+        self.member = member
+        self.opens = opens
+
+    def perform(self, effect: Any) -> Any:
+        if isinstance(effect, cops.CurrentView):
+            return self.cluster.view()
+        if isinstance(effect, cops.Member):
+            return self.member(effect)
+        if isinstance(effect, cops.Fan):
+            return [self.run(sub) for sub in effect.ops]
+        if isinstance(effect, cops.OpenLayers):
+            return self.opens(effect)
+        if isinstance(effect, cops.Next):
+            return next(effect.source, ops.END)
+        if isinstance(effect, cops.Close):
+            return effect.source.close()
+        raise AssertionError(f"unexpected {effect}")
+
+    @staticmethod
+    def map_error(effect: Any, exc: BaseException) -> BaseException | None:
+        return exc if isinstance(exc, TransferError) and isinstance(effect, cops.FALLIBLE) else None
+
+    def run(self, op: ops.Op[Any]) -> Any:
+        return ops.run(op, self.perform, self.map_error, lambda s: s.close())
+
+    def drive(self, op: ops.Op[Any]) -> Any:
+        return ops.drive(op, self.perform, self.map_error, lambda s: s.close())
+
+
+def test_cluster_lookup_counts_a_down_replica_as_a_miss_not_an_error() -> None:
+    members = ["a:1", "b:1", "c:1"]
+    c = cluster(members, replication=1)
+    owner = {k: c.owners(k, tuple(members))[0] for k in KEYS}
+    down = next(owner[k] for k in KEYS if owner[k] != owner[KEYS[0]])  # not key 0's: a prefix survives
+
+    def member(effect: cops.Member) -> int:
+        if effect.member == down:
+            raise Unavailable(f"{down} is gone")
+        return len(effect.args[1])  # every key it is asked about is there
+
+    first_lost = min(i for i, k in enumerate(KEYS) if owner[k] == down)  # R=1: nobody else has it
+    assert first_lost > 0
+    assert ClusterScript(c, member).run(cops.lookup(c, NS, KEYS, 4, None)) == first_lost
+    assert c.counters()[down]["failures"] >= 1
+
+
+def test_cluster_lookup_raises_caller_errors() -> None:
+    c = cluster(["a:1", "b:1"])
+
+    def member(effect: cops.Member) -> int:
+        raise InvalidArgument("namespace quota")
+
+    with pytest.raises(InvalidArgument, match="quota"):
+        ClusterScript(c, member).run(cops.lookup(c, NS, KEYS, 4, None))
+
+
+def test_cluster_get_falls_back_to_the_next_owner_from_the_failed_layer() -> None:
+    members = ["a:1", "b:1"]
+    c = cluster(members, replication=2)
+    opened: list[tuple[str, int]] = []
+
+    def layers(member: str, keys: list[bytes], start: int, end: int) -> Any:
+        for layer in range(start, end):
+            if member == first and layer == 2:
+                raise Unavailable(f"{member} died")
+            yield layer, [blob(KEYS.index(k), layer) for k in keys]
+
+    first = c.owners(KEYS[0], tuple(members))[0]
+
+    def opens(effect: cops.OpenLayers) -> Any:
+        _, keys, start, end = effect.args
+        opened.append((effect.member, start))
+        return layers(effect.member, keys, start, end)
+
+    ns, keys = ops.get_args(c.check, NS, KEYS[:1], 0, 4)
+    got = list(ClusterScript(c, opens=opens).drive(cops.get_layers(c, ns, keys, 0, 4, None)))
+    assert [layer for layer, _ in got] == [0, 1, 2, 3]
+    assert [bytes(b[0]) for _, b in got] == [blob(0, layer) for layer in range(4)]
+    second = next(m for m in members if m != first)
+    assert opened == [(first, 0), (second, 2)]
+    assert c.counters()[second]["fallbacks"] == 1
+
+
+def test_cluster_get_raises_not_found_when_no_candidate_has_the_key() -> None:
+    c = cluster(["a:1", "b:1"], replication=2)
+    script = ClusterScript(c, opens=lambda e: (x for x in ()))  # every replica ends at once
+    ns, keys = ops.get_args(c.check, NS, KEYS[:1], 0, 2)
+    with pytest.raises(NotFound):
+        list(script.drive(cops.get_layers(c, ns, keys, 0, 2, None)))

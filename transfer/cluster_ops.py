@@ -1,0 +1,372 @@
+"""The cluster client's operations as plain logic: generators of effects, like :mod:`transfer.ops`.
+
+:class:`transfer.routing.ClusterCore` decides who owns what, who is down and
+how answers combine; this module strings those decisions into whole
+operations (Lookup rounds, Put fan-out with ``write_ack``, Get with fallback
+mid-stream, Delete, Stats) without doing any I/O. The blocking
+:class:`transfer.cluster.ClusterKVClient` and the asyncio
+:class:`transfer.aio_cluster.AsyncClusterKVClient` only carry the effects out
+(threads and futures there, tasks and ``await`` here), so the two cannot drift
+apart.
+
+Effects (besides :class:`transfer.ops.Emit`):
+
+* :class:`CurrentView` — the membership view (the driver also retires clients
+  of members gone for longer than any call can last).
+* :class:`Member` — await ``method(*args, **kwargs)`` on the member's client; a
+  :class:`TransferError` is thrown back in.
+* :class:`OpenLayers` / :class:`Next` / :class:`Close` — a member's
+  ``get_layers`` iterator (or the caller's items): its next item or
+  :data:`transfer.ops.END`; the driver closes every opened iterator when the
+  operation ends or is abandoned.
+* :class:`Fan` — run sub-operations side by side and return their results in
+  order; :class:`Spawn` / :class:`WaitAny` / :class:`Detach` / :class:`Drain` —
+  the same with an early return (``write_ack="one"``) and background copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from kvstore.keys import Namespace
+from kvstore.wire import Blob, PutRequestView
+from transfer.core import PutResult, StoreStats
+from transfer.errors import InvalidArgument, NotFound, TransferError, Unavailable
+from transfer.ops import END, Emit, Op
+from transfer.routing import ClusterCore, GetShare, acknowledged
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentView:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    member: str
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenLayers:
+    opens: ClassVar[bool] = True
+    member: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    source: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    source: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Fan:
+    ops: tuple[Op[Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    op: Op[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class WaitAny:
+    """Wait until one of ``tasks`` is done: ``([(task, result), ...], still pending)``."""
+
+    tasks: frozenset[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Detach:
+    """Leave ``tasks`` running; :class:`Drain` waits for them (their failures were counted)."""
+
+    tasks: frozenset[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    pass
+
+
+#: Effects whose failure (a TransferError) the operation handles itself.
+FALLIBLE = (Member, Next)
+
+
+# -- lookup -------------------------------------------------------------------------------------------
+
+
+def lookup(
+    cluster: ClusterCore, namespace: Namespace | str, keys: Any, num_layers: int, timeout_s: float | None
+) -> Op[int]:
+    """Number of leading keys whose layers ``[0, num_layers)`` are stored on some owner: rounds of
+    Lookups side by side, planned by :class:`transfer.routing.LookupState`."""
+    core = cluster.check
+    ns = core.namespace(namespace)
+    keys = core.check_keys(keys)
+    if num_layers < 1:
+        raise InvalidArgument(f"num_layers must be >= 1, got {num_layers}")
+    if not keys:
+        return 0
+    state = cluster.start_lookup(keys, (yield CurrentView()))
+    plan = state.first_plan()
+    while plan:
+        members = list(plan)
+        asks = tuple(
+            _lookup_one(cluster, m, ns, [keys[i] for i in plan[m]], num_layers, timeout_s) for m in members
+        )
+        state.absorb(plan, dict(zip(members, (yield Fan(asks)), strict=True)))
+        plan = state.next_plan()
+    return state.result()
+
+
+def _lookup_one(
+    cluster: ClusterCore, member: str, ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
+) -> Op[int | None]:
+    try:
+        n = yield Member(member, "lookup", (ns, keys, num_layers), {"timeout_s": timeout_s})
+    except TransferError as exc:
+        cluster.failed(member, exc)
+        return None
+    cluster.succeeded(member)
+    cluster.count(member, lookups=1, lookup_keys=len(keys), lookup_present=n)
+    return n
+
+
+# -- put ----------------------------------------------------------------------------------------------
+
+
+def put(
+    cluster: ClusterCore,
+    namespace: Namespace | str,
+    source: Any,
+    ack: str | None,
+    timeout_s: float | None,
+) -> Op[PutResult]:
+    """Every item of ``source`` (pulled with :class:`Next`) stored on its owners, a batch of at
+    most ``put_batch_bytes`` at a time; ``num_stored``/``bytes_stored`` count items stored at least
+    once, ``durable`` and ``tiers`` hold for every acknowledged copy."""
+    core = cluster.check
+    ns = core.namespace(namespace)
+    stored = nbytes = requests = 0
+    results: list[PutResult] = []
+    batch: list[PutRequestView] = []
+    size = 0
+    while True:
+        item = yield Next(source)
+        if item is not END:
+            batch.append(core.put_request(ns, item))
+            size += len(batch[-1].blob)
+            if size < core.put_batch_bytes:
+                continue
+        if batch:
+            yield Drain()  # at most one batch of background copies in memory
+            acked, sent, answers = yield from _put_batch(cluster, ns, batch, timeout_s, ack)
+            stored += len(acked)
+            nbytes += sum(len(batch[i].blob) for i in acked)
+            requests += sent
+            results += answers
+            batch, size = [], 0
+        if item is END:
+            break
+    if cluster.write_ack == "all":
+        yield Drain()
+    return acknowledged(stored, nbytes, requests, results)
+
+
+def _put_batch(
+    cluster: ClusterCore, ns: str, batch: list[PutRequestView], timeout_s: float | None, ack: str | None
+) -> Op[tuple[set[int], int, list[PutResult]]]:
+    plan = cluster.plan_put(batch, (yield CurrentView()))
+    tasks: dict[Any, list[int]] = {}
+    owners_left = [0] * len(batch)  # per item: owners not yet answered
+    for member, indices in plan.items():
+        tasks[(yield Spawn(_put_one(cluster, member, ns, batch, indices, timeout_s, ack)))] = indices
+        for i in indices:
+            owners_left[i] += 1
+    acked: set[int] = set()
+    answers: list[PutResult] = []
+    pending = frozenset(tasks)
+    need_all = cluster.write_ack == "all"
+    while pending:
+        done, pending = yield WaitAny(pending)
+        for task, ok in done:  # a task raises only the caller's errors, and WaitAny raises them
+            if ok is not None:
+                answers.append(ok)
+            for i in tasks[task]:
+                owners_left[i] -= 1
+                if ok is not None:
+                    acked.add(i)
+        if not need_all and all(i in acked or owners_left[i] == 0 for i in range(len(batch))):
+            break
+    if pending:
+        yield Detach(frozenset(pending))
+    return acked, len(tasks), answers
+
+
+def _put_one(
+    cluster: ClusterCore,
+    member: str,
+    ns: str,
+    batch: list[PutRequestView],
+    indices: list[int],
+    timeout_s: float | None,
+    ack: str | None,
+) -> Op[PutResult | None]:
+    try:
+        items = cluster.items(batch, indices)
+        result = yield Member(member, "put", (ns, items), {"timeout_s": timeout_s, "ack": ack})
+    except TransferError as exc:
+        cluster.failed(member, exc)
+        cluster.count(member, puts_dropped=len(indices))
+        return None
+    cluster.put_done(member, batch, indices)
+    return result
+
+
+# -- get ----------------------------------------------------------------------------------------------
+
+
+def get_layers(
+    cluster: ClusterCore, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+) -> Op[None]:
+    """Emits ``(layer, [blob per key])`` in layer order, each key from its first healthy owner; a
+    replica failing or missing a key mid-stream is replaced by the key's next candidate from the
+    current layer on. Arguments are validated by the caller (:func:`transfer.ops.get_args`)."""
+    if not keys:
+        return
+    view = yield CurrentView()
+    tried: dict[int, set[str]] = {}
+    streams: list[GetShare] = []
+    for member, positions in cluster.plan_get(keys, range(len(keys)), view, tried).items():
+        streams.append((yield from _open(ns, keys, member, positions, start, end, timeout_s, False, cluster)))
+    for layer in range(start, end):
+        blobs: list[Blob | None] = [None] * len(keys)
+        queue, streams = streams, []
+        while queue:
+            stream = queue.pop(0)
+            try:
+                got = yield Next(stream.source)
+                if got is END:
+                    raise NotFound("Get: stream ended early")
+                if got[0] != layer:
+                    raise NotFound(f"Get: {stream.member} sent layer {got[0]}, expected {layer}")
+            except TransferError as err:
+                yield Close(stream.source)
+                cluster.failed(stream.member, err)
+                for i in stream.positions:
+                    tried.setdefault(i, set()).add(stream.member)
+                for member, positions in cluster.plan_get(keys, stream.positions, view, tried).items():
+                    queue.append(
+                        (yield from _open(ns, keys, member, positions, layer, end, timeout_s, True, cluster))
+                    )
+                continue
+            part = got[1]
+            cluster.count(stream.member, blobs_got=len(part), bytes_got=sum(len(b) for b in part))
+            for i, blob in zip(stream.positions, part, strict=True):
+                blobs[i] = blob
+            streams.append(stream)
+        yield Emit((layer, blobs))
+    for stream in streams:
+        yield Close(stream.source)
+
+
+def _open(
+    ns: str,
+    keys: list[bytes],
+    member: str,
+    positions: list[int],
+    layer: int,
+    end: int,
+    timeout_s: float | None,
+    fallback: bool,
+    cluster: ClusterCore,
+) -> Op[GetShare]:
+    args = (ns, [keys[i] for i in positions], layer, end)
+    source = yield OpenLayers(member, args, {"timeout_s": timeout_s})
+    cluster.count(member, gets=1, fallbacks=int(fallback))
+    return GetShare(member, positions, source, fallback)
+
+
+# -- delete, stats, readiness -------------------------------------------------------------------------
+
+
+def delete(
+    cluster: ClusterCore,
+    namespace: Namespace | str,
+    keys: Any,
+    num_layers: int | None,
+    timeout_s: float | None,
+) -> Op[int]:
+    """Copies deleted on every replica that may hold the keys (all current and, in a grace window,
+    previous members); down replicas are skipped."""
+    core = cluster.check
+    ns = core.namespace(namespace)
+    keys = core.check_keys(keys)
+    core.delete_layers(num_layers)
+    members = (yield CurrentView()).everyone
+    kwargs = {"num_layers": num_layers, "timeout_s": timeout_s}
+    return sum((yield Fan(tuple(_tolerant(cluster, m, "delete", (ns, keys), kwargs, 0) for m in members))))
+
+
+def _tolerant(
+    cluster: ClusterCore,
+    member: str,
+    method: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    default: Any,
+) -> Op[Any]:
+    """A member call whose transport failure is accounted and answered with ``default``."""
+    try:
+        return (yield Member(member, method, args, kwargs))
+    except TransferError as exc:
+        cluster.failed(member, exc)
+        return default
+
+
+def replica_stats(cluster: ClusterCore, timeout_s: float | None) -> Op[dict[str, StoreStats | TransferError]]:
+    """Each current member's own stats, or the error it answered with."""
+    members = (yield CurrentView()).members
+    answers = yield Fan(tuple(_answer(m, "stats", (), {"timeout_s": timeout_s}) for m in members))
+    return dict(zip(members, answers, strict=True))
+
+
+def stats(cluster: ClusterCore, timeout_s: float | None) -> Op[StoreStats]:
+    """The reachable replicas' stats as one store (tiers and counters summed)."""
+    per_member = yield from replica_stats(cluster, timeout_s)
+    answered = {m: s for m, s in per_member.items() if isinstance(s, StoreStats)}
+    if not answered:
+        raise Unavailable(f"Stats: no replica answered ({', '.join(per_member)})")
+    return ClusterCore.merge_stats(answered)
+
+
+def wait_ready(cluster: ClusterCore, timeout_s: float, members: Sequence[str] | None) -> Op[None]:
+    """Every current member (or each of ``members``) connected, else :class:`Unavailable` naming the
+    others."""
+    if members is None:
+        members = (yield CurrentView()).members
+    answers = yield Fan(tuple(_answer(m, "wait_ready", (timeout_s,), {}) for m in members))
+    down = [m for m, a in zip(members, answers, strict=True) if isinstance(a, TransferError)]
+    if down:
+        raise Unavailable(
+            f"replicas not reachable within {timeout_s} s: {', '.join(down)} "
+            f"({len(members) - len(down)} of {len(members)} ready)"
+        )
+
+
+def _answer(member: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Op[Any]:
+    """A member call's result, or the TransferError it raised (as a value)."""
+    try:
+        return (yield Member(member, method, args, kwargs))
+    except TransferError as exc:
+        return exc

@@ -1,0 +1,438 @@
+"""The client's operations as plain logic: generators that yield the I/O they need.
+
+Each operation (Lookup with windowing, Put with batching and replay, Get with
+layer assembly and resume, Delete, Stats, and the retry policy around every
+call) is a generator. It yields an *effect* (``Call`` an RPC, ``Sleep``, open a
+Get stream, ``Receive`` its next message, ...), and the front-end that drives it
+carries the effect out and sends the result back in, or throws the mapped
+:class:`transfer.errors.TransferError` in. Streaming operations hand finished
+layers to their consumer with :class:`Emit`.
+
+Why: the blocking :class:`transfer.client.KVClient` and the asyncio
+:class:`transfer.aio_client.AsyncKVClient` differ only in *how* they wait, so
+everything that decides *what* happens (how many attempts, where a Get resumes,
+when a Put batch closes, what a partial answer means) lives here once; each
+front-end is a dozen lines of "perform this effect". The same shape drives the
+cluster client (:mod:`transfer.cluster_ops`). It also makes the logic testable
+without a server: ``tests/unit/test_client_ops.py`` feeds operations scripted
+results and failures.
+
+Front-end contract:
+
+* :class:`Call`, :class:`SendBatch`, :class:`Receive` may fail: the driver throws
+  ``core.error(rpc_error, effect.rpc)`` into the operation (outside its own
+  ``except`` block, so the gRPC error does not ride along as context).
+* :class:`OpenGet` returns a stream handle; the driver cancels every handle it
+  opened when the operation ends or is abandoned, whatever happened
+  (:class:`Cancel` releases one earlier).
+* :class:`FirstItem` returns ``batch.step(0)`` (or ``await batch.astep(0)``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from kvstore.keys import Namespace
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire import Blob
+from transfer.core import ClientCore, LayerAssembler, PutBatch, PutResult, StoreStats
+from transfer.errors import InvalidArgument, TransferError
+
+T = TypeVar("T")
+
+#: What :class:`Receive` returns once a stream has ended normally.
+END: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One unary RPC (``rpc`` names the stub method) with its deadline."""
+
+    rpc: str
+    request: Any
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class FirstItem:
+    """Pull the first request of a Put batch from the caller's items (``None``: there is none)."""
+
+    batch: PutBatch
+
+
+@dataclass(frozen=True, slots=True)
+class SendBatch:
+    """One attempt of a Put stream: every request of ``batch``, then its commit."""
+
+    rpc: ClassVar[str] = "Put"
+    batch: PutBatch
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class OpenGet:
+    """Start a Get stream; the result is a handle for :class:`Receive` and :class:`Cancel`."""
+
+    #: The driver releases what this effect returns when the operation ends.
+    opens: ClassVar[bool] = True
+    request: pb.GetRequest
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    """The stream's next message, or :data:`END`."""
+
+    rpc: ClassVar[str] = "Get"
+    stream: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    stream: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """A result for the consumer of a streaming operation (one ``(layer, blobs)``)."""
+
+    value: Any
+
+
+Effect = Call | Sleep | FirstItem | SendBatch | OpenGet | Receive | Cancel | Emit
+Op = Generator[Any, Any, T]
+
+
+def advance(op: Generator[Any, Any, Any], result: Any, error: BaseException | None) -> Any:
+    """The operation's next effect after ``result`` (or ``error``); StopIteration when it is done."""
+    if error is not None:
+        return op.throw(error)
+    return op.send(result)
+
+
+# -- retry ------------------------------------------------------------------------------------------
+
+
+def retrying(
+    core: ClientCore, effect: Any, before_retry: Callable[[TransferError], None] | None = None
+) -> Op[Any]:
+    """``effect``'s result, with another attempt after each failure the retry policy allows.
+
+    ``before_retry`` sees each failure first and may raise something better
+    (a Put whose source failed raises the source's own exception).
+    """
+    failures = 0
+    while True:
+        try:
+            return (yield effect)
+        except TransferError as err:
+            if before_retry is not None:
+                before_retry(err)
+            failures += 1
+            if not core.retry.should_retry(err, failures):
+                raise
+            yield Sleep(core.retry.delay(failures))
+
+
+def unary(core: ClientCore, rpc: str, request: Any, timeout_s: float | None) -> Op[Any]:
+    return (yield from retrying(core, Call(rpc, request, core.timeout(timeout_s))))
+
+
+# -- the operations ---------------------------------------------------------------------------------
+
+
+def lookup(
+    core: ClientCore, namespace: Namespace | str, keys: Any, num_layers: int, timeout_s: float | None
+) -> Op[int]:
+    """Number of leading keys whose layers ``[0, num_layers)`` are all stored; one Lookup per
+    window of ``max_keys_per_request`` keys, stopping at the first window not wholly present."""
+    ns = core.namespace(namespace)
+    keys = core.check_keys(keys)
+    if num_layers < 1:
+        raise InvalidArgument(f"num_layers must be >= 1, got {num_layers}")
+    total = 0
+    for _, window in core.windows(keys):
+        if not window:
+            break
+        request = pb.LookupRequest(namespace=ns, keys=window, num_layers=num_layers)
+        present = (yield from unary(core, "Lookup", request, timeout_s)).num_present
+        total += present
+        if present < len(window):
+            break
+    return total
+
+
+def put(
+    core: ClientCore, namespace: Namespace | str, source: Any, ack: str | None, timeout_s: float | None
+) -> Op[PutResult]:
+    """Every item of ``source`` stored, one Put stream per ``put_batch_bytes``, each replayed whole
+    on a retry (puts are idempotent) and ended by its commit."""
+    ns = core.namespace(namespace)
+    ack_value = core.ack_value(ack) if ack is not None else core.ack
+    responses: list[pb.PutResponse] = []
+    while True:
+        batch = PutBatch(core, ns, source, ack_value)
+        if (yield FirstItem(batch)) is None:
+            if batch.error is not None:  # the very first item failed: nothing to send
+                raise batch.error
+            break
+
+        def source_failed(_: TransferError, batch: PutBatch = batch) -> None:
+            # A failing source cancels the stream; the caller sees the source's error.
+            if batch.error is not None:
+                raise batch.error from None
+
+        effect = SendBatch(batch, core.timeout(timeout_s, stream=True))
+        responses.append((yield from retrying(core, effect, source_failed)))
+        if batch.exhausted:
+            break
+    return core.put_result(responses)
+
+
+def get_args(
+    core: ClientCore, namespace: Namespace | str, keys: Any, layer_start: int, layer_end: int
+) -> tuple[str, list[bytes]]:
+    """Validated namespace and keys of a Get: checked when it is called, not at its first layer."""
+    ns = core.namespace(namespace)
+    keys = core.check_keys(keys)
+    core.check_layer_range(layer_start, layer_end)
+    return ns, keys
+
+
+def get_layers(
+    core: ClientCore, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+) -> Op[None]:
+    """Emits ``(layer, [blob per key])`` in layer order (arguments from :func:`get_args`).
+
+    More keys than one request may carry: one Get per (layer, window), still in
+    layer order."""
+    if not keys:
+        return
+    if len(keys) <= core.max_keys_per_request:
+        yield from _get_range(core, ns, keys, start, end, timeout_s)
+        return
+    for layer in range(start, end):
+        blobs: list[Blob] = []
+        for _, window in core.windows(keys):
+            for _, part in (yield from collect(_get_range(core, ns, window, layer, layer + 1, timeout_s))):
+                blobs.extend(part)
+        yield Emit((layer, blobs))
+
+
+def _get_range(
+    core: ClientCore, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+) -> Op[None]:
+    """One Get stream over ``[start, end)``; after a failure the policy allows, a new stream resumes
+    at the first layer not yet emitted. The retry budget is per stall, not per stream."""
+    failures = 0
+    next_layer = start
+    while next_layer < end:
+        assembler = LayerAssembler(core, ns, keys, next_layer, end)
+        request = core.get_request(ns, keys, next_layer, end)
+        stream = yield OpenGet(request, core.timeout(timeout_s, stream=True))
+        error: TransferError | None = None
+        while True:
+            try:
+                resp = yield Receive(stream)
+            except TransferError as err:
+                error = err
+                break
+            if resp is END:
+                break
+            done = assembler.feed(resp)  # a broken promise of the server raises; the driver cancels
+            if done is not None:
+                next_layer = done[0] + 1
+                failures = 0
+                yield Emit(done)
+        yield Cancel(stream)
+        if error is None:
+            assembler.finish()
+            return
+        failures += 1
+        if not core.retry.should_retry(error, failures):
+            raise error
+        yield Sleep(core.retry.delay(failures))
+
+
+def collect(op: Op[Any]) -> Op[list[Any]]:
+    """Run ``op`` inside another operation and return what it emitted, as a list."""
+    out: list[Any] = []
+    result: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            try:
+                effect = advance(op, result, error)
+            except StopIteration:
+                return out
+            result = error = None
+            if type(effect) is Emit:
+                out.append(effect.value)
+                continue
+            try:
+                result = yield effect
+            except Exception as exc:  # noqa: BLE001 - handed to op, which decides
+                error = exc
+    finally:
+        op.close()
+
+
+def delete(
+    core: ClientCore, namespace: Namespace | str, keys: Any, num_layers: int | None, timeout_s: float | None
+) -> Op[int]:
+    ns = core.namespace(namespace)
+    keys = core.check_keys(keys)
+    layers = core.delete_layers(num_layers)
+    total = 0
+    for _, window in core.windows(keys):
+        if window:
+            request = pb.DeleteRequest(namespace=ns, keys=window, num_layers=layers)
+            total += (yield from unary(core, "Delete", request, timeout_s)).num_deleted
+    return total
+
+
+def stats(core: ClientCore, timeout_s: float | None) -> Op[StoreStats]:
+    return core.stats_result((yield from unary(core, "Stats", pb.StatsRequest(), timeout_s)))
+
+
+def _cancel(stream: Any) -> Any:
+    return stream.cancel()
+
+
+DONE: Any = object()
+
+
+class Runner:
+    """One operation being driven: its next effect, what came back, and the handles to release.
+
+    The blocking and asyncio drivers below differ only in whether they await.
+    """
+
+    __slots__ = ("op", "map_error", "result", "error", "handles", "value")
+
+    def __init__(self, op: Op[Any], map_error: Callable[[Any, BaseException], Any]) -> None:
+        self.op = op
+        self.map_error = map_error
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.handles: list[Any] = []
+        self.value: Any = None
+
+    def next(self) -> Any:
+        """The next effect, or :data:`DONE` (the operation's return value is then in ``value``)."""
+        try:
+            effect = advance(self.op, self.result, self.error)
+        except StopIteration as stop:
+            self.value = stop.value
+            return DONE
+        self.result = self.error = None
+        return effect
+
+    def answered(self, effect: Any, result: Any) -> None:
+        self.result = result
+        if getattr(effect, "opens", False):
+            self.handles.append(result)
+
+    def failed(self, effect: Any, exc: BaseException) -> None:
+        """Keep the mapped error for the operation (thrown in by :meth:`next`, outside the driver's
+        ``except`` block); re-raise what is not the operation's to handle."""
+        error = self.map_error(effect, exc)
+        if error is None:
+            raise exc
+        self.error = error
+
+
+def drive(
+    op: Op[T],
+    perform: Callable[[Any], Any],
+    map_error: Callable[[Any, Exception], Any],
+    release: Callable[[Any], Any] = _cancel,
+) -> Iterator[Any]:
+    """Run ``op`` with a blocking ``perform``; yields what it emits and returns its value.
+
+    ``map_error(effect, exc)`` turns an exception of ``perform`` into the error to
+    throw into the operation, or returns None to let it propagate. What an
+    effect marked ``opens`` returned (a stream) is handed to ``release`` when the
+    operation ends, fails or its consumer stops early.
+    """
+    runner = Runner(op, map_error)
+    try:
+        while (effect := runner.next()) is not DONE:
+            if type(effect) is Emit:
+                yield effect.value
+                continue
+            try:
+                runner.answered(effect, perform(effect))
+            except Exception as exc:
+                runner.failed(effect, exc)
+        return runner.value  # type: ignore[no-any-return]
+    finally:
+        op.close()
+        for handle in runner.handles:
+            release(handle)
+
+
+def run(
+    op: Op[T],
+    perform: Callable[[Any], Any],
+    map_error: Callable[[Any, Exception], Any],
+    release: Callable[[Any], Any] = _cancel,
+) -> T:
+    """:func:`drive` for an operation that emits nothing: its return value."""
+    it = drive(op, perform, map_error, release)
+    try:
+        value = next(it)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    it.close()
+    raise TypeError(f"operation emitted {value!r}; use drive() for streaming operations")
+
+
+async def adrive(
+    op: Op[T],
+    perform: Callable[[Any], Awaitable[Any]],
+    map_error: Callable[[Any, BaseException], Any],
+    release: Callable[[Any], Any] = _cancel,
+    out: list[Any] | None = None,
+) -> AsyncIterator[Any]:
+    """:func:`drive` for the asyncio front-ends: ``perform`` (and ``release``, where it returns an
+    awaitable) is awaited, and the operation's return value is appended to ``out`` (an async
+    generator cannot return one). ``map_error`` also sees ``asyncio.CancelledError``."""
+    runner = Runner(op, map_error)
+    try:
+        while (effect := runner.next()) is not DONE:
+            if type(effect) is Emit:
+                yield effect.value
+                continue
+            try:
+                runner.answered(effect, await perform(effect))
+            except BaseException as exc:
+                runner.failed(effect, exc)
+        if out is not None:
+            out.append(runner.value)
+    finally:
+        op.close()
+        for handle in runner.handles:
+            if inspect.isawaitable(done := release(handle)):
+                await done
+
+
+async def arun(
+    op: Op[T],
+    perform: Callable[[Any], Awaitable[Any]],
+    map_error: Callable[[Any, BaseException], Any],
+    release: Callable[[Any], Any] = _cancel,
+) -> T:
+    """:func:`run` for the asyncio front-ends."""
+    out: list[Any] = []
+    async for value in adrive(op, perform, map_error, release, out):
+        raise TypeError(f"operation emitted {value!r}; use adrive() for streaming operations")
+    return out[0]  # type: ignore[no-any-return]
