@@ -235,10 +235,12 @@ def disk_baseline(directory: str, nbytes: int) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def server_process(
-    disk_dir: str, disk_bytes: int, run_dir: str
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``kvstore serve`` with a 16 MiB RAM tier and the disk tier in ``disk_dir``; yields (target, proc)."""
+def fresh_store(
+    disk_dir: str, wire_bytes: int, run_dir: str
+) -> Iterator[tuple[KVClient, subprocess.Popen[bytes]]]:
+    """``kvstore serve`` with a 16 MiB RAM tier and the disk tier in ``disk_dir`` (room for twice
+    ``wire_bytes``, 1 GiB at least); yields a ready client of it and the server process."""
+    disk_bytes = max(2 * wire_bytes, 1 * GiB)
     server = start_server_process(
         [
             "--memory-bytes",
@@ -257,7 +259,9 @@ def server_process(
         workdir=run_dir,
     )
     try:
-        yield server.target, server.proc
+        with KVClient(server.target, timeout_s=60, stream_timeout_s=3600) as client:
+            client.wait_ready(30)
+            yield client, server.proc
     finally:
         server.stop()
 
@@ -332,11 +336,7 @@ def store_run(
         "wire_bytes": wire,
     }
     try:
-        with (
-            server_process(disk_dir, max(2 * wire, 1 * GiB), work) as (target, proc),
-            KVClient(target, timeout_s=60, stream_timeout_s=3600) as client,
-        ):
-            client.wait_ready(30)
+        with fresh_store(disk_dir, wire, work) as (client, proc):
             phase = Phase(proc.pid)
             result = longctx.offload_frames(
                 client,
@@ -397,11 +397,7 @@ def end_to_end_run(
     disk_dir = tempfile.mkdtemp(prefix=f"e2e-{profile}-", dir=work)
     out: dict[str, Any] = {"profile": profile, "chunks": num_chunks, "fp16_bytes": fp16}
     try:
-        with (
-            server_process(disk_dir, max(2 * wire, 1 * GiB), work) as (target, proc),
-            KVClient(target, timeout_s=60, stream_timeout_s=3600) as client,
-        ):
-            client.wait_ready(30)
+        with fresh_store(disk_dir, wire, work) as (client, proc):
             phase = Phase(proc.pid)
             result = longctx.offload_context(
                 client,

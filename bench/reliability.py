@@ -45,7 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstore.testing.reliability import (
     Limits,
@@ -61,7 +61,11 @@ from kvstore.testing.reliability import (
     run_fuzz,
     run_starvation,
 )
-from kvstore.testing.store import start_server_process
+from kvstore.testing.store import REMOTE_READS, serving, start_server_process, store_config
+
+if TYPE_CHECKING:
+    from kvstore.server import ServerHandle
+    from kvstore.testing.services import RedisProcess, S3Process
 
 # ====================================================================== main
 
@@ -94,25 +98,14 @@ def _bench_crash(rounds: int, seed: int) -> dict[str, Any]:
     return out
 
 
-def _in_process_server(tmp: Path, **overrides: Any) -> Any:
-    from kvstore.config import load_config
-    from kvstore.server import serve
-
-    base = {
-        "server.port": 0,
-        "server.workers": 32,
-        "memory.max_bytes": 256 << 20,
-        "disk.path": str(tmp / "disk"),
-        "disk.fsync": "never",
-    }
-    base.update(overrides)
-    return serve(load_config(None, environ={}, overrides=base))
+def _in_process_server(tmp: Path, **overrides: Any) -> contextlib.AbstractContextManager[ServerHandle]:
+    """The tests' server config (RAM + disk under ``tmp``) with 32 workers, for the load."""
+    return serving(store_config(tmp, **{"server.workers": 32, **overrides}))
 
 
-def _bench_bitflips(flips: int, seed: int, r: Any, s3: Any) -> dict[str, Any]:
+def _bench_bitflips(flips: int, seed: int, r: RedisProcess, s3: S3Process) -> dict[str, Any]:
     """Two servers: RAM+disk+Redis takes most flips (fast); all four tiers with S3 drawn most
     often takes a tenth (each S3 flip costs ~7 requests to moto)."""
-    import boto3
     import redis
 
     out: dict[str, Any] = {}
@@ -127,35 +120,18 @@ def _bench_bitflips(flips: int, seed: int, r: Any, s3: Any) -> dict[str, Any]:
                 "redis.url": r.url,
                 "redis.key_prefix": f"{name}:",
             }
-            s3_client = None
             if with_s3:
-                overrides.update(
-                    {
-                        "s3.enabled": True,
-                        "s3.endpoint_url": s3.endpoint_url,
-                        "s3.bucket": name,
-                        "s3.access_key_id": "test",
-                        "s3.secret_access_key": "test",
-                    }
+                overrides.update(s3.tier_config(name))
+            with _in_process_server(Path(tmp), **overrides) as handle:
+                corruptor = TierCorruptor(
+                    handle.store, redis.Redis.from_url(r.url), s3.client() if with_s3 else None
                 )
-                s3_client = boto3.client(
-                    "s3",
-                    endpoint_url=s3.endpoint_url,
-                    region_name="us-east-1",
-                    aws_access_key_id="test",
-                    aws_secret_access_key="test",
-                )
-            handle = _in_process_server(Path(tmp), **overrides)
-            try:
-                corruptor = TierCorruptor(handle.store, redis.Redis.from_url(r.url), s3_client)
                 t0 = time.perf_counter()
                 report = run_bitflips(
                     handle.target, handle.store, corruptor, count, seed=seed, tier_weights=weights
                 ).as_dict()
                 report["seconds"] = round(time.perf_counter() - t0, 1)
                 out[name] = report
-            finally:
-                handle.stop(grace=0)
     total: dict[str, Any] = {}
     for key in (
         "flips",
@@ -199,39 +175,28 @@ def _bench_concurrency(clients: int, seconds: float, seed: int) -> dict[str, Any
             server.kill()
 
 
-def _bench_backend_kill(seconds: float, seed: int, r: Any, s3: Any) -> dict[str, Any]:
+def _bench_backend_kill(seconds: float, seed: int, r: RedisProcess, s3: S3Process) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvstore-kill-") as tmp:
-        handle = _in_process_server(
-            Path(tmp),
-            **{
-                "memory.max_bytes": 64 * 1024,
-                "disk.enabled": False,
-                "redis.enabled": True,
-                "redis.url": r.url,
-                "redis.socket_timeout_s": 0.5,
-                "s3.enabled": True,
-                "s3.endpoint_url": s3.endpoint_url,
-                "s3.bucket": "kill",
-                "s3.timeout_s": 1.0,
-                "s3.access_key_id": "test",
-                "s3.secret_access_key": "test",
-            },
-        )
-        try:
+        overrides = {
+            **REMOTE_READS,
+            "redis.enabled": True,
+            "redis.url": r.url,
+            "redis.socket_timeout_s": 0.5,
+            **s3.tier_config("kill"),
+            "s3.timeout_s": 1.0,
+        }
+        with _in_process_server(Path(tmp), **overrides) as handle:
             out = run_backend_kill(handle.target, handle.store, r, s3, seconds, seed=seed)
             out["server_healthy"] = roundtrip_ok(handle.target, "kill/model/profile", None)
             return out
-        finally:
-            handle.stop(grace=0)
 
 
-def _legacy_store(r: Any, s3: Any, name: str) -> Any:
+def _legacy_store(r: RedisProcess, s3: S3Process, name: str) -> Any:
     """The tiers as they were before budgets: 1 s Redis and 5 s S3 timeouts (connect and read), retry
     deadline 2 x timeout, and the caller-probe breaker that opens after 3 failures in a row."""
     from kvstore.backends.memory import MemoryBackend
     from kvstore.backends.redis import RedisBackend
     from kvstore.backends.retry import CircuitBreaker
-    from kvstore.backends.s3 import S3Backend
     from kvstore.backends.tiered import TieredStore
 
     tiers = [
@@ -244,25 +209,19 @@ def _legacy_store(r: Any, s3: Any, name: str) -> Any:
             budget_s=4.0,
             breaker=CircuitBreaker("redis", 3, 1.0),
         ),
-        S3Backend(
-            endpoint_url=s3.endpoint_url,
-            bucket=name,
-            access_key_id="test",
-            secret_access_key="test",
-            timeout_s=5.0,
-            connect_timeout_s=5.0,
-            budget_s=20.0,
-            breaker=CircuitBreaker("s3", 3, 1.0),
+        s3.backend(
+            name, timeout_s=5.0, connect_timeout_s=5.0, budget_s=20.0, breaker=CircuitBreaker("s3", 3, 1.0)
         ),
     ]
     return TieredStore(tiers, write_through=["redis", "s3"])
 
 
-def _bench_backend_freeze(seconds: float, seed: int, r: Any, s3: Any, legacy: bool = False) -> dict[str, Any]:
+def _bench_backend_freeze(
+    seconds: float, seed: int, r: RedisProcess, s3: S3Process, legacy: bool = False
+) -> dict[str, Any]:
     """Default budgets (``redis.budget_s``/``s3.budget_s`` 0: connect + read + margin, 0.5 s); with
     ``legacy`` the same load against the pre-budget settings, as the baseline."""
     from kvstore.config import load_config
-    from kvstore.server import serve
 
     with tempfile.TemporaryDirectory(prefix="kvstore-freeze-") as tmp:
         name = "freeze-legacy" if legacy else "freeze"
@@ -270,29 +229,20 @@ def _bench_backend_freeze(seconds: float, seed: int, r: Any, s3: Any, legacy: bo
             config = load_config(
                 None, environ={}, overrides={"server.port": 0, "server.workers": 32, "disk.enabled": False}
             )
-            handle = serve(config, store=_legacy_store(r, s3, name))
+            server = serving(config, store=_legacy_store(r, s3, name))
         else:
-            handle = _in_process_server(
-                Path(tmp),
-                **{
-                    "memory.max_bytes": 64 * 1024,
-                    "disk.enabled": False,
-                    "redis.enabled": True,
-                    "redis.url": r.url,
-                    "redis.key_prefix": f"{name}:",
-                    "s3.enabled": True,
-                    "s3.endpoint_url": s3.endpoint_url,
-                    "s3.bucket": name,
-                    "s3.access_key_id": "test",
-                    "s3.secret_access_key": "test",
-                },
-            )
-        try:
+            overrides = {
+                **REMOTE_READS,
+                "redis.enabled": True,
+                "redis.url": r.url,
+                "redis.key_prefix": f"{name}:",
+                **s3.tier_config(name),
+            }
+            server = _in_process_server(Path(tmp), **overrides)
+        with server as handle:
             out = run_backend_freeze(handle.target, handle.store, {"redis": r, "s3": s3}, seconds, seed=seed)
             out["server_healthy"] = roundtrip_ok(handle.target, "freeze/model/profile", None)
             return out
-        finally:
-            handle.stop(grace=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -427,17 +377,14 @@ def _bench_starvation(quick: bool, seed: int) -> dict[str, Any]:
     idle_s = 2.0 if quick else 5.0
     tenant_limit = 5 * workers
     with tempfile.TemporaryDirectory(prefix="kvstore-starve-") as tmp:
-        handle = _in_process_server(
-            Path(tmp),
-            **{
-                "server.workers": workers,
-                "auth.tokens": {"tok-a": "a", "tok-b": "b"},
-                "server.max_streams_per_tenant": tenant_limit,
-                "server.max_streams_per_peer": 10 * workers,
-                "server.stream_idle_timeout_s": idle_s,
-            },
-        )
-        try:
+        overrides = {
+            "server.workers": workers,
+            "auth.tokens": {"tok-a": "a", "tok-b": "b"},
+            "server.max_streams_per_tenant": tenant_limit,
+            "server.max_streams_per_peer": 10 * workers,
+            "server.stream_idle_timeout_s": idle_s,
+        }
+        with _in_process_server(Path(tmp), **overrides) as handle:
             return run_starvation(
                 handle.target,
                 "tok-b",
@@ -447,8 +394,6 @@ def _bench_starvation(quick: bool, seed: int) -> dict[str, Any]:
                 probe_s=2.0 if quick else 10.0,
                 seed=seed,
             )
-        finally:
-            handle.stop(grace=0)
 
 
 if __name__ == "__main__":

@@ -402,24 +402,15 @@ def main(argv: list[str] | None = None) -> int:
                     for name, size in sizes.items()
                 }
             result["grpc"][tier] = rows  # type: ignore[index]
-            if tier == "redis":
-                result["direct"]["redis"] = {
-                    n: direct_redis_row(
-                        services["redis"].url,
-                        s,
-                        tier_total,  # type: ignore
-                        args.streams,
-                    )
-                    for n, s in sizes.items()
-                }
-            if tier == "s3":
-                result["direct"]["s3"] = {
-                    n: direct_s3_row(
-                        services["s3"].endpoint_url,
-                        s,
-                        tier_total,  # type: ignore
-                        args.streams,
-                    )
+            if tier in ("redis", "s3"):
+                # The same transfers straight to the medium, no kvstore in between: the baseline.
+                row, address = (
+                    (direct_redis_row, services["redis"].url)
+                    if tier == "redis"
+                    else (direct_s3_row, services["s3"].endpoint_url)
+                )
+                result["direct"][tier] = {  # type: ignore[index]
+                    n: row(address, s, tier_total, args.streams)  # type: ignore[arg-type]
                     for n, s in sizes.items()
                 }
     print(json.dumps(result, indent=2))

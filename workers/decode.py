@@ -21,13 +21,11 @@ streaming generator.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from transfer.cluster import StoreClient
-from workers.prefill import PrefillHandle, WorkerConfig, close_cache, prefill_from_store
-from workers.runner import ModelRunner
+from workers.prefill import PrefillHandle, StoreWorker, close_cache, prefill_from_store
 
 if TYPE_CHECKING:
     from transfer.codec import LayerKV
@@ -68,25 +66,8 @@ def handed_over_cache(prefix: Iterable[LayerKV], num_layers: int, num_tokens: in
     return LayerwiseCache(source, num_layers, num_tokens, decode=lambda kv: kv)
 
 
-class DecodeWorker:
+class DecodeWorker(StoreWorker):
     """Greedy decoding from a stored prompt cache (see the module docstring)."""
-
-    def __init__(
-        self, config: WorkerConfig, *, runner: ModelRunner | None = None, client: StoreClient | None = None
-    ) -> None:
-        self.config = config
-        self.runner = (
-            runner if runner is not None else ModelRunner(config.model_path, num_threads=config.num_threads)
-        )
-        self.client = client if client is not None else config.connect()
-        self.cpu_plan = config.apply_cpu_plan()  # after the client: its gRPC threads move to the I/O CPUs
-
-    def ready(self) -> str:
-        return self.runner.fingerprint
-
-    def warm_up(self, profiles: Sequence[str]) -> float:
-        """Seconds spent compiling/loading the codec kernels of ``profiles`` (see ModelRunner.warm_up)."""
-        return self.runner.warm_up(profiles, self.config.chunk_tokens)
 
     def stream(
         self, handle: PrefillHandle, max_new_tokens: int, *, prefix: Iterable[LayerKV] | None = None
@@ -141,6 +122,3 @@ class DecodeWorker:
         if summary is None:  # stream() always ends with a summary; this guards a broken generator
             raise RuntimeError(f"decode of {handle.request_id!r} produced no summary")
         return summary
-
-    def close(self) -> None:
-        self.client.close()

@@ -217,8 +217,12 @@ def close_cache(cache: Any) -> None:
         close()
 
 
-class PrefillWorker:
-    """Prefill with prefix reuse over a kvstore server (see the module docstring)."""
+class StoreWorker:
+    """What prefill and decode workers share: a model runner, a store client, the CPU plan.
+
+    ``runner`` and ``client`` are built from ``config`` unless given (tests and the
+    demo hand in shared ones).
+    """
 
     def __init__(
         self, config: WorkerConfig, *, runner: ModelRunner | None = None, client: StoreClient | None = None
@@ -230,9 +234,6 @@ class PrefillWorker:
         self.client = client if client is not None else config.connect()
         self.cpu_plan = config.apply_cpu_plan()  # after the client: its gRPC threads move to the I/O CPUs
 
-    def namespace(self, profile: str | None = None) -> str:
-        return str(Namespace(self.config.tenant, self.runner.fingerprint, profile or self.config.profile))
-
     def ready(self) -> str:
         """The model fingerprint; a cheap call that proves the worker finished loading."""
         return self.runner.fingerprint
@@ -240,6 +241,16 @@ class PrefillWorker:
     def warm_up(self, profiles: Sequence[str]) -> float:
         """Seconds spent compiling/loading the codec kernels of ``profiles`` (see ModelRunner.warm_up)."""
         return self.runner.warm_up(profiles, self.config.chunk_tokens)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class PrefillWorker(StoreWorker):
+    """Prefill with prefix reuse over a kvstore server (see the module docstring)."""
+
+    def namespace(self, profile: str | None = None) -> str:
+        return str(Namespace(self.config.tenant, self.runner.fingerprint, profile or self.config.profile))
 
     def prefill(self, request: PrefillRequest) -> PrefillHandle:
         return self._prefill(request)[0]
@@ -317,9 +328,6 @@ class PrefillWorker:
             },
         )
         return handle, out.cache
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def _counting(items: Iterator[PutItem], sizes: list[int]) -> Iterator[PutItem]:

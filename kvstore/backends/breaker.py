@@ -23,13 +23,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from kvstore.backends.retry import CircuitBreaker as _CallerProbeBreaker
+from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
 from kvstore.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
 
-class ProbingBreaker(_CallerProbeBreaker):
+class ProbingBreaker(CircuitBreaker):
     """Closed → (``failure_threshold`` failures, default 1) → open → (a background probe succeeds) → closed.
 
     ``probe`` must raise on failure and be bounded by the tier's own timeouts (it runs
@@ -141,3 +141,38 @@ class ProbingBreaker(_CallerProbeBreaker):
         prober = self._prober
         if prober is not None and prober is not threading.current_thread():
             prober.join(timeout=5.0)
+
+
+def remote_guard(
+    tier: str,
+    probe: Callable[[], object],
+    translate: Callable[[BaseException], BackendUnavailable | None],
+    on_open: Callable[[], object],
+    *,
+    retry_on: tuple[type[BaseException], ...],
+    retry_if: Callable[[BaseException], bool] | None = None,
+    deadline_s: float,
+    backoff: Backoff | None,
+    max_attempts: int,
+    breaker_threshold: int,
+    breaker_reset_s: float,
+    retry: Retry | None = None,
+    breaker: CircuitBreaker | None = None,
+) -> Guard:
+    """The call policy every remote tier (Redis, S3) uses, built in one place.
+
+    By default: exponential backoff (20 ms to 250 ms) within ``deadline_s``, and a
+    :class:`ProbingBreaker` that opens on the first failed call, so while it is open no
+    request touches the tier and a daemon thread runs ``probe`` (under the same timeouts)
+    until it answers. ``retry=`` / ``breaker=`` replace either outright (tests do). No
+    on_failure counter: the TieredStore counts each BackendUnavailable it catches.
+    """
+    retry = retry or Retry(
+        backoff or ExponentialBackoff(base_s=0.02, cap_s=0.25),
+        max_attempts=max_attempts,
+        deadline_s=deadline_s,
+        retry_on=retry_on,
+        retry_if=retry_if,
+    )
+    breaker = breaker or ProbingBreaker(tier, probe, breaker_threshold, breaker_reset_s, on_open=on_open)
+    return Guard(retry, breaker, translate)

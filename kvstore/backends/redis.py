@@ -40,8 +40,8 @@ import redis.exceptions
 import redis.retry
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
-from kvstore.backends.breaker import ProbingBreaker
-from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
+from kvstore.backends.breaker import ProbingBreaker, remote_guard
+from kvstore.backends.retry import Backoff, CircuitBreaker, Retry, call_budget
 from kvstore.errors import BackendUnavailable
 
 # Runs right after a batch's SETs, pipelined on the same connection, so blobs never pass
@@ -168,15 +168,11 @@ class RedisBackend(Backend):
             raise ValueError("redis ttl_seconds and max_bytes must be >= 0")
         if socket_timeout_s <= 0 or pool_size <= 0 or connect_timeout_s <= 0:
             raise ValueError("redis socket_timeout_s, connect_timeout_s and pool_size must be > 0")
-        # The time budget of one call: connect + read, and what is left of the budget bounds
-        # both the wait for a pooled connection and any retry (a retry starts only if a whole
-        # fresh attempt still fits). 0: connect + read, plus 0.15 s of pool wait.
-        attempt_s = connect_timeout_s + socket_timeout_s
-        budget_s = budget_s or round(attempt_s + 0.15, 6)
-        if budget_s < attempt_s:
-            raise ValueError(
-                f"redis budget_s ({budget_s}) must be >= connect_timeout_s + socket_timeout_s ({attempt_s})"
-            )
+        # What is left of the budget after one attempt bounds both the wait for a pooled
+        # connection and any retry. 0: connect + read, plus 0.15 s of pool wait.
+        attempt_s, budget_s = call_budget(
+            "redis", connect_timeout_s, socket_timeout_s, "socket_timeout_s", budget_s, slack_s=0.15
+        )
         self.budget_s = budget_s
         self.url = url
         self.key_prefix = key_prefix
@@ -197,23 +193,22 @@ class RedisBackend(Backend):
         self._sizes = key_prefix + "#sizes"
         self._lru = key_prefix + "#lru"
         self._meta = key_prefix + "#meta"
-        retry = retry or Retry(
-            backoff or ExponentialBackoff(base_s=0.02, cap_s=0.25),
-            max_attempts=max_attempts,
-            deadline_s=budget_s - attempt_s,
-            retry_on=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
-        )
-        # Opens on the first failed call; while open no request touches Redis, a daemon
-        # thread PINGs it (same timeouts) and closes the circuit when it answers.
-        self.breaker = breaker or ProbingBreaker(
+        # While the breaker is open no request touches Redis; a daemon thread PINGs it.
+        self._guard = remote_guard(
             "redis",
             self._probe,
-            breaker_threshold,
-            breaker_reset_s,
+            translate_redis_error,
             on_open=lambda: self.counters.add(breaker_trips=1),
+            retry_on=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
+            deadline_s=budget_s - attempt_s,
+            backoff=backoff,
+            max_attempts=max_attempts,
+            breaker_threshold=breaker_threshold,
+            breaker_reset_s=breaker_reset_s,
+            retry=retry,
+            breaker=breaker,
         )
-        # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
-        self._guard = Guard(retry, self.breaker, translate_redis_error)
+        self.breaker = self._guard.breaker
 
     @classmethod
     def from_config(cls, section: Any) -> Backend:

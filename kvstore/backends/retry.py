@@ -154,3 +154,26 @@ class Guard:
         self.breaker.record_failure(error)
         if self.on_failure is not None:
             self.on_failure()
+
+
+def call_budget(
+    tier: str,
+    connect_timeout_s: float,
+    read_timeout_s: float,
+    read_name: str,
+    budget_s: float,
+    slack_s: float,
+) -> tuple[float, float]:
+    """``(attempt_s, budget_s)`` of one remote call: one attempt is connect + read, the budget bounds
+    it and any retry (a retry starts only while a whole fresh attempt still fits).
+
+    Redis and S3 size their timeouts the same way, so an operator reads one rule; ``budget_s``
+    0 means one attempt plus ``slack_s``. ``tier`` and ``read_name`` only word the error.
+    """
+    attempt_s = connect_timeout_s + read_timeout_s
+    budget_s = budget_s or round(attempt_s + slack_s, 6)
+    if budget_s < attempt_s:
+        raise ValueError(
+            f"{tier} budget_s ({budget_s}) must be >= connect_timeout_s + {read_name} ({attempt_s})"
+        )
+    return attempt_s, budget_s

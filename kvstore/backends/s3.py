@@ -50,8 +50,8 @@ import botocore.exceptions
 import xxhash
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
-from kvstore.backends.breaker import ProbingBreaker
-from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
+from kvstore.backends.breaker import ProbingBreaker, remote_guard
+from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Retry, call_budget
 from kvstore.errors import BackendUnavailable
 
 T = TypeVar("T")
@@ -303,14 +303,10 @@ class S3Backend(Backend):
             raise ValueError("s3: max_bytes >= 0, timeout_s, max_concurrency, multipart_threshold_bytes > 0")
         if connect_timeout_s <= 0:
             raise ValueError("s3: connect_timeout_s must be > 0")
-        # One call's time budget: connect + read (``timeout_s`` bounds each wait for bytes), and a
-        # retry only starts while a whole fresh attempt still fits in what is left of the budget (0: connect + read + 0.05 s).
-        attempt_s = connect_timeout_s + timeout_s
-        budget_s = budget_s or round(attempt_s + 0.05, 6)
-        if budget_s < attempt_s:
-            raise ValueError(
-                f"s3: budget_s ({budget_s}) must be >= connect_timeout_s + timeout_s ({attempt_s})"
-            )
+        # ``timeout_s`` bounds each wait for bytes. 0: connect + read + 0.05 s.
+        attempt_s, budget_s = call_budget(
+            "s3:", connect_timeout_s, timeout_s, "timeout_s", budget_s, slack_s=0.05
+        )
         self.budget_s = budget_s
         self.bucket = bucket
         self.prefix = prefix
@@ -349,24 +345,23 @@ class S3Backend(Backend):
         self._bucket_ready = False
         self._race_backoff = ExponentialBackoff(base_s=0.005, cap_s=0.2)
         self._object_locks = [threading.Lock() for _ in range(256)]
-        retry = retry or Retry(
-            backoff or ExponentialBackoff(base_s=0.02, cap_s=0.25),
-            max_attempts=max_attempts,
-            deadline_s=budget_s - attempt_s,
-            retry_on=(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError),
-            retry_if=_is_transient,
-        )
-        # Opens on the first failed call; while open no request touches S3, a daemon thread
-        # asks for the bucket (same timeouts) and closes the circuit when S3 answers.
-        self.breaker = breaker or ProbingBreaker(
+        # While the breaker is open no request touches S3; a daemon thread asks for the bucket.
+        self._guard = remote_guard(
             "s3",
             self._probe,
-            breaker_threshold,
-            breaker_reset_s,
+            translate_s3_error,
             on_open=lambda: self.counters.add(breaker_trips=1),
+            retry_on=(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError),
+            retry_if=_is_transient,
+            deadline_s=budget_s - attempt_s,
+            backoff=backoff,
+            max_attempts=max_attempts,
+            breaker_threshold=breaker_threshold,
+            breaker_reset_s=breaker_reset_s,
+            retry=retry,
+            breaker=breaker,
         )
-        # No on_failure counter: the TieredStore counts each BackendUnavailable it catches.
-        self._guard = Guard(retry, self.breaker, translate_s3_error)
+        self.breaker = self._guard.breaker
         # S3 down at start-up: the server still starts; the bucket is made on first use.
         with contextlib.suppress(BackendUnavailable):
             self._ensure_bucket()

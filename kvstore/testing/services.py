@@ -33,8 +33,15 @@ import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from kvstore.backends.s3 import S3Backend
 
 _RESERVED_PORTS = frozenset({6379})
+
+#: moto takes any credentials; tests and benchmarks all use these.
+_MOTO_KEY = "test"
 
 
 class ServiceError(RuntimeError):
@@ -73,7 +80,28 @@ def _kill_leftovers() -> None:
             server.kill()
 
 
-class _ServerProcess(ABC):
+class _Started(ABC):
+    """``with server:`` starts it and closes it (stop, then remove its files) on the way out."""
+
+    @abstractmethod
+    def start(self) -> Self: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _ServerProcess(_Started):
     """Shared lifecycle of a server child process; subclasses say how to run and probe it."""
 
     kind = "server"
@@ -105,7 +133,7 @@ class _ServerProcess(ABC):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self) -> _ServerProcess:
+    def start(self) -> Self:
         """Start and wait until ready; picks another free port if the chosen one was taken."""
         if self.running:
             return self
@@ -197,17 +225,6 @@ class _ServerProcess(ABC):
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> _ServerProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 class RedisProcess(_ServerProcess):
     """``redis-server`` with persistence off, in its own temp dir, on a free port."""
@@ -287,6 +304,40 @@ class S3Process(_ServerProcess):
         except (OSError, http.client.HTTPException):
             return False
 
+    def tier_config(self, bucket: str) -> dict[str, Any]:
+        """Dotted config overrides that enable a server's S3 tier on this moto, in ``bucket``."""
+        return {
+            "s3.enabled": True,
+            "s3.endpoint_url": self.endpoint_url,
+            "s3.bucket": bucket,
+            "s3.access_key_id": _MOTO_KEY,
+            "s3.secret_access_key": _MOTO_KEY,
+        }
+
+    def backend(self, bucket: str, **kwargs: Any) -> S3Backend:
+        """An :class:`~kvstore.backends.s3.S3Backend` on this moto, in ``bucket``; ``kwargs`` tune it."""
+        from kvstore.backends.s3 import S3Backend  # here, for the same reason as in client()
+
+        return S3Backend(
+            endpoint_url=self.endpoint_url,
+            bucket=bucket,
+            access_key_id=_MOTO_KEY,
+            secret_access_key=_MOTO_KEY,
+            **kwargs,
+        )
+
+    def client(self) -> Any:
+        """A raw boto3 S3 client of this moto, to read or corrupt what a tier stored behind its back."""
+        import boto3  # here, so Redis-only users of this module never import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=_MOTO_KEY,
+            aws_secret_access_key=_MOTO_KEY,
+        )
+
     def reset(self) -> None:
         """Drop every bucket and object (cheaper than a restart between tests)."""
         status = self._request("POST", "/moto-api/reset")
@@ -356,7 +407,7 @@ class RedisClusterNode(RedisProcess):
         return done.stdout
 
 
-class RedisClusterProcess:
+class RedisClusterProcess(_Started):
     """A local Redis Cluster: ``masters`` masters with ``replicas`` replicas each, on loopback.
 
     Built the way an operator builds one: N ``redis-server --cluster-enabled yes``
@@ -397,7 +448,7 @@ class RedisClusterProcess:
         return f"redis://127.0.0.1:{self.nodes[0].port}"
 
     # -- lifecycle -----------------------------------------------------------------
-    def start(self) -> RedisClusterProcess:
+    def start(self) -> Self:
         try:
             for node in self.nodes:
                 node.start()
@@ -489,14 +540,3 @@ class RedisClusterProcess:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
-
-    def __enter__(self) -> RedisClusterProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -8,10 +8,12 @@ and bench/, so neither imports the other:
   ready once the standard health service answers SERVING; ``.kill()`` is a
   SIGKILL (crash), ``.stop()`` a SIGTERM (graceful). Use it for restart tests.
 - :func:`make_blob`: an integrity-sealed blob, as an encoder would produce.
+- :func:`serving`: an in-process server for a ``with`` block (stopped on the way out).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +30,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvstore import integrity
 from kvstore.config import StoreConfig, load_config
 from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+if TYPE_CHECKING:
+    from kvstore.server import ServerHandle
 
 #: The source tree this package was imported from (child servers run from it).
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +64,26 @@ def store_config(tmp_path: Path, **overrides: Any) -> StoreConfig:
     }
     base.update(overrides)
     return load_config(None, environ={}, overrides=base)
+
+
+#: Overrides for a server whose reads really reach its remote tiers: a 64 KiB RAM tier, no disk.
+REMOTE_READS: dict[str, Any] = {"memory.max_bytes": 64 * 1024, "disk.enabled": False}
+
+
+@contextlib.contextmanager
+def serving(config: StoreConfig, **kwargs: Any) -> Iterator[ServerHandle]:
+    """An in-process server (``kvstore.server.serve(config, **kwargs)``) for a ``with`` block.
+
+    It is stopped at once (grace 0) on the way out, whatever happened inside: a test's
+    server must never outlive it.
+    """
+    from kvstore.server import serve  # here: bench/ and fixtures import this module cheaply
+
+    handle = serve(config, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.stop(grace=0)
 
 
 def wait_serving(

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from kvstore.config import RedisConfig, S3Config
-from kvstore.server import ServerHandle, serve
+from kvstore.server import ServerHandle
 from kvstore.testing.reliability import roundtrip_ok, run_backend_freeze
 from kvstore.testing.services import RedisProcess, S3Process
-from tests.fixtures.store import store_config
+from tests.fixtures.store import REMOTE_READS, serving, store_config
 from transfer.client import KVClient
 
 #: Scheduling slack on a loaded 2-core CI machine, on top of the configured budget.
@@ -30,26 +30,14 @@ SLACK_S = 0.75
 def freezable_server(
     tmp_path: Path, fresh_redis_server: RedisProcess, fresh_s3_server: S3Process
 ) -> Iterator[ServerHandle]:
-    handle = serve(
-        store_config(
-            tmp_path,
-            **{
-                "memory.max_bytes": 64 * 1024,
-                "disk.enabled": False,
-                "redis.enabled": True,
-                "redis.url": fresh_redis_server.url,
-                "s3.enabled": True,
-                "s3.endpoint_url": fresh_s3_server.endpoint_url,
-                "s3.bucket": "freezeme",
-                "s3.access_key_id": "test",
-                "s3.secret_access_key": "test",
-            },
-        )
-    )
-    try:
+    overrides = {
+        **REMOTE_READS,
+        "redis.enabled": True,
+        "redis.url": fresh_redis_server.url,
+        **fresh_s3_server.tier_config("freezeme"),
+    }
+    with serving(store_config(tmp_path, **overrides)) as handle:
         yield handle
-    finally:
-        handle.stop(grace=0)
 
 
 def test_default_budgets_are_at_most_half_a_second() -> None:

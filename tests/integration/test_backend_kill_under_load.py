@@ -14,38 +14,26 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.server import ServerHandle, serve
+from kvstore.server import ServerHandle
 from kvstore.testing.reliability import roundtrip_ok, run_backend_kill
 from kvstore.testing.services import RedisProcess, S3Process
-from tests.fixtures.store import store_config
+from tests.fixtures.store import REMOTE_READS, serving, store_config
 
 
 @pytest.fixture
 def fragile_server(
     tmp_path: Path, fresh_redis_server: RedisProcess, fresh_s3_server: S3Process
 ) -> Iterator[ServerHandle]:
-    handle = serve(
-        store_config(
-            tmp_path,
-            **{
-                "memory.max_bytes": 64 * 1024,
-                "disk.enabled": False,
-                "redis.enabled": True,
-                "redis.url": fresh_redis_server.url,
-                "redis.socket_timeout_s": 0.5,
-                "s3.enabled": True,
-                "s3.endpoint_url": fresh_s3_server.endpoint_url,
-                "s3.bucket": "killme",
-                "s3.timeout_s": 1.0,
-                "s3.access_key_id": "test",
-                "s3.secret_access_key": "test",
-            },
-        )
-    )
-    try:
+    overrides = {
+        **REMOTE_READS,
+        "redis.enabled": True,
+        "redis.url": fresh_redis_server.url,
+        "redis.socket_timeout_s": 0.5,
+        **fresh_s3_server.tier_config("killme"),
+        "s3.timeout_s": 1.0,
+    }
+    with serving(store_config(tmp_path, **overrides)) as handle:
         yield handle
-    finally:
-        handle.stop(grace=0)
 
 
 def test_redis_and_s3_killed_and_restarted_under_load(

@@ -9,43 +9,31 @@ over gRPC. The bench runs >= 10,000 flips; the suite a few hundred.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import redis
 
 from kvstore.server import ServerHandle, serve
 from kvstore.testing.reliability import FlipReport, TierCorruptor, run_bitflips
 from kvstore.testing.services import RedisProcess, S3Process
-from tests.fixtures.store import committed, store_config
+from tests.fixtures.store import committed, serving, store_config
 
 
+@contextlib.contextmanager
 def _server(
     tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process | None, name: str
-) -> tuple[ServerHandle, TierCorruptor]:
+) -> Iterator[tuple[ServerHandle, TierCorruptor]]:
     overrides = {"redis.enabled": True, "redis.url": redis_server.url, "redis.key_prefix": f"{name}:"}
-    raw_s3 = None
     if s3_server is not None:
-        overrides.update(
-            {
-                "s3.enabled": True,
-                "s3.endpoint_url": s3_server.endpoint_url,
-                "s3.bucket": name,
-                "s3.access_key_id": "test",
-                "s3.secret_access_key": "test",
-            }
-        )
-        raw_s3 = boto3.client(
-            "s3",
-            endpoint_url=s3_server.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        )
-    handle = serve(store_config(tmp_path, **overrides))
-    return handle, TierCorruptor(handle.store, redis.Redis.from_url(redis_server.url), raw_s3)
+        overrides.update(s3_server.tier_config(name))
+    with (
+        contextlib.closing(redis.Redis.from_url(redis_server.url)) as raw_redis,
+        serving(store_config(tmp_path, **overrides)) as handle,
+    ):
+        yield handle, TierCorruptor(handle.store, raw_redis, s3_server.client() if s3_server else None)
 
 
 @pytest.fixture
@@ -53,12 +41,8 @@ def local_tiers(
     tmp_path: Path, redis_server: RedisProcess, unique_name: str
 ) -> Iterator[tuple[ServerHandle, TierCorruptor]]:
     """RAM + disk + Redis: cheap flips, so most of them run here."""
-    handle, corruptor = _server(tmp_path, redis_server, None, unique_name)
-    try:
-        yield handle, corruptor
-    finally:
-        handle.stop(grace=0)
-        corruptor.redis.close()
+    with _server(tmp_path, redis_server, None, unique_name) as tiers:
+        yield tiers
 
 
 @pytest.fixture
@@ -66,12 +50,8 @@ def all_tiers(
     tmp_path: Path, redis_server: RedisProcess, s3_server: S3Process, unique_name: str
 ) -> Iterator[tuple[ServerHandle, TierCorruptor]]:
     """RAM + disk + Redis + S3 (each S3 flip costs ~7 requests to moto, so fewer of them)."""
-    handle, corruptor = _server(tmp_path, redis_server, s3_server, unique_name)
-    try:
-        yield handle, corruptor
-    finally:
-        handle.stop(grace=0)
-        corruptor.redis.close()
+    with _server(tmp_path, redis_server, s3_server, unique_name) as tiers:
+        yield tiers
 
 
 def _check(handle: ServerHandle, report: FlipReport, flips: int, tiers: set[str]) -> None:

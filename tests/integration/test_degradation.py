@@ -80,14 +80,7 @@ def make_stack(tmp_path: Path, unique_name: str) -> Iterator[Callable[[RedisProc
         rds = RedisBackend(
             url=redis_server.url, key_prefix=f"{unique_name}:", socket_timeout_s=0.5, breaker_reset_s=0.2
         )
-        s3 = S3Backend(
-            endpoint_url=s3_server.endpoint_url,
-            bucket=unique_name,
-            access_key_id="test",
-            secret_access_key="test",
-            timeout_s=1.0,
-            breaker_reset_s=0.2,
-        )
+        s3 = s3_server.backend(unique_name, timeout_s=1.0, breaker_reset_s=0.2)
         stack = Stack(memory, disk, rds, s3, TieredStore([memory, disk, rds, s3]))
         built.append(stack)
         return stack

@@ -54,12 +54,9 @@ def _settled(stub: pb_grpc.KVStoreStub) -> None:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerHandle]:
-    handle = serve(store_config(tmp_path))
-    try:
-        yield handle
-    finally:
-        handle.stop(grace=0)
+def server(kvstore_server: ServerHandle) -> ServerHandle:
+    """The suite's plain server (RAM + disk in a fresh tmp dir)."""
+    return kvstore_server
 
 
 @pytest.mark.parametrize("sent", [0, 2, LAYERS], ids=["before-first", "mid-stream", "after-last-blob"])

@@ -25,11 +25,11 @@ from kvstore.backends.redis import RedisBackend
 from kvstore.backends.redis_cluster import RedisClusterBackend, parse_startup_nodes
 from kvstore.config import load_config
 from kvstore.errors import BackendUnavailable
-from kvstore.server import ServerHandle, serve
+from kvstore.server import ServerHandle
 from kvstore.testing.services import RedisClusterProcess
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from tests.fixtures.store import committed, store_config
+from tests.fixtures.store import REMOTE_READS, committed, serving, store_config
 
 NS = "tenant-a/model-x/fp16"
 C = grpc.StatusCode
@@ -215,24 +215,16 @@ def test_hung_master_costs_bounded_time_then_its_replica_serves(
 @pytest.fixture
 def cluster_server(tmp_path: Path, fresh_redis_cluster: RedisClusterProcess) -> Iterator[ServerHandle]:
     # A tiny RAM tier and no disk: reads really go to the Redis Cluster.
-    handle = serve(
-        store_config(
-            tmp_path,
-            **{
-                "memory.max_bytes": 64 * 1024,
-                "disk.enabled": False,
-                "redis.enabled": True,
-                "redis.cluster": True,
-                "redis.url": fresh_redis_cluster.url,
-                "redis.cluster_nodes": ",".join(fresh_redis_cluster.startup_nodes[1:]),
-                "redis.socket_timeout_s": 0.5,
-            },
-        )
-    )
-    try:
+    overrides = {
+        **REMOTE_READS,
+        "redis.enabled": True,
+        "redis.cluster": True,
+        "redis.url": fresh_redis_cluster.url,
+        "redis.cluster_nodes": ",".join(fresh_redis_cluster.startup_nodes[1:]),
+        "redis.socket_timeout_s": 0.5,
+    }
+    with serving(store_config(tmp_path, **overrides)) as handle:
         yield handle
-    finally:
-        handle.stop(grace=0)
 
 
 def test_master_killed_under_load_store_stays_up_and_recovers(

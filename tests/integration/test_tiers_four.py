@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import pytest
 import redis
 
@@ -73,23 +72,9 @@ def _build(
             max_bytes=budgets.get("redis", 0),
             socket_timeout_s=1.0,
         ),
-        s3=S3Backend(
-            endpoint_url=s3_server.endpoint_url,
-            bucket=name,
-            access_key_id="test",
-            secret_access_key="test",
-            region="us-east-1",
-            max_bytes=budgets.get("s3", 0),
-            timeout_s=10.0,
-        ),
+        s3=s3_server.backend(name, region="us-east-1", max_bytes=budgets.get("s3", 0), timeout_s=10.0),
         redis_raw=redis.Redis.from_url(redis_server.url),
-        s3_raw=boto3.client(
-            "s3",
-            endpoint_url=s3_server.endpoint_url,
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            region_name="us-east-1",
-        ),
+        s3_raw=s3_server.client(),
     )
 
 
@@ -273,19 +258,16 @@ def test_corrupt_s3_copy_falls_through_to_good_copy(tiers: Tiers, unique_name: s
     assert tiers.s3.get(key) == value  # repaired by promotion
 
 
-def test_corrupt_s3_index_is_a_miss_and_is_removed(tiers: Tiers, unique_name: str) -> None:
+def test_corrupt_s3_index_is_a_miss_and_is_removed(
+    tiers: Tiers, s3_server: S3Process, unique_name: str
+) -> None:
     key, value = layers_of(7, num_layers=1)[0]
     tiers.s3.put(key, value)
     obj = f"{tiers.s3.prefix}{key.namespace}/{key.chunk.hex()}"
     data = bytearray(tiers.s3_raw.get_object(Bucket=unique_name, Key=obj)["Body"].read())
     data[14] ^= 0xFF  # inside the layer index
     tiers.s3_raw.put_object(Bucket=unique_name, Key=obj, Body=bytes(data))
-    fresh = S3Backend(
-        endpoint_url=tiers.s3.client.meta.endpoint_url,
-        bucket=unique_name,
-        access_key_id="test",
-        secret_access_key="test",
-    )
+    fresh = s3_server.backend(unique_name)
     try:
         assert fresh.get(key) is None
         assert fresh.counters.integrity_failures == 1
@@ -311,7 +293,7 @@ class _RequestCounter:
         return n
 
 
-def test_s3_requests_per_chunk_are_constant(tiers: Tiers, unique_name: str) -> None:
+def test_s3_requests_per_chunk_are_constant(tiers: Tiers, s3_server: S3Process, unique_name: str) -> None:
     counter = _RequestCounter(tiers.s3)
     items = layers_of(8)  # 30 layers of one chunk
     keys = [k for k, _ in items]
@@ -327,22 +309,12 @@ def test_s3_requests_per_chunk_are_constant(tiers: Tiers, unique_name: str) -> N
     tiers.s3.put_many(items)
     assert counter.take() == 1  # rewriting every layer: one conditional PUT
 
-    cold = S3Backend(
-        endpoint_url=tiers.s3.client.meta.endpoint_url,
-        bucket=unique_name,
-        access_key_id="test",
-        secret_access_key="test",
-    )
+    cold = s3_server.backend(unique_name)
     try:
         cold_counter = _RequestCounter(cold)
         assert cold.get_many(keys) == [b for _, b in items]
         assert cold_counter.take() == 1  # no index yet: one GET of the whole object
-        other = S3Backend(
-            endpoint_url=tiers.s3.client.meta.endpoint_url,
-            bucket=unique_name,
-            access_key_id="test",
-            secret_access_key="test",
-        )
+        other = s3_server.backend(unique_name)
         try:
             other_counter = _RequestCounter(other)
             assert other.get(keys[29]) == items[29][1]
@@ -372,13 +344,7 @@ def test_s3_batch_over_many_chunks_runs_one_request_per_chunk(tiers: Tiers) -> N
 
 
 def test_s3_multipart_upload_for_large_chunks(tiers: Tiers, s3_server: S3Process, unique_name: str) -> None:
-    backend = S3Backend(
-        endpoint_url=s3_server.endpoint_url,
-        bucket=unique_name + "-mp",
-        access_key_id="test",
-        secret_access_key="test",
-        multipart_threshold_bytes=1 << 20,
-    )
+    backend = s3_server.backend(unique_name + "-mp", multipart_threshold_bytes=1 << 20)
     try:
         names: list[str] = []
         backend.client.meta.events.register("before-send.s3.*", lambda **kw: names.append(kw["event_name"]))
@@ -436,13 +402,7 @@ def test_s3_writers_in_two_processes_never_lose_each_others_layers(
     They share no locks, so only the conditional writes (If-None-Match / If-Match) keep
     one writer's read-modify-write from dropping the other's layers.
     """
-    kwargs = {
-        "endpoint_url": s3_server.endpoint_url,
-        "bucket": unique_name,
-        "access_key_id": "test",
-        "secret_access_key": "test",
-    }
-    a, b, reader = S3Backend(**kwargs), S3Backend(**kwargs), S3Backend(**kwargs)
+    a, b, reader = (s3_server.backend(unique_name) for _ in range(3))
     chunks = [400 + i for i in range(4)]
     errors: list[BaseException] = []
 

@@ -22,6 +22,7 @@ from kvstore.backends.disk import _FIXED, _SUM, DiskBackend
 from kvstore.backends.tiered import TieredStore
 from kvstore.errors import IntegrityError
 from kvstore.integrity import seal
+from kvstore.testing.reliability.corruption import RECORD_PARTS
 
 NS = "t/m/p"
 KIB = 1024
@@ -52,19 +53,6 @@ def _part_offset(rec_start: int, name_len: int, payload_at: int, length: int, pa
     }[part]
 
 
-PARTS = [
-    "magic",
-    "version",
-    "kind",
-    "name_length",
-    "length",
-    "payload_checksum",
-    "key",
-    "header_checksum",
-    "payload",
-]
-
-
 def _flip(path: str, offset: int, bit: int = 3) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -87,7 +75,7 @@ def _fill(path: Path, trailer_sum: bool = False) -> DiskBackend:
 
 @pytest.mark.parametrize("trailer_sum", [False, True], ids=["put", "put_sealed"])
 @pytest.mark.parametrize("where", ["sealed", "newest", "newest_last"])
-@pytest.mark.parametrize("part", PARTS)
+@pytest.mark.parametrize("part", RECORD_PARTS)
 def test_one_flipped_bit_loses_only_its_record(
     tmp_path: Path, part: str, where: str, trailer_sum: bool
 ) -> None:

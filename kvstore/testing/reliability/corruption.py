@@ -249,7 +249,7 @@ def run_bitflips(
 # ====================================================================== disk recovery after bit flips
 
 #: Where in a disk record a flip lands: (part, offset from the record start, or from the payload).
-_RECORD_PARTS = (
+RECORD_PARTS = (
     "magic",
     "version",
     "kind",
@@ -281,12 +281,12 @@ def run_disk_flips(
 
     rng = random.Random(seed)
     namespace = "flip/model/profile"
-    by_part: dict[str, Counter[str]] = {p: Counter() for p in _RECORD_PARTS}
+    by_part: dict[str, Counter[str]] = {p: Counter() for p in RECORD_PARTS}
     lost_per_flip: list[int] = []
     wrong_served = 0
     for trial in range(trials):
-        part = _RECORD_PARTS[trial % len(_RECORD_PARTS)]
-        where = "sealed" if (trial // len(_RECORD_PARTS)) % 2 == 0 else "newest"
+        part = RECORD_PARTS[trial % len(RECORD_PARTS)]
+        where = "sealed" if (trial // len(RECORD_PARTS)) % 2 == 0 else "newest"
         with tempfile.TemporaryDirectory(prefix="kvstore-diskflip-") as tmp:
             disk = DiskBackend(tmp, max_bytes=0, fsync="never", segment_bytes=16 * blob_bytes)
             keys = [BlobKey(namespace, rng.randbytes(KEY_BYTES), 0) for _ in range(records)]
