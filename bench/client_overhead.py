@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     server = start_server_process(SERVE_ARGS)
     try:
         target = server.target
-        keys = chunk_keys("t/m/c", list(range(args.keys * 16)), 16)[: args.keys]
+        keys = chunk_keys(list(range(args.keys * 16)), NAMESPACE, 16)
         blob = integrity.seal(bytes(args.blob_bytes))
         with KVClient(target) as client:
             client.put(

@@ -38,12 +38,12 @@ from transfer.ops import END, Emit, Op
 from transfer.routing import ClusterCore, GetShare, acknowledged
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CurrentView:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Member:
     member: str
     method: str
@@ -51,7 +51,7 @@ class Member:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OpenLayers:
     opens: ClassVar[bool] = True
     member: str
@@ -59,41 +59,41 @@ class OpenLayers:
     kwargs: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Next:
     source: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     source: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Fan:
     ops: tuple[Op[Any], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Spawn:
     op: Op[Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WaitAny:
     """Wait until one of ``tasks`` is done: ``([(task, result), ...], still pending)``."""
 
     tasks: frozenset[Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Detach:
     """Leave ``tasks`` running; :class:`Drain` waits for them (their failures were counted)."""
 
     tasks: frozenset[Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Drain:
     pass
 

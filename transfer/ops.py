@@ -47,7 +47,7 @@ T = TypeVar("T")
 END: Any = object()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """One unary RPC (``rpc`` names the stub method) with its deadline."""
 
@@ -56,19 +56,19 @@ class Call:
     timeout: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Sleep:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FirstItem:
     """Pull the first request of a Put batch from the caller's items (``None``: there is none)."""
 
     batch: PutBatch
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendBatch:
     """One attempt of a Put stream: every request of ``batch``, then its commit."""
 
@@ -77,7 +77,7 @@ class SendBatch:
     timeout: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OpenGet:
     """Start a Get stream; the result is a handle for :class:`Receive` and :class:`Cancel`."""
 
@@ -87,7 +87,7 @@ class OpenGet:
     timeout: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Receive:
     """The stream's next message, or :data:`END`."""
 
@@ -95,12 +95,12 @@ class Receive:
     stream: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cancel:
     stream: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Emit:
     """A result for the consumer of a streaming operation (one ``(layer, blobs)``)."""
 
@@ -143,7 +143,8 @@ def retrying(
 
 
 def unary(core: ClientCore, rpc: str, request: Any, timeout_s: float | None) -> Op[Any]:
-    return (yield from retrying(core, Call(rpc, request, core.timeout(timeout_s))))
+    """One unary RPC under the retry policy (``retrying`` itself: one generator fewer per call)."""
+    return retrying(core, Call(rpc, request, core.timeout(timeout_s)))
 
 
 # -- the operations ---------------------------------------------------------------------------------
@@ -386,14 +387,22 @@ def run(
     map_error: Callable[[Any, Exception], Any],
     release: Callable[[Any], Any] = _cancel,
 ) -> T:
-    """:func:`drive` for an operation that emits nothing: its return value."""
-    it = drive(op, perform, map_error, release)
+    """:func:`drive` for an operation that emits nothing: its return value (the same loop without
+    a generator around it: unary calls are the hot path)."""
+    runner = Runner(op, map_error)
     try:
-        value = next(it)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    it.close()
-    raise TypeError(f"operation emitted {value!r}; use drive() for streaming operations")
+        while (effect := runner.next()) is not DONE:
+            if type(effect) is Emit:
+                raise TypeError(f"operation emitted {effect.value!r}; use drive() for streaming operations")
+            try:
+                runner.answered(effect, perform(effect))
+            except Exception as exc:
+                runner.failed(effect, exc)
+        return runner.value  # type: ignore[no-any-return]
+    finally:
+        op.close()
+        for handle in runner.handles:
+            release(handle)
 
 
 async def adrive(
