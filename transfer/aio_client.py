@@ -1,10 +1,10 @@
-"""The asyncio twin of :class:`transfer.client.KVClient` (``grpc.aio``).
+"""The asyncio front-end of :class:`transfer.client.KVClient` (``grpc.aio``).
 
-Same constructor options, same methods, same errors, same retry rules: the
-operations are those of :mod:`transfer.ops` (validation, retry, windowing, Put
-batching, Get assembly) over :class:`transfer.core.ClientCore`; this module
-only awaits their effects. Use it
-from an event loop that serves many requests (a decode worker running several
+Same constructor options, same methods (:class:`transfer.api.AsyncApi`), same
+errors, same retry rules: the operations are those of :mod:`transfer.ops`
+(validation, retry, windowing, Put batching, Get assembly) over
+:class:`transfer.core.ClientCore`; this module only awaits their effects. Use
+it from an event loop that serves many requests (a decode worker running several
 sequences); use :class:`KVClient` everywhere else.
 
 ``put`` takes a plain or an async iterable. A plain one is pulled on the event
@@ -15,25 +15,29 @@ hands encoding to a thread (``asyncio.to_thread``) if the loop must stay live.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
-from kvstore.keys import Namespace
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from kvstore.wire import Blob
 from transfer import ops
-from transfer.core import ClientCore, PutItem, PutResult, StoreStats
+from transfer.api import AsyncApi
+from transfer.core import ClientCore
 from transfer.errors import TransferError, Unavailable
 
+T = TypeVar("T")
 
-class AsyncKVClient:
-    """Non-blocking client of a kvstore server; create it inside the event loop that uses it."""
+
+class AsyncKVClient(AsyncApi):
+    """Non-blocking client of a kvstore server; create it inside the event loop that uses it.
+    Its methods are those of :class:`transfer.api.AsyncApi`."""
+
+    _ops = ops
 
     def __init__(self, target: str, **options: Any) -> None:
-        self._core = ClientCore(target, **options)
+        self._core = self._state = ClientCore(target, **options)
         core = self._core
         if core.credentials is not None:
             self._channel = grpc.aio.secure_channel(
@@ -96,60 +100,8 @@ class AsyncKVClient:
             return TransferError("Put: the items' iterator failed")
         return self._core.error(exc, effect.rpc) if isinstance(exc, grpc.aio.AioRpcError) else None
 
-    # -- the API -------------------------------------------------------------------------------------
-
-    async def lookup(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        num_layers: int,
-        *,
-        timeout_s: float | None = None,
-    ) -> int:
-        op = ops.lookup(self._core, namespace, keys, num_layers, timeout_s)
+    async def _run(self, op: ops.Op[T]) -> T:
         return await ops.arun(op, self._perform, self._error)
 
-    async def put(
-        self,
-        namespace: Namespace | str,
-        items: Iterable[PutItem | tuple] | AsyncIterable[Any],
-        *,
-        timeout_s: float | None = None,
-        ack: str | None = None,
-    ) -> PutResult:
-        """See :meth:`transfer.client.KVClient.put` (commit message per stream, ``ack``)."""
-        source: Any = aiter(items) if isinstance(items, AsyncIterable) else iter(items)
-        return await ops.arun(
-            ops.put(self._core, namespace, source, ack, timeout_s), self._perform, self._error
-        )
-
-    def get_layers(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        layer_start: int,
-        layer_end: int,
-        *,
-        timeout_s: float | None = None,
-    ) -> AsyncIterator[tuple[int, list[Blob]]]:
-        """Async iterator of ``(layer, [blob per key])`` in layer order; see
-        :meth:`transfer.client.KVClient.get_layers`."""
-        ns, keys = ops.get_args(self._core, namespace, keys, layer_start, layer_end)
-        op = ops.get_layers(self._core, ns, keys, layer_start, layer_end, timeout_s)
+    def _drive(self, op: ops.Op[Any]) -> AsyncIterator[Any]:
         return ops.adrive(op, self._perform, self._error)
-
-    async def delete(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        *,
-        num_layers: int | None = None,
-        timeout_s: float | None = None,
-    ) -> int:
-        """Like :meth:`transfer.client.KVClient.delete` (pass ``num_layers``: without it every tier
-        is searched)."""
-        op = ops.delete(self._core, namespace, keys, num_layers, timeout_s)
-        return await ops.arun(op, self._perform, self._error)
-
-    async def stats(self, *, timeout_s: float | None = None) -> StoreStats:
-        return await ops.arun(ops.stats(self._core, timeout_s), self._perform, self._error)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
-from kvstore.keys import Namespace
-from kvstore.wire import Blob
 from transfer import cluster_ops as cops
 from transfer.aio_client import AsyncKVClient
+from transfer.api import AsyncApi
 from transfer.cluster import (
     DEFAULT_PROBE_TIMEOUT_S,
     ClusterKVClient,
@@ -25,10 +24,10 @@ from transfer.cluster import (
     retired,
     verify_members,
 )
-from transfer.core import ClientCore, PutItem, PutResult, StoreStats
+from transfer.core import ClientCore, StoreStats
 from transfer.errors import TransferError, Unavailable
 from transfer.membership import DEFAULT_GRACE_S, DEFAULT_REFRESH_S, Membership, Resolver, View, parse_target
-from transfer.ops import END, Op, adrive, arun, get_args
+from transfer.ops import END, Op, adrive, arun
 from transfer.routing import (
     DEFAULT_DOWN_S,
     DEFAULT_REPLICATION,
@@ -40,12 +39,15 @@ from transfer.routing import (
 T = TypeVar("T")
 
 
-class AsyncClusterKVClient:
-    """Non-blocking client of a replicated store; API of :class:`transfer.aio_client.AsyncKVClient`.
+class AsyncClusterKVClient(AsyncApi):
+    """Non-blocking client of a replicated store; the methods of
+    :class:`transfer.aio_client.AsyncKVClient` (:class:`transfer.api.AsyncApi`) and a few of its own.
 
     The operations are those of :mod:`transfer.cluster_ops`; this class awaits
     their effects (member calls side by side as tasks).
     """
+
+    _ops = cops
 
     def __init__(
         self,
@@ -58,7 +60,7 @@ class AsyncClusterKVClient:
         **client_options: Any,
     ) -> None:
         self._options = member_options({"token": token, **client_options})
-        self._cluster = ClusterCore(
+        self._cluster = self._state = ClusterCore(
             membership,
             replication=replication,
             write_ack=write_ack,
@@ -115,6 +117,9 @@ class AsyncClusterKVClient:
     async def _run(self, op: Op[T]) -> T:
         return await arun(op, self._perform, ClusterKVClient._error, _aclose)
 
+    def _drive(self, op: Op[Any]) -> AsyncIterator[Any]:
+        return adrive(op, self._perform, ClusterKVClient._error, _aclose)
+
     async def _perform(self, effect: Any) -> Any:
         kind = type(effect)
         if kind is cops.Next:
@@ -157,58 +162,8 @@ class AsyncClusterKVClient:
     async def wait_ready(self, timeout_s: float = 10.0, *, members: Sequence[str] | None = None) -> None:
         await self._run(cops.wait_ready(self._cluster, timeout_s, members))
 
-    async def lookup(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        num_layers: int,
-        *,
-        timeout_s: float | None = None,
-    ) -> int:
-        return await self._run(cops.lookup(self._cluster, namespace, keys, num_layers, timeout_s))
-
-    async def put(
-        self,
-        namespace: Namespace | str,
-        items: Iterable[PutItem | tuple] | AsyncIterable[Any],
-        *,
-        timeout_s: float | None = None,
-        ack: str | None = None,
-    ) -> PutResult:
-        """See :meth:`transfer.cluster.ClusterKVClient.put`."""
-        source: Any = aiter(items) if isinstance(items, AsyncIterable) else iter(items)
-        return await self._run(cops.put(self._cluster, namespace, source, ack, timeout_s))
-
-    def get_layers(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        layer_start: int,
-        layer_end: int,
-        *,
-        timeout_s: float | None = None,
-    ) -> AsyncIterator[tuple[int, list[Blob]]]:
-        """Async iterator of ``(layer, [blob per key])``; see :meth:`ClusterKVClient.get_layers`."""
-        ns, keys = get_args(self.core, namespace, keys, layer_start, layer_end)
-        op = cops.get_layers(self._cluster, ns, keys, layer_start, layer_end, timeout_s)
-        return adrive(op, self._perform, ClusterKVClient._error, _aclose)
-
-    async def delete(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        *,
-        num_layers: int | None = None,
-        timeout_s: float | None = None,
-    ) -> int:
-        """Like :meth:`transfer.cluster.ClusterKVClient.delete` (pass ``num_layers``)."""
-        return await self._run(cops.delete(self._cluster, namespace, keys, num_layers, timeout_s))
-
     async def replica_stats(self, *, timeout_s: float | None = None) -> dict[str, StoreStats | TransferError]:
         return await self._run(cops.replica_stats(self._cluster, timeout_s))
-
-    async def stats(self, *, timeout_s: float | None = None) -> StoreStats:
-        return await self._run(cops.stats(self._cluster, timeout_s))
 
 
 async def _aclose(source: Any) -> None:

@@ -36,15 +36,14 @@ front-end of the same operations, so the two cannot drift apart.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import grpc
 
-from kvstore.keys import Namespace
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from kvstore.wire import Blob
 from transfer import ops
+from transfer.api import BlockingApi
 from transfer.core import (
     ACKS,
     DEFAULT_GET_PACK_BYTES,
@@ -84,11 +83,18 @@ __all__ = [
 ]
 
 
-class KVClient:
-    """Blocking client of a kvstore server; see the module docstring for its promises."""
+T = TypeVar("T")
+
+
+class KVClient(BlockingApi):
+    """Blocking client of a kvstore server; see the module docstring for its promises, and
+    :class:`transfer.api.BlockingApi` for its methods (``lookup``, ``put``, ``get_layers``,
+    ``delete``, ``stats``)."""
+
+    _ops = ops
 
     def __init__(self, target: str, **options: Any) -> None:
-        self._core = ClientCore(target, **options)
+        self._core = self._state = ClientCore(target, **options)
         core = self._core
         if core.credentials is not None:
             self._channel = grpc.secure_channel(target, core.credentials, options=core.options)
@@ -144,75 +150,8 @@ class KVClient:
     def _error(self, effect: Any, exc: Exception) -> Exception | None:
         return self._core.error(exc, effect.rpc) if isinstance(exc, grpc.RpcError) else None
 
-    # -- the API -----------------------------------------------------------------------------------
-
-    def lookup(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        num_layers: int,
-        *,
-        timeout_s: float | None = None,
-    ) -> int:
-        """Number of leading ``keys`` whose layers ``[0, num_layers)`` are all stored."""
-        return ops.run(
-            ops.lookup(self._core, namespace, keys, num_layers, timeout_s), self._perform, self._error
-        )
-
-    def put(
-        self,
-        namespace: Namespace | str,
-        items: Iterable[PutItem | tuple],
-        *,
-        timeout_s: float | None = None,
-        ack: str | None = None,
-    ) -> PutResult:
-        """Store every item, pulling them lazily; one Put stream per ``put_batch_bytes``.
-
-        Each stream ends with a commit message; the server stores a stream only
-        once it has read it. ``ack="durable"`` asks the server to answer OK only
-        once a persistent tier holds the blobs (UNAVAILABLE otherwise);
-        ``"memory"`` accepts RAM; None uses the client's ``ack`` option, then the
-        server's ``server.ack``.
-        """
-        op = ops.put(self._core, namespace, iter(items), ack, timeout_s)
+    def _run(self, op: ops.Op[T]) -> T:
         return ops.run(op, self._perform, self._error)
 
-    def get_layers(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        layer_start: int,
-        layer_end: int,
-        *,
-        timeout_s: float | None = None,
-    ) -> Iterator[tuple[int, list[Blob]]]:
-        """Yield ``(layer, [blob per key])`` for each layer in order, as soon as it is complete.
-
-        Arguments are validated at once; every blob's trailer is verified on
-        receipt. Stopping the iteration early cancels the stream.
-        """
-        ns, keys = ops.get_args(self._core, namespace, keys, layer_start, layer_end)
-        op = ops.get_layers(self._core, ns, keys, layer_start, layer_end, timeout_s)
+    def _drive(self, op: ops.Op[Any]) -> Iterator[Any]:
         return ops.drive(op, self._perform, self._error)
-
-    def delete(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        *,
-        num_layers: int | None = None,
-        timeout_s: float | None = None,
-    ) -> int:
-        """Delete layers ``[0, num_layers)`` of each key from every tier; returns the chunks deleted.
-
-        Pass ``num_layers`` (the model's layer count): without it the server finds
-        the layers by listing the namespace on every tier, which is slow on remote
-        tiers (S3: a listing and an index read per stored chunk), and deletes every
-        layer it finds.
-        """
-        op = ops.delete(self._core, namespace, keys, num_layers, timeout_s)
-        return ops.run(op, self._perform, self._error)
-
-    def stats(self, *, timeout_s: float | None = None) -> StoreStats:
-        return ops.run(ops.stats(self._core, timeout_s), self._perform, self._error)

@@ -46,19 +46,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 import grpc
 
-from kvstore.keys import Namespace
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from kvstore.wire import Blob
 from transfer import cluster_ops as cops
+from transfer.api import BlockingApi
 from transfer.client import KVClient
-from transfer.core import ClientCore, PutItem, PutResult, StoreStats
+from transfer.core import ClientCore, StoreStats
 from transfer.errors import TransferError, Unavailable
 from transfer.membership import (
     DEFAULT_GRACE_S,
@@ -72,7 +71,7 @@ from transfer.membership import (
     parse_target,
     resolve_host,
 )
-from transfer.ops import END, Op, drive, get_args, run
+from transfer.ops import END, Op, drive, run
 from transfer.routing import (
     COUNTER_FIELDS,
     DEFAULT_DOWN_S,
@@ -102,13 +101,16 @@ T = TypeVar("T")
 DEFAULT_PROBE_TIMEOUT_S = 5.0
 
 
-class ClusterKVClient:
-    """Blocking client of a replicated store (see the module docstring); API of :class:`KVClient`.
+class ClusterKVClient(BlockingApi):
+    """Blocking client of a replicated store (see the module docstring); the methods of
+    :class:`KVClient` (:class:`transfer.api.BlockingApi`) and a few of its own.
 
     The operations are those of :mod:`transfer.cluster_ops`; this class carries
     their effects out: member calls side by side on a thread pool, member Get
     streams as iterators.
     """
+
+    _ops = cops
 
     def __init__(
         self,
@@ -123,7 +125,7 @@ class ClusterKVClient:
     ) -> None:
         self._options = member_options({"token": token, **client_options})
         check = ClientCore("cluster", **self._options)
-        self._cluster = ClusterCore(
+        self._cluster = self._state = ClusterCore(
             membership, replication=replication, write_ack=write_ack, down_s=down_s, check=check
         )
         self._clients: dict[str, KVClient] = {}
@@ -195,6 +197,9 @@ class ClusterKVClient:
     def _run(self, op: Op[T]) -> T:
         return run(op, self._perform, self._error, _close)
 
+    def _drive(self, op: Op[Any]) -> Iterator[Any]:
+        return drive(op, self._perform, self._error, _close)
+
     def _perform(self, effect: Any) -> Any:
         kind = type(effect)
         if kind is cops.Next:
@@ -236,71 +241,9 @@ class ClusterKVClient:
         names those that are not."""
         self._run(cops.wait_ready(self._cluster, timeout_s, members))
 
-    def lookup(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        num_layers: int,
-        *,
-        timeout_s: float | None = None,
-    ) -> int:
-        """Number of leading ``keys`` whose layers ``[0, num_layers)`` are stored on some owner."""
-        return self._run(cops.lookup(self._cluster, namespace, keys, num_layers, timeout_s))
-
-    def put(
-        self,
-        namespace: Namespace | str,
-        items: Iterable[PutItem | tuple],
-        *,
-        timeout_s: float | None = None,
-        ack: str | None = None,
-    ) -> PutResult:
-        """Store every item on its owners; ``num_stored``/``bytes_stored`` count items stored at least once.
-
-        ``ack`` ("memory" | "durable") is asked of every owner (see :meth:`KVClient.put`);
-        ``durable`` and ``tiers`` of the result hold for every copy that was acknowledged.
-        """
-        return self._run(cops.put(self._cluster, namespace, iter(items), ack, timeout_s))
-
-    def get_layers(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        layer_start: int,
-        layer_end: int,
-        *,
-        timeout_s: float | None = None,
-    ) -> Iterator[tuple[int, list[Blob]]]:
-        """Yield ``(layer, [blob per key])`` in layer order, each key from its first healthy owner.
-
-        A replica failing or missing a key mid-stream is replaced by the key's
-        next owner from the current layer on; :class:`NotFound` only when no
-        candidate of a key has it.
-        """
-        ns, keys = get_args(self.core, namespace, keys, layer_start, layer_end)
-        op = cops.get_layers(self._cluster, ns, keys, layer_start, layer_end, timeout_s)
-        return drive(op, self._perform, self._error, _close)
-
-    def delete(
-        self,
-        namespace: Namespace | str,
-        keys: Sequence[bytes],
-        *,
-        num_layers: int | None = None,
-        timeout_s: float | None = None,
-    ) -> int:
-        """Delete layers ``[0, num_layers)`` of each key (every layer when None: slow, each server
-        searches its tiers) from every replica that may hold it (all current and, in a grace window,
-        previous members); returns the copies deleted. Down replicas are skipped."""
-        return self._run(cops.delete(self._cluster, namespace, keys, num_layers, timeout_s))
-
     def replica_stats(self, *, timeout_s: float | None = None) -> dict[str, StoreStats | TransferError]:
         """Each current member's own stats, or the error it answered with."""
         return self._run(cops.replica_stats(self._cluster, timeout_s))
-
-    def stats(self, *, timeout_s: float | None = None) -> StoreStats:
-        """The reachable replicas' stats as one store (tiers and counters summed)."""
-        return self._run(cops.stats(self._cluster, timeout_s))
 
 
 def _close(source: Any) -> None:

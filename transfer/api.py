@@ -1,0 +1,184 @@
+"""The public API of the clients, written once for the blocking and once for the asyncio ones.
+
+A client is an operations module (:mod:`transfer.ops` for one server,
+:mod:`transfer.cluster_ops` for replicas), the state its operations take
+(:class:`transfer.core.ClientCore` or :class:`transfer.routing.ClusterCore`),
+and a way to carry effects out. The methods below only pick the operation;
+:class:`transfer.client.KVClient` and :class:`transfer.cluster.ClusterKVClient`
+inherit :class:`BlockingApi`, their asyncio front-ends :class:`AsyncApi`. So
+the four clients cannot differ in signature, validation or meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from types import ModuleType
+from typing import Any, TypeVar
+
+from kvstore.keys import Namespace
+from kvstore.wire import Blob
+from transfer.core import ClientCore, PutItem, PutResult, StoreStats
+from transfer.ops import Op, get_args
+
+T = TypeVar("T")
+
+
+class _Operations:
+    """What both API bases need from a front-end."""
+
+    #: transfer.ops or transfer.cluster_ops: functions of the same names and arguments.
+    _ops: ModuleType
+    #: What the operations take first: a ClientCore or a ClusterCore.
+    _state: Any
+
+    @property
+    def core(self) -> ClientCore:
+        """Options, validation and request building (of each member, for a cluster)."""
+        raise NotImplementedError
+
+
+class BlockingApi(_Operations):
+    """``lookup``, ``put``, ``get_layers``, ``delete``, ``stats`` of a blocking client."""
+
+    def _run(self, op: Op[T]) -> T:
+        raise NotImplementedError
+
+    def _drive(self, op: Op[Any]) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def lookup(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        num_layers: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> int:
+        """Number of leading ``keys`` whose layers ``[0, num_layers)`` are all stored (for a
+        cluster: each on some owner; never more than is there)."""
+        return self._run(self._ops.lookup(self._state, namespace, keys, num_layers, timeout_s))
+
+    def put(
+        self,
+        namespace: Namespace | str,
+        items: Iterable[PutItem | tuple],
+        *,
+        timeout_s: float | None = None,
+        ack: str | None = None,
+    ) -> PutResult:
+        """Store every item, pulling them lazily, a batch of ``put_batch_bytes`` at a time.
+
+        Each Put stream ends with a commit message; the server stores a stream
+        only once it has read it. ``ack="durable"`` asks the server to answer OK
+        only once a persistent tier holds the blobs (UNAVAILABLE otherwise);
+        ``"memory"`` accepts RAM; None uses the client's ``ack`` option, then the
+        server's ``server.ack``. A cluster sends each item to its owners;
+        ``num_stored`` counts items stored at least once, ``durable`` and
+        ``tiers`` hold for every acknowledged copy.
+        """
+        return self._run(self._ops.put(self._state, namespace, iter(items), ack, timeout_s))
+
+    def get_layers(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        layer_start: int,
+        layer_end: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> Iterator[tuple[int, list[Blob]]]:
+        """Yield ``(layer, [blob per key])`` for each layer in order, as soon as it is complete.
+
+        Arguments are validated at once; every blob's trailer is verified on
+        receipt. Stopping the iteration early cancels the stream. A cluster
+        reads each key from its first healthy owner and, where one fails or
+        misses mid-stream, from the next from that layer on (:class:`NotFound`
+        only when no candidate has it).
+        """
+        ns, keys = get_args(self.core, namespace, keys, layer_start, layer_end)
+        return self._drive(self._ops.get_layers(self._state, ns, keys, layer_start, layer_end, timeout_s))
+
+    def delete(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        *,
+        num_layers: int | None = None,
+        timeout_s: float | None = None,
+    ) -> int:
+        """Delete layers ``[0, num_layers)`` of each key from every tier (of every replica that may
+        hold it); returns the chunks (copies) deleted.
+
+        Pass ``num_layers`` (the model's layer count): without it the server finds
+        the layers by listing the namespace on every tier, which is slow on remote
+        tiers (S3: a listing and an index read per stored chunk), and deletes every
+        layer it finds.
+        """
+        return self._run(self._ops.delete(self._state, namespace, keys, num_layers, timeout_s))
+
+    def stats(self, *, timeout_s: float | None = None) -> StoreStats:
+        """The store's tiers and counters (a cluster's reachable replicas summed)."""
+        return self._run(self._ops.stats(self._state, timeout_s))
+
+
+class AsyncApi(_Operations):
+    """The asyncio form of :class:`BlockingApi`: same methods, same meaning, awaited."""
+
+    async def _run(self, op: Op[T]) -> T:
+        raise NotImplementedError
+
+    def _drive(self, op: Op[Any]) -> AsyncIterator[Any]:
+        raise NotImplementedError
+
+    async def lookup(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        num_layers: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> int:
+        """See :meth:`BlockingApi.lookup`."""
+        return await self._run(self._ops.lookup(self._state, namespace, keys, num_layers, timeout_s))
+
+    async def put(
+        self,
+        namespace: Namespace | str,
+        items: Iterable[PutItem | tuple] | AsyncIterable[Any],
+        *,
+        timeout_s: float | None = None,
+        ack: str | None = None,
+    ) -> PutResult:
+        """See :meth:`BlockingApi.put`. ``items`` may also be an async iterable; a plain one is pulled
+        on the event loop, so a producer that encodes on the CPU should be an async generator that
+        hands encoding to a thread (``asyncio.to_thread``) if the loop must stay live."""
+        source: Any = aiter(items) if isinstance(items, AsyncIterable) else iter(items)
+        return await self._run(self._ops.put(self._state, namespace, source, ack, timeout_s))
+
+    def get_layers(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        layer_start: int,
+        layer_end: int,
+        *,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[tuple[int, list[Blob]]]:
+        """Async iterator of ``(layer, [blob per key])``; see :meth:`BlockingApi.get_layers`."""
+        ns, keys = get_args(self.core, namespace, keys, layer_start, layer_end)
+        return self._drive(self._ops.get_layers(self._state, ns, keys, layer_start, layer_end, timeout_s))
+
+    async def delete(
+        self,
+        namespace: Namespace | str,
+        keys: Sequence[bytes],
+        *,
+        num_layers: int | None = None,
+        timeout_s: float | None = None,
+    ) -> int:
+        """See :meth:`BlockingApi.delete` (pass ``num_layers``: without it every tier is searched)."""
+        return await self._run(self._ops.delete(self._state, namespace, keys, num_layers, timeout_s))
+
+    async def stats(self, *, timeout_s: float | None = None) -> StoreStats:
+        """See :meth:`BlockingApi.stats`."""
+        return await self._run(self._ops.stats(self._state, timeout_s))
