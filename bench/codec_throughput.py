@@ -15,7 +15,8 @@ Throughput counts K and V in fp16 (2 bytes per element) whatever the profile.
 consecutive chunks written into one preallocated fp16 destination (what
 ``longctx.read_layers`` does), with ``decode_into_one_thread_gbps`` the same
 call kept to the calling thread (``threads=1``, as the layer-wise loader runs
-it); the other rows use one thread.
+it) and ``decode_into_float32_gbps`` into a float32 destination (an fp32 model's
+layers, as the workers' SmolLM2 decodes them); the other rows use one thread.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def measure(
     nbytes = sum(2 * k.numel() * 2 for k, _ in frames)
     stage = None  # threaded rows also time the per-frame stage under decode_into (the old decode_many row)
     dec_one_thread = None  # and decode_into on the calling thread alone (what the layer-wise loader runs)
+    dec_float32 = None  # and decode_into a float32 destination (the workers' fp32 model decodes to float32)
     if profile is None:  # baseline: raw fp16 bytes, sealed and verified
 
         def enc():
@@ -132,6 +134,11 @@ def measure(
 
         def dec_one_thread():
             decode_into(blobs, dest, threads=1)
+
+        dest32 = tuple(torch.empty_like(t, dtype=torch.float32) for t in dest)
+
+        def dec_float32():
+            decode_into(blobs, dest32)
     elif batched:  # all frames as the layers of one chunk, encoded in one pass
 
         def enc():
@@ -165,6 +172,8 @@ def measure(
         out["decode_frames_gbps"] = round(nbytes / _time(stage, min_seconds) / 1e9, 3)
     if dec_one_thread is not None:
         out["decode_into_one_thread_gbps"] = round(nbytes / _time(dec_one_thread, min_seconds) / 1e9, 3)
+    if dec_float32 is not None:
+        out["decode_into_float32_gbps"] = round(nbytes / _time(dec_float32, min_seconds) / 1e9, 3)
     return out
 
 

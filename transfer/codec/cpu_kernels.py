@@ -600,28 +600,7 @@ def _bits_pow2(exponent):  # pragma: no cover - compiled
 
 @_jit
 def _walk_tensors(
-    body,
-    pos,
-    h,
-    d,
-    flags,
-    signs,
-    scale,
-    scales,
-    table,
-    n_tiers,
-    group,
-    counts,
-    order,
-    starts,
-    out_k,
-    out_v,
-    at,
-    half_k,
-    half_v,
-    half_at,
-    write,
-    err,
+    body, pos, h, d, flags, signs, scale, scales, plan, outs, halves, write, err
 ):  # pragma: no cover - compiled
     """K then V of a body from ``pos``: checked only (``write`` False), or decoded into the outputs.
 
@@ -631,6 +610,10 @@ def _walk_tensors(
     with no means goes straight to fp16: the same float32 value rounded as
     ``to_half`` would). Returns the end position, or -1 with ``err`` set.
     """
+    table, group, counts, order, starts = plan  # from _decode_body's parse of the tier table and map
+    out_k, out_v, at = outs
+    half_k, half_v, half_at = halves
+    n_tiers = table.shape[0]
     t = order.size
     size = body.size
     for col, out, half, center_flag, rotate_flag in ((0, out_k, half_k, 8, 2), (2, out_v, half_v, 16, 4)):
@@ -749,31 +732,9 @@ def _decode_body(
     for i in range(t):
         order[fill[tiers[i]]] = i
         fill[tiers[i]] += 1
-    for write in (False, True):
-        end = _walk_tensors(
-            body,
-            pos,
-            h,
-            d,
-            flags,
-            signs,
-            scale,
-            scales,
-            table,
-            n_tiers,
-            group,
-            counts,
-            order,
-            starts,
-            out_k,
-            out_v,
-            at,
-            half_k,
-            half_v,
-            half_at,
-            write,
-            err,
-        )
+    plan, outs, halves = (table, group, counts, order, starts), (out_k, out_v, at), (half_k, half_v, half_at)
+    for write in (False, True):  # check the whole body, then write
+        end = _walk_tensors(body, pos, h, d, flags, signs, scale, scales, plan, outs, halves, write, err)
         if end < 0:
             return err[0]
         if end != size:
