@@ -13,7 +13,10 @@ Throughput counts K and V in fp16 (2 bytes per element) whatever the profile.
 (``KVSTORE_CODEC_THREADS``, default all cores) through the codec's two entries:
 ``encode`` for the frames as one chunk's layers, ``decode_into`` for the frames as
 consecutive chunks written into one preallocated fp16 destination (what
-``longctx.read_layers`` does); the other rows use one thread.
+``longctx.read_layers`` does), with ``decode_into_one_thread_gbps`` the same
+call kept to the calling thread (``threads=1``, as the layer-wise loader runs
+it) and ``decode_into_float32_gbps`` into a float32 destination (an fp32 model's
+layers, as the workers' SmolLM2 decodes them); the other rows use one thread.
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ def measure(
 ) -> dict[str, float]:
     nbytes = sum(2 * k.numel() * 2 for k, _ in frames)
     stage = None  # threaded rows also time the per-frame stage under decode_into (the old decode_many row)
+    dec_one_thread = None  # and decode_into on the calling thread alone (what the layer-wise loader runs)
+    dec_float32 = None  # and decode_into a float32 destination (the workers' fp32 model decodes to float32)
     if profile is None:  # baseline: raw fp16 bytes, sealed and verified
 
         def enc():
@@ -126,6 +131,14 @@ def measure(
 
         def stage():
             parallel.decode_frames(blobs)
+
+        def dec_one_thread():
+            decode_into(blobs, dest, threads=1)
+
+        dest32 = tuple(torch.empty_like(t, dtype=torch.float32) for t in dest)
+
+        def dec_float32():
+            decode_into(blobs, dest32)
     elif batched:  # all frames as the layers of one chunk, encoded in one pass
 
         def enc():
@@ -157,6 +170,10 @@ def measure(
     }
     if stage is not None:  # per-frame tensors, no destination: what the row measured before decode_into
         out["decode_frames_gbps"] = round(nbytes / _time(stage, min_seconds) / 1e9, 3)
+    if dec_one_thread is not None:
+        out["decode_into_one_thread_gbps"] = round(nbytes / _time(dec_one_thread, min_seconds) / 1e9, 3)
+    if dec_float32 is not None:
+        out["decode_into_float32_gbps"] = round(nbytes / _time(dec_float32, min_seconds) / 1e9, 3)
     return out
 
 

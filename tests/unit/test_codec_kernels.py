@@ -484,3 +484,147 @@ def test_decode_lossless_into_checks_its_outputs() -> None:
     ):
         with pytest.raises(ShapeMismatch):
             decode_lossless_into(header, raw, k_out, torch.empty_like(k_out), offset)
+
+
+def _raw_payload(blob: bytes) -> bytearray:
+    """Header + raw (unzstd'd) body of a frame, its header saying so: for bodies rewritten by a test."""
+    header = parse_header(memoryview(blob)[:-TRAILER_BYTES])
+    payload = bytearray(blob[:-TRAILER_BYTES])
+    if header.flags & 1:
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().decompress(
+            bytes(payload[HEADER_BYTES:]), max_output_size=header.raw_len
+        )
+        payload = bytearray(payload[:HEADER_BYTES]) + bytearray(raw)
+        struct.pack_into("<B", payload, 7, header.flags & ~1)
+        struct.pack_into("<I", payload, HEADER_BYTES - 4, len(raw))
+    return payload
+
+
+QUANTIZED = list(_profiles())  # the shipped quantized profiles and test ones (bit widths, groups, schemes)
+
+
+@pytest.mark.parametrize("profile", QUANTIZED, ids=lambda p: p.name)
+def test_decode_into_writes_quantized_chunks_in_place_bit_exact(
+    profile: Profile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quantized chunks land in their slices of a layer, bit for bit what per-frame decode + cat gives.
+
+    fp16 and float32 outputs take the kernel that writes into the slices (once per
+    part); bf16 and a non-contiguous output keep the decode-then-copy path.
+    """
+    from transfer.codec import profiles
+
+    monkeypatch.setitem(profiles.PROFILE_BY_ID, profile.profile_id, profile)  # the test profiles decode too
+    monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
+    tokens = (64, 64, 17, 1, 40)  # uneven chunks: every slice offset differs, parts differ in tokens
+    starts = [sum(tokens[:i]) for i in range(len(tokens))]
+    blobs = [
+        encode_layer(
+            *_kv((3, t, 64), torch.float16, 60 + i), profile, token_offset=s, context_end=sum(tokens)
+        )
+        for i, (t, s) in enumerate(zip(tokens, starts, strict=True))
+    ]
+    calls: list[int] = []
+    real = parallel.cpu_decode.decode_into_layer
+    monkeypatch.setattr(
+        parallel.cpu_decode, "decode_into_layer", lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw)
+    )
+    total = sum(tokens)
+    for out_dtype in (torch.float16, torch.float32, torch.bfloat16):
+        per_frame = [decode_layer(b, dtype=out_dtype) for b in blobs]  # the old path, frame by frame
+        want_k = torch.cat([k for k, _ in per_frame], dim=1)
+        want_v = torch.cat([v for _, v in per_frame], dim=1)
+        for threads in (1, 2):
+            calls.clear()
+            k, v = decode_into(blobs, dtype=out_dtype, threads=threads)
+            assert k.dtype == out_dtype and k.shape == (3, total, 64)
+            assert torch.equal(_bits(k), _bits(want_k)) and torch.equal(_bits(v), _bits(want_v))
+            direct = out_dtype != torch.bfloat16
+            assert sorted(calls) == ([len(blobs)] if threads == 1 else [2, 3]) if direct else not calls
+            k_out = torch.full((3, total + 9, 64), 7.0, dtype=out_dtype)
+            v_out = torch.full((3, total + 9, 64), 7.0, dtype=out_dtype)
+            decode_into(blobs, (k_out, v_out), token_offset=5, threads=threads)
+            assert torch.equal(_bits(k_out[:, 5 : 5 + total]), _bits(want_k))
+            assert torch.equal(_bits(v_out[:, 5 : 5 + total]), _bits(want_v))
+            assert torch.all(k_out[:, :5] == 7) and torch.all(v_out[:, 5 + total :] == 7)
+        strided = torch.full((3, 64, total), 7.0, dtype=out_dtype).transpose(1, 2)  # not contiguous: copies
+        calls.clear()
+        decode_into(blobs, (strided, torch.empty_like(strided)), threads=2)
+        assert not calls and torch.equal(_bits(strided), _bits(want_k))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+def test_decode_into_refuses_a_bad_quantized_frame_without_writing_it(
+    threads: int, out_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad frame among good ones: the per-frame path's error, and nothing of it in any slice.
+
+    Every chunk's slice holds either its own exact values or the untouched fill,
+    never the bad frame's partial output (a part's checksums are verified before
+    its kernel runs, and a body is checked whole before the kernel writes from it).
+    """
+    monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
+    tokens = (32, 32, 32, 32, 9)
+    starts = [sum(tokens[:i]) for i in range(len(tokens) + 1)]
+    blobs = [
+        encode_layer(*_kv((2, t, 64), torch.float16, 80 + i), "balanced", token_offset=starts[i])
+        for i, t in enumerate(tokens)
+    ]
+    good = [decode_layer(b, dtype=out_dtype) for b in blobs]
+    flipped = bytearray(blobs[2])
+    flipped[HEADER_BYTES + 40] ^= 0x10  # checksum mismatch
+    trailing = _raw_payload(blobs[2]) + b"\0" * 9  # checksum fine, the body runs 9 bytes past its tiers
+    struct.pack_into("<I", trailing, HEADER_BYTES - 8, len(trailing) - HEADER_BYTES)
+    struct.pack_into("<I", trailing, HEADER_BYTES - 4, len(trailing) - HEADER_BYTES)
+    lies = [
+        b for b in _body_mutations(blobs[2]) if isinstance(_both(lambda b=b: decode_layer(b))[0], Exception)
+    ]
+    assert len(lies) >= 4
+    for bad in [bytes(flipped), blobs[2][:-30], seal(bytes(trailing)), *lies]:
+        frames = blobs[:2] + [bad] + blobs[3:]
+        with pytest.raises(CodecError) as old:
+            parallel.decode_frames(frames, dtype=out_dtype, threads=1)
+        k_out = torch.full((2, starts[-1], 64), 7.0, dtype=out_dtype)
+        v_out = torch.full((2, starts[-1], 64), 7.0, dtype=out_dtype)
+        with pytest.raises(CodecError) as new:
+            decode_into(frames, (k_out, v_out), threads=threads)
+        assert type(new.value) is type(old.value) and str(new.value) == str(old.value)
+        for i, (k, v) in enumerate(good):
+            got_k, got_v = k_out[:, starts[i] : starts[i + 1]], v_out[:, starts[i] : starts[i + 1]]
+            untouched = bool(torch.all(got_k == 7)) and bool(torch.all(got_v == 7))
+            exact = torch.equal(_bits(got_k), _bits(k)) and torch.equal(_bits(got_v), _bits(v))
+            assert untouched if i == 2 else untouched or exact, i
+            if threads == 1 and i > 2:
+                assert untouched, i  # one part: nothing after the bad frame
+            if threads == 1 and i < 2 and _opens(bad):
+                assert exact, i  # refused by the kernel, not at opening: the frames before it are in place
+
+
+def _opens(blob: bytes) -> bool:
+    """Whether a frame passes its checksum and length checks (only its body can then be refused)."""
+    from transfer.codec.frame import open_frame
+
+    try:
+        open_frame(blob)
+    except CodecError:
+        return False
+    return True
+
+
+def test_a_tier_table_longer_than_the_map_can_name_decodes_alike() -> None:
+    """Tiers 16.. of a table hold no tokens (the map has 4 bits); the kernels must not read past their counts."""
+    blob = encode_layer(*_kv((2, 40, 64), torch.float16, 12), "balanced", token_offset=0, context_end=40)
+    payload = _raw_payload(blob)
+    n = payload[HEADER_BYTES]
+    extra = 20 - n
+    at = HEADER_BYTES + 1 + 4 * n
+    longer = payload[:HEADER_BYTES] + bytes([n + extra]) + payload[HEADER_BYTES + 1 : at]
+    longer += bytes([TOKEN, 8, TOKEN, 8] * extra) + payload[at:]
+    struct.pack_into("<I", longer, HEADER_BYTES - 8, len(longer) - HEADER_BYTES)
+    struct.pack_into("<I", longer, HEADER_BYTES - 4, len(longer) - HEADER_BYTES)
+    fast, ref = _both(lambda: decode_layer(seal(bytes(longer))))
+    assert not isinstance(ref, Exception) and _same(fast, ref)
+    assert _same(fast, decode_layer(blob))

@@ -82,13 +82,7 @@ def decode_batch(
     header = opened[0][0]
     h, t, d = header.shape
     n = len(opened)
-    sizes = np.fromiter((len(raw) for _, raw in opened), np.int64, n)
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    bodies = np.empty(int(offsets[-1]), np.uint8)
-    for i, (_, raw) in enumerate(opened):
-        bodies[offsets[i] : offsets[i + 1]] = np.frombuffer(raw, np.uint8)
-    flags = np.fromiter((hd.flags for hd, _ in opened), np.int64, n)
+    bodies, offsets, flags = _bodies(opened)
     half = dtype == torch.float16
     shape, unused = (n, h, t, d), (1, 0, 0, 0)
     k = np.empty(unused if half else shape, np.float32)
@@ -107,3 +101,64 @@ def decode_batch(
     else:
         tk, tv = torch.from_numpy(k), torch.from_numpy(v)
     return tk, tv
+
+
+#: Output dtypes the kernels write themselves, so a frame can land straight in a caller's tensor.
+INTO_DTYPES = (torch.float16, torch.float32)
+
+
+def decode_into_layer(
+    opened: list[tuple[FrameHeader, bytes | memoryview]],
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    starts: list[int],
+) -> None:
+    """Quantized frames (already opened) straight into their token slices of a layer's tensors, in one call.
+
+    ``k_out``/``v_out``: contiguous CPU ``[heads, T, head_dim]`` in one of
+    :data:`INTO_DTYPES`; frame ``i``'s tokens land at ``starts[i]``. The frames
+    share heads, head_dim and rotation seed (not tokens: a layer's last chunk
+    is often short), and the caller has checked that each fits. Why: decoding
+    a part into its own tensor and copying it into place cost ~11% of a
+    two-thread balanced decode; this writes every value once, where it belongs.
+    A malformed body raises ``CorruptFrame`` having written nothing from itself
+    or the frames after it (frames before it are in place).
+    """
+    header = opened[0][0]
+    h, _, d = header.shape
+    n = len(opened)
+    tokens = np.fromiter((hd.tokens for hd, _ in opened), np.int64, n)
+    at = np.asarray(starts[:n], np.int64)
+    bodies, offsets, flags = _bodies(opened)
+    half = k_out.dtype == torch.float16
+    if half:  # float32 is per-frame scratch: this thread's, reused (fresh pages cost more than the decode)
+        rows = int(tokens.max())
+        k = cpu_kernels.scratch((h, rows, d), "decode-k")
+        v = cpu_kernels.scratch((h, rows, d), "decode-v")
+        hk, hv = (
+            k_out.view(torch.int16).numpy().view(np.uint16),
+            v_out.view(torch.int16).numpy().view(np.uint16),
+        )
+    else:
+        k, v, hk, hv = k_out.numpy(), v_out.numpy(), _NO_HALF, _NO_HALF
+    signs, scale = fwht_params(d, header.seed)
+    err = np.zeros(2, np.int64)
+    bad = cpu_kernels.decode_frames_into(
+        bodies, offsets, tokens, at, h, d, flags, signs, scale, _TABLE, k, v, half, hk, hv, err
+    )
+    if bad >= 0:
+        raise CorruptFrame(_message(int(err[0]), int(err[1]), bodies[offsets[bad] : offsets[bad + 1]]))
+
+
+def _bodies(
+    opened: list[tuple[FrameHeader, bytes | memoryview]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The raw bodies back to back (one array for one kernel call), their offsets and each frame's flags."""
+    n = len(opened)
+    sizes = np.fromiter((len(raw) for _, raw in opened), np.int64, n)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    bodies = np.empty(int(offsets[-1]), np.uint8)
+    for i, (_, raw) in enumerate(opened):
+        bodies[offsets[i] : offsets[i + 1]] = np.frombuffer(raw, np.uint8)
+    return bodies, offsets, np.fromiter((hd.flags for hd, _ in opened), np.int64, n)

@@ -293,8 +293,8 @@ if numba is not None:
 
 
 @_jit
-def token_tier(body, pos, bits, h, n, d, base_factor, table, idx, out):  # pragma: no cover - compiled
-    """One TOKEN tier of a frame body into ``out[:, idx]``: scale bytes at ``pos``, then packed codes.
+def token_tier(body, pos, bits, h, n, d, base_factor, table, idx, out, at):  # pragma: no cover - compiled
+    """One TOKEN tier of a frame body into ``out[:, at + idx]``: scale bytes at ``pos``, then packed codes.
 
     Value = ``((code - half) + 0.5) * (table[u] * 2**base)``, the ops of
     quantize.dequantize in the same order. Returns the position after the tier.
@@ -309,15 +309,15 @@ def token_tier(body, pos, bits, h, n, d, base_factor, table, idx, out):  # pragm
         for i in range(n):
             s = table[body[pos + a * n + i]] * base_factor
             _row_codes(body, cpos, bits, (a * n + i) * d, d, rowc)
-            orow = out[a, idx[i]]
+            orow = out[a, at + idx[i]]
             for j in range(d):
                 orow[j] = ((rowc[j] - hf) + p5) * s
     return end
 
 
 @_jit
-def channel_tier(body, pos, bits, h, n, d, group, cmax, idx, out):  # pragma: no cover - compiled
-    """One CHANNEL tier into ``out[:, idx]``: int8 lows and highs per group at ``pos``, then codes.
+def channel_tier(body, pos, bits, h, n, d, group, cmax, idx, out, at):  # pragma: no cover - compiled
+    """One CHANNEL tier into ``out[:, at + idx]``: int8 lows and highs per group at ``pos``, then codes.
 
     ``cmax`` [h, d] float32 (the stored fp16 maxima, widened). Grid and value
     follow quantize.dequantize_channels op for op. Returns the end position.
@@ -348,7 +348,7 @@ def channel_tier(body, pos, bits, h, n, d, group, cmax, idx, out):  # pragma: no
                 step[j] = floor if st < floor else st
             for i in range(g * group, min(g * group + group, n)):
                 _row_codes(body, cpos, bits, (a * n + i) * d, d, rowc)
-                orow = out[a, idx[i]]
+                orow = out[a, at + idx[i]]
                 for j in range(d):
                     orow[j] = rowc[j] * step[j] + lo[j]
     return end
@@ -544,9 +544,10 @@ def _packed(count, bits):  # pragma: no cover - compiled
 
 @_jit
 def _decode_tiers(
-    body, pos, size, col, table, n_tiers, group, counts, order, starts, h, d, scales, out, err
+    body, pos, size, col, table, n_tiers, group, counts, order, starts, h, d, scales, out, at, write, err
 ):  # pragma: no cover - compiled
-    """The tiers of K (col 0) or V (col 2) into ``out``; returns the new position, or -1 with ``err`` set."""
+    """The tiers of K (col 0) or V (col 2) into ``out[:, at + token]``; returns the new position, or -1 with
+    ``err`` set. With ``write`` False it only checks the lengths (the pass that runs before any write)."""
     for tier in range(n_tiers):
         n = counts[tier]
         if n == 0:
@@ -563,9 +564,12 @@ def _decode_tiers(
             if need > size:
                 err[0], err[1] = ERR_SHORT, need
                 return -1
+            if not write:
+                pos = need
+                continue
             base = np.int64(np.int8(body[pos]))
             factor = np.float32(math.ldexp(1.0, base)) if -126 <= base <= 127 else _bits_pow2(base)
-            pos = token_tier(body, pos + 1, bits, h, n, d, factor, scales, idx, out)
+            pos = token_tier(body, pos + 1, bits, h, n, d, factor, scales, idx, out, at)
         else:  # CHANNEL: fp16 maxima, int8 lows and highs, codes
             groups = (n + group - 1) // group
             if pos + h * d * 2 > size:
@@ -575,11 +579,14 @@ def _decode_tiers(
             if need > size:
                 err[0], err[1] = ERR_SHORT, need
                 return -1
+            if not write:
+                pos = need
+                continue
             cmax = np.empty((h, d), np.float32)
             for a in range(h):
                 for j in range(d):
                     cmax[a, j] = _half_at(body, pos + 2 * (a * d + j))
-            pos = channel_tier(body, pos + h * d * 2, bits, h, n, d, group, cmax, idx, out)
+            pos = channel_tier(body, pos + h * d * 2, bits, h, n, d, group, cmax, idx, out, at)
     return pos
 
 
@@ -592,19 +599,91 @@ def _bits_pow2(exponent):  # pragma: no cover - compiled
 
 
 @_jit
-def decode_frame(
-    body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_k, half_v, err
+def _walk_tensors(
+    body, pos, h, d, flags, signs, scale, scales, plan, outs, halves, write, err
 ):  # pragma: no cover - compiled
-    """A whole quantized frame body into float32 ``out_k``/``out_v`` [h, t, d] in one call.
+    """K then V of a body from ``pos``: checked only (``write`` False), or decoded into the outputs.
 
-    When ``half_k``/``half_v`` are not empty, the result is written there as fp16
-    bits (the frame's usual output dtype), in the same call, and ``out_k``/``out_v``
-    are scratch (a rotated tensor without means goes straight to fp16).
+    Decoding: each tensor's tiers into float32 ``out[:, at : at + t]``, then per
+    head the inverse rotation and the fp16 means, and, when ``half_*`` are not
+    empty, fp16 bits into ``half[:, half_at : half_at + t]`` (a rotated tensor
+    with no means goes straight to fp16: the same float32 value rounded as
+    ``to_half`` would). Returns the end position, or -1 with ``err`` set.
+    """
+    table, group, counts, order, starts = plan  # from _decode_body's parse of the tier table and map
+    out_k, out_v, at = outs
+    half_k, half_v, half_at = halves
+    n_tiers = table.shape[0]
+    t = order.size
+    size = body.size
+    for col, out, half, center_flag, rotate_flag in ((0, out_k, half_k, 8, 2), (2, out_v, half_v, 16, 4)):
+        mean_pos = -1
+        if flags & center_flag:  # the tensor's fp16 means come first, are added last
+            if pos + h * d * 2 > size:
+                err[0], err[1] = ERR_SHORT, pos + h * d * 2
+                return -1
+            mean_pos = pos
+            pos += h * d * 2
+        pos = _decode_tiers(
+            body,
+            pos,
+            size,
+            col,
+            table,
+            n_tiers,
+            group,
+            counts,
+            order,
+            starts,
+            h,
+            d,
+            scales,
+            out,
+            at,
+            write,
+            err,
+        )
+        if pos < 0:
+            return -1
+        rotated = flags & rotate_flag
+        if rotated and signs.size != d:
+            err[0] = ERR_ROTATION
+            return -1
+        if not write:
+            continue
+        for a in range(h):
+            rows = out[a, at : at + t]
+            if rotated:
+                if mean_pos < 0 and half.size:  # nothing to add after: rotate straight into the fp16 output
+                    unrotate_rows_to_half(rows, signs, scale, half[a, half_at : half_at + t])
+                    continue
+                hadamard_rows(rows, signs, scale, False, rows)  # in place: each block is read before written
+            if mean_pos >= 0:
+                for j in range(d):
+                    m = _half_at(body, mean_pos + 2 * (a * d + j))
+                    for i in range(t):
+                        rows[i, j] += m
+            if half.size:
+                to_half(rows.reshape(t * d), half[a, half_at : half_at + t].reshape(t * d))
+    return pos
+
+
+@_jit
+def _decode_body(
+    body, h, t, d, flags, signs, scale, scales, out_k, out_v, at, half_k, half_v, half_at, err
+):  # pragma: no cover - compiled
+    """A whole quantized frame body into its ``t`` token rows of the outputs, checked whole before any write.
+
+    Float32 rows go to ``out_k``/``out_v`` ``[h, *, d]`` at token ``at``; when
+    ``half_k``/``half_v`` are not empty the result is fp16 bits there at token
+    ``half_at`` and ``out_*`` are scratch. The outputs may be a whole layer
+    (a frame's rows at its offset, no copy afterwards) or one frame's tensors.
 
     Parses the tier table and precision map, decodes every tier of K and V,
     undoes the rotation and adds the means, exactly as frame._decode_quantized
-    does. On a malformed body returns a status (ERR_*) with ``err[1]`` the
-    byte count it needed, and writes nothing the caller will use.
+    does. A malformed body returns a status (ERR_*, ``err[1]`` the byte count it
+    needed) after a pass that only checks lengths, so it writes nothing at all:
+    the outputs a frame shares with its neighbours never hold garbage.
     ``signs`` is the rotation's +-1 vector (empty when head_dim is not a power
     of two), ``scales`` the scale-byte table.
     """
@@ -638,58 +717,43 @@ def decode_frame(
     if t:
         unpack(body[pos : pos + map_bytes], 4, t, tiers)
     pos += map_bytes
-    counts = np.zeros(16, np.int64)
+    slots = max(n_tiers, 16)  # the map names tiers 0..15; a longer table's other tiers hold no tokens
+    counts = np.zeros(slots, np.int64)
     for i in range(t):
         if tiers[i] >= n_tiers:
             err[0] = ERR_MAP
             return ERR_MAP
         counts[tiers[i]] += 1
-    starts = np.zeros(16, np.int64)
-    for r in range(1, 16):
+    starts = np.zeros(slots, np.int64)
+    for r in range(1, slots):
         starts[r] = starts[r - 1] + counts[r - 1]
     fill = starts.copy()
     order = np.empty(t, np.int64)
     for i in range(t):
         order[fill[tiers[i]]] = i
         fill[tiers[i]] += 1
-    halved = np.zeros(2, np.bool_)
-    for col, out, half, center_flag, rotate_flag in ((0, out_k, half_k, 8, 2), (2, out_v, half_v, 16, 4)):
-        mean_pos = -1
-        if flags & center_flag:  # the tensor's fp16 means come first, are added last
-            if pos + h * d * 2 > size:
-                err[0], err[1] = ERR_SHORT, pos + h * d * 2
-                return ERR_SHORT
-            mean_pos = pos
-            pos += h * d * 2
-        pos = _decode_tiers(
-            body, pos, size, col, table, n_tiers, group, counts, order, starts, h, d, scales, out, err
-        )
-        if pos < 0:
+    plan, outs, halves = (table, group, counts, order, starts), (out_k, out_v, at), (half_k, half_v, half_at)
+    for write in (False, True):  # check the whole body, then write
+        end = _walk_tensors(body, pos, h, d, flags, signs, scale, scales, plan, outs, halves, write, err)
+        if end < 0:
             return err[0]
-        if flags & rotate_flag:
-            if signs.size != d:
-                err[0] = ERR_ROTATION
-                return ERR_ROTATION
-            flat = out.reshape(h * t, d)
-            if mean_pos < 0 and half.size:  # nothing to add after: rotate straight into the fp16 output
-                unrotate_rows_to_half(flat, signs, scale, half.reshape(h * t, d))
-                halved[col // 2] = True
-            else:
-                hadamard_rows(flat, signs, scale, False, flat)  # in place: each block is read before written
-        if mean_pos >= 0:
-            for a in range(h):
-                for j in range(d):
-                    m = _half_at(body, mean_pos + 2 * (a * d + j))
-                    for i in range(t):
-                        out[a, i, j] += m
-    if pos != size:
-        err[0], err[1] = ERR_TRAILING, size - pos
-        return ERR_TRAILING
-    if half_k.size and not halved[0]:
-        to_half(out_k.reshape(-1), half_k.reshape(-1))
-    if half_v.size and not halved[1]:
-        to_half(out_v.reshape(-1), half_v.reshape(-1))
+        if end != size:
+            err[0], err[1] = ERR_TRAILING, size - end
+            return ERR_TRAILING
     return OK
+
+
+@_jit
+def decode_frame(
+    body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_k, half_v, err
+):  # pragma: no cover - compiled
+    """A whole quantized frame body into float32 ``out_k``/``out_v`` [h, t, d] in one call.
+
+    When ``half_k``/``half_v`` are not empty, the result is written there as fp16
+    bits (the frame's usual output dtype), in the same call, and ``out_k``/``out_v``
+    are scratch. Returns OK or a status (ERR_*, see :func:`_decode_body`).
+    """
+    return _decode_body(body, h, t, d, flags, signs, scale, scales, out_k, out_v, 0, half_k, half_v, 0, err)
 
 
 @_jit
@@ -716,6 +780,65 @@ def decode_frames(
         else:
             status = decode_frame(
                 body, h, t, d, flags[i], signs, scale, scales, out_k[i], out_v[i], none, none, err
+            )
+        if status != OK:
+            return i
+    return -1
+
+
+@_jit
+def decode_frames_into(
+    bodies,
+    offsets,
+    tokens,
+    at,
+    h,
+    d,
+    flags,
+    signs,
+    scale,
+    scales,
+    out_k,
+    out_v,
+    want_half,
+    half_k,
+    half_v,
+    err,
+):  # pragma: no cover - compiled
+    """Frames of one layer straight into its tensors: frame ``i``'s tokens at ``at[i] .. at[i] + tokens[i]``.
+
+    The outputs are the whole layer ``[h, T, d]``: float32 ``out_k``/``out_v``,
+    or with ``want_half`` fp16 bits ``half_k``/``half_v`` (``out_*`` are then
+    float32 scratch of at least ``max(tokens)`` rows per head). Frames may differ
+    in tokens (a layer's last chunk is often short), not in heads or head_dim.
+    Each frame is checked whole before it writes (see :func:`_decode_body`);
+    stops at the first malformed body and returns its index, with frames before
+    it written and nothing from it or after it, else -1.
+    """
+    none = np.empty((0, 0, 0), np.uint16)
+    for i in range(offsets.size - 1):
+        body = bodies[offsets[i] : offsets[i + 1]]
+        if want_half:
+            status = _decode_body(
+                body,
+                h,
+                tokens[i],
+                d,
+                flags[i],
+                signs,
+                scale,
+                scales,
+                out_k,
+                out_v,
+                0,
+                half_k,
+                half_v,
+                at[i],
+                err,
+            )
+        else:
+            status = _decode_body(
+                body, h, tokens[i], d, flags[i], signs, scale, scales, out_k, out_v, at[i], none, none, 0, err
             )
         if status != OK:
             return i
