@@ -35,6 +35,7 @@ from transfer.codec import (
     encode_layer,
     imap_ordered,
     parallel,
+    profiles,
 )
 from transfer.codec.format import HEADER_BYTES, parse_header
 from transfer.codec.profiles import CHANNEL, TOKEN, Tier
@@ -111,7 +112,8 @@ SHAPES = [(3, 256, 64), (2, 37, 64), (1, 5, 12), (4, 9, 40), (2, 64, 128), (1, 1
 
 
 @pytest.mark.parametrize("profile", list(_profiles()), ids=lambda p: p.name)
-def test_kernels_write_and_read_what_torch_does(profile: Profile) -> None:
+def test_kernels_write_and_read_what_torch_does(profile: Profile, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(profiles.PROFILE_BY_ID, profile.profile_id, profile)  # the test profiles decode too
     for i, shape in enumerate(SHAPES):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             k, v = _kv(shape, dtype, 17 * i + 3)
@@ -123,8 +125,10 @@ def test_kernels_write_and_read_what_torch_does(profile: Profile) -> None:
                 )
                 assert _same(fast, ref), (profile.name, shape, dtype, offset, end)
                 dec = _both(lambda r=ref: decode_layer(r))
+                assert not isinstance(dec[1], Exception), dec[1]  # a decode, not two equal errors
                 assert _same(*dec), (profile.name, shape, dtype, offset, end)
                 dec32 = _both(lambda r=ref: decode_layer(r, dtype=torch.float32))
+                assert not isinstance(dec32[1], Exception), dec32[1]
                 assert _same(*dec32)
 
 
@@ -514,7 +518,6 @@ def test_decode_into_writes_quantized_chunks_in_place_bit_exact(
     fp16 and float32 outputs take the kernel that writes into the slices (once per
     part); bf16 and a non-contiguous output keep the decode-then-copy path.
     """
-    from transfer.codec import profiles
 
     monkeypatch.setitem(profiles.PROFILE_BY_ID, profile.profile_id, profile)  # the test profiles decode too
     monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
