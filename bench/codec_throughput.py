@@ -15,8 +15,9 @@ Throughput counts K and V in fp16 (2 bytes per element) whatever the profile.
 consecutive chunks written into one preallocated fp16 destination (what
 ``longctx.read_layers`` does), with ``decode_into_one_thread_gbps`` the same
 call kept to the calling thread (``threads=1``, as the layer-wise loader runs
-it) and ``decode_into_float32_gbps`` into a float32 destination (an fp32 model's
-layers, as the workers' SmolLM2 decodes them); the other rows use one thread.
+it), ``decode_into_float32_gbps`` into a float32 destination (an fp32 model's
+layers, as the workers' SmolLM2 decodes them) and ``decode_into_bfloat16_gbps``
+into a bf16 one (vLLM's CPU KV cache); the other rows use one thread.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def measure(
     stage = None  # threaded rows also time the per-frame stage under decode_into (the old decode_many row)
     dec_one_thread = None  # and decode_into on the calling thread alone (what the layer-wise loader runs)
     dec_float32 = None  # and decode_into a float32 destination (the workers' fp32 model decodes to float32)
+    dec_bfloat16 = None  # and decode_into a bf16 destination (vLLM's CPU KV cache is bf16 by default)
     if profile is None:  # baseline: raw fp16 bytes, sealed and verified
 
         def enc():
@@ -139,6 +141,11 @@ def measure(
 
         def dec_float32():
             decode_into(blobs, dest32)
+
+        dest16 = tuple(torch.empty_like(t, dtype=torch.bfloat16) for t in dest)
+
+        def dec_bfloat16():
+            decode_into(blobs, dest16)
     elif batched:  # all frames as the layers of one chunk, encoded in one pass
 
         def enc():
@@ -174,6 +181,8 @@ def measure(
         out["decode_into_one_thread_gbps"] = round(nbytes / _time(dec_one_thread, min_seconds) / 1e9, 3)
     if dec_float32 is not None:
         out["decode_into_float32_gbps"] = round(nbytes / _time(dec_float32, min_seconds) / 1e9, 3)
+    if dec_bfloat16 is not None:
+        out["decode_into_bfloat16_gbps"] = round(nbytes / _time(dec_bfloat16, min_seconds) / 1e9, 3)
     return out
 
 

@@ -515,8 +515,8 @@ def test_decode_into_writes_quantized_chunks_in_place_bit_exact(
 ) -> None:
     """Quantized chunks land in their slices of a layer, bit for bit what per-frame decode + cat gives.
 
-    fp16 and float32 outputs take the kernel that writes into the slices (once per
-    part); bf16 and a non-contiguous output keep the decode-then-copy path.
+    fp16, bf16 and float32 outputs take the kernel that writes into the slices
+    (once per part); a non-contiguous output keeps the decode-then-copy path.
     """
 
     monkeypatch.setitem(profiles.PROFILE_BY_ID, profile.profile_id, profile)  # the test profiles decode too
@@ -544,8 +544,7 @@ def test_decode_into_writes_quantized_chunks_in_place_bit_exact(
             k, v = decode_into(blobs, dtype=out_dtype, threads=threads)
             assert k.dtype == out_dtype and k.shape == (3, total, 64)
             assert torch.equal(_bits(k), _bits(want_k)) and torch.equal(_bits(v), _bits(want_v))
-            direct = out_dtype != torch.bfloat16
-            assert sorted(calls) == ([len(blobs)] if threads == 1 else [2, 3]) if direct else not calls
+            assert sorted(calls) == ([len(blobs)] if threads == 1 else [2, 3])
             k_out = torch.full((3, total + 9, 64), 7.0, dtype=out_dtype)
             v_out = torch.full((3, total + 9, 64), 7.0, dtype=out_dtype)
             decode_into(blobs, (k_out, v_out), token_offset=5, threads=threads)
@@ -558,8 +557,118 @@ def test_decode_into_writes_quantized_chunks_in_place_bit_exact(
         assert not calls and torch.equal(_bits(strided), _bits(want_k))
 
 
+def test_bf16_conversion_matches_torch() -> None:
+    """The kernels' float32 -> bfloat16 rounding (cpu_kernels.to_bf16) writes torch's bits, NaN included."""
+    import platform
+
+    import numpy as np
+
+    from transfer.codec import cpu_decode
+
+    nan = cpu_decode.bf16_nan()
+    if platform.machine() in (
+        "x86_64",
+        "AMD64",
+    ):  # torch's vectorized cast: one NaN pattern, so it runs in place
+        assert nan is not None and cpu_decode.writes_into(torch.bfloat16)
+    if nan is None:
+        assert not cpu_decode.writes_into(torch.bfloat16)
+        return
+    gen = np.random.default_rng(2)
+    bits = np.concatenate(
+        [
+            gen.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32),
+            np.arange(
+                0x7F7F0000, 0x7F800010, dtype=np.uint32
+            ),  # the largest finite values, up to inf and NaN
+            np.arange(0x3F800000 - 0x20000, 0x3F800000 + 0x20000, dtype=np.uint32),  # ties around 1.0
+            np.arange(0, 0x30000, dtype=np.uint32),  # subnormals and zero
+            np.array([0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0x7FA00000], np.uint32),  # NaN payloads
+        ]
+    )
+    bits = np.concatenate([bits, bits | np.uint32(0x80000000)])
+    values = bits.view(np.float32)
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    got = np.empty_like(expected)
+    cpu_kernels.to_bf16(values, got, nan)
+    assert np.isnan(values).sum() > 1000 and np.array_equal(got, expected)
+
+
+def _centered(blob: bytes, means: list[float]) -> bytes:
+    """``blob`` with K's fp16 means (FLAG_CENTER_K) set to ``means`` repeated: values no encoder writes."""
+    from transfer.codec.format import FLAG_CENTER_K
+
+    header = parse_header(memoryview(blob)[:-TRAILER_BYTES])
+    payload = _raw_payload(blob)
+    n = payload[HEADER_BYTES]
+    at = HEADER_BYTES + 2 + 4 * n + (header.tokens + 7) // 8 * 4  # K's means sit after the tier table and map
+    count = header.heads * header.head_dim
+    block = torch.tensor((means * count)[:count], dtype=torch.float16).view(torch.uint8).numpy().tobytes()
+    out = payload[:at] + bytearray(block) + payload[at:]
+    struct.pack_into("<B", out, 7, out[7] | FLAG_CENTER_K)
+    struct.pack_into("<I", out, HEADER_BYTES - 8, len(out) - HEADER_BYTES)
+    struct.pack_into("<I", out, HEADER_BYTES - 4, len(out) - HEADER_BYTES)
+    return seal(bytes(out))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("profile", ["balanced", "dense", "int8"])
+def test_decode_into_bf16_in_place_rounds_every_value_as_torch(
+    profile: str, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 destinations: the kernel's bits are float32 decode + torch's cast, for NaN, inf, -0 and huge values.
+
+    Quantized frames decode to float32 and torch casts that to bf16 (the old
+    path); the kernel rounds the same float32 itself. The frames include a chunk
+    of huge bf16 values (~1e30 out, and NaN from overflowing fp16 channel maxima
+    on balanced/dense) and frames whose K means are NaN (both signs, payloads),
+    +-inf, -0 and fp16's extremes, on uneven chunks. The quantized path writes
+    no -0 itself (exact zeros come out +0), so -0's rounding is covered by
+    test_bf16_conversion_matches_torch.
+    """
+    monkeypatch.setenv("KVSTORE_CODEC_THREADS", "2")
+    tokens = (64, 17, 64, 64, 1, 40)
+    starts = [sum(tokens[:i]) for i in range(len(tokens) + 1)]
+    layers = [_kv((3, t, 64), torch.bfloat16, 90 + i) for i, t in enumerate(tokens)]
+    layers[2] = (layers[2][0] * 1e30, layers[2][1] * 1e30)  # bf16 holds them; fp16 channel maxima overflow
+    blobs = [
+        encode_layer(k, v, profile, token_offset=starts[i], context_end=starts[-1])
+        for i, (k, v) in enumerate(layers)
+    ]
+    specials = [float("nan"), float("inf"), -float("inf"), -0.0, 65504.0, -65504.0, 6e-8, 1.0]
+    blobs[3] = _centered(blobs[3], specials)
+    blobs[4] = _centered(blobs[4], [float("inf")])
+    payloads = bytearray(_raw_payload(blobs[3]))  # NaNs of both signs with payloads, not only torch's own
+    means_at = HEADER_BYTES + 2 + 4 * payloads[HEADER_BYTES] + (tokens[3] + 7) // 8 * 4
+    for i, word in enumerate((0x7E01, 0xFE01, 0x7D55, 0xFC01)):
+        struct.pack_into("<H", payloads, means_at + 2 * 8 * i, word)
+    blobs[3] = seal(bytes(payloads))
+    wide = [decode_layer(b, dtype=torch.float32) for b in blobs]
+    every = torch.cat([torch.cat([k.flatten(), v.flatten()]) for k, v in wide])
+    assert torch.isnan(every).any() and torch.isinf(every).any()  # the cases below are really reached
+    assert (every[torch.isfinite(every)].abs() > 1e29).any()
+    want_k = torch.cat([k.to(torch.bfloat16) for k, _ in wide], dim=1)  # the old path: float32, torch's cast
+    want_v = torch.cat([v.to(torch.bfloat16) for _, v in wide], dim=1)
+    per_frame = [decode_layer(b, dtype=torch.bfloat16) for b in blobs]
+    assert torch.equal(_bits(torch.cat([k for k, _ in per_frame], 1)), _bits(want_k))
+    calls: list[int] = []
+    real = parallel.cpu_decode.decode_into_layer
+    monkeypatch.setattr(
+        parallel.cpu_decode, "decode_into_layer", lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw)
+    )
+    k_out = torch.full((3, starts[-1] + 3, 64), 7.0, dtype=torch.bfloat16)
+    v_out = torch.full_like(k_out, 7.0)
+    decode_into(blobs, (k_out, v_out), token_offset=2, threads=threads)
+    assert sorted(calls) == ([len(blobs)] if threads == 1 else [3, 3])
+    assert torch.equal(_bits(k_out[:, 2 : 2 + starts[-1]]), _bits(want_k))
+    assert torch.equal(_bits(v_out[:, 2 : 2 + starts[-1]]), _bits(want_v))
+    assert torch.all(k_out[:, :2] == 7) and torch.all(v_out[:, 2 + starts[-1] :] == 7)
+    k, v = decode_into(blobs, dtype=torch.bfloat16, threads=threads)  # allocated: the same path
+    assert torch.equal(_bits(k), _bits(want_k)) and torch.equal(_bits(v), _bits(want_v))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_decode_into_refuses_a_bad_quantized_frame_without_writing_it(
     threads: int, out_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,8 @@ is refused with the same error type before any read past its end.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -103,8 +105,56 @@ def decode_batch(
     return tk, tv
 
 
-#: Output dtypes the kernels write themselves, so a frame can land straight in a caller's tensor.
-INTO_DTYPES = (torch.float16, torch.float32)
+def writes_into(dtype: torch.dtype) -> bool:
+    """Whether :func:`decode_into_layer` writes ``dtype`` itself, so frames land straight in a caller's tensor.
+
+    float32 and fp16 always; bfloat16 when the kernels' rounding is torch's on
+    this machine (:func:`bf16_nan`), since a bf16 output must hold exactly what
+    decoding to float32 and torch's ``.to(torch.bfloat16)`` gives.
+    """
+    if dtype in (torch.float16, torch.float32):
+        return True
+    return dtype == torch.bfloat16 and bf16_nan() is not None
+
+
+# float32 bit patterns torch's float32 -> bfloat16 cast is checked on: NaNs of both signs (quiet, signalling,
+# payloads), zeros, infinities, the largest finite values (which round up to inf), ties to even and odd
+# both ways, and subnormals; repeated so they sit both in vector lanes and in a tail.
+_BF16_PROBE = np.array(
+    [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFA5A5A5, 0x7FC0ABCD]
+    + [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F7FFF, 0x7F7F8000]
+    + [0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000, 0x3F808001, 0x3F807FFF, 0x3F800000, 0x47800000]
+    + [0x00000001, 0x00008000, 0x00018000, 0x007FFFFF, 0x807FFFFF, 0x80008001, 0x00800000, 0x3DCCCCCD],
+    np.uint32,
+)
+
+
+@functools.cache
+def bf16_nan() -> int | None:
+    """The bfloat16 bits torch writes for a float32 NaN, or None where the kernels cannot match torch.
+
+    torch's rounding of non-NaN values is round-to-nearest-even on the float32
+    bits everywhere, but its NaN differs by build and CPU (0xFFFF from the
+    AVX2/AVX-512 loops, 0x7FC0 from the scalar one), so it is read off torch
+    here, once, and the kernels' conversion (cpu_kernels.to_bf16) is checked
+    against torch's on the probe values: on any difference bf16 outputs keep
+    the decode-then-cast path.
+    """
+    values = np.tile(_BF16_PROBE, 7).view(np.float32)  # 224 values: whole vectors and a ragged tail
+    expected = torch.from_numpy(values.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    for n in (1, 3, 17):  # short arrays take torch's tail code alone
+        head = (
+            torch.from_numpy(values[:n].copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        )
+        if not np.array_equal(head, expected[:n]):
+            return None
+    nans = np.unique(expected[np.isnan(values)])
+    if nans.size != 1:
+        return None
+    nan = int(nans[0])
+    got = np.empty_like(expected)
+    cpu_kernels.to_bf16(values, got, nan)
+    return nan if np.array_equal(got, expected) else None
 
 
 def decode_into_layer(
@@ -115,8 +165,8 @@ def decode_into_layer(
 ) -> None:
     """Quantized frames (already opened) straight into their token slices of a layer's tensors, in one call.
 
-    ``k_out``/``v_out``: contiguous CPU ``[heads, T, head_dim]`` in one of
-    :data:`INTO_DTYPES`; frame ``i``'s tokens land at ``starts[i]``. The frames
+    ``k_out``/``v_out``: contiguous CPU ``[heads, T, head_dim]`` of a dtype
+    :func:`writes_into` accepts; frame ``i``'s tokens land at ``starts[i]``. The frames
     share heads, head_dim and rotation seed (not tokens: a layer's last chunk
     is often short), and the caller has checked that each fits. Why: decoding
     a part into its own tensor and copying it into place cost ~11% of a
@@ -130,7 +180,10 @@ def decode_into_layer(
     tokens = np.fromiter((hd.tokens for hd, _ in opened), np.int64, n)
     at = np.asarray(starts[:n], np.int64)
     bodies, offsets, flags = _bodies(opened)
-    half = k_out.dtype == torch.float16
+    if not writes_into(k_out.dtype):
+        raise ValueError(f"the kernels do not write {k_out.dtype} outputs here (see writes_into)")
+    half = k_out.dtype != torch.float32  # fp16 or bf16 bits, rounded from float32 scratch
+    nan = bf16_nan() if k_out.dtype == torch.bfloat16 else cpu_kernels.FP16
     if half:  # float32 is per-frame scratch: this thread's, reused (fresh pages cost more than the decode)
         rows = int(tokens.max())
         k = cpu_kernels.scratch((h, rows, d), "decode-k")
@@ -144,7 +197,7 @@ def decode_into_layer(
     signs, scale = fwht_params(d, header.seed)
     err = np.zeros(2, np.int64)
     bad = cpu_kernels.decode_frames_into(
-        bodies, offsets, tokens, at, h, d, flags, signs, scale, _TABLE, k, v, half, hk, hv, err
+        bodies, offsets, tokens, at, h, d, flags, signs, scale, _TABLE, k, v, half, hk, hv, nan, err
     )
     if bad >= 0:
         raise CorruptFrame(_message(int(err[0]), int(err[1]), bodies[offsets[bad] : offsets[bad + 1]]))

@@ -82,6 +82,15 @@ if numba is not None:
 
         return _types.float32(_types.uint16), codegen
 
+    @_intrinsic
+    def _float_bits(typingctx, x):  # pragma: no cover - compiled
+        """A float32's bit pattern as uint32 (a bitcast: no memory round trip, so loops over it vectorize)."""
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _ir.IntType(32))
+
+        return _types.uint32(_types.float32), codegen
+
 
 _local = threading.local()
 
@@ -99,6 +108,10 @@ def scratch(shape: tuple[int, ...], key: str) -> np.ndarray:
     if buf is None or buf.size < size:
         buf = cache[key] = np.empty(max(size, 1), np.float32)
     return buf[:size].reshape(shape)
+
+
+#: ``bf16_nan`` value that makes the kernels' 16-bit outputs fp16 bits (any other value: bfloat16 bits).
+FP16 = -1
 
 
 def _jit(fn):
@@ -178,11 +191,12 @@ def hadamard_rows(x, signs, scale, pre_signs, out):  # pragma: no cover - compil
 
 
 @_jit
-def unrotate_rows_to_half(x, signs, scale, out_half):  # pragma: no cover - compiled
-    """:func:`hadamard_rows` (inverse, signs after) straight to fp16 bits: ``half(float32(y))``.
+def unrotate_rows_to_half(x, signs, scale, out_half, bf16_nan):  # pragma: no cover - compiled
+    """:func:`hadamard_rows` (inverse, signs after) straight to 16-bit bits: ``half(float32(y))``.
 
     The decoder's last two passes in one, for a tensor with nothing to add after
-    the rotation: the same float32 value is rounded to fp16 as ``to_half`` would.
+    the rotation: the same float32 value is rounded to fp16 as ``to_half`` would
+    (``bf16_nan`` is :data:`FP16`), or to bfloat16 as ``to_bf16`` would.
     """
     rows, d = x.shape
     block = 32
@@ -197,9 +211,14 @@ def unrotate_rows_to_half(x, signs, scale, out_half):  # pragma: no cover - comp
                 buf[j, i] = np.float64(x[r0 + i, j])
         _fwht_block(buf, d, nb)
         for i in range(nb):
-            for j in range(d):
-                y = buf[j, i] * post[j]
-                out_half[r0 + i, j] = _half_bits(np.float32(y) if y != 0.0 else np.float32(0.0))
+            if bf16_nan == FP16:
+                for j in range(d):
+                    y = buf[j, i] * post[j]
+                    out_half[r0 + i, j] = _half_bits(np.float32(y) if y != 0.0 else np.float32(0.0))
+            else:
+                for j in range(d):
+                    y = buf[j, i] * post[j]
+                    out_half[r0 + i, j] = _bf16_bits(np.float32(y) if y != 0.0 else np.float32(0.0), bf16_nan)
 
 
 # ---------------------------------------------------------------- bit packing
@@ -606,13 +625,14 @@ def _walk_tensors(
 
     Decoding: each tensor's tiers into float32 ``out[:, at : at + t]``, then per
     head the inverse rotation and the fp16 means, and, when ``half_*`` are not
-    empty, fp16 bits into ``half[:, half_at : half_at + t]`` (a rotated tensor
-    with no means goes straight to fp16: the same float32 value rounded as
-    ``to_half`` would). Returns the end position, or -1 with ``err`` set.
+    empty, 16-bit values into ``half[:, half_at : half_at + t]``: fp16 bits when
+    ``bf16_nan`` is :data:`FP16`, else bfloat16 bits (a rotated tensor with no
+    means goes straight to them: the same float32 value rounded as ``to_half`` /
+    ``to_bf16`` would). Returns the end position, or -1 with ``err`` set.
     """
     table, group, counts, order, starts = plan  # from _decode_body's parse of the tier table and map
     out_k, out_v, at = outs
-    half_k, half_v, half_at = halves
+    half_k, half_v, half_at, bf16_nan = halves
     n_tiers = table.shape[0]
     t = order.size
     size = body.size
@@ -654,8 +674,8 @@ def _walk_tensors(
         for a in range(h):
             rows = out[a, at : at + t]
             if rotated:
-                if mean_pos < 0 and half.size:  # nothing to add after: rotate straight into the fp16 output
-                    unrotate_rows_to_half(rows, signs, scale, half[a, half_at : half_at + t])
+                if mean_pos < 0 and half.size:  # nothing to add after: rotate straight into the 16-bit output
+                    unrotate_rows_to_half(rows, signs, scale, half[a, half_at : half_at + t], bf16_nan)
                     continue
                 hadamard_rows(rows, signs, scale, False, rows)  # in place: each block is read before written
             if mean_pos >= 0:
@@ -663,20 +683,23 @@ def _walk_tensors(
                     m = _half_at(body, mean_pos + 2 * (a * d + j))
                     for i in range(t):
                         rows[i, j] += m
-            if half.size:
+            if half.size and bf16_nan == FP16:
                 to_half(rows.reshape(t * d), half[a, half_at : half_at + t].reshape(t * d))
+            elif half.size:
+                to_bf16(rows.reshape(t * d), half[a, half_at : half_at + t].reshape(t * d), bf16_nan)
     return pos
 
 
 @_jit
 def _decode_body(
-    body, h, t, d, flags, signs, scale, scales, out_k, out_v, at, half_k, half_v, half_at, err
+    body, h, t, d, flags, signs, scale, scales, out_k, out_v, at, half_k, half_v, half_at, bf16_nan, err
 ):  # pragma: no cover - compiled
     """A whole quantized frame body into its ``t`` token rows of the outputs, checked whole before any write.
 
     Float32 rows go to ``out_k``/``out_v`` ``[h, *, d]`` at token ``at``; when
-    ``half_k``/``half_v`` are not empty the result is fp16 bits there at token
-    ``half_at`` and ``out_*`` are scratch. The outputs may be a whole layer
+    ``half_k``/``half_v`` are not empty the result is 16-bit there at token
+    ``half_at`` (fp16 bits, or bfloat16 bits unless ``bf16_nan`` is
+    :data:`FP16`) and ``out_*`` are scratch. The outputs may be a whole layer
     (a frame's rows at its offset, no copy afterwards) or one frame's tensors.
 
     Parses the tier table and precision map, decodes every tier of K and V,
@@ -732,7 +755,8 @@ def _decode_body(
     for i in range(t):
         order[fill[tiers[i]]] = i
         fill[tiers[i]] += 1
-    plan, outs, halves = (table, group, counts, order, starts), (out_k, out_v, at), (half_k, half_v, half_at)
+    plan, outs = (table, group, counts, order, starts), (out_k, out_v, at)
+    halves = (half_k, half_v, half_at, bf16_nan)
     for write in (False, True):  # check the whole body, then write
         end = _walk_tensors(body, pos, h, d, flags, signs, scale, scales, plan, outs, halves, write, err)
         if end < 0:
@@ -753,7 +777,9 @@ def decode_frame(
     bits (the frame's usual output dtype), in the same call, and ``out_k``/``out_v``
     are scratch. Returns OK or a status (ERR_*, see :func:`_decode_body`).
     """
-    return _decode_body(body, h, t, d, flags, signs, scale, scales, out_k, out_v, 0, half_k, half_v, 0, err)
+    return _decode_body(
+        body, h, t, d, flags, signs, scale, scales, out_k, out_v, 0, half_k, half_v, 0, FP16, err
+    )
 
 
 @_jit
@@ -803,13 +829,15 @@ def decode_frames_into(
     want_half,
     half_k,
     half_v,
+    bf16_nan,
     err,
 ):  # pragma: no cover - compiled
     """Frames of one layer straight into its tensors: frame ``i``'s tokens at ``at[i] .. at[i] + tokens[i]``.
 
     The outputs are the whole layer ``[h, T, d]``: float32 ``out_k``/``out_v``,
-    or with ``want_half`` fp16 bits ``half_k``/``half_v`` (``out_*`` are then
-    float32 scratch of at least ``max(tokens)`` rows per head). Frames may differ
+    or with ``want_half`` 16-bit ``half_k``/``half_v`` (fp16 bits when
+    ``bf16_nan`` is :data:`FP16`, else bfloat16 bits, see :func:`to_bf16`;
+    ``out_*`` are then float32 scratch of at least ``max(tokens)`` rows per head). Frames may differ
     in tokens (a layer's last chunk is often short), not in heads or head_dim.
     Each frame is checked whole before it writes (see :func:`_decode_body`);
     stops at the first malformed body and returns its index, with frames before
@@ -818,28 +846,14 @@ def decode_frames_into(
     none = np.empty((0, 0, 0), np.uint16)
     for i in range(offsets.size - 1):
         body = bodies[offsets[i] : offsets[i + 1]]
-        if want_half:
-            status = _decode_body(
-                body,
-                h,
-                tokens[i],
-                d,
-                flags[i],
-                signs,
-                scale,
-                scales,
-                out_k,
-                out_v,
-                0,
-                half_k,
-                half_v,
-                at[i],
-                err,
-            )
+        t = tokens[i]
+        if want_half:  # float32 scratch from its row 0, the 16-bit words at the frame's rows
+            row, hk, hv, hrow = 0, half_k, half_v, at[i]
         else:
-            status = _decode_body(
-                body, h, tokens[i], d, flags[i], signs, scale, scales, out_k, out_v, at[i], none, none, 0, err
-            )
+            row, hk, hv, hrow = at[i], none, none, 0
+        status = _decode_body(
+            body, h, t, d, flags[i], signs, scale, scales, out_k, out_v, row, hk, hv, hrow, bf16_nan, err
+        )
         if status != OK:
             return i
     return -1
@@ -850,6 +864,26 @@ def to_half(src, dst):  # pragma: no cover - compiled
     """float32 -> fp16 bits, elementwise (vectorized ``vcvtps2ph``)."""
     for i in range(src.size):
         dst[i] = _half_bits(src[i])
+
+
+@_jit
+def _bf16_bits(x, nan):  # pragma: no cover - compiled (inlined)
+    """float32 -> bfloat16 bits as torch rounds: to nearest even on the float32 bits; a NaN becomes ``nan``.
+
+    Adding ``0x7FFF`` plus the kept part's lowest bit and dropping the low 16
+    bits rounds every non-NaN value (subnormals, a carry up to inf included);
+    the NaN pattern is torch's, found at run time (cpu_decode.bf16_nan).
+    """
+    b = _float_bits(x)
+    rounded = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return np.uint16(nan) if x != x else rounded
+
+
+@_jit
+def to_bf16(src, dst, nan):  # pragma: no cover - compiled
+    """float32 -> bfloat16 bits, elementwise (:func:`_bf16_bits`; integer ops, vectorized)."""
+    for i in range(src.size):
+        dst[i] = _bf16_bits(src[i], nan)
 
 
 @_jit

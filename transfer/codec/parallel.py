@@ -329,9 +329,9 @@ def _fill(
         tasks: Sequence[tuple[int, int]] | range = range(len(blobs))
         run: Callable[[Any], None] = fill
     else:
-        direct = (  # quantized parts straight into their slices (the kernels write fp16 and float32)
+        direct = (  # quantized parts straight into their slices (the kernels write fp16, bf16 and float32)
             cpu_kernels.enabled()
-            and k_out.dtype in cpu_decode.INTO_DTYPES
+            and cpu_decode.writes_into(k_out.dtype)
             and k_out.is_contiguous()
             and v_out.is_contiguous()
         )
