@@ -451,7 +451,7 @@ EXTERNAL_COMMANDS: dict[str, ExternalCommand] = {
     "demo": ExternalCommand(
         "workers.demo",
         "main",
-        "the kvstore repository checkout and the ML extras (pip install 'kvstore[ml]')",
+        "the kvstore repository checkout and the ML extras (pip install 'kvstore-llm[ml]')",
     ),
 }
 

@@ -14,8 +14,23 @@ SHAPE = EngineShape("LlamaForCausalLM", 30, 3, 64, "bfloat16", 128, "/models/smo
 
 def test_defaults_and_overrides():
     s = ConnectorSettings.from_extra({"target": "10.0.0.1:7000", "profile": "balanced", "tenant": "team-a"})
-    assert (s.target, s.profile, s.tenant, s.chunk_blocks) == ("10.0.0.1:7000", "balanced", "team-a", 2)
+    assert (s.target, s.profile, s.tenant, s.load_mode) == (
+        "10.0.0.1:7000",
+        "balanced",
+        "team-a",
+        "layerwise",
+    )
+    # ~256-token chunks by default whatever the block size: 2 CPU blocks of 128, 16 GPU blocks of 16
+    assert (s.chunk_blocks_for(128), s.chunk_blocks_for(16), s.chunk_blocks_for(512)) == (2, 16, 1)
+    assert ConnectorSettings.from_extra({"chunk_blocks": 4}).chunk_blocks_for(16) == 4
     assert ConnectorSettings.from_extra(None).profile == "lossless"
+
+
+def test_profile_names_are_the_codecs():
+    from transfer.codec import PROFILES
+    from transfer.vllm.settings import PROFILE_NAMES
+
+    assert sorted(PROFILES) == list(PROFILE_NAMES)
 
 
 @pytest.mark.parametrize(
@@ -26,7 +41,16 @@ def test_defaults_and_overrides():
         ({"chunk_blocks": 0}, "chunk_blocks"),
         ({"load_timeout_s": 0}, "load_timeout_s"),
         ({"target": "nohost"}, "host:port"),
-        ({"tenant": "a/b"}, "invalid namespace"),
+        ({"tenant": "a/b"}, r"kv_connector_extra_config\.tenant='a/b'"),
+        ({"target": "http://kvstore:50051"}, r"target=.*no URL scheme"),
+        ({"target": "grpc://kvstore:50051"}, r"target=.*no URL scheme"),
+        ({"load_mode": "background"}, r"load_mode=.*layerwise"),
+        ({"require_store": "yes"}, r"require_store=.*true or false"),
+        ({"token": 5}, r"token=5"),
+        ({"weights_fingerprint": ""}, r"weights_fingerprint=''"),
+        ({"model_tag": "a b"}, r"model_tag='a b'"),
+        ({"replication": True}, r"replication=True"),
+        ({"save_timeout_s": "10"}, r"save_timeout_s='10'"),
     ],
 )
 def test_bad_settings_name_what_to_fix(extra, message):
@@ -47,6 +71,9 @@ def test_incompatible_engines_never_share_a_namespace():
         rank_namespace(replace(s, profile="int8"), SHAPE),
         rank_namespace(replace(s, tenant="other"), SHAPE),
         rank_namespace(replace(s, chunk_blocks=4), SHAPE),
+        rank_namespace(s, replace(SHAPE, weights="other-weights")),
+        rank_namespace(replace(s, model_tag="tag"), replace(SHAPE, weights="other-weights")),
+        rank_namespace(s, replace(SHAPE, mla=True, num_kv_heads=1)),
     ]
     names = [str(v) for v in variants]
     assert base not in names and len(set(names)) == len(names)

@@ -18,6 +18,7 @@ from kvstore import integrity
 from kvstore.keys import chunk_keys
 from tests.fixtures.store import start_server_process
 from transfer.client import KVClient
+from transfer.vllm.fingerprint import weights_fingerprint
 from transfer.vllm.harness import EngineProcess, connector_config
 from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace
 from workers.vllm_checkpoint import vllm_checkpoint
@@ -86,7 +87,9 @@ def reference(writer, prompts) -> dict[str, list[int]]:
         before = writer.stats()
         (comp,) = writer.generate([prompts[name]], max_tokens=16)
         after = writer.stats()
-        assert after["hit_tokens"] == before["hit_tokens"], f"{name}: the writer must compute, not load"
+        assert after["offered_tokens"] == before["offered_tokens"], (
+            f"{name}: the writer must compute, not load"
+        )
         assert after["saved_tokens"] - before["saved_tokens"] == PREFIX, f"{name}: both chunks saved"
         out[name] = comp.token_ids
     return out
@@ -94,7 +97,16 @@ def reference(writer, prompts) -> dict[str, list[int]]:
 
 def _namespaces(model_dir: str, profile: str) -> tuple[str, str]:
     settings = ConnectorSettings.from_extra({"target": "127.0.0.1:1", "profile": profile})
-    shape = EngineShape("LlamaForCausalLM", NUM_LAYERS, KV_HEADS, HEAD_DIM, "bfloat16", BLOCK, model_dir)
+    shape = EngineShape(
+        "LlamaForCausalLM",
+        NUM_LAYERS,
+        KV_HEADS,
+        HEAD_DIM,
+        "bfloat16",
+        BLOCK,
+        model_dir,
+        weights=weights_fingerprint(model_dir),
+    )
     return str(key_namespace(settings, shape)), str(rank_namespace(settings, shape))
 
 
@@ -102,7 +114,9 @@ def test_second_engine_loads_first_engines_prefix_layer_by_layer(reader, referen
     before = reader.stats()
     (comp,) = reader.generate([prompts["shared1"]], max_tokens=16)
     after = reader.stats()
-    assert after["hit_tokens"] - before["hit_tokens"] == PREFIX  # the writer's prefix, as external hits
+    assert (
+        after["offered_tokens"] - before["offered_tokens"] == PREFIX
+    )  # the writer's prefix, as external hits
     assert comp.num_cached_tokens == PREFIX  # what vLLM itself reports for the request
     assert after["loaded_tokens"] - before["loaded_tokens"] == PREFIX
     assert after["load_errors"] == before["load_errors"]
@@ -146,14 +160,17 @@ def test_corrupt_stored_block_is_recomputed_and_counted(reader, reference, promp
     before = reader.stats()
     (comp,) = reader.generate([prompts["corrupt"]], max_tokens=16)
     after = reader.stats()
-    assert after["hit_tokens"] - before["hit_tokens"] == PREFIX  # the lookup saw both chunks
+    assert after["offered_tokens"] - before["offered_tokens"] == PREFIX  # the lookup saw both chunks
     assert after["load_errors"] - before["load_errors"] == 1  # the failure is counted
+    assert after["untrue_hits"] - before["untrue_hits"] == 1  # and the promised hit taken back
+    assert after["loaded_tokens"] == before["loaded_tokens"]
+    assert comp.num_cached_tokens == 0  # vLLM's own figure: the prompt was computed, not cached
     assert comp.token_ids == reference["corrupt"]  # and the request completed correctly by recompute
     assert after["corrupt_deleted"] - before["corrupt_deleted"] == 1
     # the corrupt chunk was dropped: the next request loads chunk 0 only and saves chunk 1 again
     (comp2,) = reader.generate([prompts["corrupt"]], max_tokens=16)
     final = reader.stats()
-    assert final["hit_tokens"] - after["hit_tokens"] == CHUNK
+    assert final["offered_tokens"] - after["offered_tokens"] == CHUNK
     assert final["load_errors"] == after["load_errors"]
     assert final["saved_tokens"] - after["saved_tokens"] == CHUNK
     assert comp2.token_ids == reference["corrupt"]
@@ -169,8 +186,8 @@ def test_balanced_profile_first_token_and_size(model_dir, store, prompts, tmp_pa
         saved = eng.stats()
         loaded = eng.generate([prompts[n] for n in names], max_tokens=1)  # same prompts: from the store
         after = eng.stats()
-    assert saved["hit_tokens"] == 0
-    assert after["hit_tokens"] == len(names) * PREFIX
+    assert saved["offered_tokens"] == 0
+    assert after["offered_tokens"] == len(names) * PREFIX
     assert after["load_errors"] == 0
     for a, b in zip(computed, loaded, strict=True):
         assert b.num_cached_tokens == PREFIX
@@ -190,7 +207,7 @@ def test_store_down_requests_complete_by_recompute(reader, reference, prompts, s
     assert comp.token_ids == reference["shared1"]
     assert comp.num_cached_tokens == 0
     assert after["lookup_errors"] - before["lookup_errors"] == 1
-    assert after["hit_tokens"] == before["hit_tokens"]
+    assert after["offered_tokens"] == before["offered_tokens"]
     assert after["save_errors"] - before["save_errors"] == 1  # the save was tried, failed, and was counted
     # the engine keeps serving
     (again,) = reader.generate([prompts["shared2"]], max_tokens=4)

@@ -19,6 +19,7 @@ from kvstore.keys import chunk_keys
 from transfer.client import KVClient
 from transfer.codec import encode_layer
 from transfer.vllm.connector import TOTALS, KVStoreConnector, KVStoreConnectorMetadata
+from transfer.vllm.fingerprint import weights_fingerprint
 from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace
 from workers.vllm_checkpoint import vllm_checkpoint
 
@@ -57,8 +58,9 @@ def make_scheduler(target: str, *, max_batched: int = 2048, profile: str = "loss
 def namespaces(scheduler: Scheduler) -> tuple[str, str]:
     """The documented namespaces, derived independently of the connector instance."""
     settings = ConnectorSettings.from_extra({"target": "x:1"})
+    model = scheduler.vllm_config.model_config.model
     shape = EngineShape(
-        "LlamaForCausalLM", LAYERS, HEADS, DIM, "bfloat16", BLOCK, scheduler.vllm_config.model_config.model
+        "LlamaForCausalLM", LAYERS, HEADS, DIM, "bfloat16", BLOCK, model, weights=weights_fingerprint(model)
     )
     return str(key_namespace(settings, shape)), str(rank_namespace(settings, shape))
 

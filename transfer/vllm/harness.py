@@ -95,6 +95,8 @@ def _child(conn: Any) -> None:
                     comp = res.outputs[0]
                     out.append((list(comp.token_ids), comp.text, res.num_cached_tokens, dt))
                 conn.send(("ok", out))
+            elif cmd == "interleave":
+                conn.send(("ok", _interleave(llm, SamplingParams, *args)))
             elif cmd == "stats":
                 mod = sys.modules.get("transfer.vllm.connector")
                 conn.send(("ok", mod.TOTALS.snapshot() if mod is not None else None))
@@ -110,6 +112,47 @@ def _child(conn: Any) -> None:
                 conn.send(("error", f"unknown command {cmd!r}"))
         except BaseException:
             conn.send(("error", traceback.format_exc()))
+
+
+def _interleave(
+    llm: Any, sampling: Any, running: list[int], running_tokens: int, arriving: list[int], after_steps: int
+) -> dict[str, Any]:
+    """Step the engine by hand: ``running`` decodes; after ``after_steps`` of its steps, ``arriving``
+    (a prompt whose prefix is in the store) is added. Every step's wall time is recorded with the
+    phase it ran in: ``before`` the arrival, ``loading`` (arrived, no token yet) or ``after``."""
+    engine = llm.llm_engine
+    params = sampling(temperature=0.0, max_tokens=running_tokens, ignore_eos=True)
+    engine.add_request("running", {"prompt_token_ids": list(running)}, params)
+    steps: list[tuple[str, float]] = []
+    phase, done, outputs = "before", set(), {}
+    count = 0
+    while not (phase != "before" and {"running", "arriving"} <= done):
+        if phase == "before" and count == after_steps:
+            engine.add_request(
+                "arriving",
+                {"prompt_token_ids": list(arriving)},
+                sampling(temperature=0.0, max_tokens=4, ignore_eos=True),
+            )
+            phase = "loading"
+        t = time.perf_counter()
+        outs = engine.step()
+        steps.append((phase, time.perf_counter() - t))
+        count += 1
+        for out in outs:
+            outputs[out.request_id] = out
+            if out.request_id == "arriving" and out.outputs and out.outputs[0].token_ids:
+                phase = "after"
+            if out.finished:
+                done.add(out.request_id)
+        if count > 10_000:
+            raise RuntimeError("interleave did not finish")
+    arriving_out = outputs["arriving"]
+    return {
+        "steps": steps,
+        "running_tokens": list(outputs["running"].outputs[0].token_ids),
+        "arriving_tokens": list(arriving_out.outputs[0].token_ids),
+        "arriving_cached": arriving_out.num_cached_tokens,
+    }
 
 
 class EngineProcess:
@@ -198,6 +241,12 @@ class EngineProcess:
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int = 8) -> list[Completion]:
         """Greedy completions of token-id prompts, one request at a time."""
         return [Completion(*c) for c in self._call("generate", ([list(p) for p in prompts], max_tokens))]
+
+    def interleave(
+        self, running: Sequence[int], running_tokens: int, arriving: Sequence[int], after_steps: int = 3
+    ) -> dict[str, Any]:
+        """Per-step wall times while ``arriving`` (with a stored prefix) joins a decoding request."""
+        return self._call("interleave", (list(running), running_tokens, list(arriving), after_steps))
 
     def stats(self) -> dict[str, Any] | None:
         """The connector's process-wide totals (None when the engine has no connector)."""
