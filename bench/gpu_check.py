@@ -17,9 +17,11 @@ On a CUDA device (one GPU; under 5 minutes, ``--quick`` about one) it checks and
 4. ``host_device``: GB/s per layer for a 256-token chunk and a 2,048-token load of [8, _, 128] K+V
    in bf16, host->device and device->host, pageable and pinned host memory, copied on a side stream
    with ``non_blocking=True``; the baseline is a device-to-device copy of the same bytes.
-5. ``connector``: ``transfer.vllm.gpu_roundtrip.run("cuda")`` (FlashAttention-layout CUDA tensors
-   saved and loaded through the vLLM connector's paged-KV code); reported as skipped, with the
-   reason, while that module or vllm is missing: the one section that may be skipped.
+5. ``connector``: ``bench/vllm_device_roundtrip.py``'s ``run`` (FlashAttention-layout paged caches,
+   ``LBNHC`` and ``LBHNC``, saved and loaded through the vLLM connector's worker side and a real
+   in-process store: device -> pinned host on a side stream for saves, host -> device with a
+   per-layer event for loads; lossless bit-exact). On CUDA with CUDA tensors, else on the CPU.
+   Needs no vLLM.
 
 Without CUDA it says so (``"cuda": false``) and runs the CPU half: every profile encoded twice on
 CPU (determinism), the compiled kernels against the torch stages on CPU (the stages CUDA runs:
@@ -368,17 +370,14 @@ def host_device(reps: int) -> dict:
 
 
 def connector(cuda: bool) -> dict:
-    """The vLLM connector's GPU round trip, when its module and vllm are here; else why not."""
-    if not cuda:
-        return {"skipped": "no CUDA device"}
-    if importlib.util.find_spec("transfer.vllm.gpu_roundtrip") is None:
-        return {"skipped": "transfer.vllm.gpu_roundtrip does not exist in this checkout"}
+    """The vLLM connector's device round trip (bench/vllm_device_roundtrip.py) on this device."""
+    path = Path(__file__).resolve().parent / "vllm_device_roundtrip.py"
     try:
-        importlib.import_module("vllm")
-    except Exception as exc:  # noqa: BLE001 - any import failure means the same: not runnable here
-        return {"skipped": f"vllm is not importable: {type(exc).__name__}: {exc}"}
-    try:
-        result = importlib.import_module("transfer.vllm.gpu_roundtrip").run(DEVICE)
+        spec = importlib.util.spec_from_file_location("vllm_device_roundtrip", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        result = module.run(DEVICE if cuda else "cpu")
         json.dumps(result)
     except Exception as exc:  # noqa: BLE001 - a crash is a failed check, reported with the others
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -419,9 +418,7 @@ def _summary(report: dict) -> str:
     if "host_device" in report:
         load = report["host_device"]["load: 2,048 tokens"]
         parts.append(f"2,048-token layer h2d pinned {load['host_to_device_pinned_gbps']} GB/s")
-    parts.append(
-        f"connector {report['connector'].get('skipped') and 'skipped' or report['connector'].get('ok')}"
-    )
+    parts.append(f"connector {'ok' if report['connector'].get('ok') else 'FAILED'}")
     parts.append("PASS" if report["ok"] else "FAIL: " + "; ".join(report["failures"]))
     return "summary: " + "; ".join(parts)
 

@@ -55,8 +55,9 @@ def test_quick_cpu_half_passes(quick_run) -> None:
     assert report["cuda"] is torch.cuda.is_available()  # False on the development machine
     if not report["cuda"]:
         assert report["message"] == "no CUDA device: ran the CPU half only"
-        assert report["connector"] == {"skipped": "no CUDA device"}
+        assert report["connector"]["device"] == "cpu"  # the connector's device path, run on the CPU
         assert "host_device" not in report
+    assert report["connector"]["ok"] is True and len(report["connector"]["cases"]) == 3
     assert report["cpu_kernels"] is True  # else "kernels vs torch stages" would compare torch with itself
     # every input x dtype x profile x position, each layer: 5 layers x 3 x 4 x 3
     frames = sum(i["layers"] for i in report["inputs"].values()) * 3 * len(gpu_check.PROFILES) * 3
@@ -115,6 +116,6 @@ def test_a_differing_encoder_fails_the_check(monkeypatch) -> None:
         ("int8", 30, "body")
     }
     assert {r["dtype"] for r in enc["mismatches"]} == {"float16", "bfloat16", "float32"}
-    report = {"encode_parity": enc, "decode_parity": dec, "connector": {"skipped": "no CUDA device"}}
+    report = {"encode_parity": enc, "decode_parity": dec, "connector": {"ok": True}}
     assert gpu_check._failures(report) == ["encode_parity"]
     assert gpu_check._failures({**report, "connector": {"ok": False}}) == ["encode_parity", "connector"]
