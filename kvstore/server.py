@@ -22,7 +22,7 @@ This module owns four things and nothing else:
 Request semantics (validation, auth, quotas, all-or-nothing Put) live in
 :mod:`kvstore.service`. A Put stream is stored only once its commit message
 (``PutRequest.commit``) has arrived: a stream that ends or is cancelled without
-it stores nothing.
+it stores nothing, and so does one with anything after it.
 """
 
 from __future__ import annotations
@@ -187,16 +187,31 @@ class KVStoreServicer:
         )
 
     async def _read_put(self, request_iterator: AsyncIterator[Any]) -> tuple[list[PutRequestView], int]:
-        """Buffer a Put stream up to its commit message; only cheap size checks run here."""
+        """Buffer a Put stream up to its commit message, then read on to the stream's end.
+
+        Only cheap size checks run here. The commit must be the last message: anything
+        after it (another item, a second commit) refuses the whole stream with
+        INVALID_ARGUMENT, so a client that misorders its stream learns it instead of
+        losing the items that followed (they used to be dropped with OK).
+        """
         received: list[PutRequestView] = []
         total = 0
         limit = self.limits.max_put_stream_bytes
         clock = StreamClock("Put", self.limits)
         touch = clock.touch
+        ack: int | None = None
+        count = 0
         try:
             async with clock.watch():
                 async for request in request_iterator:
                     touch()
+                    count += 1
+                    if ack is not None:
+                        raise InvalidRequest(
+                            f"Put stream message {count - 1} follows the commit (message {count - 2} had "
+                            "commit = true): nothing may follow the commit, it must be the stream's last "
+                            "message; nothing of this stream was stored"
+                        )
                     if type(request) is not PutRequestView:
                         request = _well_formed(request)
                     if request.has_item:
@@ -208,9 +223,11 @@ class KVStoreServicer:
                             )
                         received.append(request)
                     if request.commit:
-                        return received, request.ack
+                        ack = request.ack
         except TimeoutError:
             raise clock.expired("not sending") from None
+        if ack is not None:
+            return received, ack
         raise StreamNotCommitted(
             f"Put stream ended after {len(received)} message(s) without a commit message (a PutRequest with "
             "commit = true must end every Put stream); nothing was stored. Update the client, or if it was "

@@ -103,6 +103,55 @@ def test_a_stream_that_ends_without_commit_is_aborted_and_stores_nothing(server:
         assert _present(stub, key) == 1
 
 
+def _after_commit(key: bytes, case: str) -> list[pb.PutRequest]:
+    """A Put stream of ``key`` that has something after its commit message."""
+    items = _requests(key)
+    if case == "items-after-commit-on-first-item":  # [item(commit), item, item, item]
+        items[0].commit = True
+        return items
+    if case == "bad-checksum-item-after-commit":
+        bad = bytearray(make_blob(300))
+        bad[0] ^= 0xFF
+        extra = pb.PutRequest(namespace=NS, key=key, layer=0, num_layers=LAYERS, blob=bytes(bad))
+        return [*items, pb.PutRequest(commit=True), extra]
+    assert case == "two-commits"
+    return [*items, pb.PutRequest(commit=True), pb.PutRequest(commit=True)]
+
+
+@pytest.mark.parametrize(
+    "case", ["items-after-commit-on-first-item", "bad-checksum-item-after-commit", "two-commits"]
+)
+def test_anything_after_the_commit_refuses_the_whole_stream(server: ServerHandle, case: str) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        kept = os.urandom(32)
+        kept_requests = _requests(kept)
+        assert stub.Put(committed(kept_requests), timeout=10).num_stored == LAYERS
+
+        key = os.urandom(32)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Put(iter(_after_commit(key, case)), timeout=10)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "nothing may follow the commit" in err.value.details()
+        assert "nothing of this stream was stored" in err.value.details()
+        _settled(stub)
+        for layers in (1, LAYERS):  # not even the blobs before the commit
+            assert (
+                stub.Lookup(
+                    pb.LookupRequest(namespace=NS, keys=[key], num_layers=layers), timeout=5
+                ).num_present
+                == 0
+            )
+
+        # Earlier data is intact, byte for byte, and the server keeps serving.
+        got = list(
+            stub.Get(pb.GetRequest(namespace=NS, keys=[kept], layer_start=0, layer_end=LAYERS), timeout=10)
+        )
+        assert [bytes(r.blob) for r in got] == [r.blob for r in kept_requests]
+        assert stub.Put(committed(_requests(key)), timeout=10).num_stored == LAYERS
+        assert _present(stub, key) == 1
+
+
 def test_every_committed_stream_is_stored(server: ServerHandle) -> None:
     keys = [os.urandom(32) for _ in range(25)]
     with KVClient(server.target) as kv:
