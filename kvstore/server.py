@@ -581,6 +581,8 @@ async def _start(
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
         if port == 0:
+            # The TLS files were loaded and matched with the config (config.check_tls_files), so
+            # this is the address: taken, or not one of this host's.
             raise OSError(f"cannot listen on {address} (is another server using the port?)")
         await server.start()
         for name in ("", SERVICE_NAME):

@@ -233,13 +233,30 @@ def test_durable_ack_with_redis_killed_and_no_disk(tmp_path: Path) -> None:
 
 
 def test_server_default_ack_durable_applies_unless_the_client_asks(tmp_path: Path) -> None:
-    handle = serve(store_config(tmp_path, **{"disk.enabled": False, "server.ack": "durable"}))
+    redis = RedisProcess().start()
+    overrides = {
+        "disk.enabled": False,
+        "redis.enabled": True,
+        "redis.url": redis.url,
+        "server.ack": "durable",
+    }
+    handle = serve(store_config(tmp_path, **overrides, **{"redis.socket_timeout_s": 0.5}))
     try:
         with KVClient(handle.target, retry=RetryPolicy(max_attempts=1)) as kv:
-            with pytest.raises(Unavailable, match="no persistent tier"):
+            assert kv.put(NS, [(os.urandom(32), 0, 1, make_blob(100))]).durable
+            redis.kill()
+            with pytest.raises(Unavailable, match="no persistent tier took it"):
                 kv.put(NS, [(os.urandom(32), 0, 1, make_blob(100))])
             assert kv.put(NS, [(os.urandom(32), 0, 1, make_blob(100))], ack="memory").num_stored == 1
         with KVClient(handle.target, ack="memory") as kv:
             assert kv.put(NS, [(os.urandom(32), 0, 1, make_blob(100))]).tiers == ("memory",)
     finally:
         handle.stop(grace=0)
+        redis.close()
+
+
+def test_ack_durable_without_a_persistent_tier_is_a_config_error(tmp_path: Path) -> None:
+    """It used to start and then refuse every Put; now it does not start, naming the field."""
+    with pytest.raises(ValueError, match=r"server\.ack is durable but no persistent tier"):
+        store_config(tmp_path, **{"disk.enabled": False, "server.ack": "durable"})
+    assert store_config(tmp_path, **{"disk.enabled": True, "server.ack": "durable"}).server.ack == "durable"
