@@ -28,6 +28,7 @@ it stores nothing, and so does one with anything after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -45,7 +46,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import kvstore
-from kvstore.allocator import prefault_heap, tune_allocator
+from kvstore.allocator import prefault_heap, release_free_memory, tune_allocator
 from kvstore.auth import Authenticator, server_credentials
 from kvstore.config import ServerConfig, StoreConfig
 from kvstore.errors import BlobTooLarge, InvalidRequest, StreamNotCommitted, status_of
@@ -64,6 +65,10 @@ SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 #: thread hop is amortised over many messages, small enough to bound a stalled Get's memory.
 GET_BATCH_BYTES = 8 * 1024 * 1024
 GET_BATCH_ITEMS = 256
+
+#: Seconds between a stream that ended early and the heap trim it asks for: the other streams of a
+#: burst (100 readers leaving) end meanwhile and share the one trim.
+RELEASE_DELAY_S = 1.0
 
 ACK_NAMES = {kvstore_pb2.ACK_MEMORY: "memory", kvstore_pb2.ACK_DURABLE: "durable"}
 
@@ -93,26 +98,58 @@ async def _fail(
     await context.abort(code, message)
 
 
+class _ClientGone(Exception):
+    """A stream's client is gone: a write failed because the call is over on the wire.
+
+    grpc.aio fails a send (``grpc.aio.InternalError``) only when the call has ended
+    under it: the client cancelled, its deadline passed or its connection closed,
+    typically while the write waited on flow control for a reader that had stopped.
+    grpc may not have marked the call cancelled yet at that moment, so without this
+    the failure looked like a server bug (INTERNAL, an ERROR with a traceback), and
+    alerts on INTERNAL fired on ordinary disconnects (issue 24).
+    """
+
+
+async def _write(context: grpc.aio.ServicerContext, message: Any, sent: int) -> None:
+    """``context.write``, with a failed send (the client left) raised as :class:`_ClientGone`."""
+    try:
+        await context.write(message)
+    except grpc.aio.InternalError as exc:
+        raise _ClientGone(f"the client went away after {sent} message(s): {type(exc).__name__}") from None
+
+
 def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Time a handler and map its exceptions to a status, in one place.
 
-    A client that cancels (or whose deadline passes) cancels the handler's task:
-    counted as CANCELLED, nothing more to send.
+    A client that cancels (or whose deadline passes) cancels the handler's task, or
+    makes its next write fail (:class:`_ClientGone`): counted as CANCELLED and logged
+    at INFO, nothing more to send.
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        streaming = method in ("Put", "Get")
+
         @functools.wraps(fn)
         async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
+            ok = False
             try:
                 tenant = self.service.auth.tenant_of(context.invocation_metadata() or ())
                 response = await fn(self, tenant, request, context)
+                ok = True
             except asyncio.CancelledError:
                 self.metrics.observe(method, grpc.StatusCode.CANCELLED.name, started)
                 raise
+            except _ClientGone as exc:
+                log.info("%s cancelled: %s", method, exc)
+                self.metrics.observe(method, grpc.StatusCode.CANCELLED.name, started)
+                await context.abort(grpc.StatusCode.CANCELLED, f"{method} cancelled by the client")
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 self.service.counters.add(rejected=1)
                 await _fail(context, method, exc, self.metrics, started)
+            finally:
+                if streaming and not ok:
+                    self.release_memory_soon()
             self.metrics.observe(method, "OK", started)
             return response
 
@@ -152,6 +189,7 @@ class KVStoreServicer:
         metrics: ServerMetrics,
         limits: ServerConfig,
         executor: futures.ThreadPoolExecutor,
+        release_memory: bool = True,
     ) -> None:
         self.service = service
         self.metrics = metrics
@@ -159,6 +197,31 @@ class KVStoreServicer:
         self.executor = executor
         self.streams = StreamLimiter(limits)
         self.default_durable = limits.ack == "durable"
+        #: Give freed heap pages back after streams that ended early (see release_memory_soon);
+        #: off with memory.prefault, whose heap is the RAM tier's on purpose.
+        self.release_memory = release_memory
+        self._release_pending = False
+
+    def release_memory_soon(self) -> None:
+        """Trim the heap once, RELEASE_DELAY_S after a Put or Get stream ended other than OK.
+
+        Such a stream (a reader that stalled and left, a cancelled or refused Put) may
+        have held multi-MiB buffers that the tuned allocator keeps for reuse after they
+        are freed: 100 stalled readers left 800 MiB of RSS behind them. Steady traffic
+        does not trim (its buffers are reused); a burst of leaving streams trims once,
+        and at most once per RELEASE_DELAY_S, on a worker thread.
+        """
+        if not self.release_memory or self._release_pending:
+            return
+        self._release_pending = True
+        loop = asyncio.get_running_loop()
+
+        def release() -> None:
+            self._release_pending = False
+            with contextlib.suppress(RuntimeError):  # the server is stopping: the pool is closed
+                loop.run_in_executor(self.executor, release_free_memory)
+
+        loop.call_later(RELEASE_DELAY_S, release)
 
     async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -270,6 +333,7 @@ class KVStoreServicer:
             touch = clock.touch
             async with clock.watch(on_expiry=self._get_stalled):
                 done = False
+                sent = 0
                 while not done:
                     clock.busy = True
                     batch, error, done = await self._work(_take, source, GET_BATCH_BYTES, GET_BATCH_ITEMS)
@@ -283,7 +347,8 @@ class KVStoreServicer:
                         # server cannot cancel one call, so a stalled Get is counted as timed out when
                         # its deadline passes (_get_stalled), sends nothing more, and ends with
                         # DEADLINE_EXCEEDED once its client reads the message in flight (or goes away).
-                        await context.write(item)  # serialised by encode_get_response
+                        await _write(context, item, sent)  # serialised by encode_get_response
+                        sent += 1
                         if clock.fired:
                             raise clock.expired("not reading")
                         touch()
@@ -528,7 +593,9 @@ def serve(config: StoreConfig, store: Any | None = None) -> ServerHandle:
         executor = futures.ThreadPoolExecutor(
             max_workers=config.server.workers, thread_name_prefix="kvstore-io"
         )
-        servicer = KVStoreServicer(service, metrics, config.server, executor)
+        servicer = KVStoreServicer(
+            service, metrics, config.server, executor, release_memory=not config.memory.prefault
+        )
         runner = _LoopThread()
         server, port, health_servicer = runner.call(_start(config, servicer, credentials))
         if config.metrics.port:
