@@ -30,6 +30,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kvstore.testing import bench_args as ba  # noqa: E402
 from kvstore.testing import slow_readers as slow  # noqa: E402
 from kvstore.testing.store import start_server_process  # noqa: E402
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc  # noqa: E402
@@ -37,32 +38,12 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc  # noqa: E402
 MiB = 1 << 20
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--readers", type=_positive_int, default=100, help="slow Get streams (100)")
-    p.add_argument("--keys", type=_positive_int, default=32, help="chunks stored and read by each Get (32)")
-    p.add_argument("--blob-mib", type=_positive_int, default=4, help="size of each blob in MiB (4)")
-    p.add_argument("--settle-s", type=_non_negative_float, default=2.0, help="wait after they leave (2)")
+    p.add_argument("--readers", type=ba.positive_int, default=100, help="slow Get streams (100)")
+    p.add_argument("--keys", type=ba.positive_int, default=32, help="chunks stored and read by each Get (32)")
+    p.add_argument("--blob-mib", type=ba.positive_int, default=4, help="size of each blob in MiB (4)")
+    p.add_argument("--settle-s", type=ba.non_negative_float, default=2.0, help="wait after they leave (2)")
     p.add_argument("--quick", action="store_true", help="20 readers, 16 keys")
     p.add_argument("--serve-arg", action="append", default=[], help="extra 'kvstore serve' flag (repeatable)")
     args = p.parse_args(argv)
