@@ -28,7 +28,6 @@ it stores nothing, and so does one with anything after it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import signal
@@ -46,14 +45,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import kvstore
-from kvstore.allocator import prefault_heap, release_free_memory, tune_allocator
+from kvstore.allocator import prefault_heap, tune_allocator
 from kvstore.auth import Authenticator, server_credentials
 from kvstore.config import ServerConfig, StoreConfig
 from kvstore.errors import BlobTooLarge, InvalidRequest, StreamNotCommitted, status_of
 from kvstore.metrics import ServerMetrics, tier_fields
 from kvstore.quotas import QuotaLedger
 from kvstore.service import StoreService, pack_blobs
-from kvstore.streams import StreamClock, StreamLimiter
+from kvstore.streams import HeapTrimmer, StreamClock, StreamLimiter
 from kvstore.v1 import kvstore_pb2
 from kvstore.wire import PutRequestView, encode_get_response, parse_put_request
 
@@ -65,10 +64,6 @@ SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 #: thread hop is amortised over many messages, small enough to bound a stalled Get's memory.
 GET_BATCH_BYTES = 8 * 1024 * 1024
 GET_BATCH_ITEMS = 256
-
-#: Seconds between a stream that ended early and the heap trim it asks for: the other streams of a
-#: burst (100 readers leaving) end meanwhile and share the one trim.
-RELEASE_DELAY_S = 1.0
 
 ACK_NAMES = {kvstore_pb2.ACK_MEMORY: "memory", kvstore_pb2.ACK_DURABLE: "durable"}
 
@@ -127,16 +122,12 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        streaming = method in ("Put", "Get")
-
         @functools.wraps(fn)
         async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            ok = False
             try:
                 tenant = self.service.auth.tenant_of(context.invocation_metadata() or ())
                 response = await fn(self, tenant, request, context)
-                ok = True
             except asyncio.CancelledError:
                 self.metrics.observe(method, grpc.StatusCode.CANCELLED.name, started)
                 raise
@@ -147,9 +138,6 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 self.service.counters.add(rejected=1)
                 await _fail(context, method, exc, self.metrics, started)
-            finally:
-                if streaming and not ok:
-                    self.release_memory_soon()
             self.metrics.observe(method, "OK", started)
             return response
 
@@ -197,31 +185,9 @@ class KVStoreServicer:
         self.executor = executor
         self.streams = StreamLimiter(limits)
         self.default_durable = limits.ack == "durable"
-        #: Give freed heap pages back after streams that ended early (see release_memory_soon);
+        #: Gives the heap pages of streams that ended early back to the OS (kvstore.streams);
         #: off with memory.prefault, whose heap is the RAM tier's on purpose.
-        self.release_memory = release_memory
-        self._release_pending = False
-
-    def release_memory_soon(self) -> None:
-        """Trim the heap once, RELEASE_DELAY_S after a Put or Get stream ended other than OK.
-
-        Such a stream (a reader that stalled and left, a cancelled or refused Put) may
-        have held multi-MiB buffers that the tuned allocator keeps for reuse after they
-        are freed: 100 stalled readers left 800 MiB of RSS behind them. Steady traffic
-        does not trim (its buffers are reused); a burst of leaving streams trims once,
-        and at most once per RELEASE_DELAY_S, on a worker thread.
-        """
-        if not self.release_memory or self._release_pending:
-            return
-        self._release_pending = True
-        loop = asyncio.get_running_loop()
-
-        def release() -> None:
-            self._release_pending = False
-            with contextlib.suppress(RuntimeError):  # the server is stopping: the pool is closed
-                loop.run_in_executor(self.executor, release_free_memory)
-
-        loop.call_later(RELEASE_DELAY_S, release)
+        self.trimmer = HeapTrimmer(executor, service.counters, enabled=release_memory)
 
     async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -239,25 +205,30 @@ class KVStoreServicer:
         self, tenant: str | None, request_iterator: AsyncIterator[Any], context: Any
     ) -> kvstore_pb2.PutResponse:
         with self.streams.open("Put", tenant, context.peer()):
-            received, ack = await self._read_put(request_iterator)
-            durable = self._durable(ack)
-            num_stored, nbytes, tiers, persisted = await self._work(
-                self._store_put, tenant, received, durable
-            )
+            received: list[PutRequestView] = []
+            try:
+                ack = await self._read_put(request_iterator, received)
+                durable = self._durable(ack)
+                num_stored, nbytes, tiers, persisted = await self._work(
+                    self._store_put, tenant, received, durable
+                )
+            except BaseException:
+                self.trimmer.abandoned(sum(len(r.blob) for r in received))
+                raise
         self.metrics.add_bytes("in", nbytes)
         return kvstore_pb2.PutResponse(
             num_stored=num_stored, bytes_stored=nbytes, tiers=tiers, durable=persisted
         )
 
-    async def _read_put(self, request_iterator: AsyncIterator[Any]) -> tuple[list[PutRequestView], int]:
-        """Buffer a Put stream up to its commit message, then read on to the stream's end.
+    async def _read_put(self, request_iterator: AsyncIterator[Any], received: list[PutRequestView]) -> int:
+        """Buffer a Put stream's items into ``received`` up to its commit message, then read on to
+        the stream's end; return the commit's ``ack``.
 
         Only cheap size checks run here. The commit must be the last message: anything
         after it (another item, a second commit) refuses the whole stream with
         INVALID_ARGUMENT, so a client that misorders its stream learns it instead of
         losing the items that followed (they used to be dropped with OK).
         """
-        received: list[PutRequestView] = []
         total = 0
         limit = self.limits.max_put_stream_bytes
         clock = StreamClock("Put", self.limits)
@@ -290,7 +261,7 @@ class KVStoreServicer:
         except TimeoutError:
             raise clock.expired("not sending") from None
         if ack is not None:
-            return received, ack
+            return ack
         raise StreamNotCommitted(
             f"Put stream ended after {len(received)} message(s) without a commit message (a PutRequest with "
             "commit = true must end every Put stream); nothing was stored. Update the client, or if it was "
@@ -331,29 +302,37 @@ class KVStoreServicer:
             add_bytes = self.metrics.add_bytes
             clock = StreamClock("Get", self.limits)
             touch = clock.touch
-            async with clock.watch(on_expiry=self._get_stalled):
-                done = False
-                sent = 0
-                while not done:
-                    clock.busy = True
-                    batch, error, done = await self._work(_take, source, GET_BATCH_BYTES, GET_BATCH_ITEMS)
-                    clock.busy = False
-                    touch()
-                    for item in batch:
-                        blob = item[2]
-                        add_bytes("out", sum(len(b) for b in blob) if isinstance(blob, list) else len(blob))
-                        # A write waits while the client does not read (HTTP/2 flow control). grpc cannot
-                        # send a status while a write is blocked (the client would hang) and the asyncio
-                        # server cannot cancel one call, so a stalled Get is counted as timed out when
-                        # its deadline passes (_get_stalled), sends nothing more, and ends with
-                        # DEADLINE_EXCEEDED once its client reads the message in flight (or goes away).
-                        await _write(context, item, sent)  # serialised by encode_get_response
-                        sent += 1
-                        if clock.fired:
-                            raise clock.expired("not reading")
+            held = 0  # bytes of the batch being sent: what this stream holds while a write waits
+            try:
+                async with clock.watch(on_expiry=self._get_stalled):
+                    done = False
+                    sent = 0
+                    while not done:
+                        clock.busy = True
+                        batch, error, done = await self._work(_take, source, GET_BATCH_BYTES, GET_BATCH_ITEMS)
+                        clock.busy = False
                         touch()
-                    if error is not None:
-                        raise error
+                        held = 0
+                        for item in batch:
+                            blob = item[2]
+                            size = sum(len(b) for b in blob) if isinstance(blob, list) else len(blob)
+                            held += size
+                            add_bytes("out", size)
+                            # A write waits while the client does not read (HTTP/2 flow control). grpc
+                            # cannot send a status while a write is blocked (the client would hang) and the
+                            # asyncio server cannot cancel one call, so a stalled Get is counted as timed out
+                            # when its deadline passes (_get_stalled), sends nothing more, and ends with
+                            # DEADLINE_EXCEEDED once its client reads the message in flight (or goes away).
+                            await _write(context, item, sent)  # serialised by encode_get_response
+                            sent += 1
+                            if clock.fired:
+                                raise clock.expired("not reading")
+                            touch()
+                        if error is not None:
+                            raise error
+            except BaseException:
+                self.trimmer.abandoned(held)
+                raise
 
     def _get_stalled(self) -> None:
         """A Get's client stopped reading: count it now; the stream ends when its write completes."""

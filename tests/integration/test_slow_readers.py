@@ -133,6 +133,7 @@ def test_memory_held_for_slow_readers_is_given_back_after_they_leave(tmp_path: P
                 "after they left"
             )
             time.sleep(0.1)
+        assert slow.counters(stub)["heap_trims"] == 1  # one trim for the whole burst
         with grpc.insecure_channel(server.target, options=slow.reader_options(blob)) as channel:
             got = [bytes(m.blob) for m in pb_grpc.KVStoreStub(channel).Get(request, timeout=60)]
         assert len(got) == 8 and all(integrity.is_intact(b) for b in got)
