@@ -606,6 +606,22 @@ OTHER_ENV = frozenset(
 )
 
 
+#: Variables Kubernetes puts in every pod for each Service (service links) whose name starts with
+#: ``kvstore``, by name suffix and value: ``KVSTORE_SERVICE_HOST=10.0.0.1``,
+#: ``KVSTORE_PORT=tcp://10.0.0.1:50051``, ``KVSTORE_HEADLESS_PORT_50051_TCP_PORT=50051``... The value
+#: tells them from a mistyped field (``KVSTORE_SERVER_PORT=6000`` is no link of a "kvstore-server").
+_SERVICE_LINKS = (
+    (re.compile(r"_SERVICE_HOST$|_PORT_\d+_(?:TCP|UDP|SCTP)_ADDR$"), re.compile(r"^[0-9A-Fa-f.:]+$")),
+    (re.compile(r"_SERVICE_PORT(?:_[A-Z0-9_]+)?$|_PORT_\d+_(?:TCP|UDP|SCTP)_PORT$"), re.compile(r"^\d+$")),
+    (re.compile(r"_PORT_\d+_(?:TCP|UDP|SCTP)_PROTO$"), re.compile(r"^(?:tcp|udp|sctp)$")),
+    (re.compile(r"_PORT(?:_\d+_(?:TCP|UDP|SCTP))?$"), re.compile(r"^(?:tcp|udp|sctp)://")),
+)
+
+
+def _service_link(key: str, value: str) -> bool:
+    return any(name.search(key) and shape.match(value) for name, shape in _SERVICE_LINKS)
+
+
 def env_warnings(environ: Mapping[str, str]) -> list[str]:
     """One line for each ``KVSTORE_*`` variable that names no config field and nothing else we read.
 
@@ -613,7 +629,8 @@ def env_warnings(environ: Mapping[str, str]) -> list[str]:
     ignored without a word, so a server came up on the default port. Variables with the
     double underscore are checked by :func:`load_config` (an unknown one is an error);
     these, without it, may belong to something else, so they are warnings, each naming
-    the nearest valid variable when there is one.
+    the nearest valid variable when there is one. Kubernetes' service-link variables
+    (``KVSTORE_SERVICE_HOST``, ``KVSTORE_PORT_50051_TCP``, ...) are not warned about.
     """
     valid = {
         f"{ENV_PREFIX}{section.upper()}__{name.upper()}": (section, name)
@@ -623,6 +640,8 @@ def env_warnings(environ: Mapping[str, str]) -> list[str]:
     out: list[str] = []
     for key in sorted(environ):
         if not key.startswith(ENV_PREFIX) or "__" in key or key in OTHER_ENV:
+            continue
+        if _service_link(key, environ[key]):
             continue
         rest = key[len(ENV_PREFIX) :]
         guess = next(
