@@ -34,6 +34,7 @@ import grpc.aio
 
 from kvstore import integrity
 from kvstore.keys import chunk_keys
+from kvstore.testing import bench_args as ba
 from kvstore.testing.store import start_server_process
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -157,11 +158,11 @@ async def async_lookup(target: str, keys: list[bytes], args: argparse.Namespace)
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--keys", type=int, default=16, help="keys per Lookup and Get")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--blob-bytes", type=int, default=4096)
-    p.add_argument("--calls", type=int, default=2000, help="timed calls per arm (Get: a quarter)")
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--keys", type=ba.positive_int, default=16, help="keys per Lookup and Get")
+    p.add_argument("--layers", type=ba.positive_int, default=8)
+    p.add_argument("--blob-bytes", type=ba.byte_size, default=4096)
+    p.add_argument("--calls", type=ba.positive_int, default=2000, help="timed calls per arm (Get: a quarter)")
+    p.add_argument("--warmup", type=ba.non_negative_int, default=50)
     p.add_argument("--quick", action="store_true", help="500 calls per arm")
     args = p.parse_args(argv)
     if args.quick:

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from kvstore.testing import bench_args as ba
 from transfer.codec import decode_layer, encode_layer
+from transfer.codec.profiles import PROFILES
 
 DATA = Path(__file__).resolve().parent / "data"
 PREFIX, SUFFIX, CHUNK = 1024, 64, 256
@@ -231,13 +233,17 @@ def run(texts: int, profiles: list[str], only: list[str] | None = None, cache: P
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 texts (~1 minute)")
-    ap.add_argument("--texts", type=int, default=24, help="number of texts (alternating prose and code)")
-    ap.add_argument("--profiles", default="lossless,int8,balanced,dense")
+    ap.add_argument(
+        "--texts", type=ba.positive_int, default=24, help="number of texts (alternating prose and code)"
+    )
+    ap.add_argument(
+        "--profiles", type=ba.names(PROFILES, "codec profile"), default="lossless,int8,balanced,dense"
+    )
     ap.add_argument("--only", default="", help="comma-separated method names to run (default all)")
-    ap.add_argument("--json", type=Path, help="also write the JSON here")
+    ap.add_argument("--json", type=ba.file_in_existing_dir, help="also write the JSON here")
     ap.add_argument(
         "--threads",
-        type=int,
+        type=ba.non_negative_int,
         default=1,
         help="torch threads (default 1: on a shared 2-core box more threads spin and run 20x slower)",
     )

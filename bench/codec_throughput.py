@@ -31,6 +31,7 @@ import torch
 
 from kvstore.allocator import tune_allocator
 from kvstore.integrity import is_intact, payload_of, seal
+from kvstore.testing import bench_args as ba
 from transfer.codec import (
     PROFILES,
     codec_threads,
@@ -189,14 +190,14 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--chunks", type=int, default=32, help="256-token chunk-layers per pass")
+    ap.add_argument("--chunks", type=ba.positive_int, default=32, help="256-token chunk-layers per pass")
     ap.add_argument(
         "--threads",
-        type=int,
+        type=ba.non_negative_int,
         default=1,
         help="torch threads (0 = torch default; 1 avoids spinning threads on a shared box)",
     )
-    ap.add_argument("--profiles", default=",".join(PROFILES))
+    ap.add_argument("--profiles", type=ba.names(PROFILES, "codec profile"), default=",".join(PROFILES))
     ap.add_argument(
         "--kv",
         choices=["model", "synthetic"],

@@ -42,10 +42,12 @@ import torch
 
 from kvstore.allocator import tune_allocator
 from kvstore.keys import model_fingerprint
+from kvstore.testing import bench_args as ba
 from kvstore.testing.store import start_server_process
 from transfer import affinity
 from transfer.client import KVClient
 from transfer.codec import decode_into
+from transfer.codec.profiles import PROFILES
 from transfer.kvio import FetchedPrefix, iter_layers, put_context
 from transfer.layerwise import CONSUMED, LayerwiseCache
 
@@ -74,13 +76,20 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prefix-tokens", type=int, default=2048)
-    p.add_argument("--suffix-tokens", type=int, default=16)
-    p.add_argument("--chunk-tokens", type=int, default=256)
-    p.add_argument("--profile", default="lossless", help="codec profile of the stored prefix")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--prefetch-depth", type=int, default=4)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--prefix-tokens", type=ba.positive_int, default=2048)
+    p.add_argument("--suffix-tokens", type=ba.positive_int, default=16)
+    p.add_argument("--chunk-tokens", type=ba.positive_int, default=256)
+    p.add_argument(
+        "--profile",
+        choices=list(PROFILES),
+        default="lossless",
+        help="codec profile of the stored prefix",
+    )
+    p.add_argument("--repeats", type=ba.positive_int, default=5)
+    p.add_argument("--prefetch-depth", type=ba.positive_int, default=4)
+    p.add_argument(
+        "--threads", type=ba.non_negative_int, default=0, help="torch threads (0: torch's default)"
+    )
     p.add_argument("--quick", action="store_true", help="512-token prefix, 3 repeats (well under 60 s)")
     p.add_argument(
         "--cpu-plan",

@@ -53,10 +53,12 @@ from typing import Any
 
 from kvstore import integrity
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, chunk_keys
+from kvstore.testing import bench_args as ba
 from kvstore.testing.store import start_server_process
 from transfer import longctx
 from transfer.client import KVClient
 from transfer.codec import codec_threads
+from transfer.codec.profiles import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -457,25 +459,30 @@ def end_to_end_run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--tokens", type=int, default=1_000_000, help="context length (rounded up to full chunks)"
+        "--tokens", type=ba.positive_int, default=1_000_000, help="context length (rounded up to full chunks)"
     )
     parser.add_argument("--quick", action="store_true", help="32k tokens, small baseline (under a minute)")
     parser.add_argument(
         "--profiles",
+        type=ba.names([*PROFILES, "raw"], "codec profile"),
         default="lossless,balanced",
         help="codec profiles, comma-separated; 'raw' = sealed fp16 without the codec",
     )
-    parser.add_argument("--distinct-tokens", type=int, default=1024, help="tokens the model actually runs on")
     parser.add_argument(
-        "--baseline-bytes", type=int, default=4 * GiB, help="size of the raw disk baseline file"
+        "--distinct-tokens", type=ba.positive_int, default=1024, help="tokens the model actually runs on"
     )
-    parser.add_argument("--batch-mib", type=int, default=32, help="bytes per Put stream (MiB)")
-    parser.add_argument("--parallel", type=int, default=2, help="Put streams in flight")
-    parser.add_argument("--window-keys", type=int, default=128, help="chunks per Get window")
-    parser.add_argument("--prefetch", type=int, default=2, help="Get windows in flight ahead of the reader")
+    parser.add_argument(
+        "--baseline-bytes", type=ba.byte_size, default=4 * GiB, help="size of the raw disk baseline file"
+    )
+    parser.add_argument("--batch-mib", type=ba.positive_int, default=32, help="bytes per Put stream (MiB)")
+    parser.add_argument("--parallel", type=ba.positive_int, default=2, help="Put streams in flight")
+    parser.add_argument("--window-keys", type=ba.positive_int, default=128, help="chunks per Get window")
+    parser.add_argument(
+        "--prefetch", type=ba.non_negative_int, default=2, help="Get windows in flight ahead of the reader"
+    )
     parser.add_argument(
         "--chunk-tokens",
-        type=int,
+        type=ba.positive_int,
         default=1024,
         help="tokens per stored chunk (one blob per chunk and layer); the store's prefix-reuse "
         f"default is {DEFAULT_CHUNK_TOKENS}, a parked long context does better with fewer, "
@@ -487,15 +494,20 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the product path: encode on the way in, decode on the way out",
     )
     parser.add_argument(
-        "--workdir", default=None, help="where the disk tier goes (default: a temp dir in /tmp)"
+        "--workdir",
+        type=ba.existing_dir,
+        default=None,
+        help="an existing folder where the disk tier goes (default: a temp dir in /tmp)",
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens = min(args.tokens, 32768)
         args.distinct_tokens = min(args.distinct_tokens, max(256, args.chunk_tokens))
         args.baseline_bytes = min(args.baseline_bytes, 512 * MiB)
-    if args.chunk_tokens < 1 or args.distinct_tokens % args.chunk_tokens:
-        raise SystemExit(f"--distinct-tokens ({args.distinct_tokens}) must be a multiple of --chunk-tokens")
+    if args.distinct_tokens % args.chunk_tokens:
+        parser.error(
+            f"--distinct-tokens ({args.distinct_tokens}) must be a multiple of --chunk-tokens ({args.chunk_tokens})"
+        )
     num_chunks = math.ceil(args.tokens / args.chunk_tokens)
     profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
     fp16 = longctx.fp16_bytes(num_chunks * args.chunk_tokens, NUM_LAYERS, KV_HEADS, HEAD_DIM)

@@ -32,7 +32,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kvstore.testing import bench_args as ba
 from kvstore.testing.store import start_server_process
+from transfer.codec.profiles import PROFILES
 from workers.prefill import PrefillRequest, PrefillWorker, WorkerConfig
 from workers.runner import ModelRunner
 
@@ -54,12 +56,22 @@ def text_ids(runner: ModelRunner, num_tokens: int, skip: int = 0) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt-tokens", type=int, default=2048)
-    p.add_argument("--prefix-tokens", type=int, default=1792)
-    p.add_argument("--chunk-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--profiles", default="lossless", help="comma-separated codec profiles")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
+    p.add_argument("--prompt-tokens", type=ba.positive_int, default=2048)
+    p.add_argument("--prefix-tokens", type=ba.positive_int, default=1792)
+    p.add_argument("--chunk-tokens", type=ba.positive_int, default=256)
+    p.add_argument("--repeats", type=ba.positive_int, default=3)
+    p.add_argument(
+        "--profiles",
+        type=ba.names(PROFILES, "codec profile"),
+        default="lossless",
+        help="comma-separated codec profiles",
+    )
+    p.add_argument(
+        "--threads",
+        type=ba.non_negative_int,
+        default=1,
+        help="torch threads (1 is fastest on a busy 2-core box)",
+    )
     p.add_argument("--model", help="local HF model directory (default: bundled SmolLM2)")
     p.add_argument(
         "--quick", action="store_true", help="512-token prompt, 448-token prefix, chunks of 64, once"

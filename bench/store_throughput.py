@@ -38,11 +38,13 @@ from pathlib import Path
 from kvstore import integrity
 from kvstore.allocator import tune_allocator
 from kvstore.config import MiB, format_bytes
+from kvstore.testing import bench_args as ba
 from transfer.client import KVClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {"64KiB": 64 * 1024, "1MiB": MiB, "4MiB": 4 * MiB}
+TIERS = ("memory", "disk", "redis", "s3")
 NUM_LAYERS = 8
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 NAMESPACE = "bench/throughput/raw"
@@ -338,12 +340,27 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="reduced sizes; finishes in well under a minute")
-    parser.add_argument("--tiers", default="memory,disk", help="comma list of memory,disk,redis,s3")
-    parser.add_argument("--streams", type=int, default=4, help="parallel RPCs (and TCP connections)")
     parser.add_argument(
-        "--total", default=None, help="bytes moved per size and tier (default 512MiB, quick 96MiB)"
+        "--tiers",
+        type=ba.names(TIERS, "tier"),
+        default="memory,disk",
+        help="comma list of memory,disk,redis,s3",
     )
-    parser.add_argument("--sizes", default=",".join(SIZES), help="comma list of " + ",".join(SIZES))
+    parser.add_argument(
+        "--streams", type=ba.positive_int, default=4, help="parallel RPCs (and TCP connections)"
+    )
+    parser.add_argument(
+        "--total",
+        type=ba.byte_size,
+        default=None,
+        help="bytes moved per size and tier (default 512MiB, quick 96MiB)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=ba.names(SIZES, "size"),
+        default=",".join(SIZES),
+        help="comma list of " + ",".join(SIZES),
+    )
     parser.add_argument(
         "--no-prefault",
         action="store_true",
@@ -356,13 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         "its heap; see docs/operations.md)",
     )
     args = parser.parse_args(argv)
-    from kvstore.config import parse_bytes
 
     # The server tunes its allocator at start-up; this process (store client and direct baselines
     # alike) gets the same settings, as a worker would (kvstore/allocator.py).
     tuned = tune_allocator()
 
-    total = parse_bytes(args.total) if args.total else (96 * MiB if args.quick else 512 * MiB)
+    total = args.total if args.total else (96 * MiB if args.quick else 512 * MiB)
     reps = 1 if args.quick else 3
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     sizes = {name: SIZES[name] for name in args.sizes.split(",")}

@@ -52,7 +52,9 @@ if importlib.util.find_spec("vllm") is None and __name__ == "__main__":
         os.execve(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]], env)
     sys.exit("vLLM is not installed: run `make install-vllm` (it makes .venv-vllm)")
 
+from kvstore.testing import bench_args as ba  # noqa: E402
 from kvstore.testing.store import start_server_process  # noqa: E402
+from transfer.codec.profiles import PROFILES  # noqa: E402
 from transfer.vllm.harness import EngineProcess, connector_config  # noqa: E402
 from workers.vllm_checkpoint import vllm_checkpoint  # noqa: E402
 
@@ -150,12 +152,17 @@ def stall(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prefix-tokens", type=int, default=2048)
+    ap.add_argument("--prefix-tokens", type=ba.positive_int, default=2048)
     ap.add_argument(
-        "--requests", type=int, default=5, help="measured requests per column (after one warm-up)"
+        "--requests", type=ba.positive_int, default=5, help="measured requests per column (after one warm-up)"
     )
     ap.add_argument("--no-stall", action="store_true", help="skip the decode-stall columns")
-    ap.add_argument("--profiles", default="lossless,balanced", help="comma-separated codec profiles")
+    ap.add_argument(
+        "--profiles",
+        type=ba.names(PROFILES, "codec profile"),
+        default="lossless,balanced",
+        help="comma-separated codec profiles",
+    )
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -63,6 +63,28 @@ def tune_allocator() -> bool:
     return ok
 
 
+def release_free_memory() -> bool:
+    """Give the free pages of every malloc arena back to the OS (glibc ``malloc_trim(0)``).
+
+    With :func:`tune_allocator`'s thresholds, freed multi-MiB buffers stay in the
+    heap for reuse, which is the point for steady traffic. After a spike they stay
+    too: 100 Get streams whose readers stalled held ~8 MiB each (the message in
+    flight, serialised, and gRPC's copy of it) and the server's RSS stayed 800 MiB
+    up after they had left (bench/slow_readers_memory.py). The server calls this a
+    moment after such streams end; it costs a walk of the free lists and the page
+    faults of the next allocations that reuse the range. False where it does not
+    apply (not glibc/Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
+
+
 _PREFAULT_STEP = 16 * 1024 * 1024  # under MMAP_THRESHOLD, so the steps come from (and return to) the heap
 
 

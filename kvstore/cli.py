@@ -214,7 +214,7 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kvstore.config import config_as_dict, load_config
+    from kvstore.config import config_as_dict, env_warnings, load_config
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -222,6 +222,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvstore serve: invalid configuration: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    for warning in env_warnings(os.environ):
+        logging.getLogger("kvstore.config").warning("%s", warning)
     if args.print_config:
         print(json.dumps(config_as_dict(config), indent=2))
         return 0

@@ -14,6 +14,7 @@ never later inside a request.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -258,6 +259,12 @@ def validate(config: StoreConfig) -> None:
         positive(f"server.{name}", getattr(s, name))
     if s.ack not in ACK_MODES:
         raise ValueError(f"server.ack must be one of {', '.join(ACK_MODES)}, got {s.ack!r}")
+    if s.ack == "durable" and not (config.disk.enabled or config.redis.enabled or config.s3.enabled):
+        # Such a server would start and then refuse every Put that takes its default.
+        raise ValueError(
+            "server.ack is durable but no persistent tier is configured: enable disk (disk.enabled), "
+            "redis (redis.enabled) or s3 (s3.enabled), or set server.ack: memory"
+        )
     non_negative("memory.max_bytes", config.memory.max_bytes)
     d = config.disk
     if d.enabled and not d.path:
@@ -337,6 +344,7 @@ def validate(config: StoreConfig) -> None:
             raise ValueError(f"auth.{name} must not be empty (leave it out to turn it off)")
         if path and not Path(path).is_file():
             raise ValueError(f"auth.{name}: no such file {path!r}")
+    check_tls_files(a)
     non_negative("quotas.default_max_bytes", config.quotas.default_max_bytes)
     for name, limit in config.quotas.per_tenant.items():
         tenant(f"quotas.per_tenant[{name!r}]", name)
@@ -346,6 +354,66 @@ def validate(config: StoreConfig) -> None:
     if not config.metrics.host:
         raise ValueError("metrics.host must not be empty")
     port("metrics.port", config.metrics.port)
+
+
+def check_tls_files(auth: AuthConfig) -> None:
+    """Load the TLS files as the server will and match the key to the certificate.
+
+    gRPC reads them only when it binds the port, and then reports any problem as a
+    failure to listen (``cannot listen on ... is another server using the port?``),
+    naming no file. Checking them here, with the stdlib's OpenSSL, turns a
+    certificate that is not PEM, a key of another certificate, an encrypted key or
+    an unusable CA file into one line naming the field, at start-up (exit 2).
+    Only called with paths that exist (:func:`validate` checks that first).
+    """
+    import ssl
+
+    def read(name: str) -> bytes:
+        path = getattr(auth, name)
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"auth.{name}: cannot read {path!r}: {exc.strerror or exc}") from None
+
+    def certificates(name: str) -> None:
+        path, data = getattr(auth, name), read(name)
+        if b"-----BEGIN CERTIFICATE-----" not in data:
+            raise ValueError(
+                f"auth.{name}: {path!r} is not a PEM certificate (no '-----BEGIN CERTIFICATE-----' block)"
+            )
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=data.decode("latin-1"))
+        except (ssl.SSLError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or _one_line(exc)
+            raise ValueError(f"auth.{name}: {path!r} holds no valid PEM certificate ({reason})") from None
+
+    if auth.tls_cert and auth.tls_key:
+        certificates("tls_cert")
+        key = read("tls_key")
+        if b"PRIVATE KEY-----" not in key:
+            raise ValueError(
+                f"auth.tls_key: {auth.tls_key!r} is not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' "
+                "block)"
+            )
+        if b"ENCRYPTED" in key:
+            raise ValueError(
+                f"auth.tls_key: {auth.tls_key!r} is encrypted; gRPC needs an unencrypted PEM key "
+                "(decrypt it, e.g. openssl pkey -in KEY -out KEY.plain, and protect the file instead)"
+            )
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(auth.tls_cert, auth.tls_key)
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise ValueError(
+                    f"auth.tls_key: {auth.tls_key!r} does not match the certificate of auth.tls_cert "
+                    f"({auth.tls_cert!r}): it is the key of another certificate"
+                ) from None
+            raise ValueError(
+                f"auth.tls_key: {auth.tls_key!r} is not a usable PEM private key for auth.tls_cert "
+                f"({exc.reason or _one_line(exc)})"
+            ) from None
+    if auth.tls_client_ca:
+        certificates("tls_client_ca")
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -519,6 +587,79 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
             continue
         section, _, name = key[len(ENV_PREFIX) :].partition("__")
         out.setdefault(section.lower(), {})[name.lower()] = value
+    return out
+
+
+#: ``KVSTORE_*`` variables that clients, workers and tools read; they are not server config fields.
+OTHER_ENV = frozenset(
+    {
+        "KVSTORE_TARGET",
+        "KVSTORE_TOKEN",
+        "KVSTORE_REPLICATION",
+        "KVSTORE_WRITE_ACK",
+        "KVSTORE_CODEC_THREADS",
+        "KVSTORE_CODEC_KERNELS",
+        "KVSTORE_WORKER_ROLE",
+        "KVSTORE_HARNESS_KEY",
+        "KVSTORE_VLLM_VENV",
+    }
+)
+
+
+#: Variables Kubernetes puts in every pod for each Service (service links) whose name starts with
+#: ``kvstore``, by name suffix and value: ``KVSTORE_SERVICE_HOST=10.0.0.1``,
+#: ``KVSTORE_PORT=tcp://10.0.0.1:50051``, ``KVSTORE_HEADLESS_PORT_50051_TCP_PORT=50051``... The value
+#: tells them from a mistyped field (``KVSTORE_SERVER_PORT=6000`` is no link of a "kvstore-server").
+_SERVICE_LINKS = (
+    (re.compile(r"_SERVICE_HOST$|_PORT_\d+_(?:TCP|UDP|SCTP)_ADDR$"), re.compile(r"^[0-9A-Fa-f.:]+$")),
+    (re.compile(r"_SERVICE_PORT(?:_[A-Z0-9_]+)?$|_PORT_\d+_(?:TCP|UDP|SCTP)_PORT$"), re.compile(r"^\d+$")),
+    (re.compile(r"_PORT_\d+_(?:TCP|UDP|SCTP)_PROTO$"), re.compile(r"^(?:tcp|udp|sctp)$")),
+    (re.compile(r"_PORT(?:_\d+_(?:TCP|UDP|SCTP))?$"), re.compile(r"^(?:tcp|udp|sctp)://")),
+)
+
+
+def _service_link(key: str, value: str) -> bool:
+    return any(name.search(key) and shape.match(value) for name, shape in _SERVICE_LINKS)
+
+
+def env_warnings(environ: Mapping[str, str]) -> list[str]:
+    """One line for each ``KVSTORE_*`` variable that names no config field and nothing else we read.
+
+    ``KVSTORE_SERVER_PORT`` (one underscore) is not ``KVSTORE_SERVER__PORT``: it used to be
+    ignored without a word, so a server came up on the default port. Variables with the
+    double underscore are checked by :func:`load_config` (an unknown one is an error);
+    these, without it, may belong to something else, so they are warnings, each naming
+    the nearest valid variable when there is one. Kubernetes' service-link variables
+    (``KVSTORE_SERVICE_HOST``, ``KVSTORE_PORT_50051_TCP``, ...) are not warned about.
+    """
+    valid = {
+        f"{ENV_PREFIX}{section.upper()}__{name.upper()}": (section, name)
+        for section, cls in SECTIONS.items()
+        for name in _field_hints(cls)
+    }
+    out: list[str] = []
+    for key in sorted(environ):
+        if not key.startswith(ENV_PREFIX) or "__" in key or key in OTHER_ENV:
+            continue
+        if _service_link(key, environ[key]):
+            continue
+        rest = key[len(ENV_PREFIX) :]
+        guess = next(
+            (
+                f"{ENV_PREFIX}{rest[:i]}__{rest[i + 1 :]}"
+                for i, c in enumerate(rest)
+                if c == "_" and f"{ENV_PREFIX}{rest[:i]}__{rest[i + 1 :]}".upper() in valid
+            ),
+            None,
+        )
+        if guess is None:
+            close = difflib.get_close_matches(key.upper(), valid, n=1, cutoff=0.75)
+            guess = close[0] if close else None
+        hint = f"; did you mean {guess.upper()}?" if guess else ""
+        out.append(
+            f"environment variable {key} names no config field and is ignored (config fields are "
+            f"{ENV_PREFIX}<SECTION>__<FIELD>, with a double underscore){hint}"
+        )
     return out
 
 

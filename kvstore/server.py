@@ -22,7 +22,7 @@ This module owns four things and nothing else:
 Request semantics (validation, auth, quotas, all-or-nothing Put) live in
 :mod:`kvstore.service`. A Put stream is stored only once its commit message
 (``PutRequest.commit``) has arrived: a stream that ends or is cancelled without
-it stores nothing.
+it stores nothing, and so does one with anything after it.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from kvstore.errors import BlobTooLarge, InvalidRequest, StreamNotCommitted, sta
 from kvstore.metrics import ServerMetrics, tier_fields
 from kvstore.quotas import QuotaLedger
 from kvstore.service import StoreService, pack_blobs
-from kvstore.streams import StreamClock, StreamLimiter
+from kvstore.streams import HeapTrimmer, StreamClock, StreamLimiter
 from kvstore.v1 import kvstore_pb2
 from kvstore.wire import PutRequestView, encode_get_response, parse_put_request
 
@@ -93,11 +93,32 @@ async def _fail(
     await context.abort(code, message)
 
 
+class _ClientGone(Exception):
+    """A stream's client is gone: a write failed because the call is over on the wire.
+
+    grpc.aio fails a send (``grpc.aio.InternalError``) only when the call has ended
+    under it: the client cancelled, its deadline passed or its connection closed,
+    typically while the write waited on flow control for a reader that had stopped.
+    grpc may not have marked the call cancelled yet at that moment, so without this
+    the failure looked like a server bug (INTERNAL, an ERROR with a traceback), and
+    alerts on INTERNAL fired on ordinary disconnects (issue 24).
+    """
+
+
+async def _write(context: grpc.aio.ServicerContext, message: Any, sent: int) -> None:
+    """``context.write``, with a failed send (the client left) raised as :class:`_ClientGone`."""
+    try:
+        await context.write(message)
+    except grpc.aio.InternalError as exc:
+        raise _ClientGone(f"the client went away after {sent} message(s): {type(exc).__name__}") from None
+
+
 def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Time a handler and map its exceptions to a status, in one place.
 
-    A client that cancels (or whose deadline passes) cancels the handler's task:
-    counted as CANCELLED, nothing more to send.
+    A client that cancels (or whose deadline passes) cancels the handler's task, or
+    makes its next write fail (:class:`_ClientGone`): counted as CANCELLED and logged
+    at INFO, nothing more to send.
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -110,6 +131,10 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             except asyncio.CancelledError:
                 self.metrics.observe(method, grpc.StatusCode.CANCELLED.name, started)
                 raise
+            except _ClientGone as exc:
+                log.info("%s cancelled: %s", method, exc)
+                self.metrics.observe(method, grpc.StatusCode.CANCELLED.name, started)
+                await context.abort(grpc.StatusCode.CANCELLED, f"{method} cancelled by the client")
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 self.service.counters.add(rejected=1)
                 await _fail(context, method, exc, self.metrics, started)
@@ -152,6 +177,7 @@ class KVStoreServicer:
         metrics: ServerMetrics,
         limits: ServerConfig,
         executor: futures.ThreadPoolExecutor,
+        release_memory: bool = True,
     ) -> None:
         self.service = service
         self.metrics = metrics
@@ -159,6 +185,9 @@ class KVStoreServicer:
         self.executor = executor
         self.streams = StreamLimiter(limits)
         self.default_durable = limits.ack == "durable"
+        #: Gives the heap pages of streams that ended early back to the OS (kvstore.streams);
+        #: off with memory.prefault, whose heap is the RAM tier's on purpose.
+        self.trimmer = HeapTrimmer(executor, service.counters, enabled=release_memory)
 
     async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -176,27 +205,47 @@ class KVStoreServicer:
         self, tenant: str | None, request_iterator: AsyncIterator[Any], context: Any
     ) -> kvstore_pb2.PutResponse:
         with self.streams.open("Put", tenant, context.peer()):
-            received, ack = await self._read_put(request_iterator)
-            durable = self._durable(ack)
-            num_stored, nbytes, tiers, persisted = await self._work(
-                self._store_put, tenant, received, durable
-            )
+            received: list[PutRequestView] = []
+            try:
+                ack = await self._read_put(request_iterator, received)
+                durable = self._durable(ack)
+                num_stored, nbytes, tiers, persisted = await self._work(
+                    self._store_put, tenant, received, durable
+                )
+            except BaseException:
+                self.trimmer.abandoned(sum(len(r.blob) for r in received))
+                raise
         self.metrics.add_bytes("in", nbytes)
         return kvstore_pb2.PutResponse(
             num_stored=num_stored, bytes_stored=nbytes, tiers=tiers, durable=persisted
         )
 
-    async def _read_put(self, request_iterator: AsyncIterator[Any]) -> tuple[list[PutRequestView], int]:
-        """Buffer a Put stream up to its commit message; only cheap size checks run here."""
-        received: list[PutRequestView] = []
+    async def _read_put(self, request_iterator: AsyncIterator[Any], received: list[PutRequestView]) -> int:
+        """Buffer a Put stream's items into ``received`` up to its commit message, then read on to
+        the stream's end; return the commit's ``ack``.
+
+        Only cheap size checks run here. The commit must be the last message: anything
+        after it (another item, a second commit) refuses the whole stream with
+        INVALID_ARGUMENT, so a client that misorders its stream learns it instead of
+        losing the items that followed (they used to be dropped with OK).
+        """
         total = 0
         limit = self.limits.max_put_stream_bytes
         clock = StreamClock("Put", self.limits)
         touch = clock.touch
+        ack: int | None = None
+        count = 0
         try:
             async with clock.watch():
                 async for request in request_iterator:
                     touch()
+                    count += 1
+                    if ack is not None:
+                        raise InvalidRequest(
+                            f"Put stream message {count - 1} follows the commit (message {count - 2} had "
+                            "commit = true): nothing may follow the commit, it must be the stream's last "
+                            "message; nothing of this stream was stored"
+                        )
                     if type(request) is not PutRequestView:
                         request = _well_formed(request)
                     if request.has_item:
@@ -208,9 +257,11 @@ class KVStoreServicer:
                             )
                         received.append(request)
                     if request.commit:
-                        return received, request.ack
+                        ack = request.ack
         except TimeoutError:
             raise clock.expired("not sending") from None
+        if ack is not None:
+            return ack
         raise StreamNotCommitted(
             f"Put stream ended after {len(received)} message(s) without a commit message (a PutRequest with "
             "commit = true must end every Put stream); nothing was stored. Update the client, or if it was "
@@ -251,27 +302,37 @@ class KVStoreServicer:
             add_bytes = self.metrics.add_bytes
             clock = StreamClock("Get", self.limits)
             touch = clock.touch
-            async with clock.watch(on_expiry=self._get_stalled):
-                done = False
-                while not done:
-                    clock.busy = True
-                    batch, error, done = await self._work(_take, source, GET_BATCH_BYTES, GET_BATCH_ITEMS)
-                    clock.busy = False
-                    touch()
-                    for item in batch:
-                        blob = item[2]
-                        add_bytes("out", sum(len(b) for b in blob) if isinstance(blob, list) else len(blob))
-                        # A write waits while the client does not read (HTTP/2 flow control). grpc cannot
-                        # send a status while a write is blocked (the client would hang) and the asyncio
-                        # server cannot cancel one call, so a stalled Get is counted as timed out when
-                        # its deadline passes (_get_stalled), sends nothing more, and ends with
-                        # DEADLINE_EXCEEDED once its client reads the message in flight (or goes away).
-                        await context.write(item)  # serialised by encode_get_response
-                        if clock.fired:
-                            raise clock.expired("not reading")
+            held = 0  # bytes of the batch being sent: what this stream holds while a write waits
+            try:
+                async with clock.watch(on_expiry=self._get_stalled):
+                    done = False
+                    sent = 0
+                    while not done:
+                        clock.busy = True
+                        batch, error, done = await self._work(_take, source, GET_BATCH_BYTES, GET_BATCH_ITEMS)
+                        clock.busy = False
                         touch()
-                    if error is not None:
-                        raise error
+                        held = 0
+                        for item in batch:
+                            blob = item[2]
+                            size = sum(len(b) for b in blob) if isinstance(blob, list) else len(blob)
+                            held += size
+                            add_bytes("out", size)
+                            # A write waits while the client does not read (HTTP/2 flow control). grpc
+                            # cannot send a status while a write is blocked (the client would hang) and the
+                            # asyncio server cannot cancel one call, so a stalled Get is counted as timed out
+                            # when its deadline passes (_get_stalled), sends nothing more, and ends with
+                            # DEADLINE_EXCEEDED once its client reads the message in flight (or goes away).
+                            await _write(context, item, sent)  # serialised by encode_get_response
+                            sent += 1
+                            if clock.fired:
+                                raise clock.expired("not reading")
+                            touch()
+                        if error is not None:
+                            raise error
+            except BaseException:
+                self.trimmer.abandoned(held)
+                raise
 
     def _get_stalled(self) -> None:
         """A Get's client stopped reading: count it now; the stream ends when its write completes."""
@@ -511,7 +572,9 @@ def serve(config: StoreConfig, store: Any | None = None) -> ServerHandle:
         executor = futures.ThreadPoolExecutor(
             max_workers=config.server.workers, thread_name_prefix="kvstore-io"
         )
-        servicer = KVStoreServicer(service, metrics, config.server, executor)
+        servicer = KVStoreServicer(
+            service, metrics, config.server, executor, release_memory=not config.memory.prefault
+        )
         runner = _LoopThread()
         server, port, health_servicer = runner.call(_start(config, servicer, credentials))
         if config.metrics.port:
@@ -564,6 +627,8 @@ async def _start(
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
         if port == 0:
+            # The TLS files were loaded and matched with the config (config.check_tls_files), so
+            # this is the address: taken, or not one of this host's.
             raise OSError(f"cannot listen on {address} (is another server using the port?)")
         await server.start()
         for name in ("", SERVICE_NAME):

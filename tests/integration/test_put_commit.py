@@ -103,6 +103,55 @@ def test_a_stream_that_ends_without_commit_is_aborted_and_stores_nothing(server:
         assert _present(stub, key) == 1
 
 
+def _after_commit(key: bytes, case: str) -> list[pb.PutRequest]:
+    """A Put stream of ``key`` that has something after its commit message."""
+    items = _requests(key)
+    if case == "items-after-commit-on-first-item":  # [item(commit), item, item, item]
+        items[0].commit = True
+        return items
+    if case == "bad-checksum-item-after-commit":
+        bad = bytearray(make_blob(300))
+        bad[0] ^= 0xFF
+        extra = pb.PutRequest(namespace=NS, key=key, layer=0, num_layers=LAYERS, blob=bytes(bad))
+        return [*items, pb.PutRequest(commit=True), extra]
+    assert case == "two-commits"
+    return [*items, pb.PutRequest(commit=True), pb.PutRequest(commit=True)]
+
+
+@pytest.mark.parametrize(
+    "case", ["items-after-commit-on-first-item", "bad-checksum-item-after-commit", "two-commits"]
+)
+def test_anything_after_the_commit_refuses_the_whole_stream(server: ServerHandle, case: str) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        kept = os.urandom(32)
+        kept_requests = _requests(kept)
+        assert stub.Put(committed(kept_requests), timeout=10).num_stored == LAYERS
+
+        key = os.urandom(32)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Put(iter(_after_commit(key, case)), timeout=10)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "nothing may follow the commit" in err.value.details()
+        assert "nothing of this stream was stored" in err.value.details()
+        _settled(stub)
+        for layers in (1, LAYERS):  # not even the blobs before the commit
+            assert (
+                stub.Lookup(
+                    pb.LookupRequest(namespace=NS, keys=[key], num_layers=layers), timeout=5
+                ).num_present
+                == 0
+            )
+
+        # Earlier data is intact, byte for byte, and the server keeps serving.
+        got = list(
+            stub.Get(pb.GetRequest(namespace=NS, keys=[kept], layer_start=0, layer_end=LAYERS), timeout=10)
+        )
+        assert [bytes(r.blob) for r in got] == [r.blob for r in kept_requests]
+        assert stub.Put(committed(_requests(key)), timeout=10).num_stored == LAYERS
+        assert _present(stub, key) == 1
+
+
 def test_every_committed_stream_is_stored(server: ServerHandle) -> None:
     keys = [os.urandom(32) for _ in range(25)]
     with KVClient(server.target) as kv:
@@ -184,13 +233,30 @@ def test_durable_ack_with_redis_killed_and_no_disk(tmp_path: Path) -> None:
 
 
 def test_server_default_ack_durable_applies_unless_the_client_asks(tmp_path: Path) -> None:
-    handle = serve(store_config(tmp_path, **{"disk.enabled": False, "server.ack": "durable"}))
+    redis = RedisProcess().start()
+    overrides = {
+        "disk.enabled": False,
+        "redis.enabled": True,
+        "redis.url": redis.url,
+        "server.ack": "durable",
+    }
+    handle = serve(store_config(tmp_path, **overrides, **{"redis.socket_timeout_s": 0.5}))
     try:
         with KVClient(handle.target, retry=RetryPolicy(max_attempts=1)) as kv:
-            with pytest.raises(Unavailable, match="no persistent tier"):
+            assert kv.put(NS, [(os.urandom(32), 0, 1, make_blob(100))]).durable
+            redis.kill()
+            with pytest.raises(Unavailable, match="no persistent tier took it"):
                 kv.put(NS, [(os.urandom(32), 0, 1, make_blob(100))])
             assert kv.put(NS, [(os.urandom(32), 0, 1, make_blob(100))], ack="memory").num_stored == 1
         with KVClient(handle.target, ack="memory") as kv:
             assert kv.put(NS, [(os.urandom(32), 0, 1, make_blob(100))]).tiers == ("memory",)
     finally:
         handle.stop(grace=0)
+        redis.close()
+
+
+def test_ack_durable_without_a_persistent_tier_is_a_config_error(tmp_path: Path) -> None:
+    """It used to start and then refuse every Put; now it does not start, naming the field."""
+    with pytest.raises(ValueError, match=r"server\.ack is durable but no persistent tier"):
+        store_config(tmp_path, **{"disk.enabled": False, "server.ack": "durable"})
+    assert store_config(tmp_path, **{"disk.enabled": True, "server.ack": "durable"}).server.ack == "durable"

@@ -169,3 +169,28 @@ def test_backends_are_built_from_their_config_sections(tmp_path: Path) -> None:
         )
     finally:
         disk.close()
+
+
+def test_env_warnings_name_the_variable_and_the_nearest_field() -> None:
+    from kvstore.config import env_warnings
+
+    env = {
+        "KVSTORE_SERVER_PORT": "6000",  # one underscore: the field is KVSTORE_SERVER__PORT
+        "KVSTORE_MEMORY_MAXBYTES": "1GiB",  # no split works: the nearest by spelling
+        "KVSTORE_NOTHING_LIKE_IT": "x",
+        "KVSTORE_SERVER__PORT": "7000",  # a field: checked by load_config, not warned about
+        "KVSTORE_TARGET": "a:1",  # read by clients
+        "KVSTORE_SERVICE_HOST": "10.0.0.1",  # Kubernetes service links of a Service named kvstore
+        "KVSTORE_PORT": "tcp://10.0.0.1:50051",
+        "KVSTORE_PORT_50051_TCP_ADDR": "10.0.0.1",
+        "KVSTORE_HEADLESS_SERVICE_PORT_GRPC": "50051",
+        "OTHER_SERVER_PORT": "1",
+    }
+    warnings = env_warnings(env)
+    assert len(warnings) == 3, warnings
+    by_name = {w.split()[2]: w for w in warnings}
+    assert by_name["KVSTORE_SERVER_PORT"].endswith("did you mean KVSTORE_SERVER__PORT?")
+    assert by_name["KVSTORE_MEMORY_MAXBYTES"].endswith("did you mean KVSTORE_MEMORY__MAX_BYTES?")
+    assert "did you mean" not in by_name["KVSTORE_NOTHING_LIKE_IT"]
+    assert all("KVSTORE_<SECTION>__<FIELD>" in w for w in warnings)
+    assert load_config(environ=env).server.port == 7000
