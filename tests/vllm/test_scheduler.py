@@ -27,7 +27,9 @@ BLOCK, LAYERS, HEADS, DIM = 128, 30, 3, 64
 CHUNK = 2 * BLOCK
 
 
-def make_scheduler(target: str, *, max_batched: int = 2048, profile: str = "lossless") -> Scheduler:
+def make_scheduler(
+    target: str, *, max_batched: int = 2048, profile: str = "lossless", layout: str | None = None, **extra
+) -> Scheduler:
     args = EngineArgs(
         model=str(vllm_checkpoint()),
         dtype="bfloat16",
@@ -41,10 +43,12 @@ def make_scheduler(target: str, *, max_batched: int = 2048, profile: str = "loss
             kv_connector_module_path="transfer.vllm.connector",
             kv_role="kv_both",
             kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"target": target, "profile": profile},
+            kv_connector_extra_config={"target": target, "profile": profile, **extra},
         ),
     )
     config = args.create_engine_config()
+    if layout is not None:
+        config.cache_config.kv_cache_layout = layout
     config.cache_config.num_gpu_blocks = 64
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=DIM, dtype=torch.bfloat16)
     kv_cache_config = KVCacheConfig(
@@ -187,3 +191,31 @@ def test_store_down_is_a_miss_not_an_error():
     assert out.num_scheduled_tokens == {"r4": 600}
     assert out.kv_connector_metadata.loads == []
     assert TOTALS.snapshot()["lookup_errors"] == errors + 1
+
+
+def test_a_layout_the_workers_cannot_split_offers_no_hits(store, caplog):
+    # vLLM's CPU backend reads head-major blocks only; an engine resolved to LBNHC cannot be split honestly
+    with caplog.at_level("ERROR", logger="transfer.vllm.connector"):
+        sched = make_scheduler(store, layout="LBNHC")
+    (record,) = [r for r in caplog.records if "offers no hits" in r.getMessage()]
+    assert "CPU_ATTN" in record.getMessage() and "LBNHC" in record.getMessage()
+    prompt = list(range(7000, 7600))
+    store_chunks(store, make_scheduler(store), prompt, 2)  # the chunks are there
+    sched.add_request(request("r6", prompt))
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"r6": 600}  # computed, not loaded
+    assert out.kv_connector_metadata.loads == [] and out.kv_connector_metadata.saves == []
+
+
+def test_an_unreachable_store_is_one_line_at_start_or_a_refusal(caplog):
+    with caplog.at_level("WARNING", logger="transfer.vllm.connector"):
+        sched = make_scheduler("127.0.0.1:1")
+        for i in range(3):
+            sched.add_request(request(f"u{i}", list(range(100 * i, 100 * i + 600))))
+        sched.schedule()
+    start = [r for r in caplog.records if "does not answer" in r.getMessage()]
+    per_request = [r for r in caplog.records if "lookup failed" in r.getMessage()]
+    assert len(start) == 1 and "127.0.0.1:1" in start[0].getMessage()
+    assert len(per_request) == 1  # one line per outage, not one per request
+    with pytest.raises(RuntimeError, match="require_store is true"):
+        make_scheduler("127.0.0.1:1", require_store=True)

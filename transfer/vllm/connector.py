@@ -173,6 +173,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                 lookup_timeout_s=s.lookup_timeout_s,
                 async_loads=s.load_mode == "async",
             )
+            self._check_layout()
             self._check_store()
         else:
             self._worker = WorkerSide(
@@ -196,6 +197,17 @@ class KVStoreConnector(KVConnectorBase_V1):
             s.profile,
             s.load_mode,
         )
+
+    def _check_layout(self) -> None:
+        """The scheduler refuses, once and at start, an engine whose KV the workers cannot split."""
+        assert self._scheduler is not None
+        try:
+            resolve_layout(self._vllm_config, self._shape, self._kv_cache_config)
+        except UnsupportedLayout as exc:
+            self._scheduler.disabled = str(exc)
+            log.error("kvstore connector: %s; it offers no hits and saves nothing, prompts are computed", exc)
+        except Exception as exc:  # the workers decide with the real layers; log why the check could not
+            log.info("kvstore connector: layout not checked on the scheduler side (%s)", exc)
 
     def _check_store(self) -> None:
         assert self._scheduler is not None

@@ -86,6 +86,7 @@ class SchedulerSide:
         self.loading: dict[str, LoadSpec] = {}  # planned loads not yet known to have succeeded
         self._failures = 0
         self._last_warning = 0.0
+        self.disabled: str | None = None  # why this engine's KV cannot be stored (logged once at start)
 
     # ------------------------------------------------------------------ start
 
@@ -102,6 +103,8 @@ class SchedulerSide:
     # ------------------------------------------------------------------ lookups
 
     def matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        if self.disabled:
+            return 0, False
         state = self.requests.get(request.request_id)
         if state is None:
             state = self._lookup(request)
@@ -159,6 +162,8 @@ class SchedulerSide:
 
     def build_meta(self, out: SchedulerOutput) -> KVStoreConnectorMetadata:
         meta = KVStoreConnectorMetadata()
+        if self.disabled:
+            return meta
         try:
             self._plan(out, meta)
         except Exception:
