@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("vllm") is None and __name__ == "__main__":
     venv_python = ROOT / ".venv-vllm" / "bin" / "python"
-    if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
+    if venv_python.exists() and Path(sys.prefix).resolve() != venv_python.parent.parent.resolve():
         # The venv has no kvstore install of its own: it imports this checkout.
         env = {
             **os.environ,

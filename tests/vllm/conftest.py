@@ -20,3 +20,29 @@ for _name, _value in (
     ("DO_NOT_TRACK", "1"),
 ):
     os.environ.setdefault(_name, _value)
+
+
+def corrupt_stored_layer(target: str, namespace: str, key: bytes, layer: int, num_layers: int) -> None:
+    """Replace one stored (chunk, layer) by a frame whose header no decoder accepts, under a valid
+    store trailer: the store serves it, the connector's decode must refuse it."""
+    from kvstore import integrity
+    from transfer.client import KVClient
+
+    with KVClient(target) as client:
+        blobs = [bytes(blob) for _, (blob,) in client.get_layers(namespace, [key], 0, num_layers)]
+        payload = bytearray(integrity.payload_of(blobs[layer]))
+        payload[0] ^= 0xFF
+        blobs[layer] = integrity.seal(bytes(payload))
+        client.delete(namespace, [key])
+        client.put(namespace, [(key, i, num_layers, blob) for i, blob in enumerate(blobs)])
+
+
+if importlib.util.find_spec("vllm") is not None:
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def model_dir() -> str:
+        """The bundled model as a local checkpoint vLLM loads offline."""
+        from workers.vllm_checkpoint import vllm_checkpoint
+
+        return str(vllm_checkpoint())

@@ -13,26 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from kvstore import integrity
 from kvstore.keys import chunk_keys
 from kvstore.testing.slow_proxy import SlowProxy
 from tests.fixtures.store import start_server_process
+from tests.vllm.conftest import corrupt_stored_layer
 from transfer.client import KVClient
 from transfer.vllm.fingerprint import weights_fingerprint
 from transfer.vllm.harness import EngineProcess, connector_config
 from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace
-from workers.vllm_checkpoint import vllm_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_LAYERS, KV_HEADS, HEAD_DIM, BLOCK, CHUNK = 30, 3, 64, 128, 256
 PREFIX = 2048
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> str:
-    return str(vllm_checkpoint())
 
 
 @pytest.fixture(scope="module")
@@ -135,22 +129,7 @@ def test_a_failed_async_load_is_recomputed_and_not_a_hit(engine, store, prompts,
     keys = chunk_keys(prompts["corrupt"], key_namespace(settings, shape), CHUNK)[: PREFIX // CHUNK]
     with KVClient(proc.target) as client:
         assert client.lookup(ns, keys, NUM_LAYERS) == len(keys)
-        blobs = [blob for _, (blob,) in client.get_layers(ns, keys[3:4], 0, NUM_LAYERS)]
-        payload = bytearray(integrity.payload_of(blobs[5]))
-        payload[0] ^= 0xFF  # a frame no decoder accepts, under a valid store trailer
-        client.delete(ns, [keys[3]])
-        client.put(
-            ns,
-            [
-                (
-                    keys[3],
-                    layer,
-                    NUM_LAYERS,
-                    integrity.seal(bytes(payload)) if layer == 5 else bytes(blobs[layer]),
-                )
-                for layer in range(NUM_LAYERS)
-            ],
-        )
+    corrupt_stored_layer(proc.target, ns, keys[3], 5, NUM_LAYERS)
     before = engine.stats()
     (comp,) = engine.generate([prompts["corrupt"]], max_tokens=16)
     after = engine.stats()

@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstore import integrity
 from kvstore.keys import chunk_keys
 from tests.fixtures.store import start_server_process
+from tests.vllm.conftest import corrupt_stored_layer
 from transfer.client import KVClient
 from transfer.vllm.fingerprint import weights_fingerprint
 from transfer.vllm.harness import EngineProcess, connector_config
 from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace
-from workers.vllm_checkpoint import vllm_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -29,11 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 NUM_LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 128
 CHUNK = 2 * BLOCK  # default chunk_blocks=2
 PREFIX = 2 * CHUNK  # 512 tokens: two stored chunks per prompt
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> str:
-    return str(vllm_checkpoint())
 
 
 @pytest.fixture(scope="module")
@@ -139,23 +133,8 @@ def test_corrupt_stored_block_is_recomputed_and_counted(reader, reference, promp
     keys = chunk_keys(prompts["corrupt"], key_ns, CHUNK)[:2]
     with KVClient(store.target) as client:
         assert client.lookup(ns, keys, NUM_LAYERS) == 2, "the writer stored both chunks under this namespace"
-        blobs = [blob[1] for _, blob in client.get_layers(ns, keys, 0, NUM_LAYERS)]
-        # chunk 1, layer 7: a frame whose header no decoder accepts, under a valid store trailer
-        payload = bytearray(integrity.payload_of(blobs[7]))
-        payload[0] ^= 0xFF
-        client.delete(ns, [keys[1]])
-        client.put(
-            ns,
-            [
-                (
-                    keys[1],
-                    layer,
-                    NUM_LAYERS,
-                    integrity.seal(bytes(payload)) if layer == 7 else bytes(blobs[layer]),
-                )
-                for layer in range(NUM_LAYERS)
-            ],
-        )
+    corrupt_stored_layer(store.target, ns, keys[1], 7, NUM_LAYERS)  # chunk 1, layer 7
+    with KVClient(store.target) as client:
         assert client.lookup(ns, keys, NUM_LAYERS) == 2
     before = reader.stats()
     (comp,) = reader.generate([prompts["corrupt"]], max_tokens=16)
