@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -909,6 +910,25 @@ def test_default_is_secure_generated_token_and_network_policy(
         assert admitted <= template["metadata"]["labels"].items()
         ref = env_of(template["spec"]["containers"][0])["KVSTORE_TOKEN"]["valueFrom"]["secretKeyRef"]
         assert (ref["name"], ref["key"]) == ("kvstore", "token")
+
+
+def test_generated_token_is_drawn_once_per_render(helm: dict[str, str], tmp_path: Path) -> None:
+    """The StatefulSet's checksum/secret renders secret.yaml a second time; it must hash the very Secret of
+    this render (one token per render), or the first `helm upgrade` after an install would roll every pod
+    although the token, read back by lookup, did not change."""
+    proc = _run(
+        [helm["HELM_BIN"], "template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", KUBE_VERSION],
+        helm,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sources = {}
+    for part in proc.stdout.split("\n---\n"):
+        head, _, body = part.partition("\n")
+        sources[head.removeprefix("# Source: kvstore/")] = body
+    secret_text = "\n" + sources["templates/secret.yaml"] + "\n"
+    sts = yaml.safe_load(sources["templates/statefulset.yaml"])
+    checksum = sts["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+    assert hashlib.sha256(secret_text.encode()).hexdigest() == checksum
 
 
 def test_auth_and_network_policy_are_turned_off_only_explicitly(

@@ -120,16 +120,21 @@ true
 The token the chart generates for auth.tenant (auth on, no existingSecret). On an upgrade it is read back
 from the release's live Secret (lookup), so `helm upgrade` neither rotates it nor rolls the pods; on a first
 install, and with `helm template` (no cluster to ask), it is 48 new random characters (~285 bits).
-Include it once per render (secret.yaml does): each call without a live Secret draws a new token.
+The token is drawn once per render and remembered in the render's values, so secret.yaml and the
+StatefulSet's checksum of it (which renders secret.yaml a second time) see the same token: otherwise the
+checksum of a first install would not match its Secret and the first upgrade would roll every pod.
 */}}
 {{- define "kvstore.generatedToken" -}}
+{{- if not (hasKey .Values.auth "_generatedToken") -}}
 {{- $live := lookup "v1" "Secret" .Release.Namespace (include "kvstore.fullname" .) -}}
 {{- $key := .Values.auth.existingSecretClientTokenKey -}}
+{{- $token := randAlphaNum 48 -}}
 {{- if and $live (hasKey ($live.data | default dict) $key) -}}
-{{- index $live.data $key | b64dec -}}
-{{- else -}}
-{{- randAlphaNum 48 -}}
+{{- $token = index $live.data $key | b64dec -}}
 {{- end -}}
+{{- $_ := set .Values.auth "_generatedToken" $token -}}
+{{- end -}}
+{{- index .Values.auth "_generatedToken" -}}
 {{- end -}}
 
 {{/* Name of the Secret holding S3 credentials, or "" when the pod uses ambient credentials (IRSA, instance role). */}}
