@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -111,6 +112,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "disk": {"enabled": False},
         "redis": {"enabled": True, "internal": {"enabled": True}},
         "networkPolicy": {"enabled": True},
+    },
+    "open": {"auth": {"enabled": False}, "networkPolicy": {"enabled": False}},
+    "auth-existing-secret": {
+        "auth": {
+            "existingSecret": "team-tokens",
+            "existingSecretTokensKey": "map.json",
+            "existingSecretClientTokenKey": "worker-token",
+        }
     },
     "cluster-dns": {"replicaCount": 4, "cluster": {"replication": 3, "writeAck": "all"}},
     "cluster-static": {
@@ -515,7 +524,10 @@ def test_default_render_has_the_expected_objects(rendered: dict[str, list[dict[s
         [
             "ConfigMap",
             "ConfigMap",
+            "NetworkPolicy",
+            "Pod",  # the `helm test` hook
             "PodDisruptionBudget",
+            "Secret",
             "Service",
             "Service",
             "ServiceAccount",
@@ -633,7 +645,11 @@ def test_config_map_is_accepted_by_the_server_config_loader(
     assert cfg.memory.max_bytes == 2 * 1024**3 and cfg.disk.max_bytes == 64 * 1024**3
     assert cfg.server.max_message_bytes == parse_bytes("72MiB")
     assert cfg.disk.enabled and cfg.disk.path == "/var/lib/kvstore/disk"
-    assert not cfg.redis.enabled and not cfg.s3.enabled and cfg.auth.tokens == {}
+    assert not cfg.redis.enabled and not cfg.s3.enabled
+    # Secure by default: one generated token, for the tenant the workers and the connector default to.
+    ((generated, tenant),) = cfg.auth.tokens.items()
+    assert tenant == "default" and len(generated) >= 32
+    assert loaded["open"].auth.tokens == {}
     assert loaded["redis-internal"].redis.enabled
     assert loaded["redis-internal"].redis.url == f"redis://{RELEASE}-kvstore-redis:6379/0"
     assert loaded["redis-external-secret"].redis.url == "redis://from-secret:6379/0"
@@ -649,7 +665,12 @@ def test_config_map_is_accepted_by_the_server_config_loader(
     )
     assert loaded["s3-ambient"].s3.access_key_id is None and loaded["s3-ambient"].s3.region == "eu-west-1"
     auth = loaded["auth"]
-    assert auth.auth.tokens == {"tok-a-0123456789": "team-a", "tok-b-0123456789": "team-b"}
+    assert {t: n for t, n in auth.auth.tokens.items() if n != "default"} == {
+        "tok-a-0123456789": "team-a",
+        "tok-b-0123456789": "team-b",
+    }
+    assert len(auth.auth.tokens) == 3  # the listed tokens next to the generated one
+    assert loaded["auth-existing-secret"].auth.tokens == {"from-secret": "tenant"}
     assert auth.quotas.default_max_bytes == 10 * 1024**3 and auth.quotas.per_tenant == {
         "team-a": 100 * 1024**3
     }
@@ -692,10 +713,12 @@ def _free_port() -> int:
 def test_the_rendered_container_command_serves_grpc_health_and_metrics(
     rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
-    """Run what the StatefulSet runs (command, args, ConfigMap, Secret-fed env) and ask it what the kubelet
-    asks: grpc.health.v1 Check with the empty service name. Only the listen addresses and the disk path are
-    overridden (loopback, port 0, a temp dir) so that the test binds no fixed port."""
-    docs = rendered["auth"]
+    """Run what the default StatefulSet runs (command, args, ConfigMap, Secret-fed env) and ask it what the
+    kubelet asks: grpc.health.v1 Check with the empty service name. Only the listen addresses and the disk
+    path are overridden (loopback, port 0, a temp dir) so that the test binds no fixed port. The default is
+    secure: a call without a token is refused, and the chart's `helm test` pod, run here as its script with
+    the token from the rendered Secret, passes (it also checks that refusal itself)."""
+    docs = rendered["default"]
     container = store_container(docs)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(one(docs, "ConfigMap", STORE_CONFIG)["data"]["config.yaml"])
@@ -744,6 +767,7 @@ def test_the_rendered_container_command_serves_grpc_health_and_metrics(
         exported = set(re.findall(r"^(kvstore_[a-z_]+)", exposition, re.MULTILINE))
         tier_metrics = {n for n in METRIC_NAMES if n.startswith(("kvstore_tier_", "kvstore_integrity_"))}
         assert tier_metrics <= exported, f"missing from /metrics: {sorted(tier_metrics - exported)}"
+        _check_auth_and_helm_test(docs, f"127.0.0.1:{info['port']}", tmp_path)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -755,10 +779,47 @@ def test_the_rendered_container_command_serves_grpc_health_and_metrics(
             proc.stdout.close()
 
 
+def _check_auth_and_helm_test(docs: list[dict[str, Any]], target: str, tmp_path: Path) -> None:
+    """Against a server running the rendered config: Stats needs the Secret's token, and the `helm test`
+    pod's script passes with the environment the pod would get (`kvstore` is this checkout's CLI)."""
+    from kvstore.errors import Unauthenticated
+    from transfer.client import KVClient
+
+    secret = one(docs, "Secret")["data"]
+    token = base64.b64decode(secret["token"]).decode()
+    with KVClient(target) as client, pytest.raises(Unauthenticated):
+        client.stats()
+    with KVClient(target, token=token) as client:
+        assert client.stats().version
+    pod = one(docs, "Pod")
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["sh", "-ec"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "kvstore"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m kvstore "$@"\n')
+    shim.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "TARGET": target,
+        "TLS_ARGS": env_of(container)["TLS_ARGS"]["value"],
+    }
+    ref = env_of(container)["KVSTORE_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == one(docs, "Secret")["metadata"]["name"]
+    env["KVSTORE_TOKEN"] = base64.b64decode(secret[ref["key"]]).decode()
+    passed = _run([*container["command"], *container["args"]], env, timeout=120)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "a call without a token was refused" in passed.stdout
+    env["KVSTORE_TOKEN"] = "not-the-token"
+    refused = _run([*container["command"], *container["args"]], env, timeout=120)
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stdout + refused.stderr
+
+
 def test_secrets_reach_the_pod_only_through_secret_refs(rendered: dict[str, list[dict[str, Any]]]) -> None:
     # Operator-managed Secret: referenced, never rendered.
     docs = rendered["s3-existing-secret"]
-    assert "Secret" not in kinds(docs)
+    assert all("access-key-id" not in d.get("data", {}) for d in docs if d["kind"] == "Secret")
     env = env_of(store_container(docs))
     assert env["KVSTORE_S3__ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
         "name": "s3-creds",
@@ -782,20 +843,126 @@ def test_secrets_reach_the_pod_only_through_secret_refs(rendered: dict[str, list
         not {"KVSTORE_S3__ACCESS_KEY_ID", "KVSTORE_S3__SECRET_ACCESS_KEY"}
         & env_of(store_container(rendered["s3-ambient"])).keys()
     )
-    # Auth tokens: a JSON map in the Secret, fed as KVSTORE_AUTH__TOKENS.
+    # Auth tokens: a JSON map in the Secret, fed as KVSTORE_AUTH__TOKENS; the listed ones next to the
+    # generated one, which is also the Secret's `token` (what clients read).
     docs = rendered["auth"]
     ref = env_of(store_container(docs))["KVSTORE_AUTH__TOKENS"]["valueFrom"]["secretKeyRef"]
-    tokens = json.loads(base64.b64decode(one(docs, "Secret", ref["name"])["data"][ref["key"]]))
-    assert tokens == SCENARIOS["auth"]["auth"]["tokens"]
-    assert "tok-a" not in one(docs, "ConfigMap", STORE_CONFIG)["data"]["config.yaml"]
+    data = one(docs, "Secret", ref["name"])["data"]
+    tokens = json.loads(base64.b64decode(data[ref["key"]]))
+    generated = base64.b64decode(data["token"]).decode()
+    assert tokens == {**SCENARIOS["auth"]["auth"]["tokens"], generated: "default"}
+    config = one(docs, "ConfigMap", STORE_CONFIG)["data"]["config.yaml"]
+    assert "tok-a" not in config and generated not in config
     # A secret change rolls the pods.
     assert (
         one(rendered["auth"], "StatefulSet")["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
-        != one(rendered["default"], "StatefulSet")["spec"]["template"]["metadata"]["annotations"][
+        != one(rendered["open"], "StatefulSet")["spec"]["template"]["metadata"]["annotations"][
             "checksum/secret"
         ]
     )
-    assert "KVSTORE_AUTH__TOKENS" not in env_of(store_container(rendered["default"]))
+    assert "KVSTORE_AUTH__TOKENS" not in env_of(store_container(rendered["open"]))
+
+
+def test_default_is_secure_generated_token_and_network_policy(
+    helm: dict[str, str], tmp_path: Path, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Out of the box: auth on with a token the chart generated into its Secret, and a NetworkPolicy that
+    admits the labelled workers/engines to gRPC and Prometheus to the metrics port; the KubeRay workers
+    carry that label and read that Secret."""
+    docs = helm_template(helm, tmp_path, {}, release="kvstore", namespace="kvstore")
+    secret = one(docs, "Secret", "kvstore")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", token), "48 random alphanumerics (~285 bits)"
+    assert json.loads(base64.b64decode(secret["data"]["tokens.json"])) == {token: "default"}
+    assert env_of(store_container(docs))["KVSTORE_AUTH__TOKENS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "kvstore",
+        "key": "tokens.json",
+    }
+    # Generated, not shipped: another render (a fresh install) draws another token.
+    other = one(helm_template(helm, tmp_path, {}, release="kvstore", namespace="kvstore"), "Secret")
+    assert base64.b64decode(other["data"]["token"]).decode() != token
+    # Kept across upgrades: the token is read back from the live Secret by lookup before a new one is drawn.
+    helper = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace (include "kvstore.fullname" .)' in helper
+    policy = one(docs, "NetworkPolicy", "kvstore")
+    grpc_rule, metrics_rule = policy["spec"]["ingress"]
+    assert grpc_rule == {
+        "ports": [{"port": "grpc", "protocol": "TCP"}],
+        "from": [{"podSelector": {"matchLabels": {"kvstore.io/client": "true"}}}],
+    }
+    assert metrics_rule["from"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    ]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= (
+        one(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"].items()
+    )
+    admitted = grpc_rule["from"][0]["podSelector"]["matchLabels"].items()
+    # The `helm test` pod and every KubeRay pod are admitted and take the token from this Secret.
+    test_pod = one(docs, "Pod")
+    assert admitted <= test_pod["metadata"]["labels"].items()
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert env_of(test_pod["spec"]["containers"][0])["KVSTORE_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "kvstore",
+        "key": "token",
+    }
+    ray = yaml.safe_load((DEPLOY / "kuberay" / "raycluster.yaml").read_text())
+    for template in _ray_templates(ray):
+        assert admitted <= template["metadata"]["labels"].items()
+        ref = env_of(template["spec"]["containers"][0])["KVSTORE_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("kvstore", "token")
+
+
+def test_generated_token_is_drawn_once_per_render(helm: dict[str, str], tmp_path: Path) -> None:
+    """The StatefulSet's checksum/secret renders secret.yaml a second time; it must hash the very Secret of
+    this render (one token per render), or the first `helm upgrade` after an install would roll every pod
+    although the token, read back by lookup, did not change."""
+    proc = _run(
+        [helm["HELM_BIN"], "template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", KUBE_VERSION],
+        helm,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sources = {}
+    for part in proc.stdout.split("\n---\n"):
+        head, _, body = part.partition("\n")
+        sources[head.removeprefix("# Source: kvstore/")] = body
+    secret_text = "\n" + sources["templates/secret.yaml"] + "\n"
+    sts = yaml.safe_load(sources["templates/statefulset.yaml"])
+    checksum = sts["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+    assert hashlib.sha256(secret_text.encode()).hexdigest() == checksum
+
+
+def test_auth_and_network_policy_are_turned_off_only_explicitly(
+    helm: dict[str, str], tmp_path: Path, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    docs = rendered["open"]
+    assert "Secret" not in kinds(docs) and "NetworkPolicy" not in kinds(docs)
+    assert "KVSTORE_AUTH__TOKENS" not in env_of(store_container(docs))
+    assert "KVSTORE_TOKEN" not in env_of(one(docs, "Pod")["spec"]["containers"][0])
+    # Off and tokens at once is a contradiction, refused with what to fix.
+    for auth in ({"tokens": {"t-0123456789": "a"}}, {"existingSecret": "mine"}):
+        assert "auth.enabled=false" in helm_template_error(
+            helm, tmp_path, {"auth": {"enabled": False, **auth}}
+        )
+    assert "enabled" in helm_template_error(helm, tmp_path, {"auth": {"enabled": "no"}})
+    assert "tenant" in helm_template_error(helm, tmp_path, {"auth": {"tenant": "a b"}})
+
+
+def test_an_existing_auth_secret_is_used_and_nothing_is_generated(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["auth-existing-secret"]
+    assert "Secret" not in kinds(docs)
+    assert env_of(store_container(docs))["KVSTORE_AUTH__TOKENS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "team-tokens",
+        "key": "map.json",
+    }
+    assert env_of(one(docs, "Pod")["spec"]["containers"][0])["KVSTORE_TOKEN"]["valueFrom"][
+        "secretKeyRef"
+    ] == {
+        "name": "team-tokens",
+        "key": "worker-token",
+    }
+    assert one(docs, "NetworkPolicy")  # the policy stays on
 
 
 def test_tls_mounts_the_certificate_secret_and_probes_fall_back_to_tcp(
@@ -869,8 +1036,9 @@ def test_service_monitor_network_policy_and_hpa(rendered: dict[str, list[dict[st
         redis_policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"].items()
         <= pod_labels.items()
     )
-    for optional in ("ServiceMonitor", "NetworkPolicy", "HorizontalPodAutoscaler"):
+    for optional in ("ServiceMonitor", "HorizontalPodAutoscaler"):
         assert optional not in kinds(rendered["default"])
+    assert "NetworkPolicy" not in kinds(rendered["open"])
 
 
 def test_install_notes(helm: dict[str, str], tmp_path: Path) -> None:
@@ -897,7 +1065,19 @@ def test_install_notes(helm: dict[str, str], tmp_path: Path) -> None:
     text = notes({})
     assert "kvstore.kvstore.svc.cluster.local:50051" in text
     assert "kvstore-<ordinal>.kvstore-headless.kvstore.svc.cluster.local:50051" in text
-    assert "authentication is off" in text
+    assert "authentication is off" not in text and "Authentication is on" in text
+    # How to read the generated token, and the label the NetworkPolicy admits.
+    assert (
+        "export KVSTORE_TOKEN=$(kubectl -n kvstore get secret kvstore -o jsonpath='{.data.token}' | base64 -d)"
+        in text
+    )
+    assert "secretKeyRef: {name: kvstore, key: token}" in text
+    assert "kvstore.io/client=true" in text and "NetworkPolicy is off" not in text
+    text = notes({"auth": {"enabled": False}, "networkPolicy": {"enabled": False}})
+    assert "authentication is off (auth.enabled=false)" in text and "NetworkPolicy is off" in text
+    assert "KVSTORE_TOKEN" not in text
+    text = notes({"auth": {"existingSecret": "mine", "existingSecretClientTokenKey": "client.token"}})
+    assert "get secret mine -o jsonpath='{.data.client\\.token}'" in text and "generated" not in text
     assert "KVSTORE_TARGET=dns:///kvstore-headless.kvstore.svc.cluster.local:50051" in text
     assert "KVSTORE_REPLICATION=1" in text  # one pod: R is capped at the members there are
     text = notes({"auth": {"existingSecret": "tokens"}, "replicaCount": 2, "metrics": {"enabled": False}})
@@ -1000,8 +1180,26 @@ def _pinned(image: str) -> bool:
     return bool(name) and "/" not in tag and tag not in ("latest", "") and any(ch.isdigit() for ch in tag)
 
 
+def _compose_interpolate(text: str, environ: dict[str, str]) -> str:
+    """Compose's `${NAME}` / `${NAME:?message}` interpolation (the forms deploy/compose.yaml uses): an unset
+    or empty NAME with `:?` is an error naming the message, as `docker compose` refuses to start."""
+
+    def one_variable(match: re.Match[str]) -> str:
+        name, required, message = match.group(1), match.group(2), match.group(3)
+        value = environ.get(name, "")
+        if required and not value:
+            raise ValueError(f"required variable {name} is missing a value: {message}")
+        return value
+
+    return re.sub(r"\$\{(\w+)(:\?([^}]*))?\}", one_variable, text)
+
+
 def test_compose_file_is_pinned_and_its_store_env_is_a_valid_config() -> None:
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    raw = (DEPLOY / "compose.yaml").read_text()
+    with pytest.raises(ValueError, match="KVSTORE_TOKEN"):  # no token, no stack: auth is not optional
+        _compose_interpolate(raw, {})
+    token = "compose-token-0123456789abcdef"
+    compose = yaml.safe_load(_compose_interpolate(raw, {"KVSTORE_TOKEN": token}))
     services = compose["services"]
     assert {"store", "store-1", "store-2", "redis", "s3"} <= set(services)
     for name, service in services.items():
@@ -1013,6 +1211,8 @@ def test_compose_file_is_pinned_and_its_store_env_is_a_valid_config() -> None:
     assert store["depends_on"]["redis"]["condition"] == "service_healthy"
     env = {k: str(v) for k, v in store["environment"].items()}
     cfg = load_config(None, environ=env)
+    assert cfg.auth.tokens == {token: "default"}  # the stores accept the token the workers send
+    assert compose["services"]["worker"]["environment"]["KVSTORE_TOKEN"] == token
     assert cfg.redis.enabled and cfg.redis.url == "redis://redis:6379/0"
     assert cfg.s3.enabled and cfg.s3.endpoint_url.startswith("http://s3:")
     assert cfg.server.host == "0.0.0.0" and cfg.metrics.port == 9090

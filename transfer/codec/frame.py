@@ -98,7 +98,13 @@ def encode_group(
     """Encode the layers of one chunk in one pass on the calling thread: one sealed frame per layer.
 
     This is one codec thread's share of :func:`transfer.codec.encode` (the
-    public entry, which documents the arguments). Every quantizer works per
+    public entry, which documents the arguments) and the one place every
+    encoder passes through, so it detaches its inputs: KV straight from a
+    model called outside ``torch.no_grad()`` requires grad, and the CPU
+    kernels' ``.numpy()`` (and the torch path's final one) refuse such
+    tensors. ``detach()`` is a view of the same storage, never a copy, and
+    the encoder only reads, so the caller's autograd graph is untouched.
+    Every quantizer works per
     head row or per (head, channel), so stacking the layers into the head
     dimension gives the same bytes as encoding each alone, with ~1/L of the
     per-call overhead (which dominates at 256 tokens per frame).
@@ -107,6 +113,8 @@ def encode_group(
         return []
     for k, v in layers:
         _check_inputs(k, v)
+    layers = [(k.detach(), v.detach()) for k, v in layers]
+    saliency = saliency.detach() if isinstance(saliency, torch.Tensor) else saliency
     k0 = layers[0][0]
     if any(k.shape != k0.shape or k.dtype != k0.dtype or k.device != k0.device for k, _ in layers):
         raise ShapeMismatch("all layers of a chunk must share shape, dtype and device")

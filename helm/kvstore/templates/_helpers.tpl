@@ -111,9 +111,30 @@ annotations:
 
 {{/* Whether the chart's own Secret has anything to hold. */}}
 {{- define "kvstore.createSecret" -}}
-{{- if or (and .Values.s3.enabled (not .Values.s3.existingSecret) .Values.s3.accessKeyId) (and .Values.auth.tokens (not .Values.auth.existingSecret)) -}}
+{{- if or (and .Values.s3.enabled (not .Values.s3.existingSecret) .Values.s3.accessKeyId) (and .Values.auth.enabled (not .Values.auth.existingSecret)) -}}
 true
 {{- end -}}
+{{- end -}}
+
+{{/*
+The token the chart generates for auth.tenant (auth on, no existingSecret). On an upgrade it is read back
+from the release's live Secret (lookup), so `helm upgrade` neither rotates it nor rolls the pods; on a first
+install, and with `helm template` (no cluster to ask), it is 48 new random characters (~285 bits).
+The token is drawn once per render and remembered in the render's values, so secret.yaml and the
+StatefulSet's checksum of it (which renders secret.yaml a second time) see the same token: otherwise the
+checksum of a first install would not match its Secret and the first upgrade would roll every pod.
+*/}}
+{{- define "kvstore.generatedToken" -}}
+{{- if not (hasKey .Values.auth "_generatedToken") -}}
+{{- $live := lookup "v1" "Secret" .Release.Namespace (include "kvstore.fullname" .) -}}
+{{- $key := .Values.auth.existingSecretClientTokenKey -}}
+{{- $token := randAlphaNum 48 -}}
+{{- if and $live (hasKey ($live.data | default dict) $key) -}}
+{{- $token = index $live.data $key | b64dec -}}
+{{- end -}}
+{{- $_ := set .Values.auth "_generatedToken" $token -}}
+{{- end -}}
+{{- index .Values.auth "_generatedToken" -}}
 {{- end -}}
 
 {{/* Name of the Secret holding S3 credentials, or "" when the pod uses ambient credentials (IRSA, instance role). */}}
@@ -125,10 +146,12 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/* Name of the Secret holding the token map and the clients' token, or "" with auth off. */}}
 {{- define "kvstore.authSecretName" -}}
-{{- if .Values.auth.existingSecret -}}
+{{- if not .Values.auth.enabled -}}
+{{- else if .Values.auth.existingSecret -}}
 {{- .Values.auth.existingSecret -}}
-{{- else if .Values.auth.tokens -}}
+{{- else -}}
 {{- include "kvstore.fullname" . -}}
 {{- end -}}
 {{- end -}}
@@ -137,6 +160,9 @@ true
 {{- define "kvstore.validate" -}}
 {{- if and .Values.s3.enabled (not .Values.s3.existingSecret) (or .Values.s3.accessKeyId .Values.s3.secretAccessKey) (not (and .Values.s3.accessKeyId .Values.s3.secretAccessKey)) -}}
 {{- fail "s3.accessKeyId and s3.secretAccessKey must be set together (or use s3.existingSecret)" -}}
+{{- end -}}
+{{- if and (not .Values.auth.enabled) (or .Values.auth.tokens .Values.auth.existingSecret) -}}
+{{- fail "auth.enabled=false turns authentication off, yet auth.tokens or auth.existingSecret is set: remove them, or keep auth.enabled=true" -}}
 {{- end -}}
 {{- if and .Values.auth.tls.enabled (not .Values.auth.tls.existingSecret) -}}
 {{- fail "auth.tls.enabled needs auth.tls.existingSecret (a kubernetes.io/tls Secret)" -}}
