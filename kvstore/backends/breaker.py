@@ -41,6 +41,9 @@ from kvstore.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
+#: Buckets the error-rate window is counted in.
+_BUCKETS = 10
+
 
 @dataclass(frozen=True)
 class BreakerPolicy:
@@ -105,22 +108,27 @@ class ProbingBreaker(CircuitBreaker):
         self.last_error = ""
         self._prober: threading.Thread | None = None
         self._stop = threading.Event()
-        # (time, failed) of the calls in the last ``policy.window_s``; guarded by ``_lock``.
-        self._window: deque[tuple[float, bool]] = deque()
-        self._window_failures = 0
+        # Calls of the last ``policy.window_s`` as [bucket start, calls, failures], one bucket per
+        # tenth of the window: memory stays a dozen counters however many calls a second a busy
+        # tier serves (the window moves in steps of a tenth). Guarded by ``_lock``.
+        self._buckets: deque[list[float]] = deque()
+        self._bucket_s = policy.window_s / _BUCKETS
 
     def _note(self, now: float, failed: bool) -> None:
-        """Add one call to the window and drop the ones older than ``window_s`` (caller holds ``_lock``)."""
-        self._window.append((now, failed))
-        self._window_failures += failed
+        """Count one call in the window and drop the buckets that left it (caller holds ``_lock``)."""
+        if not self._buckets or now >= self._buckets[-1][0] + self._bucket_s:
+            self._buckets.append([now, 0, 0])
+        bucket = self._buckets[-1]
+        bucket[1] += 1
+        bucket[2] += failed
         horizon = now - self.policy.window_s
-        while self._window and self._window[0][0] < horizon:
-            _, old = self._window.popleft()
-            self._window_failures -= old
+        while self._buckets and self._buckets[0][0] < horizon:
+            self._buckets.popleft()
 
     def _rate_exceeded(self) -> bool:
-        calls = len(self._window)
-        return calls >= self.policy.min_calls and self._window_failures >= self.policy.error_rate * calls
+        calls = sum(b[1] for b in self._buckets)
+        failures = sum(b[2] for b in self._buckets)
+        return calls >= self.policy.min_calls and failures >= self.policy.error_rate * calls
 
     @property
     def closed(self) -> bool:
@@ -142,8 +150,7 @@ class ProbingBreaker(CircuitBreaker):
             was_open = self._state != self.CLOSED
             if was_open:
                 # A fresh start: failures from before the outage say nothing about the server now.
-                self._window.clear()
-                self._window_failures = 0
+                self._buckets.clear()
             else:
                 self._note(self._clock(), False)
             self._state = self.CLOSED

@@ -148,6 +148,10 @@ def test_a_slow_tier_never_answers_not_found_for_durable_keys_nor_opens_its_brea
             t.join()
         proxy.fast()
     report = (name, dict(answers), proxy.num_slowed, tier.counters.errors, tier.counters.breaker_trips)
+    print(
+        f"\nslow {name}: answers {dict(answers)}; replies slowed {proxy.num_slowed}; "
+        f"tier errors {tier.counters.errors}; breaker trips {tier.counters.breaker_trips}"
+    )
     assert answers["NOT_FOUND"] == 0 and answers["WRONG_BYTES"] == 0, report
     assert tier.counters.breaker_trips == 0 and tier.breaker.state == "closed", report
     assert answers["OK"] >= 50, report
@@ -199,7 +203,13 @@ def test_blobs_that_skipped_a_dead_tier_are_written_behind_once_it_returns(
         # 600 KiB through a 64 KiB RAM tier: evicted there, served from what is kept for the tier.
         assert all(_get(stub, key) == (C.OK, blob) for key, blob in truth.items())
         proc.restart()  # same port, empty
+        back_at = time.monotonic()
         assert _wait(lambda: store.write_behind_pending()[name] == (0, 0)), store.write_behind_pending()
+        print(
+            f"\n{name} down then back: {pending} blobs ({pending_bytes} bytes) kept, all in the tier "
+            f"{time.monotonic() - back_at:.2f} s after its restart returned; "
+            f"dropped {tier.counters.write_behind_dropped}"
+        )
         keys = [BlobKey(NS, key, 0) for key in truth]
         assert tier.get_many(keys) == list(truth.values())  # in the tier itself now
         assert tier.counters.write_behind_written >= len(truth)
