@@ -128,6 +128,16 @@ def encode_commit(batch: int) -> bytes:
     return encode_header(KIND_COMMIT, _COMMIT_NAME, b"", batch)
 
 
+def _aborted(header: bytes) -> bytes:
+    """A batch record's header turned into a ``KIND_ABORTED`` one: same length (the payload stays
+    where it is, skipped), the kind byte (after the magic and the version) changed, checksum redone."""
+    head = bytearray(header)
+    head[len(MAGIC) + 1] = KIND_ABORTED
+    summed = len(head) - _SUM.size
+    head[summed:] = _SUM.pack(xxhash.xxh3_64_intdigest(bytes(head[:summed])))
+    return bytes(head)
+
+
 def _payload_intact(kind: int, data: bytes, psum: int) -> bool:
     """Whether a record's payload matches the checksum in its (already verified) header."""
     if kind in _SEALED_KINDS:
@@ -411,12 +421,8 @@ class DiskBackend(Backend):
             ):
                 if seg.doomed or seg.fd < 0:
                     continue
-                head = bytearray(header)
-                head[5] = KIND_ABORTED
-                summed = len(head) - _SUM.size
-                head[summed:] = _SUM.pack(xxhash.xxh3_64_intdigest(bytes(head[:summed])))
                 with contextlib.suppress(OSError):
-                    os.pwrite(seg.fd, bytes(head), payload_at - len(header))
+                    os.pwrite(seg.fd, _aborted(header), payload_at - len(header))
 
     def _hold_before_commit(self, batch: int) -> None:
         """Test-only (``_KVSTORE_TEST_HOLD_BEFORE_COMMIT``): stop between a batch's blobs and its
@@ -856,8 +862,7 @@ class DiskBackend(Backend):
                 for done in sorted(b for b in self._pending if b <= batch):
                     for rec_seg, _at, rec_key, rec_payload_at, rec_length in self._pending.pop(done):
                         self._index_record(rec_seg, KIND_PUT_BATCH, rec_key, rec_payload_at, rec_length)
-            elif kind != KIND_ABORTED:
-                assert key is not None  # only a commit record has no key
+            elif kind != KIND_ABORTED and key is not None:  # (only a commit record has no key)
                 self._index_record(seg, kind, key, payload_at, length)
             offset = payload_at + length
         return offset
@@ -890,11 +895,7 @@ class DiskBackend(Backend):
             for seg, offset, _key, payload_at, _length in self._pending[batch]:
                 if seg.fd < 0:
                     continue
-                head = bytearray(os.pread(seg.fd, payload_at - offset, offset))
-                head[5] = KIND_ABORTED  # the kind byte (after the 4-byte magic and the version)
-                summed = len(head) - _SUM.size
-                head[summed:] = _SUM.pack(xxhash.xxh3_64_intdigest(bytes(head[:summed])))
-                os.pwrite(seg.fd, bytes(head), offset)
+                os.pwrite(seg.fd, _aborted(os.pread(seg.fd, payload_at - offset, offset)), offset)
                 touched.add(seg.id)
                 voided += 1
         for seg_id in touched:
