@@ -9,6 +9,9 @@ Real servers throughout: an in-process kvstore server with a 64 KiB RAM tier and
   client retries), but the breaker stays closed, so no other read skips the tier, and no Get
   of a key acknowledged with ``ack: durable`` ever answers NOT_FOUND. Before issue 24 the first
   slow call opened the breaker and the Gets in that window answered NOT_FOUND.
+* **Frozen.** While the only tier holding a key acknowledged ``ack: durable`` cannot be read
+  (SIGSTOP), its Get answers UNAVAILABLE, never NOT_FOUND (before issue 24: 25 of 40 NOT_FOUND),
+  and is served once the tier answers again.
 * **Down, then back.** With the tier's server killed, Puts acknowledged in RAM
   (``ack: memory``) skip it; they are kept for it (served from there to Gets although the
   tiny RAM tier evicted them) and written to it once it answers again. Before issue 24 they
@@ -215,3 +218,48 @@ def test_blobs_that_skipped_a_dead_tier_are_written_behind_once_it_returns(
         assert tier.counters.write_behind_written >= len(truth)
         assert tier.counters.write_behind_dropped == 0
         assert all(_get(stub, key) == (C.OK, blob) for key, blob in truth.items())
+
+
+def test_a_key_only_a_frozen_tier_holds_is_unavailable_not_not_found(
+    tmp_path: Path, fresh_redis_server: RedisProcess, unique_name: str
+) -> None:
+    """While the only tier holding a durably acknowledged key cannot be read, its Get is
+    UNAVAILABLE (retry), never NOT_FOUND; once the tier answers again the same Get is served."""
+    overrides = {
+        **REMOTE_READS,
+        **_tier_overrides("redis", "127.0.0.1", fresh_redis_server.port, unique_name, None),
+        "redis.breaker_reset_s": 0.1,
+    }
+    rng = random.Random(3)
+    truth = {rng.randbytes(KEY_BYTES): make_blob(rng.randbytes(BLOB_BYTES)) for _ in range(40)}
+    with serving(store_config(tmp_path, **overrides)) as server:
+        tier = server.store.tier("redis")
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.KVStoreStub(channel)
+            for key, blob in truth.items():
+                assert _put(stub, key, blob, pb.ACK_DURABLE)[0] is C.OK
+            fresh_redis_server.pause()
+            try:
+                answers: Counter[str] = Counter()
+                details: set[str] = set()
+                for key, blob in truth.items():
+                    code, text, got = rpc_code(
+                        lambda k=key: list(
+                            stub.Get(
+                                pb.GetRequest(namespace=NS, keys=[k], layer_start=0, layer_end=1), timeout=10
+                            )
+                        )
+                    )
+                    answers[code.name] += 1
+                    if code is C.OK:
+                        assert got[0].blob == blob
+                    else:
+                        details.add(text)
+            finally:
+                fresh_redis_server.resume()
+            # The 64 KiB RAM tier holds a few of the 40 (served); the rest only Redis holds.
+            assert answers["NOT_FOUND"] == 0 and answers["UNAVAILABLE"] >= 20, dict(answers)
+            assert set(answers) <= {"OK", "UNAVAILABLE"}, dict(answers)
+            assert all("redis" in d and "may hold" in d for d in details), details
+            assert _wait(lambda: tier.breaker.state == "closed")
+            assert all(_get(stub, key) == (C.OK, blob) for key, blob in truth.items())
