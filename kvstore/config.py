@@ -102,9 +102,17 @@ class RedisConfig:
     #: Time budget of one call (connect + read, pool wait and any retry); 0: connect + read + 0.15 s.
     budget_s: float = 0.0
     #: Failed calls in a row that open the circuit breaker (the tier is then skipped).
-    breaker_threshold: int = 1
+    breaker_threshold: int = 3
     #: How often an open breaker probes the server in the background; it closes on the first answer.
     breaker_reset_s: float = 0.5
+    #: The breaker also opens when this share of the calls in the last ``breaker_window_s``
+    #: failed, once there were at least ``breaker_min_calls`` of them (isolated slow calls never do).
+    breaker_error_rate: float = 0.5
+    breaker_window_s: float = 10.0
+    breaker_min_calls: int = 20
+    #: Blob bytes kept (in RAM) for this tier while it is skipped, written behind once it answers
+    #: again; past it the oldest are dropped and counted (``write_behind_dropped``). 0: off.
+    write_behind_max_bytes: int = 256 * MiB
     #: Redis Cluster mode: ``url`` is one node; ``cluster_nodes`` (comma-separated host:port)
     #: adds more startup nodes, so the tier starts while any one of them is up.
     cluster: bool = False
@@ -130,9 +138,17 @@ class S3Config:
     #: Time budget of one call (connect + read and any retry); 0: connect + read + 0.05 s.
     budget_s: float = 0.0
     #: Failed calls in a row that open the circuit breaker (the tier is then skipped).
-    breaker_threshold: int = 1
+    breaker_threshold: int = 3
     #: How often an open breaker probes S3 in the background; it closes on the first answer.
     breaker_reset_s: float = 0.5
+    #: The breaker also opens when this share of the calls in the last ``breaker_window_s``
+    #: failed, once there were at least ``breaker_min_calls`` of them (isolated slow calls never do).
+    breaker_error_rate: float = 0.5
+    breaker_window_s: float = 10.0
+    breaker_min_calls: int = 20
+    #: Blob bytes kept (in RAM) for this tier while it is skipped, written behind once it answers
+    #: again; past it the oldest are dropped and counted (``write_behind_dropped``). 0: off.
+    write_behind_max_bytes: int = 256 * MiB
 
 
 @dataclass(frozen=True)
@@ -286,8 +302,13 @@ def validate(config: StoreConfig) -> None:
         "pool_size",
         "breaker_threshold",
         "breaker_reset_s",
+        "breaker_window_s",
+        "breaker_min_calls",
     ):
         positive(f"redis.{name}", getattr(r, name))
+    if not 0 < r.breaker_error_rate <= 1:
+        raise ValueError(f"redis.breaker_error_rate must be in (0, 1], got {r.breaker_error_rate}")
+    non_negative("redis.write_behind_max_bytes", r.write_behind_max_bytes)
     if r.budget_s and r.budget_s < r.connect_timeout_s + r.socket_timeout_s:
         raise ValueError(
             f"redis.budget_s ({r.budget_s}) must be 0 (auto) or >= redis.connect_timeout_s + "
@@ -322,8 +343,13 @@ def validate(config: StoreConfig) -> None:
         "multipart_threshold_bytes",
         "breaker_threshold",
         "breaker_reset_s",
+        "breaker_window_s",
+        "breaker_min_calls",
     ):
         positive(f"s3.{name}", getattr(s3, name))
+    if not 0 < s3.breaker_error_rate <= 1:
+        raise ValueError(f"s3.breaker_error_rate must be in (0, 1], got {s3.breaker_error_rate}")
+    non_negative("s3.write_behind_max_bytes", s3.write_behind_max_bytes)
     if s3.budget_s and s3.budget_s < s3.connect_timeout_s + s3.timeout_s:
         raise ValueError(
             f"s3.budget_s ({s3.budget_s}) must be 0 (auto) or >= s3.connect_timeout_s + "

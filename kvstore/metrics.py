@@ -52,6 +52,9 @@ TIER_FIELDS = (
     "breaker_trips",
 )
 
+#: Tier counters exported as metrics only (the Stats RPC's TierStats message does not carry them).
+METRIC_ONLY_FIELDS = ("write_behind_queued", "write_behind_written", "write_behind_dropped")
+
 
 def tier_fields(stat: Any) -> dict[str, Any]:
     """Flatten one ``TieredStore.tier_stats()`` record (name, usage, counters, healthy)
@@ -105,6 +108,21 @@ class TierCollector(Collector):
             "breaker_trips",
             "Times the tier's circuit breaker opened (a failed or timed-out call; the tier is then skipped)",
         ),
+        (
+            "kvstore_tier_write_behind_queued",
+            "write_behind_queued",
+            "Blobs a write skipped this tier for (breaker open or failed call), kept to write behind",
+        ),
+        (
+            "kvstore_tier_write_behind_written",
+            "write_behind_written",
+            "Kept blobs written to this tier once it answered again",
+        ),
+        (
+            "kvstore_tier_write_behind_dropped",
+            "write_behind_dropped",
+            "Kept blobs dropped unwritten past the tier's write_behind_max_bytes (then in RAM only)",
+        ),
     )
     _GAUGES = (
         ("kvstore_tier_bytes", "bytes", "Bytes stored in this tier"),
@@ -118,7 +136,11 @@ class TierCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         try:
-            tiers = [tier_fields(t) for t in self._tier_stats()]
+            tiers = [
+                tier_fields(t)
+                | {f: int(stat_value(stat_value(t, "counters", None), f, 0)) for f in METRIC_ONLY_FIELDS}
+                for t in self._tier_stats()
+            ]
         except Exception:  # a scrape must never take the server down
             tiers = []
         for metric, attr, doc in self._COUNTERS:

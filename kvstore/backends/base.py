@@ -57,6 +57,11 @@ class BackendCounters:
     corrupt_records: int = 0
     #: Times the tier's circuit breaker opened (remote tiers).
     breaker_trips: int = 0
+    #: Blobs a write skipped this tier for (breaker open, failed call), kept to write behind;
+    #: of those, written once the tier answered again, and dropped past the bounded backlog.
+    write_behind_queued: int = 0
+    write_behind_written: int = 0
+    write_behind_dropped: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:
@@ -74,6 +79,9 @@ class Backend(ABC):
     persistent: bool = False
     #: Evicts by itself to stay within a byte budget.
     bounded: bool = False
+    #: Blob bytes the tiered store keeps for this tier while a write skips it, to write them
+    #: behind once it answers again (0: none). Remote tiers take it from their config section.
+    write_behind_max_bytes: int = 0
 
     def __init__(self) -> None:
         self.counters = BackendCounters()

@@ -3,12 +3,23 @@
 Why not the caller-probes breaker of ``retry.py``: when a server *hangs* (SIGSTOP, a
 frozen host, a black-holed route) every call that reaches it waits its full timeout.
 A breaker that lets one caller through as a probe after each cool-down makes one
-client request per cool-down pay that timeout, forever, while the outage lasts. This
-one opens on the first failed call (``failure_threshold=1``: a timeout is already a
-long wait, a second one is not more information) and from then on no caller touches
-the backend at all; a daemon thread calls ``probe`` every ``probe_interval_s`` with the
-same time budget, and the first successful probe closes the breaker. A hung tier is
-then skipped exactly like a dead one, and comes back by itself after it recovers.
+client request per cool-down pay that timeout, forever, while the outage lasts. Once
+this one is open no caller touches the backend at all; a daemon thread calls ``probe``
+every ``probe_interval_s`` with the same time budget, and the first successful probe
+closes the breaker. A hung tier is then skipped exactly like a dead one, and comes back
+by itself after it recovers.
+
+When it opens (:class:`BreakerPolicy`): after a *run* of ``failure_threshold`` failed
+calls in a row (default 3), or when at least ``min_calls`` calls in the last
+``window_s`` seconds failed at ``error_rate`` or more (default: half of at least 20 in
+10 s). Not on one or two slow calls: a loaded but healthy S3 server that let two reads
+run past the 0.35 s read timeout used to open it (threshold 1) for ~50 ms, and every
+read in that window skipped the tier, so 53 of 533 Gets of acknowledged keys answered
+NOT_FOUND (issue 24). A call that fails is still a failure for its caller (the tiered
+store answers UNAVAILABLE for a miss it could not confirm); only the *skipping of the
+tier for every later call* waits for the run or the rate. The price: a tier that dies
+costs ``failure_threshold`` failed calls (each at most one budget when it hangs, and
+concurrent calls pay in parallel) before it is skipped.
 
 The class keeps the interface :class:`~kvstore.backends.retry.Guard` drives
 (``before_call`` / ``record_success`` / ``record_failure``, ``state``, ``num_trips``),
@@ -21,38 +32,74 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
 from kvstore.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
+#: Buckets the error-rate window is counted in.
+_BUCKETS = 10
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """When a :class:`ProbingBreaker` opens: a run of failures, or an error rate over a window.
+
+    ``failure_threshold`` failed calls in a row open it at once (a dead server fails every
+    call). Otherwise it opens once the last ``window_s`` seconds hold at least ``min_calls``
+    calls of which ``error_rate`` or more failed (a flapping or overloaded server whose
+    successes keep resetting the run). Isolated failures, such as a slow call that ran past
+    its timeout now and then, open neither.
+    """
+
+    failure_threshold: int = 3
+    error_rate: float = 0.5
+    window_s: float = 10.0
+    min_calls: int = 20
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise ValueError(f"breaker failure_threshold must be >= 1, got {self.failure_threshold}")
+        if not 0.0 < self.error_rate <= 1.0:
+            raise ValueError(f"breaker error_rate must be in (0, 1], got {self.error_rate}")
+        if self.window_s <= 0:
+            raise ValueError(f"breaker window_s must be > 0, got {self.window_s}")
+        if self.min_calls < 1:
+            raise ValueError(f"breaker min_calls must be >= 1, got {self.min_calls}")
+
 
 class ProbingBreaker(CircuitBreaker):
-    """Closed → (``failure_threshold`` failures, default 1) → open → (a background probe succeeds) → closed.
+    """Closed → (:class:`BreakerPolicy`: a run of failures or an error rate) → open → (a background probe succeeds) → closed.
 
     ``probe`` must raise on failure and be bounded by the tier's own timeouts (it runs
     on a daemon thread, never on a request). ``on_open`` runs each time the circuit opens
     (tiers bump their ``breaker_trips`` counter there, for Stats and metrics). ``num_probes`` counts probe attempts and
     ``open_since`` is the monotonic time the breaker last opened (None while closed),
-    for Stats, metrics and logs.
+    for Stats, metrics and logs. ``failure_threshold`` is the run length; ``policy``, when
+    given, replaces it and sets the error-rate window too.
     """
 
     def __init__(
         self,
         name: str,
         probe: Callable[[], object] | None = None,
-        failure_threshold: int = 1,
+        failure_threshold: int = 3,
         probe_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         on_open: Callable[[], object] | None = None,
+        policy: BreakerPolicy | None = None,
     ) -> None:
         if probe_interval_s <= 0:
             raise ValueError("probe_interval_s must be > 0")
+        policy = policy or BreakerPolicy(failure_threshold=failure_threshold)
         super().__init__(
-            name, failure_threshold=failure_threshold, reset_timeout_s=probe_interval_s, clock=clock
+            name, failure_threshold=policy.failure_threshold, reset_timeout_s=probe_interval_s, clock=clock
         )
+        self.policy = policy
         self.probe = probe
         self.probe_interval_s = probe_interval_s
         self.on_open = on_open
@@ -61,6 +108,27 @@ class ProbingBreaker(CircuitBreaker):
         self.last_error = ""
         self._prober: threading.Thread | None = None
         self._stop = threading.Event()
+        # Calls of the last ``policy.window_s`` as [bucket start, calls, failures], one bucket per
+        # tenth of the window: memory stays a dozen counters however many calls a second a busy
+        # tier serves (the window moves in steps of a tenth). Guarded by ``_lock``.
+        self._buckets: deque[list[float]] = deque()
+        self._bucket_s = policy.window_s / _BUCKETS
+
+    def _note(self, now: float, failed: bool) -> None:
+        """Count one call in the window and drop the buckets that left it (caller holds ``_lock``)."""
+        if not self._buckets or now >= self._buckets[-1][0] + self._bucket_s:
+            self._buckets.append([now, 0, 0])
+        bucket = self._buckets[-1]
+        bucket[1] += 1
+        bucket[2] += failed
+        horizon = now - self.policy.window_s
+        while self._buckets and self._buckets[0][0] < horizon:
+            self._buckets.popleft()
+
+    def _rate_exceeded(self) -> bool:
+        calls = sum(b[1] for b in self._buckets)
+        failures = sum(b[2] for b in self._buckets)
+        return calls >= self.policy.min_calls and failures >= self.policy.error_rate * calls
 
     @property
     def closed(self) -> bool:
@@ -80,26 +148,45 @@ class ProbingBreaker(CircuitBreaker):
     def record_success(self) -> None:
         with self._lock:
             was_open = self._state != self.CLOSED
-        super().record_success()
+            if was_open:
+                # A fresh start: failures from before the outage say nothing about the server now.
+                self._buckets.clear()
+            else:
+                self._note(self._clock(), False)
+            self._state = self.CLOSED
+            self._failures = 0
+            self._probing = False
         if was_open:
             log.warning("tier %s: circuit closed, the backend answers again", self.name)
         self.open_since = None
 
     def record_failure(self, error: BaseException | str | None = None) -> None:
-        with self._lock:
-            was_closed = self._state == self.CLOSED
-        super().record_failure(error)
         if error is not None:
             self.last_error = str(error)
-        with self._lock:
-            opened = was_closed and self._state != self.CLOSED
-            if opened:
-                self.open_since = self._clock()
-        if opened and self.on_open is not None:
-            self.on_open()
+        if self.probe is None:
+            with self._lock:
+                was_closed = self._state == self.CLOSED
+            super().record_failure(error)
+            with self._lock:
+                opened = was_closed and self._state != self.CLOSED
+        else:
+            with self._lock:
+                now = self._clock()
+                self._failures += 1
+                self._note(now, True)
+                opened = self._state == self.CLOSED and (
+                    self._failures >= self.policy.failure_threshold or self._rate_exceeded()
+                )
+                if opened:
+                    self._state = self.OPEN
+                    self._opened_at = now
+                    self.num_trips += 1
         if opened:
+            self.open_since = self._clock()
+            if self.on_open is not None:
+                self.on_open()
             log.warning(
-                "tier %s: circuit open after a failed call (%s); skipping it, probing every %.2f s",
+                "tier %s: circuit open (%s); skipping it, probing every %.2f s",
                 self.name,
                 self.last_error or "failure",
                 self.probe_interval_s,
@@ -154,16 +241,16 @@ def remote_guard(
     deadline_s: float,
     backoff: Backoff | None,
     max_attempts: int,
-    breaker_threshold: int,
     breaker_reset_s: float,
+    policy: BreakerPolicy,
     retry: Retry | None = None,
     breaker: CircuitBreaker | None = None,
 ) -> Guard:
     """The call policy every remote tier (Redis, S3) uses, built in one place.
 
     By default: exponential backoff (20 ms to 250 ms) within ``deadline_s``, and a
-    :class:`ProbingBreaker` that opens on the first failed call, so while it is open no
-    request touches the tier and a daemon thread runs ``probe`` (under the same timeouts)
+    :class:`ProbingBreaker` that opens as ``policy`` says (a run of failures or an error
+    rate), so while it is open no request touches the tier and a daemon thread runs ``probe`` (under the same timeouts)
     until it answers. ``retry=`` / ``breaker=`` replace either outright (tests do). No
     on_failure counter: the TieredStore counts each BackendUnavailable it catches.
     """
@@ -174,5 +261,7 @@ def remote_guard(
         retry_on=retry_on,
         retry_if=retry_if,
     )
-    breaker = breaker or ProbingBreaker(tier, probe, breaker_threshold, breaker_reset_s, on_open=on_open)
+    breaker = breaker or ProbingBreaker(
+        tier, probe, probe_interval_s=breaker_reset_s, on_open=on_open, policy=policy
+    )
     return Guard(retry, breaker, translate)

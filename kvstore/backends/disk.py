@@ -18,6 +18,15 @@ GB), so the write path is a few large sequential writes and the read path one
   fsynced when they were sealed), so its payloads are checksummed too, and the
   first torn or garbled record ends it: the file is truncated there. Everything
   before it -- everything acknowledged under ``fsync="always"`` -- is kept.
+* Several blobs written together (``put_sealed_many``: a Put stream, the layers of a
+  chunk) are a *batch*: their records carry a batch id, and a *commit record* follows
+  them (fsynced after them under ``fsync="always"``). They enter the index together,
+  after the commit record is written, and a recovery indexes a batch's records only
+  once it finds its commit: a process killed between the blobs and the commit leaves
+  none of them visible after a restart, and the recovery voids them for good. Batches
+  are written one at a time, so a commit record vouches for every batch up to its id;
+  a sealed segment with commit records that is reclaimed early hands that on with one
+  new commit record in the active segment.
 * A delete appends a *tombstone* record so the key stays deleted after a restart.
 * The byte budget counts segment files. Eviction removes the *oldest* segment as
   a whole (one ``unlink``, no compaction I/O) but first re-appends the blobs in
@@ -65,7 +74,19 @@ KIND_TOMBSTONE = 2
 #: tiered store has verified: the record's payload checksum *is* that trailer, so a write hashes
 #: nothing; recovery checks the blob against its own trailer and the trailer against the header.
 KIND_PUT_SEALED = 3
-_PUT_KINDS = (KIND_PUT, KIND_PUT_SEALED)
+#: A sealed put that is one of several blobs written together (a Put stream): its header carries
+#: the batch id, and recovery indexes it only once it finds that batch's commit record.
+KIND_PUT_BATCH = 4
+#: A batch's commit record: no payload, name ``#commit``, the batch id in its header. It says
+#: "every batch with an id up to this one is complete" (batches are written one at a time).
+KIND_COMMIT = 5
+#: A batch record whose commit never made it to disk, voided by a recovery (skipped for good).
+KIND_ABORTED = 6
+_PUT_KINDS = (KIND_PUT, KIND_PUT_SEALED, KIND_PUT_BATCH)
+_SEALED_KINDS = (KIND_PUT_SEALED, KIND_PUT_BATCH)
+_BATCH_KINDS = (KIND_PUT_BATCH, KIND_COMMIT, KIND_ABORTED)
+_KINDS = (*_PUT_KINDS, KIND_TOMBSTONE, KIND_COMMIT, KIND_ABORTED)
+_COMMIT_NAME = b"#commit"
 _TRAILER = 8  # kvstore.integrity.TRAILER_BYTES (not imported: the disk tier does not interpret blobs)
 #: magic, format version, kind, name length, payload length, payload XXH3-64.
 _FIXED = struct.Struct("<4sBBHQQ")
@@ -74,15 +95,21 @@ MAX_NAME_BYTES = 4096
 _SEGMENT_RE = re.compile(r"^(\d{10})\.seg$")
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 FSYNC_MODES = ("always", "batch", "never")
+#: TEST ONLY, off unless set: a namespace whose batches stop between their blobs and their commit
+#: record until the process is killed (tests/integration/test_crash_restart.py SIGKILLs it there).
+#: Read once at import, as no production setting is; the leading underscore keeps it out of the
+#: KVSTORE_* configuration namespace.
+_HOLD_BEFORE_COMMIT = os.environ.get("_KVSTORE_TEST_HOLD_BEFORE_COMMIT", "")
 
 
-def encode_header(kind: int, name: bytes, payload: bytes | memoryview) -> bytes:
-    """Record header: fixed fields, the key name, then XXH3-64 of both.
+def encode_header(kind: int, name: bytes, payload: bytes | memoryview, batch: int = 0) -> bytes:
+    """Record header: fixed fields, the key name, the batch id (batch kinds only), then XXH3-64 of all that.
 
-    The payload checksum is XXH3-64 of the payload, except for ``KIND_PUT_SEALED``
-    where it is read from the blob's own trailer (no pass over the payload).
+    The payload checksum is XXH3-64 of the payload, except for sealed kinds
+    (``KIND_PUT_SEALED``, ``KIND_PUT_BATCH``) where it is read from the blob's own
+    trailer (no pass over the payload).
     """
-    if kind == KIND_PUT_SEALED:
+    if kind in _SEALED_KINDS:
         if len(payload) < _TRAILER:
             raise ValueError(
                 f"a sealed blob is at least its {_TRAILER}-byte trailer long, got {len(payload)}"
@@ -91,12 +118,29 @@ def encode_header(kind: int, name: bytes, payload: bytes | memoryview) -> bytes:
     else:
         psum = xxhash.xxh3_64_intdigest(payload) if len(payload) else 0
     head = _FIXED.pack(MAGIC, FORMAT_VERSION, kind, len(name), len(payload), psum) + name
+    if kind in _BATCH_KINDS:
+        head += _SUM.pack(batch)
     return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
+
+
+def encode_commit(batch: int) -> bytes:
+    """The commit record of batch ``batch`` (a header with no payload)."""
+    return encode_header(KIND_COMMIT, _COMMIT_NAME, b"", batch)
+
+
+def _aborted(header: bytes) -> bytes:
+    """A batch record's header turned into a ``KIND_ABORTED`` one: same length (the payload stays
+    where it is, skipped), the kind byte (after the magic and the version) changed, checksum redone."""
+    head = bytearray(header)
+    head[len(MAGIC) + 1] = KIND_ABORTED
+    summed = len(head) - _SUM.size
+    head[summed:] = _SUM.pack(xxhash.xxh3_64_intdigest(bytes(head[:summed])))
+    return bytes(head)
 
 
 def _payload_intact(kind: int, data: bytes, psum: int) -> bool:
     """Whether a record's payload matches the checksum in its (already verified) header."""
-    if kind == KIND_PUT_SEALED:
+    if kind in _SEALED_KINDS:
         view = memoryview(data)
         return (
             len(data) >= _TRAILER
@@ -130,7 +174,19 @@ def _pwritev_all(fd: int, bufs: list[Any], offset: int) -> None:
 
 
 class _Segment:
-    __slots__ = ("id", "path", "fd", "size", "put_bytes", "live", "tombstones", "refs", "doomed", "dirty")
+    __slots__ = (
+        "id",
+        "path",
+        "fd",
+        "size",
+        "put_bytes",
+        "live",
+        "tombstones",
+        "refs",
+        "doomed",
+        "dirty",
+        "max_commit",
+    )
 
     def __init__(self, seg_id: int, path: str, fd: int, size: int = 0) -> None:
         self.id = seg_id
@@ -143,6 +199,7 @@ class _Segment:
         self.refs = 0
         self.doomed = False
         self.dirty = False
+        self.max_commit = 0  # highest batch id of a commit record in this segment (0: none)
 
 
 class _Entry:
@@ -192,6 +249,13 @@ class DiskBackend(Backend):
         self._disk_bytes = 0
         self._closed = False
         self._lock_fd = -1
+        # Batches (see KIND_PUT_BATCH): the highest id used and the highest id committed; during
+        # recovery, the batch records whose commit has not been seen yet.
+        self._max_batch = 0
+        self._committed = 0
+        self._pending: dict[int, list[tuple[_Segment, int, BlobKey | None, int, int]]] = {}
+        #: Batch records a recovery voided because their commit record was missing (for tests and logs).
+        self.num_uncommitted_voided = 0
         try:
             os.makedirs(self.path, exist_ok=True)
             self._lock_fd = os.open(
@@ -200,6 +264,7 @@ class DiskBackend(Backend):
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._recover()
             self._active = self._new_segment(max(self._segments, default=0) + 1)
+            self._committed = max(self._committed, self._max_batch)  # anything older was voided
         except OSError as exc:
             self._close_fds()
             raise BackendUnavailable(f"disk tier at {self.path} cannot be opened: {exc}") from exc
@@ -284,15 +349,24 @@ class DiskBackend(Backend):
         self._put_records(items, KIND_PUT_SEALED)
 
     def _put_records(self, items: Sequence[tuple[BlobKey, bytes]], kind: int) -> None:
-        records = []
-        for key, blob in items:
+        names = []
+        for key, _blob in items:
             name = key.name().encode()
             if len(name) > MAX_NAME_BYTES:
                 raise ValueError(f"blob name longer than {MAX_NAME_BYTES} bytes: {name[:80]!r}...")
-            records.append((kind, key, encode_header(kind, name, blob), blob))
+            names.append(name)
+        # Several sealed blobs (a Put stream, the layers of a chunk) are one batch: visible
+        # together, now and after a crash (see _write_batch). One record needs no batch.
+        batched = kind == KIND_PUT_SEALED and len(items) > 1
         with self._write_lock:
             self._check_open()
             self._check_medium()
+            batch = self._max_batch + 1 if batched else 0
+            rkind = KIND_PUT_BATCH if batched else kind
+            records = [
+                (rkind, key, encode_header(rkind, name, blob, batch), blob)
+                for (key, blob), name in zip(items, names, strict=True)
+            ]
             too_large = [r for r in records if self.max_bytes and len(r[2]) + len(r[3]) > self.max_bytes]
             if too_large:
                 records = [
@@ -300,11 +374,65 @@ class DiskBackend(Backend):
                 ]
                 self.counters.add(evictions=len(too_large))
                 self._delete_locked([r[1] for r in too_large])
+            if batched and records:
+                self._max_batch = batch
+                self._write_batch(batch, records)
+            else:
+                for group in self._groups(records):
+                    self._make_room(sum(len(r[2]) + len(r[3]) for r in group))
+                    self._publish(group, self._append(group))
+                self._sync_if_always()
+            self._reclaim_dead()
+
+    def _write_batch(self, batch: int, records: list[Any]) -> None:
+        """Append a batch's records, then its commit record, then make them visible (writer lock held).
+
+        Nothing of the batch is in the index until its commit record is written (and, with
+        ``fsync="always"``, the records are fsynced before the commit is written and the commit
+        after it), and a recovery indexes batch records only when it finds their commit. A
+        process that dies in between leaves records no restart will show. If a write fails here,
+        the records already written are voided before the error is raised.
+        """
+        written: list[tuple[list[Any], list[tuple[_Segment, int, int]]]] = []
+        try:
             for group in self._groups(records):
                 self._make_room(sum(len(r[2]) + len(r[3]) for r in group))
-                self._publish(group, self._append(group))
+                written.append((group, self._append(group)))
             self._sync_if_always()
-            self._reclaim_dead()
+            if _HOLD_BEFORE_COMMIT and any(r[1].namespace == _HOLD_BEFORE_COMMIT for r in records):
+                self._hold_before_commit(batch)
+            commit = (KIND_COMMIT, None, encode_commit(batch), b"")
+            self._make_room(len(commit[2]))
+            [(seg, _, _)] = self._append([commit])
+            seg.max_commit = max(seg.max_commit, batch)
+            self._sync_if_always()
+        except BaseException:
+            self._void_written(written)
+            raise
+        self._committed = batch
+        # One publish (one hold of the index lock) for the whole batch: readers see all or none.
+        self._publish([r for group, _ in written for r in group], [p for _, ps in written for p in ps])
+
+    def _void_written(self, written: list[tuple[list[Any], list[tuple[_Segment, int, int]]]]) -> None:
+        """Best effort, after a failed batch write: mark its records aborted so no later commit shows them."""
+        for group, placements in written:
+            for (_kind, _key, header, _payload), (seg, payload_at, _length) in zip(
+                group, placements, strict=True
+            ):
+                if seg.doomed or seg.fd < 0:
+                    continue
+                with contextlib.suppress(OSError):
+                    os.pwrite(seg.fd, _aborted(header), payload_at - len(header))
+
+    def _hold_before_commit(self, batch: int) -> None:
+        """Test-only (``_KVSTORE_TEST_HOLD_BEFORE_COMMIT``): stop between a batch's blobs and its
+        commit record, with the blobs written (and fsynced per the policy), until the process is
+        killed. A marker file in the disk directory tells the test the moment has come."""
+        marker = os.path.join(self.path, "HELD-BEFORE-COMMIT")
+        with open(marker, "w") as f:
+            f.write(str(batch))
+        log.warning("disk tier: test hook: holding batch %d before its commit record until killed", batch)
+        threading.Event().wait()
 
     def delete(self, key: BlobKey) -> bool:
         return self.delete_many([key]) == 1
@@ -410,7 +538,9 @@ class DiskBackend(Backend):
                 old = self._index.pop(key, None)
                 if old is not None:
                     old.seg.live.discard(key)
-                if kind in _PUT_KINDS:
+                if seg.doomed:  # evicted while the rest of its batch was written: gone, as evicted
+                    self.counters.add(evictions=int(kind in _PUT_KINDS))
+                elif kind in _PUT_KINDS:
                     self._index[key] = _Entry(seg, offset, length)
                     seg.live.add(key)
                     seg.put_bytes += length
@@ -512,6 +642,12 @@ class DiskBackend(Backend):
                     for k in keep
                 ]
                 self._publish(recs, self._append(recs))
+            if seg.max_commit:
+                # Its commit records may be the only ones for batches whose blobs live on in older
+                # segments: one commit of the newest committed batch, appended, covers them all.
+                commit = (KIND_COMMIT, None, encode_commit(self._committed), b"")
+                [(active, _, _)] = self._append([commit])
+                active.max_commit = max(active.max_commit, self._committed)
         self._remove_segment(seg)
 
     def _remove_segment(self, seg: _Segment) -> None:
@@ -611,13 +747,15 @@ class DiskBackend(Backend):
             seg.size = end
             self._segments[seg_id] = seg
             self._disk_bytes += end
+        self._void_uncommitted()
 
     def _record_at(
         self, seg: _Segment, offset: int, size: int, verify_payload: bool
-    ) -> tuple[int, BlobKey, int, int] | None:
-        """The record starting at ``offset`` as (kind, key, payload offset, length), or None if it fails
-        any check: magic, version, kind, name length, header checksum, length within the file, a
-        parseable name and, with ``verify_payload``, the payload checksum."""
+    ) -> tuple[int, BlobKey | None, int, int, int] | None:
+        """The record starting at ``offset`` as (kind, key, payload offset, length, batch id), or None
+        if it fails any check: magic, version, kind, name length, header checksum, length within the
+        file, a parseable name (``None`` for a commit record) and, with ``verify_payload``, the
+        payload checksum of a put."""
         fixed = _FIXED.size
         if offset + fixed + _SUM.size > size:
             return None
@@ -625,29 +763,34 @@ class DiskBackend(Backend):
         if len(head) < fixed + _SUM.size:
             return None
         magic, version, kind, name_len, length, psum = _FIXED.unpack_from(head)
-        if magic != MAGIC or version != FORMAT_VERSION or kind not in (*_PUT_KINDS, KIND_TOMBSTONE):
+        if magic != MAGIC or version != FORMAT_VERSION or kind not in _KINDS:
             return None
         if name_len == 0 or name_len > MAX_NAME_BYTES:
             return None
-        header_len = fixed + name_len + _SUM.size
+        summed = fixed + name_len + (_SUM.size if kind in _BATCH_KINDS else 0)
+        header_len = summed + _SUM.size
         if len(head) < header_len:
             head = os.pread(seg.fd, header_len, offset)
             if len(head) < header_len:
                 return None
-        if xxhash.xxh3_64_intdigest(head[: fixed + name_len]) != _SUM.unpack_from(head, fixed + name_len)[0]:
+        if xxhash.xxh3_64_intdigest(head[:summed]) != _SUM.unpack_from(head, summed)[0]:
             return None
+        batch = _SUM.unpack_from(head, fixed + name_len)[0] if kind in _BATCH_KINDS else 0
         payload_at = offset + header_len
-        if payload_at + length > size or (kind == KIND_PUT_SEALED and length < _TRAILER):
+        if payload_at + length > size or (kind in _SEALED_KINDS and length < _TRAILER):
             return None
-        if verify_payload and length:
+        if verify_payload and length and kind in _PUT_KINDS:
             data = os.pread(seg.fd, length, payload_at)
             if len(data) != length or not _payload_intact(kind, data, psum):
                 return None
+        name = head[fixed : fixed + name_len]
+        if kind == KIND_COMMIT:
+            return (kind, None, payload_at, length, batch) if name == _COMMIT_NAME else None
         try:
-            key = _parse_name(head[fixed : fixed + name_len].decode())
+            key = _parse_name(name.decode())
         except ValueError:
             return None
-        return kind, key, payload_at, length
+        return kind, key, payload_at, length, batch
 
     def _resync(self, seg: _Segment, bad: int, size: int) -> int | None:
         """The offset of the first valid record after the bad one at ``bad``, or None.
@@ -706,15 +849,63 @@ class DiskBackend(Backend):
                     os.fsync(seg.fd)
                 offset = nxt
                 continue
-            kind, key, payload_at, length = record
-            old = self._index.pop(key, None)
-            if old is not None:
-                old.seg.live.discard(key)
-            if kind in _PUT_KINDS:
-                self._index[key] = _Entry(seg, payload_at, length)
-                seg.live.add(key)
-                seg.put_bytes += length
-            else:
-                seg.tombstones.add(key)
+            kind, key, payload_at, length, batch = record
+            if kind == KIND_PUT_BATCH:
+                # Not visible until its batch's commit record turns up (later in this segment or
+                # a newer one); a batch with none is voided by _recover.
+                self._pending.setdefault(batch, []).append((seg, offset, key, payload_at, length))
+                self._max_batch = max(self._max_batch, batch)
+            elif kind == KIND_COMMIT:
+                self._max_batch = max(self._max_batch, batch)
+                self._committed = max(self._committed, batch)
+                seg.max_commit = max(seg.max_commit, batch)
+                for done in sorted(b for b in self._pending if b <= batch):
+                    for rec_seg, _at, rec_key, rec_payload_at, rec_length in self._pending.pop(done):
+                        self._index_record(rec_seg, KIND_PUT_BATCH, rec_key, rec_payload_at, rec_length)
+            elif kind != KIND_ABORTED and key is not None:  # (only a commit record has no key)
+                self._index_record(seg, kind, key, payload_at, length)
             offset = payload_at + length
         return offset
+
+    def _index_record(self, seg: _Segment, kind: int, key: BlobKey, payload_at: int, length: int) -> None:
+        """Replay one put or tombstone into the index (recovery)."""
+        old = self._index.pop(key, None)
+        if old is not None:
+            old.seg.live.discard(key)
+        if kind in _PUT_KINDS:
+            self._index[key] = _Entry(seg, payload_at, length)
+            seg.live.add(key)
+            seg.put_bytes += length
+        else:
+            seg.tombstones.add(key)
+
+    def _void_uncommitted(self) -> None:
+        """Void the records of batches whose commit record is not on disk (recovery, after every segment).
+
+        Such a batch is the one being written when the process died (batches are written one at
+        a time, each ended by its commit), so none of it was acknowledged. Its records are
+        rewritten as ``KIND_ABORTED`` (same length, header checksum recomputed) rather than left
+        as they are, so that a later commit of a newer batch cannot make them visible.
+        """
+        if not self._pending:
+            return
+        voided = 0
+        touched: set[int] = set()
+        for batch in sorted(self._pending):
+            for seg, offset, _key, payload_at, _length in self._pending[batch]:
+                if seg.fd < 0:
+                    continue
+                os.pwrite(seg.fd, _aborted(os.pread(seg.fd, payload_at - offset, offset)), offset)
+                touched.add(seg.id)
+                voided += 1
+        for seg_id in touched:
+            os.fsync(self._segments[seg_id].fd)
+        self.num_uncommitted_voided += voided
+        log.warning(
+            "disk tier: %s: voided %d record(s) of %d Put batch(es) whose commit record never reached "
+            "the disk (the process stopped between a stream's blobs and its commit; none was acknowledged)",
+            self.path,
+            voided,
+            len(self._pending),
+        )
+        self._pending.clear()

@@ -40,7 +40,7 @@ import redis.exceptions
 import redis.retry
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
-from kvstore.backends.breaker import ProbingBreaker, remote_guard
+from kvstore.backends.breaker import BreakerPolicy, ProbingBreaker, remote_guard
 from kvstore.backends.retry import Backoff, CircuitBreaker, Retry, call_budget
 from kvstore.errors import BackendUnavailable
 
@@ -156,8 +156,12 @@ class RedisBackend(Backend):
         pool_size: int = 32,
         backoff: Backoff | None = None,
         max_attempts: int = 3,
-        breaker_threshold: int = 1,
+        breaker_threshold: int = 3,
         breaker_reset_s: float = 0.5,
+        breaker_error_rate: float = 0.5,
+        breaker_window_s: float = 10.0,
+        breaker_min_calls: int = 20,
+        write_behind_max_bytes: int = 256 << 20,
         retry: Retry | None = None,
         breaker: CircuitBreaker | None = None,
         connect_timeout_s: float = 0.1,
@@ -203,12 +207,14 @@ class RedisBackend(Backend):
             deadline_s=budget_s - attempt_s,
             backoff=backoff,
             max_attempts=max_attempts,
-            breaker_threshold=breaker_threshold,
             breaker_reset_s=breaker_reset_s,
+            policy=BreakerPolicy(breaker_threshold, breaker_error_rate, breaker_window_s, breaker_min_calls),
             retry=retry,
             breaker=breaker,
         )
         self.breaker = self._guard.breaker
+        #: Bytes of blobs the tiered store may hold for this tier while it is skipped (write-behind).
+        self.write_behind_max_bytes = write_behind_max_bytes
 
     @classmethod
     def from_config(cls, section: Any) -> Backend:

@@ -50,7 +50,7 @@ import botocore.exceptions
 import xxhash
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
-from kvstore.backends.breaker import ProbingBreaker, remote_guard
+from kvstore.backends.breaker import BreakerPolicy, ProbingBreaker, remote_guard
 from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Retry, call_budget
 from kvstore.errors import BackendUnavailable
 
@@ -288,8 +288,12 @@ class S3Backend(Backend):
         multipart_threshold_bytes: int = 64 << 20,
         backoff: Backoff | None = None,
         max_attempts: int = 3,
-        breaker_threshold: int = 1,
+        breaker_threshold: int = 3,
         breaker_reset_s: float = 0.5,
+        breaker_error_rate: float = 0.5,
+        breaker_window_s: float = 10.0,
+        breaker_min_calls: int = 20,
+        write_behind_max_bytes: int = 256 << 20,
         retry: Retry | None = None,
         breaker: CircuitBreaker | None = None,
         index_cache_size: int = 65536,
@@ -356,12 +360,14 @@ class S3Backend(Backend):
             deadline_s=budget_s - attempt_s,
             backoff=backoff,
             max_attempts=max_attempts,
-            breaker_threshold=breaker_threshold,
             breaker_reset_s=breaker_reset_s,
+            policy=BreakerPolicy(breaker_threshold, breaker_error_rate, breaker_window_s, breaker_min_calls),
             retry=retry,
             breaker=breaker,
         )
         self.breaker = self._guard.breaker
+        #: Bytes of blobs the tiered store may hold for this tier while it is skipped (write-behind).
+        self.write_behind_max_bytes = write_behind_max_bytes
         # S3 down at start-up: the server still starts; the bucket is made on first use.
         with contextlib.suppress(BackendUnavailable):
             self._ensure_bucket()

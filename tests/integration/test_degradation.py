@@ -2,9 +2,10 @@
 
 Each test owns its Redis or S3 process (``fresh_*`` fixtures) and SIGKILLs or
 SIGSTOPs it mid-run. What must hold: reads still come from the tiers that are
-up; keys only the dead tier had are misses, never wrong bytes and never an
-exception; writes still land in the remaining tiers; errors are counted; the
-circuit breaker stops the store from hammering a dead server; and when the
+up; keys only the dead tier had are "unknown" while it is away (BackendUnavailable,
+UNAVAILABLE on the wire: it may hold them) and plain misses once it is back empty,
+never wrong bytes; writes still land in the remaining tiers; errors are counted;
+the circuit breaker stops the store from hammering a dead server; and when the
 server returns the backend recovers by itself, with no restart of the store.
 """
 
@@ -103,7 +104,8 @@ def test_redis_killed_mid_run(
 
     assert st.store.get_many(keys(1)) == blobs(1)  # from RAM
     assert st.store.get_many(keys(3)) == blobs(3)  # Redis is skipped, S3 answers
-    assert st.store.get_many(keys(2)) == [None] * LAYERS  # only the dead tier had it: a miss
+    with pytest.raises(BackendUnavailable, match="redis"):
+        st.store.get_many(keys(2))  # only the dead tier had it: unknown, not absent
     st.store.put_many(items(4))  # writes still land in the live tiers
     for live in (st.memory, st.disk, st.s3):
         assert live.get_many(keys(4)) == blobs(4), live.name
@@ -144,20 +146,24 @@ def test_s3_killed_mid_run(
     fresh_s3_server.kill()
 
     assert st.store.get_many(keys(11)) == blobs(11)
-    assert st.store.get_many(keys(12)) == [None] * LAYERS
+    with pytest.raises(BackendUnavailable, match="s3"):
+        st.store.get_many(keys(12))  # only in the dead tier: unknown, not absent
     st.store.put_many(items(13))
     for live in (st.memory, st.disk, st.redis):
         assert live.get_many(keys(13)) == blobs(13), live.name
-    assert st.s3.counters.errors == 2  # the failed read and the failed write, counted by the store
+    # The failed read and the failed write, counted by the store (and any failed write-behind).
+    assert st.s3.counters.errors >= 2
 
-    # A third failure in a row opens the breaker; while open, S3 is not even dialled
+    # A third failure in a row opens the breaker (if the write-behind of items 13 has not
+    # already); while open, S3 is not even dialled
     # (long cool-down for this check only, so a slow machine cannot turn it into a probe).
     st.s3.breaker.reset_timeout_s = 60
     with pytest.raises(BackendUnavailable):
         st.s3.get(keys(12)[0])
     assert st.s3.breaker.state == CircuitBreaker.OPEN
     requests.clear()
-    assert st.store.get_many(keys(12)) == [None] * LAYERS
+    with pytest.raises(BackendUnavailable, match="circuit open"):
+        st.store.get_many(keys(12))
     assert requests == []
     st.s3.breaker.reset_timeout_s = 0.2
 
@@ -180,7 +186,8 @@ def test_hung_redis_times_out_then_recovers(
     try:
         start = time.monotonic()
         assert st.store.get_many(keys(21)) == blobs(21)  # S3 serves while Redis hangs
-        assert st.store.get_many(keys(22)) == [None] * LAYERS
+        with pytest.raises(BackendUnavailable, match="redis"):
+            st.store.get_many(keys(22))  # only the hung tier has it: unknown
         # Bounded by the socket timeout and retry deadline (0.5 s, 1 s), far below the test timeout.
         assert time.monotonic() - start < 10
         assert st.redis.counters.errors >= 2

@@ -1,14 +1,17 @@
-"""The probing circuit breaker on its own: opens on the first failure, no caller probes, a
-background probe closes it. Real threads and a real (short) probe interval; no servers."""
+"""The probing circuit breaker on its own: when it opens (a run of failures or an error rate over
+a window, never one or two isolated failures), no caller probes while open, a background probe
+closes it. Real threads and a real (short) probe interval; no servers. The policy tests drive
+the breaker through a real :class:`Guard` and step an injected clock instead of sleeping."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
-from kvstore.backends.breaker import ProbingBreaker
+from kvstore.backends.breaker import BreakerPolicy, ProbingBreaker
 from kvstore.backends.retry import Guard, NoBackoff, Retry
 from kvstore.errors import BackendUnavailable
 
@@ -22,7 +25,7 @@ def _wait(cond, timeout_s: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
     return cond()
 
 
-def test_opens_on_first_failure_fails_fast_and_closes_after_a_background_probe() -> None:
+def test_opens_on_its_threshold_fails_fast_and_closes_after_a_background_probe() -> None:
     up = threading.Event()
     probes: list[float] = []
     opened: list[int] = []
@@ -32,7 +35,9 @@ def test_opens_on_first_failure_fails_fast_and_closes_after_a_background_probe()
         if not up.is_set():
             raise ConnectionError("still down")
 
-    breaker = ProbingBreaker("t", probe, probe_interval_s=0.05, on_open=lambda: opened.append(1))
+    breaker = ProbingBreaker(
+        "t", probe, failure_threshold=1, probe_interval_s=0.05, on_open=lambda: opened.append(1)
+    )
     guard = Guard(
         Retry(NoBackoff(), max_attempts=1, retry_on=(ConnectionError,)),
         breaker,
@@ -90,7 +95,7 @@ def test_a_server_answering_with_an_error_that_is_not_an_outage_keeps_it_closed(
 
 
 def test_without_a_probe_it_falls_back_to_caller_probes() -> None:
-    breaker = ProbingBreaker("t", None, probe_interval_s=0.05)
+    breaker = ProbingBreaker("t", None, failure_threshold=1, probe_interval_s=0.05)
     breaker.record_failure(ConnectionError("x"))
     with pytest.raises(BackendUnavailable):
         breaker.before_call()
@@ -98,3 +103,132 @@ def test_without_a_probe_it_falls_back_to_caller_probes() -> None:
     breaker.before_call()  # this caller is the probe
     breaker.record_success()
     assert breaker.state == ProbingBreaker.CLOSED
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _policy_guard(policy: BreakerPolicy, clock: _Clock) -> tuple[ProbingBreaker, Callable[[bool], None]]:
+    """A breaker with a probe that never answers (so only callers' outcomes move it), and
+    ``call(ok)``: one guarded call that succeeds or times out."""
+
+    def probe() -> None:
+        raise TimeoutError("still slow")
+
+    breaker = ProbingBreaker("t", probe, probe_interval_s=60.0, clock=clock, policy=policy)
+    guard = Guard(
+        Retry(NoBackoff(), max_attempts=1, retry_on=(TimeoutError,)),
+        breaker,
+        lambda exc: BackendUnavailable(f"timed out: {exc}") if isinstance(exc, TimeoutError) else None,
+    )
+
+    def call(ok: bool) -> None:
+        def fn() -> None:
+            if not ok:
+                raise TimeoutError("read timeout after 0.35 s")
+
+        try:
+            guard(fn)
+        except BackendUnavailable:
+            if ok:
+                raise
+
+    return breaker, call
+
+
+def test_isolated_slow_calls_never_open_it() -> None:
+    """The issue-24 case: a loaded server lets a read run past its timeout now and then."""
+    clock = _Clock()
+    breaker, call = _policy_guard(BreakerPolicy(failure_threshold=3, error_rate=0.5, min_calls=20), clock)
+    try:
+        for i in range(500):
+            call(ok=i % 5 not in (0, 1))  # two slow calls in a row, then three good ones: 40 %
+            clock.now += 0.01
+            assert breaker.state == ProbingBreaker.CLOSED, i
+        assert breaker.num_trips == 0
+    finally:
+        breaker.close()
+
+
+def test_a_run_of_failures_opens_it_on_the_threshold() -> None:
+    clock = _Clock()
+    breaker, call = _policy_guard(BreakerPolicy(failure_threshold=3), clock)
+    try:
+        call(ok=False)
+        call(ok=False)
+        assert breaker.state == ProbingBreaker.CLOSED
+        call(ok=True)  # a success ends the run
+        call(ok=False)
+        call(ok=False)
+        assert breaker.state == ProbingBreaker.CLOSED
+        call(ok=False)
+        assert breaker.state == ProbingBreaker.OPEN and breaker.num_trips == 1
+        with pytest.raises(BackendUnavailable, match="circuit open"):
+            breaker.before_call()
+    finally:
+        breaker.close()
+
+
+def test_an_error_rate_over_the_window_opens_it_without_a_run() -> None:
+    clock = _Clock()
+    breaker, call = _policy_guard(BreakerPolicy(failure_threshold=3, error_rate=0.5, min_calls=20), clock)
+    try:
+        for i in range(19):
+            call(ok=i % 2 == 1)  # fail, ok, fail, ...: never two failures in a row
+            clock.now += 0.01
+        assert breaker.state == ProbingBreaker.CLOSED  # 10 of 19: too few calls to judge
+        call(ok=True)
+        assert breaker.state == ProbingBreaker.CLOSED  # 10 of 20 but the last call succeeded
+        call(ok=False)
+        assert breaker.state == ProbingBreaker.OPEN  # 11 of 21 >= 50 %
+    finally:
+        breaker.close()
+
+
+def test_failures_older_than_the_window_are_forgotten() -> None:
+    clock = _Clock()
+    policy = BreakerPolicy(failure_threshold=3, error_rate=0.5, window_s=1.0, min_calls=4)
+    breaker, call = _policy_guard(policy, clock)
+    try:
+        for ok in (False, False, True):  # 2 of 3: too few calls to judge
+            call(ok=ok)
+            clock.now += 0.1
+        clock.now += 1.0  # those three leave the window
+        call(ok=False)  # counted with them this would be 3 of 4 failed
+        assert breaker.state == ProbingBreaker.CLOSED
+        call(ok=True)
+        call(ok=False)
+        call(ok=False)  # 3 of 4 within the window (and no run of 3)
+        assert breaker.state == ProbingBreaker.OPEN
+    finally:
+        breaker.close()
+
+
+def test_a_probe_that_closes_it_starts_a_fresh_window() -> None:
+    clock = _Clock()
+    policy = BreakerPolicy(failure_threshold=2, error_rate=0.5, min_calls=4)
+    breaker, call = _policy_guard(policy, clock)
+    try:
+        call(ok=False)
+        call(ok=False)
+        assert breaker.state == ProbingBreaker.OPEN
+        breaker.record_success()  # what a successful background probe does
+        assert breaker.state == ProbingBreaker.CLOSED
+        call(ok=False)  # one failure after the outage: neither a run nor a rate yet
+        assert breaker.state == ProbingBreaker.CLOSED
+    finally:
+        breaker.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("failure_threshold", 0), ("error_rate", 0.0), ("error_rate", 1.5), ("window_s", 0.0), ("min_calls", 0)],
+)
+def test_policy_values_are_checked(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        BreakerPolicy(**{field: value})

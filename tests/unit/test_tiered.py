@@ -284,3 +284,48 @@ def test_durable_write_with_no_persistent_tier_stores_nothing(tiers: tuple, tmp_
     ram_only = TieredStore([MemoryBackend(max_bytes=1 << 20)])
     with pytest.raises(BackendUnavailable, match="no persistent tier .* is configured"):
         ram_only.put_many([(key(43), blob(43))], durable=True)
+
+
+def test_a_miss_with_a_tier_skipped_is_unknown_not_absent(tiers: tuple, tmp_path: Path) -> None:
+    """A key in no tier that answered, while a tier that may hold it could not be read, is
+    BackendUnavailable (UNAVAILABLE, retry) -- not None (NOT_FOUND): an acknowledged Put may
+    have put it exactly in the tier that was skipped."""
+    mem, disk, cold = tiers
+    store = TieredStore([mem, disk, cold])
+    cold.put(key(30), blob(30))  # only the cold tier holds it
+    store.put(key(31), blob(31))
+    assert store.get(key(32)) is None  # every tier answered: absent
+    shutil.rmtree(tmp_path / "cold")  # the cold tier cannot be read any more
+    with pytest.raises(BackendUnavailable, match=r"cold .*may hold"):
+        store.get(key(30))
+    # A disk tier's index still says what it holds: a key it never had is absent, not unknown.
+    assert store.get(key(32)) is None
+    assert store.get(key(31)) == blob(31)  # found above the skipped tier: served
+    assert store.get_many([key(31)]) == [blob(31)]
+
+
+def test_a_skipped_write_is_kept_served_and_bounded(tiers: tuple, tmp_path: Path) -> None:
+    mem, disk, cold = tiers
+    size = 4096
+    cold.write_behind_max_bytes = 3 * size  # room for three blobs
+    store = TieredStore([mem, disk, cold])
+    try:
+        shutil.rmtree(tmp_path / "cold")  # every write now skips the cold tier
+        store.put_many([(key(40), blob(40)), (key(41), blob(41))])
+        assert store.write_behind_pending() == {"cold": (2, 2 * size)}
+        assert cold.counters.write_behind_queued == 2 and cold.counters.write_behind_dropped == 0
+        mem.delete(key(40))
+        disk.delete(key(40))
+        # Only the backlog holds it now: served from there, and found by Lookup, not "unknown".
+        assert store.get(key(40)) == blob(40)
+        assert store.exists_chunks(NS, [key(40).chunk], 1)[0] == 1
+        store.put_many([(key(42), blob(42)), (key(43), blob(43))])  # one over the bound
+        assert store.write_behind_pending() == {"cold": (3, 3 * size)}
+        assert cold.counters.write_behind_dropped == 1  # the oldest, key 40
+        mem.delete(key(40))  # (the read above promoted it)
+        disk.delete(key(40))
+        assert store.get(key(40)) is None  # dropped (and counted): in no tier now
+        assert store.delete_chunks(NS, [key(41).chunk], 1) == 1
+        assert store.write_behind_pending() == {"cold": (2, 2 * size)}  # a delete forgets kept blobs
+    finally:
+        store.close()
