@@ -68,6 +68,7 @@ from transfer.membership import (
     Resolver,
     StaticMembership,
     View,
+    check_distinct,
     parse_target,
     resolve_host,
 )
@@ -133,6 +134,7 @@ class ClusterKVClient(BlockingApi):
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvstore-cluster")
         self._pending: list[Future[Any]] = []  # background copies of write_ack="one"
+        self._repairing: list[Future[Any]] = []  # repair workers (transfer.repair)
         self._closed = False
 
     @property
@@ -178,6 +180,7 @@ class ClusterKVClient(BlockingApi):
         if self._closed:
             return
         self._closed = True
+        self._cluster.repairs.clear()
         self._pool.shutdown(wait=True)
         self._cluster.membership.close()
         with self._lock:
@@ -191,6 +194,21 @@ class ClusterKVClient(BlockingApi):
             pending, self._pending = self._pending, []
         for f in pending:
             f.exception()  # a background copy's failure was counted; caller errors surface on the ack path
+
+    def drain_repairs(self, timeout_s: float | None = None) -> bool:
+        """Wait until the repairs this client has queued are done (read repair and the hints of
+        replicas that answered again; see :mod:`transfer.repair`). False if ``timeout_s`` ran out."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                self._repairing = [f for f in self._repairing if not f.done()]
+                running = list(self._repairing)
+            if not running:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            wait(running, timeout=left)
 
     # -- the effects of transfer.cluster_ops, carried out with threads -----------------------------
 
@@ -228,7 +246,24 @@ class ClusterKVClient(BlockingApi):
             return None
         if kind is cops.Drain:
             return self.drain()
+        if kind is cops.Background:
+            future = self._pool.submit(self._run, effect.op)
+            with self._lock:
+                self._repairing.append(future)
+            return None
+        if kind is cops.Copy:
+            return self._copy(effect)
         raise TypeError(f"ClusterKVClient cannot perform {effect!r}")
+
+    def _copy(self, effect: cops.Copy) -> int:
+        """One member's Get streamed into another's Put: no more than a Put batch in memory."""
+        keys, n = effect.keys, effect.num_layers
+        layers = self._client(effect.source).get_layers(effect.namespace, keys, 0, n)
+        try:
+            items = ((k, layer, n, b) for layer, blobs in layers for k, b in zip(keys, blobs, strict=True))
+            return self._client(effect.target).put(effect.namespace, items).bytes_stored
+        finally:
+            layers.close()
 
     @staticmethod
     def _error(effect: Any, exc: Exception) -> Exception | None:
@@ -306,12 +341,16 @@ def make_membership(
     grace_s: float = DEFAULT_GRACE_S,
     resolver: Resolver | None = None,
 ) -> Membership:
-    """The membership a list or ``dns:///`` target names (a single ``host:port`` is a list of one)."""
+    """The membership a list or ``dns:///`` target names (a single ``host:port`` is a list of one).
+
+    A static list is checked after resolving its names (:func:`check_distinct`):
+    one server under two spellings is refused with :class:`InvalidTarget`."""
     parsed = parse_target(target)
     if parsed.kind == "dns":
         return DnsMembership(
             parsed.host, parsed.port, refresh_s=refresh_s, grace_s=grace_s, resolver=resolver or resolve_host
         )
+    check_distinct(parsed.members)
     return StaticMembership(parsed.members, grace_s=grace_s)
 
 

@@ -22,10 +22,16 @@ Effects (besides :class:`transfer.ops.Emit`):
 * :class:`Fan` — run sub-operations side by side and return their results in
   order; :class:`Spawn` / :class:`WaitAny` / :class:`Detach` / :class:`Drain` —
   the same with an early return (``write_ack="one"``) and background copies.
+* :class:`Background` — run an operation (a :func:`repair_worker`) detached;
+  nothing waits for it but ``drain_repairs`` and ``close``.
+* :class:`Copy` — stream layers ``[0, num_layers)`` of some chunks from one
+  member's Get into another member's Put (bounded memory: the member client's
+  Put batches); the bytes stored. A :class:`TransferError` is thrown back in.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -35,7 +41,10 @@ from kvstore.wire import Blob, PutRequestView
 from transfer.core import PutResult, StoreStats
 from transfer.errors import InvalidArgument, NotFound, TransferError, Unavailable
 from transfer.ops import END, Emit, Op
+from transfer.repair import RepairJob
 from transfer.routing import ClusterCore, GetShare, acknowledged
+
+log = logging.getLogger("transfer.cluster")
 
 
 @dataclass(slots=True)
@@ -98,8 +107,27 @@ class Drain:
     pass
 
 
+@dataclass(slots=True)
+class Background:
+    """Start ``op`` and do not wait for it (read repair, hinted handoff)."""
+
+    op: Op[Any]
+
+
+@dataclass(slots=True)
+class Copy:
+    """Layers ``[0, num_layers)`` of ``keys`` read from ``source`` and put to ``target``: the bytes
+    stored. The blobs are verified on receipt by the member client, as every Get's."""
+
+    source: str
+    target: str
+    namespace: str
+    keys: tuple[bytes, ...]
+    num_layers: int
+
+
 #: Effects whose failure (a TransferError) the operation handles itself.
-FALLIBLE = (Member, Next)
+FALLIBLE = (Member, Next, Copy)
 
 
 # -- lookup -------------------------------------------------------------------------------------------
@@ -126,7 +154,11 @@ def lookup(
         )
         state.absorb(plan, dict(zip(members, (yield Fan(asks)), strict=True)))
         plan = state.next_plan()
-    return state.result()
+    total = state.result()
+    for member, positions in state.holes(total).items():  # read repair, in the background
+        if cluster.repairs.offer(member, ns, [keys[i] for i in positions], num_layers):
+            yield Background(repair_worker(cluster))
+    return total
 
 
 def _lookup_one(
@@ -137,7 +169,8 @@ def _lookup_one(
     except TransferError as exc:
         cluster.failed(member, exc)
         return None
-    cluster.succeeded(member)
+    if cluster.succeeded(member):  # it answers again: the copies it missed while down are owed
+        yield Background(repair_worker(cluster))
     cluster.count(member, lookups=1, lookup_keys=len(keys), lookup_present=n)
     return n
 
@@ -228,8 +261,10 @@ def _put_one(
     except TransferError as exc:
         cluster.failed(member, exc)
         cluster.count(member, puts_dropped=len(indices))
+        cluster.hint(member, batch, indices)
         return None
-    cluster.put_done(member, batch, indices)
+    if cluster.put_done(member, batch, indices):
+        yield Background(repair_worker(cluster))
     return result
 
 
@@ -246,6 +281,7 @@ def get_layers(
         return
     view = yield CurrentView()
     tried: dict[int, set[str]] = {}
+    missed: dict[str, list[int]] = {}  # owners that answered NOT_FOUND: repaired once the Get is done
     streams: list[GetShare] = []
     for member, positions in cluster.plan_get(keys, range(len(keys)), view, tried).items():
         streams.append((yield from _open(ns, keys, member, positions, start, end, timeout_s, False, cluster)))
@@ -263,6 +299,9 @@ def get_layers(
             except TransferError as err:
                 yield Close(stream.source)
                 cluster.failed(stream.member, err)
+                if isinstance(err, NotFound):
+                    missed.setdefault(stream.member, []).extend(stream.positions)
+                    cluster.owe(stream.member)
                 for i in stream.positions:
                     tried.setdefault(i, set()).add(stream.member)
                 for member, positions in cluster.plan_get(keys, stream.positions, view, tried).items():
@@ -278,6 +317,10 @@ def get_layers(
         yield Emit((layer, blobs))
     for stream in streams:
         yield Close(stream.source)
+    for member, positions in missed.items():  # every key was found elsewhere: give the copies back
+        owned = [keys[i] for i in positions if member in cluster.owners(keys[i], view.members)]
+        if owned and cluster.repairs.offer(member, ns, owned, end):
+            yield Background(repair_worker(cluster))
 
 
 def _open(
@@ -295,6 +338,73 @@ def _open(
     source = yield OpenLayers(member, args, {"timeout_s": timeout_s})
     cluster.count(member, gets=1, fallbacks=int(fallback))
     return GetShare(member, positions, source, fallback)
+
+
+# -- repair -------------------------------------------------------------------------------------------
+
+
+def repair_worker(cluster: ClusterCore) -> Op[None]:
+    """Run the queued repair jobs (:class:`transfer.repair.Repairs`) one after the other until none
+    is left. In the background: every failure is counted, none is raised."""
+    while (job := cluster.repairs.take()) is not None:
+        try:
+            yield from repair(cluster, job)
+        except TransferError as exc:  # a caller error (auth, quota) of the copy: nobody to raise it to
+            cluster.count(job.member, repairs_failed=1)
+            log.warning("kvstore cluster: repair of %s failed: %s", job.member, exc)
+        finally:
+            cluster.repairs.done(job)
+
+
+def repair(cluster: ClusterCore, job: RepairJob, timeout_s: float | None = None) -> Op[int]:
+    """Give ``job.member`` the chunks of ``job.keys`` it lacks, copied from another candidate; the
+    bytes copied.
+
+    The member is asked first (one Lookup per missing chunk, since a Lookup
+    answers up to the first miss), so a chunk it already holds costs no copy.
+    Each missing chunk is read from its other candidates in turn until one copy
+    succeeds; when none can give it, the chunk is left (counted in
+    ``repairs_failed``) for a later read to find again.
+    """
+    member, ns, num_layers = job.member, job.namespace, job.num_layers
+    cluster.count(member, repairs=1)
+    keys, missing = list(job.keys), []
+    while keys:
+        try:
+            n = yield Member(member, "lookup", (ns, keys, num_layers), {"timeout_s": timeout_s})
+        except TransferError as exc:
+            cluster.failed(member, exc)
+            cluster.count(member, repairs_failed=len(keys))
+            return 0
+        cluster.repairs.verified(member, ns, keys[:n])
+        missing += keys[n : n + 1]
+        keys = keys[n + 1 :]
+    copied = 0
+    view = yield CurrentView()
+    tried: dict[bytes, set[str]] = {k: {member} for k in missing}
+    while missing:
+        plan, lost = cluster.plan_copy(missing, view, tried)
+        if lost:
+            cluster.count(member, repairs_failed=len(lost))
+        missing = []
+        for source, part in plan.items():
+            # one stream for the lot; if it fails, one chunk at a time, so one chunk the source
+            # lacks does not send the others to the next candidate
+            for group in [part] if len(part) == 1 else [part, *([k] for k in part)]:
+                try:
+                    nbytes = yield Copy(source, member, ns, tuple(group), num_layers)
+                except TransferError as exc:  # the source lacks one, or either end failed
+                    log.debug("kvstore cluster: copy %s -> %s failed: %s", source, member, exc)
+                    if len(group) == 1:
+                        tried[group[0]].add(source)
+                        missing.append(group[0])
+                    continue
+                copied += nbytes
+                cluster.count(member, chunks_repaired=len(group), bytes_repaired=nbytes)
+                cluster.repairs.verified(member, ns, group)
+                if group is part:
+                    break
+    return copied
 
 
 # -- delete, stats, readiness -------------------------------------------------------------------------
