@@ -18,13 +18,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from kvstore.cli import main as cli_main
 from kvstore.keys import chunk_keys
+from kvstore.testing.reliability import run_replica_repair
 from tests.fixtures.store import ServerProcess, make_blob, start_server_process
 from transfer import placement
 from transfer.aio_cluster import AsyncClusterKVClient, connect_async
 from transfer.client import KVClient
 from transfer.cluster import ClusterKVClient, ReplicaMetrics, connect
 from transfer.errors import NotFound, Unavailable
-from transfer.membership import DnsMembership, NotAKVStore
+from transfer.membership import DnsMembership, InvalidTarget, NotAKVStore
 
 LAYERS = 4
 CHUNK = 16
@@ -433,3 +434,25 @@ def test_durable_ack_is_asked_of_every_owner(replicas: list[ServerProcess]) -> N
         stored = client.put(prefix.ns, prefix.items(), ack="memory")
         assert stored.num_stored == 3 * LAYERS and not stored.durable and stored.tiers == ("memory",)
         assert prefix.wrong_blobs(client, 3) == 0
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["blocking", "asyncio"])
+def test_a_replica_killed_under_load_and_back_empty_gets_its_copies_back(tmp_path: Path, aio: bool) -> None:
+    # Issue 24 (4): before, a replica back empty answered "absent" for its chunks and Lookup stopped
+    # there (prefixes looked up short, through any client, for good). Now a fresh client finds every
+    # acknowledged prefix whole, and the clients' repairs put every copy back, within 30 s.
+    out = run_replica_repair(lambda port: start(tmp_path, port), aio=aio, seed=3 if aio else 4)
+    assert out["caller_errors"] == 0, out["errors"]
+    assert out["wrong_blobs"] == 0, out
+    assert out["reads"] > 10 and out["puts"] > 3, out
+    assert out["lookup_whole_after_return_s"] is not None, out  # through a fresh client
+    assert out["copies_whole_after_return_s"] is not None, out  # R copies of every acked chunk
+    assert out["chunks_owed"] > 0 and out["chunks_repaired"] >= out["chunks_owed"], out
+    assert out["bytes_repaired"] >= out["bytes_owed"], out
+
+
+def test_one_server_under_two_spellings_is_refused(replicas: list[ServerProcess]) -> None:
+    port = replicas[0].port
+    with pytest.raises(InvalidTarget, match=f"127.0.0.1:{port} and localhost:{port} are the same server"):
+        connect(f"127.0.0.1:{port},localhost:{port},{replicas[1].target}")
+    assert cli_main(["stats", "--target", f"127.0.0.1:{port},localhost:{port}"]) == 2
