@@ -360,27 +360,57 @@ def repair(cluster: ClusterCore, job: RepairJob, timeout_s: float | None = None)
     """Give ``job.member`` the chunks of ``job.keys`` it lacks, copied from another candidate; the
     bytes copied.
 
-    The member is asked first (one Lookup per missing chunk, since a Lookup
-    answers up to the first miss), so a chunk it already holds costs no copy.
-    Each missing chunk is read from its other candidates in turn until one copy
-    succeeds; when none can give it, the chunk is left (counted in
-    ``repairs_failed``) for a later read to find again.
+    The member is asked first, so a chunk it holds costs no copy. A Lookup
+    answers up to the first miss, so each missing chunk costs one Lookup; a run
+    of missing chunks (a replica back empty) is copied together, up to
+    :data:`COPY_RUN` at a time, each run as soon as it is found: the shorter
+    the time between asking and copying, the fewer chunks another client
+    repairing the same replica copies too.
     """
     member, ns, num_layers = job.member, job.namespace, job.num_layers
     cluster.count(member, repairs=1)
-    keys, missing = list(job.keys), []
-    while keys:
-        try:
-            n = yield Member(member, "lookup", (ns, keys, num_layers), {"timeout_s": timeout_s})
-        except TransferError as exc:
-            cluster.failed(member, exc)
-            cluster.count(member, repairs_failed=len(keys))
-            return 0
-        cluster.repairs.verified(member, ns, keys[:n])
-        missing += keys[n : n + 1]
-        keys = keys[n + 1 :]
-    copied = 0
+    keys, copied = list(job.keys), 0
     view = yield CurrentView()
+    n = yield from _present(cluster, member, ns, keys, num_layers, timeout_s)
+    while keys and n is not None:
+        cluster.repairs.verified(member, ns, keys[:n])
+        keys = keys[n:]
+        if not keys:
+            break
+        run = [keys.pop(0)]
+        n = 0
+        while keys and n == 0 and len(run) < COPY_RUN:  # the run of missing chunks goes on
+            n = yield from _present(cluster, member, ns, keys, num_layers, timeout_s)
+            if n == 0:
+                run.append(keys.pop(0))
+        copied += yield from _copy(cluster, member, ns, run, num_layers, view)
+        if keys and n == 0:  # the run stopped at COPY_RUN: nothing known about the rest yet
+            n = yield from _present(cluster, member, ns, keys, num_layers, timeout_s)
+    if keys and n is None:
+        cluster.count(member, repairs_failed=len(keys))
+    return copied
+
+
+#: Missing chunks copied in one Get and one Put stream by a repair.
+COPY_RUN = 16
+
+
+def _present(
+    cluster: ClusterCore, member: str, ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
+) -> Op[int | None]:
+    """How many leading ``keys`` ``member`` holds; ``None`` if it failed (accounted)."""
+    try:
+        return (yield Member(member, "lookup", (ns, keys, num_layers), {"timeout_s": timeout_s}))
+    except TransferError as exc:
+        cluster.failed(member, exc)
+        return None
+
+
+def _copy(
+    cluster: ClusterCore, member: str, ns: str, missing: list[bytes], num_layers: int, view: Any
+) -> Op[int]:
+    """Copy ``missing`` chunks to ``member``, each from a candidate that has it; the bytes copied."""
+    copied = 0
     tried: dict[bytes, set[str]] = {k: {member} for k in missing}
     while missing:
         plan, lost = cluster.plan_copy(missing, view, tried)

@@ -8,15 +8,22 @@ before or during the outage, now has one copy. Then, polled against a
 deadline:
 
 * **looks up whole**: a *fresh* cluster client (no hints, no memory of the
-  failure) looks up every acknowledged prefix; each must come back whole;
+  failure) looks up every acknowledged prefix, pass after pass; each must come
+  back whole (``fresh_client_short_per_pass`` counts the short ones per pass,
+  the first pass starting as the replica is back);
 * **copies whole**: every acknowledged chunk is held by each of its R owners,
   asked replica by replica with plain clients (which repair nothing).
 
 Counted: caller errors (any exception out of a client call: must be 0), wrong
 bytes read back (must be 0), lookups that came back short during the load, the
-seconds from the return until each condition held, and the bytes the clients'
-repairs copied (``bytes_repaired`` of every client) against the bytes the
-victim was owed (its acknowledged chunks times layers times blob size).
+seconds from the return until each condition held (the end of the first pass
+that found it so), and the bytes the clients' repairs copied
+(``bytes_repaired`` of every client) against the bytes the victim was owed (its
+chunks acknowledged by the time it came back, times layers times blob size: a
+lower bound, since writers that still had it marked down kept writing one copy
+for a moment), and the bytes the victim took in (Put) against the bytes it
+holds at the end: the difference is what was copied to it twice (two clients
+repairing the same chunk at once).
 """
 
 from __future__ import annotations
@@ -131,12 +138,12 @@ def run_replica_repair(
             if victim.target in placement.owners(k, members, replication)
         ]
         lookup_whole_s = copies_whole_s = None
-        fresh_passes = 0
+        short_by_pass: list[int] = []
         with connect(target, replication=replication) as fresh:
             while time.monotonic() - back < deadline_s and (lookup_whole_s is None or copies_whole_s is None):
-                whole = all(fresh.lookup(p.ns, p.keys, layers) == len(p.keys) for p in acked)
-                fresh_passes += 1
-                if whole and lookup_whole_s is None:
+                short = sum(fresh.lookup(p.ns, p.keys, layers) < len(p.keys) for p in acked)
+                short_by_pass.append(short)
+                if short == 0 and lookup_whole_s is None:
                     lookup_whole_s = round(time.monotonic() - back, 2)
                 if copies_whole_s is None and _copies_whole(KVClient, procs, acked, replication, layers):
                     copies_whole_s = round(time.monotonic() - back, 2)
@@ -145,6 +152,9 @@ def run_replica_repair(
         for t in threads:
             t.join(timeout=60)
         repaired = _sum(tally.counters, "bytes_repaired")
+        with KVClient(procs[1].target) as plain:  # what the victim took since it came back
+            stats = plain.stats()
+        held = sum(t.bytes for t in stats.tiers)
         return {
             "clients": "asyncio" if aio else "blocking",
             "replicas": replicas,
@@ -158,11 +168,15 @@ def run_replica_repair(
             "lookup_whole_after_return_s": lookup_whole_s,
             "copies_whole_after_return_s": copies_whole_s,
             "deadline_s": deadline_s,
-            "fresh_client_passes": fresh_passes,
+            "fresh_client_short_per_pass": short_by_pass,
             "chunks_owed": len(owed),
             "bytes_owed": len(owed) * layers * blob_bytes,
             "chunks_repaired": _sum(tally.counters, "chunks_repaired"),
             "bytes_repaired": repaired,
+            "copy_overhead": round(repaired / max(1, len(owed) * layers * blob_bytes), 2),
+            "victim_bytes_put": stats.counters.get("bytes_put", 0),
+            "victim_bytes_held": held,
+            "victim_bytes_put_twice": stats.counters.get("bytes_put", 0) - held,
             "holes_found": _sum(tally.counters, "holes_found"),
             "hints": _sum(tally.counters, "hints"),
         }
