@@ -38,6 +38,7 @@ from typing import Any
 from kvstore import integrity
 from kvstore.keys import chunk_keys
 from transfer import placement
+from transfer.errors import TransferError
 
 CHUNK_TOKENS = 16
 NAMESPACE = "repair/model/profile"
@@ -137,17 +138,22 @@ def run_replica_repair(
             for k in p.keys
             if victim.target in placement.owners(k, members, replication)
         ]
-        lookup_whole_s = copies_whole_s = None
+        lookup_whole_s = None
+        copies: dict[str, Any] = {}
+        checker = threading.Thread(
+            target=_watch_copies, args=(procs, acked, replication, layers, back, deadline_s, copies)
+        )
+        checker.start()
         short_by_pass: list[int] = []
         with connect(target, replication=replication) as fresh:
-            while time.monotonic() - back < deadline_s and (lookup_whole_s is None or copies_whole_s is None):
+            while time.monotonic() - back < deadline_s and (lookup_whole_s is None or checker.is_alive()):
                 short = sum(fresh.lookup(p.ns, p.keys, layers) < len(p.keys) for p in acked)
                 short_by_pass.append(short)
                 if short == 0 and lookup_whole_s is None:
                     lookup_whole_s = round(time.monotonic() - back, 2)
-                if copies_whole_s is None and _copies_whole(KVClient, procs, acked, replication, layers):
-                    copies_whole_s = round(time.monotonic() - back, 2)
+            checker.join()
             tally.counters.append(fresh.replica_counters())
+        copies_whole_s = copies.get("whole_s")
         stop.set()
         for t in threads:
             t.join(timeout=60)
@@ -174,6 +180,7 @@ def run_replica_repair(
             "chunks_repaired": _sum(tally.counters, "chunks_repaired"),
             "bytes_repaired": repaired,
             "copy_overhead": round(repaired / max(1, len(owed) * layers * blob_bytes), 2),
+            "watch_errors": copies.get("watch_errors", [])[:3],
             "victim_bytes_put": stats.counters.get("bytes_put", 0),
             "victim_bytes_held": held,
             "victim_bytes_put_twice": stats.counters.get("bytes_put", 0) - held,
@@ -190,19 +197,48 @@ def _sum(counters: list[dict[str, dict[str, int]]], name: str) -> int:
     return sum(c.get(name, 0) for snapshot in counters for c in snapshot.values())
 
 
-def _copies_whole(
-    client_type: Any, procs: list[Any], acked: list[_Prefix], replication: int, layers: int
-) -> bool:
-    """Every acknowledged chunk on each of its owners, asked replica by replica (plain clients repair
-    nothing)."""
+def _watch_copies(
+    procs: list[Any],
+    acked: list[_Prefix],
+    replication: int,
+    layers: int,
+    back: float,
+    deadline_s: float,
+    out: dict[str, Any],
+) -> None:
+    """Poll until every acknowledged chunk is on each of its owners (``out["whole_s"]``: seconds
+    after ``back``) or the deadline passes. Plain clients, replica by replica: they repair nothing."""
+    from transfer.client import KVClient
+
     members = tuple(sorted(p.target for p in procs))
-    for proc in procs:
-        with client_type(proc.target) as plain:
-            for p in acked:
-                owned = [k for k in p.keys if proc.target in placement.owners(k, members, replication)]
-                if owned and plain.lookup(p.ns, owned, layers) < len(owned):
-                    return False
-    return True
+    owned = {
+        proc.target: [
+            (p, [k for k in p.keys if proc.target in placement.owners(k, members, replication)])
+            for p in acked
+        ]
+        for proc in procs
+    }
+    clients = [KVClient(proc.target) for proc in procs]
+    try:
+        while time.monotonic() - back < deadline_s:
+            try:
+                whole = all(
+                    plain.lookup(p.ns, keys, layers) == len(keys)
+                    for plain, proc in zip(clients, procs, strict=True)
+                    for p, keys in owned[proc.target]
+                    if keys
+                )
+            except TransferError as exc:  # recorded with which replicas were alive; polled again
+                dead = [p.target for p in procs if p.proc.poll() is not None]
+                out.setdefault("watch_errors", []).append(f"{exc} (exited: {dead or 'none'})")
+                continue
+            if whole:
+                out["whole_s"] = round(time.monotonic() - back, 2)
+                return
+            time.sleep(0.1)  # a poll interval (the deadline bounds it), leaving the CPUs to the repairs
+    finally:
+        for c in clients:
+            c.close()
 
 
 def _load(role: str, target: str, replication: int, tally: _Tally, stop: threading.Event, seed: int) -> None:
