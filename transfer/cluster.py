@@ -23,12 +23,11 @@ Promises:
   the other copies finish in the background (lower put latency, a short window
   where a read may miss).
 * **Lookup** asks replicas in parallel about keys they own (each once per
-  round) and returns the longest prefix present: one trusted owner per key, as
-  few replicas as cover the prefix; every candidate, previous owners included,
-  where no owner is trusted (recent failure, key moved by a membership change);
-  a further round only while the first key not known present is unsettled
-  (:class:`transfer.routing.LookupState`). Exact when replicas hold what they
-  own, a safe lower bound otherwise (never more than is there).
+  round) and returns the longest prefix present, a chunk counting as present
+  when any candidate holds it: one trusted owner per key first, as few
+  replicas as cover the prefix; an owner's "absent" is checked with the key's
+  other candidates before the prefix ends there
+  (:class:`transfer.routing.LookupState`). Never more than is there.
 * **Get** streams each key from one healthy owner (again as few streams as
   cover the keys); a replica that fails or misses mid-stream is replaced by the
   key's next candidate from the layer where it stopped. Blobs are verified
@@ -37,6 +36,10 @@ Promises:
   member down for ``down_s`` (it is skipped, then probed again, so a restarted
   replica rejoins by itself); puts that reach no owner are dropped and counted.
   Only caller errors (bad arguments, auth, quotas) raise, as with one server.
+* **Repair.** A replica that comes back gets its copies back: the writer's
+  hints for it (hinted handoff) and the holes reads find (read repair) are
+  copied from another owner in the background, bounded
+  (:mod:`transfer.repair`; :meth:`ClusterKVClient.drain_repairs` waits).
 * **Counters per replica** (:meth:`ClusterKVClient.replica_counters`): which
   replica served what, fallbacks, failures and misses caused by down replicas.
 """
