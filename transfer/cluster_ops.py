@@ -395,9 +395,9 @@ def repair(cluster: ClusterCore, job: RepairJob, timeout_s: float | None = None)
 
 
 #: Missing chunks copied in one Get and one Put stream by a repair.
-COPY_RUN = 16
+COPY_RUN = 32
 #: After this many missing chunks in a row, the rest of a run is copied without asking: a replica
-#: back empty then costs 3 Lookups per 16 chunks instead of 16; a replica that missed only some
+#: back empty then costs 3 Lookups per 32 chunks instead of 32; a replica that missed only some
 #: writes rarely has such runs (what it holds of them is copied again: Puts are idempotent).
 ASK_RUN = 3
 

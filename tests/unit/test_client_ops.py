@@ -612,3 +612,17 @@ def test_repair_worker_stops_when_the_queue_is_empty_and_bounds_the_queue() -> N
     r.script.run(cops.repair_worker(c))
     assert holds["a:1"] == {KEYS[0]} and c.repairs.pending() == 0
     assert c.repairs.offer("a:1", NS, KEYS[1:2], 4) is True  # done: owed again, a new worker
+
+
+def test_queued_jobs_for_one_replica_are_merged() -> None:
+    c = cluster(["a:1", "b:1"])
+    c.repairs.max_workers = 1
+    assert c.repairs.offer("a:1", NS, KEYS[:2], 4)  # a worker to start
+    assert not c.repairs.offer("a:1", NS, KEYS[2:3], 4)  # the one running takes it
+    c.repairs.offer("b:1", NS, KEYS[3:4], 4)  # another replica: not merged
+    c.repairs.offer("a:1", NS, KEYS[4:5], 4)
+    first, second, third = c.repairs.take(), c.repairs.take(), c.repairs.take()
+    assert first == RepairJob("a:1", NS, tuple(KEYS[:3]), 4)
+    assert second == RepairJob("b:1", NS, (KEYS[3],), 4)
+    assert third == RepairJob("a:1", NS, (KEYS[4],), 4)
+    assert c.repairs.take() is None and c.repairs.pending() == 0
