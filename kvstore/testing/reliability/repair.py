@@ -96,7 +96,7 @@ def run_replica_repair(
     writers: int = 1,
     warm_s: float = 1.0,
     down_s: float = 2.5,
-    deadline_s: float = 30.0,
+    deadline_s: float = 60.0,
     aio: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
