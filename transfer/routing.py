@@ -263,9 +263,9 @@ class ClusterCore:
         return chosen
 
     def trusted(self, key: bytes, view: View, suspect: frozenset[str]) -> list[str]:
-        """Owners whose miss of ``key`` is believed: current owners that were owners before the last
-        change too (in a grace window) and have not failed recently. Owners are written together,
-        so one trusted owner's answer settles a key."""
+        """Owners to ask about ``key`` first: current owners that were owners before the last change
+        too (in a grace window) and have not failed recently. A trusted owner's "present" settles
+        the key; its "absent" is checked with the key's other candidates (:class:`LookupState`)."""
         out = [m for m in self.owners(key, view.members) if m not in suspect]
         if view.previous:
             before = self.owners(key, view.previous)
