@@ -405,18 +405,17 @@ def test_cluster_get_raises_not_found_when_no_candidate_has_the_key() -> None:
 # -- repair (read repair and hinted handoff) -------------------------------------------------------------
 
 
-class Replicas:
+class Replicas(ClusterScript):
     """Replicas as the operations see them: what each holds, Lookup and Get answered from that, a
-    member in ``down`` failing every call; copies move chunks between them."""
+    member in ``down`` failing every call; copies move chunks between them. Background operations
+    are kept for the test to run (:meth:`run_background`)."""
 
     def __init__(self, c: ClusterCore, holds: dict[str, set[bytes]]) -> None:
+        super().__init__(c, self.member, self.opens)
         self.holds = holds
         self.down: set[str] = set()
         self.copies: list[tuple[str, str, tuple[bytes, ...]]] = []
         self.background: list[ops.Op[Any]] = []
-        self.script = ClusterScript(c, self.member, self.opens)
-        self.script.perform = self.perform  # type: ignore[method-assign]
-        self._perform = ClusterScript.perform.__get__(self.script)
 
     def perform(self, effect: Any) -> Any:
         if isinstance(effect, cops.Background):
@@ -426,16 +425,16 @@ class Replicas:
             return self.copy(effect)
         if isinstance(effect, (cops.Spawn, cops.WaitAny, cops.Detach, cops.Drain)):
             return self.spawning(effect)
-        return self._perform(effect)
+        return super().perform(effect)
 
     def spawning(self, effect: Any) -> Any:  # Put's tasks, run at once (write_ack="all")
         if isinstance(effect, cops.Spawn):
-            return ("task", self.script.run(effect.op))
+            return ("task", self.run(effect.op))
         if isinstance(effect, cops.WaitAny):
             return [(t, t[1]) for t in effect.tasks], frozenset()
         return None
 
-    def member(self, effect: cops.Member) -> Any:
+    def member(self, effect: cops.Member) -> Any:  # type: ignore[override]
         if effect.member in self.down:
             raise Unavailable(f"{effect.member} is down")
         if effect.method == "lookup":
@@ -447,7 +446,7 @@ class Replicas:
             return PutResult(len(effect.args[1]), 0, 1)
         raise AssertionError(effect)
 
-    def opens(self, effect: cops.OpenLayers) -> Any:
+    def opens(self, effect: cops.OpenLayers) -> Any:  # type: ignore[override]
         member, (_, keys, start, end) = effect.member, effect.args
 
         def layers() -> Any:
@@ -469,7 +468,7 @@ class Replicas:
 
     def run_background(self) -> None:
         while self.background:
-            self.script.run(self.background.pop(0))
+            self.run(self.background.pop(0))
 
 
 def placed_holds(c: ClusterCore, members: list[str]) -> dict[str, set[bytes]]:
@@ -489,7 +488,7 @@ def test_lookup_finds_chunks_an_owner_lost_and_gives_the_copies_back() -> None:
     owned = {k for k in KEYS if victim in c.owners(k, tuple(members))}
     holds[victim] = set()  # restarted empty
     r = Replicas(c, holds)
-    assert r.script.run(cops.lookup(c, NS, KEYS, 4, None)) == len(KEYS)  # whole, not cut at the hole
+    assert r.run(cops.lookup(c, NS, KEYS, 4, None)) == len(KEYS)  # whole, not cut at the hole
     assert c.counters()[victim]["holes_found"] == 1 and len(r.background) == 1
     r.run_background()
     assert holds[victim] == owned  # every copy it owns is back, copied from another owner
@@ -498,7 +497,7 @@ def test_lookup_finds_chunks_an_owner_lost_and_gives_the_copies_back() -> None:
     assert c.counters()[victim]["bytes_repaired"] == 100 * len(owned) * 4
     # a second lookup finds nothing owed: no copy
     r.copies.clear()
-    assert r.script.run(cops.lookup(c, NS, KEYS, 4, None)) == len(KEYS)
+    assert r.run(cops.lookup(c, NS, KEYS, 4, None)) == len(KEYS)
     r.run_background()
     assert r.copies == []
 
@@ -515,7 +514,7 @@ def test_once_a_hole_is_found_every_lookup_gives_the_owner_its_copies_back() -> 
         r = Replicas(c, holds)
         for _ in range(2):  # every suffix, twice: the chunks looked up before the first hole too
             for start in range(len(KEYS)):
-                assert r.script.run(cops.lookup(c, NS, KEYS[start:], 4, None)) == len(KEYS) - start
+                assert r.run(cops.lookup(c, NS, KEYS[start:], 4, None)) == len(KEYS) - start
                 r.run_background()
         assert c.counters()[victim]["holes_found"] >= 1, victim
         assert holds[victim] == owned, victim
@@ -531,13 +530,13 @@ def test_a_replica_back_after_a_failure_is_checked_by_every_lookup() -> None:
     holds[victim] = set()
     r = Replicas(c, holds)
     r.down = {victim}
-    assert r.script.run(cops.lookup(c, NS, KEYS, 4, None)) == len(KEYS)  # served by the others
+    assert r.run(cops.lookup(c, NS, KEYS, 4, None)) == len(KEYS)  # served by the others
     r.run_background()
     assert holds[victim] == set()  # nothing to give while it is down
     r.down = set()
     c.succeeded(victim)  # a later call reached it: it is back
     assert victim in c.owing()
-    r.script.run(cops.lookup(c, NS, KEYS, 4, None))
+    r.run(cops.lookup(c, NS, KEYS, 4, None))
     r.run_background()
     assert holds[victim] == owned
 
@@ -550,15 +549,15 @@ def test_hints_become_a_repair_when_the_owner_answers_again() -> None:
     r = Replicas(c, holds)
     r.down = {"b:1"}
     items = [(k, layer, 2, blob(i, layer)) for i, k in enumerate(KEYS[:3]) for layer in range(2)]
-    result = r.script.run(cops.put(c, NS, iter(items), None, None))
+    result = r.run(cops.put(c, NS, iter(items), None, None))
     assert result.num_stored == 6 and holds == {"a:1": set(KEYS[:3]), "b:1": set()}
-    r.script.run(cops.put(c, NS, iter(items[:2]), None, None))  # b marked down: skipped, hinted
+    r.run(cops.put(c, NS, iter(items[:2]), None, None))  # b marked down: skipped, hinted
     assert c.repairs.hinted() == {"b:1": 3} and holds["b:1"] == set()
     assert r.background == []  # nothing to replay while it is down
     r.down = set()
     now[0] += c.down_s + 1  # down_s passes: the next call that needs b tries it
     # an unrelated lookup reaches b (b owns every key): its hints become a repair job
-    r.script.run(cops.lookup(c, NS, KEYS[4:], 2, None))
+    r.run(cops.lookup(c, NS, KEYS[4:], 2, None))
     assert c.repairs.hinted() == {} and r.background
     r.run_background()
     assert holds["b:1"] == set(KEYS[:3])
@@ -572,16 +571,16 @@ def test_repair_reads_from_the_next_candidate_and_counts_what_no_one_has() -> No
     holds = {"a:1": set(), "b:1": {KEYS[0]}, "c:1": {KEYS[0], KEYS[1]}}
     r = Replicas(c, holds)
     job = RepairJob("a:1", NS, (KEYS[0], KEYS[1], KEYS[2]), 4)
-    copied = r.script.run(cops.repair(c, job))
+    copied = r.run(cops.repair(c, job))
     assert holds["a:1"] == {KEYS[0], KEYS[1]}  # KEYS[2] is nowhere: left, counted
     assert copied == 100 * 2 * 4
     assert c.counters()["a:1"]["repairs_failed"] == 1
     # a repair asks first: nothing it holds is copied again
     r.copies.clear()
-    assert r.script.run(cops.repair(c, job)) == 0 and r.copies == []
+    assert r.run(cops.repair(c, job)) == 0 and r.copies == []
     holds["a:1"].add(KEYS[2])
     r.copies.clear()
-    assert r.script.run(cops.repair(c, job)) == 0 and r.copies == []
+    assert r.run(cops.repair(c, job)) == 0 and r.copies == []
 
 
 def test_get_that_falls_back_past_a_missing_owner_repairs_it() -> None:
@@ -593,7 +592,7 @@ def test_get_that_falls_back_past_a_missing_owner_repairs_it() -> None:
     holds[reader] = set()
     r = Replicas(c, holds)
     ns, keys = ops.get_args(c.check, NS, KEYS[:2], 0, 4)
-    got = list(r.script.drive(cops.get_layers(c, ns, keys, 0, 4, None)))
+    got = list(r.drive(cops.get_layers(c, ns, keys, 0, 4, None)))
     assert [layer for layer, _ in got] == [0, 1, 2, 3]
     assert r.background
     r.run_background()
@@ -609,7 +608,7 @@ def test_repair_worker_stops_when_the_queue_is_empty_and_bounds_the_queue() -> N
     assert c.repairs.offer("a:1", NS, KEYS[1:2], 4) is False and c.repairs.jobs_dropped == 1  # full
     holds = {"a:1": set(), "b:1": set(KEYS)}
     r = Replicas(c, holds)
-    r.script.run(cops.repair_worker(c))
+    r.run(cops.repair_worker(c))
     assert holds["a:1"] == {KEYS[0]} and c.repairs.pending() == 0
     assert c.repairs.offer("a:1", NS, KEYS[1:2], 4) is True  # done: owed again, a new worker
 
