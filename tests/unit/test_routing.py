@@ -143,5 +143,8 @@ def test_a_key_that_moved_is_found_at_its_previous_owner() -> None:
     listed.append("10.0.0.4:1")  # a new, empty replica takes about a quarter of the keys
     assert membership.refresh()
     assert run(core, holds)[0] == 24
+    total, _, holes, _ = settle(core, holds)  # the new owner misses the moved keys: repaired by reads
+    moved = [i for i in range(24) if core.owners(KEYS[i], tuple(sorted(listed))) == ["10.0.0.4:1"]]
+    assert total == 24 and moved and set(holes) == {"10.0.0.4:1"} and set(moved) <= set(holes["10.0.0.4:1"])
     bare = core_for(StaticMembership(listed), replication=1)  # no grace: the moved keys are misses
     assert run(bare, holds)[0] < 24
