@@ -158,6 +158,7 @@ def run_replica_repair(
         for t in threads:
             t.join(timeout=60)
         repaired = _sum(tally.counters, "bytes_repaired")
+        owed_bytes = len(owed) * layers * (blob_bytes + integrity.TRAILER_BYTES)  # sealed blobs
         with KVClient(procs[1].target) as plain:  # what the victim took since it came back
             stats = plain.stats()
         held = sum(t.bytes for t in stats.tiers)
@@ -176,10 +177,10 @@ def run_replica_repair(
             "deadline_s": deadline_s,
             "fresh_client_short_per_pass": short_by_pass,
             "chunks_owed": len(owed),
-            "bytes_owed": len(owed) * layers * blob_bytes,
+            "bytes_owed": owed_bytes,
             "chunks_repaired": _sum(tally.counters, "chunks_repaired"),
             "bytes_repaired": repaired,
-            "copy_overhead": round(repaired / max(1, len(owed) * layers * blob_bytes), 2),
+            "copy_overhead": round(repaired / max(1, owed_bytes), 2),
             "watch_errors": copies.get("watch_errors", [])[:3],
             "victim_bytes_put": stats.counters.get("bytes_put", 0),
             "victim_bytes_held": held,
