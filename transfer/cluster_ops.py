@@ -40,6 +40,7 @@ from kvstore.keys import Namespace
 from kvstore.wire import Blob, PutRequestView
 from transfer.core import PutResult, StoreStats
 from transfer.errors import InvalidArgument, NotFound, TransferError, Unavailable
+from transfer.membership import View
 from transfer.ops import END, Emit, Op
 from transfer.repair import RepairJob
 from transfer.routing import ClusterCore, GetShare, acknowledged
@@ -414,7 +415,7 @@ def _present(
 
 
 def _copy(
-    cluster: ClusterCore, member: str, ns: str, missing: list[bytes], num_layers: int, view: Any
+    cluster: ClusterCore, member: str, ns: str, missing: list[bytes], num_layers: int, view: View
 ) -> Op[int]:
     """Copy ``missing`` chunks to ``member``, each from a candidate that has it; the bytes copied."""
     copied = 0
