@@ -29,6 +29,13 @@ thing; this file sizes them, runs them and prints the results:
 * ``backend_kill``: Redis and S3 killed and restarted while clients read and
   write through a server with a tiny RAM tier: answers that are neither correct
   bytes nor a miss (must be 0), server health, tiers serving again afterwards.
+* ``replica_repair``: three RAM-only replicas, R=2, cluster clients reading and
+  writing; one replica SIGKILLed, down a few seconds, back empty on its port.
+  Counted (blocking and asyncio clients, one run each): caller errors and wrong
+  bytes (must be 0), prefixes a fresh client looks up short per pass (must be 0),
+  seconds from the return until every acknowledged prefix looks up whole and
+  until every chunk is on its R owners again, bytes the repairs copied against
+  the bytes the replica was owed.
 
 Prints one JSON document, then a one-line summary. ``--quick`` runs everything
 reduced in under a minute.
@@ -59,6 +66,7 @@ from kvstore.testing.reliability import (
     run_crash_restart,
     run_disk_flips,
     run_fuzz,
+    run_replica_repair,
     run_starvation,
 )
 from kvstore.testing.store import REMOTE_READS, serving, start_server_process, store_config
@@ -245,13 +253,31 @@ def _bench_backend_freeze(
             return out
 
 
+def _bench_replica_repair(quick: bool, seed: int) -> dict[str, Any]:
+    sizes = (
+        {"prefixes": 24, "down_s": 2.5}
+        if quick
+        else {"prefixes": 200, "down_s": 5.0, "blob_bytes": 4096, "readers": 3, "writers": 2}
+    )
+    out: dict[str, Any] = {}
+    for aio in (False, True):
+        with tempfile.TemporaryDirectory(prefix="kvstore-repair-") as tmp:
+            args = ["--no-disk", "--memory-bytes", "256MiB", "--log-level", "ERROR", "--workers", "8"]
+
+            def start(port: int, args: list[str] = args, tmp: str = tmp) -> Any:
+                return start_server_process([*args, "--port", str(port)], workdir=tmp)
+
+            out["asyncio" if aio else "blocking"] = run_replica_repair(start, aio=aio, seed=seed, **sizes)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes, under a minute")
     parser.add_argument(
         "--only",
         default="fuzz,bitflips,disk_flips,crash,concurrency,starvation,backend_freeze,"
-        "backend_freeze_legacy,backend_kill",
+        "backend_freeze_legacy,backend_kill,replica_repair",
         help="comma-separated subset of workloads",
     )
     parser.add_argument("--seed", type=int, default=1)
@@ -293,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sizes["freeze_s"], args.seed, *services, legacy=True
             ),
             "starvation": lambda: _bench_starvation(q, args.seed),
+            "replica_repair": lambda: _bench_replica_repair(q, args.seed),
             # Last: it kills and restarts the shared Redis and S3 (they come back empty).
             "backend_kill": lambda: _bench_backend_kill(sizes["kill_s"], args.seed, *services),
         }
@@ -368,6 +395,19 @@ def summary(r: dict[str, Any]) -> str:
             f"{st['refused_resource_exhausted']} refused): other tenant p99 {d['latency_ms_p99']} ms, "
             f"max {d['latency_ms_max']} ms, {d['failures']} failures, "
             f"{st['partial_puts_stored']} partial Puts stored"
+        )
+    if "replica_repair" in r:
+        parts.append(
+            "replica back empty: "
+            + ", ".join(
+                f"{name} {v['caller_errors']} errors, {v['wrong_blobs']} wrong, "
+                f"{v['fresh_client_short_per_pass'][:1]} short on the first fresh pass, "
+                f"whole lookups after {v['lookup_whole_after_return_s']} s, "
+                f"R copies after {v['copies_whole_after_return_s']} s, "
+                f"{v['bytes_repaired']} B copied for {v['bytes_owed']} B owed"
+                for name, v in r["replica_repair"].items()
+                if isinstance(v, dict)
+            )
         )
     return "reliability: " + "; ".join(parts)
 

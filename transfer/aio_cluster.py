@@ -70,6 +70,7 @@ class AsyncClusterKVClient(AsyncApi):
         self._clients: dict[str, AsyncKVClient] = {}
         self._retired: dict[str, float] = {}
         self._pending: set[asyncio.Task[Any]] = set()  # background copies of write_ack="one"
+        self._repairing: set[asyncio.Task[Any]] = set()  # repair workers (transfer.repair)
 
     @property
     def cluster(self) -> ClusterCore:
@@ -108,6 +109,10 @@ class AsyncClusterKVClient(AsyncApi):
 
     async def close(self) -> None:
         await self.drain()
+        self._cluster.repairs.clear()
+        for task in self._repairing:  # best effort: what is left is found again by the next reader
+            task.cancel()
+        await asyncio.gather(*self._repairing, return_exceptions=True)
         self._cluster.membership.close()
         clients, self._clients = list(self._clients.values()), {}
         await asyncio.gather(*(c.close() for c in clients))
@@ -149,13 +154,45 @@ class AsyncClusterKVClient(AsyncApi):
             return None
         if kind is cops.Drain:
             return await self.drain()
+        if kind is cops.Background:
+            task = asyncio.ensure_future(self._run(effect.op))
+            self._repairing.add(task)
+            task.add_done_callback(self._repairing.discard)
+            return None
+        if kind is cops.Copy:
+            return await self._copy(effect)
         raise TypeError(f"AsyncClusterKVClient cannot perform {effect!r}")
+
+    async def _copy(self, effect: cops.Copy) -> int:
+        """One member's Get streamed into another's Put: no more than a Put batch in memory."""
+        keys, n = effect.keys, effect.num_layers
+        layers = self._client(effect.source).get_layers(effect.namespace, keys, 0, n)
+
+        async def items() -> AsyncIterator[tuple[bytes, int, int, Any]]:
+            async for layer, blobs in layers:
+                for k, b in zip(keys, blobs, strict=True):
+                    yield k, layer, n, b
+
+        try:
+            return (await self._client(effect.target).put(effect.namespace, items())).bytes_stored
+        finally:
+            await _aclose(layers)
 
     async def drain(self) -> None:
         """Wait for the background copies of ``write_ack="one"`` puts (their failures were counted)."""
         pending, self._pending = self._pending, set()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def drain_repairs(self, timeout_s: float | None = None) -> bool:
+        """See :meth:`transfer.cluster.ClusterKVClient.drain_repairs`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._repairing:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            await asyncio.wait(set(self._repairing), timeout=left)
+        return True
 
     # -- the API -------------------------------------------------------------------------------------
 

@@ -23,12 +23,11 @@ Promises:
   the other copies finish in the background (lower put latency, a short window
   where a read may miss).
 * **Lookup** asks replicas in parallel about keys they own (each once per
-  round) and returns the longest prefix present: one trusted owner per key, as
-  few replicas as cover the prefix; every candidate, previous owners included,
-  where no owner is trusted (recent failure, key moved by a membership change);
-  a further round only while the first key not known present is unsettled
-  (:class:`transfer.routing.LookupState`). Exact when replicas hold what they
-  own, a safe lower bound otherwise (never more than is there).
+  round) and returns the longest prefix present, a chunk counting as present
+  when any candidate holds it: one trusted owner per key first, as few
+  replicas as cover the prefix; an owner's "absent" is checked with the key's
+  other candidates before the prefix ends there
+  (:class:`transfer.routing.LookupState`). Never more than is there.
 * **Get** streams each key from one healthy owner (again as few streams as
   cover the keys); a replica that fails or misses mid-stream is replaced by the
   key's next candidate from the layer where it stopped. Blobs are verified
@@ -37,6 +36,10 @@ Promises:
   member down for ``down_s`` (it is skipped, then probed again, so a restarted
   replica rejoins by itself); puts that reach no owner are dropped and counted.
   Only caller errors (bad arguments, auth, quotas) raise, as with one server.
+* **Repair.** A replica that comes back gets its copies back: the writer's
+  hints for it (hinted handoff) and the holes reads find (read repair) are
+  copied from another owner in the background, bounded
+  (:mod:`transfer.repair`; :meth:`ClusterKVClient.drain_repairs` waits).
 * **Counters per replica** (:meth:`ClusterKVClient.replica_counters`): which
   replica served what, fallbacks, failures and misses caused by down replicas.
 """
@@ -68,6 +71,7 @@ from transfer.membership import (
     Resolver,
     StaticMembership,
     View,
+    check_distinct,
     parse_target,
     resolve_host,
 )
@@ -133,6 +137,7 @@ class ClusterKVClient(BlockingApi):
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvstore-cluster")
         self._pending: list[Future[Any]] = []  # background copies of write_ack="one"
+        self._repairing: list[Future[Any]] = []  # repair workers (transfer.repair)
         self._closed = False
 
     @property
@@ -178,6 +183,7 @@ class ClusterKVClient(BlockingApi):
         if self._closed:
             return
         self._closed = True
+        self._cluster.repairs.clear()
         self._pool.shutdown(wait=True)
         self._cluster.membership.close()
         with self._lock:
@@ -191,6 +197,21 @@ class ClusterKVClient(BlockingApi):
             pending, self._pending = self._pending, []
         for f in pending:
             f.exception()  # a background copy's failure was counted; caller errors surface on the ack path
+
+    def drain_repairs(self, timeout_s: float | None = None) -> bool:
+        """Wait until the repairs this client has queued are done (read repair and the hints of
+        replicas that answered again; see :mod:`transfer.repair`). False if ``timeout_s`` ran out."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                self._repairing = [f for f in self._repairing if not f.done()]
+                running = list(self._repairing)
+            if not running:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            wait(running, timeout=left)
 
     # -- the effects of transfer.cluster_ops, carried out with threads -----------------------------
 
@@ -228,7 +249,24 @@ class ClusterKVClient(BlockingApi):
             return None
         if kind is cops.Drain:
             return self.drain()
+        if kind is cops.Background:
+            future = self._pool.submit(self._run, effect.op)
+            with self._lock:
+                self._repairing.append(future)
+            return None
+        if kind is cops.Copy:
+            return self._copy(effect)
         raise TypeError(f"ClusterKVClient cannot perform {effect!r}")
+
+    def _copy(self, effect: cops.Copy) -> int:
+        """One member's Get streamed into another's Put: no more than a Put batch in memory."""
+        keys, n = effect.keys, effect.num_layers
+        layers = self._client(effect.source).get_layers(effect.namespace, keys, 0, n)
+        try:
+            items = ((k, layer, n, b) for layer, blobs in layers for k, b in zip(keys, blobs, strict=True))
+            return self._client(effect.target).put(effect.namespace, items).bytes_stored
+        finally:
+            layers.close()
 
     @staticmethod
     def _error(effect: Any, exc: Exception) -> Exception | None:
@@ -306,12 +344,16 @@ def make_membership(
     grace_s: float = DEFAULT_GRACE_S,
     resolver: Resolver | None = None,
 ) -> Membership:
-    """The membership a list or ``dns:///`` target names (a single ``host:port`` is a list of one)."""
+    """The membership a list or ``dns:///`` target names (a single ``host:port`` is a list of one).
+
+    A static list is checked after resolving its names (:func:`check_distinct`):
+    one server under two spellings is refused with :class:`InvalidTarget`."""
     parsed = parse_target(target)
     if parsed.kind == "dns":
         return DnsMembership(
             parsed.host, parsed.port, refresh_s=refresh_s, grace_s=grace_s, resolver=resolver or resolve_host
         )
+    check_distinct(parsed.members)
     return StaticMembership(parsed.members, grace_s=grace_s)
 
 

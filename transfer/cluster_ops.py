@@ -22,10 +22,16 @@ Effects (besides :class:`transfer.ops.Emit`):
 * :class:`Fan` — run sub-operations side by side and return their results in
   order; :class:`Spawn` / :class:`WaitAny` / :class:`Detach` / :class:`Drain` —
   the same with an early return (``write_ack="one"``) and background copies.
+* :class:`Background` — run an operation (a :func:`repair_worker`) detached;
+  nothing waits for it but ``drain_repairs`` and ``close``.
+* :class:`Copy` — stream layers ``[0, num_layers)`` of some chunks from one
+  member's Get into another member's Put (bounded memory: the member client's
+  Put batches); the bytes stored. A :class:`TransferError` is thrown back in.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -34,8 +40,12 @@ from kvstore.keys import Namespace
 from kvstore.wire import Blob, PutRequestView
 from transfer.core import PutResult, StoreStats
 from transfer.errors import InvalidArgument, NotFound, TransferError, Unavailable
+from transfer.membership import View
 from transfer.ops import END, Emit, Op
+from transfer.repair import RepairJob
 from transfer.routing import ClusterCore, GetShare, acknowledged
+
+log = logging.getLogger("transfer.cluster")
 
 
 @dataclass(slots=True)
@@ -98,8 +108,27 @@ class Drain:
     pass
 
 
+@dataclass(slots=True)
+class Background:
+    """Start ``op`` and do not wait for it (read repair, hinted handoff)."""
+
+    op: Op[Any]
+
+
+@dataclass(slots=True)
+class Copy:
+    """Layers ``[0, num_layers)`` of ``keys`` read from ``source`` and put to ``target``: the bytes
+    stored. The blobs are verified on receipt by the member client, as every Get's."""
+
+    source: str
+    target: str
+    namespace: str
+    keys: tuple[bytes, ...]
+    num_layers: int
+
+
 #: Effects whose failure (a TransferError) the operation handles itself.
-FALLIBLE = (Member, Next)
+FALLIBLE = (Member, Next, Copy)
 
 
 # -- lookup -------------------------------------------------------------------------------------------
@@ -126,7 +155,11 @@ def lookup(
         )
         state.absorb(plan, dict(zip(members, (yield Fan(asks)), strict=True)))
         plan = state.next_plan()
-    return state.result()
+    total = state.result()
+    for member, positions in state.holes(total).items():  # read repair, in the background
+        if cluster.repairs.offer(member, ns, [keys[i] for i in positions], num_layers):
+            yield Background(repair_worker(cluster))
+    return total
 
 
 def _lookup_one(
@@ -137,7 +170,8 @@ def _lookup_one(
     except TransferError as exc:
         cluster.failed(member, exc)
         return None
-    cluster.succeeded(member)
+    if cluster.succeeded(member):  # it answers again: the copies it missed while down are owed
+        yield Background(repair_worker(cluster))
     cluster.count(member, lookups=1, lookup_keys=len(keys), lookup_present=n)
     return n
 
@@ -228,8 +262,10 @@ def _put_one(
     except TransferError as exc:
         cluster.failed(member, exc)
         cluster.count(member, puts_dropped=len(indices))
+        cluster.hint(member, batch, indices)
         return None
-    cluster.put_done(member, batch, indices)
+    if cluster.put_done(member, batch, indices):
+        yield Background(repair_worker(cluster))
     return result
 
 
@@ -246,6 +282,7 @@ def get_layers(
         return
     view = yield CurrentView()
     tried: dict[int, set[str]] = {}
+    missed: dict[str, list[int]] = {}  # owners that answered NOT_FOUND: repaired once the Get is done
     streams: list[GetShare] = []
     for member, positions in cluster.plan_get(keys, range(len(keys)), view, tried).items():
         streams.append((yield from _open(ns, keys, member, positions, start, end, timeout_s, False, cluster)))
@@ -263,6 +300,9 @@ def get_layers(
             except TransferError as err:
                 yield Close(stream.source)
                 cluster.failed(stream.member, err)
+                if isinstance(err, NotFound):
+                    missed.setdefault(stream.member, []).extend(stream.positions)
+                    cluster.owe(stream.member)
                 for i in stream.positions:
                     tried.setdefault(i, set()).add(stream.member)
                 for member, positions in cluster.plan_get(keys, stream.positions, view, tried).items():
@@ -278,6 +318,10 @@ def get_layers(
         yield Emit((layer, blobs))
     for stream in streams:
         yield Close(stream.source)
+    for member, positions in missed.items():  # every key was found elsewhere: give the copies back
+        owned = [keys[i] for i in positions if member in cluster.owners(keys[i], view.members)]
+        if owned and cluster.repairs.offer(member, ns, owned, end):
+            yield Background(repair_worker(cluster))
 
 
 def _open(
@@ -295,6 +339,110 @@ def _open(
     source = yield OpenLayers(member, args, {"timeout_s": timeout_s})
     cluster.count(member, gets=1, fallbacks=int(fallback))
     return GetShare(member, positions, source, fallback)
+
+
+# -- repair -------------------------------------------------------------------------------------------
+
+
+def repair_worker(cluster: ClusterCore) -> Op[None]:
+    """Run the queued repair jobs (:class:`transfer.repair.Repairs`) one after the other until none
+    is left. In the background: every failure is counted, none is raised."""
+    while (job := cluster.repairs.take()) is not None:
+        try:
+            yield from repair(cluster, job)
+        except TransferError as exc:  # a caller error (auth, quota) of the copy: nobody to raise it to
+            cluster.count(job.member, repairs_failed=1)
+            log.warning("kvstore cluster: repair of %s failed: %s", job.member, exc)
+        finally:
+            cluster.repairs.done(job)
+
+
+def repair(cluster: ClusterCore, job: RepairJob, timeout_s: float | None = None) -> Op[int]:
+    """Give ``job.member`` the chunks of ``job.keys`` it lacks, copied from another candidate; the
+    bytes copied.
+
+    The member is asked first, so a chunk it holds costs no copy. A Lookup
+    answers up to the first miss, so each missing chunk costs one Lookup, up to
+    :data:`ASK_RUN` in a row; a run of missing chunks (a replica back empty) is
+    copied together, up to :data:`COPY_RUN` at a time, each run as soon as it
+    is found: the shorter the time between asking and copying, the fewer chunks
+    another client repairing the same replica copies too.
+    """
+    member, ns, num_layers = job.member, job.namespace, job.num_layers
+    cluster.count(member, repairs=1)
+    keys, copied = list(job.keys), 0
+    view = yield CurrentView()
+    n = yield from _present(cluster, member, ns, keys, num_layers, timeout_s)
+    while keys and n is not None:
+        cluster.repairs.verified(member, ns, keys[:n])
+        keys = keys[n:]
+        if not keys:
+            break
+        run = [keys.pop(0)]
+        n = 0
+        while keys and n == 0 and len(run) < COPY_RUN:  # the run of missing chunks goes on
+            if len(run) >= ASK_RUN:  # a replica back empty: copy the rest of the run without asking
+                run.append(keys.pop(0))
+                continue
+            n = yield from _present(cluster, member, ns, keys, num_layers, timeout_s)
+            if n == 0:
+                run.append(keys.pop(0))
+        copied += yield from _copy(cluster, member, ns, run, num_layers, view)
+        if keys and n == 0:  # the run stopped at COPY_RUN: nothing known about the rest yet
+            n = yield from _present(cluster, member, ns, keys, num_layers, timeout_s)
+    if keys and n is None:
+        cluster.count(member, repairs_failed=len(keys))
+    return copied
+
+
+#: Missing chunks copied in one Get and one Put stream by a repair.
+COPY_RUN = 32
+#: After this many missing chunks in a row, the rest of a run is copied without asking: a replica
+#: back empty then costs 3 Lookups per 32 chunks instead of 32; a replica that missed only some
+#: writes rarely has such runs (what it holds of them is copied again: Puts are idempotent).
+ASK_RUN = 3
+
+
+def _present(
+    cluster: ClusterCore, member: str, ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
+) -> Op[int | None]:
+    """How many leading ``keys`` ``member`` holds; ``None`` if it failed (accounted)."""
+    try:
+        return (yield Member(member, "lookup", (ns, keys, num_layers), {"timeout_s": timeout_s}))
+    except TransferError as exc:
+        cluster.failed(member, exc)
+        return None
+
+
+def _copy(
+    cluster: ClusterCore, member: str, ns: str, missing: list[bytes], num_layers: int, view: View
+) -> Op[int]:
+    """Copy ``missing`` chunks to ``member``, each from a candidate that has it; the bytes copied."""
+    copied = 0
+    tried: dict[bytes, set[str]] = {k: {member} for k in missing}
+    while missing:
+        plan, lost = cluster.plan_copy(missing, view, tried)
+        if lost:
+            cluster.count(member, repairs_failed=len(lost))
+        missing = []
+        for source, part in plan.items():
+            # one stream for the lot; if it fails, one chunk at a time, so one chunk the source
+            # lacks does not send the others to the next candidate
+            for group in [part] if len(part) == 1 else [part, *([k] for k in part)]:
+                try:
+                    nbytes = yield Copy(source, member, ns, tuple(group), num_layers)
+                except TransferError as exc:  # the source lacks one, or either end failed
+                    log.debug("kvstore cluster: copy %s -> %s failed: %s", source, member, exc)
+                    if len(group) == 1:
+                        tried[group[0]].add(source)
+                        missing.append(group[0])
+                    continue
+                copied += nbytes
+                cluster.count(member, chunks_repaired=len(group), bytes_repaired=nbytes)
+                cluster.repairs.verified(member, ns, group)
+                if group is part:
+                    break
+    return copied
 
 
 # -- delete, stats, readiness -------------------------------------------------------------------------

@@ -49,7 +49,8 @@ class MembershipError(TransferError, ValueError):
 
 
 class InvalidTarget(MembershipError):
-    """The target string does not follow the grammar, or lists no member or a member twice."""
+    """The target string does not follow the grammar, or lists no member, or one server twice
+    (the same entry, or two spellings that resolve to one address)."""
 
 
 class UnresolvableTarget(MembershipError):
@@ -138,6 +139,38 @@ def resolve_host(host: str, port: int) -> list[str]:
     v4 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET})
     v6 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET6})
     return [f"{a}:{port}" for a in v4] if v4 else [f"[{a}]:{port}" for a in v6]
+
+
+def _addresses(host: str, port: int) -> frozenset[str]:
+    """Every address (both families) ``host`` resolves to, as ``ip:port``; empty when it does not
+    resolve (a member whose DNS record is not there yet is compared with nothing)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return frozenset()
+    return frozenset(f"{i[4][0]}:{port}" for i in infos)
+
+
+def check_distinct(
+    members: Sequence[str], addresses: Callable[[str, int], frozenset[str]] = _addresses
+) -> None:
+    """Refuse two entries that name one server (``127.0.0.1:P`` and ``localhost:P``).
+
+    The list is compared after resolving each host: two spellings of one
+    replica would both be "owners" of some keys, so both copies of those keys
+    would land on the same server and one crash would lose them. Raises
+    :class:`InvalidTarget` naming both spellings and the address they share.
+    """
+    seen: dict[str, str] = {}
+    for member in members:
+        host, port = _split_host_port(member, "member")
+        for address in sorted(addresses(host, port)):
+            other = seen.setdefault(address, member)
+            if other != member:
+                raise InvalidTarget(
+                    f"members {other} and {member} are the same server (both resolve to {address}); "
+                    "list each replica once, under one name (both copies of a key would land on it)"
+                )
 
 
 class Membership:

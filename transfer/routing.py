@@ -33,6 +33,7 @@ from transfer.errors import (
     Unavailable,
 )
 from transfer.membership import Membership, ReplicationError, View
+from transfer.repair import Repairs
 
 log = logging.getLogger("transfer.cluster")
 
@@ -42,6 +43,7 @@ DEFAULT_WRITE_ACK = "all"
 #: How long a replica that failed at the transport level is skipped before it is tried again.
 DEFAULT_DOWN_S = 2.0
 DEFAULT_SUSPECT_S = 30.0
+DEFAULT_REPAIR_WINDOW_S = 60.0
 OWNERS_CACHE_SIZE = 1 << 16
 
 #: Errors that are the caller's to fix; every replica would answer the same, so they are raised.
@@ -81,6 +83,13 @@ class ReplicaCounters:
     skipped_down: int = 0  # calls not sent because it was marked down
     misses_down: int = 0  # lookup keys it owned, could not answer for, and no other owner had
     puts_dropped: int = 0  # items it should have stored but could not (it was down)
+    holes_found: int = 0  # lookups where it missed a chunk it owns that another candidate had
+    hints: int = 0  # chunks it missed while down, noted for a copy once it answers (hinted handoff)
+    hints_dropped: int = 0  # hints past the bound, forgotten (read repair still covers them)
+    repairs: int = 0  # repair checks run against it (Lookup of the chunks it owes)
+    chunks_repaired: int = 0  # chunks copied to it from another owner
+    bytes_repaired: int = 0  # bytes of those copies
+    repairs_failed: int = 0  # copies that could not be made (no candidate had the chunk, it failed)
 
 
 COUNTER_FIELDS = tuple(f.name for f in fields(ReplicaCounters))
@@ -135,6 +144,12 @@ class ClusterCore:
         self.suspect_s = DEFAULT_SUSPECT_S
         self._counters: dict[str, ReplicaCounters] = {}
         self._owners_cache: dict[tuple[bytes, tuple[str, ...]], list[str]] = {}
+        #: Copies owed to replicas (read repair, hinted handoff); see transfer.repair.
+        self.repairs = Repairs(self.count)
+        #: How long after a replica came back, or was found missing a chunk, every Lookup also checks
+        #: in the background that it holds the chunks of the prefix it owns.
+        self.repair_window_s = DEFAULT_REPAIR_WINDOW_S
+        self._owing_until: dict[str, float] = {}
 
     # -- membership and health --------------------------------------------------------------------
 
@@ -183,11 +198,28 @@ class ClusterCore:
             with self._lock:
                 self._down_until[member] = self._clock() + self.down_s
                 self._suspect_until[member] = self._clock() + self.down_s + self.suspect_s
+            self.repairs.forget(member)  # it may come back empty: what it was checked to hold is stale
             log.warning("kvstore cluster: %s is down for %.1f s (%s)", member, self.down_s, exc)
 
-    def succeeded(self, member: str) -> None:
+    def succeeded(self, member: str) -> bool:
+        """``member`` answered: it is up. True when it has hints that just became repair jobs (the
+        operation then starts a :func:`transfer.cluster_ops.repair_worker`)."""
         with self._lock:
-            self._down_until.pop(member, None)
+            was_down = self._down_until.pop(member, None) is not None
+        if was_down:  # back after a failure: it may have restarted empty, or missed writes
+            self.owe(member)
+        return self.repairs.has_hints(member) and self.repairs.release_hints(member)
+
+    def owe(self, member: str) -> None:
+        """``member`` may lack copies it owns: for ``repair_window_s``, lookups check its chunks."""
+        with self._lock:
+            self._owing_until[member] = self._clock() + self.repair_window_s
+
+    def owing(self) -> frozenset[str]:
+        """Members whose chunks lookups check now (back recently, or found missing a chunk)."""
+        with self._lock:
+            now = self._clock()
+            return frozenset(m for m, t in self._owing_until.items() if now < t)
 
     # -- counters ---------------------------------------------------------------------------------
 
@@ -231,9 +263,9 @@ class ClusterCore:
         return chosen
 
     def trusted(self, key: bytes, view: View, suspect: frozenset[str]) -> list[str]:
-        """Owners whose miss of ``key`` is believed: current owners that were owners before the last
-        change too (in a grace window) and have not failed recently. Owners are written together,
-        so one trusted owner's answer settles a key."""
+        """Owners to ask about ``key`` first: current owners that were owners before the last change
+        too (in a grace window) and have not failed recently. A trusted owner's "present" settles
+        the key; its "absent" is checked with the key's other candidates (:class:`LookupState`)."""
         out = [m for m in self.owners(key, view.members) if m not in suspect]
         if view.previous:
             before = self.owners(key, view.previous)
@@ -283,6 +315,7 @@ class ClusterCore:
             for m in owners:
                 if m not in up:
                     self.count(m, skipped_down=1, puts_dropped=1)
+                    self.repairs.hint(m, req.namespace, [req.key], req.num_layers)
             for m in up:
                 plan.setdefault(m, []).append(i)
         return plan
@@ -291,9 +324,42 @@ class ClusterCore:
     def items(batch: Sequence[PutRequestView], indices: Sequence[int]) -> list[PutItem]:
         return [PutItem(batch[i].key, batch[i].layer, batch[i].num_layers, batch[i].blob) for i in indices]
 
-    def put_done(self, member: str, batch: Sequence[PutRequestView], indices: Sequence[int]) -> None:
-        self.succeeded(member)
+    def put_done(self, member: str, batch: Sequence[PutRequestView], indices: Sequence[int]) -> bool:
+        """Account a Put ``member`` acknowledged; True as :meth:`succeeded`."""
         self.count(member, puts=1, blobs_put=len(indices), bytes_put=sum(len(batch[i].blob) for i in indices))
+        return self.succeeded(member)
+
+    def hint(self, member: str, batch: Sequence[PutRequestView], indices: Sequence[int]) -> None:
+        """``member`` did not get these items (its Put failed): note their chunks for hinted handoff."""
+        chunks: dict[tuple[str, int], list[bytes]] = {}
+        for i in indices:
+            chunks.setdefault((batch[i].namespace, batch[i].num_layers), []).append(batch[i].key)
+        for (ns, num_layers), keys in chunks.items():
+            self.repairs.hint(member, ns, keys, num_layers)
+
+    # -- repair -----------------------------------------------------------------------------------
+
+    def plan_copy(
+        self, keys: Sequence[bytes], view: View, tried: dict[bytes, set[str]]
+    ) -> tuple[dict[str, list[bytes]], list[bytes]]:
+        """Where a repair reads each chunk it copies: a candidate not tried yet and not down (one not
+        suspect first), as few sources as cover them; second, the chunks with no candidate left."""
+        down, suspect = self.troubled()
+        planned: list[bytes] = []
+        options: list[list[str]] = []
+        lost: list[bytes] = []
+        for k in keys:
+            left = [m for m in self.candidates(k, view) if m not in tried[k] and m not in down]
+            if not left:
+                lost.append(k)
+                continue
+            planned.append(k)
+            options.append([m for m in left if m not in suspect] or left)
+        plan: dict[str, list[bytes]] = {}
+        if planned:
+            for k, m in zip(planned, self.cover(options, planned[0]), strict=True):
+                plan.setdefault(m, []).append(k)
+        return plan, lost
 
     # -- stats ------------------------------------------------------------------------------------
 
@@ -335,22 +401,39 @@ class LookupState:
     The server answers "how many leading keys of those sent are present": a
     replica asked about keys in prefix order tells which keys it has up to its
     first miss, that it misses that one, and nothing about the keys after it.
+
+    A key is present when **any** of its candidates has it. An owner's miss is
+    not believed on its own: a replica that was down when a chunk was written,
+    or restarted empty, answers "absent" for chunks its co-owner holds (issue
+    24: 1,299 of 4,071 acknowledged prefixes looked up short that way). So a
+    key is known missing only once every candidate that could answer (not
+    down, not failed in this lookup) has answered it missing.
+
     Round 1 asks each key of one trusted owner (as few replicas as cover the
     prefix), or of every healthy candidate when no owner is trusted (after a
     failure, or when the key moved in a membership change). The prefix ends at
-    the first key not known present; a further round is needed only while that
-    key is unsettled: no trusted owner reported it missing and some candidate
-    has not answered for it (it failed, or it was asked only behind an earlier
-    miss). Then every unsettled key from there on is asked of its candidates
-    that have not answered for it, in one round. In steady state one round
-    settles it, since an owner's miss is believed.
+    the first key ``p`` not known present. While ``p`` is not known missing, a
+    further round asks again:
+
+    * *narrow* (the common case, a prompt whose cached part ends at ``p``): only
+      ``p``'s candidates that have not answered for it, each about its keys from
+      ``p`` on: R-1 small RPCs settle a real end of the prefix;
+    * *wide*, once this lookup has seen a hole (a key missing at one owner and
+      present at another) or a failed replica: every candidate of every
+      unsettled key from ``p`` on that has not answered for it, so a replica
+      that lost its copies costs one more round, not one round per key.
+
+    Full hits stay one round; a real end of the prefix costs a second round of
+    R-1 RPCs; a replica with holes costs at most three rounds. The holes seen
+    (:meth:`holes`) are what read repair gives back.
     """
 
-    MAX_ROUNDS = 4
+    MAX_ROUNDS = 6
 
     def __init__(self, core: ClusterCore, keys: Sequence[bytes], view: View) -> None:
         self.core = core
         self.keys = keys
+        self.view = view
         self.down, suspect = core.troubled()
         self.cands = [core.candidates(k, view) for k in keys]
         self.trusted = [set(core.trusted(k, view, suspect)) for k in keys]
@@ -358,6 +441,7 @@ class LookupState:
         self.missing_at: list[set[str]] = [set() for _ in keys]
         self.failed: set[str] = set()
         self.rounds = 0
+        self.wide = False
 
     def first_plan(self) -> dict[str, list[int]]:
         plan: dict[str, list[int]] = {}
@@ -389,29 +473,42 @@ class LookupState:
             n = answers.get(member)
             if n is None:
                 self.failed.add(member)
+                self.wide = True
                 continue
             for i in positions[:n]:
                 self.present[i] = True
             if n < len(positions):
                 self.missing_at[positions[n]].add(member)
+        if not self.wide:
+            self.wide = any(p and m for p, m in zip(self.present, self.missing_at, strict=True))
 
     def prefix(self) -> int:
         return next((i for i, p in enumerate(self.present) if not p), len(self.keys))
 
+    def _askable(self, i: int, down: frozenset[str]) -> list[str]:
+        """Candidates of key ``i`` that may still answer for it (not down, not failed, not yet asked
+        or asked only behind another key's miss)."""
+        return [
+            m for m in self.cands[i] if m not in self.failed and m not in self.missing_at[i] and m not in down
+        ]
+
     def next_plan(self) -> dict[str, list[int]]:
         """The next round, or ``{}`` when the prefix is settled (or the round budget is spent)."""
         p = self.prefix()
-        if p == len(self.keys) or self.rounds >= self.MAX_ROUNDS or self.missing_at[p] & self.trusted[p]:
+        if p == len(self.keys) or self.rounds >= self.MAX_ROUNDS:
             return {}
         down = self.core.troubled()[0]
+        first = self._askable(p, down)
+        if not first:  # every candidate of p answered it missing (or cannot answer): the prefix ends
+            return {}
         plan: dict[str, list[int]] = {}
         for i in range(p, len(self.keys)):  # every unsettled key from p on, in one round
-            if self.present[i] or self.missing_at[i] & self.trusted[i]:
+            if self.present[i]:
                 continue
-            for m in self.cands[i]:
-                if m not in self.failed and m not in self.missing_at[i] and m not in down:
+            for m in self._askable(i, down):
+                if self.wide or m in first:
                     plan.setdefault(m, []).append(i)
-        return plan if any(p in positions for positions in plan.values()) else {}
+        return plan
 
     def result(self) -> int:
         """The prefix; a miss for want of a live owner is counted against the owners that failed."""
@@ -421,6 +518,33 @@ class LookupState:
                 if m in self.failed:
                     self.core.count(m, misses_down=1)
         return total
+
+    def holes(self, total: int) -> dict[str, list[int]]:
+        """Per current owner that may lack chunks of the prefix ``[0, total)``: the positions it owns
+        that a repair should check (the repair asks it, then copies what it lacks).
+
+        An owner that answered a chunk missing while another candidate had it
+        owes the chunks it owns from that one on (its answer said nothing about
+        the ones after); it is marked owing (:meth:`ClusterCore.owe`). An owner
+        already owing (back after a failure, or found missing a chunk within
+        ``repair_window_s``) owes every chunk of the prefix it owns: lookups
+        usually ask one owner per chunk, so without this the other owner's
+        holes would never be seen.
+        """
+        core, members = self.core, self.view.members
+        out: dict[str, list[int]] = {}
+        for i in range(total):
+            for m in self.missing_at[i]:
+                if m not in out and m in core.owners(self.keys[i], members):
+                    core.count(m, holes_found=1)
+                    core.owe(m)
+                    out[m] = [j for j in range(i, total) if m in core.owners(self.keys[j], members)]
+        down = core.troubled()[0]
+        for m in core.owing() - down - set(out):
+            owned = [j for j in range(total) if m in core.owners(self.keys[j], members)]
+            if owned:
+                out[m] = owned
+        return out
 
 
 def acknowledged(num_stored: int, nbytes: int, num_requests: int, answers: Sequence[PutResult]) -> PutResult:

@@ -18,13 +18,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from kvstore.cli import main as cli_main
 from kvstore.keys import chunk_keys
+from kvstore.testing.reliability import run_replica_repair
 from tests.fixtures.store import ServerProcess, make_blob, start_server_process
 from transfer import placement
 from transfer.aio_cluster import AsyncClusterKVClient, connect_async
 from transfer.client import KVClient
 from transfer.cluster import ClusterKVClient, ReplicaMetrics, connect
 from transfer.errors import NotFound, Unavailable
-from transfer.membership import DnsMembership, NotAKVStore
+from transfer.membership import DnsMembership, InvalidTarget, NotAKVStore
 
 LAYERS = 4
 CHUNK = 16
@@ -297,11 +298,15 @@ def test_adding_a_replica_keeps_the_hit_rate_in_the_grace_window(
         assert len(client.members()) == 4
         client.wait_ready()
         bare.wait_ready()
+        without = _hit_rate(bare, prefixes)  # first: the grace client's reads repair the new owner
         after = _hit_rate(client, prefixes)
-        without = _hit_rate(bare, prefixes)
         assert before - after <= 0.05, (before, after)
         assert before - without > 0.05, (before, without)  # the grace window is what keeps the hits
         assert sum(p.wrong_blobs(client, len(p.keys)) for p in prefixes) == 0
+        # the chunks read in the grace window were copied to their new owner: hits without it too
+        assert client.drain_repairs(timeout_s=30)
+        assert _hit_rate(bare, prefixes) == 1.0
+        assert client.replica_counters()[listed[-1]]["chunks_repaired"] > 0
         # new writes fill the new replica
         p = Prefix("t/m/grow", seed=999, chunks=64)
         client.put(p.ns, p.items())
@@ -433,3 +438,27 @@ def test_durable_ack_is_asked_of_every_owner(replicas: list[ServerProcess]) -> N
         stored = client.put(prefix.ns, prefix.items(), ack="memory")
         assert stored.num_stored == 3 * LAYERS and not stored.durable and stored.tiers == ("memory",)
         assert prefix.wrong_blobs(client, 3) == 0
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["blocking", "asyncio"])
+def test_a_replica_killed_under_load_and_back_empty_gets_its_copies_back(tmp_path: Path, aio: bool) -> None:
+    # Issue 24 (4): before, a replica back empty answered "absent" for its chunks and Lookup stopped
+    # there (prefixes looked up short, through any client, for good). Now a fresh client finds every
+    # acknowledged prefix whole, and the clients' repairs put every copy back, within 30 s.
+    out = run_replica_repair(lambda port: start(tmp_path, port), aio=aio, seed=3 if aio else 4)
+    assert out["caller_errors"] == 0, out["errors"]
+    assert out["wrong_blobs"] == 0, out
+    assert out["reads"] > 10 and out["puts"] > 3, out
+    # through a fresh client, from its first pass on (it starts as the replica is back), within 30 s
+    assert out["fresh_client_short_per_pass"][0] == 0, out
+    assert out["lookup_whole_after_return_s"] is not None and out["lookup_whole_after_return_s"] <= 30, out
+    assert out["copies_whole_after_return_s"] is not None, out  # R copies of every acked chunk (60 s)
+    assert out["chunks_owed"] > 0 and out["chunks_repaired"] >= out["chunks_owed"], out
+    assert out["bytes_repaired"] >= out["bytes_owed"], out
+
+
+def test_one_server_under_two_spellings_is_refused(replicas: list[ServerProcess]) -> None:
+    port = replicas[0].port
+    with pytest.raises(InvalidTarget, match=f"127.0.0.1:{port} and localhost:{port} are the same server"):
+        connect(f"127.0.0.1:{port},localhost:{port},{replicas[1].target}")
+    assert cli_main(["stats", "--target", f"127.0.0.1:{port},localhost:{port}"]) == 2

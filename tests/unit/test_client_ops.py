@@ -20,9 +20,10 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GetResponseView
 from transfer import cluster_ops as cops
 from transfer import ops
-from transfer.core import ClientCore, PutItem, RetryPolicy
+from transfer.core import ClientCore, PutItem, PutResult, RetryPolicy
 from transfer.errors import BlobIntegrityError, InvalidArgument, NotFound, TransferError, Unavailable
 from transfer.membership import StaticMembership
+from transfer.repair import RepairJob
 from transfer.routing import ClusterCore
 
 NS = "t/m/c"
@@ -293,8 +294,10 @@ def test_async_driver_makes_the_same_calls() -> None:
 # -- cluster operations ---------------------------------------------------------------------------------
 
 
-def cluster(members: list[str], replication: int = 2) -> ClusterCore:
-    return ClusterCore(StaticMembership(members), replication=replication, check=core(), clock=lambda: 0.0)
+def cluster(
+    members: list[str], replication: int = 2, clock: Callable[[], float] = lambda: 0.0
+) -> ClusterCore:
+    return ClusterCore(StaticMembership(members), replication=replication, check=core(), clock=clock)
 
 
 class ClusterScript:
@@ -397,3 +400,228 @@ def test_cluster_get_raises_not_found_when_no_candidate_has_the_key() -> None:
     ns, keys = ops.get_args(c.check, NS, KEYS[:1], 0, 2)
     with pytest.raises(NotFound):
         list(script.drive(cops.get_layers(c, ns, keys, 0, 2, None)))
+
+
+# -- repair (read repair and hinted handoff) -------------------------------------------------------------
+
+
+class Replicas(ClusterScript):
+    """Replicas as the operations see them: what each holds, Lookup and Get answered from that, a
+    member in ``down`` failing every call; copies move chunks between them. Background operations
+    are kept for the test to run (:meth:`run_background`)."""
+
+    def __init__(self, c: ClusterCore, holds: dict[str, set[bytes]]) -> None:
+        super().__init__(c, self.member, self.opens)
+        self.holds = holds
+        self.down: set[str] = set()
+        self.copies: list[tuple[str, str, tuple[bytes, ...]]] = []
+        self.background: list[ops.Op[Any]] = []
+
+    def perform(self, effect: Any) -> Any:
+        if isinstance(effect, cops.Background):
+            self.background.append(effect.op)
+            return None
+        if isinstance(effect, cops.Copy):
+            return self.copy(effect)
+        if isinstance(effect, (cops.Spawn, cops.WaitAny, cops.Detach, cops.Drain)):
+            return self.spawning(effect)
+        return super().perform(effect)
+
+    def spawning(self, effect: Any) -> Any:  # Put's tasks, run at once (write_ack="all")
+        if isinstance(effect, cops.Spawn):
+            return ("task", self.run(effect.op))
+        if isinstance(effect, cops.WaitAny):
+            return [(t, t[1]) for t in effect.tasks], frozenset()
+        return None
+
+    def member(self, effect: cops.Member) -> Any:  # type: ignore[override]
+        if effect.member in self.down:
+            raise Unavailable(f"{effect.member} is down")
+        if effect.method == "lookup":
+            keys = effect.args[1]
+            return next((j for j, k in enumerate(keys) if k not in self.holds[effect.member]), len(keys))
+        if effect.method == "put":
+            for item in effect.args[1]:
+                self.holds[effect.member].add(item.key)
+            return PutResult(len(effect.args[1]), 0, 1)
+        raise AssertionError(effect)
+
+    def opens(self, effect: cops.OpenLayers) -> Any:  # type: ignore[override]
+        member, (_, keys, start, end) = effect.member, effect.args
+
+        def layers() -> Any:
+            if member in self.down or any(k not in self.holds[member] for k in keys):
+                raise NotFound(f"{member} misses a key")
+            for layer in range(start, end):
+                yield layer, [blob(KEYS.index(k), layer) for k in keys]
+
+        return layers()
+
+    def copy(self, effect: cops.Copy) -> int:
+        if {effect.source, effect.target} & self.down:
+            raise Unavailable("down")
+        if any(k not in self.holds[effect.source] for k in effect.keys):
+            raise NotFound(f"{effect.source} misses a key")
+        self.copies.append((effect.source, effect.target, effect.keys))
+        self.holds[effect.target].update(effect.keys)
+        return 100 * len(effect.keys) * effect.num_layers
+
+    def run_background(self) -> None:
+        while self.background:
+            self.run(self.background.pop(0))
+
+
+def placed_holds(c: ClusterCore, members: list[str]) -> dict[str, set[bytes]]:
+    holds: dict[str, set[bytes]] = {m: set() for m in members}
+    for k in KEYS:
+        for m in c.owners(k, tuple(members)):
+            holds[m].add(k)
+    return holds
+
+
+def test_lookup_finds_chunks_an_owner_lost_and_gives_the_copies_back() -> None:
+    members = ["a:1", "b:1", "c:1"]
+    c = cluster(members)
+    holds = placed_holds(c, members)
+    plan = c.start_lookup(KEYS, c.view()).first_plan()
+    victim = max(plan, key=lambda m: len(plan[m]))  # a replica round 1 asks
+    owned = {k for k in KEYS if victim in c.owners(k, tuple(members))}
+    holds[victim] = set()  # restarted empty
+    r = Replicas(c, holds)
+    assert r.run(cops.lookup(c, NS, KEYS, 4, None)) == len(KEYS)  # whole, not cut at the hole
+    assert c.counters()[victim]["holes_found"] == 1 and len(r.background) == 1
+    r.run_background()
+    assert holds[victim] == owned  # every copy it owns is back, copied from another owner
+    assert r.copies and all(src != victim and dst == victim for src, dst, _ in r.copies)
+    assert c.counters()[victim]["chunks_repaired"] == len(owned)
+    assert c.counters()[victim]["bytes_repaired"] == 100 * len(owned) * 4
+    # a second lookup finds nothing owed: no copy
+    r.copies.clear()
+    assert r.run(cops.lookup(c, NS, KEYS, 4, None)) == len(KEYS)
+    r.run_background()
+    assert r.copies == []
+
+
+def test_once_a_hole_is_found_every_lookup_gives_the_owner_its_copies_back() -> None:
+    # Lookups ask one owner per chunk, so most never see the other owner's hole; once one has, the
+    # owner is owing for repair_window_s and every lookup checks the chunks of its prefix it owns.
+    members = ["a:1", "b:1", "c:1"]
+    for victim in members:
+        c = cluster(members)
+        holds = placed_holds(c, members)
+        owned = {k for k in KEYS if victim in c.owners(k, tuple(members))}
+        holds[victim] = set()
+        r = Replicas(c, holds)
+        for _ in range(2):  # every suffix, twice: the chunks looked up before the first hole too
+            for start in range(len(KEYS)):
+                assert r.run(cops.lookup(c, NS, KEYS[start:], 4, None)) == len(KEYS) - start
+                r.run_background()
+        assert c.counters()[victim]["holes_found"] >= 1, victim
+        assert holds[victim] == owned, victim
+        assert c.counters()[victim]["chunks_repaired"] == len(owned)  # each copied once
+
+
+def test_a_replica_back_after_a_failure_is_checked_by_every_lookup() -> None:
+    members = ["a:1", "b:1", "c:1"]
+    c = cluster(members)
+    holds = placed_holds(c, members)
+    victim = "b:1"
+    owned = {k for k in KEYS if victim in c.owners(k, tuple(members))}
+    holds[victim] = set()
+    r = Replicas(c, holds)
+    r.down = {victim}
+    assert r.run(cops.lookup(c, NS, KEYS, 4, None)) == len(KEYS)  # served by the others
+    r.run_background()
+    assert holds[victim] == set()  # nothing to give while it is down
+    r.down = set()
+    c.succeeded(victim)  # a later call reached it: it is back
+    assert victim in c.owing()
+    r.run(cops.lookup(c, NS, KEYS, 4, None))
+    r.run_background()
+    assert holds[victim] == owned
+
+
+def test_hints_become_a_repair_when_the_owner_answers_again() -> None:
+    members = ["a:1", "b:1"]
+    now = [0.0]
+    c = cluster(members, clock=lambda: now[0])  # R=2 of 2: both own every key
+    holds: dict[str, set[bytes]] = {m: set() for m in members}
+    r = Replicas(c, holds)
+    r.down = {"b:1"}
+    items = [(k, layer, 2, blob(i, layer)) for i, k in enumerate(KEYS[:3]) for layer in range(2)]
+    result = r.run(cops.put(c, NS, iter(items), None, None))
+    assert result.num_stored == 6 and holds == {"a:1": set(KEYS[:3]), "b:1": set()}
+    r.run(cops.put(c, NS, iter(items[:2]), None, None))  # b marked down: skipped, hinted
+    assert c.repairs.hinted() == {"b:1": 3} and holds["b:1"] == set()
+    assert r.background == []  # nothing to replay while it is down
+    r.down = set()
+    now[0] += c.down_s + 1  # down_s passes: the next call that needs b tries it
+    # an unrelated lookup reaches b (b owns every key): its hints become a repair job
+    r.run(cops.lookup(c, NS, KEYS[4:], 2, None))
+    assert c.repairs.hinted() == {} and r.background
+    r.run_background()
+    assert holds["b:1"] == set(KEYS[:3])
+    assert [(src, dst, set(keys)) for src, dst, keys in r.copies] == [("a:1", "b:1", set(KEYS[:3]))]
+    assert c.counters()["b:1"]["hints"] == 3 and c.counters()["b:1"]["chunks_repaired"] == 3
+
+
+def test_repair_reads_from_the_next_candidate_and_counts_what_no_one_has() -> None:
+    members = ["a:1", "b:1", "c:1"]
+    c = cluster(members, replication=3)
+    holds = {"a:1": set(), "b:1": {KEYS[0]}, "c:1": {KEYS[0], KEYS[1]}}
+    r = Replicas(c, holds)
+    job = RepairJob("a:1", NS, (KEYS[0], KEYS[1], KEYS[2]), 4)
+    copied = r.run(cops.repair(c, job))
+    assert holds["a:1"] == {KEYS[0], KEYS[1]}  # KEYS[2] is nowhere: left, counted
+    assert copied == 100 * 2 * 4
+    assert c.counters()["a:1"]["repairs_failed"] == 1
+    # a repair asks first: nothing it holds is copied again
+    r.copies.clear()
+    assert r.run(cops.repair(c, job)) == 0 and r.copies == []
+    holds["a:1"].add(KEYS[2])
+    r.copies.clear()
+    assert r.run(cops.repair(c, job)) == 0 and r.copies == []
+
+
+def test_get_that_falls_back_past_a_missing_owner_repairs_it() -> None:
+    members = ["a:1", "b:1"]
+    c = cluster(members)
+    holds = {"a:1": set(KEYS[:2]), "b:1": set(KEYS[:2])}
+    first = c.plan_get(KEYS[:2], range(2), c.view(), {})
+    reader = next(iter(first))
+    holds[reader] = set()
+    r = Replicas(c, holds)
+    ns, keys = ops.get_args(c.check, NS, KEYS[:2], 0, 4)
+    got = list(r.drive(cops.get_layers(c, ns, keys, 0, 4, None)))
+    assert [layer for layer, _ in got] == [0, 1, 2, 3]
+    assert r.background
+    r.run_background()
+    assert holds[reader] == set(KEYS[:2])
+
+
+def test_repair_worker_stops_when_the_queue_is_empty_and_bounds_the_queue() -> None:
+    members = ["a:1", "b:1"]
+    c = cluster(members)
+    c.repairs.max_jobs = 1
+    assert c.repairs.offer("a:1", NS, KEYS[:1], 4) is True  # first job: start a worker
+    assert c.repairs.offer("a:1", NS, KEYS[:1], 4) is False  # already owed
+    assert c.repairs.offer("a:1", NS, KEYS[1:2], 4) is False and c.repairs.jobs_dropped == 1  # full
+    holds = {"a:1": set(), "b:1": set(KEYS)}
+    r = Replicas(c, holds)
+    r.run(cops.repair_worker(c))
+    assert holds["a:1"] == {KEYS[0]} and c.repairs.pending() == 0
+    assert c.repairs.offer("a:1", NS, KEYS[1:2], 4) is True  # done: owed again, a new worker
+
+
+def test_queued_jobs_for_one_replica_are_merged() -> None:
+    c = cluster(["a:1", "b:1"])
+    c.repairs.max_workers = 1
+    assert c.repairs.offer("a:1", NS, KEYS[:2], 4)  # a worker to start
+    assert not c.repairs.offer("a:1", NS, KEYS[2:3], 4)  # the one running takes it
+    c.repairs.offer("b:1", NS, KEYS[3:4], 4)  # another replica: not merged
+    c.repairs.offer("a:1", NS, KEYS[4:5], 4)
+    first, second, third = c.repairs.take(), c.repairs.take(), c.repairs.take()
+    assert first == RepairJob("a:1", NS, tuple(KEYS[:3]), 4)
+    assert second == RepairJob("b:1", NS, (KEYS[3],), 4)
+    assert third == RepairJob("a:1", NS, (KEYS[4],), 4)
+    assert c.repairs.take() is None and c.repairs.pending() == 0

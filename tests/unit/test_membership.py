@@ -115,3 +115,20 @@ def test_first_resolution_failure_is_an_error() -> None:
         DnsMembership("svc", 1, resolver=fail, background=False)
     with pytest.raises(UnresolvableTarget, match="no address records"):
         DnsMembership("svc", 1, resolver=lambda h, p: [], background=False)
+
+
+def test_one_server_under_two_spellings_is_refused() -> None:
+    from transfer.cluster import make_membership
+    from transfer.membership import check_distinct
+
+    with pytest.raises(InvalidTarget, match=r"127\.0\.0\.1:5000 and localhost:5000 are the same server"):
+        make_membership("127.0.0.1:5000,localhost:5000")
+    with pytest.raises(InvalidTarget, match="same server"):
+        connect("localhost:5001,127.0.0.1:5002,127.0.0.1:5001", verify=False)
+    # other ports, or names that resolve elsewhere, are distinct; a name that does not resolve (yet)
+    # is compared with nothing
+    make_membership("127.0.0.1:5000,localhost:5001").close()
+    table = {"a": {"10.0.0.1:1"}, "b": {"10.0.0.2:1"}, "c": {"10.0.0.2:1", "fd00::2:1"}}
+    check_distinct(["a:1", "b:1", "nowhere:1"], lambda h, p: frozenset(table.get(h, ())))
+    with pytest.raises(InvalidTarget, match="b:1 and c:1 are the same server.*10.0.0.2:1"):
+        check_distinct(["a:1", "b:1", "c:1"], lambda h, p: frozenset(table.get(h, ())))

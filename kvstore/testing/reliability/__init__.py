@@ -10,7 +10,8 @@ in the server imports it.
 
 One module per kind of workload: :mod:`.fuzz`, :mod:`.corruption` (bit flips in
 every tier and in disk records), :mod:`.faults` (crash and restart, Redis and S3
-killed or frozen under load), :mod:`.load` (many clients, a stalling tenant), and
+killed or frozen under load), :mod:`.load` (many clients, a stalling tenant),
+:mod:`.repair` (a cluster replica SIGKILLed and back empty, repaired by the clients), and
 :mod:`.calls`, the RPC helpers they share. See bench/reliability.py for what each
 workload counts.
 """
@@ -36,6 +37,7 @@ from kvstore.testing.reliability.fuzz import (
     run_fuzz,
 )
 from kvstore.testing.reliability.load import run_concurrency, run_starvation
+from kvstore.testing.reliability.repair import run_replica_repair
 
 __all__ = [
     "PRECISE",
@@ -57,6 +59,7 @@ __all__ = [
     "run_crash_restart",
     "run_disk_flips",
     "run_fuzz",
+    "run_replica_repair",
     "run_starvation",
     "seed_chunks",
 ]
