@@ -1,6 +1,6 @@
 """Asynchronous loads (``load_mode: async``) on a real vLLM engine (CPU build) and a real store.
 
-The store is reached through a loopback proxy that can slow the store-to-engine direction,
+The store is reached through a loopback proxy (kvstore.testing.proxy) that can slow its replies,
 so a 2,048-token load takes seconds: long enough to see what the engine does meanwhile.
 A second engine without the connector, with vLLM's own prefix cache, is the reference for
 what "lossless" promises: the same tokens as vLLM's own prefix-cache hit.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvstore.keys import chunk_keys
-from kvstore.testing.slow_proxy import SlowProxy
+from kvstore.testing.proxy import DelayProxy
 from tests.fixtures.store import start_server_process
 from tests.vllm.conftest import corrupt_stored_layer
 from transfer.client import KVClient
@@ -56,7 +56,8 @@ def prompts(model_dir: str) -> dict[str, list[int]]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
     proc = start_server_process(["--no-disk", "--memory-bytes", "1GiB"], workdir=tmp_path_factory.mktemp("s"))
-    with SlowProxy(proc.target) as proxy:
+    host, port = proc.target.rsplit(":", 1)
+    with DelayProxy(host, int(port)) as proxy:
         yield proc, proxy
     proc.kill()
 
@@ -96,11 +97,13 @@ def test_async_hit_is_vllms_own_prefix_cache_output(engine, prompts, model_dir, 
 def test_a_long_load_does_not_stall_a_running_request(engine, store, prompts):
     _, proxy = store
     engine.generate([prompts["stall"]], max_tokens=1)  # computes and saves the prefix
-    proxy.delay_s = 0.002  # the store's bytes now trickle in: the load takes seconds
+    proxy.slow(
+        0.002, 1e-9
+    )  # every reply chunk held 2 ms: the store's bytes trickle in, the load takes seconds
     try:
         run = engine.interleave(prompts["running"], 64, prompts["stall"], after_steps=3)
     finally:
-        proxy.delay_s = 0.0
+        proxy.fast()
     assert run["arriving_cached"] == PREFIX  # the arriving request did load its prefix
     before = [dt for phase, dt in run["steps"] if phase == "before"]
     loading = [dt for phase, dt in run["steps"] if phase == "loading"]

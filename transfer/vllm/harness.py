@@ -126,6 +126,7 @@ def _interleave(
     steps: list[tuple[str, float]] = []
     phase, done, outputs = "before", set(), {}
     count = 0
+    deadline = time.monotonic() + 600
     while not (phase != "before" and {"running", "arriving"} <= done):
         if phase == "before" and count == after_steps:
             engine.add_request(
@@ -144,8 +145,8 @@ def _interleave(
                 phase = "after"
             if out.finished:
                 done.add(out.request_id)
-        if count > 10_000:
-            raise RuntimeError("interleave did not finish")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"interleave did not finish in 600 s ({count} steps, phase {phase})")
     arriving_out = outputs["arriving"]
     return {
         "steps": steps,
