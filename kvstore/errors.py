@@ -155,6 +155,11 @@ class StreamNotCommitted(Aborted):
     """A Put stream ended without its commit message, so nothing was stored."""
 
 
+#: Words in the message of a Get answered UNAVAILABLE by a live server because a tier it could not
+#: read may hold the blob: the server is up, so a cluster client must not mark it down.
+TIER_SKIPPED = "could not be read and may hold them"
+
+
 class BackendUnavailable(Unavailable):
     """A tier could not be reached (connection refused, timeout).
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kvstore.errors import TIER_SKIPPED
 from kvstore.retry import ExponentialBackoff
 from kvstore.wire import PutRequestView
 from transfer import placement
@@ -194,7 +195,8 @@ class ClusterCore:
         if isinstance(exc, CALLER_ERRORS) or not isinstance(exc, TransferError):
             raise exc
         self.count(member, failures=1)
-        if isinstance(exc, TRANSPORT_ERRORS):
+        if isinstance(exc, TRANSPORT_ERRORS) and TIER_SKIPPED not in str(exc):
+            # (a live replica whose shared tier was skipped answers UNAVAILABLE too: it is not down)
             with self._lock:
                 self._down_until[member] = self._clock() + self.down_s
                 self._suspect_until[member] = self._clock() + self.down_s + self.suspect_s

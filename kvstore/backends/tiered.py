@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from kvstore.backends.base import Backend, BackendCounters, BackendUsage, BlobKey
-from kvstore.errors import BackendUnavailable, IntegrityError
+from kvstore.errors import TIER_SKIPPED, BackendUnavailable, IntegrityError
 from kvstore.integrity import is_intact
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class TieredStore:
         if pending and skipped:
             raise BackendUnavailable(
                 f"{len(pending)} blob(s), e.g. {keys[pending[0]].name()}, are in no tier that answered, "
-                f"and tier(s) {'; '.join(skipped)} could not be read and may hold them: retry"
+                f"and tier(s) {'; '.join(skipped)} {TIER_SKIPPED}: retry"
             )
         lost = [keys[i] for i in pending if i in corrupt]
         if lost:

@@ -148,3 +148,14 @@ def test_a_key_that_moved_is_found_at_its_previous_owner() -> None:
     assert total == 24 and moved and set(holes) == {"10.0.0.4:1"} and set(moved) <= set(holes["10.0.0.4:1"])
     bare = core_for(StaticMembership(listed), replication=1)  # no grace: the moved keys are misses
     assert run(bare, holds)[0] < 24
+
+
+def test_a_live_replica_whose_shared_tier_was_skipped_is_not_marked_down():
+    from kvstore.errors import TIER_SKIPPED
+
+    core = core_for(StaticMembership(MEMBERS))
+    skipped = f"1 blob(s), e.g. k, are in no tier that answered, and tier(s) s3 {TIER_SKIPPED}: retry"
+    core.failed(MEMBERS[0], Unavailable(skipped))
+    assert MEMBERS[0] not in core.troubled()[0]
+    core.failed(MEMBERS[1], Unavailable("failed to connect to all addresses"))
+    assert MEMBERS[1] in core.troubled()[0]
