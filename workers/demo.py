@@ -226,6 +226,13 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
         p.error(f"--docs must be 1..{len(DOCUMENTS)} and --questions 1..3")
     if not args.profiles or args.max_new_tokens < 1 or args.chunk_tokens < 1:
         p.error("need at least one profile, --max-new-tokens >= 1 and --chunk-tokens >= 1")
+    from workers.prefill import check_profile
+
+    for profile in args.profiles:
+        try:
+            check_profile(profile, "--profiles:")
+        except ValueError as exc:
+            p.error(str(exc))
     # An empty variable counts as unset, as it does for Ray and the kvstore CLI.
     args.ray_address = args.ray_address or env.get("RAY_ADDRESS") or None
     args.store_target = args.store_target or env.get("KVSTORE_TARGET") or None

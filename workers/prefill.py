@@ -84,6 +84,7 @@ class WorkerConfig:
             raise ValueError(f"write_ack must be one of {', '.join(WRITE_ACKS)}, got {self.write_ack!r}")
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
+        check_profile(self.profile)  # here, not at the first encode after a prefill already ran
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.compute_cpus is not None:
@@ -106,6 +107,14 @@ class WorkerConfig:
         return plan
 
 
+def check_profile(profile: str, what: str = "profile") -> None:
+    """A codec profile the codec knows, or ValueError naming the known ones."""
+    from transfer.codec.profiles import PROFILES
+
+    if profile not in PROFILES:
+        raise ValueError(f"{what} {profile!r} is not a codec profile; choose one of {sorted(PROFILES)}")
+
+
 @dataclass(frozen=True)
 class PrefillRequest:
     """One prompt. ``reuse=False`` recomputes everything and ``store=False`` stores nothing
@@ -120,6 +129,8 @@ class PrefillRequest:
     def __post_init__(self) -> None:
         if not self.token_ids:
             raise ValueError(f"request {self.request_id!r} has an empty prompt")
+        if self.profile is not None:
+            check_profile(self.profile, f"request {self.request_id!r}: profile")
         object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
 
 

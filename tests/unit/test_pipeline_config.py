@@ -171,3 +171,16 @@ def test_demo_pins_roles_on_a_local_ray_by_advertising_the_resources() -> None:
 def test_demo_rejects_flags_that_do_not_fit_the_mode(argv: list[str], env: dict[str, str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv, environ=env)
+
+
+def test_a_bad_codec_profile_fails_at_configuration_not_at_the_first_encode(capsys) -> None:
+    from workers.prefill import PrefillRequest, WorkerConfig
+
+    WorkerConfig(store_target="a:1", profile="balanced")
+    with pytest.raises(ValueError, match=r"profile 'lossy' is not a codec profile; choose one of"):
+        WorkerConfig(store_target="a:1", profile="lossy")
+    with pytest.raises(ValueError, match=r"request 'r1': profile 'lossy'"):
+        PrefillRequest("r1", (1, 2, 3), profile="lossy")
+    with pytest.raises(SystemExit):
+        parse_args(["--profiles", "lossless,lossy"], environ={})
+    assert "--profiles: 'lossy' is not a codec profile" in capsys.readouterr().err
