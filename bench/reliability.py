@@ -1,7 +1,8 @@
 """Reliability of a real kvstore server under faults, fuzzing and load.
 
-Each workload is a function of kvstore/testing/reliability/, shared with the test
-suite (tests/integration/test_fuzz.py, test_bitflips.py, test_crash_restart.py,
+Each workload is a function of kvstore/testing/reliability/ (raw gRPC) or, when it
+drives the client, of transfer/testing/, shared with the test suite
+(tests/integration/test_fuzz.py, test_bitflips.py, test_crash_restart.py,
 test_concurrency.py, test_backend_kill_under_load.py run the same code at a small
 size), so the figures below and the assertions of the suite measure the same
 thing; this file sizes them, runs them and prints the results:
@@ -62,14 +63,12 @@ from kvstore.testing.reliability import (
     run_backend_freeze,
     run_backend_kill,
     run_bitflips,
-    run_concurrency,
     run_crash_restart,
     run_disk_flips,
     run_fuzz,
-    run_replica_repair,
-    run_starvation,
 )
 from kvstore.testing.store import REMOTE_READS, serving, start_server_process, store_config
+from transfer.testing import run_concurrency, run_replica_repair, run_starvation
 
 if TYPE_CHECKING:
     from kvstore.server import ServerHandle

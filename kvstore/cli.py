@@ -4,10 +4,11 @@ Configuration is resolved here and only here (file < environment < flags) and
 handed down as one frozen StoreConfig; nothing below reads the environment.
 Heavy imports (grpc server, Ray, torch) happen inside the subcommand that needs
 them, so ``kvstore --help`` is instant. Subcommands implemented outside this
-package (``demo``, on the workers' side, with Ray and torch) are named in one table,
-:data:`EXTERNAL_COMMANDS`, and loaded by module path only when chosen: importing
-this module, or running ``kvstore serve``, never imports workers, Ray or torch
-(tests/unit/test_layering.py checks it).
+package (``stats``, a client of the server, in transfer/cli.py; ``demo``, on the
+workers' side, with Ray and torch) are named in one table, :data:`EXTERNAL_COMMANDS`,
+and loaded by module path only when chosen: no module of kvstore/ imports the
+client, and importing this one, or running ``kvstore serve``, never loads the
+client, workers, Ray or torch (tests/unit/test_layering.py checks both).
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvstore.config import format_bytes, parse_bytes
-
-DEFAULT_TARGET = "127.0.0.1:50051"
+from kvstore.config import parse_bytes
 
 _SERVE_EPILOG = """\
 examples:
@@ -41,15 +40,6 @@ examples:
 precedence: built-in defaults < --config file < KVSTORE_* environment variables < flags.
 byte sizes accept 1048576, 64MiB, 2GiB, 500MB. Stop with Ctrl-C or SIGTERM: in-flight RPCs
 are drained for --grace seconds.
-"""
-
-_STATS_EPILOG = """\
-examples:
-  kvstore stats                                  the server on 127.0.0.1:50051
-  kvstore stats --target 10.0.0.5:50051 --json   machine-readable, for scripts
-  kvstore stats --token "$KVSTORE_TOKEN"         when the server has auth.tokens configured
-  kvstore stats --target a:50051,b:50051         every replica of a cluster, then the totals
-  kvstore stats --target dns:///kvstore-headless:50051   the replicas behind a headless Service
 """
 
 _BENCH_EPILOG = """\
@@ -137,20 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser(
         "stats",
         help="show a running server's tiers and counters",
-        formatter_class=fmt,
-        epilog=_STATS_EPILOG,
-        description="Ask a running server for its Stats.",
+        add_help=False,
+        description="Run transfer.cli's stats command with the given arguments (see 'kvstore stats --help').",
     )
-    stats.add_argument(
-        "--target",
-        default=None,
-        help=f"HOST:PORT of the server, or HOST:PORT,HOST:PORT,... / "
-        f"dns:///NAME:PORT for every replica and totals (default $KVSTORE_TARGET or {DEFAULT_TARGET})",
-    )
-    stats.add_argument("--token", default=None, help="bearer token (default $KVSTORE_TOKEN)")
-    stats.add_argument("--tls-ca", metavar="FILE", help="CA certificate of a TLS server")
-    stats.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (5)")
-    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the stats command")
     stats.set_defaults(func=cmd_stats)
 
     bench = sub.add_parser(
@@ -256,163 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- stats
-
-
-def fetch_stats(
-    target: str, token: str | None = None, tls_ca: str | None = None, timeout: float = 5.0
-) -> dict[str, Any]:
-    """Stats of the server at ``target`` as a plain dict (what ``--json`` prints)."""
-    import grpc
-    from google.protobuf.json_format import MessageToDict
-
-    from kvstore.auth import bearer_metadata, channel_credentials
-    from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
-
-    channel = (
-        grpc.secure_channel(target, channel_credentials(tls_ca)) if tls_ca else grpc.insecure_channel(target)
-    )
-    with channel:
-        stub = kvstore_pb2_grpc.KVStoreStub(channel)
-        response = stub.Stats(
-            kvstore_pb2.StatsRequest(), timeout=timeout, metadata=bearer_metadata(token) if token else None
-        )
-    data = MessageToDict(
-        response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    for tier in data.get("tiers", []):
-        for k, v in tier.items():
-            if isinstance(v, str) and v.isdigit():
-                tier[k] = int(v)
-    data["counters"] = {k: int(v) for k, v in sorted(data.get("counters", {}).items())}
-    data["target"] = target
-    return data
-
-
-def format_stats(data: dict[str, Any]) -> str:
-    """A table a person can read at a glance."""
-    lines = [f"kvstore {data.get('version', '?')} at {data['target']}", ""]
-    header = (
-        "tier",
-        "bytes",
-        "capacity",
-        "objects",
-        "hits",
-        "misses",
-        "hit%",
-        "evict",
-        "errors",
-        "corrupt",
-        "ok",
-    )
-    rows = [header]
-    for t in data.get("tiers", []):
-        lookups = t["hits"] + t["misses"]
-        rows.append(
-            (
-                t["name"],
-                format_bytes(t["bytes"]),
-                format_bytes(t["capacity_bytes"]) if t["capacity_bytes"] else "unbounded",
-                str(t["objects"]),
-                str(t["hits"]),
-                str(t["misses"]),
-                f"{100 * t['hits'] / lookups:.1f}" if lookups else "-",
-                str(t["evictions"]),
-                str(t["errors"]),
-                str(t["integrity_failures"]),
-                "yes" if t["healthy"] else "NO",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        lines.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-    if data.get("counters"):
-        lines += ["", "counters:"]
-        width = max(len(k) for k in data["counters"])
-        lines += [f"  {k.ljust(width)}  {v}" for k, v in data["counters"].items()]
-    return "\n".join(lines)
-
-
-def cluster_stats(
-    members: Sequence[str], token: str | None = None, tls_ca: str | None = None, timeout: float = 5.0
-) -> dict[str, Any]:
-    """Every replica's stats (or its error) and the totals: tiers summed by name, counters summed."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import grpc
-
-    def one(member: str) -> dict[str, Any]:
-        try:
-            return fetch_stats(member, token, tls_ca, timeout)
-        except grpc.RpcError as exc:
-            return {"target": member, "error": f"{exc.code().name}: {exc.details()}"}
-
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(members)))) as pool:
-        replicas = list(pool.map(one, members))
-    tiers: dict[str, dict[str, Any]] = {}
-    counters: dict[str, int] = {}
-    for r in replicas:
-        for t in r.get("tiers", []):
-            total = tiers.setdefault(
-                t["name"], {k: (True if k == "healthy" else 0) for k in t if k != "name"}
-            )
-            for k, v in t.items():
-                if k == "healthy":
-                    total[k] = total[k] and v
-                elif k != "name":
-                    total[k] += v
-        for k, v in r.get("counters", {}).items():
-            counters[k] = counters.get(k, 0) + v
-    totals = {
-        "target": f"{len(members)} replicas, {sum('error' not in r for r in replicas)} answered",
-        "version": ",".join(sorted({r["version"] for r in replicas if r.get("version")})),
-        "tiers": [{"name": n, **t} for n, t in tiers.items()],
-        "counters": dict(sorted(counters.items())),
-    }
-    return {"replicas": replicas, "totals": totals}
-
-
-def format_cluster_stats(data: dict[str, Any]) -> str:
-    parts = [
-        format_stats(r) if "error" not in r else f"kvstore at {r['target']}: {r['error']}"
-        for r in data["replicas"]
-    ]
-    return "\n\n".join([*parts, "totals: " + format_stats(data["totals"])])
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    import grpc
-
-    target = args.target or os.environ.get("KVSTORE_TARGET") or DEFAULT_TARGET
-    token = args.token or os.environ.get("KVSTORE_TOKEN")
-    if "," in target or target.startswith("dns:"):  # a member list or a headless Service: every replica
-        from transfer.cluster import make_membership
-        from transfer.membership import MembershipError
-
-        try:
-            membership = make_membership(target)
-        except MembershipError as exc:
-            print(f"kvstore stats: {exc}", file=sys.stderr)
-            return 2
-        membership.close()
-        data = cluster_stats(membership.view().members, token, args.tls_ca, args.timeout)
-        data["target"] = target
-        print(json.dumps(data, indent=2) if args.json else format_cluster_stats(data))
-        return 0 if any("error" not in r for r in data["replicas"]) else 1
-    try:
-        data = fetch_stats(target, token, args.tls_ca, args.timeout)
-    except grpc.RpcError as exc:
-        print(f"kvstore stats: {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    print(json.dumps(data, indent=2) if args.json else format_stats(data))
-    return 0
-
-
-# ---------------------------------------------------------------- bench, demo
+# ---------------------------------------------------------------- bench, stats, demo
 
 
 def bench_dir() -> Path:
@@ -450,6 +274,9 @@ class ExternalCommand:
 
 #: Subcommands implemented outside the kvstore package, imported only when run.
 EXTERNAL_COMMANDS: dict[str, ExternalCommand] = {
+    "stats": ExternalCommand(
+        "transfer.cli", "stats_main", "the client package transfer/ (part of kvstore-llm)"
+    ),
     "demo": ExternalCommand(
         "workers.demo",
         "main",
@@ -471,6 +298,10 @@ def run_external(name: str, argv: Sequence[str]) -> int:
         return 2
     result = getattr(module, command.function)(list(argv))
     return int(result or 0)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    return run_external("stats", args.args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

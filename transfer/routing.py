@@ -22,7 +22,7 @@ from kvstore.errors import TIER_SKIPPED
 from kvstore.retry import ExponentialBackoff
 from kvstore.wire import PutRequestView
 from transfer import placement
-from transfer.core import ClientCore, PutItem, PutResult, RetryPolicy, StoreStats, TierStats
+from transfer.core import ClientCore, PutItem, PutResult, RetryPolicy, StoreStats
 from transfer.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -35,6 +35,7 @@ from transfer.errors import (
 )
 from transfer.membership import Membership, ReplicationError, View
 from transfer.repair import Repairs
+from transfer.stats import merge_stats
 
 log = logging.getLogger("transfer.cluster")
 
@@ -367,34 +368,8 @@ class ClusterCore:
 
     @staticmethod
     def merge_stats(per_member: dict[str, StoreStats]) -> StoreStats:
-        """Tiers summed by name, counters summed: the cluster as one store."""
-        tiers: dict[str, TierStats] = {}
-        counters: dict[str, int] = {}
-        for s in per_member.values():
-            for t in s.tiers:
-                prev = tiers.get(t.name)
-                tiers[t.name] = (
-                    t
-                    if prev is None
-                    else TierStats(
-                        t.name,
-                        prev.bytes + t.bytes,
-                        prev.objects + t.objects,
-                        prev.capacity_bytes + t.capacity_bytes,
-                        prev.hits + t.hits,
-                        prev.misses + t.misses,
-                        prev.evictions + t.evictions,
-                        prev.errors + t.errors,
-                        prev.integrity_failures + t.integrity_failures,
-                        prev.healthy and t.healthy,
-                        prev.corrupt_records + t.corrupt_records,
-                        prev.breaker_trips + t.breaker_trips,
-                    )
-                )
-            for k, v in s.counters.items():
-                counters[k] = counters.get(k, 0) + v
-        versions = sorted({s.version for s in per_member.values() if s.version})
-        return StoreStats(tiers=list(tiers.values()), counters=counters, version=",".join(versions))
+        """The answered members' stats as one store (:func:`transfer.stats.merge_stats`)."""
+        return merge_stats(per_member.values())
 
 
 class LookupState:

@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from kvstore.cli import main as cli_main
 from kvstore.keys import chunk_keys
-from kvstore.testing.reliability import run_replica_repair
 from tests.fixtures.store import ServerProcess, make_blob, start_server_process
 from transfer import placement
 from transfer.aio_cluster import AsyncClusterKVClient, connect_async
@@ -26,6 +25,7 @@ from transfer.client import KVClient
 from transfer.cluster import ClusterKVClient, ReplicaMetrics, connect
 from transfer.errors import NotFound, Unavailable
 from transfer.membership import DnsMembership, InvalidTarget, NotAKVStore
+from transfer.testing import run_replica_repair
 
 LAYERS = 4
 CHUNK = 16

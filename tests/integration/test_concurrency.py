@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from kvstore.config import StoreConfig
 from kvstore.server import ServerHandle
-from kvstore.testing.reliability import run_concurrency
+from transfer.testing import run_concurrency
 
 
 def test_sixteen_concurrent_clients_see_no_errors(kvstore_server: ServerHandle) -> None:

@@ -1,7 +1,7 @@
-"""Reliability workloads against a real kvstore server: faults, fuzzing and load.
+"""Reliability workloads against a real kvstore server: faults and fuzzing, over raw gRPC.
 
 Each workload is a function here, shared by the test suite (tests/integration/
-test_fuzz.py, test_bitflips.py, test_crash_restart.py, test_concurrency.py,
+test_fuzz.py, test_bitflips.py, test_crash_restart.py,
 test_backend_kill_under_load.py, test_backend_freeze.py run them at a small size)
 and by ``bench/reliability.py`` (the same code at full size, printed as JSON), so
 the figures and the assertions of the suite measure the same thing. It lives in
@@ -10,9 +10,10 @@ in the server imports it.
 
 One module per kind of workload: :mod:`.fuzz`, :mod:`.corruption` (bit flips in
 every tier and in disk records), :mod:`.faults` (crash and restart, Redis and S3
-killed or frozen under load), :mod:`.load` (many clients, a stalling tenant),
-:mod:`.repair` (a cluster replica SIGKILLed and back empty, repaired by the clients), and
-:mod:`.calls`, the RPC helpers they share. See bench/reliability.py for what each
+killed or frozen under load), and :mod:`.calls`, the RPC helpers they share. The
+workloads that drive the client (many clients at once, a stalling tenant, a cluster
+replica repaired by its clients) are on the client's side, in :mod:`transfer.testing`:
+nothing in kvstore/ imports transfer/. See bench/reliability.py for what each
 workload counts.
 """
 
@@ -36,8 +37,6 @@ from kvstore.testing.reliability.fuzz import (
     fuzz_server_args,
     run_fuzz,
 )
-from kvstore.testing.reliability.load import run_concurrency, run_starvation
-from kvstore.testing.reliability.repair import run_replica_repair
 
 __all__ = [
     "PRECISE",
@@ -55,11 +54,8 @@ __all__ = [
     "run_backend_freeze",
     "run_backend_kill",
     "run_bitflips",
-    "run_concurrency",
     "run_crash_restart",
     "run_disk_flips",
     "run_fuzz",
-    "run_replica_repair",
-    "run_starvation",
     "seed_chunks",
 ]

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore import integrity
 from kvstore.auth import bearer_metadata
@@ -17,6 +18,7 @@ from kvstore.keys import KEY_BYTES
 from kvstore.testing.reliability.calls import percentile, rpc_code
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from transfer.client import KVClient, PutItem
 
 # ====================================================================== concurrency
 
@@ -35,13 +37,11 @@ def run_concurrency(
 ) -> dict[str, Any]:
     """``clients`` threads, each with its own KVClient: put a chunk, look it up, read it back, and
     read a chunk another client wrote; every answer is checked against the bytes put."""
-    from transfer.client import KVClient, PutItem
-
     shared: dict[bytes, list[bytes]] = {}
     shared_lock = threading.Lock()
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors: Counter[str] = Counter()
-    wrong = Counter()
+    wrong: Counter[str] = Counter()
     ops = [0] * clients
     moved = [0] * clients
     barrier = threading.Barrier(clients + 1)
@@ -127,10 +127,6 @@ def run_starvation(
     latency before (baseline) and during the stall, how a's streams ended and
     after how long, and whether anything of the stalled Puts was stored.
     """
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from transfer.client import KVClient
-
     rng = random.Random(seed)
     ns_a, ns_b = "a/m/p", "b/m/p"
     md_a = bearer_metadata("tok-a")

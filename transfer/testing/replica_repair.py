@@ -38,6 +38,9 @@ from typing import Any
 from kvstore import integrity
 from kvstore.keys import chunk_keys
 from transfer import placement
+from transfer.aio_cluster import connect_async
+from transfer.client import KVClient
+from transfer.cluster import connect
 from transfer.errors import TransferError
 
 CHUNK_TOKENS = 16
@@ -101,9 +104,6 @@ def run_replica_repair(
     seed: int = 0,
 ) -> dict[str, Any]:
     """``start(port)`` starts a RAM-only ``kvstore serve`` (port 0: any) and returns its ServerProcess."""
-    from transfer.client import KVClient
-    from transfer.cluster import connect
-
     rng = random.Random(seed)
     procs = [start(0) for _ in range(replicas)]
     target = ",".join(p.target for p in procs)
@@ -209,8 +209,6 @@ def _watch_copies(
 ) -> None:
     """Poll until every acknowledged chunk is on each of its owners (``out["whole_s"]``: seconds
     after ``back``) or the deadline passes. Plain clients, replica by replica: they repair nothing."""
-    from transfer.client import KVClient
-
     members = tuple(sorted(p.target for p in procs))
     owned = {
         proc.target: [
@@ -244,8 +242,6 @@ def _watch_copies(
 
 def _load(role: str, target: str, replication: int, tally: _Tally, stop: threading.Event, seed: int) -> None:
     """One blocking cluster client reading (Lookup, then Get of what it found) or writing prefixes."""
-    from transfer.cluster import connect
-
     rng = random.Random(seed)
     try:
         with connect(target, replication=replication) as client:
@@ -276,7 +272,6 @@ def _aio_load(
     role: str, target: str, replication: int, tally: _Tally, stop: threading.Event, seed: int
 ) -> None:
     """:func:`_load` with an :class:`transfer.aio_cluster.AsyncClusterKVClient` on its own loop."""
-    from transfer.aio_cluster import connect_async
 
     async def main() -> None:
         rng = random.Random(seed)
