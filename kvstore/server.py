@@ -445,9 +445,9 @@ def build_store(config: StoreConfig) -> Any:
 
             tiers.append(DiskBackend.from_config(config.disk))
         if config.redis.enabled:
-            from kvstore.backends.redis import RedisBackend
+            from kvstore.backends import build_backend
 
-            tiers.append(RedisBackend.from_config(config.redis))
+            tiers.append(build_backend("redis", config.redis))
         if config.s3.enabled:
             from kvstore.backends.s3 import S3Backend
 
