@@ -201,9 +201,9 @@ def _bench_backend_kill(seconds: float, seed: int, r: RedisProcess, s3: S3Proces
 def _legacy_store(r: RedisProcess, s3: S3Process, name: str) -> Any:
     """The tiers as they were before budgets: 1 s Redis and 5 s S3 timeouts (connect and read), retry
     deadline 2 x timeout, and the caller-probe breaker that opens after 3 failures in a row."""
+    from kvstore.backends.breaker import CircuitBreaker
     from kvstore.backends.memory import MemoryBackend
     from kvstore.backends.redis import RedisBackend
-    from kvstore.backends.retry import CircuitBreaker
     from kvstore.backends.tiered import TieredStore
 
     tiers = [

@@ -12,7 +12,7 @@ use the objects here, so a policy reads the same everywhere and can be passed in
   than it can afford.
 
 Circuit breaking and error translation are the backends' own business
-(:mod:`kvstore.backends.retry`). This module imports nothing of the server or the
+(:mod:`kvstore.backends.breaker`, :mod:`kvstore.backends.guard`). This module imports nothing of the server or the
 client; the shape is that of redis-py's ``redis/retry.py`` + ``redis/backoff.py``.
 """
 

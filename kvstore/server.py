@@ -45,10 +45,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import kvstore
-from kvstore.allocator import prefault_heap, tune_allocator
 from kvstore.auth import Authenticator, server_credentials
 from kvstore.config import ServerConfig, StoreConfig
 from kvstore.errors import BlobTooLarge, InvalidRequest, StreamNotCommitted, status_of
+from kvstore.malloc_tuning import prefault_heap, tune_allocator
 from kvstore.metrics import ServerMetrics, tier_fields
 from kvstore.quotas import QuotaLedger
 from kvstore.service import StoreService, pack_blobs
@@ -445,9 +445,9 @@ def build_store(config: StoreConfig) -> Any:
 
             tiers.append(DiskBackend.from_config(config.disk))
         if config.redis.enabled:
-            from kvstore.backends.redis import RedisBackend
+            from kvstore.backends import build_backend
 
-            tiers.append(RedisBackend.from_config(config.redis))
+            tiers.append(build_backend("redis", config.redis))
         if config.s3.enabled:
             from kvstore.backends.s3 import S3Backend
 

@@ -27,9 +27,9 @@ from concurrent.futures import Executor
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from kvstore.allocator import release_free_memory
 from kvstore.config import MiB, ServerConfig
 from kvstore.errors import StreamLimitExceeded, StreamTimeout
+from kvstore.malloc_tuning import release_free_memory
 
 log = logging.getLogger("kvstore.server")
 
@@ -175,7 +175,7 @@ class StreamClock:
 class HeapTrimmer:
     """Gives the heap pages that streams which ended early held back to the OS, in bulk.
 
-    The tuned allocator (kvstore.allocator) keeps freed multi-MiB buffers for reuse,
+    The tuned allocator (kvstore.malloc_tuning) keeps freed multi-MiB buffers for reuse,
     which steady traffic wants; but what a burst of abandoned streams held (Gets
     whose readers stalled and left, cancelled or refused Puts) then stays resident:
     100 slow readers left 800 MiB of RSS behind them (bench/slow_readers_memory.py).

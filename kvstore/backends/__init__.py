@@ -4,6 +4,9 @@ Backends are looked up by name through a lazy registry, so choosing "memory" or
 "disk" never imports redis or boto3: those modules load only when their tier is
 configured (``backend_class("s3")``). The classes are also reachable as package
 attributes (``from kvstore.backends import DiskBackend``), imported on first use.
+:func:`build_backend` builds a tier from its config section, choosing the layout the
+section asks for (``redis.cluster: true`` is :class:`RedisClusterBackend`), so the
+standalone Redis module never has to know the cluster one.
 """
 
 from __future__ import annotations
@@ -20,8 +23,16 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "redis": ("kvstore.backends.redis", "RedisBackend"),
     "s3": ("kvstore.backends.s3", "S3Backend"),
 }
+#: tier name -> (section switch, module, class): the layout built when the switch is on.
+_VARIANTS: dict[str, tuple[str, str, str]] = {
+    "redis": ("cluster", "kvstore.backends.redis_cluster", "RedisClusterBackend"),
+}
 _CLASSES = {cls: (name, mod) for name, (mod, cls) in _REGISTRY.items()}
-_LAZY = {**{cls: mod for cls, (_, mod) in _CLASSES.items()}, "TieredStore": "kvstore.backends.tiered"}
+_LAZY = {
+    **{cls: mod for cls, (_, mod) in _CLASSES.items()},
+    **{cls: mod for _, mod, cls in _VARIANTS.values()},
+    "TieredStore": "kvstore.backends.tiered",
+}
 
 BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -33,6 +44,21 @@ def backend_class(name: str) -> type[Backend]:
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(_REGISTRY)}") from None
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_backend(name: str, section: Any) -> Backend:
+    """Tier ``name`` built from its config section (a dataclass in kvstore/config.py).
+
+    The one place that chooses between layouts of a tier: Redis with ``cluster: true`` is
+    :class:`~kvstore.backends.redis_cluster.RedisClusterBackend`, else :class:`RedisBackend`.
+    """
+    cls = backend_class(name)
+    variant = _VARIANTS.get(name)
+    if variant is not None:
+        switch, module_name, class_name = variant
+        if getattr(section, switch, False):
+            cls = getattr(importlib.import_module(module_name), class_name)
+    return cls.from_config(section)
 
 
 def __getattr__(attr: str) -> Any:
@@ -49,9 +75,11 @@ __all__ = [
     "BackendUsage",
     "BlobKey",
     "backend_class",
+    "build_backend",
     "DiskBackend",
     "MemoryBackend",
     "RedisBackend",
+    "RedisClusterBackend",
     "S3Backend",
     "TieredStore",
 ]

@@ -1,13 +1,21 @@
-"""A circuit breaker for remote tiers that probes in the background.
+"""Circuit breakers: how a remote tier stops calling a server that is down, and comes back.
 
-Why not the caller-probes breaker of ``retry.py``: when a server *hangs* (SIGSTOP, a
-frozen host, a black-holed route) every call that reaches it waits its full timeout.
-A breaker that lets one caller through as a probe after each cool-down makes one
-client request per cool-down pay that timeout, forever, while the outage lasts. Once
-this one is open no caller touches the backend at all; a daemon thread calls ``probe``
-every ``probe_interval_s`` with the same time budget, and the first successful probe
-closes the breaker. A hung tier is then skipped exactly like a dead one, and comes back
-by itself after it recovers.
+Retrying every call during an *outage* (the server is gone) would stall every request for the
+whole retry budget and hammer the server when it comes back. A breaker opens after failed calls
+and then fails fast with :class:`~kvstore.errors.BackendUnavailable`, so a dead tier costs
+microseconds per call; :class:`~kvstore.backends.guard.Guard` drives it around each remote call.
+
+:class:`CircuitBreaker` is the classic one: after a cool-down it lets one caller through as a
+probe; a successful probe closes it again, so a tier recovers by itself.
+
+:class:`ProbingBreaker`, which Redis and S3 use, probes from a background thread instead. Why
+not let a caller probe: when a server *hangs* (SIGSTOP, a frozen host, a black-holed route)
+every call that reaches it waits its full timeout. A breaker that lets one caller through as a
+probe after each cool-down makes one client request per cool-down pay that timeout, forever,
+while the outage lasts. Once this one is open no caller touches the backend at all; a daemon
+thread calls ``probe`` every ``probe_interval_s`` with the same time budget, and the first
+successful probe closes the breaker. A hung tier is then skipped exactly like a dead one, and
+comes back by itself after it recovers.
 
 When it opens (:class:`BreakerPolicy`): after a *run* of ``failure_threshold`` failed
 calls in a row (default 3), or when at least ``min_calls`` calls in the last
@@ -21,10 +29,9 @@ tier for every later call* waits for the run or the rate. The price: a tier that
 costs ``failure_threshold`` failed calls (each at most one budget when it hangs, and
 concurrent calls pay in parallel) before it is skipped.
 
-The class keeps the interface :class:`~kvstore.backends.retry.Guard` drives
-(``before_call`` / ``record_success`` / ``record_failure``, ``state``, ``num_trips``),
-so any remote tier can use it; without a ``probe`` it falls back to the caller-probes
-behaviour of its base class.
+:class:`ProbingBreaker` keeps the interface the guard drives (``before_call`` /
+``record_success`` / ``record_failure``, ``state``, ``num_trips``), so any remote tier can
+use it; without a ``probe`` it falls back to the caller-probes behaviour of its base class.
 """
 
 from __future__ import annotations
@@ -36,13 +43,82 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Guard, Retry
 from kvstore.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
 #: Buckets the error-rate window is counted in.
 _BUCKETS = 10
+
+
+class CircuitBreaker:
+    """Closed → (``failure_threshold`` consecutive failures) → open → (``reset_timeout_s``) → half-open.
+
+    While open every call fails at once with :class:`BackendUnavailable`. Once the
+    cool-down has passed, exactly one caller is let through as a probe (the others
+    keep failing fast); its success closes the breaker, its failure re-opens it for
+    another cool-down.
+    """
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: int = 3,
+        reset_timeout_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if failure_threshold < 1:
+            raise ValueError("failure_threshold must be >= 1")
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.reset_timeout_s = reset_timeout_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = self.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        #: How many times the breaker opened (exported as a metric).
+        self.num_trips = 0
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            return self._state
+
+    def before_call(self) -> None:
+        """Raise :class:`BackendUnavailable` unless this call may go through."""
+        with self._lock:
+            if self._state == self.CLOSED:
+                return
+            if self._state == self.OPEN and self._clock() - self._opened_at >= self.reset_timeout_s:
+                self._state = self.HALF_OPEN
+                self._probing = False
+            if self._state == self.HALF_OPEN and not self._probing:
+                self._probing = True
+                return
+            raise BackendUnavailable(f"{self.name}: circuit open after repeated failures; retrying later")
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._state = self.CLOSED
+            self._failures = 0
+            self._probing = False
+
+    def record_failure(self, error: BaseException | str | None = None) -> None:
+        """One failed call; ``error`` (what failed) is for subclasses that report it."""
+        with self._lock:
+            self._failures += 1
+            if self._state == self.HALF_OPEN or self._failures >= self.failure_threshold:
+                if self._state != self.OPEN:
+                    self.num_trips += 1
+                self._state = self.OPEN
+                self._opened_at = self._clock()
+                self._probing = False
 
 
 @dataclass(frozen=True)
@@ -228,40 +304,3 @@ class ProbingBreaker(CircuitBreaker):
         prober = self._prober
         if prober is not None and prober is not threading.current_thread():
             prober.join(timeout=5.0)
-
-
-def remote_guard(
-    tier: str,
-    probe: Callable[[], object],
-    translate: Callable[[BaseException], BackendUnavailable | None],
-    on_open: Callable[[], object],
-    *,
-    retry_on: tuple[type[BaseException], ...],
-    retry_if: Callable[[BaseException], bool] | None = None,
-    deadline_s: float,
-    backoff: Backoff | None,
-    max_attempts: int,
-    breaker_reset_s: float,
-    policy: BreakerPolicy,
-    retry: Retry | None = None,
-    breaker: CircuitBreaker | None = None,
-) -> Guard:
-    """The call policy every remote tier (Redis, S3) uses, built in one place.
-
-    By default: exponential backoff (20 ms to 250 ms) within ``deadline_s``, and a
-    :class:`ProbingBreaker` that opens as ``policy`` says (a run of failures or an error
-    rate), so while it is open no request touches the tier and a daemon thread runs ``probe`` (under the same timeouts)
-    until it answers. ``retry=`` / ``breaker=`` replace either outright (tests do). No
-    on_failure counter: the TieredStore counts each BackendUnavailable it catches.
-    """
-    retry = retry or Retry(
-        backoff or ExponentialBackoff(base_s=0.02, cap_s=0.25),
-        max_attempts=max_attempts,
-        deadline_s=deadline_s,
-        retry_on=retry_on,
-        retry_if=retry_if,
-    )
-    breaker = breaker or ProbingBreaker(
-        tier, probe, probe_interval_s=breaker_reset_s, on_open=on_open, policy=policy
-    )
-    return Guard(retry, breaker, translate)

@@ -20,10 +20,12 @@ accounting is reclaimed when a read misses them or eviction reaches them.
 
 Connection errors and timeouts are retried with backoff, then surface as
 :class:`~kvstore.errors.BackendUnavailable`; a circuit breaker makes a dead
-Redis cost microseconds per call instead of a socket timeout (see ``retry.py``).
-On a Redis Cluster (``redis.cluster: true``) :meth:`RedisBackend.from_config` builds
+Redis cost microseconds per call instead of a socket timeout (see ``guard.py``, ``breaker.py``).
+On a Redis Cluster (``redis.cluster: true``) :func:`kvstore.backends.build_backend` builds
 :class:`~kvstore.backends.redis_cluster.RedisClusterBackend` instead: the same contract
-with hash-tagged keys, per-bucket bookkeeping and scripts that declare every key.
+with hash-tagged keys, per-bucket bookkeeping and scripts that declare every key. What
+both layouts share (the delete script, key names) is in :mod:`kvstore.backends.redis_common`;
+this module never imports the cluster one, which builds on it.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ import redis.exceptions
 import redis.retry
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
-from kvstore.backends.breaker import BreakerPolicy, ProbingBreaker, remote_guard
-from kvstore.backends.retry import Backoff, CircuitBreaker, Retry, call_budget
+from kvstore.backends.breaker import BreakerPolicy, CircuitBreaker, ProbingBreaker
+from kvstore.backends.guard import call_budget, remote_guard
+from kvstore.backends.redis_common import DELETE_SCRIPT, glob_escape, parse_name
 from kvstore.errors import BackendUnavailable
+from kvstore.retry import Backoff, Retry
 
 # Runs right after a batch's SETs, pipelined on the same connection, so blobs never pass
 # through Lua (a copy per byte would cost more than the network on large blobs) and no
@@ -85,40 +89,9 @@ if kept then redis.call('ZADD', KEYS[2], kept[2], kept[1]) end
 return evicted
 """
 
-# KEYS: data, sizes, lru, meta; ARGV: name, only_if_gone ('1': reap accounting of an expired blob)
-_DELETE = """
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local existed = redis.call('DEL', KEYS[1])
-local old = redis.call('HGET', KEYS[2], ARGV[1])
-if old then
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('HINCRBY', KEYS[4], 'bytes', -tonumber(old))
-end
-return existed
-"""
-
 T = TypeVar("T")
 
 _UNAVAILABLE_REPLIES = ("OOM ", "BUSY ", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
-
-_GLOB_SPECIAL = "\\*?[]^"
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
-
-
-def _parse_name(name: str) -> BlobKey | None:
-    """Inverse of BlobKey.name(); None for bookkeeping keys and foreign keys."""
-    parts = name.rsplit("/", 2)
-    if len(parts) != 3:
-        return None
-    namespace, chunk_hex, layer = parts
-    try:
-        return BlobKey(namespace, bytes.fromhex(chunk_hex), int(layer))
-    except ValueError:
-        return None
 
 
 def translate_redis_error(exc: BaseException) -> BackendUnavailable | None:
@@ -193,7 +166,7 @@ class RedisBackend(Backend):
         )
         self._client = redis.Redis(connection_pool=self._pool)
         self._account_sha = hashlib.sha1(_ACCOUNT.encode()).hexdigest()
-        self._delete_sha = hashlib.sha1(_DELETE.encode()).hexdigest()
+        self._delete_sha = hashlib.sha1(DELETE_SCRIPT.encode()).hexdigest()
         self._sizes = key_prefix + "#sizes"
         self._lru = key_prefix + "#lru"
         self._meta = key_prefix + "#meta"
@@ -218,11 +191,13 @@ class RedisBackend(Backend):
 
     @classmethod
     def from_config(cls, section: Any) -> Backend:
-        """One server, or a Redis Cluster when the section says ``cluster: true``."""
+        """One server. A section that says ``cluster: true`` is refused rather than served by
+        one node: :func:`kvstore.backends.build_backend` chooses the cluster backend for it."""
         if cls is RedisBackend and getattr(section, "cluster", False):
-            from kvstore.backends.redis_cluster import RedisClusterBackend
-
-            return RedisClusterBackend.from_config(section)
+            raise ValueError(
+                "redis.cluster is true: build the tier with kvstore.backends.build_backend('redis', "
+                "section), which chooses RedisClusterBackend"
+            )
         return super().from_config(section)
 
     def _run(self, fn: Callable[[], T]) -> T:
@@ -243,7 +218,7 @@ class RedisBackend(Backend):
             return run()
         except redis.exceptions.NoScriptError:
             self._client.script_load(_ACCOUNT)
-            self._client.script_load(_DELETE)
+            self._client.script_load(DELETE_SCRIPT)
             return run()
 
     # -- reads ---------------------------------------------------------------------
@@ -353,13 +328,13 @@ class RedisBackend(Backend):
 
     # -- listing and accounting ----------------------------------------------------
     def iter_keys(self, namespace: str | None = None) -> Iterator[BlobKey]:
-        match = _glob_escape(self.key_prefix + (f"{namespace}/" if namespace else "")) + "*"
+        match = glob_escape(self.key_prefix + (f"{namespace}/" if namespace else "")) + "*"
         start = len(self.key_prefix)
         cursor: int = 0
         while True:
             cursor, names = self._run(lambda c=cursor: self._client.scan(cursor=c, match=match, count=1000))
             for raw in names:
-                key = _parse_name(raw.decode("utf-8", "replace")[start:])
+                key = parse_name(raw.decode("utf-8", "replace")[start:])
                 if key is not None and (namespace is None or key.namespace == namespace):
                     yield key
             if cursor == 0:

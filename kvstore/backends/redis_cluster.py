@@ -22,7 +22,7 @@ the buckets in one pipelined round per master.
 Servers that share a prefix on one cluster must use the same ``buckets``.
 
 Failover: the cluster client follows MOVED/ASK and refreshes the slot map on
-connection errors; our own :class:`~kvstore.backends.retry.Retry` (bounded by
+connection errors; our own :class:`~kvstore.retry.Retry` (bounded by
 ``2 × socket_timeout_s``) and circuit breaker wrap it as for one server, so while a
 master is down and its replica not yet promoted (about ``cluster-node-timeout`` +
 1 s) calls touching its slots raise :class:`~kvstore.errors.BackendUnavailable`
@@ -44,7 +44,8 @@ import redis.exceptions
 import redis.retry
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
-from kvstore.backends.redis import _DELETE, RedisBackend, _glob_escape, _parse_name
+from kvstore.backends.redis import RedisBackend
+from kvstore.backends.redis_common import DELETE_SCRIPT, glob_escape, parse_name
 from kvstore.errors import BackendUnavailable
 
 T = TypeVar("T")
@@ -93,7 +94,7 @@ if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
 return redis.call('DEL', KEYS[1])
 """
 
-_SCRIPTS = (_ACCOUNT_BUCKET, _EVICT_BLOB, _DELETE)
+_SCRIPTS = (_ACCOUNT_BUCKET, _EVICT_BLOB, DELETE_SCRIPT)
 
 # Cluster replies that mean "a slot's master is gone or moving": an outage to retry,
 # surfaced as a connection error so the shared Retry and translation treat it as one.
@@ -337,7 +338,7 @@ class RedisClusterBackend(RedisBackend):
                 bucket = self.bucket_of(key)
                 self._evalsha(
                     pipe,
-                    _DELETE,
+                    DELETE_SCRIPT,
                     [self._tag(bucket) + key.name(), *self._book(bucket)],
                     [key.name(), "1" if only_if_gone else "0"],
                 )
@@ -353,7 +354,7 @@ class RedisClusterBackend(RedisBackend):
     # -- listing and accounting ----------------------------------------------------------
     def iter_keys(self, namespace: str | None = None) -> Iterator[BlobKey]:
         match = (
-            _glob_escape(self.key_prefix) + "{*}" + (_glob_escape(f"{namespace}/") if namespace else "") + "*"
+            glob_escape(self.key_prefix) + "{*}" + (glob_escape(f"{namespace}/") if namespace else "") + "*"
         )
         start = len(self.key_prefix)
         seen: set[BlobKey] = set()  # a failover mid-scan may show a key on two masters
@@ -368,7 +369,7 @@ class RedisClusterBackend(RedisBackend):
                     text = raw.decode("utf-8", "replace")[start:]
                     if not text.startswith("{") or "}" not in text:
                         continue
-                    key = _parse_name(text.split("}", 1)[1])
+                    key = parse_name(text.split("}", 1)[1])
                     if (
                         key is not None
                         and (namespace is None or key.namespace == namespace)

@@ -50,9 +50,10 @@ import botocore.exceptions
 import xxhash
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
-from kvstore.backends.breaker import BreakerPolicy, ProbingBreaker, remote_guard
-from kvstore.backends.retry import Backoff, CircuitBreaker, ExponentialBackoff, Retry, call_budget
+from kvstore.backends.breaker import BreakerPolicy, CircuitBreaker, ProbingBreaker
+from kvstore.backends.guard import call_budget, remote_guard
 from kvstore.errors import BackendUnavailable
+from kvstore.retry import Backoff, ExponentialBackoff, Retry
 
 T = TypeVar("T")
 

@@ -20,14 +20,16 @@ import pytest
 import redis
 
 from kvstore.backends.base import BlobKey
+from kvstore.backends.breaker import CircuitBreaker
 from kvstore.backends.disk import DiskBackend
+from kvstore.backends.guard import Guard
 from kvstore.backends.memory import MemoryBackend
 from kvstore.backends.redis import RedisBackend
-from kvstore.backends.retry import CircuitBreaker, ExponentialBackoff, Guard, NoBackoff, Retry
 from kvstore.backends.s3 import S3Backend
 from kvstore.backends.tiered import TieredStore
 from kvstore.errors import BackendUnavailable
 from kvstore.integrity import seal
+from kvstore.retry import ExponentialBackoff, NoBackoff, Retry
 from kvstore.testing.services import RedisProcess, S3Process
 
 NS = "tenant-a/smollm2-135m/fp16"

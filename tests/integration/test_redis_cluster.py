@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from kvstore import integrity
-from kvstore.backends import BlobKey
+from kvstore.backends import BlobKey, build_backend
 from kvstore.backends.redis import RedisBackend
 from kvstore.backends.redis_cluster import RedisClusterBackend, parse_startup_nodes
 from kvstore.config import load_config
@@ -151,11 +151,14 @@ def test_config_selects_cluster_mode_and_rejects_bad_cluster_settings(
             "KVSTORE_REDIS__KEY_PREFIX": f"{unique_name}:",
         },
     )
-    backend = RedisBackend.from_config(config.redis)
+    backend = build_backend("redis", config.redis)
     try:
         assert isinstance(backend, RedisClusterBackend) and backend.healthy()
     finally:
         backend.close()
+    # The standalone class never builds the cluster layout itself (it does not import it).
+    with pytest.raises(ValueError, match="build_backend"):
+        RedisBackend.from_config(config.redis)
     with pytest.raises(ValueError, match="key_prefix"):
         load_config(
             None,

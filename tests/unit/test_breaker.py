@@ -12,8 +12,9 @@ from collections.abc import Callable
 import pytest
 
 from kvstore.backends.breaker import BreakerPolicy, ProbingBreaker
-from kvstore.backends.retry import Guard, NoBackoff, Retry
+from kvstore.backends.guard import Guard
 from kvstore.errors import BackendUnavailable
+from kvstore.retry import NoBackoff, Retry
 
 
 def _wait(cond, timeout_s: float = 5.0) -> bool:  # type: ignore[no-untyped-def]

@@ -9,10 +9,11 @@ interpreter and look at ``sys.modules``, which also catches what a string passed
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,156 @@ def test_import_time_dependencies(statement: str, allowed_prefixes: tuple[str, .
     loaded = _loaded_after(statement)
     unexpected = [m for m in loaded if not any(_within(m, p) for p in allowed_prefixes)]
     assert not unexpected, f"{statement!r} loaded {unexpected}"
+
+
+# ---------------------------------------------------------------- no import circle
+#
+# A circle (a imports b, b imports a, at module level or lazily inside a function) means neither
+# module can be read, tested or moved without the other, and a module-level one fails at import
+# time depending on which side loads first. The graph is of what runs: ``from pkg import mod``
+# is an edge to ``pkg.mod`` (the package is the importer's parent, already loading), and imports
+# under ``if TYPE_CHECKING:`` never run, so they are how annotations may point back up.
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _resolve(name: str, modules: Collection[str]) -> str | None:
+    """The project module ``name`` is or lies in (``kvstore.keys.Namespace`` -> ``kvstore.keys``)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def runtime_imports(source: str, module: str, is_package: bool, modules: Collection[str]) -> dict[str, int]:
+    """The project modules ``module`` imports when it runs (module level or lazily), each with the
+    line of its first such import; ``if TYPE_CHECKING:`` blocks are skipped."""
+    package = module if is_package else module.rpartition(".")[0]
+    found: dict[str, int] = {}
+    stack: list[ast.AST] = [ast.parse(source)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+        if isinstance(node, ast.Import):
+            targets = [_resolve(alias.name, modules) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            stem = node.module or ""
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                stem = ".".join([*base, node.module] if node.module else base)
+            # ``from pkg import mod`` imports the module pkg.mod; ``from mod import name``, mod.
+            targets = [
+                f"{stem}.{alias.name}" if f"{stem}.{alias.name}" in modules else _resolve(stem, modules)
+                for alias in node.names
+            ]
+        else:
+            continue
+        for target in targets:
+            if target is not None and target != module:
+                found[target] = min(found.get(target, node.lineno), node.lineno)
+    return found
+
+
+def import_cycles(graph: dict[str, dict[str, int]]) -> list[str]:
+    """One circle per strongly connected component of ``graph`` (Tarjan), as ``a (line n) -> b -> a``:
+    the shortest circle through the component's first module, with the line of each import."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, {})):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    cycles = []
+    for component in sorted(components):
+        start, members = component[0], set(component)
+        came_from: dict[str, str] = {}
+        frontier = [start]
+        while start not in came_from:  # breadth first: the shortest way back to ``start``
+            reached = []
+            for v in frontier:
+                for w in sorted(graph[v]):
+                    if w in members and w not in came_from:
+                        came_from[w] = v
+                        reached.append(w)
+            frontier = reached
+        path = [start]
+        while len(path) == 1 or path[-1] != start:
+            path.append(came_from[path[-1]])
+        path.reverse()
+        cycles.append(
+            " -> ".join(f"{a} (line {graph[a][b]})" for a, b in itertools.pairwise(path)) + f" -> {start}"
+        )
+    return cycles
+
+
+def _runtime_graph() -> dict[str, dict[str, int]]:
+    graph = {}
+    for module in IMPORTS:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        is_package = not path.exists()
+        if is_package:
+            path = ROOT / module.replace(".", "/") / "__init__.py"
+        graph[module] = runtime_imports(path.read_text(), module, is_package, IMPORTS)
+    return graph
+
+
+def test_the_cycle_finder_reads_lazy_imports_and_reports_a_circle() -> None:
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "from kvstore import errors\n"
+        "from kvstore.keys import Namespace\n"
+        "if TYPE_CHECKING:\n"
+        "    from kvstore.server import ServerHandle\n"
+        "def choose():\n"
+        "    from . import redis_cluster\n"
+    )
+    modules = {
+        "kvstore",
+        "kvstore.errors",
+        "kvstore.keys",
+        "kvstore.server",
+        "kvstore.backends.redis_cluster",
+    }
+    assert runtime_imports(source, "kvstore.backends.redis", False, modules) == {
+        "kvstore.errors": 2,
+        "kvstore.keys": 3,
+        "kvstore.backends.redis_cluster": 7,
+    }
+    graph = {"a": {"b": 1}, "b": {"c": 2, "d": 5}, "c": {"a": 3}, "d": {}, "e": {"a": 4}}
+    assert import_cycles(graph) == ["a (line 1) -> b (line 2) -> c (line 3) -> a"]
+    assert import_cycles({**graph, "c": {}}) == []
+
+
+def test_no_import_circle() -> None:
+    graph = _runtime_graph()
+    # Lazy imports are read: the server builds its tiers inside a function.
+    assert "kvstore.backends.memory" in graph["kvstore.server"]
+    cycles = import_cycles(graph)
+    assert not cycles, "import circles (module (line of its import) -> ...):\n" + "\n".join(cycles)

@@ -9,7 +9,7 @@ import os
 import pytest
 import ray
 
-from kvstore.allocator import ALLOCATOR_ENV
+from kvstore.malloc_tuning import ALLOCATOR_ENV
 from workers.demo import parse_args, pipeline_options, ray_options
 from workers.pipeline import (
     REPO_ROOT,
