@@ -66,9 +66,8 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 def engine(model_dir: str, store, tmp_path_factory: pytest.TempPathFactory):
     _, proxy = store
     log = tmp_path_factory.mktemp("async") / "engine.log"
-    with EngineProcess(
-        model_dir, kv=connector_config(proxy.target, load_mode="async"), log_path=str(log)
-    ) as e:
+    target = f"127.0.0.1:{proxy.port}"
+    with EngineProcess(model_dir, kv=connector_config(target, load_mode="async"), log_path=str(log)) as e:
         yield e
 
 
