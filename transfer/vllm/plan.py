@@ -6,6 +6,10 @@ Plain data, no vLLM: the worker side runs without vLLM in the GPU check and in u
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvstore.keys import ChunkKey
 
 
 @dataclass
@@ -14,7 +18,7 @@ class LoadSpec:
     blocks before ``first_block`` were computed locally and are left alone."""
 
     req_id: str
-    keys: list[bytes]
+    keys: list[ChunkKey]
     block_ids: list[int]
     first_block: int
 
@@ -28,6 +32,6 @@ class SaveSpec:
     """Save chunks ``first_chunk ..`` of one request (``keys``) from ``block_ids``."""
 
     req_id: str
-    keys: list[bytes]
+    keys: list[ChunkKey]
     block_ids: list[int]
     first_chunk: int
