@@ -6,10 +6,8 @@ Plain data, no vLLM: the worker side runs without vLLM in the GPU check and in u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from kvstore.keys import ChunkKey
+from kvstore.keys import ChunkKey
 
 
 @dataclass
