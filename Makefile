@@ -10,7 +10,7 @@ help:
 	@echo "make bench     run every benchmark (JSON on stdout)"
 	@echo "make gpu-check codec CPU/CUDA byte parity, GPU codec and host<->device speed (CPU half without CUDA)"
 	@echo "make proto     regenerate gRPC stubs from proto/"
-	@echo "make lint      ruff check, and ruff format --check (fails on drift; make fmt fixes it)"
+	@echo "make lint      ruff check, ruff format --check (fails on drift; make fmt fixes it), mypy (strict on transfer/)"
 
 install:
 	@bash scripts/bootstrap.sh
@@ -50,6 +50,7 @@ proto:
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
 
 fmt:
 	$(PYTHON) -m ruff format .

@@ -14,7 +14,7 @@ import xxhash
 TRAILER_BYTES = 8
 
 
-def checksum(payload: bytes | memoryview) -> bytes:
+def checksum(payload: bytes | bytearray | memoryview) -> bytes:
     return xxhash.xxh3_64_digest(payload)[::-1]  # xxhash digests are big-endian
 
 

@@ -54,7 +54,7 @@ class ExponentialBackoff(Backoff):
         self.jitter = jitter
 
     def compute(self, failures: int) -> float:
-        delay = min(self.cap_s, self.base_s * (2 ** max(0, failures - 1)))
+        delay: float = min(self.cap_s, self.base_s * (2 ** max(0, failures - 1)))
         if self.jitter:
             delay = delay / 2 + random.uniform(0, delay / 2)
         return delay

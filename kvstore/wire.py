@@ -221,7 +221,7 @@ def encode_get_response(item: tuple[int, int, Blob | list[Blob]]) -> bytes:
     if layer:
         head += b"\x10" + _encode_varint(layer)
     if isinstance(blob, list):
-        pieces: list[Blob] = [head]
+        pieces: list[Blob | bytearray] = [head]
         for one in blob:
             pieces.append(b"\x22" + _encode_varint(len(one)))
             pieces.append(one)

@@ -10,7 +10,7 @@ need_pip=0
 import importlib.util, sys
 mods = ["grpc", "grpc_tools", "grpc_health", "grpc_reflection", "xxhash", "zstandard", "prometheus_client",
         "yaml", "jsonschema", "cryptography", "tqdm", "redis", "hiredis", "flask_cors", "boto3", "moto", "flask", "torch", "numpy", "numba", "transformers", "gguf",
-        "accelerate", "ray", "pytest", "pytest_timeout", "ruff", "kubernetes_validate"]
+        "accelerate", "ray", "pytest", "pytest_timeout", "ruff", "mypy", "kubernetes_validate"]
 missing = [m for m in mods if importlib.util.find_spec(m) is None]
 import torch
 if missing or not torch.__version__.startswith("2.13.0"):

@@ -12,8 +12,7 @@ the four clients cannot differ in signature, validation or meaning.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
-from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kvstore.keys import Namespace
 from kvstore.wire import Blob
@@ -23,11 +22,42 @@ from transfer.ops import Op, get_args
 T = TypeVar("T")
 
 
+class Operations(Protocol):
+    """What a client takes from its operations module (:mod:`transfer.ops`, :mod:`transfer.cluster_ops`).
+
+    The first argument is the module's state (a ClientCore or a ClusterCore), hence positional and Any.
+    """
+
+    def lookup(
+        self, state: Any, namespace: Namespace | str, keys: Any, num_layers: int, timeout_s: float | None, /
+    ) -> Op[int]: ...
+
+    def put(
+        self, state: Any, namespace: Namespace | str, source: Any, ack: str | None, timeout_s: float | None, /
+    ) -> Op[PutResult]: ...
+
+    def get_layers(
+        self, state: Any, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None, /
+    ) -> Op[None]: ...
+
+    def delete(
+        self,
+        state: Any,
+        namespace: Namespace | str,
+        keys: Any,
+        num_layers: int | None,
+        timeout_s: float | None,
+        /,
+    ) -> Op[int]: ...
+
+    def stats(self, state: Any, timeout_s: float | None, /) -> Op[StoreStats]: ...
+
+
 class _Operations:
     """What both API bases need from a front-end."""
 
     #: transfer.ops or transfer.cluster_ops: functions of the same names and arguments.
-    _ops: ModuleType
+    _ops: Operations
     #: What the operations take first: a ClientCore or a ClusterCore.
     _state: Any
 
@@ -61,7 +91,7 @@ class BlockingApi(_Operations):
     def put(
         self,
         namespace: Namespace | str,
-        items: Iterable[PutItem | tuple],
+        items: Iterable[PutItem | tuple[Any, ...]],
         *,
         timeout_s: float | None = None,
         ack: str | None = None,
@@ -144,7 +174,7 @@ class AsyncApi(_Operations):
     async def put(
         self,
         namespace: Namespace | str,
-        items: Iterable[PutItem | tuple] | AsyncIterable[Any],
+        items: Iterable[PutItem | tuple[Any, ...]] | AsyncIterable[Any],
         *,
         timeout_s: float | None = None,
         ack: str | None = None,

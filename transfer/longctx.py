@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, Namespace
+from kvstore.wire import Blob
 from transfer.client import KVClient, PutItem
 
 MiB = 1024 * 1024
@@ -61,7 +62,7 @@ class LayerWindow(NamedTuple):
 
     layer: int
     first_chunk: int
-    blobs: list[bytes]
+    blobs: list[Blob]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -200,8 +201,8 @@ def stream_layers(
     return _stream(client, ns, keys, plan, window_keys, prefetch)
 
 
-def _fetch(client: KVClient, ns: str, keys: list[bytes], layer: int) -> list[bytes]:
-    blobs: list[bytes] = []
+def _fetch(client: KVClient, ns: str, keys: list[bytes], layer: int) -> list[Blob]:
+    blobs: list[Blob] = []
     for _, part in client.get_layers(ns, keys, layer, layer + 1):
         blobs.extend(part)
     return blobs
@@ -217,7 +218,7 @@ def _stream(
             yield LayerWindow(layer, first, _fetch(client, ns, keys[first : first + window_keys], layer))
         return
     pool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="kvstore-prefetch")
-    pending: deque[tuple[int, int, Future[list[bytes]]]] = deque()
+    pending: deque[tuple[int, int, Future[list[Blob]]]] = deque()
     steps = iter(plan)
     try:
         for layer, first in steps:
@@ -280,7 +281,7 @@ def read_layers(
         if not window.blobs:
             continue
         headers = [read_header(b) for b in window.blobs]  # sizes only: decode_into verifies each frame
-        if k_out is None:
+        if k_out is None or v_out is None:  # (set together)
             first = headers[0]
             k_out = torch.empty((first.heads, total, first.head_dim), dtype=dtype or first.dtype)
             v_out = torch.empty_like(k_out)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from kvstore.keys import Namespace
 from kvstore.v1 import kvstore_pb2 as pb
@@ -42,6 +42,8 @@ from transfer.core import ClientCore, LayerAssembler, PutBatch, PutResult, Store
 from transfer.errors import InvalidArgument, TransferError
 
 T = TypeVar("T")
+#: What a driver hands ``map_error``: Exception (blocking), BaseException (asyncio: CancelledError too).
+E = TypeVar("E", bound=BaseException)
 
 #: What :class:`Receive` returns once a stream has ended normally.
 END: Any = object()
@@ -311,7 +313,7 @@ def _cancel(stream: Any) -> Any:
 DONE: Any = object()
 
 
-class Runner:
+class Runner(Generic[E]):
     """One operation being driven: its next effect, what came back, and the handles to release.
 
     The blocking and asyncio drivers below differ only in whether they await.
@@ -319,7 +321,7 @@ class Runner:
 
     __slots__ = ("op", "map_error", "result", "error", "handles", "value")
 
-    def __init__(self, op: Op[Any], map_error: Callable[[Any, BaseException], Any]) -> None:
+    def __init__(self, op: Op[Any], map_error: Callable[[Any, E], Any]) -> None:
         self.op = op
         self.map_error = map_error
         self.result: Any = None
@@ -342,7 +344,7 @@ class Runner:
         if getattr(effect, "opens", False):
             self.handles.append(result)
 
-    def failed(self, effect: Any, exc: BaseException) -> None:
+    def failed(self, effect: Any, exc: E) -> None:
         """Keep the mapped error for the operation (thrown in by :meth:`next`, outside the driver's
         ``except`` block); re-raise what is not the operation's to handle."""
         error = self.map_error(effect, exc)

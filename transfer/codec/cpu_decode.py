@@ -14,6 +14,7 @@ is refused with the same error type before any read past its end.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ def decode_quantized(
     return torch.from_numpy(k), torch.from_numpy(v)
 
 
-def _message(status: int, value: int, body: np.ndarray) -> str:
+def _message(status: cpu_kernels.Int, value: int, body: np.ndarray) -> str:
     if status == cpu_kernels.ERR_SHORT:
         return f"body ends at {body.size} bytes, needed {value}"
     if status == cpu_kernels.ERR_TABLE:
@@ -183,7 +184,8 @@ def decode_into_layer(
     if not writes_into(k_out.dtype):
         raise ValueError(f"the kernels do not write {k_out.dtype} outputs here (see writes_into)")
     half = k_out.dtype != torch.float32  # fp16 or bf16 bits, rounded from float32 scratch
-    nan = bf16_nan() if k_out.dtype == torch.bfloat16 else cpu_kernels.FP16
+    # not None for bfloat16: writes_into checked it
+    nan = cast(int, bf16_nan()) if k_out.dtype == torch.bfloat16 else cpu_kernels.FP16
     if half:  # float32 is per-frame scratch: this thread's, reused (fresh pages cost more than the decode)
         rows = int(tokens.max())
         k = cpu_kernels.scratch((h, rows, d), "decode-k")

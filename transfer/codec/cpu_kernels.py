@@ -36,13 +36,24 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias, TypeVar, cast
 
 import numpy as np
+import numpy.typing as npt
 
 try:  # numba is a hard dependency, but the codec must keep working (slower) without it
     import numba
 except ImportError:  # pragma: no cover - exercised only on installs without numba
-    numba = None
+    numba = None  # type: ignore[assignment]  # the one way to say "module or None" to mypy
+
+# The kernels' Python signatures, for mypy and readers (numba ignores annotations and types each call
+# by its arguments): arrays of any dtype, and scalars that are Python or numpy numbers (inside a
+# kernel, an element read from an array is a numpy scalar).
+Arr: TypeAlias = npt.NDArray[Any]
+Int: TypeAlias = "int | np.integer[Any]"
+Float: TypeAlias = "float | np.floating[Any]"
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 _WANTED = os.environ.get("KVSTORE_CODEC_KERNELS", "numba").strip().lower() != "torch"
 AVAILABLE = numba is not None
@@ -62,31 +73,41 @@ def set_enabled(on: bool) -> None:
 if numba is not None:
     from llvmlite import ir as _ir
     from numba import types as _types
-    from numba.extending import intrinsic as _intrinsic
+    from numba.extending import intrinsic as _numba_intrinsic
+
+    def _intrinsic(fn: Callable[[Any, Any], Any]) -> Callable[[Any], Any]:
+        """numba's ``@intrinsic``, typed as what compiled code calls: the arguments after ``typingctx``."""
+        return cast("Callable[[Any], Any]", _numba_intrinsic(fn))
 
     @_intrinsic
-    def _half_bits(typingctx, x):  # pragma: no cover - compiled
+    def _half_bits(
+        typingctx: object, x: object
+    ) -> tuple[Any, Callable[..., Any]]:  # pragma: no cover - compiled
         """float32 -> fp16 bits by LLVM's ``fptrunc`` (round to nearest even; F16C ``vcvtps2ph`` on x86)."""
 
-        def codegen(context, builder, signature, args):
+        def codegen(context: object, builder: Any, signature: object, args: Sequence[Any]) -> Any:
             return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
 
         return _types.uint16(_types.float32), codegen
 
     @_intrinsic
-    def _half_value(typingctx, b):  # pragma: no cover - compiled
+    def _half_value(
+        typingctx: object, b: object
+    ) -> tuple[Any, Callable[..., Any]]:  # pragma: no cover - compiled
         """fp16 bits -> float32 by LLVM's ``fpext`` (exact)."""
 
-        def codegen(context, builder, signature, args):
+        def codegen(context: object, builder: Any, signature: object, args: Sequence[Any]) -> Any:
             return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
 
         return _types.float32(_types.uint16), codegen
 
     @_intrinsic
-    def _float_bits(typingctx, x):  # pragma: no cover - compiled
+    def _float_bits(
+        typingctx: object, x: object
+    ) -> tuple[Any, Callable[..., Any]]:  # pragma: no cover - compiled
         """A float32's bit pattern as uint32 (a bitcast: no memory round trip, so loops over it vectorize)."""
 
-        def codegen(context, builder, signature, args):
+        def codegen(context: object, builder: Any, signature: object, args: Sequence[Any]) -> Any:
             return builder.bitcast(args[0], _ir.IntType(32))
 
         return _types.uint32(_types.float32), codegen
@@ -114,15 +135,16 @@ def scratch(shape: tuple[int, ...], key: str) -> np.ndarray:
 FP16 = -1
 
 
-def _jit(fn):
+def _jit(fn: _F) -> _F:
+    """Compiled without the GIL, cached; typed as the Python function (same arguments, same results)."""
     if numba is None:  # pragma: no cover
         return fn
-    return numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")(fn)
+    return cast(_F, numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")(fn))
 
 
 # ---------------------------------------------------------------- rotation
 @_jit
-def _fwht_block(buf, d, nb):  # pragma: no cover - compiled
+def _fwht_block(buf: Arr, d: Int, nb: Int) -> None:  # pragma: no cover - compiled
     """In-place FWHT of the ``nb`` columns of ``buf`` [d, block] (float64, exact for our inputs)."""
     h = 1
     while 4 * h <= d:  # stages h and 2h fused (radix 4): half the passes over buf, same sums
@@ -158,7 +180,9 @@ def _fwht_block(buf, d, nb):  # pragma: no cover - compiled
 
 
 @_jit
-def hadamard_rows(x, signs, scale, pre_signs, out):  # pragma: no cover - compiled
+def hadamard_rows(
+    x: Arr, signs: Arr, scale: Float, pre_signs: bool, out: Arr
+) -> None:  # pragma: no cover - compiled
     """``out[r] = float32(FWHT(x[r] * s) * scale)`` (rotate) or ``float32(FWHT(x[r]) * s * scale)``.
 
     ``x`` [rows, d] float32, ``d`` a power of two; ``signs`` float64 +-1;
@@ -191,7 +215,9 @@ def hadamard_rows(x, signs, scale, pre_signs, out):  # pragma: no cover - compil
 
 
 @_jit
-def unrotate_rows_to_half(x, signs, scale, out_half, bf16_nan):  # pragma: no cover - compiled
+def unrotate_rows_to_half(
+    x: Arr, signs: Arr, scale: Float, out_half: Arr, bf16_nan: Int
+) -> None:  # pragma: no cover - compiled
     """:func:`hadamard_rows` (inverse, signs after) straight to 16-bit bits: ``half(float32(y))``.
 
     The decoder's last two passes in one, for a tensor with nothing to add after
@@ -223,7 +249,7 @@ def unrotate_rows_to_half(x, signs, scale, out_half, bf16_nan):  # pragma: no co
 
 # ---------------------------------------------------------------- bit packing
 @_jit
-def pack(codes, bits, out):  # pragma: no cover - compiled
+def pack(codes: Arr, bits: Int, out: Arr) -> None:  # pragma: no cover - compiled
     """Codes (uint8, < 2**bits) eight at a time into ``bits`` bytes, code i at bit ``bits*i`` (little-endian)."""
     n = codes.size
     groups = (n + 7) // 8
@@ -240,7 +266,7 @@ def pack(codes, bits, out):  # pragma: no cover - compiled
 
 
 @_jit
-def unpack(data, bits, count, out):  # pragma: no cover - compiled
+def unpack(data: Arr, bits: Int, count: Int, out: Arr) -> None:  # pragma: no cover - compiled
     """Inverse of :func:`pack`: ``count`` codes into ``out`` (uint8)."""
     mask = np.uint64((1 << bits) - 1)
     groups = (count + 7) // 8
@@ -257,7 +283,9 @@ def unpack(data, bits, count, out):  # pragma: no cover - compiled
 
 
 # ---------------------------------------------------------------- fused frame decoding
-def _words_row(body, gb, bits, d, rowc):  # pragma: no cover - compiled (inlined)
+def _words_row(
+    body: Arr, gb: Int, bits: Int, d: Int, rowc: Arr
+) -> None:  # pragma: no cover - compiled (inlined)
     """``d`` codes (d a multiple of 8) from whole packing words at byte ``gb`` into ``rowc``.
 
     Inlined with ``bits`` a literal (see _row_codes), so the byte and shift
@@ -273,7 +301,9 @@ def _words_row(body, gb, bits, d, rowc):  # pragma: no cover - compiled (inlined
             rowc[g8 * 8 + k] = np.float32((word >> np.uint64(bits * k)) & mask)
 
 
-def _row_codes(body, cpos, bits, c0, d, rowc):  # pragma: no cover - compiled (inlined)
+def _row_codes(
+    body: Arr, cpos: Int, bits: Int, c0: Int, d: Int, rowc: Arr
+) -> None:  # pragma: no cover - compiled (inlined)
     """Codes ``c0 .. c0+d`` of a packed stream at ``cpos`` as float32 into ``rowc``."""
     if bits == 8:
         for j in range(d):
@@ -312,7 +342,19 @@ if numba is not None:
 
 
 @_jit
-def token_tier(body, pos, bits, h, n, d, base_factor, table, idx, out, at):  # pragma: no cover - compiled
+def token_tier(
+    body: Arr,
+    pos: Int,
+    bits: Int,
+    h: Int,
+    n: Int,
+    d: Int,
+    base_factor: Float,
+    table: Arr,
+    idx: Arr,
+    out: Arr,
+    at: Int,
+) -> Int:  # pragma: no cover - compiled
     """One TOKEN tier of a frame body into ``out[:, at + idx]``: scale bytes at ``pos``, then packed codes.
 
     Value = ``((code - half) + 0.5) * (table[u] * 2**base)``, the ops of
@@ -335,7 +377,9 @@ def token_tier(body, pos, bits, h, n, d, base_factor, table, idx, out, at):  # p
 
 
 @_jit
-def channel_tier(body, pos, bits, h, n, d, group, cmax, idx, out, at):  # pragma: no cover - compiled
+def channel_tier(
+    body: Arr, pos: Int, bits: Int, h: Int, n: Int, d: Int, group: Int, cmax: Arr, idx: Arr, out: Arr, at: Int
+) -> Int:  # pragma: no cover - compiled
     """One CHANNEL tier into ``out[:, at + idx]``: int8 lows and highs per group at ``pos``, then codes.
 
     ``cmax`` [h, d] float32 (the stored fp16 maxima, widened). Grid and value
@@ -375,7 +419,7 @@ def channel_tier(body, pos, bits, h, n, d, group, cmax, idx, out, at):  # pragma
 
 # ---------------------------------------------------------------- fused frame encoding
 @_jit
-def _emit(codes, bits, out):  # pragma: no cover - compiled
+def _emit(codes: Arr, bits: Int, out: Arr) -> None:  # pragma: no cover - compiled
     """Codes into ``out``: packed, or copied as bytes at 8 bits."""
     if bits == 8:
         out[: codes.size] = codes
@@ -383,7 +427,7 @@ def _emit(codes, bits, out):  # pragma: no cover - compiled
         pack(codes, bits, out)
 
 
-def _rint(y):  # pragma: no cover - compiled (inlined)
+def _rint(y: Float) -> np.float32:  # pragma: no cover - compiled (inlined)
     """Round half to even (torch.round) as adds that vectorize; np.rint compiles to a libm call here.
 
     For |y| < 2**23, ``|y| + 2**23`` lands where the float32 spacing is 1, so
@@ -401,7 +445,7 @@ if numba is not None:
 
 
 @_jit
-def _search(table, value):  # pragma: no cover - compiled
+def _search(table: Arr, value: Float) -> Int:  # pragma: no cover - compiled
     """``torch.searchsorted(table, value)`` (left): first index with table[i] >= value; NaN -> len."""
     if value != value:
         return table.size
@@ -416,7 +460,9 @@ def _search(table, value):  # pragma: no cover - compiled
 
 
 @_jit
-def token_encode(x, xbits, h, idx, bits, table, body, off):  # pragma: no cover - compiled
+def token_encode(
+    x: Arr, xbits: Arr, h: Int, idx: Arr, bits: Int, table: Arr, body: Arr, off: Int
+) -> None:  # pragma: no cover - compiled
     """A TOKEN tier of every layer in ``x`` [layers*h, t, d] into ``body[layer, off:]``.
 
     Writes the base exponent (int8), the scale bytes [h, n] and the packed codes,
@@ -477,7 +523,9 @@ def token_encode(x, xbits, h, idx, bits, table, body, off):  # pragma: no cover 
 
 
 @_jit
-def channel_encode(x, h, idx, bits, group, gmin, gmax, cmax, body, off):  # pragma: no cover - compiled
+def channel_encode(
+    x: Arr, h: Int, idx: Arr, bits: Int, group: Int, gmin: Arr, gmax: Arr, cmax: Arr, body: Arr, off: Int
+) -> None:  # pragma: no cover - compiled
     """A CHANNEL tier of every layer into ``body[layer, off:]``: int8 lows, highs, then packed codes.
 
     ``cmax`` [layers*h, d] float32 holds the fp16-rounded channel maxima (the
@@ -535,7 +583,7 @@ OK, ERR_SHORT, ERR_TABLE, ERR_MAP, ERR_TRAILING, ERR_ROTATION = 0, 1, 2, 3, 4, 5
 
 
 @_jit
-def half_to_float(bits):  # pragma: no cover - compiled
+def half_to_float(bits: Int) -> np.float32:  # pragma: no cover - compiled
     """An fp16 bit pattern (as an integer) widened to float32, exactly (NaN payloads kept)."""
     sign = (bits >> 15) & 1
     exp = (bits >> 10) & 0x1F
@@ -552,19 +600,35 @@ def half_to_float(bits):  # pragma: no cover - compiled
 
 
 @_jit
-def _half_at(body, pos):  # pragma: no cover - compiled
+def _half_at(body: Arr, pos: Int) -> np.float32:  # pragma: no cover - compiled
     return half_to_float(np.int64(body[pos]) | (np.int64(body[pos + 1]) << 8))
 
 
 @_jit
-def _packed(count, bits):  # pragma: no cover - compiled
+def _packed(count: Int, bits: Int) -> Int:  # pragma: no cover - compiled
     return count if bits == 8 else (count + 7) // 8 * bits
 
 
 @_jit
 def _decode_tiers(
-    body, pos, size, col, table, n_tiers, group, counts, order, starts, h, d, scales, out, at, write, err
-):  # pragma: no cover - compiled
+    body: Arr,
+    pos: Int,
+    size: Int,
+    col: Int,
+    table: Arr,
+    n_tiers: Int,
+    group: Int,
+    counts: Arr,
+    order: Arr,
+    starts: Arr,
+    h: Int,
+    d: Int,
+    scales: Arr,
+    out: Arr,
+    at: Int,
+    write: bool,
+    err: Arr,
+) -> Int:  # pragma: no cover - compiled
     """The tiers of K (col 0) or V (col 2) into ``out[:, at + token]``; returns the new position, or -1 with
     ``err`` set. With ``write`` False it only checks the lengths (the pass that runs before any write)."""
     for tier in range(n_tiers):
@@ -610,7 +674,7 @@ def _decode_tiers(
 
 
 @_jit
-def _bits_pow2(exponent):  # pragma: no cover - compiled
+def _bits_pow2(exponent: Int) -> np.float32:  # pragma: no cover - compiled
     """quantize.pow2's bit construction for exponents outside the normal range (only corrupt frames)."""
     scratch = np.empty(1, np.int32)
     scratch[0] = np.int32((exponent + 127) << 23)
@@ -619,8 +683,20 @@ def _bits_pow2(exponent):  # pragma: no cover - compiled
 
 @_jit
 def _walk_tensors(
-    body, pos, h, d, flags, signs, scale, scales, plan, outs, halves, write, err
-):  # pragma: no cover - compiled
+    body: Arr,
+    pos: Int,
+    h: Int,
+    d: Int,
+    flags: Int,
+    signs: Arr,
+    scale: Float,
+    scales: Arr,
+    plan: tuple[Arr, Int, Arr, Arr, Arr],
+    outs: tuple[Arr, Arr, Int],
+    halves: tuple[Arr, Arr, Int, Int],
+    write: bool,
+    err: Arr,
+) -> Int:  # pragma: no cover - compiled
     """K then V of a body from ``pos``: checked only (``write`` False), or decoded into the outputs.
 
     Decoding: each tensor's tiers into float32 ``out[:, at : at + t]``, then per
@@ -637,7 +713,7 @@ def _walk_tensors(
     t = order.size
     size = body.size
     for col, out, half, center_flag, rotate_flag in ((0, out_k, half_k, 8, 2), (2, out_v, half_v, 16, 4)):
-        mean_pos = -1
+        mean_pos: Int = -1
         if flags & center_flag:  # the tensor's fp16 means come first, are added last
             if pos + h * d * 2 > size:
                 err[0], err[1] = ERR_SHORT, pos + h * d * 2
@@ -692,8 +768,23 @@ def _walk_tensors(
 
 @_jit
 def _decode_body(
-    body, h, t, d, flags, signs, scale, scales, out_k, out_v, at, half_k, half_v, half_at, bf16_nan, err
-):  # pragma: no cover - compiled
+    body: Arr,
+    h: Int,
+    t: Int,
+    d: Int,
+    flags: Int,
+    signs: Arr,
+    scale: Float,
+    scales: Arr,
+    out_k: Arr,
+    out_v: Arr,
+    at: Int,
+    half_k: Arr,
+    half_v: Arr,
+    half_at: Int,
+    bf16_nan: Int,
+    err: Arr,
+) -> Int:  # pragma: no cover - compiled
     """A whole quantized frame body into its ``t`` token rows of the outputs, checked whole before any write.
 
     Float32 rows go to ``out_k``/``out_v`` ``[h, *, d]`` at token ``at``; when
@@ -769,8 +860,20 @@ def _decode_body(
 
 @_jit
 def decode_frame(
-    body, h, t, d, flags, signs, scale, scales, out_k, out_v, half_k, half_v, err
-):  # pragma: no cover - compiled
+    body: Arr,
+    h: Int,
+    t: Int,
+    d: Int,
+    flags: Int,
+    signs: Arr,
+    scale: Float,
+    scales: Arr,
+    out_k: Arr,
+    out_v: Arr,
+    half_k: Arr,
+    half_v: Arr,
+    err: Arr,
+) -> Int:  # pragma: no cover - compiled
     """A whole quantized frame body into float32 ``out_k``/``out_v`` [h, t, d] in one call.
 
     When ``half_k``/``half_v`` are not empty, the result is written there as fp16
@@ -784,8 +887,22 @@ def decode_frame(
 
 @_jit
 def decode_frames(
-    bodies, offsets, h, t, d, flags, signs, scale, scales, out_k, out_v, want_half, half_k, half_v, err
-):  # pragma: no cover - compiled
+    bodies: Arr,
+    offsets: Arr,
+    h: Int,
+    t: Int,
+    d: Int,
+    flags: Arr,
+    signs: Arr,
+    scale: Float,
+    scales: Arr,
+    out_k: Arr,
+    out_v: Arr,
+    want_half: bool,
+    half_k: Arr,
+    half_v: Arr,
+    err: Arr,
+) -> Int:  # pragma: no cover - compiled
     """:func:`decode_frame` for ``n`` same-shaped frames in one call (one GIL release for all of them).
 
     ``bodies`` holds the raw bodies back to back, frame ``i`` at
@@ -814,24 +931,24 @@ def decode_frames(
 
 @_jit
 def decode_frames_into(
-    bodies,
-    offsets,
-    tokens,
-    at,
-    h,
-    d,
-    flags,
-    signs,
-    scale,
-    scales,
-    out_k,
-    out_v,
-    want_half,
-    half_k,
-    half_v,
-    bf16_nan,
-    err,
-):  # pragma: no cover - compiled
+    bodies: Arr,
+    offsets: Arr,
+    tokens: Arr,
+    at: Arr,
+    h: Int,
+    d: Int,
+    flags: Arr,
+    signs: Arr,
+    scale: Float,
+    scales: Arr,
+    out_k: Arr,
+    out_v: Arr,
+    want_half: bool,
+    half_k: Arr,
+    half_v: Arr,
+    bf16_nan: Int,
+    err: Arr,
+) -> Int:  # pragma: no cover - compiled
     """Frames of one layer straight into its tensors: frame ``i``'s tokens at ``at[i] .. at[i] + tokens[i]``.
 
     The outputs are the whole layer ``[h, T, d]``: float32 ``out_k``/``out_v``,
@@ -860,14 +977,14 @@ def decode_frames_into(
 
 
 @_jit
-def to_half(src, dst):  # pragma: no cover - compiled
+def to_half(src: Arr, dst: Arr) -> None:  # pragma: no cover - compiled
     """float32 -> fp16 bits, elementwise (vectorized ``vcvtps2ph``)."""
     for i in range(src.size):
         dst[i] = _half_bits(src[i])
 
 
 @_jit
-def _bf16_bits(x, nan):  # pragma: no cover - compiled (inlined)
+def _bf16_bits(x: Float, nan: Int) -> np.uint16:  # pragma: no cover - compiled (inlined)
     """float32 -> bfloat16 bits as torch rounds: to nearest even on the float32 bits; a NaN becomes ``nan``.
 
     Adding ``0x7FFF`` plus the kept part's lowest bit and dropping the low 16
@@ -880,14 +997,14 @@ def _bf16_bits(x, nan):  # pragma: no cover - compiled (inlined)
 
 
 @_jit
-def to_bf16(src, dst, nan):  # pragma: no cover - compiled
+def to_bf16(src: Arr, dst: Arr, nan: Int) -> None:  # pragma: no cover - compiled
     """float32 -> bfloat16 bits, elementwise (:func:`_bf16_bits`; integer ops, vectorized)."""
     for i in range(src.size):
         dst[i] = _bf16_bits(src[i], nan)
 
 
 @_jit
-def from_half(src, dst):  # pragma: no cover - compiled
+def from_half(src: Arr, dst: Arr) -> None:  # pragma: no cover - compiled
     """fp16 bits -> float32, elementwise."""
     for i in range(src.size):
         dst[i] = _half_value(src[i])
@@ -895,7 +1012,7 @@ def from_half(src, dst):  # pragma: no cover - compiled
 
 # ---------------------------------------------------------------- channel tier encoding in one call
 @_jit
-def float_to_half_bits(f):  # pragma: no cover - compiled
+def float_to_half_bits(f: Float) -> Int:  # pragma: no cover - compiled
     """float32 -> fp16 bit pattern, rounded to nearest even (what torch's ``.to(float16)`` does)."""
     scratch = np.empty(1, np.float32)
     scratch[0] = f
@@ -928,7 +1045,9 @@ def float_to_half_bits(f):  # pragma: no cover - compiled
 
 
 @_jit
-def channel_tier_encode(x, xbits, h, idx, bits, group, body, off):  # pragma: no cover - compiled
+def channel_tier_encode(
+    x: Arr, xbits: Arr, h: Int, idx: Arr, bits: Int, group: Int, body: Arr, off: Int
+) -> None:  # pragma: no cover - compiled
     """A CHANNEL tier of every layer: ranges, fp16 channel maxima, lows, highs and codes, in one call.
 
     The group lows and highs are taken on the float bits mapped to integers that
@@ -993,7 +1112,7 @@ def channel_tier_encode(x, xbits, h, idx, bits, group, body, off):  # pragma: no
 
 # ---------------------------------------------------------------- lossless byte planes
 @_jit
-def shuffle2(src, dst):  # pragma: no cover - compiled
+def shuffle2(src: Arr, dst: Arr) -> None:  # pragma: no cover - compiled
     """uint16 words -> all low bytes, then all high bytes (the lossless profile's byte planes)."""
     n = src.size
     for i in range(n):
@@ -1003,7 +1122,7 @@ def shuffle2(src, dst):  # pragma: no cover - compiled
 
 
 @_jit
-def unshuffle2(src, dst):  # pragma: no cover - compiled
+def unshuffle2(src: Arr, dst: Arr) -> None:  # pragma: no cover - compiled
     """Inverse of :func:`shuffle2`: byte planes back into uint16 words."""
     n = dst.size
     for i in range(n):
@@ -1011,7 +1130,7 @@ def unshuffle2(src, dst):  # pragma: no cover - compiled
 
 
 @_jit
-def shuffle_bytes(src, width, dst):  # pragma: no cover - compiled
+def shuffle_bytes(src: Arr, width: Int, dst: Arr) -> None:  # pragma: no cover - compiled
     """Any element width: byte ``b`` of element ``i`` goes to ``dst[b * n + i]``."""
     n = src.size // width
     for i in range(n):
@@ -1020,7 +1139,7 @@ def shuffle_bytes(src, width, dst):  # pragma: no cover - compiled
 
 
 @_jit
-def unshuffle_bytes(src, width, dst):  # pragma: no cover - compiled
+def unshuffle_bytes(src: Arr, width: Int, dst: Arr) -> None:  # pragma: no cover - compiled
     n = src.size // width
     for b in range(width):
         for i in range(n):
@@ -1028,7 +1147,7 @@ def unshuffle_bytes(src, width, dst):  # pragma: no cover - compiled
 
 
 @_jit
-def shuffle4(src, dst):  # pragma: no cover - compiled
+def shuffle4(src: Arr, dst: Arr) -> None:  # pragma: no cover - compiled
     """uint32 words -> byte planes 0..3 (fp32's lossless layout); the generic loop ran at 1/3 the speed."""
     n = src.size
     for i in range(n):
@@ -1040,13 +1159,15 @@ def shuffle4(src, dst):  # pragma: no cover - compiled
 
 
 @_jit
-def unshuffle4(src, dst):  # pragma: no cover - compiled
+def unshuffle4(src: Arr, dst: Arr) -> None:  # pragma: no cover - compiled
     """Inverse of :func:`shuffle4`: four byte planes back into uint32 words."""
     _planes4_to_words(src, 0, dst.size, dst, 0, dst.size)
 
 
 @_jit
-def _planes2_to_words(src, start, plane, dst, at, count):  # pragma: no cover - compiled
+def _planes2_to_words(
+    src: Arr, start: Int, plane: Int, dst: Arr, at: Int, count: Int
+) -> None:  # pragma: no cover - compiled
     # Slices, not index arithmetic in the loop: numba vectorizes this form (20x faster, measured).
     p0 = src[start : start + count]
     p1 = src[start + plane : start + plane + count]
@@ -1056,7 +1177,9 @@ def _planes2_to_words(src, start, plane, dst, at, count):  # pragma: no cover - 
 
 
 @_jit
-def _planes4_to_words(src, start, plane, dst, at, count):  # pragma: no cover - compiled
+def _planes4_to_words(
+    src: Arr, start: Int, plane: Int, dst: Arr, at: Int, count: Int
+) -> None:  # pragma: no cover - compiled
     p0 = src[start : start + count]
     p1 = src[start + plane : start + plane + count]
     p2 = src[start + 2 * plane : start + 2 * plane + count]
@@ -1072,7 +1195,9 @@ def _planes4_to_words(src, start, plane, dst, at, count):  # pragma: no cover - 
 
 
 @_jit
-def unshuffle2_into(src, k_dst, v_dst, heads, row_stride, offset):  # pragma: no cover - compiled
+def unshuffle2_into(
+    src: Arr, k_dst: Arr, v_dst: Arr, heads: Int, row_stride: Int, offset: Int
+) -> None:  # pragma: no cover - compiled
     """A lossless body of 16-bit words ([K then V], byte planes) written straight into K and V.
 
     ``k_dst``/``v_dst`` are a whole layer's ``[heads, tokens, head_dim]`` words,
@@ -1088,7 +1213,9 @@ def unshuffle2_into(src, k_dst, v_dst, heads, row_stride, offset):  # pragma: no
 
 
 @_jit
-def unshuffle4_into(src, k_dst, v_dst, heads, row_stride, offset):  # pragma: no cover - compiled
+def unshuffle4_into(
+    src: Arr, k_dst: Arr, v_dst: Arr, heads: Int, row_stride: Int, offset: Int
+) -> None:  # pragma: no cover - compiled
     """:func:`unshuffle2_into` for 32-bit words (fp32 KV)."""
     n = src.size // 8
     per_head = n // heads

@@ -55,7 +55,7 @@ _local = threading.local()  # zstd contexts are not thread-safe; one per thread
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
-    cache = _local.__dict__.setdefault("compressors", {})
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("compressors", {})
     if level not in cache:
         cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=False)
     return cache[level]
@@ -64,7 +64,8 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 def _decompressor() -> zstandard.ZstdDecompressor:
     if not hasattr(_local, "decompressor"):
         _local.decompressor = zstandard.ZstdDecompressor()
-    return _local.decompressor
+    decompressor: zstandard.ZstdDecompressor = _local.decompressor
+    return decompressor
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
@@ -141,7 +142,7 @@ def encode_group(
     return _seal_frames(body, prof, k0, flags)
 
 
-def _seal_frames(body: torch.Tensor, prof: Profile, k: torch.Tensor, flags: int) -> list[bytes]:
+def _seal_frames(body: torch.Tensor | np.ndarray, prof: Profile, k: torch.Tensor, flags: int) -> list[bytes]:
     """Rows of ``body`` (one per frame) -> sealed frames; the only host step."""
     h, t, d = k.shape
     rows = body if isinstance(body, np.ndarray) else body.cpu().numpy()
@@ -231,7 +232,13 @@ def _layout_for(
     return _layout(prof, precision_map(k, prof, saliency, token_offset, context_end))
 
 
-def _encode_quantized(k, v, prof, layout, layers):
+def _encode_quantized(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prof: Profile,
+    layout: tuple[torch.Tensor, list[torch.Tensor]],
+    layers: int,
+) -> tuple[int, torch.Tensor | np.ndarray]:
     """Body rows [layers, bytes] for K and V of ``layers`` frames stacked as [layers*heads, tokens, dim]."""
     dim = k.shape[-1]
     rot_k, rot_v = prof.rotate_k and can_rotate(dim), prof.rotate_v and can_rotate(dim)
@@ -261,7 +268,7 @@ def _encode_quantized(k, v, prof, layout, layers):
     return flags, torch.cat(parts, dim=1)
 
 
-def _bytes_of(values: list[int], device) -> torch.Tensor:
+def _bytes_of(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.uint8, device=device)
 
 
@@ -328,6 +335,7 @@ def open_frame(blob: bytes | memoryview) -> tuple[FrameHeader, bytes | memoryvie
     """Verify a frame's checksum and lengths and return its header and raw (decompressed) body."""
     header = _verified_header(blob)
     stored = memoryview(blob)[HEADER_BYTES : HEADER_BYTES + header.stored_len]
+    raw: bytes | memoryview
     if header.flags & FLAG_ZSTD:
         try:
             raw = _decompressor().decompress(stored, max_output_size=header.raw_len)

@@ -146,12 +146,17 @@ def encode(
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    kwargs = {"token_offset": token_offset, "context_end": context_end, "saliency": saliency}
+
+    def encode_part(part: Sequence[LayerKV]) -> list[bytes]:
+        return encode_group(
+            part, profile, token_offset=token_offset, context_end=context_end, saliency=saliency
+        )
+
     if len(layers) < 2 or threads == 1:
-        return encode_group(layers, profile, **kwargs)
+        return encode_part(layers)
     parts = min(codec_threads() if threads is None else min(threads, codec_threads()), len(layers))
     if parts == 1:
-        return encode_group(layers, profile, **kwargs)
+        return encode_part(layers)
     k0 = layers[0][0]
     if any(  # each part checks its own layers; the parts must agree too, whatever the split
         not isinstance(k, torch.Tensor) or k.shape != k0.shape or k.dtype != k0.dtype or k.device != k0.device
@@ -160,11 +165,7 @@ def encode(
         raise ShapeMismatch("all layers of a chunk must share shape, dtype and device")
     bounds = [len(layers) * i // parts for i in range(parts + 1)]
     pieces = [layers[bounds[i] : bounds[i + 1]] for i in range(parts)]
-    return [
-        blob
-        for part in imap_ordered(lambda piece: encode_group(piece, profile, **kwargs), pieces)
-        for blob in part
-    ]
+    return [blob for part in imap_ordered(encode_part, pieces) for blob in part]
 
 
 def encode_layer(

@@ -100,7 +100,8 @@ def quantize(
     base = scale_bases(needed, layers)
     u = encode_scales(needed.squeeze(-1), base)
     s = decode_scales(u, base).unsqueeze(-1)
-    q = torch.div(x, s).floor_().clamp_(-half, half - 1).add_(half)
+    # torch's clamp_ takes both bounds as tensors or both as numbers: they are both of half's kind here.
+    q = torch.div(x, s).floor_().clamp_(-half, half - 1).add_(half)  # type: ignore[arg-type]
     return q.to(torch.uint8), u, base
 
 
@@ -154,14 +155,18 @@ def channel_ranges(x: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
     return xg, gmin, gmax, cmax
 
 
-def _channel_grid(lo_q, hi_q, unit, bits):
+def _channel_grid(
+    lo_q: torch.Tensor, hi_q: torch.Tensor, unit: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     levels = 2**bits - 1
     lo = (lo_q * unit).unsqueeze(2)
     step = ((hi_q - lo_q) * unit / levels).clamp_min(1e-30).unsqueeze(2)
     return lo, step, levels
 
 
-def _channel_codes(xg, lo_q, hi_q, unit, bits):
+def _channel_codes(
+    xg: torch.Tensor, lo_q: torch.Tensor, hi_q: torch.Tensor, unit: torch.Tensor, bits: int
+) -> torch.Tensor:
     lo, step, levels = _channel_grid(lo_q, hi_q, unit, bits)
     return torch.sub(xg, lo).div_(step).round_().clamp_(0, levels).to(torch.uint8)
 

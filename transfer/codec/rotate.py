@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 
 
@@ -80,7 +81,7 @@ def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def fwht_params(dim: int, seed: int):
+def fwht_params(dim: int, seed: int) -> tuple[np.ndarray, float]:
     """The CPU kernels' view of the rotation: +-1 signs as a float64 numpy array and 1/sqrt(dim).
 
     Empty signs when ``dim`` is not a power of two (such frames are never rotated).

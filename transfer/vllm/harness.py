@@ -124,7 +124,8 @@ def _interleave(
     params = sampling(temperature=0.0, max_tokens=running_tokens, ignore_eos=True)
     engine.add_request("running", {"prompt_token_ids": list(running)}, params)
     steps: list[tuple[str, float]] = []
-    phase, done, outputs = "before", set(), {}
+    done: set[str] = set()
+    phase, outputs = "before", {}
     count = 0
     deadline = time.monotonic() + 600
     while not (phase != "before" and {"running", "arriving"} <= done):
@@ -247,14 +248,19 @@ class EngineProcess:
         self, running: Sequence[int], running_tokens: int, arriving: Sequence[int], after_steps: int = 3
     ) -> dict[str, Any]:
         """Per-step wall times while ``arriving`` (with a stored prefix) joins a decoding request."""
-        return self._call("interleave", (list(running), running_tokens, list(arriving), after_steps))
+        steps: dict[str, Any] = self._call(
+            "interleave", (list(running), running_tokens, list(arriving), after_steps)
+        )
+        return steps
 
     def stats(self) -> dict[str, Any] | None:
         """The connector's process-wide totals (None when the engine has no connector)."""
-        return self._call("stats")
+        totals: dict[str, Any] | None = self._call("stats")
+        return totals
 
     def metrics(self, prefix: str = "vllm:kvstore") -> dict[str, Any]:
-        return self._call("metrics", prefix)
+        metrics: dict[str, Any] = self._call("metrics", prefix)
+        return metrics
 
     def close(self, kill: bool = False) -> None:
         if self._proc.poll() is None and not kill:

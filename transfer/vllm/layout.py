@@ -137,7 +137,11 @@ def check_profile(placement: Placement, profile: str, head_dim: int) -> None:
 def _physical_order(t: torch.Tensor) -> tuple[int, ...]:
     """Axes of ``t`` from outermost to innermost in memory (size-1 axes carry no order)."""
     dims = [d for d in range(t.dim()) if t.shape[d] > 1]
-    return tuple(sorted(dims, key=lambda d: -t.stride(d)))
+
+    def outer_first(d: int) -> int:
+        return -t.stride(d)
+
+    return tuple(sorted(dims, key=outer_first))
 
 
 class PagedKV:

@@ -73,7 +73,7 @@ class KVStoreConnectorStats(KVConnectorStats):
             self.reset()
 
     def reset(self) -> None:
-        self.data = {
+        self.data: dict[str, Any] = {
             "loaded_tokens": 0,
             "loaded_bytes": 0,
             "load_errors": 0,

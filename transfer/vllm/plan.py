@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvstore.keys import ChunkKey
+
 
 @dataclass
 class LoadSpec:
@@ -14,7 +16,7 @@ class LoadSpec:
     blocks before ``first_block`` were computed locally and are left alone."""
 
     req_id: str
-    keys: list[bytes]
+    keys: list[ChunkKey]
     block_ids: list[int]
     first_block: int
 
@@ -28,6 +30,6 @@ class SaveSpec:
     """Save chunks ``first_chunk ..`` of one request (``keys``) from ``block_ids``."""
 
     req_id: str
-    keys: list[bytes]
+    keys: list[ChunkKey]
     block_ids: list[int]
     first_chunk: int

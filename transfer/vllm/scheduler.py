@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-from kvstore.keys import chunk_keys
+from kvstore.keys import ChunkKey, chunk_keys
 from transfer.errors import TransferError
 from transfer.vllm.metrics import TOTALS
 from transfer.vllm.plan import LoadSpec, SaveSpec
@@ -51,7 +51,7 @@ class _RequestState:
 
     request: Any  # vLLM's Request: its prefill stats are corrected if a load fails
     prompt_len: int
-    keys: list[bytes]  # keys of every full chunk of the prompt
+    keys: list[ChunkKey]  # keys of every full chunk of the prompt
     stored_chunks: int  # chunks known to be in the store (looked up, or saved)
     block_ids: list[int] = field(default_factory=list)
     load_failed: bool = False
@@ -240,7 +240,8 @@ class SchedulerSide:
             return
         state.load_failed = True
         stats = getattr(state.request, "prefill_stats", None)
-        if stats is not None and getattr(stats, "num_external_cached_tokens", 0):
+        promised: Any = getattr(stats, "num_external_cached_tokens", 0)
+        if stats is not None and promised:
             # vLLM 0.32 records the promised external tokens when it schedules the request and keeps
             # them after a failed load; the request computes them now, so they are not cached tokens.
             stats.set(

@@ -341,10 +341,8 @@ class WorkerSide:
 
     def register(self, paged: PagedKV | None, reason: str | None = None) -> None:
         if paged is not None and paged.num_layers != self.num_layers:
-            paged, reason = (
-                None,
-                f"{paged.num_layers} layers with KV, the model config says {self.num_layers}",
-            )
+            reason = f"{paged.num_layers} layers with KV, the model config says {self.num_layers}"
+            paged = None
         self.paged, self.disabled_reason = paged, reason
         if paged is not None:
             self.staging = Staging(paged.device)
