@@ -58,7 +58,7 @@ class PutItem(NamedTuple):
     key: bytes
     layer: int
     num_layers: int
-    blob: bytes
+    blob: Blob
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,11 @@ class StoreStats:
 
 class RetryPolicy:
     """Which failures get another attempt, how many, and how long to wait between.
+
+    It only decides (:meth:`should_retry`, :meth:`delay`); the loop that applies
+    it is :func:`transfer.ops.retrying` (as effects: the drivers sleep), and the
+    wait comes from a :class:`kvstore.retry.Backoff` (the vocabulary is listed in
+    :mod:`kvstore.retry`).
 
     Only failures that leave nothing half-done on the server are worth a retry:
     by default :class:`Unavailable` (no server, connection reset). A caller that
@@ -281,7 +286,7 @@ class ClientCore:
             tuple(tiers),
         )
 
-    def put_request(self, namespace: str, item: PutItem | tuple) -> PutRequestView:
+    def put_request(self, namespace: str, item: PutItem | tuple[Any, ...]) -> PutRequestView:
         """Validated request for one item.
 
         The blob's trailer is not hashed here: the encoder just computed it and the
@@ -412,7 +417,7 @@ class LayerAssembler:
             self._filled += 1
         if self._filled < len(self._keys):
             return None
-        done = (self.next_layer, self._slots)  # type: ignore[return-value]
+        done = (self.next_layer, self._slots)
         self.next_layer += 1
         self._slots = [None] * len(self._keys)
         self._filled = 0
@@ -469,7 +474,8 @@ class PutBatch:
             try:
                 item = next(self._source, _END)
             except BaseException as exc:
-                return self._abort(exc)
+                self._abort(exc)
+                return None
             return self._take(item)
 
     async def astep(self, index: int) -> PutRequestView | None:
@@ -485,7 +491,8 @@ class PutBatch:
                 else:
                     item = next(self._source, _END)
             except BaseException as exc:
-                return self._abort(exc)
+                self._abort(exc)
+                return None
             return self._take(item)
 
     def _abort(self, exc: BaseException) -> None:
@@ -504,7 +511,8 @@ class PutBatch:
         try:
             req = self._core.put_request(self._namespace, item)
         except BaseException as exc:
-            return self._abort(exc)
+            self._abort(exc)
+            return None
         self._sent.append(req)
         self._bytes += len(req.blob)
         if self._bytes >= self._core.put_batch_bytes:
