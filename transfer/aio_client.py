@@ -49,7 +49,6 @@ class AsyncKVClient(AsyncApi[ops.Action]):
             )
         self._unary = unary_methods(pb_grpc.KVStoreStub(self._channel))  # type: ignore[no-untyped-call]
         self._put, self._get = core.bulk_methods(self._channel)
-        self._loop = ops.AsyncLoop(self._perform, self._error)
 
     @property
     def core(self) -> ClientCore:
@@ -104,7 +103,7 @@ class AsyncKVClient(AsyncApi[ops.Action]):
         return rpc_error(self._core, effect, exc) if isinstance(exc, grpc.aio.AioRpcError) else None
 
     async def _run(self, op: ops.Op[T]) -> T:
-        return await self._loop.run(op)
+        return await ops.AsyncLoop(self._perform, self._error).run(op)
 
     def _drive(self, op: ops.Op[None]) -> AsyncIterator[Any]:
-        return self._loop.drive(op)
+        return ops.AsyncLoop(self._perform, self._error).drive(op)

@@ -65,7 +65,6 @@ class AsyncClusterKVClient(AsyncApi[cops.ClusterAction]):
             check=ClientCore("cluster", **self._options),
         )
         self._ops = cops.ClusterOps(self._cluster)
-        self._loop = AsyncLoop(self._perform, cops.map_error, _aclose)
         self._clients: dict[str, AsyncKVClient] = {}
         self._retired: dict[str, float] = {}
         self._pending: set[asyncio.Task[Any]] = set()  # background copies of write_ack="one"
@@ -119,10 +118,10 @@ class AsyncClusterKVClient(AsyncApi[cops.ClusterAction]):
     # -- the effects of transfer.cluster_ops, awaited ------------------------------------------------
 
     async def _run(self, op: cops.ClusterOp[T]) -> T:
-        return await self._loop.run(op)
+        return await AsyncLoop(self._perform, cops.map_error, _aclose).run(op)
 
     def _drive(self, op: cops.ClusterOp[None]) -> AsyncIterator[Any]:
-        return self._loop.drive(op)
+        return AsyncLoop(self._perform, cops.map_error, _aclose).drive(op)
 
     async def _perform(self, effect: cops.ClusterAction) -> Any:
         match effect:

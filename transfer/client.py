@@ -104,7 +104,6 @@ class KVClient(BlockingApi[ops.Action]):
             self._channel = grpc.intercept_channel(self._channel, *core.interceptors)
         self._unary = unary_methods(pb_grpc.KVStoreStub(self._channel))  # type: ignore[no-untyped-call]
         self._put, self._get = core.bulk_methods(self._channel)
-        self._loop = ops.Loop(self._perform, self._error)
 
     @property
     def core(self) -> ClientCore:
@@ -153,10 +152,10 @@ class KVClient(BlockingApi[ops.Action]):
         return rpc_error(self._core, effect, exc) if isinstance(exc, grpc.RpcError) else None
 
     def _run(self, op: ops.Op[T]) -> T:
-        return self._loop.run(op)
+        return ops.Loop(self._perform, self._error).run(op)
 
     def _drive(self, op: ops.Op[None]) -> Iterator[Any]:
-        return self._loop.drive(op)
+        return ops.Loop(self._perform, self._error).drive(op)
 
 
 def unary_methods(stub: pb_grpc.KVStoreStub) -> dict[ops.Unary, Any]:

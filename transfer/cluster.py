@@ -131,7 +131,6 @@ class ClusterKVClient(BlockingApi[cops.ClusterAction]):
             membership, replication=replication, write_ack=write_ack, down_s=down_s, check=check
         )
         self._ops = cops.ClusterOps(self._cluster)
-        self._loop = Loop(self._perform, cops.map_error, _close)
         self._clients: dict[str, KVClient] = {}
         self._retired: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -215,10 +214,10 @@ class ClusterKVClient(BlockingApi[cops.ClusterAction]):
     # -- the effects of transfer.cluster_ops, carried out with threads -----------------------------
 
     def _run(self, op: cops.ClusterOp[T]) -> T:
-        return self._loop.run(op)
+        return Loop(self._perform, cops.map_error, _close).run(op)
 
     def _drive(self, op: cops.ClusterOp[None]) -> Iterator[Any]:
-        return self._loop.drive(op)
+        return Loop(self._perform, cops.map_error, _close).drive(op)
 
     def _perform(self, effect: cops.ClusterAction) -> Any:
         match effect:

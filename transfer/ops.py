@@ -20,9 +20,9 @@ results and failures.
 Effects are typed: :data:`Action` is the union of what a one-server driver
 performs (its ``_perform`` is one ``match`` over it, ending in
 ``assert_never``, so mypy reports an effect a driver forgot), :data:`Effect`
-adds :class:`Emit`, and ``Op[T] = Generator[Effect, Any, T]``. A driver binds
-its ``perform`` into a :class:`Loop` (or :class:`AsyncLoop`) once; the loop's
-type then admits only operations yielding that driver's effects. The cluster's
+adds :class:`Emit`, and ``Op[T] = Generator[Effect, Any, T]``. A driver runs
+each operation in a :class:`Loop` (or :class:`AsyncLoop`) over its ``perform``,
+whose type then admits only operations yielding that driver's effects. The cluster's
 effects are :data:`transfer.cluster_ops.ClusterAction`, driven by the same loops.
 
 Front-end contract:
