@@ -333,10 +333,10 @@ class ClusterScript:
     def map_error(effect: Any, exc: BaseException) -> BaseException | None:
         return exc if isinstance(exc, TransferError) and isinstance(effect, cops.FALLIBLE) else None
 
-    def run(self, op: ops.Op[Any]) -> Any:
+    def run(self, op: cops.ClusterOp[Any]) -> Any:
         return ops.run(op, self.perform, self.map_error, lambda s: s.close())
 
-    def drive(self, op: ops.Op[Any]) -> Any:
+    def drive(self, op: cops.ClusterOp[Any]) -> Any:
         return ops.drive(op, self.perform, self.map_error, lambda s: s.close())
 
 
@@ -396,7 +396,7 @@ def test_cluster_get_falls_back_to_the_next_owner_from_the_failed_layer() -> Non
 
 def test_cluster_get_raises_not_found_when_no_candidate_has_the_key() -> None:
     c = cluster(["a:1", "b:1"], replication=2)
-    script = ClusterScript(c, opens=lambda e: (x for x in ()))  # every replica ends at once
+    script = ClusterScript(c, opens=lambda e: (x for x in list[Any]()))  # every replica ends at once
     ns, keys = ops.get_args(c.check, NS, KEYS[:1], 0, 2)
     with pytest.raises(NotFound):
         list(script.drive(cops.get_layers(c, ns, keys, 0, 2, None)))
@@ -415,7 +415,7 @@ class Replicas(ClusterScript):
         self.holds = holds
         self.down: set[str] = set()
         self.copies: list[tuple[str, str, tuple[bytes, ...]]] = []
-        self.background: list[ops.Op[Any]] = []
+        self.background: list[cops.ClusterOp[Any]] = []
 
     def perform(self, effect: Any) -> Any:
         if isinstance(effect, cops.Background):
@@ -434,7 +434,7 @@ class Replicas(ClusterScript):
             return [(t, t[1]) for t in effect.tasks], frozenset()
         return None
 
-    def member(self, effect: cops.MemberCall) -> Any:  # type: ignore[override]
+    def member(self, effect: cops.MemberCall) -> Any:
         if effect.member in self.down:
             raise Unavailable(f"{effect.member} is down")
         if isinstance(effect, cops.MemberLookup):
@@ -446,7 +446,7 @@ class Replicas(ClusterScript):
             return PutResult(len(effect.items), 0, 1)
         raise AssertionError(effect)
 
-    def opens(self, effect: cops.OpenLayers) -> Any:  # type: ignore[override]
+    def opens(self, effect: cops.OpenLayers) -> Any:
         member, keys, start, end = effect.member, effect.keys, effect.start, effect.end
 
         def layers() -> Any:

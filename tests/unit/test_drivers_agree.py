@@ -475,6 +475,9 @@ class Replica:
         self.refuse: TransferError | None = None
         self.down = False
         self.delay_s = 0.0
+        #: Calls wait for this (then ``delay_s``) before answering; ``refused`` is set once it refused.
+        self.gate: threading.Event | None = None
+        self.refused = threading.Event()
         self.running = 0
         self.lock = threading.Lock()
 
@@ -488,6 +491,7 @@ class Replica:
 
     def check(self) -> None:
         if self.refuse is not None:
+            self.refused.set()
             raise self.refuse
         if self.down:
             raise Unavailable(f"{self.name} is down")
@@ -528,6 +532,8 @@ class SyncMember:
     def _call(self, fn: Callable[[], Any]) -> Any:
         self.r.enter()
         try:
+            if self.r.gate is not None:
+                self.r.gate.wait(10.0)
             time.sleep(self.r.delay_s)
             return fn()
         finally:
@@ -561,6 +567,9 @@ class AsyncMember(SyncMember):
     async def _acall(self, fn: Callable[[], Any]) -> Any:
         self.r.enter()
         try:
+            deadline = time.monotonic() + 10.0
+            while self.r.gate is not None and not self.r.gate.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
             await asyncio.sleep(self.r.delay_s)
             return fn()
         finally:
@@ -686,7 +695,7 @@ def test_cluster_fan_ends_every_call_before_raising_a_caller_error(c: Cluster) -
     # a refused replica answers at once, the other takes a while: the caller error is raised once
     # both calls have ended, never with one still running behind the caller's back
     slow, refusing = c.replicas["a:1"], c.replicas["b:1"]
-    slow.delay_s, slow.holds = 0.2, set(KEYS)
+    slow.gate, slow.delay_s, slow.holds = refusing.refused, 0.2, set(KEYS)
     refusing.refuse = PermissionDenied("b:1 says no")
     client = c.client()
     with pytest.raises(PermissionDenied, match="b:1 says no"):
@@ -723,11 +732,13 @@ def test_cluster_put_caller_error_abandons_the_other_copies_and_drain_waits_for_
     # left them running untracked. Now the operation abandons them (Abandon) and both drivers
     # cancel what has not finished and keep it for drain(): nothing runs once drain() returns.
     slow, refusing = c.replicas["a:1"], c.replicas["b:1"]
-    slow.delay_s = 0.3
+    slow.gate, slow.delay_s = refusing.refused, 0.5  # it answers 0.5 s after the refusal
     refusing.refuse = InvalidArgument("b:1: namespace quota")
     client = c.client(write_ack="all")
     with pytest.raises(InvalidArgument, match="namespace quota"):
         c.call(client.put(NS, iter([(KEYS[0], 0, 1, blob(0, 0))])))
+    # (a blocking copy already sending cannot be stopped, one not started yet is cancelled: either way
+    # drain() returns once nothing runs)
     c.call(client.drain())
     assert c.running() == 0
 
