@@ -163,7 +163,7 @@ class AsyncClusterKVClient(AsyncApi[cops.ClusterAction]):
             case cops.Drain():
                 return await self.drain()
             case cops.Background():
-                task = asyncio.ensure_future(self._run(effect.op))
+                task = asyncio.ensure_future(self._background(effect.op))
                 self._repairing.add(task)
                 task.add_done_callback(self._repairing.discard)
                 return None
@@ -171,6 +171,12 @@ class AsyncClusterKVClient(AsyncApi[cops.ClusterAction]):
                 return await self._copy(effect)
             case _:
                 assert_never(effect)
+
+    async def _background(self, op: cops.ClusterOp[None]) -> None:
+        try:
+            await self._run(op)
+        except Exception as exc:
+            cops.background_failed(exc)
 
     async def _fan(self, ops: tuple[cops.ClusterOp[Any], ...]) -> list[Any]:
         """Every sub-operation run to its end, side by side; their results, or the first error in

@@ -259,7 +259,7 @@ class ClusterKVClient(BlockingApi[cops.ClusterAction]):
             case cops.Drain():
                 return self.drain()
             case cops.Background():
-                future = self._pool.submit(self._run, effect.op)
+                future = self._pool.submit(self._background, effect.op)
                 with self._lock:
                     self._repairing.append(future)
                 return None
@@ -267,6 +267,12 @@ class ClusterKVClient(BlockingApi[cops.ClusterAction]):
                 return self._copy(effect)
             case _:
                 assert_never(effect)
+
+    def _background(self, op: cops.ClusterOp[None]) -> None:
+        try:
+            self._run(op)
+        except Exception as exc:
+            cops.background_failed(exc)
 
     def _fan(self, ops: tuple[cops.ClusterOp[Any], ...]) -> list[Any]:
         """Every sub-operation run to its end, all but the last on the pool (one hand-off fewer on

@@ -28,7 +28,8 @@ Effects (besides :class:`transfer.ops.Emit`):
   background copies, and copies no longer wanted (cancelled where they have not
   finished; both kinds are waited for by ``drain``).
 * :class:`Background` — run an operation (a :func:`repair_worker`) detached;
-  nothing waits for it but ``drain_repairs`` and ``close``.
+  nothing waits for it but ``drain_repairs`` and ``close``; if it raises, the
+  driver logs it (:func:`background_failed`).
 * :class:`Copy` — stream layers ``[0, num_layers)`` of some chunks from one
   member's Get into another member's Put (bounded memory: the member client's
   Put batches); the bytes stored. A :class:`TransferError` is thrown back in.
@@ -445,6 +446,12 @@ def _open(
 
 
 # -- repair -------------------------------------------------------------------------------------------
+
+
+def background_failed(exc: BaseException) -> None:
+    """What both drivers do with a :class:`Background` operation that raised: nobody waits for its
+    result, so the failure is logged (never raised)."""
+    log.error("kvstore cluster: a background operation failed: %r", exc, exc_info=exc)
 
 
 def repair_worker(cluster: ClusterCore) -> ClusterOp[None]:

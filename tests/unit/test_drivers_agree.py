@@ -473,6 +473,7 @@ class Replica:
         self.name = name
         self.holds: set[bytes] = set()
         self.refuse: TransferError | None = None
+        self.bug: Exception | None = None  # raised by put: not a TransferError, nobody handles it
         self.down = False
         self.delay_s = 0.0
         #: Calls wait for this (then ``delay_s``) before answering; ``refused`` is set once it refused.
@@ -502,6 +503,8 @@ class Replica:
 
     def put(self, items: list[Any]) -> PutResult:
         self.check()
+        if self.bug is not None:
+            raise self.bug
         self.holds.update(bytes(item[0]) for item in items)
         return PutResult(len(items), sum(len(item[3]) for item in items), 1, False, ("ram",))
 
@@ -758,6 +761,20 @@ def test_cluster_get_falls_back_past_a_missing_owner_and_repairs_it(c: Cluster) 
     assert c.call(client.drain_repairs(5.0)) is True
     assert c.replicas[first].holds == set(KEYS[:2])  # copied back from the other owner
     assert client.replica_counters()[first]["chunks_repaired"] == 2
+
+
+@covers(cops.Background, cops.Copy)
+def test_cluster_background_failure_logged_not_raised(c: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    client = c.client()
+    first = next(iter(client.cluster.plan_get(KEYS[:2], range(2), client.cluster.view(), {})))
+    other = next(m for m in MEMBERS if m != first)
+    c.replicas[other].holds = set(KEYS[:2])
+    c.replicas[first].bug = RuntimeError("a bug in the copy")
+    assert len(c.call.layers(client.get_layers(NS, KEYS[:2], 0, 2))) == 2  # the reader sees nothing
+    assert c.call(client.drain_repairs(5.0)) is True
+    failures = [r for r in caplog.records if "background operation failed" in r.getMessage()]
+    assert [r.exc_info[1] for r in failures if r.exc_info] == [c.replicas[first].bug]
+    assert c.replicas[first].holds == set()
 
 
 @covers(cops.OpenLayers, cops.Close)
