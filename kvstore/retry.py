@@ -3,13 +3,19 @@
 Both sides of the wire retry: the client retries a call the server could not
 take (UNAVAILABLE), the Redis and S3 tiers retry a blip of their medium. Both
 use the objects here, so a policy reads the same everywhere and can be passed in
-(and replaced in a test) instead of being a loop at each call site:
+(and replaced in a test) instead of being a loop at each call site.
 
-* :class:`Backoff` says how long to wait after the n-th failure
+The retry vocabulary, each name for what the piece does:
+
+* :class:`Backoff` — *how long* to wait after the n-th failure
   (:class:`ExponentialBackoff` with jitter, or :class:`NoBackoff`);
-* :class:`Retry` re-runs a callable while it raises one of the given exceptions,
+* :class:`RetryLoop` (formerly ``Retry``, still importable under that name) —
+  *runs* a blocking callable again while it raises one of the given exceptions,
   bounded by an attempt count *and* a deadline so a caller never waits longer
-  than it can afford.
+  than it can afford (the server's tiers);
+* on the client, :class:`transfer.core.RetryPolicy` *decides* whether a failure
+  gets another attempt and how long to wait, and :func:`transfer.ops.retrying`
+  is the loop that applies it, as effects (the drivers do the sleeping).
 
 Circuit breaking and error translation are the backends' own business
 (:mod:`kvstore.backends.breaker`, :mod:`kvstore.backends.guard`). This module imports nothing of the server or the
@@ -60,7 +66,7 @@ class ExponentialBackoff(Backoff):
         return delay
 
 
-class Retry:
+class RetryLoop:
     """Run a callable up to ``max_attempts`` times while it raises one of ``retry_on``.
 
     ``retry_if`` narrows ``retry_on`` further (an S3 ``ClientError`` is worth a
@@ -108,3 +114,7 @@ class Retry:
                 if on_retry is not None:
                     on_retry(exc)
                 self._sleep(delay)
+
+
+#: The old name of :class:`RetryLoop` (the backends and their tests import it).
+Retry = RetryLoop

@@ -24,20 +24,20 @@ import grpc.aio
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from transfer import ops
 from transfer.api import AsyncApi
+from transfer.client import rpc_error, unary_methods
 from transfer.core import ClientCore
 from transfer.errors import TransferError, Unavailable
 
 T = TypeVar("T")
 
 
-class AsyncKVClient(AsyncApi):
+class AsyncKVClient(AsyncApi[ops.Action]):
     """Non-blocking client of a kvstore server; create it inside the event loop that uses it.
     Its methods are those of :class:`transfer.api.AsyncApi`."""
 
-    _ops = ops
-
     def __init__(self, target: str, **options: Any) -> None:
-        self._core = self._state = ClientCore(target, **options)
+        self._core = ClientCore(target, **options)
+        self._ops = ops.ServerOps(self._core)
         core = self._core
         if core.credentials is not None:
             self._channel = grpc.aio.secure_channel(
@@ -47,7 +47,7 @@ class AsyncKVClient(AsyncApi):
             self._channel = grpc.aio.insecure_channel(
                 target, options=core.options, interceptors=core.interceptors or None
             )
-        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._unary = unary_methods(pb_grpc.KVStoreStub(self._channel))
         self._put, self._get = core.bulk_methods(self._channel)
 
     @property
@@ -71,37 +71,39 @@ class AsyncKVClient(AsyncApi):
 
     # -- the effects of transfer.ops, awaited --------------------------------------------------------
 
-    async def _perform(self, effect: Any) -> Any:
-        kind = type(effect)
-        if kind is ops.Receive:
-            resp = await effect.stream.read()
-            return ops.END if resp is grpc.aio.EOF else resp
-        if kind is ops.Call:
-            method = getattr(self._stub, effect.rpc)
-            return await method(effect.request, timeout=effect.timeout, metadata=self._core.metadata)
-        if kind is ops.OpenGet:
-            return self._get(effect.request, timeout=effect.timeout, metadata=self._core.metadata)
-        if kind is ops.Cancel:
-            return effect.stream.cancel()
-        if kind is ops.FirstItem:
-            return await effect.batch.astep(0)
-        if kind is ops.SendBatch:
-            return await self._put(
-                effect.batch.aattempt(), timeout=effect.timeout, metadata=self._core.metadata
-            )
-        if kind is ops.Sleep:
-            return await asyncio.sleep(effect.seconds)
-        raise TypeError(f"AsyncKVClient cannot perform {effect!r}")
+    async def _perform(self, effect: ops.Action) -> Any:
+        match effect:
+            case ops.Receive():
+                resp = await effect.stream.read()
+                return ops.END if resp is grpc.aio.EOF else resp
+            case ops.Call():
+                return await self._unary[effect.rpc](
+                    effect.request, timeout=effect.timeout, metadata=self._core.metadata
+                )
+            case ops.OpenGet():
+                return self._get(effect.request, timeout=effect.timeout, metadata=self._core.metadata)
+            case ops.Cancel():
+                return effect.stream.cancel()
+            case ops.FirstItem():
+                return await effect.batch.astep(0)
+            case ops.SendBatch():
+                return await self._put(
+                    effect.batch.aattempt(), timeout=effect.timeout, metadata=self._core.metadata
+                )
+            case ops.Sleep():
+                return await asyncio.sleep(effect.seconds)
+            case _:
+                ops.assert_never(effect)
 
-    def _error(self, effect: Any, exc: BaseException) -> BaseException | None:
-        if type(effect) is ops.SendBatch and effect.batch.error is not None:
+    def _error(self, effect: ops.Action, exc: BaseException) -> BaseException | None:
+        if isinstance(effect, ops.SendBatch) and effect.batch.error is not None:
             # A failing request iterator cancels the call (CancelledError here): the operation
             # raises the iterator's own error instead.
             return TransferError("Put: the items' iterator failed")
-        return self._core.error(exc, effect.rpc) if isinstance(exc, grpc.aio.AioRpcError) else None
+        return rpc_error(self._core, effect, exc) if isinstance(exc, grpc.aio.AioRpcError) else None
 
     async def _run(self, op: ops.Op[T]) -> T:
-        return await ops.arun(op, self._perform, self._error)
+        return await ops.AsyncLoop(self._perform, self._error).run(op)
 
-    def _drive(self, op: ops.Op[Any]) -> AsyncIterator[Any]:
-        return ops.adrive(op, self._perform, self._error)
+    def _drive(self, op: ops.Op[None]) -> AsyncIterator[Any]:
+        return ops.AsyncLoop(self._perform, self._error).drive(op)

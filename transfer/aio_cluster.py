@@ -19,7 +19,6 @@ from transfer.aio_client import AsyncKVClient
 from transfer.api import AsyncApi
 from transfer.cluster import (
     DEFAULT_PROBE_TIMEOUT_S,
-    ClusterKVClient,
     make_membership,
     retired,
     verify_members,
@@ -27,7 +26,7 @@ from transfer.cluster import (
 from transfer.core import ClientCore, StoreStats
 from transfer.errors import TransferError, Unavailable
 from transfer.membership import DEFAULT_GRACE_S, DEFAULT_REFRESH_S, Membership, Resolver, View, parse_target
-from transfer.ops import END, Op, adrive, arun
+from transfer.ops import END, AsyncLoop, assert_never
 from transfer.routing import (
     DEFAULT_DOWN_S,
     DEFAULT_REPLICATION,
@@ -39,15 +38,13 @@ from transfer.routing import (
 T = TypeVar("T")
 
 
-class AsyncClusterKVClient(AsyncApi):
+class AsyncClusterKVClient(AsyncApi[cops.ClusterAction]):
     """Non-blocking client of a replicated store; the methods of
     :class:`transfer.aio_client.AsyncKVClient` (:class:`transfer.api.AsyncApi`) and a few of its own.
 
     The operations are those of :mod:`transfer.cluster_ops`; this class awaits
     their effects (member calls side by side as tasks).
     """
-
-    _ops = cops
 
     def __init__(
         self,
@@ -60,13 +57,14 @@ class AsyncClusterKVClient(AsyncApi):
         **client_options: Any,
     ) -> None:
         self._options = member_options({"token": token, **client_options})
-        self._cluster = self._state = ClusterCore(
+        self._cluster = ClusterCore(
             membership,
             replication=replication,
             write_ack=write_ack,
             down_s=down_s,
             check=ClientCore("cluster", **self._options),
         )
+        self._ops = cops.ClusterOps(self._cluster)
         self._clients: dict[str, AsyncKVClient] = {}
         self._retired: dict[str, float] = {}
         self._pending: set[asyncio.Task[Any]] = set()  # background copies of write_ack="one"
@@ -119,54 +117,86 @@ class AsyncClusterKVClient(AsyncApi):
 
     # -- the effects of transfer.cluster_ops, awaited ------------------------------------------------
 
-    async def _run(self, op: Op[T]) -> T:
-        return await arun(op, self._perform, ClusterKVClient._error, _aclose)
+    async def _run(self, op: cops.ClusterOp[T]) -> T:
+        return await AsyncLoop(self._perform, cops.map_error, _aclose).run(op)
 
-    def _drive(self, op: Op[Any]) -> AsyncIterator[Any]:
-        return adrive(op, self._perform, ClusterKVClient._error, _aclose)
+    def _drive(self, op: cops.ClusterOp[None]) -> AsyncIterator[Any]:
+        return AsyncLoop(self._perform, cops.map_error, _aclose).drive(op)
 
-    async def _perform(self, effect: Any) -> Any:
-        kind = type(effect)
-        if kind is cops.Next:
-            if isinstance(effect.source, AsyncIterator):
-                return await anext(effect.source, END)
-            return next(effect.source, END)
-        if kind is cops.Member:
-            return await getattr(self._client(effect.member), effect.method)(*effect.args, **effect.kwargs)
-        if kind is cops.Fan:
-            return await asyncio.gather(*(self._run(op) for op in effect.ops))
-        if kind is cops.CurrentView:
-            return await self._view()
-        if kind is cops.OpenLayers:
-            return self._client(effect.member).get_layers(*effect.args, **effect.kwargs)
-        if kind is cops.Close:
-            return await _aclose(effect.source)
-        if kind is cops.Spawn:
-            return asyncio.ensure_future(self._run(effect.op))
-        if kind is cops.WaitAny:
-            done, pending = await asyncio.wait(effect.tasks, return_when=asyncio.FIRST_COMPLETED)
-            if any(t.exception() is not None for t in done):
-                for t in pending:  # the caller's error ends the put: its other copies are not wanted
+    async def _perform(self, effect: cops.ClusterAction) -> Any:
+        match effect:
+            case cops.Next():
+                if isinstance(effect.source, AsyncIterator):
+                    return await anext(effect.source, END)
+                return next(effect.source, END)
+            case cops.MemberLookup(member, ns, keys, num_layers, timeout_s):
+                return await self._client(member).lookup(ns, keys, num_layers, timeout_s=timeout_s)
+            case cops.MemberPut(member, ns, items, ack, timeout_s):
+                return await self._client(member).put(ns, items, ack=ack, timeout_s=timeout_s)
+            case cops.MemberDelete(member, ns, keys, num_layers, timeout_s):
+                return await self._client(member).delete(ns, keys, num_layers=num_layers, timeout_s=timeout_s)
+            case cops.MemberStats(member, timeout_s):
+                return await self._client(member).stats(timeout_s=timeout_s)
+            case cops.MemberReady(member, timeout_s):
+                return await self._client(member).wait_ready(timeout_s)
+            case cops.Fan():
+                return await self._fan(effect.ops)
+            case cops.CurrentView():
+                return await self._view()
+            case cops.OpenLayers(member, ns, keys, start, end, timeout_s):
+                return self._client(member).get_layers(ns, keys, start, end, timeout_s=timeout_s)
+            case cops.Close():
+                return await _aclose(effect.source)
+            case cops.Spawn():
+                return asyncio.ensure_future(self._run(effect.op))
+            case cops.WaitAny():
+                done, pending = await asyncio.wait(effect.tasks, return_when=asyncio.FIRST_COMPLETED)
+                return [(t, _outcome(t)) for t in done], frozenset(pending)
+            case cops.Detach():
+                self._pending |= effect.tasks
+                return None
+            case cops.Abandon():
+                for t in effect.tasks:
                     t.cancel()
-            return [(t, t.result()) for t in done], frozenset(pending)
-        if kind is cops.Detach:
-            self._pending |= effect.tasks
-            return None
-        if kind is cops.Drain:
-            return await self.drain()
-        if kind is cops.Background:
-            task = asyncio.ensure_future(self._run(effect.op))
-            self._repairing.add(task)
-            task.add_done_callback(self._repairing.discard)
-            return None
-        if kind is cops.Copy:
-            return await self._copy(effect)
-        raise TypeError(f"AsyncClusterKVClient cannot perform {effect!r}")
+                self._pending |= effect.tasks  # drain waits until they have stopped
+                return None
+            case cops.Drain():
+                return await self.drain()
+            case cops.Background():
+                task = asyncio.ensure_future(self._background(effect.op))
+                self._repairing.add(task)
+                task.add_done_callback(self._repairing.discard)
+                return None
+            case cops.Copy():
+                return await self._copy(effect)
+            case _:
+                assert_never(effect)
+
+    async def _background(self, op: cops.ClusterOp[None]) -> None:
+        try:
+            await self._run(op)
+        except Exception as exc:
+            cops.background_failed(exc)
+
+    async def _fan(self, ops: tuple[cops.ClusterOp[Any], ...]) -> list[Any]:
+        """Every sub-operation run to its end, side by side; their results, or the first error in
+        their order (as :meth:`transfer.cluster.ClusterKVClient._fan`)."""
+        settled = await asyncio.gather(*(self._settle(op) for op in ops))
+        for error, _ in settled:
+            if error is not None:
+                raise error
+        return [value for _, value in settled]
+
+    async def _settle(self, op: cops.ClusterOp[Any]) -> tuple[Exception | None, Any]:
+        try:
+            return None, await self._run(op)
+        except Exception as exc:
+            return exc, None
 
     async def _copy(self, effect: cops.Copy) -> int:
         """One member's Get streamed into another's Put: no more than a Put batch in memory."""
         keys, n = effect.keys, effect.num_layers
-        layers = self._client(effect.source).get_layers(effect.namespace, keys, 0, n)
+        layers = self._client(effect.source).get_layers(effect.namespace, list(keys), 0, n)
 
         async def items() -> AsyncIterator[tuple[bytes, int, int, Any]]:
             async for layer, blobs in layers:
@@ -201,6 +231,14 @@ class AsyncClusterKVClient(AsyncApi):
 
     async def replica_stats(self, *, timeout_s: float | None = None) -> dict[str, StoreStats | TransferError]:
         return await self._run(cops.replica_stats(self._cluster, timeout_s))
+
+
+def _outcome(task: asyncio.Future[Any]) -> Any:
+    """A finished task's result, or the exception it raised (as a value)."""
+    if task.cancelled():
+        return asyncio.CancelledError()
+    exc = task.exception()
+    return exc if exc is not None else task.result()
 
 
 async def _aclose(source: Any) -> None:

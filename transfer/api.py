@@ -1,9 +1,9 @@
 """The public API of the clients, written once for the blocking and once for the asyncio ones.
 
-A client is an operations module (:mod:`transfer.ops` for one server,
-:mod:`transfer.cluster_ops` for replicas), the state its operations take
-(:class:`transfer.core.ClientCore` or :class:`transfer.routing.ClusterCore`),
-and a way to carry effects out. The methods below only pick the operation;
+A client is a set of :class:`Operations` (:class:`transfer.ops.ServerOps` for
+one server, :class:`transfer.cluster_ops.ClusterOps` for replicas, each bound at
+construction to the state its operations take) and a way to carry their effects
+out (``_run``/``_drive``). The methods below only pick the operation;
 :class:`transfer.client.KVClient` and :class:`transfer.cluster.ClusterKVClient`
 inherit :class:`BlockingApi`, their asyncio front-ends :class:`AsyncApi`. So
 the four clients cannot differ in signature, validation or meaning.
@@ -11,55 +11,49 @@ the four clients cannot differ in signature, validation or meaning.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable, Iterator, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 from kvstore.keys import Namespace
 from kvstore.wire import Blob
 from transfer.core import ClientCore, PutItem, PutResult, StoreStats
-from transfer.ops import Op, get_args
+from transfer.ops import Emit, get_args
 
 T = TypeVar("T")
+#: The effects a client's operations yield and its driver performs (besides Emit).
+E = TypeVar("E")
+E_co = TypeVar("E_co", covariant=True)
 
 
-class Operations(Protocol):
-    """What a client takes from its operations module (:mod:`transfer.ops`, :mod:`transfer.cluster_ops`).
-
-    The first argument is the module's state (a ClientCore or a ClusterCore), hence positional and Any.
-    """
+class Operations(Protocol[E_co]):
+    """The operations behind the public methods, each a generator of effects (``E`` or
+    :class:`transfer.ops.Emit`) that a driver carries out. Arguments are validated by the
+    operation when it starts, except :meth:`get_layers`' (:func:`transfer.ops.get_args`, at once)."""
 
     def lookup(
-        self, state: Any, namespace: Namespace | str, keys: Any, num_layers: int, timeout_s: float | None, /
-    ) -> Op[int]: ...
+        self, namespace: Namespace | str, keys: Any, num_layers: int, timeout_s: float | None
+    ) -> Generator[E_co | Emit, Any, int]: ...
 
     def put(
-        self, state: Any, namespace: Namespace | str, source: Any, ack: str | None, timeout_s: float | None, /
-    ) -> Op[PutResult]: ...
+        self, namespace: Namespace | str, source: Any, ack: str | None, timeout_s: float | None
+    ) -> Generator[E_co | Emit, Any, PutResult]: ...
 
     def get_layers(
-        self, state: Any, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None, /
-    ) -> Op[None]: ...
+        self, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+    ) -> Generator[E_co | Emit, Any, None]: ...
 
     def delete(
-        self,
-        state: Any,
-        namespace: Namespace | str,
-        keys: Any,
-        num_layers: int | None,
-        timeout_s: float | None,
-        /,
-    ) -> Op[int]: ...
+        self, namespace: Namespace | str, keys: Any, num_layers: int | None, timeout_s: float | None
+    ) -> Generator[E_co | Emit, Any, int]: ...
 
-    def stats(self, state: Any, timeout_s: float | None, /) -> Op[StoreStats]: ...
+    def stats(self, timeout_s: float | None) -> Generator[E_co | Emit, Any, StoreStats]: ...
 
 
-class _Operations:
+class _Operations(Generic[E]):
     """What both API bases need from a front-end."""
 
-    #: transfer.ops or transfer.cluster_ops: functions of the same names and arguments.
-    _ops: Operations
-    #: What the operations take first: a ClientCore or a ClusterCore.
-    _state: Any
+    #: Bound to the client's state at construction (ServerOps or ClusterOps).
+    _ops: Operations[E]
 
     @property
     def core(self) -> ClientCore:
@@ -67,13 +61,13 @@ class _Operations:
         raise NotImplementedError
 
 
-class BlockingApi(_Operations):
+class BlockingApi(_Operations[E]):
     """``lookup``, ``put``, ``get_layers``, ``delete``, ``stats`` of a blocking client."""
 
-    def _run(self, op: Op[T]) -> T:
+    def _run(self, op: Generator[E | Emit, Any, T]) -> T:
         raise NotImplementedError
 
-    def _drive(self, op: Op[Any]) -> Iterator[Any]:
+    def _drive(self, op: Generator[E | Emit, Any, None]) -> Iterator[Any]:
         raise NotImplementedError
 
     def lookup(
@@ -86,7 +80,7 @@ class BlockingApi(_Operations):
     ) -> int:
         """Number of leading ``keys`` whose layers ``[0, num_layers)`` are all stored (for a
         cluster: each on some owner; never more than is there)."""
-        return self._run(self._ops.lookup(self._state, namespace, keys, num_layers, timeout_s))
+        return self._run(self._ops.lookup(namespace, keys, num_layers, timeout_s))
 
     def put(
         self,
@@ -106,7 +100,7 @@ class BlockingApi(_Operations):
         ``num_stored`` counts items stored at least once, ``durable`` and
         ``tiers`` hold for every acknowledged copy.
         """
-        return self._run(self._ops.put(self._state, namespace, iter(items), ack, timeout_s))
+        return self._run(self._ops.put(namespace, iter(items), ack, timeout_s))
 
     def get_layers(
         self,
@@ -126,7 +120,7 @@ class BlockingApi(_Operations):
         only when no candidate has it).
         """
         ns, keys = get_args(self.core, namespace, keys, layer_start, layer_end)
-        return self._drive(self._ops.get_layers(self._state, ns, keys, layer_start, layer_end, timeout_s))
+        return self._drive(self._ops.get_layers(ns, keys, layer_start, layer_end, timeout_s))
 
     def delete(
         self,
@@ -144,20 +138,20 @@ class BlockingApi(_Operations):
         tiers (S3: a listing and an index read per stored chunk), and deletes every
         layer it finds.
         """
-        return self._run(self._ops.delete(self._state, namespace, keys, num_layers, timeout_s))
+        return self._run(self._ops.delete(namespace, keys, num_layers, timeout_s))
 
     def stats(self, *, timeout_s: float | None = None) -> StoreStats:
         """The store's tiers and counters (a cluster's reachable replicas summed)."""
-        return self._run(self._ops.stats(self._state, timeout_s))
+        return self._run(self._ops.stats(timeout_s))
 
 
-class AsyncApi(_Operations):
+class AsyncApi(_Operations[E]):
     """The asyncio form of :class:`BlockingApi`: same methods, same meaning, awaited."""
 
-    async def _run(self, op: Op[T]) -> T:
+    async def _run(self, op: Generator[E | Emit, Any, T]) -> T:
         raise NotImplementedError
 
-    def _drive(self, op: Op[Any]) -> AsyncIterator[Any]:
+    def _drive(self, op: Generator[E | Emit, Any, None]) -> AsyncIterator[Any]:
         raise NotImplementedError
 
     async def lookup(
@@ -169,7 +163,7 @@ class AsyncApi(_Operations):
         timeout_s: float | None = None,
     ) -> int:
         """See :meth:`BlockingApi.lookup`."""
-        return await self._run(self._ops.lookup(self._state, namespace, keys, num_layers, timeout_s))
+        return await self._run(self._ops.lookup(namespace, keys, num_layers, timeout_s))
 
     async def put(
         self,
@@ -183,7 +177,7 @@ class AsyncApi(_Operations):
         on the event loop, so a producer that encodes on the CPU should be an async generator that
         hands encoding to a thread (``asyncio.to_thread``) if the loop must stay live."""
         source: Any = aiter(items) if isinstance(items, AsyncIterable) else iter(items)
-        return await self._run(self._ops.put(self._state, namespace, source, ack, timeout_s))
+        return await self._run(self._ops.put(namespace, source, ack, timeout_s))
 
     def get_layers(
         self,
@@ -196,7 +190,7 @@ class AsyncApi(_Operations):
     ) -> AsyncIterator[tuple[int, list[Blob]]]:
         """Async iterator of ``(layer, [blob per key])``; see :meth:`BlockingApi.get_layers`."""
         ns, keys = get_args(self.core, namespace, keys, layer_start, layer_end)
-        return self._drive(self._ops.get_layers(self._state, ns, keys, layer_start, layer_end, timeout_s))
+        return self._drive(self._ops.get_layers(ns, keys, layer_start, layer_end, timeout_s))
 
     async def delete(
         self,
@@ -207,8 +201,8 @@ class AsyncApi(_Operations):
         timeout_s: float | None = None,
     ) -> int:
         """See :meth:`BlockingApi.delete` (pass ``num_layers``: without it every tier is searched)."""
-        return await self._run(self._ops.delete(self._state, namespace, keys, num_layers, timeout_s))
+        return await self._run(self._ops.delete(namespace, keys, num_layers, timeout_s))
 
     async def stats(self, *, timeout_s: float | None = None) -> StoreStats:
         """See :meth:`BlockingApi.stats`."""
-        return await self._run(self._ops.stats(self._state, timeout_s))
+        return await self._run(self._ops.stats(timeout_s))

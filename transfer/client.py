@@ -61,7 +61,7 @@ from transfer.core import (
     StoreStats,
     TierStats,
 )
-from transfer.errors import Unavailable
+from transfer.errors import TransferError, Unavailable
 
 __all__ = [
     "ACKS",
@@ -86,15 +86,14 @@ __all__ = [
 T = TypeVar("T")
 
 
-class KVClient(BlockingApi):
+class KVClient(BlockingApi[ops.Action]):
     """Blocking client of a kvstore server; see the module docstring for its promises, and
     :class:`transfer.api.BlockingApi` for its methods (``lookup``, ``put``, ``get_layers``,
     ``delete``, ``stats``)."""
 
-    _ops = ops
-
     def __init__(self, target: str, **options: Any) -> None:
-        self._core = self._state = ClientCore(target, **options)
+        self._core = ClientCore(target, **options)
+        self._ops = ops.ServerOps(self._core)
         core = self._core
         if core.credentials is not None:
             self._channel = grpc.secure_channel(target, core.credentials, options=core.options)
@@ -103,7 +102,7 @@ class KVClient(BlockingApi):
         self._raw_channel = self._channel
         if core.interceptors:
             self._channel = grpc.intercept_channel(self._channel, *core.interceptors)
-        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._unary = unary_methods(pb_grpc.KVStoreStub(self._channel))
         self._put, self._get = core.bulk_methods(self._channel)
 
     @property
@@ -128,30 +127,46 @@ class KVClient(BlockingApi):
 
     # -- the effects of transfer.ops, carried out with blocking calls ------------------------------
 
-    def _perform(self, effect: Any) -> Any:
-        kind = type(effect)
-        if kind is ops.Receive:
-            return next(effect.stream, ops.END)
-        if kind is ops.Call:
-            method = getattr(self._stub, effect.rpc)
-            return method(effect.request, timeout=effect.timeout, metadata=self._core.metadata)
-        if kind is ops.OpenGet:
-            return self._get(effect.request, timeout=effect.timeout, metadata=self._core.metadata)
-        if kind is ops.Cancel:
-            return effect.stream.cancel()
-        if kind is ops.FirstItem:
-            return effect.batch.step(0)
-        if kind is ops.SendBatch:
-            return self._put(effect.batch.attempt(), timeout=effect.timeout, metadata=self._core.metadata)
-        if kind is ops.Sleep:
-            return time.sleep(effect.seconds)
-        raise TypeError(f"KVClient cannot perform {effect!r}")
+    def _perform(self, effect: ops.Action) -> Any:
+        match effect:
+            case ops.Receive():
+                return next(effect.stream, ops.END)
+            case ops.Call():
+                return self._unary[effect.rpc](
+                    effect.request, timeout=effect.timeout, metadata=self._core.metadata
+                )
+            case ops.OpenGet():
+                return self._get(effect.request, timeout=effect.timeout, metadata=self._core.metadata)
+            case ops.Cancel():
+                return effect.stream.cancel()
+            case ops.FirstItem():
+                return effect.batch.step(0)
+            case ops.SendBatch():
+                return self._put(effect.batch.attempt(), timeout=effect.timeout, metadata=self._core.metadata)
+            case ops.Sleep():
+                return time.sleep(effect.seconds)
+            case _:
+                ops.assert_never(effect)
 
-    def _error(self, effect: Any, exc: Exception) -> Exception | None:
-        return self._core.error(exc, effect.rpc) if isinstance(exc, grpc.RpcError) else None
+    def _error(self, effect: ops.Action, exc: BaseException) -> BaseException | None:
+        return rpc_error(self._core, effect, exc) if isinstance(exc, grpc.RpcError) else None
 
     def _run(self, op: ops.Op[T]) -> T:
-        return ops.run(op, self._perform, self._error)
+        return ops.Loop(self._perform, self._error).run(op)
 
-    def _drive(self, op: ops.Op[Any]) -> Iterator[Any]:
-        return ops.drive(op, self._perform, self._error)
+    def _drive(self, op: ops.Op[None]) -> Iterator[Any]:
+        return ops.Loop(self._perform, self._error).drive(op)
+
+
+def unary_methods(stub: pb_grpc.KVStoreStub) -> dict[ops.Unary, Any]:
+    """The stub's method for each :data:`transfer.ops.Unary` name, bound once (sync or asyncio)."""
+    return {"Lookup": stub.Lookup, "Delete": stub.Delete, "Stats": stub.Stats}
+
+
+def rpc_error(core: ClientCore, effect: ops.Action, exc: grpc.RpcError) -> TransferError | None:
+    """The error a failed RPC effect throws into its operation (None: not an RPC effect)."""
+    match effect:
+        case ops.Call() | ops.SendBatch() | ops.Receive():
+            return core.error(exc, effect.rpc)
+        case _:
+            return None

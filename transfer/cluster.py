@@ -50,7 +50,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 import grpc
@@ -75,7 +75,7 @@ from transfer.membership import (
     parse_target,
     resolve_host,
 )
-from transfer.ops import END, Op, drive, run
+from transfer.ops import END, Loop, assert_never
 from transfer.routing import (
     COUNTER_FIELDS,
     DEFAULT_DOWN_S,
@@ -105,7 +105,7 @@ T = TypeVar("T")
 DEFAULT_PROBE_TIMEOUT_S = 5.0
 
 
-class ClusterKVClient(BlockingApi):
+class ClusterKVClient(BlockingApi[cops.ClusterAction]):
     """Blocking client of a replicated store (see the module docstring); the methods of
     :class:`KVClient` (:class:`transfer.api.BlockingApi`) and a few of its own.
 
@@ -113,8 +113,6 @@ class ClusterKVClient(BlockingApi):
     their effects out: member calls side by side on a thread pool, member Get
     streams as iterators.
     """
-
-    _ops = cops
 
     def __init__(
         self,
@@ -129,9 +127,10 @@ class ClusterKVClient(BlockingApi):
     ) -> None:
         self._options = member_options({"token": token, **client_options})
         check = ClientCore("cluster", **self._options)
-        self._cluster = self._state = ClusterCore(
+        self._cluster = ClusterCore(
             membership, replication=replication, write_ack=write_ack, down_s=down_s, check=check
         )
+        self._ops = cops.ClusterOps(self._cluster)
         self._clients: dict[str, KVClient] = {}
         self._retired: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -195,8 +194,7 @@ class ClusterKVClient(BlockingApi):
         """Wait for the background copies of ``write_ack="one"`` puts (their failures were counted)."""
         with self._lock:
             pending, self._pending = self._pending, []
-        for f in pending:
-            f.exception()  # a background copy's failure was counted; caller errors surface on the ack path
+        wait(pending)  # a background copy's failure was counted; caller errors surface on the ack path
 
     def drain_repairs(self, timeout_s: float | None = None) -> bool:
         """Wait until the repairs this client has queued are done (read repair and the hints of
@@ -215,62 +213,92 @@ class ClusterKVClient(BlockingApi):
 
     # -- the effects of transfer.cluster_ops, carried out with threads -----------------------------
 
-    def _run(self, op: Op[T]) -> T:
-        return run(op, self._perform, self._error, _close)
+    def _run(self, op: cops.ClusterOp[T]) -> T:
+        return Loop(self._perform, cops.map_error, _close).run(op)
 
-    def _drive(self, op: Op[Any]) -> Iterator[Any]:
-        return drive(op, self._perform, self._error, _close)
+    def _drive(self, op: cops.ClusterOp[None]) -> Iterator[Any]:
+        return Loop(self._perform, cops.map_error, _close).drive(op)
 
-    def _perform(self, effect: Any) -> Any:
-        kind = type(effect)
-        if kind is cops.Next:
-            return next(effect.source, END)
-        if kind is cops.Member:
-            return getattr(self._client(effect.member), effect.method)(*effect.args, **effect.kwargs)
-        if kind is cops.Fan:
-            # all but one on the pool, the last in this thread (one hand-off fewer on the hot path)
-            futures = [self._pool.submit(self._run, op) for op in effect.ops[:-1]]
-            last = [self._run(effect.ops[-1])] if effect.ops else []
-            return [f.result() for f in futures] + last
-        if kind is cops.CurrentView:
-            return self._view()
-        if kind is cops.OpenLayers:
-            return self._client(effect.member).get_layers(*effect.args, **effect.kwargs)
-        if kind is cops.Close:
-            return _close(effect.source)
-        if kind is cops.Spawn:
-            return self._pool.submit(self._run, effect.op)
-        if kind is cops.WaitAny:
-            done, pending = wait(effect.tasks, return_when=FIRST_COMPLETED)
-            return [(f, f.result()) for f in done], frozenset(pending)
-        if kind is cops.Detach:
-            with self._lock:  # the client may be shared by threads: keep every thread's stragglers
-                self._pending.extend(effect.tasks)
-            return None
-        if kind is cops.Drain:
-            return self.drain()
-        if kind is cops.Background:
-            future = self._pool.submit(self._run, effect.op)
-            with self._lock:
-                self._repairing.append(future)
-            return None
-        if kind is cops.Copy:
-            return self._copy(effect)
-        raise TypeError(f"ClusterKVClient cannot perform {effect!r}")
+    def _perform(self, effect: cops.ClusterAction) -> Any:
+        match effect:
+            case cops.Next():
+                return next(effect.source, END)
+            case cops.MemberLookup(member, ns, keys, num_layers, timeout_s):
+                return self._client(member).lookup(ns, keys, num_layers, timeout_s=timeout_s)
+            case cops.MemberPut(member, ns, items, ack, timeout_s):
+                return self._client(member).put(ns, items, ack=ack, timeout_s=timeout_s)
+            case cops.MemberDelete(member, ns, keys, num_layers, timeout_s):
+                return self._client(member).delete(ns, keys, num_layers=num_layers, timeout_s=timeout_s)
+            case cops.MemberStats(member, timeout_s):
+                return self._client(member).stats(timeout_s=timeout_s)
+            case cops.MemberReady(member, timeout_s):
+                return self._client(member).wait_ready(timeout_s)
+            case cops.Fan():
+                return self._fan(effect.ops)
+            case cops.CurrentView():
+                return self._view()
+            case cops.OpenLayers(member, ns, keys, start, end, timeout_s):
+                return self._client(member).get_layers(ns, keys, start, end, timeout_s=timeout_s)
+            case cops.Close():
+                return _close(effect.source)
+            case cops.Spawn():
+                return self._pool.submit(self._run, effect.op)
+            case cops.WaitAny():
+                done, pending = wait(effect.tasks, return_when=FIRST_COMPLETED)
+                return [(f, _outcome(f)) for f in done], frozenset(pending)
+            case cops.Detach():
+                with self._lock:  # the client may be shared by threads: keep every thread's stragglers
+                    self._pending.extend(effect.tasks)
+                return None
+            case cops.Abandon():
+                for f in effect.tasks:
+                    f.cancel()  # one not started never runs; one running cannot be stopped: drain waits
+                with self._lock:
+                    self._pending.extend(effect.tasks)
+                return None
+            case cops.Drain():
+                return self.drain()
+            case cops.Background():
+                future = self._pool.submit(self._background, effect.op)
+                with self._lock:
+                    self._repairing.append(future)
+                return None
+            case cops.Copy():
+                return self._copy(effect)
+            case _:
+                assert_never(effect)
+
+    def _background(self, op: cops.ClusterOp[None]) -> None:
+        try:
+            self._run(op)
+        except Exception as exc:
+            cops.background_failed(exc)
+
+    def _fan(self, ops: tuple[cops.ClusterOp[Any], ...]) -> list[Any]:
+        """Every sub-operation run to its end, all but the last on the pool (one hand-off fewer on
+        the hot path); their results, or the first error in their order."""
+        futures = [self._pool.submit(self._run, op) for op in ops[:-1]]
+        last: list[Any] = []
+        error: Exception | None = None
+        try:
+            last = [self._run(ops[-1])] if ops else []
+        except Exception as exc:
+            error = exc
+        wait(futures)
+        results = [f.result() for f in futures]  # raises the first error of the pool's share
+        if error is not None:
+            raise error
+        return results + last
 
     def _copy(self, effect: cops.Copy) -> int:
         """One member's Get streamed into another's Put: no more than a Put batch in memory."""
-        keys, n = effect.keys, effect.num_layers
+        keys, n = list(effect.keys), effect.num_layers
         layers = self._client(effect.source).get_layers(effect.namespace, keys, 0, n)
         try:
             items = ((k, layer, n, b) for layer, blobs in layers for k, b in zip(keys, blobs, strict=True))
             return self._client(effect.target).put(effect.namespace, items).bytes_stored
         finally:
-            layers.close()
-
-    @staticmethod
-    def _error(effect: Any, exc: Exception) -> Exception | None:
-        return exc if isinstance(exc, TransferError) and isinstance(effect, cops.FALLIBLE) else None
+            _close(layers)
 
     # -- the API -----------------------------------------------------------------------------------
 
@@ -286,6 +314,14 @@ class ClusterKVClient(BlockingApi):
 
 def _close(source: Any) -> None:
     source.close()
+
+
+def _outcome(future: Future[Any]) -> Any:
+    """A finished task's result, or the exception it raised (as a value)."""
+    if future.cancelled():
+        return CancelledError()
+    exc = future.exception()
+    return exc if exc is not None else future.result()
 
 
 def retired(
@@ -370,7 +406,8 @@ def probe(
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with channel:
         try:
-            pb_grpc.KVStoreStub(channel).Stats(pb.StatsRequest(), timeout=timeout_s, metadata=metadata)
+            stub = pb_grpc.KVStoreStub(channel)
+            stub.Stats(pb.StatsRequest(), timeout=timeout_s, metadata=metadata)
             return None
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""

@@ -13,17 +13,23 @@ Effects (besides :class:`transfer.ops.Emit`):
 
 * :class:`CurrentView` — the membership view (the driver also retires clients
   of members gone for longer than any call can last).
-* :class:`Member` — await ``method(*args, **kwargs)`` on the member's client; a
-  :class:`TransferError` is thrown back in.
+* :data:`MemberCall` (:class:`MemberLookup`, :class:`MemberPut`,
+  :class:`MemberDelete`, :class:`MemberStats`, :class:`MemberReady`) — that
+  method of the member's client, with these arguments; a :class:`TransferError`
+  is thrown back in.
 * :class:`OpenLayers` / :class:`Next` / :class:`Close` — a member's
   ``get_layers`` iterator (or the caller's items): its next item or
   :data:`transfer.ops.END`; the driver closes every opened iterator when the
   operation ends or is abandoned.
-* :class:`Fan` — run sub-operations side by side and return their results in
-  order; :class:`Spawn` / :class:`WaitAny` / :class:`Detach` / :class:`Drain` —
-  the same with an early return (``write_ack="one"``) and background copies.
+* :class:`Fan` — run sub-operations side by side, wait for all of them, and
+  return their results in order (or raise the first error, in that order);
+  :class:`Spawn` / :class:`WaitAny` / :class:`Detach` / :class:`Abandon` /
+  :class:`Drain` — the same with an early return (``write_ack="one"``),
+  background copies, and copies no longer wanted (cancelled where they have not
+  finished; both kinds are waited for by ``drain``).
 * :class:`Background` — run an operation (a :func:`repair_worker`) detached;
-  nothing waits for it but ``drain_repairs`` and ``close``.
+  nothing waits for it but ``drain_repairs`` and ``close``; if it raises, the
+  driver logs it (:func:`background_failed`).
 * :class:`Copy` — stream layers ``[0, num_layers)`` of some chunks from one
   member's Get into another member's Put (bounded memory: the member client's
   Put batches); the bytes stored. A :class:`TransferError` is thrown back in.
@@ -32,20 +38,21 @@ Effects (besides :class:`transfer.ops.Emit`):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from kvstore.keys import Namespace
 from kvstore.wire import Blob, PutRequestView
-from transfer.core import PutResult, StoreStats
+from transfer.core import PutItem, PutResult, StoreStats
 from transfer.errors import InvalidArgument, NotFound, TransferError, Unavailable
 from transfer.membership import View
-from transfer.ops import END, Emit, Op
+from transfer.ops import END, Emit
 from transfer.repair import RepairJob
 from transfer.routing import ClusterCore, GetShare, acknowledged
 
 log = logging.getLogger("transfer.cluster")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -54,19 +61,69 @@ class CurrentView:
 
 
 @dataclass(slots=True)
-class Member:
+class MemberLookup:
+    """``lookup`` on the member's client: how many leading ``keys`` it holds."""
+
     member: str
-    method: str
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    namespace: str
+    keys: list[bytes]
+    num_layers: int
+    timeout_s: float | None
+
+
+@dataclass(slots=True)
+class MemberPut:
+    """``put`` of ``items`` on the member's client: its :class:`PutResult`."""
+
+    member: str
+    namespace: str
+    items: list[PutItem]
+    ack: str | None
+    timeout_s: float | None
+
+
+@dataclass(slots=True)
+class MemberDelete:
+    """``delete`` on the member's client: the chunks it deleted."""
+
+    member: str
+    namespace: str
+    keys: list[bytes]
+    num_layers: int | None
+    timeout_s: float | None
+
+
+@dataclass(slots=True)
+class MemberStats:
+    """``stats`` of the member: its :class:`StoreStats`."""
+
+    member: str
+    timeout_s: float | None
+
+
+@dataclass(slots=True)
+class MemberReady:
+    """``wait_ready`` on the member's client: None once its channel is connected."""
+
+    member: str
+    timeout_s: float
+
+
+#: One call on a member's client (each driver calls the method of that name, typed).
+MemberCall: TypeAlias = MemberLookup | MemberPut | MemberDelete | MemberStats | MemberReady
 
 
 @dataclass(slots=True)
 class OpenLayers:
+    """``get_layers`` on the member's client: an iterator for :class:`Next` and :class:`Close`."""
+
     opens: ClassVar[bool] = True
     member: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
+    namespace: str
+    keys: list[bytes]
+    start: int
+    end: int
+    timeout_s: float | None
 
 
 @dataclass(slots=True)
@@ -81,17 +138,23 @@ class Close:
 
 @dataclass(slots=True)
 class Fan:
-    ops: tuple[Op[Any], ...]
+    """Run ``ops`` side by side; once every one has ended, their results in order, or the first
+    error in that order (none is left running whatever failed)."""
+
+    ops: tuple[ClusterOp[Any], ...]
 
 
 @dataclass(slots=True)
 class Spawn:
-    op: Op[Any]
+    """Start ``op``; the result is a task handle for :class:`WaitAny`, :class:`Detach`, :class:`Abandon`."""
+
+    op: ClusterOp[Any]
 
 
 @dataclass(slots=True)
 class WaitAny:
-    """Wait until one of ``tasks`` is done: ``([(task, result), ...], still pending)``."""
+    """Wait until one of ``tasks`` is done: ``([(task, outcome), ...], still pending)``, the outcome
+    being the task's result or the exception it raised (the operation decides what to do with it)."""
 
     tasks: frozenset[Any]
 
@@ -99,6 +162,14 @@ class WaitAny:
 @dataclass(slots=True)
 class Detach:
     """Leave ``tasks`` running; :class:`Drain` waits for them (their failures were counted)."""
+
+    tasks: frozenset[Any]
+
+
+@dataclass(slots=True)
+class Abandon:
+    """``tasks`` are no longer wanted: cancel them (a blocking driver can only stop those not yet
+    started); :class:`Drain` waits for what still runs."""
 
     tasks: frozenset[Any]
 
@@ -112,7 +183,7 @@ class Drain:
 class Background:
     """Start ``op`` and do not wait for it (read repair, hinted handoff)."""
 
-    op: Op[Any]
+    op: ClusterOp[Any]
 
 
 @dataclass(slots=True)
@@ -127,8 +198,38 @@ class Copy:
     num_layers: int
 
 
+#: What a cluster driver performs: its ``_perform`` matches every one of these.
+ClusterAction: TypeAlias = (
+    CurrentView
+    | MemberLookup
+    | MemberPut
+    | MemberDelete
+    | MemberStats
+    | MemberReady
+    | OpenLayers
+    | Next
+    | Close
+    | Fan
+    | Spawn
+    | WaitAny
+    | Detach
+    | Abandon
+    | Drain
+    | Background
+    | Copy
+)
+#: Everything a cluster operation yields.
+ClusterEffect: TypeAlias = ClusterAction | Emit
+ClusterOp = Generator[ClusterEffect, Any, T]
+
 #: Effects whose failure (a TransferError) the operation handles itself.
-FALLIBLE = (Member, Next, Copy)
+FALLIBLE = (MemberLookup, MemberPut, MemberDelete, MemberStats, MemberReady, Next, Copy)
+
+
+def map_error(effect: ClusterAction, exc: BaseException) -> BaseException | None:
+    """What both cluster drivers throw into an operation: a TransferError of a fallible effect
+    (the rest propagates)."""
+    return exc if isinstance(exc, TransferError) and isinstance(effect, FALLIBLE) else None
 
 
 # -- lookup -------------------------------------------------------------------------------------------
@@ -136,7 +237,7 @@ FALLIBLE = (Member, Next, Copy)
 
 def lookup(
     cluster: ClusterCore, namespace: Namespace | str, keys: Any, num_layers: int, timeout_s: float | None
-) -> Op[int]:
+) -> ClusterOp[int]:
     """Number of leading keys whose layers ``[0, num_layers)`` are stored on some owner: rounds of
     Lookups side by side, planned by :class:`transfer.routing.LookupState`."""
     core = cluster.check
@@ -164,9 +265,9 @@ def lookup(
 
 def _lookup_one(
     cluster: ClusterCore, member: str, ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
-) -> Op[int | None]:
+) -> ClusterOp[int | None]:
     try:
-        n = yield Member(member, "lookup", (ns, keys, num_layers), {"timeout_s": timeout_s})
+        n: int = yield MemberLookup(member, ns, keys, num_layers, timeout_s)
     except TransferError as exc:
         cluster.failed(member, exc)
         return None
@@ -185,7 +286,7 @@ def put(
     source: Any,
     ack: str | None,
     timeout_s: float | None,
-) -> Op[PutResult]:
+) -> ClusterOp[PutResult]:
     """Every item of ``source`` (pulled with :class:`Next`) stored on its owners, a batch of at
     most ``put_batch_bytes`` at a time; ``num_stored``/``bytes_stored`` count items stored at least
     once, ``durable`` and ``tiers`` hold for every acknowledged copy."""
@@ -219,7 +320,7 @@ def put(
 
 def _put_batch(
     cluster: ClusterCore, ns: str, batch: list[PutRequestView], timeout_s: float | None, ack: str | None
-) -> Op[tuple[set[int], int, list[PutResult]]]:
+) -> ClusterOp[tuple[set[int], int, list[PutResult]]]:
     plan = cluster.plan_put(batch, (yield CurrentView()))
     tasks: dict[Any, list[int]] = {}
     owners_left = [0] * len(batch)  # per item: owners not yet answered
@@ -233,7 +334,11 @@ def _put_batch(
     need_all = cluster.write_ack == "all"
     while pending:
         done, pending = yield WaitAny(pending)
-        for task, ok in done:  # a task raises only the caller's errors, and WaitAny raises them
+        for task, ok in done:
+            if isinstance(ok, BaseException):  # a task raises only the caller's errors: the put ends
+                if pending:  # and its other copies are not wanted
+                    yield Abandon(frozenset(pending))
+                raise ok
             if ok is not None:
                 answers.append(ok)
             for i in tasks[task]:
@@ -255,10 +360,10 @@ def _put_one(
     indices: list[int],
     timeout_s: float | None,
     ack: str | None,
-) -> Op[PutResult | None]:
+) -> ClusterOp[PutResult | None]:
     try:
         items = cluster.items(batch, indices)
-        result = yield Member(member, "put", (ns, items), {"timeout_s": timeout_s, "ack": ack})
+        result: PutResult = yield MemberPut(member, ns, items, ack, timeout_s)
     except TransferError as exc:
         cluster.failed(member, exc)
         cluster.count(member, puts_dropped=len(indices))
@@ -274,7 +379,7 @@ def _put_one(
 
 def get_layers(
     cluster: ClusterCore, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
-) -> Op[None]:
+) -> ClusterOp[None]:
     """Emits ``(layer, [blob per key])`` in layer order, each key from its first healthy owner; a
     replica failing or missing a key mid-stream is replaced by the key's next candidate from the
     current layer on. Arguments are validated by the caller (:func:`transfer.ops.get_args`)."""
@@ -334,9 +439,8 @@ def _open(
     timeout_s: float | None,
     fallback: bool,
     cluster: ClusterCore,
-) -> Op[GetShare]:
-    args = (ns, [keys[i] for i in positions], layer, end)
-    source = yield OpenLayers(member, args, {"timeout_s": timeout_s})
+) -> ClusterOp[GetShare]:
+    source = yield OpenLayers(member, ns, [keys[i] for i in positions], layer, end, timeout_s)
     cluster.count(member, gets=1, fallbacks=int(fallback))
     return GetShare(member, positions, source, fallback)
 
@@ -344,7 +448,13 @@ def _open(
 # -- repair -------------------------------------------------------------------------------------------
 
 
-def repair_worker(cluster: ClusterCore) -> Op[None]:
+def background_failed(exc: BaseException) -> None:
+    """What both drivers do with a :class:`Background` operation that raised: nobody waits for its
+    result, so the failure is logged (never raised)."""
+    log.error("kvstore cluster: a background operation failed: %r", exc, exc_info=exc)
+
+
+def repair_worker(cluster: ClusterCore) -> ClusterOp[None]:
     """Run the queued repair jobs (:class:`transfer.repair.Repairs`) one after the other until none
     is left. In the background: every failure is counted, none is raised."""
     while (job := cluster.repairs.take()) is not None:
@@ -357,7 +467,7 @@ def repair_worker(cluster: ClusterCore) -> Op[None]:
             cluster.repairs.done(job)
 
 
-def repair(cluster: ClusterCore, job: RepairJob, timeout_s: float | None = None) -> Op[int]:
+def repair(cluster: ClusterCore, job: RepairJob, timeout_s: float | None = None) -> ClusterOp[int]:
     """Give ``job.member`` the chunks of ``job.keys`` it lacks, copied from another candidate; the
     bytes copied.
 
@@ -405,10 +515,11 @@ ASK_RUN = 3
 
 def _present(
     cluster: ClusterCore, member: str, ns: str, keys: list[bytes], num_layers: int, timeout_s: float | None
-) -> Op[int | None]:
+) -> ClusterOp[int | None]:
     """How many leading ``keys`` ``member`` holds; ``None`` if it failed (accounted)."""
     try:
-        return (yield Member(member, "lookup", (ns, keys, num_layers), {"timeout_s": timeout_s}))
+        n: int = yield MemberLookup(member, ns, keys, num_layers, timeout_s)
+        return n
     except TransferError as exc:
         cluster.failed(member, exc)
         return None
@@ -416,7 +527,7 @@ def _present(
 
 def _copy(
     cluster: ClusterCore, member: str, ns: str, missing: list[bytes], num_layers: int, view: View
-) -> Op[int]:
+) -> ClusterOp[int]:
     """Copy ``missing`` chunks to ``member``, each from a candidate that has it; the bytes copied."""
     copied = 0
     tried: dict[bytes, set[str]] = {k: {member} for k in missing}
@@ -454,7 +565,7 @@ def delete(
     keys: Any,
     num_layers: int | None,
     timeout_s: float | None,
-) -> Op[int]:
+) -> ClusterOp[int]:
     """Copies deleted on every replica that may hold the keys (all current and, in a grace window,
     previous members); down replicas are skipped."""
     core = cluster.check
@@ -462,34 +573,31 @@ def delete(
     keys = core.check_keys(keys)
     core.delete_layers(num_layers)
     members = (yield CurrentView()).everyone
-    kwargs = {"num_layers": num_layers, "timeout_s": timeout_s}
-    return sum((yield Fan(tuple(_tolerant(cluster, m, "delete", (ns, keys), kwargs, 0) for m in members))))
+    asks = tuple(_tolerant(cluster, MemberDelete(m, ns, keys, num_layers, timeout_s), 0) for m in members)
+    deleted: list[int] = yield Fan(asks)
+    return sum(deleted)
 
 
-def _tolerant(
-    cluster: ClusterCore,
-    member: str,
-    method: str,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    default: Any,
-) -> Op[Any]:
+def _tolerant(cluster: ClusterCore, call: MemberCall, default: T) -> ClusterOp[T]:
     """A member call whose transport failure is accounted and answered with ``default``."""
     try:
-        return (yield Member(member, method, args, kwargs))
+        answer: T = yield call
+        return answer
     except TransferError as exc:
-        cluster.failed(member, exc)
+        cluster.failed(call.member, exc)
         return default
 
 
-def replica_stats(cluster: ClusterCore, timeout_s: float | None) -> Op[dict[str, StoreStats | TransferError]]:
+def replica_stats(
+    cluster: ClusterCore, timeout_s: float | None
+) -> ClusterOp[dict[str, StoreStats | TransferError]]:
     """Each current member's own stats, or the error it answered with."""
     members = (yield CurrentView()).members
-    answers = yield Fan(tuple(_answer(m, "stats", (), {"timeout_s": timeout_s}) for m in members))
+    answers = yield Fan(tuple(_answer(MemberStats(m, timeout_s)) for m in members))
     return dict(zip(members, answers, strict=True))
 
 
-def stats(cluster: ClusterCore, timeout_s: float | None) -> Op[StoreStats]:
+def stats(cluster: ClusterCore, timeout_s: float | None) -> ClusterOp[StoreStats]:
     """The reachable replicas' stats as one store (tiers and counters summed)."""
     per_member = yield from replica_stats(cluster, timeout_s)
     answered = {m: s for m, s in per_member.items() if isinstance(s, StoreStats)}
@@ -498,12 +606,12 @@ def stats(cluster: ClusterCore, timeout_s: float | None) -> Op[StoreStats]:
     return ClusterCore.merge_stats(answered)
 
 
-def wait_ready(cluster: ClusterCore, timeout_s: float, members: Sequence[str] | None) -> Op[None]:
+def wait_ready(cluster: ClusterCore, timeout_s: float, members: Sequence[str] | None) -> ClusterOp[None]:
     """Every current member (or each of ``members``) connected, else :class:`Unavailable` naming the
     others."""
     if members is None:
         members = (yield CurrentView()).members
-    answers = yield Fan(tuple(_answer(m, "wait_ready", (timeout_s,), {}) for m in members))
+    answers = yield Fan(tuple(_answer(MemberReady(m, timeout_s)) for m in members))
     down = [m for m, a in zip(members, answers, strict=True) if isinstance(a, TransferError)]
     if down:
         raise Unavailable(
@@ -512,9 +620,45 @@ def wait_ready(cluster: ClusterCore, timeout_s: float, members: Sequence[str] | 
         )
 
 
-def _answer(member: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Op[Any]:
+def _answer(call: MemberCall) -> ClusterOp[Any]:
     """A member call's result, or the TransferError it raised (as a value)."""
     try:
-        return (yield Member(member, method, args, kwargs))
+        return (yield call)
     except TransferError as exc:
         return exc
+
+
+# -- the operations as an object (what transfer.api calls) ------------------------------------------
+
+
+class ClusterOps:
+    """The operations above bound to a :class:`ClusterCore`: the :class:`transfer.api.Operations`
+    of :class:`transfer.cluster.ClusterKVClient` and :class:`transfer.aio_cluster.AsyncClusterKVClient`."""
+
+    __slots__ = ("cluster",)
+
+    def __init__(self, cluster: ClusterCore) -> None:
+        self.cluster = cluster
+
+    def lookup(
+        self, namespace: Namespace | str, keys: Any, num_layers: int, timeout_s: float | None
+    ) -> ClusterOp[int]:
+        return lookup(self.cluster, namespace, keys, num_layers, timeout_s)
+
+    def put(
+        self, namespace: Namespace | str, source: Any, ack: str | None, timeout_s: float | None
+    ) -> ClusterOp[PutResult]:
+        return put(self.cluster, namespace, source, ack, timeout_s)
+
+    def get_layers(
+        self, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+    ) -> ClusterOp[None]:
+        return get_layers(self.cluster, ns, keys, start, end, timeout_s)
+
+    def delete(
+        self, namespace: Namespace | str, keys: Any, num_layers: int | None, timeout_s: float | None
+    ) -> ClusterOp[int]:
+        return delete(self.cluster, namespace, keys, num_layers, timeout_s)
+
+    def stats(self, timeout_s: float | None) -> ClusterOp[StoreStats]:
+        return stats(self.cluster, timeout_s)

@@ -58,7 +58,7 @@ class PutItem(NamedTuple):
     key: bytes
     layer: int
     num_layers: int
-    blob: bytes
+    blob: Blob
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,11 @@ class StoreStats:
 
 class RetryPolicy:
     """Which failures get another attempt, how many, and how long to wait between.
+
+    It only decides (:meth:`should_retry`, :meth:`delay`); the loop that applies
+    it is :func:`transfer.ops.retrying` (as effects: the drivers sleep), and the
+    wait comes from a :class:`kvstore.retry.Backoff` (the vocabulary is listed in
+    :mod:`kvstore.retry`).
 
     Only failures that leave nothing half-done on the server are worth a retry:
     by default :class:`Unavailable` (no server, connection reset). A caller that

@@ -17,6 +17,14 @@ cluster client (:mod:`transfer.cluster_ops`). It also makes the logic testable
 without a server: ``tests/unit/test_client_ops.py`` feeds operations scripted
 results and failures.
 
+Effects are typed: :data:`Action` is the union of what a one-server driver
+performs (its ``_perform`` is one ``match`` over it, ending in
+``assert_never``, so mypy reports an effect a driver forgot), :data:`Effect`
+adds :class:`Emit`, and ``Op[T] = Generator[Effect, Any, T]``. A driver runs
+each operation in a :class:`Loop` (or :class:`AsyncLoop`) over its ``perform``,
+whose type then admits only operations yielding that driver's effects. The cluster's
+effects are :data:`transfer.cluster_ops.ClusterAction`, driven by the same loops.
+
 Front-end contract:
 
 * :class:`Call`, :class:`SendBatch`, :class:`Receive` may fail: the driver throws
@@ -31,9 +39,10 @@ Front-end contract:
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, NoReturn, TypeAlias, TypeVar
 
 from kvstore.keys import Namespace
 from kvstore.v1 import kvstore_pb2 as pb
@@ -41,19 +50,30 @@ from kvstore.wire import Blob
 from transfer.core import ClientCore, LayerAssembler, PutBatch, PutResult, StoreStats
 from transfer.errors import InvalidArgument, TransferError
 
+if sys.version_info >= (3, 11):
+    from typing import assert_never as assert_never
+else:  # pragma: no cover - the project supports 3.10, where typing has no assert_never
+
+    def assert_never(arg: NoReturn, /) -> NoReturn:
+        raise AssertionError(f"unhandled effect {arg!r}")
+
+
 T = TypeVar("T")
-#: What a driver hands ``map_error``: Exception (blocking), BaseException (asyncio: CancelledError too).
-E = TypeVar("E", bound=BaseException)
+#: The effects one family of operations yields (besides :class:`Emit`).
+E = TypeVar("E")
 
 #: What :class:`Receive` returns once a stream has ended normally.
 END: Any = object()
+
+#: The unary RPCs an operation may :class:`Call` (the stub's method of that name).
+Unary = Literal["Lookup", "Delete", "Stats"]
 
 
 @dataclass(slots=True)
 class Call:
     """One unary RPC (``rpc`` names the stub method) with its deadline."""
 
-    rpc: str
+    rpc: Unary
     request: Any
     timeout: float
 
@@ -104,16 +124,20 @@ class Cancel:
 
 @dataclass(slots=True)
 class Emit:
-    """A result for the consumer of a streaming operation (one ``(layer, blobs)``)."""
+    """A result for the consumer of a streaming operation (one ``(layer, blobs)``); the drivers'
+    loop hands it out, no driver performs it."""
 
     value: Any
 
 
-Effect = Call | Sleep | FirstItem | SendBatch | OpenGet | Receive | Cancel | Emit
-Op = Generator[Any, Any, T]
+#: What a one-server driver performs: its ``_perform`` matches every one of these.
+Action: TypeAlias = Call | Sleep | FirstItem | SendBatch | OpenGet | Receive | Cancel
+#: Everything a one-server operation yields.
+Effect: TypeAlias = Action | Emit
+Op = Generator[Effect, Any, T]
 
 
-def advance(op: Generator[Any, Any, Any], result: Any, error: BaseException | None) -> Any:
+def advance(op: Generator[E, Any, Any], result: Any, error: BaseException | None) -> E:
     """The operation's next effect after ``result`` (or ``error``); StopIteration when it is done."""
     if error is not None:
         return op.throw(error)
@@ -124,7 +148,7 @@ def advance(op: Generator[Any, Any, Any], result: Any, error: BaseException | No
 
 
 def retrying(
-    core: ClientCore, effect: Any, before_retry: Callable[[TransferError], None] | None = None
+    core: ClientCore, effect: Call | SendBatch, before_retry: Callable[[TransferError], None] | None = None
 ) -> Op[Any]:
     """``effect``'s result, with another attempt after each failure the retry policy allows.
 
@@ -144,7 +168,7 @@ def retrying(
             yield Sleep(core.retry.delay(failures))
 
 
-def unary(core: ClientCore, rpc: str, request: Any, timeout_s: float | None) -> Op[Any]:
+def unary(core: ClientCore, rpc: Unary, request: Any, timeout_s: float | None) -> Op[Any]:
     """One unary RPC under the retry policy (``retrying`` itself: one generator fewer per call)."""
     return retrying(core, Call(rpc, request, core.timeout(timeout_s)))
 
@@ -277,7 +301,7 @@ def collect(op: Op[Any]) -> Op[list[Any]]:
             except StopIteration:
                 return out
             result = error = None
-            if type(effect) is Emit:
+            if isinstance(effect, Emit):
                 out.append(effect.value)
                 continue
             try:
@@ -306,14 +330,58 @@ def stats(core: ClientCore, timeout_s: float | None) -> Op[StoreStats]:
     return core.stats_result((yield from unary(core, "Stats", pb.StatsRequest(), timeout_s)))
 
 
+# -- the operations as an object (what transfer.api calls) ------------------------------------------
+
+
+class ServerOps:
+    """The operations above bound to one server's :class:`ClientCore`: the
+    :class:`transfer.api.Operations` of :class:`transfer.client.KVClient` and
+    :class:`transfer.aio_client.AsyncKVClient`."""
+
+    __slots__ = ("core",)
+
+    def __init__(self, core: ClientCore) -> None:
+        self.core = core
+
+    def lookup(
+        self, namespace: Namespace | str, keys: Any, num_layers: int, timeout_s: float | None
+    ) -> Op[int]:
+        return lookup(self.core, namespace, keys, num_layers, timeout_s)
+
+    def put(
+        self, namespace: Namespace | str, source: Any, ack: str | None, timeout_s: float | None
+    ) -> Op[PutResult]:
+        return put(self.core, namespace, source, ack, timeout_s)
+
+    def get_layers(
+        self, ns: str, keys: list[bytes], start: int, end: int, timeout_s: float | None
+    ) -> Op[None]:
+        return get_layers(self.core, ns, keys, start, end, timeout_s)
+
+    def delete(
+        self, namespace: Namespace | str, keys: Any, num_layers: int | None, timeout_s: float | None
+    ) -> Op[int]:
+        return delete(self.core, namespace, keys, num_layers, timeout_s)
+
+    def stats(self, timeout_s: float | None) -> Op[StoreStats]:
+        return stats(self.core, timeout_s)
+
+
+# -- the drivers' loop --------------------------------------------------------------------------------
+
+
 def _cancel(stream: Any) -> Any:
     return stream.cancel()
 
 
-DONE: Any = object()
+class _Done:
+    """The operation returned (its value is in :attr:`Runner.value`)."""
 
 
-class Runner(Generic[E]):
+DONE = _Done()
+
+
+class Runner(Generic[E, T]):
     """One operation being driven: its next effect, what came back, and the handles to release.
 
     The blocking and asyncio drivers below differ only in whether they await.
@@ -321,15 +389,17 @@ class Runner(Generic[E]):
 
     __slots__ = ("op", "map_error", "result", "error", "handles", "value")
 
-    def __init__(self, op: Op[Any], map_error: Callable[[Any, E], Any]) -> None:
+    def __init__(
+        self, op: Generator[E | Emit, Any, T], map_error: Callable[[E, BaseException], BaseException | None]
+    ) -> None:
         self.op = op
         self.map_error = map_error
         self.result: Any = None
         self.error: BaseException | None = None
         self.handles: list[Any] = []
-        self.value: Any = None
+        self.value: T | None = None
 
-    def next(self) -> Any:
+    def next(self) -> E | Emit | _Done:
         """The next effect, or :data:`DONE` (the operation's return value is then in ``value``)."""
         try:
             effect = advance(self.op, self.result, self.error)
@@ -339,12 +409,12 @@ class Runner(Generic[E]):
         self.result = self.error = None
         return effect
 
-    def answered(self, effect: Any, result: Any) -> None:
+    def answered(self, effect: E, result: Any) -> None:
         self.result = result
         if getattr(effect, "opens", False):
             self.handles.append(result)
 
-    def failed(self, effect: Any, exc: E) -> None:
+    def failed(self, effect: E, exc: BaseException) -> None:
         """Keep the mapped error for the operation (thrown in by :meth:`next`, outside the driver's
         ``except`` block); re-raise what is not the operation's to handle."""
         error = self.map_error(effect, exc)
@@ -353,97 +423,154 @@ class Runner(Generic[E]):
         self.error = error
 
 
-def drive(
-    op: Op[T],
-    perform: Callable[[Any], Any],
-    map_error: Callable[[Any, Exception], Any],
-    release: Callable[[Any], Any] = _cancel,
-) -> Iterator[Any]:
-    """Run ``op`` with a blocking ``perform``; yields what it emits and returns its value.
+class Loop(Generic[E]):
+    """The blocking drivers' loop, bound to one front-end's ``perform`` (whose type fixes the effects
+    ``E`` its operations may yield: an operation yielding anything else does not type-check).
 
     ``map_error(effect, exc)`` turns an exception of ``perform`` into the error to
     throw into the operation, or returns None to let it propagate. What an
     effect marked ``opens`` returned (a stream) is handed to ``release`` when the
     operation ends, fails or its consumer stops early.
     """
-    runner = Runner(op, map_error)
-    try:
-        while (effect := runner.next()) is not DONE:
-            if type(effect) is Emit:
-                yield effect.value
-                continue
-            try:
-                runner.answered(effect, perform(effect))
-            except Exception as exc:
-                runner.failed(effect, exc)
-        return runner.value  # type: ignore[no-any-return]
-    finally:
-        op.close()
-        for handle in runner.handles:
-            release(handle)
+
+    __slots__ = ("perform", "map_error", "release")
+
+    def __init__(
+        self,
+        perform: Callable[[E], Any],
+        map_error: Callable[[E, BaseException], BaseException | None],
+        release: Callable[[Any], Any] = _cancel,
+    ) -> None:
+        self.perform = perform
+        self.map_error = map_error
+        self.release = release
+
+    def drive(self, op: Generator[E | Emit, Any, T]) -> Generator[Any, None, T]:
+        """Run ``op``; yields what it emits and returns its value."""
+        runner = Runner(op, self.map_error)
+        perform = self.perform
+        try:
+            while not isinstance(effect := runner.next(), _Done):
+                if isinstance(effect, Emit):
+                    yield effect.value
+                    continue
+                try:
+                    runner.answered(effect, perform(effect))
+                except Exception as exc:
+                    runner.failed(effect, exc)
+            return runner.value  # type: ignore[return-value]
+        finally:
+            op.close()
+            for handle in runner.handles:
+                self.release(handle)
+
+    def run(self, op: Generator[E | Emit, Any, T]) -> T:
+        """:meth:`drive` for an operation that emits nothing: its return value (the same loop without
+        a generator around it: unary calls are the hot path)."""
+        runner = Runner(op, self.map_error)
+        perform = self.perform
+        try:
+            while not isinstance(effect := runner.next(), _Done):
+                if isinstance(effect, Emit):
+                    raise TypeError(
+                        f"operation emitted {effect.value!r}; use drive() for streaming operations"
+                    )
+                try:
+                    runner.answered(effect, perform(effect))
+                except Exception as exc:
+                    runner.failed(effect, exc)
+            return runner.value  # type: ignore[return-value]
+        finally:
+            op.close()
+            for handle in runner.handles:
+                self.release(handle)
+
+
+class AsyncLoop(Generic[E]):
+    """:class:`Loop` for the asyncio front-ends: ``perform`` (and ``release``, where it returns an
+    awaitable) is awaited; ``map_error`` also sees ``asyncio.CancelledError``."""
+
+    __slots__ = ("perform", "map_error", "release")
+
+    def __init__(
+        self,
+        perform: Callable[[E], Awaitable[Any]],
+        map_error: Callable[[E, BaseException], BaseException | None],
+        release: Callable[[Any], Any] = _cancel,
+    ) -> None:
+        self.perform = perform
+        self.map_error = map_error
+        self.release = release
+
+    async def drive(self, op: Generator[E | Emit, Any, T], out: list[T] | None = None) -> AsyncIterator[Any]:
+        """Run ``op``, yielding what it emits; its return value is appended to ``out`` (an async
+        generator cannot return one)."""
+        runner = Runner(op, self.map_error)
+        perform = self.perform
+        try:
+            while not isinstance(effect := runner.next(), _Done):
+                if isinstance(effect, Emit):
+                    yield effect.value
+                    continue
+                try:
+                    runner.answered(effect, await perform(effect))
+                except BaseException as exc:
+                    runner.failed(effect, exc)
+            if out is not None:
+                out.append(runner.value)  # type: ignore[arg-type]
+        finally:
+            op.close()
+            for handle in runner.handles:
+                if inspect.isawaitable(done := self.release(handle)):
+                    await done
+
+    async def run(self, op: Generator[E | Emit, Any, T]) -> T:
+        """:meth:`drive` for an operation that emits nothing: its return value."""
+        out: list[T] = []
+        async for value in self.drive(op, out):
+            raise TypeError(f"operation emitted {value!r}; use adrive() for streaming operations")
+        return out[0]
+
+
+# The loops as functions (scripted tests drive operations with a plain ``perform``).
+
+
+def drive(
+    op: Generator[Any, Any, T],
+    perform: Callable[[Any], Any],
+    map_error: Callable[[Any, BaseException], BaseException | None],
+    release: Callable[[Any], Any] = _cancel,
+) -> Generator[Any, None, T]:
+    """:meth:`Loop.drive`."""
+    return Loop(perform, map_error, release).drive(op)
 
 
 def run(
-    op: Op[T],
+    op: Generator[Any, Any, T],
     perform: Callable[[Any], Any],
-    map_error: Callable[[Any, Exception], Any],
+    map_error: Callable[[Any, BaseException], BaseException | None],
     release: Callable[[Any], Any] = _cancel,
 ) -> T:
-    """:func:`drive` for an operation that emits nothing: its return value (the same loop without
-    a generator around it: unary calls are the hot path)."""
-    runner = Runner(op, map_error)
-    try:
-        while (effect := runner.next()) is not DONE:
-            if type(effect) is Emit:
-                raise TypeError(f"operation emitted {effect.value!r}; use drive() for streaming operations")
-            try:
-                runner.answered(effect, perform(effect))
-            except Exception as exc:
-                runner.failed(effect, exc)
-        return runner.value  # type: ignore[no-any-return]
-    finally:
-        op.close()
-        for handle in runner.handles:
-            release(handle)
+    """:meth:`Loop.run`."""
+    return Loop(perform, map_error, release).run(op)
 
 
-async def adrive(
-    op: Op[T],
+def adrive(
+    op: Generator[Any, Any, T],
     perform: Callable[[Any], Awaitable[Any]],
-    map_error: Callable[[Any, BaseException], Any],
+    map_error: Callable[[Any, BaseException], BaseException | None],
     release: Callable[[Any], Any] = _cancel,
-    out: list[Any] | None = None,
+    out: list[T] | None = None,
 ) -> AsyncIterator[Any]:
-    """:func:`drive` for the asyncio front-ends: ``perform`` (and ``release``, where it returns an
-    awaitable) is awaited, and the operation's return value is appended to ``out`` (an async
-    generator cannot return one). ``map_error`` also sees ``asyncio.CancelledError``."""
-    runner = Runner(op, map_error)
-    try:
-        while (effect := runner.next()) is not DONE:
-            if type(effect) is Emit:
-                yield effect.value
-                continue
-            try:
-                runner.answered(effect, await perform(effect))
-            except BaseException as exc:
-                runner.failed(effect, exc)
-        if out is not None:
-            out.append(runner.value)
-    finally:
-        op.close()
-        for handle in runner.handles:
-            if inspect.isawaitable(done := release(handle)):
-                await done
+    """:meth:`AsyncLoop.drive`."""
+    return AsyncLoop(perform, map_error, release).drive(op, out)
 
 
 async def arun(
-    op: Op[T],
+    op: Generator[Any, Any, T],
     perform: Callable[[Any], Awaitable[Any]],
-    map_error: Callable[[Any, BaseException], Any],
+    map_error: Callable[[Any, BaseException], BaseException | None],
     release: Callable[[Any], Any] = _cancel,
 ) -> T:
-    """:func:`run` for the asyncio front-ends."""
-    out: list[Any] = []
-    async for value in adrive(op, perform, map_error, release, out):
-        raise TypeError(f"operation emitted {value!r}; use adrive() for streaming operations")
-    return out[0]  # type: ignore[no-any-return]
+    """:meth:`AsyncLoop.run`."""
+    return await AsyncLoop(perform, map_error, release).run(op)

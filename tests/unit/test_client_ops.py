@@ -307,7 +307,7 @@ class ClusterScript:
     def __init__(
         self,
         cluster: ClusterCore,
-        member: Callable[[cops.Member], Any] = lambda e: None,
+        member: Callable[[cops.MemberCall], Any] = lambda e: None,
         opens: Callable[[cops.OpenLayers], Any] = lambda e: iter(()),
     ) -> None:
         self.cluster = cluster
@@ -317,7 +317,7 @@ class ClusterScript:
     def perform(self, effect: Any) -> Any:
         if isinstance(effect, cops.CurrentView):
             return self.cluster.view()
-        if isinstance(effect, cops.Member):
+        if isinstance(effect, cops.MemberCall):
             return self.member(effect)
         if isinstance(effect, cops.Fan):
             return [self.run(sub) for sub in effect.ops]
@@ -333,10 +333,10 @@ class ClusterScript:
     def map_error(effect: Any, exc: BaseException) -> BaseException | None:
         return exc if isinstance(exc, TransferError) and isinstance(effect, cops.FALLIBLE) else None
 
-    def run(self, op: ops.Op[Any]) -> Any:
+    def run(self, op: cops.ClusterOp[Any]) -> Any:
         return ops.run(op, self.perform, self.map_error, lambda s: s.close())
 
-    def drive(self, op: ops.Op[Any]) -> Any:
+    def drive(self, op: cops.ClusterOp[Any]) -> Any:
         return ops.drive(op, self.perform, self.map_error, lambda s: s.close())
 
 
@@ -346,10 +346,11 @@ def test_cluster_lookup_counts_a_down_replica_as_a_miss_not_an_error() -> None:
     owner = {k: c.owners(k, tuple(members))[0] for k in KEYS}
     down = next(owner[k] for k in KEYS if owner[k] != owner[KEYS[0]])  # not key 0's: a prefix survives
 
-    def member(effect: cops.Member) -> int:
+    def member(effect: cops.MemberCall) -> int:
         if effect.member == down:
             raise Unavailable(f"{down} is gone")
-        return len(effect.args[1])  # every key it is asked about is there
+        assert isinstance(effect, cops.MemberLookup)
+        return len(effect.keys)  # every key it is asked about is there
 
     first_lost = min(i for i, k in enumerate(KEYS) if owner[k] == down)  # R=1: nobody else has it
     assert first_lost > 0
@@ -360,7 +361,7 @@ def test_cluster_lookup_counts_a_down_replica_as_a_miss_not_an_error() -> None:
 def test_cluster_lookup_raises_caller_errors() -> None:
     c = cluster(["a:1", "b:1"])
 
-    def member(effect: cops.Member) -> int:
+    def member(effect: cops.MemberCall) -> int:
         raise InvalidArgument("namespace quota")
 
     with pytest.raises(InvalidArgument, match="quota"):
@@ -381,9 +382,8 @@ def test_cluster_get_falls_back_to_the_next_owner_from_the_failed_layer() -> Non
     first = c.owners(KEYS[0], tuple(members))[0]
 
     def opens(effect: cops.OpenLayers) -> Any:
-        _, keys, start, end = effect.args
-        opened.append((effect.member, start))
-        return layers(effect.member, keys, start, end)
+        opened.append((effect.member, effect.start))
+        return layers(effect.member, effect.keys, effect.start, effect.end)
 
     ns, keys = ops.get_args(c.check, NS, KEYS[:1], 0, 4)
     got = list(ClusterScript(c, opens=opens).drive(cops.get_layers(c, ns, keys, 0, 4, None)))
@@ -396,7 +396,7 @@ def test_cluster_get_falls_back_to_the_next_owner_from_the_failed_layer() -> Non
 
 def test_cluster_get_raises_not_found_when_no_candidate_has_the_key() -> None:
     c = cluster(["a:1", "b:1"], replication=2)
-    script = ClusterScript(c, opens=lambda e: (x for x in ()))  # every replica ends at once
+    script = ClusterScript(c, opens=lambda e: (x for x in list[Any]()))  # every replica ends at once
     ns, keys = ops.get_args(c.check, NS, KEYS[:1], 0, 2)
     with pytest.raises(NotFound):
         list(script.drive(cops.get_layers(c, ns, keys, 0, 2, None)))
@@ -415,7 +415,7 @@ class Replicas(ClusterScript):
         self.holds = holds
         self.down: set[str] = set()
         self.copies: list[tuple[str, str, tuple[bytes, ...]]] = []
-        self.background: list[ops.Op[Any]] = []
+        self.background: list[cops.ClusterOp[Any]] = []
 
     def perform(self, effect: Any) -> Any:
         if isinstance(effect, cops.Background):
@@ -423,7 +423,7 @@ class Replicas(ClusterScript):
             return None
         if isinstance(effect, cops.Copy):
             return self.copy(effect)
-        if isinstance(effect, (cops.Spawn, cops.WaitAny, cops.Detach, cops.Drain)):
+        if isinstance(effect, (cops.Spawn, cops.WaitAny, cops.Detach, cops.Abandon, cops.Drain)):
             return self.spawning(effect)
         return super().perform(effect)
 
@@ -434,20 +434,20 @@ class Replicas(ClusterScript):
             return [(t, t[1]) for t in effect.tasks], frozenset()
         return None
 
-    def member(self, effect: cops.Member) -> Any:  # type: ignore[override]
+    def member(self, effect: cops.MemberCall) -> Any:
         if effect.member in self.down:
             raise Unavailable(f"{effect.member} is down")
-        if effect.method == "lookup":
-            keys = effect.args[1]
+        if isinstance(effect, cops.MemberLookup):
+            keys = effect.keys
             return next((j for j, k in enumerate(keys) if k not in self.holds[effect.member]), len(keys))
-        if effect.method == "put":
-            for item in effect.args[1]:
+        if isinstance(effect, cops.MemberPut):
+            for item in effect.items:
                 self.holds[effect.member].add(item.key)
-            return PutResult(len(effect.args[1]), 0, 1)
+            return PutResult(len(effect.items), 0, 1)
         raise AssertionError(effect)
 
-    def opens(self, effect: cops.OpenLayers) -> Any:  # type: ignore[override]
-        member, (_, keys, start, end) = effect.member, effect.args
+    def opens(self, effect: cops.OpenLayers) -> Any:
+        member, keys, start, end = effect.member, effect.keys, effect.start, effect.end
 
         def layers() -> Any:
             if member in self.down or any(k not in self.holds[member] for k in keys):

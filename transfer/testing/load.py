@@ -6,7 +6,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -142,7 +142,7 @@ def run_starvation(
         failures = 0
         with grpc.insecure_channel(target) as ch, KVClient(target, token="tok-b", timeout_s=5) as kv:
             health = health_pb2_grpc.HealthStub(ch)
-            calls = {
+            calls: dict[str, Callable[[], object]] = {
                 "health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5),
                 "lookup": lambda: kv.lookup(ns_b, b_keys, 1),
                 "get": lambda: list(kv.get_layers(ns_b, b_keys, 0, 1)),
@@ -212,11 +212,11 @@ def run_starvation(
         during = probe(probe_s)
         ends: Counter[str] = Counter()
         for f in puts:
-            code, _, _ = rpc_code(lambda f=f: f.result(timeout=idle_s * 4 + 30))
+            code, _, _ = rpc_code(_waiter(f, idle_s * 4 + 30))
             ends[code.name] += 1
         time.sleep(idle_s)
         for call in gets:
-            code, _, _ = rpc_code(lambda call=call: sum(1 for _ in call))
+            code, _, _ = rpc_code(_drainer(call))
             ends[code.name] += 1
     finally:
         release.set()
@@ -239,3 +239,11 @@ def run_starvation(
         "baseline_other_tenant": baseline,
         "during_stall_other_tenant": during,
     }
+
+
+def _waiter(future: Any, timeout_s: float) -> Callable[[], object]:
+    return lambda: future.result(timeout=timeout_s)
+
+
+def _drainer(stream: Any) -> Callable[[], object]:
+    return lambda: sum(1 for _ in stream)

@@ -38,9 +38,9 @@ from typing import Any
 from kvstore import integrity
 from kvstore.keys import chunk_keys
 from transfer import placement
-from transfer.aio_cluster import connect_async
+from transfer.aio_cluster import AsyncClusterKVClient, connect_async
 from transfer.client import KVClient
-from transfer.cluster import connect
+from transfer.cluster import ClusterKVClient, connect
 from transfer.errors import TransferError
 
 CHUNK_TOKENS = 16
@@ -112,7 +112,7 @@ def run_replica_repair(
     stop = threading.Event()
     ns = NAMESPACE
     try:
-        with connect(target, replication=replication) as client:
+        with _cluster(connect(target, replication=replication)) as client:
             for _ in range(prefixes):
                 p = _Prefix(ns, rng, chunks, layers, blob_bytes)
                 if client.put(ns, p.items()).num_stored == len(p.keys) * layers:
@@ -145,7 +145,7 @@ def run_replica_repair(
         )
         checker.start()
         short_by_pass: list[int] = []
-        with connect(target, replication=replication) as fresh:
+        with _cluster(connect(target, replication=replication)) as fresh:
             while time.monotonic() - back < deadline_s and (lookup_whole_s is None or checker.is_alive()):
                 short = sum(fresh.lookup(p.ns, p.keys, layers) < len(p.keys) for p in acked)
                 short_by_pass.append(short)
@@ -244,7 +244,7 @@ def _load(role: str, target: str, replication: int, tally: _Tally, stop: threadi
     """One blocking cluster client reading (Lookup, then Get of what it found) or writing prefixes."""
     rng = random.Random(seed)
     try:
-        with connect(target, replication=replication) as client:
+        with _cluster(connect(target, replication=replication)) as client:
             while not stop.is_set():
                 if role == "write":
                     p = _Prefix(NAMESPACE, rng, 4, tally.layers, tally.blob_bytes)
@@ -276,6 +276,7 @@ def _aio_load(
     async def main() -> None:
         rng = random.Random(seed)
         client = await connect_async(target, replication=replication)
+        assert isinstance(client, AsyncClusterKVClient), "a member list gives the cluster client"
         async with client:
             while not stop.is_set():
                 if role == "write":
@@ -301,3 +302,9 @@ def _aio_load(
     except Exception as exc:  # noqa: BLE001 - every exception out of a client call is a caller error
         with tally.lock:
             tally.errors.append(f"{role}: {type(exc).__name__}: {exc}")
+
+
+def _cluster(client: KVClient | ClusterKVClient) -> ClusterKVClient:
+    """A member list gives the cluster client (the one with per-replica counters)."""
+    assert isinstance(client, ClusterKVClient), "a member list gives the cluster client"
+    return client
