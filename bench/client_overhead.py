@@ -1,6 +1,6 @@
 """What the client costs over the bare gRPC stub: Lookup and a small layer-ordered Get.
 
-The clients run every call through :mod:`transfer.ops` (generators of effects,
+The clients run every call through :mod:`transfer.rpc.ops` (generators of effects,
 carried out by a thin blocking or asyncio front-end) and add validation,
 retry bookkeeping, Get assembly and the trailer check of every blob. This bench
 measures that cost against the baseline of the same RPCs made with the bare
@@ -39,8 +39,8 @@ from kvstore.testing.store import start_server_process
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire import parse_get_response
-from transfer.aio_client import AsyncKVClient
-from transfer.client import KVClient
+from transfer.rpc.aio_client import AsyncKVClient
+from transfer.rpc.client import KVClient
 
 NAMESPACE = "bench/client/lossless"
 SERVE_ARGS = ["--no-disk", "--memory-bytes", "256MiB", "--workers", "4", "--log-level", "WARNING"]

@@ -12,10 +12,10 @@ prefill worker ``i mod W`` and decode worker ``(i + 1) mod W``.
 For N = 1..``--max-replicas`` fresh ``kvstore serve`` child processes (RAM tier),
 two modes run side by side in the same process, same requests, same order:
 
-* ``placement``: every worker has a :class:`transfer.cluster.ClusterKVClient`
+* ``placement``: every worker has a :class:`transfer.replicas.client.ClusterKVClient`
   over all N members (rendezvous per chunk, ``--replication`` copies, capped at N);
 * ``pinned``: today's per-connection balancing: each worker's plain
-  :class:`transfer.client.KVClient` is pinned to one replica chosen at random.
+  :class:`transfer.rpc.client.KVClient` is pinned to one replica chosen at random.
 
 Reported per (N, mode): chunk hit rate (found / looked up, prefill and decode
 lookups together, and each alone), bytes each replica holds (server's own
@@ -47,8 +47,8 @@ from typing import Any
 from kvstore import integrity
 from kvstore.keys import chunk_keys
 from kvstore.testing.store import ServerProcess, start_server_process
-from transfer.client import KVClient
-from transfer.cluster import ClusterKVClient, connect
+from transfer.replicas.client import ClusterKVClient, connect
+from transfer.rpc.client import KVClient
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ as in a deployment, so client and server do not share a GIL) and the same data:
 * ``fetch_all``: Lookup, Get every layer, decode, build a DynamicCache, then run
   the suffix forward and take the first token (the baseline);
 * ``layerwise``: Lookup, then run the suffix forward on a
-  :class:`transfer.layerwise.LayerwiseCache` that fills while the model runs;
+  :class:`transfer.engines.layerwise.LayerwiseCache` that fills while the model runs;
 * ``fetch_one_layer``: Get + decode of layer 0 alone;
 * ``fetch_all_only``: Get + decode of every layer, no compute;
 * ``compute``: the suffix forward on a prefilled in-memory cache, no I/O;
@@ -44,12 +44,12 @@ from kvstore.allocator import tune_allocator
 from kvstore.keys import model_fingerprint
 from kvstore.testing import bench_args as ba
 from kvstore.testing.store import start_server_process
-from transfer import affinity
-from transfer.client import KVClient
 from transfer.codec import decode_into
 from transfer.codec.profiles import PROFILES
-from transfer.kvio import FetchedPrefix, iter_layers, put_context
-from transfer.layerwise import CONSUMED, LayerwiseCache
+from transfer.engines import cpu_plan as affinity
+from transfer.engines.kvio import FetchedPrefix, iter_layers, put_context
+from transfer.engines.layerwise import CONSUMED, LayerwiseCache
+from transfer.rpc.client import KVClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--cpu-plan",
         default="auto",
-        help="CPUs for the model's thread, the rest for I/O and the server (transfer.affinity): "
+        help="CPUs for the model's thread, the rest for I/O and the server (transfer.engines.cpu_plan): "
         "'auto' (lowest CPU; off with fewer than 2), a list like '0' or '0-1', or 'off'",
     )
     p.add_argument(

@@ -14,8 +14,8 @@ In one run it measures
   (fp16-equivalent) and the ratio, on the distinct real chunks;
 * ``store``: per profile, ``kvstore serve`` as a subprocess (RAM tier 16 MiB, so
   everything lands on disk; disk tier in a temp dir, ``fsync=batch``), the
-  context written chunk by chunk with :func:`transfer.longctx.offload_frames`
-  and read back with :func:`transfer.longctx.stream_layers` (every chunk of
+  context written chunk by chunk with :func:`transfer.engines.longctx.offload_frames`
+  and read back with :func:`transfer.engines.longctx.stream_layers` (every chunk of
   layer 0, then layer 1, ...), every blob compared byte for byte with what was
   written. Before the read the segment files are fsynced and dropped from the
   page cache, so the read is a cold one. Reported: GB/s fp16-equivalent and on
@@ -55,10 +55,10 @@ from kvstore import integrity
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, chunk_keys
 from kvstore.testing import bench_args as ba
 from kvstore.testing.store import start_server_process
-from transfer import longctx
-from transfer.client import KVClient
 from transfer.codec import codec_threads
 from transfer.codec.profiles import PROFILES
+from transfer.engines import longctx
+from transfer.rpc.client import KVClient
 
 ROOT = Path(__file__).resolve().parent.parent
 

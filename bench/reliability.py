@@ -20,7 +20,7 @@ thing; this file sizes them, runs them and prints the results:
 * ``crash``: Puts acknowledged by a child server with the disk tier, SIGKILL
   mid-load, restart on the same directory: acknowledged blocks lost (must be 0)
   and deleted blocks resurrected, per fsync policy.
-* ``concurrency``: N clients (transfer.client.KVClient) putting and reading back
+* ``concurrency``: N clients (transfer.rpc.client.KVClient) putting and reading back
   for S seconds: errors, wrong bytes, throughput and p50/p99 latency; baseline 1
   client.
 * ``starvation``: one tenant stalls 10x the worker count of streams (Puts that

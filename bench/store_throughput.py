@@ -39,7 +39,7 @@ from kvstore import integrity
 from kvstore.allocator import tune_allocator
 from kvstore.config import MiB, format_bytes
 from kvstore.testing import bench_args as ba
-from transfer.client import KVClient
+from transfer.rpc.client import KVClient
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ import torch
 
 from kvstore.keys import chunk_keys
 from kvstore.testing.store import serving, store_config
-from transfer.client import KVClient
+from transfer.rpc.client import KVClient
 from transfer.vllm.layout import PagedKV, PagedLayout, allocate_views
 from transfer.vllm.plan import LoadSpec, SaveSpec
 from transfer.vllm.worker import WorkerSide

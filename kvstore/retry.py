@@ -13,8 +13,8 @@ The retry vocabulary, each name for what the piece does:
   *runs* a blocking callable again while it raises one of the given exceptions,
   bounded by an attempt count *and* a deadline so a caller never waits longer
   than it can afford (the server's tiers);
-* on the client, :class:`transfer.core.RetryPolicy` *decides* whether a failure
-  gets another attempt and how long to wait, and :func:`transfer.ops.retrying`
+* on the client, :class:`transfer.rpc.core.RetryPolicy` *decides* whether a failure
+  gets another attempt and how long to wait, and :func:`transfer.rpc.ops.retrying`
   is the loop that applies it, as effects (the drivers do the sleeping).
 
 Circuit breaking and error translation are the backends' own business

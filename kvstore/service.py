@@ -38,7 +38,7 @@ GET_WINDOW_KEYS = 64
 class StagedBlob:
     """One validated layer blob of a Put stream, held until the stream commits.
 
-    (The client's item is :class:`transfer.core.PutItem`; this is the server's side of it.)
+    (The client's item is :class:`transfer.rpc.core.PutItem`; this is the server's side of it.)
     """
 
     key: BlobKey

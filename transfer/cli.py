@@ -4,8 +4,8 @@ The ``kvstore`` command (kvstore/cli.py) names this module in its table of comma
 implemented outside the server package (``EXTERNAL_COMMANDS``) and imports it only
 when ``stats`` is run, so the server side never imports the client. One server is
 asked directly; a member list or a ``dns:///`` name is resolved with the cluster
-client's own grammar (:func:`transfer.cluster.make_membership`) and every replica is
-asked in parallel, then totalled with :func:`transfer.stats.merge_stats`, the rule the
+client's own grammar (:func:`transfer.replicas.client.make_membership`) and every replica is
+asked in parallel, then totalled with :func:`transfer.replicas.stats.merge_stats`, the rule the
 cluster clients' ``stats()`` use.
 
 Exit codes: 0 answered (for a cluster: at least one replica), 1 no answer, 2 a bad
@@ -28,8 +28,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
-from transfer.core import ClientCore, StoreStats
-from transfer.stats import merge_stats
+from transfer.replicas.stats import merge_stats
+from transfer.rpc.core import ClientCore, StoreStats
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -103,7 +103,7 @@ def fetch_stats(
 def cluster_stats(
     members: Sequence[str], token: str | None = None, tls_ca: str | None = None, timeout: float = 5.0
 ) -> dict[str, Any]:
-    """Every replica's stats (or its error) and the totals (:func:`transfer.stats.merge_stats`)."""
+    """Every replica's stats (or its error) and the totals (:func:`transfer.replicas.stats.merge_stats`)."""
 
     def one(member: str) -> tuple[dict[str, Any], StoreStats | None]:
         try:
@@ -203,8 +203,8 @@ def stats_main(argv: Sequence[str]) -> int:
     target = args.target or os.environ.get("KVSTORE_TARGET") or DEFAULT_TARGET
     token = args.token or os.environ.get("KVSTORE_TOKEN")
     if "," in target or target.startswith("dns:"):  # a member list or a headless Service: every replica
-        from transfer.cluster import make_membership
-        from transfer.membership import MembershipError
+        from transfer.replicas.client import make_membership
+        from transfer.replicas.membership import MembershipError
 
         try:
             membership = make_membership(target)

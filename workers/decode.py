@@ -2,7 +2,7 @@
 
 Given a :class:`workers.prefill.PrefillHandle` the worker looks up the stored
 prefix of the prompt (normally every reusable chunk prefill just stored),
-streams it layer by layer into a :class:`transfer.layerwise.LayerwiseCache`,
+streams it layer by layer into a :class:`transfer.engines.layerwise.LayerwiseCache`,
 recomputes the short tail (the tokens after the last full chunk, which are never
 stored) while later layers are still arriving, and then decodes one token at a
 time. If chunks went missing (evicted between prefill and decode) it recomputes
@@ -60,7 +60,7 @@ def handed_over_cache(prefix: Iterable[LayerKV], num_layers: int, num_tokens: in
     Same overlap as the store path: layer ``i`` is computed while later layers
     are still being pulled from ``prefix``.
     """
-    from transfer.layerwise import LayerwiseCache
+    from transfer.engines.layerwise import LayerwiseCache
 
     source = enumerate(prefix)
     return LayerwiseCache(source, num_layers, num_tokens, decode=lambda kv: kv)

@@ -4,7 +4,7 @@ For one request the worker
 
 1. cuts the prompt into chunk keys (:func:`kvstore.keys.chunk_keys`),
 2. asks the store how many leading chunks it holds (one ``Lookup``),
-3. streams those chunks layer by layer into a :class:`transfer.layerwise.LayerwiseCache`
+3. streams those chunks layer by layer into a :class:`transfer.engines.layerwise.LayerwiseCache`
    while the model already runs on the layers that arrived,
 4. runs the model on the uncached suffix only (split at the reuse boundary, see
    :mod:`workers.runner`),
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvstore.keys import DEFAULT_CHUNK_TOKENS, ChunkKey, Namespace, chunk_keys
-from transfer import affinity
-from transfer.client import PutItem
-from transfer.cluster import StoreClient
+from transfer.engines import cpu_plan as affinity
 from transfer.errors import DataLoss, NotFound, Unavailable
+from transfer.replicas.client import StoreClient
+from transfer.rpc.client import PutItem
 from workers.runner import ModelRunner, reuse_boundary
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class WorkerConfig:
 
     ``compute_cpus`` (a list like ``"0"`` or ``"0-3"``) pins the worker's model
     thread to those CPUs and its KV I/O threads to the others
-    (:mod:`transfer.affinity`); give each worker of a machine its own. None
+    (:mod:`transfer.engines.cpu_plan`); give each worker of a machine its own. None
     (the default) leaves placement to the OS.
     """
 
@@ -74,8 +74,8 @@ class WorkerConfig:
                 "store_target must be 'host:port' of a kvstore server, a list "
                 "'host:port,host:port,...' or 'dns:///name:port'"
             )
-        from transfer.cluster import WRITE_ACKS
-        from transfer.membership import parse_target
+        from transfer.replicas.client import WRITE_ACKS
+        from transfer.replicas.membership import parse_target
 
         parse_target(self.store_target)  # a malformed target fails here, not in the worker
         if self.replication < 1:
@@ -92,7 +92,7 @@ class WorkerConfig:
 
     def connect(self) -> StoreClient:
         """The store client for ``store_target`` (one server, or a cluster with placement)."""
-        from transfer.cluster import connect
+        from transfer.replicas.client import connect
 
         return connect(
             self.store_target, token=self.token, replication=self.replication, write_ack=self.write_ack
@@ -175,7 +175,7 @@ def open_prefix_cache(
         return None
     num_layers = runner.shape.num_layers
     if layerwise:
-        from transfer.layerwise import LayerwiseCache
+        from transfer.engines.layerwise import LayerwiseCache
 
         return LayerwiseCache.from_store(client, namespace, list(keys), num_layers, chunk_tokens=chunk_tokens)
     layers = [(k, v) for _, k, v in _iter_layers(client, namespace, keys, num_layers)]
@@ -216,7 +216,7 @@ def prefill_from_store(
 def _iter_layers(
     client: StoreClient, namespace: str, keys: Sequence[bytes], num_layers: int
 ) -> Iterator[Any]:
-    from transfer.kvio import iter_layers
+    from transfer.engines.kvio import iter_layers
 
     return iter_layers(client, namespace, list(keys), 0, num_layers)
 
@@ -300,7 +300,7 @@ class PrefillWorker(StoreWorker):
         stored_chunks = stored_bytes = 0
         first_new = present  # chunks [0, present) are stored already; puts would be no-ops
         if request.store and first_new < len(keys):
-            from transfer.kvio import context_items  # the codec loads only where KV is encoded
+            from transfer.engines.kvio import context_items  # the codec loads only where KV is encoded
 
             sizes: list[int] = []
             items = context_items(

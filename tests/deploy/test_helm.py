@@ -783,7 +783,7 @@ def _check_auth_and_helm_test(docs: list[dict[str, Any]], target: str, tmp_path:
     """Against a server running the rendered config: Stats needs the Secret's token, and the `helm test`
     pod's script passes with the environment the pod would get (`kvstore` is this checkout's CLI)."""
     from kvstore.errors import Unauthenticated
-    from transfer.client import KVClient
+    from transfer.rpc.client import KVClient
 
     secret = one(docs, "Secret")["data"]
     token = base64.b64decode(secret["token"]).decode()

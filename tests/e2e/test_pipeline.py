@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.fixtures.store import store_config
-from transfer.client import KVClient
+from transfer.rpc.client import KVClient
 from workers.decode import TokenEvent
 from workers.pipeline import Pipeline, RequestResult, init_ray, shutdown_ray
 from workers.prefill import PrefillRequest, WorkerConfig

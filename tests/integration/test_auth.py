@@ -26,10 +26,10 @@ from kvstore.testing.certs import TestPKI, generate_test_pki
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.fixtures.store import committed, store_config, wait_serving
-from transfer.client import KVClient
 from transfer.errors import PermissionDenied as ClientPermissionDenied
 from transfer.errors import Unauthenticated as ClientUnauthenticated
 from transfer.errors import Unavailable
+from transfer.rpc.client import KVClient
 
 TOKENS = {"token-alice": "alice", "token-bob": "bob"}
 NS_A = "alice/m/p"

@@ -20,7 +20,7 @@ from kvstore.server import ServerHandle
 from kvstore.testing.reliability import roundtrip_ok, run_backend_freeze
 from kvstore.testing.services import RedisProcess, S3Process
 from tests.fixtures.store import REMOTE_READS, serving, store_config
-from transfer.client import KVClient
+from transfer.rpc.client import KVClient
 
 #: Scheduling slack on a loaded 2-core CI machine, on top of the configured budget.
 SLACK_S = 0.75

@@ -25,8 +25,8 @@ from kvstore.retry import Backoff
 from kvstore.server import serve
 from tests.fixtures.store import make_blob, store_config
 from transfer import errors
-from transfer.aio_client import AsyncKVClient
-from transfer.client import KVClient, RetryPolicy
+from transfer.rpc.aio_client import AsyncKVClient
+from transfer.rpc.client import KVClient, RetryPolicy
 
 NS = "tenant-a/test-model/raw"
 
@@ -478,7 +478,7 @@ def test_async_client_matches_the_sync_client(kvstore_server: Any) -> None:
 
 @pytest.mark.slow
 def test_smollm2_kv_round_trips_bit_exact(kvstore_server: Any, smollm2: Any) -> None:
-    from transfer.kvio import fetch_prefix, put_context
+    from transfer.engines.kvio import fetch_prefix, put_context
     from workers.model import cache_to_layers, kv_shape
 
     model, tokenizer = smollm2

@@ -19,12 +19,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from kvstore.cli import main as cli_main
 from kvstore.keys import chunk_keys
 from tests.fixtures.store import ServerProcess, make_blob, start_server_process
-from transfer import placement
-from transfer.aio_cluster import AsyncClusterKVClient, connect_async
-from transfer.client import KVClient
-from transfer.cluster import ClusterKVClient, ReplicaMetrics, connect
 from transfer.errors import NotFound, Unavailable
-from transfer.membership import DnsMembership, InvalidTarget, NotAKVStore
+from transfer.replicas import placement
+from transfer.replicas.aio_client import AsyncClusterKVClient, connect_async
+from transfer.replicas.client import ClusterKVClient, ReplicaMetrics, connect
+from transfer.replicas.membership import DnsMembership, InvalidTarget, NotAKVStore
+from transfer.rpc.client import KVClient
 from transfer.testing import run_replica_repair
 
 LAYERS = 4

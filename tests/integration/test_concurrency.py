@@ -1,6 +1,6 @@
 """Many clients at once: no errors, every answer the bytes that were put.
 
-16 clients (each its own transfer.client.KVClient and channel) put chunks, look
+16 clients (each its own transfer.rpc.client.KVClient and channel) put chunks, look
 them up and read them back, and read chunks other clients wrote, against one
 in-process server with RAM + disk tiers, for a few seconds. bench/reliability.py
 runs 64 clients for 60 s against ``kvstore serve`` and reports throughput and p99.

@@ -18,8 +18,8 @@ import pytest
 from kvstore.backends.base import BlobKey
 from kvstore.backends.disk import _FIXED, _SUM, DiskBackend
 from tests.fixtures.store import make_blob, start_server_process
-from transfer.client import KVClient, PutItem
 from transfer.errors import NotFound
+from transfer.rpc.client import KVClient, PutItem
 
 NS = "t/m/p"
 COUNT = 40

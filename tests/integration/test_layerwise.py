@@ -22,8 +22,8 @@ import torch
 
 from kvstore.keys import chunk_keys, model_fingerprint
 from transfer import errors
-from transfer.client import KVClient
-from transfer.layerwise import ARRIVED, CONSUMED, DECODED, LayerwiseCache
+from transfer.engines.layerwise import ARRIVED, CONSUMED, DECODED, LayerwiseCache
+from transfer.rpc.client import KVClient
 
 CHUNK = 16  # small chunks keep the CPU forward passes short
 PREFIX_CHUNKS = 4
@@ -57,7 +57,7 @@ def prompt(smollm2: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def stored(kvstore_server: Any, prompt: dict[str, Any]) -> Iterator[KVClient]:
-    from transfer.kvio import put_context
+    from transfer.engines.kvio import put_context
 
     with KVClient(kvstore_server.target) as c:
         put_context(c, prompt["ns"], prompt["prefix"], prompt["layers"], "lossless", chunk_tokens=CHUNK)
@@ -65,7 +65,7 @@ def stored(kvstore_server: Any, prompt: dict[str, Any]) -> Iterator[KVClient]:
 
 
 def _reference_logits(model: Any, client: KVClient, prompt: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-    from transfer.kvio import fetch_prefix
+    from transfer.engines.kvio import fetch_prefix
 
     fetched = fetch_prefix(client, prompt["ns"], prompt["prefix"], prompt["num_layers"], chunk_tokens=CHUNK)
     assert fetched.num_chunks == PREFIX_CHUNKS
@@ -139,7 +139,7 @@ def test_layer0_is_consumed_before_the_last_layer_arrives(
 def test_store_error_mid_stream_surfaces_in_the_model(
     smollm2: Any, kvstore_server: Any, prompt: dict[str, Any]
 ) -> None:
-    from transfer.kvio import context_items
+    from transfer.engines.kvio import context_items
 
     model, _ = smollm2
     keys = prompt["keys"]

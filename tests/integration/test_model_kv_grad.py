@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from transfer.client import KVClient
 from transfer.codec import PROFILES, cpu_kernels, decode_into, encode, encode_layer
+from transfer.rpc.client import KVClient
 
 CHUNK = 64
 
@@ -83,8 +83,8 @@ def test_put_context_and_longctx_store_grad_kv_from_the_model(
     kvstore_server: Any, smollm2: Any, model_kv: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> None:
     from kvstore.keys import chunk_keys
-    from transfer import longctx
-    from transfer.kvio import fetch_prefix, put_context
+    from transfer.engines import longctx
+    from transfer.engines.kvio import fetch_prefix, put_context
 
     _, tokenizer = smollm2
     token_ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 20).input_ids[: 2 * CHUNK + 10]

@@ -27,10 +27,10 @@ import yaml
 from kvstore import integrity
 from kvstore.keys import chunk_keys
 from tests.fixtures.store import REPO_ROOT, ServerProcess, start_server_process
-from transfer import longctx
-from transfer.client import KVClient, RetryPolicy
 from transfer.codec import decode_layer, encode_layer
+from transfer.engines import longctx
 from transfer.errors import DataLoss, NotFound
+from transfer.rpc.client import KVClient, RetryPolicy
 
 NUM_LAYERS, KV_HEADS, HEAD_DIM, CHUNK = 30, 3, 64, 256
 LAYER_BYTES = longctx.fp16_bytes(CHUNK, 1, KV_HEADS, HEAD_DIM)  # 196,608: one chunk-layer in fp16

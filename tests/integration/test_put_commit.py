@@ -26,9 +26,9 @@ from kvstore.testing.services import RedisProcess
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.fixtures.store import committed, make_blob, store_config
-from transfer.aio_client import AsyncKVClient
-from transfer.client import KVClient, RetryPolicy
 from transfer.errors import Unavailable
+from transfer.rpc.aio_client import AsyncKVClient
+from transfer.rpc.client import KVClient, RetryPolicy
 
 NS = "acme/m/p"
 LAYERS = 4

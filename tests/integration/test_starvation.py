@@ -27,8 +27,8 @@ from kvstore.server import ServerHandle, serve
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.fixtures.store import committed, make_blob, store_config
-from transfer.client import KVClient
 from transfer.errors import ResourceExhausted, from_rpc_error
+from transfer.rpc.client import KVClient
 
 WORKERS = 4
 STALLED = 10 * WORKERS  # streams tenant A tries to hold open

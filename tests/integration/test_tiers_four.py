@@ -108,7 +108,7 @@ def test_blobs_put_over_grpc_land_intact_in_every_tier_and_delete_by_address(
     still store exactly the blob, and a Delete with num_layers must find it in each of them."""
     from kvstore.server import serve
     from tests.fixtures.store import store_config
-    from transfer.client import KVClient
+    from transfer.rpc.client import KVClient
 
     store = TieredStore(tiers.all)
     handle = serve(store_config(tmp_path), store=store)

@@ -11,7 +11,7 @@ import torch
 
 from kvstore.keys import chunk_keys
 from kvstore.server import ServerHandle
-from transfer.cluster import connect
+from transfer.replicas.client import connect
 from workers.prefill import prefill_from_store
 from workers.runner import ModelRunner, reuse_boundary
 

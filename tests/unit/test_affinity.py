@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from transfer import affinity
 from transfer.codec import parallel
-from transfer.layerwise import LayerwiseCache
+from transfer.engines import cpu_plan as affinity
+from transfer.engines.layerwise import LayerwiseCache
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The client's operations (transfer.ops, transfer.cluster_ops) driven by scripted effects.
+"""The client's operations (transfer.rpc.ops, transfer.replicas.ops) driven by scripted effects.
 
 The integration tests run the same operations through real servers; these pin
 down the decisions themselves (how many attempts, where a Get resumes, when a
@@ -18,13 +18,13 @@ from kvstore import integrity
 from kvstore.retry import ExponentialBackoff
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GetResponseView
-from transfer import cluster_ops as cops
-from transfer import ops
-from transfer.core import ClientCore, PutItem, PutResult, RetryPolicy
 from transfer.errors import BlobIntegrityError, InvalidArgument, NotFound, TransferError, Unavailable
-from transfer.membership import StaticMembership
-from transfer.repair import RepairJob
-from transfer.routing import ClusterCore
+from transfer.replicas import ops as cops
+from transfer.replicas.membership import StaticMembership
+from transfer.replicas.repair import RepairJob
+from transfer.replicas.routing import ClusterCore
+from transfer.rpc import ops
+from transfer.rpc.core import ClientCore, PutItem, PutResult, RetryPolicy
 
 NS = "t/m/c"
 KEYS = [bytes([i]) * 32 for i in range(5)]

@@ -7,7 +7,7 @@ transport, with the same expected outcome and the same effects performed. Only
 the transport *under* the driver is scripted, in a blocking and an asyncio form
 of one script: for one server the gRPC callables (unary stub methods, the Put
 and Get streams, their status errors), for a cluster the member clients. The
-operations (:mod:`transfer.ops`, :mod:`transfer.cluster_ops`) and the drivers
+operations (:mod:`transfer.rpc.ops`, :mod:`transfer.replicas.ops`) and the drivers
 are the real ones.
 
 Every effect type a driver performs is covered: each scenario declares the
@@ -32,13 +32,6 @@ from kvstore import integrity
 from kvstore.retry import ExponentialBackoff
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GetResponseView
-from transfer import cluster_ops as cops
-from transfer import ops
-from transfer.aio_client import AsyncKVClient
-from transfer.aio_cluster import AsyncClusterKVClient
-from transfer.client import KVClient
-from transfer.cluster import ClusterKVClient
-from transfer.core import PutItem, PutResult, RetryPolicy, StoreStats, TierStats
 from transfer.errors import (
     BlobIntegrityError,
     InvalidArgument,
@@ -47,7 +40,14 @@ from transfer.errors import (
     TransferError,
     Unavailable,
 )
-from transfer.membership import StaticMembership
+from transfer.replicas import ops as cops
+from transfer.replicas.aio_client import AsyncClusterKVClient
+from transfer.replicas.client import ClusterKVClient
+from transfer.replicas.membership import StaticMembership
+from transfer.rpc import ops
+from transfer.rpc.aio_client import AsyncKVClient
+from transfer.rpc.client import KVClient
+from transfer.rpc.core import PutItem, PutResult, RetryPolicy, StoreStats, TierStats
 
 NS = "t/m/c"
 KEYS = [bytes([i]) * 32 for i in range(6)]

@@ -97,12 +97,12 @@ def test_the_tree_was_read() -> None:
     assert {
         "kvstore.server",
         "kvstore.errors",
-        "transfer.client",
+        "transfer.rpc.client",
         "workers.demo",
         "bench.reliability",
     } <= set(IMPORTS)
     assert "kvstore.errors" in IMPORTS["kvstore.backends.tiered"]
-    assert "kvstore.retry" in IMPORTS["transfer.core"]
+    assert "kvstore.retry" in IMPORTS["transfer.rpc.core"]
 
 
 def test_the_shared_core_imports_only_the_shared_core() -> None:
@@ -212,11 +212,11 @@ def _loaded_after(statement: str) -> list[str]:
             ("kvstore.backends", "kvstore.server", "kvstore.service"),
         ),
         # ``kvstore stats``: a client, with no server module.
-        ("import transfer.cli, transfer.stats", ("transfer",)),
+        ("import transfer.cli, transfer.replicas.stats", ("transfer",)),
         # The server: its backends, never the client, workers, Ray or torch.
         ("import kvstore.server", ("kvstore.backends", "kvstore.server", "kvstore.service")),
         # The client and the cluster client: never the server's backends or workers.
-        ("import transfer.client, transfer.cluster, transfer.aio_client", ("transfer",)),
+        ("import transfer.rpc.client, transfer.replicas.client, transfer.rpc.aio_client", ("transfer",)),
     ],
 )
 def test_import_time_dependencies(statement: str, allowed_prefixes: tuple[str, ...]) -> None:

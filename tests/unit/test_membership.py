@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from transfer.cluster import connect
-from transfer.membership import (
+from transfer.replicas.client import connect
+from transfer.replicas.membership import (
     DnsMembership,
     InvalidTarget,
     ReplicationError,
@@ -118,8 +118,8 @@ def test_first_resolution_failure_is_an_error() -> None:
 
 
 def test_one_server_under_two_spellings_is_refused() -> None:
-    from transfer.cluster import make_membership
-    from transfer.membership import check_distinct
+    from transfer.replicas.client import make_membership
+    from transfer.replicas.membership import check_distinct
 
     with pytest.raises(InvalidTarget, match=r"127\.0\.0\.1:5000 and localhost:5000 are the same server"):
         make_membership("127.0.0.1:5000,localhost:5000")

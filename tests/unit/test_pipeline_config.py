@@ -141,7 +141,7 @@ def test_demo_rejects_bad_cluster_settings(env: dict[str, str]) -> None:
 
 
 def test_worker_config_checks_the_store_target_and_replication() -> None:
-    from transfer.membership import InvalidTarget
+    from transfer.replicas.membership import InvalidTarget
     from workers.prefill import WorkerConfig
 
     WorkerConfig(store_target="a:1,b:2", replication=2, write_ack="one")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from transfer import placement
+from transfer.replicas import placement
 
 REPO = Path(__file__).resolve().parents[2]
 MEMBERS = [f"10.0.0.{i}:50051" for i in range(1, 5)]
@@ -76,7 +76,7 @@ def test_removing_a_member_moves_only_its_keys() -> None:
 def test_same_owners_in_another_process() -> None:
     keys = _keys(50, seed=3)
     code = (
-        "import json,sys; from transfer import placement; ks=[bytes.fromhex(h) for h in json.load(sys.stdin)]; "
+        "import json,sys; from transfer.replicas import placement; ks=[bytes.fromhex(h) for h in json.load(sys.stdin)]; "
         f"print(json.dumps([placement.owners(k, {MEMBERS!r}, 2) for k in ks]))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "12345"}

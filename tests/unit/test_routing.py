@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 
-from transfer.client import ClientCore
 from transfer.errors import Unavailable
-from transfer.membership import DnsMembership, StaticMembership
-from transfer.routing import ClusterCore
+from transfer.replicas.membership import DnsMembership, StaticMembership
+from transfer.replicas.routing import ClusterCore
+from transfer.rpc.client import ClientCore
 
 MEMBERS = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
 KEYS = [hashlib.blake2b(str(i).encode(), digest_size=32).digest() for i in range(24)]

@@ -1,4 +1,4 @@
-"""The one rule for adding up replicas' Stats (transfer.stats), and the stats table's sizes."""
+"""The one rule for adding up replicas' Stats (transfer.replicas.stats), and the stats table's sizes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from kvstore.config import format_bytes as server_format_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 from transfer.cli import format_bytes
-from transfer.core import ClientCore, StoreStats, TierStats
-from transfer.routing import ClusterCore
-from transfer.stats import merge_stats
+from transfer.replicas.routing import ClusterCore
+from transfer.replicas.stats import merge_stats
+from transfer.rpc.core import ClientCore, StoreStats, TierStats
 
 
 def tier(name: str, n: int, *, healthy: bool = True) -> TierStats:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvstore.keys import chunk_keys
-from transfer.client import KVClient
 from transfer.codec import encode_layer
+from transfer.rpc.client import KVClient
 from transfer.vllm.fingerprint import FingerprintError, weights_fingerprint
 from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace
 

@@ -101,8 +101,8 @@ def test_store_client_is_a_cluster_client_for_a_member_list(tmp_path):
     # Real servers: a member list gives the replicated client with the connector's quick-retry policy.
     from kvstore.server import serve
     from tests.fixtures.store import store_config
-    from transfer.client import KVClient
-    from transfer.cluster import ClusterKVClient
+    from transfer.replicas.client import ClusterKVClient
+    from transfer.rpc.client import KVClient
     from transfer.vllm.settings import open_store
 
     servers = [serve(store_config(tmp_path / str(i))) for i in range(2)]

@@ -26,7 +26,7 @@ def corrupt_stored_layer(target: str, namespace: str, key: bytes, layer: int, nu
     """Replace one stored (chunk, layer) by a frame whose header no decoder accepts, under a valid
     store trailer: the store serves it, the connector's decode must refuse it."""
     from kvstore import integrity
-    from transfer.client import KVClient
+    from transfer.rpc.client import KVClient
 
     with KVClient(target) as client:
         blobs = [bytes(blob) for _, (blob,) in client.get_layers(namespace, [key], 0, num_layers)]

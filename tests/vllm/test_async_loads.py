@@ -17,7 +17,7 @@ from kvstore.keys import chunk_keys
 from kvstore.testing.proxy import DelayProxy
 from tests.fixtures.store import start_server_process
 from tests.vllm.conftest import corrupt_stored_layer
-from transfer.client import KVClient
+from transfer.rpc.client import KVClient
 from transfer.vllm.fingerprint import weights_fingerprint
 from transfer.vllm.harness import EngineProcess, connector_config
 from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace

@@ -27,8 +27,8 @@ from vllm.v1.kv_cache_interface import (
 )
 
 from kvstore.keys import chunk_keys
-from transfer.client import KVClient
 from transfer.codec import encode_layer
+from transfer.rpc.client import KVClient
 from transfer.vllm.layout import LAYER_VIEW_ORDER, PagedKV, PagedLayout, UnsupportedLayout, check_profile
 from transfer.vllm.plan import LoadSpec, SaveSpec
 from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace

@@ -16,8 +16,8 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from kvstore.keys import chunk_keys
-from transfer.client import KVClient
 from transfer.codec import encode_layer
+from transfer.rpc.client import KVClient
 from transfer.vllm.connector import TOTALS, KVStoreConnector, KVStoreConnectorMetadata
 from transfer.vllm.fingerprint import weights_fingerprint
 from transfer.vllm.settings import ConnectorSettings, EngineShape, key_namespace, rank_namespace

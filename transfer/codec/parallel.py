@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 import torch
 
 from kvstore.integrity import TRAILER_BYTES
-from transfer import affinity
 from transfer.codec import cpu_decode, cpu_kernels
 from transfer.codec.errors import CorruptFrame, ShapeMismatch
 from transfer.codec.format import FLAG_LOSSLESS, FrameHeader, parse_header
@@ -41,6 +40,7 @@ from transfer.codec.frame import (
     open_frame,
 )
 from transfer.codec.profiles import Profile
+from transfer.engines import cpu_plan as affinity
 
 T = TypeVar("T")
 R = TypeVar("R")

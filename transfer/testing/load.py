@@ -18,7 +18,7 @@ from kvstore.keys import KEY_BYTES
 from kvstore.testing.reliability.calls import percentile, rpc_code
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from transfer.client import KVClient, PutItem
+from transfer.rpc.client import KVClient, PutItem
 
 # ====================================================================== concurrency
 

@@ -37,11 +37,11 @@ from typing import Any
 
 from kvstore import integrity
 from kvstore.keys import chunk_keys
-from transfer import placement
-from transfer.aio_cluster import AsyncClusterKVClient, connect_async
-from transfer.client import KVClient
-from transfer.cluster import ClusterKVClient, connect
 from transfer.errors import TransferError
+from transfer.replicas import placement
+from transfer.replicas.aio_client import AsyncClusterKVClient, connect_async
+from transfer.replicas.client import ClusterKVClient, connect
+from transfer.rpc.client import KVClient
 
 CHUNK_TOKENS = 16
 NAMESPACE = "repair/model/profile"
@@ -271,7 +271,7 @@ def _load(role: str, target: str, replication: int, tally: _Tally, stop: threadi
 def _aio_load(
     role: str, target: str, replication: int, tally: _Tally, stop: threading.Event, seed: int
 ) -> None:
-    """:func:`_load` with an :class:`transfer.aio_cluster.AsyncClusterKVClient` on its own loop."""
+    """:func:`_load` with an :class:`transfer.replicas.aio_client.AsyncClusterKVClient` on its own loop."""
 
     async def main() -> None:
         rng = random.Random(seed)

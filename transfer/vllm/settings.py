@@ -115,7 +115,7 @@ class ConnectorSettings:
 
 
 def _check_target(target: Any) -> None:
-    from transfer.membership import InvalidTarget, parse_target
+    from transfer.replicas.membership import InvalidTarget, parse_target
 
     rule = "must be 'host:port', 'host:port,host:port,...' or 'dns:///name:port'"
     if not isinstance(target, str):
@@ -179,13 +179,13 @@ def rank_namespace(settings: ConnectorSettings, shape: EngineShape, rank: int | 
 
 def open_store(settings: ConnectorSettings) -> Any:
     """The one place the connector opens its store client: one server (``host:port``) or a
-    replicated store (``a:p,b:p`` or ``dns:///name:port``, see :func:`transfer.cluster.connect`).
+    replicated store (``a:p,b:p`` or ``dns:///name:port``, see :func:`transfer.replicas.client.connect`).
 
     One quick retry and the connector's own deadlines: a store that is down must cost the
     engine a miss, not seconds of backoff.
     """
-    from transfer.client import RetryPolicy
-    from transfer.cluster import connect
+    from transfer.replicas.client import connect
+    from transfer.rpc.client import RetryPolicy
 
     return connect(
         settings.target,

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from transfer.client import PutItem
 from transfer.errors import TransferError
+from transfer.rpc.client import PutItem
 from transfer.vllm.layout import PagedKV, Placement
 from transfer.vllm.plan import LoadSpec, SaveSpec
 
