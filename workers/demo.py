@@ -245,8 +245,12 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
     if args.replication < 1:
         p.error("--replication (or $KVSTORE_REPLICATION) must be >= 1")
     args.write_ack = args.write_ack or env.get("KVSTORE_WRITE_ACK") or "all"
-    if args.write_ack not in ("one", "all"):
-        p.error(f"KVSTORE_WRITE_ACK must be 'one' or 'all', got {args.write_ack!r}")
+    from transfer.replicas.routing import check_write_ack
+
+    try:
+        check_write_ack(args.write_ack, "--write-ack (or $KVSTORE_WRITE_ACK)")
+    except ValueError as exc:
+        p.error(str(exc))
     if args.ray_address and args.num_cpus is not None:
         p.error(
             "--num-cpus sizes a local Ray; it cannot be used when joining a cluster (--ray-address "

@@ -74,14 +74,13 @@ class WorkerConfig:
                 "store_target must be 'host:port' of a kvstore server, a list "
                 "'host:port,host:port,...' or 'dns:///name:port'"
             )
-        from transfer.replicas.client import WRITE_ACKS
         from transfer.replicas.membership import parse_target
+        from transfer.replicas.routing import check_write_ack
 
         parse_target(self.store_target)  # a malformed target fails here, not in the worker
         if self.replication < 1:
             raise ValueError(f"replication must be >= 1, got {self.replication}")
-        if self.write_ack not in WRITE_ACKS:
-            raise ValueError(f"write_ack must be one of {', '.join(WRITE_ACKS)}, got {self.write_ack!r}")
+        check_write_ack(self.write_ack)
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
         check_profile(self.profile)  # here, not at the first encode after a prefill already ran

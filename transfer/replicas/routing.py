@@ -40,6 +40,14 @@ from transfer.rpc.core import ClientCore, PutItem, PutResult, RetryPolicy, Store
 log = logging.getLogger("transfer.replicas.client")
 
 WRITE_ACKS = ("one", "all")
+
+
+def check_write_ack(value: str, what: str = "write_ack") -> None:
+    """The one rule for ``write_ack`` (the cluster client, the workers' config and the demo use it)."""
+    if value not in WRITE_ACKS:
+        raise ValueError(f"{what} must be one of {', '.join(WRITE_ACKS)}, got {value!r}")
+
+
 DEFAULT_REPLICATION = 2
 DEFAULT_WRITE_ACK = "all"
 #: How long a replica that failed at the transport level is skipped before it is tried again.
@@ -120,8 +128,7 @@ class ClusterCore:
         check: ClientCore,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if write_ack not in WRITE_ACKS:
-            raise ValueError(f"write_ack must be one of {', '.join(WRITE_ACKS)}, got {write_ack!r}")
+        check_write_ack(write_ack)
         if replication < 1:
             raise ReplicationError(f"replication must be >= 1, got {replication}")
         size = len(membership.view().members)
