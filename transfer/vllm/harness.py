@@ -119,7 +119,11 @@ def _interleave(
 ) -> dict[str, Any]:
     """Step the engine by hand: ``running`` decodes; after ``after_steps`` of its steps, ``arriving``
     (a prompt whose prefix is in the store) is added. Every step's wall time is recorded with the
-    phase it ran in: ``before`` the arrival, ``loading`` (arrived, no token yet) or ``after``."""
+    phase it started in: ``before`` the arrival, ``loading`` (the arriving request's load not done:
+    the connector's ``loads`` total, in this process, has not moved yet), ``joining`` (loaded, no
+    token yet: its suffix is prefilled) or ``after``."""
+    from transfer.vllm.metrics import TOTALS
+
     engine = llm.llm_engine
     params = sampling(temperature=0.0, max_tokens=running_tokens, ignore_eos=True)
     engine.add_request("running", {"prompt_token_ids": list(running)}, params)
@@ -136,10 +140,13 @@ def _interleave(
                 sampling(temperature=0.0, max_tokens=4, ignore_eos=True),
             )
             phase = "loading"
+            loads = TOTALS.snapshot()["loads"]
         t = time.perf_counter()
         outs = engine.step()
         steps.append((phase, time.perf_counter() - t))
         count += 1
+        if phase == "loading" and TOTALS.snapshot()["loads"] > loads:
+            phase = "joining"
         for out in outs:
             outputs[out.request_id] = out
             if out.request_id == "arriving" and out.outputs and out.outputs[0].token_ids:
