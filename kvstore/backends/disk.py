@@ -12,8 +12,11 @@ GB), so the write path is a few large sequential writes and the read path one
   checksum is the blob's own XXH3 trailer, so a put hashes nothing. A put
   writes header and blob with one ``pwritev``, so the blob is never copied in
   user space.
-* The index ``BlobKey -> (segment, offset, length)`` lives in memory and is
-  rebuilt on open by walking the record headers of every segment. The newest
+* The index ``BlobKey -> (segment, offset, length)`` lives in memory, in fixed-size
+  arrays keyed by a digest of the name (kvstore/backends/disk_index.py: ~34 bytes a
+  slot, no Python object per record; names stay in the record headers on disk), and
+  is rebuilt on open by walking the record headers of every segment (each segment
+  mapped and parsed in one pass, the index built in one vectorised step). The newest
   segment is the only one a crash can leave half-written (older ones were
   fsynced when they were sealed), so its payloads are checksummed too, and the
   first torn or garbled record ends it: the file is truncated there. Everything
@@ -52,16 +55,20 @@ import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import re
 import struct
 import threading
+from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
+from kvstore.backends.disk_index import MAX_OFFSET, MAX_SEGMENT_ID, SEG_SHIFT, KeyTable, digest
 from kvstore.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -155,6 +162,93 @@ def _parse_name(name: str) -> BlobKey:
     return BlobKey(namespace, bytes.fromhex(chunk_hex), int(layer))
 
 
+_HEX_DIGITS = b"0123456789abcdef"
+
+
+def _ident(key: BlobKey) -> tuple[int, int]:
+    """The words the index stores a key under (a digest of its name)."""
+    return digest(key.name().encode())
+
+
+def _name_ident(name: bytes) -> tuple[int, int] | None:
+    """The index words of a record's name, or None if it names no blob (a recovery check).
+
+    A name as ``BlobKey.name()`` writes it (``<namespace>/<lowercase hex>/<decimal layer>``)
+    takes the fast path; any other name that ``_parse_name`` accepts is indexed under its
+    canonical form, as the index keyed by ``BlobKey`` did."""
+    end = name.rfind(b"/")
+    start = name.rfind(b"/", 0, end)
+    layer = name[end + 1 :]
+    chunk_hex = name[start + 1 : end]
+    if (
+        start >= 0
+        and layer.isdigit()
+        and (layer[0] != 0x30 or len(layer) == 1)
+        and not len(chunk_hex) & 1
+        and not chunk_hex.translate(None, _HEX_DIGITS)
+    ):
+        if not name.isascii():
+            try:
+                name.decode()
+            except UnicodeDecodeError:
+                return None
+        return digest(name)
+    try:
+        key = _parse_name(name.decode())
+    except ValueError:
+        return None
+    return _ident(key)
+
+
+def _name_in_header(head: bytes) -> BlobKey:
+    """The key a record header (as written by this tier) names."""
+    name_len = _FIXED.unpack_from(head)[3]
+    return _parse_name(head[_FIXED.size : _FIXED.size + name_len].decode())
+
+
+def _record_at(
+    buf: Any, offset: int, size: int, verify_payload: bool
+) -> tuple[int, bytes, tuple[int, int], int, int, int] | None:
+    """The record at ``offset`` of a segment's bytes as (kind, name, index words, header length,
+    payload length, batch id), or None if it fails any check: magic, version, kind, name length,
+    header checksum, length within the file, a parseable name (``#commit`` for a commit record)
+    and, with ``verify_payload``, the payload checksum of a put."""
+    fixed = _FIXED.size
+    if offset + fixed + _SUM.size > size:
+        return None
+    magic, version, kind, name_len, length, psum = _FIXED.unpack_from(buf, offset)
+    if magic != MAGIC or version != FORMAT_VERSION or kind not in _KINDS:
+        return None
+    if name_len == 0 or name_len > MAX_NAME_BYTES:
+        return None
+    batched = kind in _BATCH_KINDS
+    summed = fixed + name_len + (_SUM.size if batched else 0)
+    header_len = summed + _SUM.size
+    if offset + header_len > size:
+        return None
+    head = buf[offset : offset + summed]
+    if xxhash.xxh3_64_intdigest(head) != _SUM.unpack_from(buf, offset + summed)[0]:
+        return None
+    batch = _SUM.unpack_from(head, fixed + name_len)[0] if batched else 0
+    payload_at = offset + header_len
+    if payload_at + length > size or (kind in _SEALED_KINDS and length < _TRAILER):
+        return None
+    if (
+        verify_payload
+        and length
+        and kind in _PUT_KINDS
+        and not _payload_intact(kind, buf[payload_at : payload_at + length], psum)
+    ):
+        return None
+    name = head[fixed : fixed + name_len]
+    if kind == KIND_COMMIT:
+        return (kind, name, (0, 0), header_len, length, batch) if name == _COMMIT_NAME else None
+    ident = _name_ident(name)
+    if ident is None:
+        return None
+    return kind, name, ident, header_len, length, batch
+
+
 def _pwritev_all(fd: int, bufs: list[Any], offset: int) -> None:
     """Write every buffer at ``offset``, looping over short writes and IOV_MAX."""
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
@@ -194,22 +288,12 @@ class _Segment:
         self.fd = fd
         self.size = size
         self.put_bytes = 0  # payload bytes of put records ever written here
-        self.live: set[BlobKey] = set()
+        self.live = 0  # keys whose current blob is here
         self.tombstones: set[BlobKey] = set()
         self.refs = 0
         self.doomed = False
         self.dirty = False
         self.max_commit = 0  # highest batch id of a commit record in this segment (0: none)
-
-
-class _Entry:
-    __slots__ = ("seg", "offset", "length", "hot")
-
-    def __init__(self, seg: _Segment, offset: int, length: int) -> None:
-        self.seg = seg
-        self.offset = offset  # of the payload
-        self.length = length  # of the payload
-        self.hot = False  # read since written: gets a second chance on eviction
 
 
 class DiskBackend(Backend):
@@ -233,6 +317,8 @@ class DiskBackend(Backend):
             raise ValueError(f"disk fsync must be one of {FSYNC_MODES}, got {fsync!r}")
         if max_bytes < 0 or segment_bytes <= 0 or fsync_interval_ms <= 0:
             raise ValueError("disk max_bytes must be >= 0, segment_bytes and fsync_interval_ms > 0")
+        if segment_bytes >= MAX_OFFSET:
+            raise ValueError(f"disk segment_bytes must be < {MAX_OFFSET} (1 TiB), got {segment_bytes}")
         if not 0.0 <= reinsert_fraction < 1.0:
             raise ValueError(f"reinsert_fraction must be in [0, 1), got {reinsert_fraction}")
         self.path = os.fspath(path)
@@ -244,7 +330,7 @@ class DiskBackend(Backend):
         self._interval_s = fsync_interval_ms / 1000.0
         self._lock = threading.Lock()  # index, segment table, counters of bytes
         self._write_lock = threading.Lock()  # appends, rolls, evictions
-        self._index: dict[BlobKey, _Entry] = {}
+        self._index = KeyTable()
         self._segments: dict[int, _Segment] = {}  # insertion order = age
         self._disk_bytes = 0
         self._closed = False
@@ -253,7 +339,10 @@ class DiskBackend(Backend):
         # recovery, the batch records whose commit has not been seen yet.
         self._max_batch = 0
         self._committed = 0
-        self._pending: dict[int, list[tuple[_Segment, int, BlobKey | None, int, int]]] = {}
+        # (segment, record offset, index row) of each, by batch id.
+        self._pending: dict[int, list[tuple[_Segment, int, tuple[int, ...]]]] = {}
+        # During recovery: the index's puts and removals in log order (rows for KeyTable.from_log).
+        self._log = array("Q")
         #: Batch records a recovery voided because their commit record was missing (for tests and logs).
         self.num_uncommitted_voided = 0
         try:
@@ -276,15 +365,16 @@ class DiskBackend(Backend):
 
     # ------------------------------------------------------------------ reads
     def get(self, key: BlobKey) -> bytes | None:
+        a, b = _ident(key)
         with self._lock:
             self._check_open()
-            entry = self._index.get(key)
-            if entry is None:
+            slot = self._index.find(a, b)
+            if slot < 0:
                 return None
-            entry.hot = True
-            seg = entry.seg
+            self._index.mark_hot(slot)
+            seg_id, offset, length, _ = self._index.entry(slot)
+            seg = self._segments[seg_id]
             seg.refs += 1
-            offset, length = entry.offset, entry.length
         try:
             # fstat before reading ``doomed``: our own eviction marks it before unlinking.
             if os.fstat(seg.fd).st_nlink == 0 and not seg.doomed:
@@ -299,20 +389,39 @@ class DiskBackend(Backend):
         return data
 
     def exists(self, key: BlobKey) -> bool:
+        a, b = _ident(key)
         with self._lock:
             self._check_open()
-            return key in self._index
+            return self._index.find(a, b) >= 0
 
     def exists_many(self, keys: Sequence[BlobKey]) -> list[bool]:
+        idents = [_ident(k) for k in keys]
         with self._lock:
             self._check_open()
-            return [k in self._index for k in keys]
+            return [self._index.find(a, b) >= 0 for a, b in idents]
 
     def iter_keys(self, namespace: str | None = None) -> Iterator[BlobKey]:
+        """The names are on disk only: this reads the header of every live record (a scan)."""
         with self._lock:
             self._check_open()
-            snapshot = list(self._index)
-        return iter([k for k in snapshot if namespace is None or k.namespace == namespace])
+            seg_ids, offsets, _lengths, header_lens, _hot = self._index.describe(self._index.occupied())
+            held = [self._segments[i] for i in dict.fromkeys(seg_ids)]
+            for seg in held:
+                seg.refs += 1
+        segments = {seg.id: seg for seg in held}
+        keys = []
+        try:
+            for seg_id, offset, header_len in zip(seg_ids, offsets, header_lens, strict=True):
+                seg = segments[seg_id]
+                key = _name_in_header(os.pread(seg.fd, header_len, offset - header_len))
+                if namespace is None or key.namespace == namespace:
+                    keys.append(key)
+        except (OSError, struct.error, ValueError) as exc:
+            raise BackendUnavailable(f"disk tier at {self.path}: listing keys: {exc}") from exc
+        finally:
+            for seg in held:
+                self._release(seg)
+        return iter(keys)
 
     def usage(self) -> BackendUsage:
         """``bytes`` is the size of the segment files (what the budget limits), headers and dead records included."""
@@ -331,9 +440,13 @@ class DiskBackend(Backend):
 
     def locate(self, key: BlobKey) -> tuple[str, int, int] | None:
         """Raw hook for tests and tools: (segment file, offset, length) of the blob's bytes."""
+        a, b = _ident(key)
         with self._lock:
-            entry = self._index.get(key)
-            return None if entry is None else (entry.seg.path, entry.offset, entry.length)
+            slot = self._index.find(a, b)
+            if slot < 0:
+                return None
+            seg_id, offset, length, _ = self._index.entry(slot)
+            return self._segments[seg_id].path, offset, length
 
     # ----------------------------------------------------------------- writes
     def put(self, key: BlobKey, blob: bytes) -> None:
@@ -533,23 +646,28 @@ class DiskBackend(Backend):
             self._disk_bytes += end - start
 
     def _publish(self, records: list[Any], placements: list[tuple[_Segment, int, int]]) -> None:
+        idents = [_ident(r[1]) for r in records]
         with self._lock:
-            for (kind, key, _h, _p), (seg, offset, length) in zip(records, placements, strict=True):
-                old = self._index.pop(key, None)
-                if old is not None:
-                    old.seg.live.discard(key)
-                if seg.doomed:  # evicted while the rest of its batch was written: gone, as evicted
-                    self.counters.add(evictions=int(kind in _PUT_KINDS))
-                elif kind in _PUT_KINDS:
-                    self._index[key] = _Entry(seg, offset, length)
-                    seg.live.add(key)
+            for (kind, key, header, _p), (seg, offset, length), (a, b) in zip(
+                records, placements, idents, strict=True
+            ):
+                if kind in _PUT_KINDS and not seg.doomed:
+                    old = self._index.put(a, b, seg.id, offset, length, len(header))
+                    seg.live += 1
                     seg.put_bytes += length
                 else:
-                    seg.tombstones.add(key)
+                    old = self._index.pop(a, b)
+                    if seg.doomed:  # evicted while the rest of its batch was written: gone, as evicted
+                        self.counters.add(evictions=int(kind in _PUT_KINDS))
+                    else:
+                        seg.tombstones.add(key)
+                if old >= 0 and (old_seg := self._segments.get(old)) is not None:
+                    old_seg.live -= 1
 
     def _delete_locked(self, keys: list[BlobKey]) -> int:
+        idents = [_ident(k) for k in keys]
         with self._lock:
-            present = [k for k in keys if k in self._index]
+            present = [k for k, (a, b) in zip(keys, idents, strict=True) if self._index.find(a, b) >= 0]
         if not present:
             return 0
         records = [
@@ -560,6 +678,8 @@ class DiskBackend(Backend):
         return len(present)
 
     def _new_segment(self, seg_id: int) -> _Segment:
+        if seg_id > MAX_SEGMENT_ID:
+            raise OSError(errno.EOVERFLOW, f"segment id {seg_id} past the index's limit {MAX_SEGMENT_ID}")
         path = os.path.join(self.path, f"{seg_id:010d}.seg")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         seg = _Segment(seg_id, path, fd)
@@ -592,31 +712,29 @@ class DiskBackend(Backend):
 
     def _evict(self, victim: _Segment) -> None:
         with self._lock:
-            live = sorted((self._index[k].offset, k) for k in victim.live)
-            hot = [(off, k) for off, k in live if self._index[k].hot]
+            _ids, offsets, lengths, header_lens, hot = self._index.describe(self._index.in_segment(victim.id))
         budget = int(victim.size * self.reinsert_fraction)
         kept = 0
-        for offset, key in hot:
-            entry = self._index[key]
-            if kept + entry.length > budget:
+        for offset, length, header_len, is_hot in zip(offsets, lengths, header_lens, hot, strict=True):
+            if not is_hot:
+                continue
+            if kept + length > budget:
                 break
             try:
-                data = os.pread(victim.fd, entry.length, offset)
+                record = os.pread(victim.fd, header_len + length, offset - header_len)
             except OSError:
                 break
-            if len(data) != entry.length:
+            if len(record) != header_len + length:
                 break
+            key, data = _name_in_header(record), record[header_len:]
             rec = (KIND_PUT, key, encode_header(KIND_PUT, key.name().encode(), data), data)
             self._publish([rec], self._append([rec]))  # hot flag starts clear again
-            kept += entry.length
+            kept += length
         with self._lock:
-            dropped = [
-                k for k in victim.live if self._index.get(k) is not None and self._index[k].seg is victim
-            ]
-            for key in dropped:
-                del self._index[key]
-            victim.live.clear()
-        if dropped:
+            dropped = self._index.in_segment(victim.id)  # those not given a second chance
+            self._index.drop(dropped)
+            victim.live = 0
+        if len(dropped):
             self.counters.add(evictions=len(dropped))
         self._remove_segment(victim)
 
@@ -634,8 +752,9 @@ class DiskBackend(Backend):
         oldest = next(iter(self._segments.values()))
         if seg is not oldest:
             # Its tombstones may shadow puts in older segments: carry forward those still meaning something.
+            tombstones = [(k, _ident(k)) for k in seg.tombstones]
             with self._lock:
-                keep = [k for k in seg.tombstones if k not in self._index]
+                keep = [k for k, (a, b) in tombstones if self._index.find(a, b) < 0]
             if keep:
                 recs = [
                     (KIND_TOMBSTONE, k, encode_header(KIND_TOMBSTONE, k.name().encode(), b""), b"")
@@ -723,12 +842,19 @@ class DiskBackend(Backend):
     def _recover(self) -> None:
         ids = sorted(int(m.group(1)) for f in os.listdir(self.path) if (m := _SEGMENT_RE.match(f)))
         for position, seg_id in enumerate(ids):
+            if seg_id > MAX_SEGMENT_ID:
+                raise OSError(errno.EOVERFLOW, f"segment id {seg_id} past the index's limit {MAX_SEGMENT_ID}")
             path = os.path.join(self.path, f"{seg_id:010d}.seg")
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             size = os.fstat(fd).st_size
             seg = _Segment(seg_id, path, fd)
+            if size >= MAX_OFFSET:
+                os.close(fd)
+                raise OSError(
+                    errno.EFBIG, f"{path} is larger than the index can address ({MAX_OFFSET} bytes)"
+                )
             newest = position == len(ids) - 1
-            end = self._scan(seg, size, verify_payloads=newest)
+            end = self._scan_file(seg, size, verify_payloads=newest)
             if end < size:
                 # A torn tail (crash mid-append) or a corrupt last record: nothing valid follows it.
                 self.counters.add(corrupt_records=1)
@@ -748,75 +874,32 @@ class DiskBackend(Backend):
             self._segments[seg_id] = seg
             self._disk_bytes += end
         self._void_uncommitted()
+        self._load_index()
 
-    def _record_at(
-        self, seg: _Segment, offset: int, size: int, verify_payload: bool
-    ) -> tuple[int, BlobKey | None, int, int, int] | None:
-        """The record starting at ``offset`` as (kind, key, payload offset, length, batch id), or None
-        if it fails any check: magic, version, kind, name length, header checksum, length within the
-        file, a parseable name (``None`` for a commit record) and, with ``verify_payload``, the
-        payload checksum of a put."""
-        fixed = _FIXED.size
-        if offset + fixed + _SUM.size > size:
-            return None
-        head = os.pread(seg.fd, 4096, offset)
-        if len(head) < fixed + _SUM.size:
-            return None
-        magic, version, kind, name_len, length, psum = _FIXED.unpack_from(head)
-        if magic != MAGIC or version != FORMAT_VERSION or kind not in _KINDS:
-            return None
-        if name_len == 0 or name_len > MAX_NAME_BYTES:
-            return None
-        summed = fixed + name_len + (_SUM.size if kind in _BATCH_KINDS else 0)
-        header_len = summed + _SUM.size
-        if len(head) < header_len:
-            head = os.pread(seg.fd, header_len, offset)
-            if len(head) < header_len:
-                return None
-        if xxhash.xxh3_64_intdigest(head[:summed]) != _SUM.unpack_from(head, summed)[0]:
-            return None
-        batch = _SUM.unpack_from(head, fixed + name_len)[0] if kind in _BATCH_KINDS else 0
-        payload_at = offset + header_len
-        if payload_at + length > size or (kind in _SEALED_KINDS and length < _TRAILER):
-            return None
-        if verify_payload and length and kind in _PUT_KINDS:
-            data = os.pread(seg.fd, length, payload_at)
-            if len(data) != length or not _payload_intact(kind, data, psum):
-                return None
-        name = head[fixed : fixed + name_len]
-        if kind == KIND_COMMIT:
-            return (kind, None, payload_at, length, batch) if name == _COMMIT_NAME else None
-        try:
-            key = _parse_name(name.decode())
-        except ValueError:
-            return None
-        return kind, key, payload_at, length, batch
+    def _scan_file(self, seg: _Segment, size: int, verify_payloads: bool) -> int:
+        """:meth:`_scan` over the segment mapped into memory (one pass, no read per record)."""
+        if size == 0:
+            return 0
+        with mmap.mmap(seg.fd, size, access=mmap.ACCESS_READ) as buf:
+            return self._scan(seg, buf, size, verify_payloads)
 
-    def _resync(self, seg: _Segment, bad: int, size: int) -> int | None:
+    def _resync(self, buf: Any, bad: int, size: int) -> int | None:
         """The offset of the first valid record after the bad one at ``bad``, or None.
 
         Candidates are the places the magic occurs; a candidate counts only if its header
         checksum holds *and* its payload checksum does too (a resync always verifies the
         payload, even in sealed segments), so a stray "KVS1" inside a payload is not taken
-        for a record. Reads the segment in windows; overlapping by the magic's length so a
-        magic split across two windows is still found.
+        for a record.
         """
-        window = 1 << 20
-        pos = bad + 1
-        while pos < size:
-            data = os.pread(seg.fd, window + len(MAGIC) - 1, pos)
-            if not data:
-                return None
-            at = data.find(MAGIC)
-            while at != -1 and at < window:
-                if self._record_at(seg, pos + at, size, verify_payload=True) is not None:
-                    return pos + at
-                at = data.find(MAGIC, at + 1)
-            pos += window
+        at = buf.find(MAGIC, bad + 1, size)
+        while at != -1:
+            if _record_at(buf, at, size, verify_payload=True) is not None:
+                return at
+            at = buf.find(MAGIC, at + 1, size)
         return None
 
-    def _scan(self, seg: _Segment, size: int, verify_payloads: bool) -> int:
-        """Replay a segment's records into the index; return the offset where valid records end.
+    def _scan(self, seg: _Segment, buf: Any, size: int, verify_payloads: bool) -> int:
+        """Replay a segment's records into the recovery log; return the offset where valid records end.
 
         A record that fails its checks loses only itself: the scan resynchronises at the next
         valid record (see :meth:`_resync`), counts the skipped record (``corrupt_records``) and
@@ -824,12 +907,15 @@ class DiskBackend(Backend):
         tail after a crash, or garbage to the end): the returned offset is then the bad one.
         """
         offset = 0
+        rows = self._log
+        pending = self._pending
+        seg_base = seg.id << SEG_SHIFT
         while offset < size:
-            record = self._record_at(seg, offset, size, verify_payloads)
+            record = _record_at(buf, offset, size, verify_payloads)
             if record is None:
                 if size - offset < _FIXED.size + _SUM.size:
                     break  # too short to hold a record: a torn tail
-                nxt = self._resync(seg, offset, size)
+                nxt = self._resync(buf, offset, size)
                 if nxt is None:
                     break
                 self.counters.add(corrupt_records=1)
@@ -841,7 +927,7 @@ class DiskBackend(Backend):
                     nxt - offset,
                     nxt,
                 )
-                if verify_payloads and os.pread(seg.fd, len(MAGIC), offset) == MAGIC:
+                if verify_payloads and buf[offset : offset + len(MAGIC)] == MAGIC:
                     # A good header over a bad payload: once this segment is sealed its payloads are
                     # no longer re-hashed at start-up, so unmark the record now or a later restart
                     # would index it again. Zeroing the magic keeps the format; the bytes stay a hole.
@@ -849,35 +935,41 @@ class DiskBackend(Backend):
                     os.fsync(seg.fd)
                 offset = nxt
                 continue
-            kind, key, payload_at, length, batch = record
+            kind, name, ident, header_len, length, batch = record
+            payload_at = offset + header_len
             if kind == KIND_PUT_BATCH:
                 # Not visible until its batch's commit record turns up (later in this segment or
                 # a newer one); a batch with none is voided by _recover.
-                self._pending.setdefault(batch, []).append((seg, offset, key, payload_at, length))
-                self._max_batch = max(self._max_batch, batch)
+                waiting = pending.get(batch)
+                if waiting is None:
+                    waiting = pending[batch] = []
+                    self._max_batch = max(self._max_batch, batch)
+                row = (*ident, seg_base | payload_at, length, header_len | 1 << 16)
+                waiting.append((seg, offset, row))
             elif kind == KIND_COMMIT:
                 self._max_batch = max(self._max_batch, batch)
                 self._committed = max(self._committed, batch)
                 seg.max_commit = max(seg.max_commit, batch)
-                for done in sorted(b for b in self._pending if b <= batch):
-                    for rec_seg, _at, rec_key, rec_payload_at, rec_length in self._pending.pop(done):
-                        self._index_record(rec_seg, KIND_PUT_BATCH, rec_key, rec_payload_at, rec_length)
-            elif kind != KIND_ABORTED and key is not None:  # (only a commit record has no key)
-                self._index_record(seg, kind, key, payload_at, length)
+                for done in sorted(b for b in pending if b <= batch):
+                    for rec_seg, _at, row in pending.pop(done):
+                        rows.extend(row)
+                        rec_seg.put_bytes += row[3]
+            elif kind == KIND_TOMBSTONE:
+                rows.extend((*ident, 0, 0, 0))
+                seg.tombstones.add(_parse_name(name.decode()))
+            elif kind != KIND_ABORTED:
+                rows.extend((*ident, seg_base | payload_at, length, header_len | 1 << 16))
+                seg.put_bytes += length
             offset = payload_at + length
         return offset
 
-    def _index_record(self, seg: _Segment, kind: int, key: BlobKey, payload_at: int, length: int) -> None:
-        """Replay one put or tombstone into the index (recovery)."""
-        old = self._index.pop(key, None)
-        if old is not None:
-            old.seg.live.discard(key)
-        if kind in _PUT_KINDS:
-            self._index[key] = _Entry(seg, payload_at, length)
-            seg.live.add(key)
-            seg.put_bytes += length
-        else:
-            seg.tombstones.add(key)
+    def _load_index(self) -> None:
+        """Build the index from the recovery log in one step (the newest record of a key wins)."""
+        if self._log:
+            self._index = KeyTable.from_log(np.frombuffer(self._log, dtype=np.uint64).reshape(-1, 5))
+        self._log = array("Q")
+        for seg_id, count in self._index.segment_counts().items():
+            self._segments[seg_id].live = count
 
     def _void_uncommitted(self) -> None:
         """Void the records of batches whose commit record is not on disk (recovery, after every segment).
@@ -892,10 +984,11 @@ class DiskBackend(Backend):
         voided = 0
         touched: set[int] = set()
         for batch in sorted(self._pending):
-            for seg, offset, _key, payload_at, _length in self._pending[batch]:
+            for seg, offset, row in self._pending[batch]:
                 if seg.fd < 0:
                     continue
-                os.pwrite(seg.fd, _aborted(os.pread(seg.fd, payload_at - offset, offset)), offset)
+                header_len = row[4] & 0xFFFF
+                os.pwrite(seg.fd, _aborted(os.pread(seg.fd, header_len, offset)), offset)
                 touched.add(seg.id)
                 voided += 1
         for seg_id in touched:
