@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kvstore import integrity  # noqa: E402
+from kvstore.allocator import tune_allocator  # noqa: E402
 from kvstore.backends.base import BlobKey  # noqa: E402
 from kvstore.backends.disk import DiskBackend  # noqa: E402
 from kvstore.testing import bench_args as ba  # noqa: E402
@@ -171,6 +172,9 @@ def measure(
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
+        # The server tunes its allocator at start-up (kvstore/malloc_tuning.py); so does each child,
+        # so that RSS counts what a server's would (freed multi-MiB buffers stay in its heap).
+        tune_allocator()
         mode, path, count, layers, extra = argv[1:6]
         if mode == "build":
             result = child_build(path, int(count), int(layers), int(extra))

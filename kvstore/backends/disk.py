@@ -70,6 +70,7 @@ import xxhash
 from kvstore.backends.base import Backend, BackendUsage, BlobKey
 from kvstore.backends.disk_index import MAX_OFFSET, MAX_SEGMENT_ID, SEG_SHIFT, KeyTable, digest
 from kvstore.errors import BackendUnavailable
+from kvstore.malloc_tuning import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -970,6 +971,10 @@ class DiskBackend(Backend):
         self._log = array("Q")
         for seg_id, count in self._index.segment_counts().items():
             self._segments[seg_id].live = count
+        # The log and the build's temporaries (~100 bytes a record at the peak) are free now, but
+        # under the server's malloc settings (kvstore/malloc_tuning.py) they would stay in its
+        # heap: measured 207 instead of 91 bytes of RSS per record after opening 1,000,000.
+        release_free_memory()
 
     def _void_uncommitted(self) -> None:
         """Void the records of batches whose commit record is not on disk (recovery, after every segment).
