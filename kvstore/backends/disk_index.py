@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
+from kvstore.malloc_tuning import release_free_memory
+
 #: Bits of the packed location word that hold the payload offset; the segment id sits above.
 SEG_SHIFT = 40
 MAX_OFFSET = 1 << SEG_SHIFT
@@ -220,6 +222,10 @@ class KeyTable:
         self._alloc(cap)
         self._insert_new(rows)
         self.count = self._used = len(keep)
+        del rows, keep
+        # The old arrays and the rows are free; under the server's malloc settings they would stay
+        # in its heap (measured: 222 instead of ~100 bytes of RSS per record after 1,000,000 puts).
+        release_free_memory()
 
     def _insert_new(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Place rows into a table holding none of their keys; of rows with the same key the first
