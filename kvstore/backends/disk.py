@@ -46,7 +46,8 @@ leaves it to the OS. The trade-off is documented in docs/storage.md.
 Thread safety: appends are serialised by a writer lock (they are sequential on
 the device anyway); the index is guarded by a short lock, and reads ``pread``
 outside it while holding a reference that keeps the segment's file descriptor
-open even if the segment is evicted meanwhile.
+open even if the segment is evicted meanwhile. (A put that doubles the index holds
+the lock for the rehash: 0.33 s at ~800,000 keys, once per doubling.)
 """
 
 from __future__ import annotations
