@@ -127,7 +127,7 @@ def build_case(model, tokenizer, path: Path, prefix: int = PREFIX) -> Case:
 
 
 @torch.no_grad()
-def evaluate(model, case: Case, method: Method, greedy: bool = True) -> dict[str, float]:
+def evaluate(model, case: Case, method: Method, greedy: bool = False) -> dict[str, float]:
     """Round-trip every chunk-layer of ``case`` through ``method``; KL, top-1, bits, greedy agreement."""
     bits = elements = 0
     layers = []
@@ -288,7 +288,7 @@ def run(
         if only and name not in only:
             continue
         t0 = time.perf_counter()
-        per = {c.name: evaluate(model, c, method) for c in cases}
+        per = {c.name: evaluate(model, c, method, greedy=True) for c in cases}
         held = [r for n, r in per.items() if n in HELD_OUT]
         results[name] = {
             **summarize(list(per.values())),

@@ -54,7 +54,7 @@ def test_summary_counts_identical_and_takes_the_median(bench) -> None:
 
 def test_every_held_out_text_exists(bench) -> None:
     names = {f.stem for f in bench.text_files()}
-    assert bench.HELD_OUT <= names
+    assert bench.HELD_OUT.issubset(names)
     assert {n.split("_")[0] for n in bench.HELD_OUT} == set(bench.KINDS)  # every kind held out
 
 
