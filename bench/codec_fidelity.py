@@ -78,9 +78,7 @@ def text_files(count: int | None = None) -> list[Path]:
     """The first ``count`` texts (all if None), one of each kind in turn, in a fixed order."""
     files = sorted(DATA.glob("*.txt"))
     by_kind = [[f for f in files if f.name.startswith(kind + "_")] for kind in KINDS]
-    mixed = [
-        f for i in range(max(map(len, by_kind))) for group in by_kind if i < len(group) for f in [group[i]]
-    ]
+    mixed = [group[i] for i in range(max(map(len, by_kind))) for group in by_kind if i < len(group)]
     return mixed[:count]
 
 
